@@ -1,0 +1,227 @@
+//! The block cache: a [`BlobSource`] decorator keyed by (blob id, block number).
+//!
+//! Blobs are named by digest and immutable, so a cached block is never invalidated. Memory is
+//! an LRU bounded in bytes; an optional directory keeps blocks across remounts. A block that
+//! several readers want at once is fetched once (single flight, via a per-block async lock),
+//! and the blocks of one read are fetched concurrently.
+
+use super::{Blob, BlobSource, clamp};
+use crate::error::Result;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+type Key = (String, u64);
+
+/// Counters an experimenter reads to explain a run.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Blocks served from memory.
+    pub mem_hits: AtomicU64,
+    /// Blocks served from the cache directory.
+    pub disk_hits: AtomicU64,
+    /// Blocks fetched from the inner source.
+    pub misses: AtomicU64,
+    /// Bytes fetched from the inner source.
+    pub fetched_bytes: AtomicU64,
+}
+
+/// Shared block storage for every blob of a mount.
+pub struct BlockCache {
+    block_size: u64,
+    capacity: u64,
+    dir: Option<PathBuf>,
+    state: Mutex<State>,
+    /// Hit and miss counters.
+    pub stats: CacheStats,
+}
+
+struct State {
+    lru: lru::LruCache<Key, Bytes>,
+    used: u64,
+    inflight: HashMap<Key, Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl BlockCache {
+    /// A cache of `capacity` bytes in memory, in blocks of `block_size`, optionally persisted
+    /// under `dir`.
+    pub fn new(block_size: u64, capacity: u64, dir: Option<PathBuf>) -> Arc<Self> {
+        Arc::new(BlockCache {
+            block_size: block_size.max(4096),
+            capacity,
+            dir,
+            state: Mutex::new(State {
+                lru: lru::LruCache::unbounded(),
+                used: 0,
+                inflight: HashMap::new(),
+            }),
+            stats: CacheStats::default(),
+        })
+    }
+
+    /// Wraps `inner` so its reads go through this cache.
+    pub fn wrap(self: &Arc<Self>, inner: Blob) -> Blob {
+        Arc::new(CachedBlob {
+            inner,
+            cache: self.clone(),
+        })
+    }
+
+    fn mem_get(&self, key: &Key) -> Option<Bytes> {
+        self.state.lock().unwrap().lru.get(key).cloned()
+    }
+
+    fn mem_put(&self, key: Key, data: Bytes) {
+        let mut st = self.state.lock().unwrap();
+        st.used += data.len() as u64;
+        if let Some(old) = st.lru.put(key, data) {
+            st.used -= old.len() as u64;
+        }
+        while st.used > self.capacity {
+            match st.lru.pop_lru() {
+                Some((_, b)) => st.used -= b.len() as u64,
+                None => break,
+            }
+        }
+    }
+
+    fn disk_path(&self, key: &Key) -> Option<PathBuf> {
+        let dir = self.dir.as_ref()?;
+        let name = key.0.replace(':', "-").replace('/', "_");
+        Some(dir.join(name).join(key.1.to_string()))
+    }
+
+    async fn block(&self, blob: &dyn BlobSource, index: u64) -> Result<Bytes> {
+        let key = (blob.id().to_string(), index);
+        if let Some(b) = self.mem_get(&key) {
+            self.stats.mem_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(b);
+        }
+        let gate = {
+            let mut st = self.state.lock().unwrap();
+            st.inflight.entry(key.clone()).or_default().clone()
+        };
+        let _held = gate.lock().await;
+        let result = self.fill(blob, &key).await;
+        self.state.lock().unwrap().inflight.remove(&key);
+        result
+    }
+
+    /// Second look after winning the single-flight gate, then disk, then the network.
+    async fn fill(&self, blob: &dyn BlobSource, key: &Key) -> Result<Bytes> {
+        if let Some(b) = self.mem_get(key) {
+            self.stats.mem_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(b);
+        }
+        let start = key.1 * self.block_size;
+        let want = self.block_size.min(blob.size() - start);
+        if let Some(path) = self.disk_path(key)
+            && let Ok(data) = tokio::fs::read(&path).await
+            && data.len() as u64 == want
+        {
+            self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+            let data = Bytes::from(data);
+            self.mem_put(key.clone(), data.clone());
+            return Ok(data);
+        }
+        let data = blob.read_at(start, want).await?;
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .fetched_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Some(path) = self.disk_path(key) {
+            // A failed disk write only costs a later refetch; never fail the read for it.
+            let tmp = path.with_extension("tmp");
+            let ok = async {
+                tokio::fs::create_dir_all(path.parent().unwrap()).await?;
+                tokio::fs::write(&tmp, &data).await?;
+                tokio::fs::rename(&tmp, &path).await
+            }
+            .await;
+            if let Err(e) = ok {
+                tracing::warn!("cache directory write {} failed: {e}", path.display());
+            }
+        }
+        self.mem_put(key.clone(), data.clone());
+        Ok(data)
+    }
+}
+
+/// A blob whose reads go through a [`BlockCache`].
+pub struct CachedBlob {
+    inner: Blob,
+    cache: Arc<BlockCache>,
+}
+
+#[async_trait]
+impl BlobSource for CachedBlob {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let len = clamp(self.id(), self.size(), offset, len)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let bs = self.cache.block_size;
+        let (first, last) = (offset / bs, (offset + len - 1) / bs);
+        let blocks = futures::future::try_join_all(
+            (first..=last).map(|i| self.cache.block(self.inner.as_ref(), i)),
+        )
+        .await?;
+        if blocks.len() == 1 {
+            let s = (offset - first * bs) as usize;
+            return Ok(blocks[0].slice(s..s + len as usize));
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        for (i, b) in blocks.iter().enumerate() {
+            let bstart = (first + i as u64) * bs;
+            let s = offset.max(bstart) - bstart;
+            let e = (offset + len).min(bstart + b.len() as u64) - bstart;
+            out.extend_from_slice(&b[s as usize..e as usize]);
+        }
+        Ok(out.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob::MemBlob;
+
+    #[tokio::test]
+    async fn reads_across_blocks_match_source_and_hit_cache() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let cache = BlockCache::new(4096, 1 << 20, None);
+        let blob = cache.wrap(Arc::new(MemBlob::new("sha256:x", data.clone())));
+        for (off, len) in [(0u64, 10u64), (4000, 9000), (99_990, 100), (12_288, 4096)] {
+            let got = blob.read_at(off, len).await.unwrap();
+            let end = ((off + len) as usize).min(data.len());
+            assert_eq!(&got[..], &data[off as usize..end]);
+        }
+        let misses = cache.stats.misses.load(Ordering::Relaxed);
+        blob.read_at(4000, 9000).await.unwrap();
+        assert_eq!(cache.stats.misses.load(Ordering::Relaxed), misses);
+    }
+
+    #[tokio::test]
+    async fn memory_stays_bounded_and_disk_survives() {
+        let dir = std::env::temp_dir().join(format!("ocifs-cache-test-{}", std::process::id()));
+        let data = vec![7u8; 64 * 1024];
+        let cache = BlockCache::new(4096, 8192, Some(dir.clone()));
+        let blob = cache.wrap(Arc::new(MemBlob::new("sha256:y", data.clone())));
+        blob.read_at(0, 65536).await.unwrap();
+        assert!(cache.state.lock().unwrap().used <= 8192);
+        let again = BlockCache::new(4096, 8192, Some(dir.clone()));
+        let blob = again.wrap(Arc::new(MemBlob::new("sha256:y", data)));
+        blob.read_at(0, 65536).await.unwrap();
+        assert_eq!(again.stats.misses.load(Ordering::Relaxed), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

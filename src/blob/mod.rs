@@ -1,0 +1,109 @@
+//! The byte seam: [`BlobSource`] is all that format parsers and readers ever see of the
+//! network or disk. Implementations: a registry blob over HTTP Range ([`crate::registry`]),
+//! a local file ([`FileBlob`]), bytes in memory ([`MemBlob`]); the block cache
+//! ([`cache::CachedBlob`]) wraps any of them behind the same trait.
+
+pub mod cache;
+
+use crate::error::{Error, Result};
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Random access to one immutable blob.
+#[async_trait]
+pub trait BlobSource: Send + Sync {
+    /// A stable identity for caching: the blob's digest, or a derived name.
+    fn id(&self) -> &str;
+    /// Total size in bytes.
+    fn size(&self) -> u64;
+    /// Exactly `len` bytes at `offset` (clamped to the end of the blob).
+    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes>;
+}
+
+/// A shared, dynamically typed blob.
+pub type Blob = Arc<dyn BlobSource>;
+
+/// The byte range `[offset, offset+len)` clamped to a blob of `size`, or an error past the end.
+pub fn clamp(id: &str, size: u64, offset: u64, len: u64) -> Result<u64> {
+    if offset > size {
+        return Err(Error::format(
+            format!("read of blob {id}"),
+            format!("offset {offset} is past its end ({size})"),
+        ));
+    }
+    Ok(len.min(size - offset))
+}
+
+/// A blob held in memory (tests, small fetched objects).
+pub struct MemBlob {
+    id: String,
+    data: Bytes,
+}
+
+impl MemBlob {
+    /// Wraps `data` under the identity `id`.
+    pub fn new(id: impl Into<String>, data: impl Into<Bytes>) -> Self {
+        MemBlob {
+            id: id.into(),
+            data: data.into(),
+        }
+    }
+}
+
+#[async_trait]
+impl BlobSource for MemBlob {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let len = clamp(&self.id, self.size(), offset, len)?;
+        Ok(self.data.slice(offset as usize..(offset + len) as usize))
+    }
+}
+
+/// A blob in a local file (OCI layouts, uncompressed tars kept in the cache directory).
+pub struct FileBlob {
+    id: String,
+    file: Arc<std::fs::File>,
+    size: u64,
+}
+
+impl FileBlob {
+    /// Opens `path` under the identity `id`.
+    pub fn open(id: impl Into<String>, path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path)?;
+        let size = file.metadata()?.len();
+        Ok(FileBlob {
+            id: id.into(),
+            file: Arc::new(file),
+            size,
+        })
+    }
+}
+
+#[async_trait]
+impl BlobSource for FileBlob {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let len = clamp(&self.id, self.size, offset, len)?;
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+    }
+}

@@ -1,0 +1,469 @@
+//! The commands themselves: each builds what it needs and calls the library.
+
+use super::{Cmd, Common, block_on};
+use anyhow::{Context, Result, bail};
+use ocifs::image::{Image, Progress, Source};
+use ocifs::layer::{Format, Kind};
+use ocifs::tree::{Node, ROOT, Tree};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Mount {
+            common,
+            foreground,
+            daemon_child,
+            reference,
+            mountpoint,
+        } => {
+            if foreground || daemon_child {
+                mount_here(&common, &reference, &mountpoint, daemon_child)
+            } else {
+                spawn_daemon(&common, &mountpoint)
+            }
+        }
+        Cmd::Umount { mountpoint } => {
+            ocifs::daemon::unmount(&mountpoint)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Inspect {
+            common,
+            json,
+            reference,
+        } => block_on(inspect(&common, &reference, json))?.map(|_| ExitCode::SUCCESS),
+        Cmd::Ls {
+            common,
+            long,
+            recursive,
+            reference,
+            path,
+        } => block_on(async {
+            let image = open(&common, &reference).await?;
+            let path = path.unwrap_or_default();
+            let ino = follow(&image.tree, &path)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            list(&image.tree, ino, &clean(&path), long, recursive, &mut out)?;
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        })?,
+        Cmd::Cat {
+            common,
+            reference,
+            path,
+        } => block_on(async {
+            let image = open(&common, &reference).await?;
+            let ino = follow(&image.tree, &path)?;
+            let node = image.tree.get(ino).unwrap();
+            if node.kind != Kind::File {
+                bail!("{path} is not a regular file");
+            }
+            let mut out = std::io::stdout().lock();
+            let mut off = 0;
+            while off < node.size {
+                let data = image.read(ino, off, (4 << 20).min(node.size - off)).await?;
+                out.write_all(&data)?;
+                off += data.len() as u64;
+            }
+            Ok(ExitCode::SUCCESS)
+        })?,
+        Cmd::Fetch {
+            common,
+            reference,
+            digest,
+        } => block_on(fetch(&common, &reference, digest.as_deref()))?.map(|_| ExitCode::SUCCESS),
+        Cmd::Tags { common, repository } => block_on(async {
+            let (source, _, _) = common.source(&repository)?;
+            for t in source.tags().await? {
+                println!("{t}");
+            }
+            Ok(ExitCode::SUCCESS)
+        })?,
+    }
+}
+
+/// Prints a progress line per streamed layer, at most once per 10%.
+fn progress() -> Progress {
+    let last = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        u64,
+    >::new()));
+    Arc::new(move |digest: &str, done: u64, total: u64| {
+        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let mut last = last.lock().unwrap();
+        let prev = last.entry(digest.to_string()).or_insert(u64::MAX);
+        if *prev == u64::MAX || pct / 10 > *prev / 10 {
+            *prev = pct;
+            eprintln!(
+                "ocifs: fetching non-lazy layer {} {pct}% of {} MiB",
+                &digest[..digest.len().min(19)],
+                total >> 20
+            );
+        }
+    })
+}
+
+async fn open(common: &Common, reference: &str) -> Result<Image> {
+    let (source, what, _) = common.source(reference)?;
+    let cfg = common.open_config()?;
+    Image::open(&source, &what, &cfg, progress())
+        .await
+        .with_context(|| format!("opening {reference}"))
+}
+
+fn mount_here(
+    common: &Common,
+    reference: &str,
+    mountpoint: &Path,
+    child: bool,
+) -> Result<ExitCode> {
+    block_on(async {
+        let ready_to = |line: &str| {
+            if child {
+                // Tell the waiting parent, then let go of its pipe.
+                println!("{line}");
+                let _ = std::io::stdout().flush();
+                let null = std::fs::OpenOptions::new().write(true).open("/dev/null");
+                if let Ok(null) = null {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: dup2 onto stdout with a valid fd.
+                    unsafe { libc::dup2(null.as_raw_fd(), 1) };
+                }
+            } else {
+                eprintln!("{}", line.trim_start_matches("OK "));
+            }
+        };
+        let result = async {
+            ocifs::daemon::check_mountpoint(mountpoint)?;
+            let (source, what, display) = common.source(reference)?;
+            let cfg = common.open_config()?;
+            let image = Arc::new(
+                Image::open(&source, &what, &cfg, progress())
+                    .await
+                    .with_context(|| format!("opening {reference}"))?,
+            );
+            Ok::<_, anyhow::Error>((image, display, cfg))
+        }
+        .await;
+        let (image, display, cfg) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                if child {
+                    println!("ERR {}", super::chain(&e));
+                }
+                return Err(e);
+            }
+        };
+        let guard = (cfg.verify == ocifs::config::VerifyMode::Background).then(|| {
+            let layers = image.layers.clone();
+            ocifs::verify::TaskGuard::spawn(
+                async move { ocifs::verify::verify_layers(&layers).await },
+            )
+        });
+        let line = format!(
+            "OK mounted {display} ({}) at {}: {}, {} files, ready in {:.2}s",
+            image.resolved.manifest_digest,
+            mountpoint.display(),
+            image.layer_summary(),
+            image.tree.totals().0,
+            image.open_time.as_secs_f64()
+        );
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        let fsname = format!("ocifs:{display}");
+        let served =
+            ocifs::daemon::serve(image, mountpoint, &fsname, shutdown, || ready_to(&line)).await;
+        drop(guard);
+        if let Err(e) = &served
+            && child
+        {
+            println!("ERR {e}");
+        }
+        served?;
+        Ok(ExitCode::SUCCESS)
+    })?
+}
+
+/// Starts `ocifs mount --daemon-child ...` detached, logging into the cache directory, and
+/// waits for its first line: `OK ...` when the mount is ready, `ERR ...` otherwise.
+fn spawn_daemon(common: &Common, mountpoint: &Path) -> Result<ExitCode> {
+    ocifs::daemon::check_mountpoint(mountpoint)?;
+    let log_dir = common.cache_dir()?.join("logs");
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let log_path = log_dir.join(format!("mount-{stamp}.log"));
+    let log = std::fs::File::create(&log_path)?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(&args)
+        .arg("--daemon-child")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+    if let Some(ok) = line.strip_prefix("OK ") {
+        println!("{} (log: {})", ok.trim_end(), log_path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let _ = child.wait();
+    match line.strip_prefix("ERR ") {
+        Some(err) => bail!("{}", err.trim_end()),
+        None => bail!(
+            "the mount daemon exited before the mount was ready; see {}",
+            log_path.display()
+        ),
+    }
+}
+
+fn clean(path: &str) -> String {
+    path.split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Resolves a path inside the image, following symlinks (at most 40), never leaving the image.
+fn follow(tree: &Tree, path: &str) -> Result<u64> {
+    let mut todo: Vec<String> = clean(path)
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .rev()
+        .map(str::to_string)
+        .collect();
+    let mut stack = vec![ROOT];
+    let mut hops = 0;
+    while let Some(comp) = todo.pop() {
+        let cur = *stack.last().unwrap();
+        if comp == ".." {
+            if stack.len() > 1 {
+                stack.pop();
+            }
+            continue;
+        }
+        let ino = tree
+            .lookup(cur, &comp)
+            .with_context(|| format!("{path}: no such file or directory"))?;
+        let node = tree.get(ino).unwrap();
+        if node.kind == Kind::Symlink {
+            hops += 1;
+            if hops > 40 {
+                bail!("{path}: too many levels of symbolic links");
+            }
+            let target = node.link.clone().unwrap_or_default();
+            if target.starts_with('/') {
+                stack.truncate(1);
+            }
+            todo.extend(
+                target
+                    .split('/')
+                    .filter(|c| !c.is_empty() && *c != ".")
+                    .rev()
+                    .map(str::to_string),
+            );
+            continue;
+        }
+        stack.push(ino);
+    }
+    Ok(*stack.last().unwrap())
+}
+
+/// `ls` output; with `-l`: `mode uid gid size mtime path [-> target]`.
+fn list(
+    tree: &Tree,
+    ino: u64,
+    path: &str,
+    long: bool,
+    recursive: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let node = tree.get(ino).unwrap();
+    if node.kind != Kind::Dir {
+        return line(out, node, path, long);
+    }
+    for (name, &child) in &node.children {
+        let p = if path.is_empty() {
+            name.clone()
+        } else {
+            format!("{path}/{name}")
+        };
+        let c = tree.get(child).unwrap();
+        line(out, c, if recursive { &p } else { name }, long)?;
+        if recursive && c.kind == Kind::Dir {
+            list_children(tree, child, &p, long, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn list_children(
+    tree: &Tree,
+    ino: u64,
+    path: &str,
+    long: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    for (name, &child) in &tree.get(ino).unwrap().children {
+        let p = format!("{path}/{name}");
+        let c = tree.get(child).unwrap();
+        line(out, c, &p, long)?;
+        if c.kind == Kind::Dir {
+            list_children(tree, child, &p, long, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn line(out: &mut impl Write, n: &Node, name: &str, long: bool) -> Result<()> {
+    if !long {
+        writeln!(out, "{name}")?;
+        return Ok(());
+    }
+    let t = match n.kind {
+        Kind::Dir => 'd',
+        Kind::Symlink => 'l',
+        Kind::Char => 'c',
+        Kind::Block => 'b',
+        Kind::Fifo => 'p',
+        Kind::File | Kind::Hardlink => '-',
+    };
+    write!(
+        out,
+        "{t}{:04o} {} {} {} {} {name}",
+        n.mode & 0o7777,
+        n.uid,
+        n.gid,
+        n.size,
+        n.mtime.0
+    )?;
+    if let Some(l) = &n.link {
+        write!(out, " -> {l}")?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
+    let (source, what, display) = common.source(reference)?;
+    let cfg = common.open_config()?;
+    let r = ocifs::image::resolve(&source, &what, &cfg.platform).await?;
+    let mut layers = Vec::new();
+    for l in &r.layers {
+        let format = ocifs::image::probe_format(&source, l).await?;
+        layers.push(serde_json::json!({
+            "digest": l.digest, "mediaType": l.media_type, "size": l.size,
+            "format": format.map(Format::name).unwrap_or("unsupported"),
+            "lazy": format.is_some_and(Format::is_lazy),
+            "why": match format {
+                Some(Format::Estargz | Format::LegacyStargz) => "TOC at the end of the blob",
+                Some(Format::Tar) => "uncompressed: headers walked with ranged reads",
+                Some(_) => "no seekable index: streamed once into the cache directory",
+                None => "unknown media type",
+            },
+        }));
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&r.config).unwrap_or(serde_json::Value::Null);
+    let v = serde_json::json!({
+        "reference": display, "digest": r.manifest_digest, "mediaType": r.manifest_media_type,
+        "index": r.index_digest, "platforms": r.platforms, "platform": cfg.platform.to_string(),
+        "config": { "digest": r.config_digest, "architecture": config.get("architecture"), "os": config.get("os"),
+                    "created": config.get("created"), "env": config.pointer("/config/Env"), "cmd": config.pointer("/config/Cmd"),
+                    "entrypoint": config.pointer("/config/Entrypoint") },
+        "layers": layers,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "reference:  {display}\ndigest:     {}\nmedia type: {}",
+        r.manifest_digest, r.manifest_media_type
+    );
+    if let Some(i) = &r.index_digest {
+        println!("index:      {i}\nplatforms:  {}", r.platforms.join(", "));
+    }
+    println!("config:     {}", r.config_digest);
+    for (i, l) in layers.iter().enumerate() {
+        println!(
+            "layer {i}:    {} {} {} bytes, {} ({})",
+            l["digest"].as_str().unwrap_or(""),
+            l["format"].as_str().unwrap_or(""),
+            l["size"],
+            if l["lazy"].as_bool() == Some(true) {
+                "lazy"
+            } else {
+                "not lazy"
+            },
+            l["why"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+async fn fetch(common: &Common, reference: &str, digest: Option<&str>) -> Result<()> {
+    let (source, what, _) = common.source(reference)?;
+    let mut out = std::io::stdout().lock();
+    let Some(digest) = digest else {
+        let (body, _) = source.manifest(&what).await?;
+        out.write_all(&body)?;
+        return Ok(());
+    };
+    ocifs::reference::validate_digest(digest)
+        .map_err(|e| anyhow::anyhow!("digest {digest:?}: {e}"))?;
+    let size = match &source {
+        Source::Registry { registry, repo } => match registry.blob_size(repo, digest).await {
+            Ok(s) => s,
+            Err(ocifs::Error::NotFound(_)) => {
+                let (body, _) = source.manifest(digest).await?;
+                out.write_all(&body)?;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        },
+        Source::Layout { dir } => {
+            let (alg, hex) = digest.split_once(':').unwrap();
+            std::fs::metadata(PathBuf::from(dir).join("blobs").join(alg).join(hex))?.len()
+        }
+    };
+    let blob = source.blob(digest, size)?;
+    let mut hasher = ocifs::digest::Hasher::default();
+    let mut off = 0;
+    let start = Instant::now();
+    while off < size {
+        let piece = blob.read_at(off, (8 << 20).min(size - off)).await?;
+        hasher.update(&piece);
+        out.write_all(&piece)?;
+        off += piece.len() as u64;
+    }
+    let actual = hasher.finish();
+    if actual != digest {
+        bail!("blob {digest} hashed to {actual}: the output is corrupt");
+    }
+    tracing::info!(
+        "fetched {size} bytes in {:.2}s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

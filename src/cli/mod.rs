@@ -1,0 +1,229 @@
+//! Argument parsing and the commands. `mount` without `--foreground` re-executes itself as a
+//! detached daemon and waits for its "ready" line, like other FUSE mounters.
+
+mod commands;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ocifs::config::{ByteSize, DEFAULT_BLOCK_SIZE, OpenConfig, VerifyMode};
+use ocifs::image::{Platform, Source};
+use ocifs::reference::Reference;
+use ocifs::registry::{Registry, RegistryOptions, auth::Credentials};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "ocifs",
+    version,
+    about = "Container images from a registry as a lazily loaded read-only file system"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Options every image-reading command shares.
+#[derive(Args, Clone)]
+pub struct Common {
+    /// Platform to choose from an image index (default: this machine's).
+    #[arg(long)]
+    platform: Option<String>,
+    /// Allow plain HTTP to the registry (always allowed for localhost/127.0.0.1).
+    #[arg(long)]
+    insecure: bool,
+    /// In-memory block cache size.
+    #[arg(long, default_value = "512MiB")]
+    cache_size: ByteSize,
+    /// Cache directory: blocks, unpacked layers, daemon logs (default ~/.cache/ocifs).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// When to check whole layer blobs against their digests.
+    #[arg(long, value_enum, default_value_t = VerifyMode::Background)]
+    verify: VerifyMode,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount an image read-only at MOUNTPOINT; returns once the mount is ready.
+    Mount {
+        #[command(flatten)]
+        common: Common,
+        /// Stay attached, log to stderr; Ctrl-C unmounts.
+        #[arg(long)]
+        foreground: bool,
+        /// Internal: run as the detached daemon child of `mount`.
+        #[arg(long, hide = true)]
+        daemon_child: bool,
+        reference: String,
+        mountpoint: PathBuf,
+    },
+    /// Unmount an ocifs mount.
+    Umount { mountpoint: PathBuf },
+    /// Show the resolved digest, platforms, config and layers of an image.
+    Inspect {
+        #[command(flatten)]
+        common: Common,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        reference: String,
+    },
+    /// List files of an image without mounting it.
+    Ls {
+        #[command(flatten)]
+        common: Common,
+        /// Long format: mode, owner, size, mtime, link target.
+        #[arg(short = 'l')]
+        long: bool,
+        /// Recurse into directories.
+        #[arg(short = 'R')]
+        recursive: bool,
+        reference: String,
+        path: Option<String>,
+    },
+    /// Write one file of an image to stdout.
+    Cat {
+        #[command(flatten)]
+        common: Common,
+        reference: String,
+        path: String,
+    },
+    /// Write a raw manifest (no digest) or blob/manifest (by digest) to stdout.
+    Fetch {
+        #[command(flatten)]
+        common: Common,
+        reference: String,
+        digest: Option<String>,
+    },
+    /// List a repository's tags.
+    Tags {
+        #[command(flatten)]
+        common: Common,
+        repository: String,
+    },
+}
+
+/// Entry point: runs the command, prints one clear error line on failure.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let daemonish = matches!(cli.cmd, Cmd::Mount { .. });
+    let filter = std::env::var("OCIFS_LOG").unwrap_or_else(|_| {
+        if daemonish {
+            "info".into()
+        } else {
+            "warn".into()
+        }
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    match commands::run(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ocifs: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+impl Common {
+    /// The typed configuration for opening images.
+    fn open_config(&self) -> Result<OpenConfig> {
+        let platform = match &self.platform {
+            Some(p) => Platform::parse(p)?,
+            None => Platform::host(),
+        };
+        Ok(OpenConfig {
+            platform,
+            cache_size: self
+                .cache_size
+                .0
+                .max(DEFAULT_BLOCK_SIZE * 4)
+                .min(u64::MAX / 2),
+            block_size: DEFAULT_BLOCK_SIZE,
+            cache_dir: self.cache_dir()?,
+            verify: self.verify,
+        })
+    }
+
+    fn cache_dir(&self) -> Result<PathBuf> {
+        if let Some(d) = &self.cache_dir {
+            return Ok(d.clone());
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .context("no --cache-dir, XDG_CACHE_HOME or HOME to put the cache in")?;
+        Ok(base.join("ocifs"))
+    }
+
+    /// Turns `REF` into a source and the tag or digest to resolve in it.
+    fn source(&self, reference: &str) -> Result<(Source, String, String)> {
+        if let Some(rest) = reference.strip_prefix("oci:") {
+            let slash = rest.rfind('/').map_or(0, |i| i + 1);
+            let (dir, tag) = match rest[slash..].rfind(':') {
+                Some(i) => (&rest[..slash + i], &rest[slash + i + 1..]),
+                None => (rest, "latest"),
+            };
+            let source = Source::Layout {
+                dir: PathBuf::from(dir),
+            };
+            return Ok((source, tag.to_string(), reference.to_string()));
+        }
+        let r = Reference::parse(reference)?;
+        let registry = Registry::new(
+            &r.registry,
+            RegistryOptions {
+                insecure: self.insecure,
+                credentials: credentials(&r.registry)?,
+            },
+        )?;
+        let what = r.manifest_reference().to_string();
+        Ok((
+            Source::Registry {
+                registry,
+                repo: r.repository.clone(),
+            },
+            what,
+            r.to_string(),
+        ))
+    }
+}
+
+/// Credentials for `registry` from `REGISTRY_AUTH_FILE`, `$DOCKER_CONFIG/config.json` or
+/// `~/.docker/config.json`, first file that has an entry.
+fn credentials(registry: &str) -> Result<Option<Credentials>> {
+    let mut files = Vec::new();
+    if let Some(f) = std::env::var_os("REGISTRY_AUTH_FILE") {
+        files.push(PathBuf::from(f));
+    }
+    if let Some(d) = std::env::var_os("DOCKER_CONFIG") {
+        files.push(PathBuf::from(d).join("config.json"));
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        files.push(PathBuf::from(h).join(".docker/config.json"));
+    }
+    for f in files {
+        if let Some(c) = Credentials::from_docker_config(&f, registry)? {
+            return Ok(Some(c));
+        }
+    }
+    Ok(None)
+}
+
+/// Runs `fut` on a fresh multi-threaded runtime.
+fn block_on<T>(fut: impl std::future::Future<Output = T>) -> Result<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    Ok(rt.block_on(fut))
+}

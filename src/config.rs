@@ -1,0 +1,83 @@
+//! Typed configuration values, parsed once by the CLI, with defaults in one place.
+
+use crate::error::{Error, Result};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Default in-memory block cache size.
+pub const DEFAULT_CACHE_SIZE: u64 = 512 << 20;
+/// Default block size for ranged reads and the block cache.
+pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 20;
+
+/// When layer blobs are checked against their digests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum VerifyMode {
+    /// Serve at once; hash every blob in the background; a mismatch fails that layer's reads.
+    #[default]
+    Background,
+    /// Hash every blob before the mount is ready.
+    Strict,
+    /// Never hash whole blobs (eStargz chunk digests are still checked).
+    Off,
+}
+
+/// A byte count written like `512MiB`, `1G`, `4096`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<ByteSize> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| Error::format("size", format!("{s:?} does not start with a number")))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            "t" | "tb" | "tib" => 1 << 40,
+            u => {
+                return Err(Error::format(
+                    "size",
+                    format!("unknown unit {u:?} in {s:?}"),
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| Error::format("size", format!("{s:?} overflows")))
+    }
+}
+
+/// Everything that shapes how an image is opened and served.
+#[derive(Debug, Clone)]
+pub struct OpenConfig {
+    /// Platform to pick from an image index.
+    pub platform: crate::image::Platform,
+    /// In-memory block cache bound.
+    pub cache_size: u64,
+    /// Block size of ranged reads.
+    pub block_size: u64,
+    /// Directory for persistent blocks, local tars and logs.
+    pub cache_dir: PathBuf,
+    /// Verification mode.
+    pub verify: VerifyMode,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!("512MiB".parse::<ByteSize>().unwrap().0, 512 << 20);
+        assert_eq!("1g".parse::<ByteSize>().unwrap().0, 1 << 30);
+        assert_eq!("4096".parse::<ByteSize>().unwrap().0, 4096);
+        assert!("MiB".parse::<ByteSize>().is_err());
+        assert!("5 parsecs".parse::<ByteSize>().is_err());
+    }
+}

@@ -1,0 +1,110 @@
+//! Mount lifecycle: check the mountpoint, hand the image to FUSE, serve until unmounted or
+//! signalled, and unmount cleanly. Takes its dependencies (image, runtime, shutdown future)
+//! so tests and the CLI drive it the same way.
+
+use crate::error::{Error, Result};
+use crate::fuse::OcifsFs;
+use crate::image::Image;
+use fuser::{Config, MountOption, SessionACL};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// FUSE session threads; reads are handed to tokio, so a few suffice.
+const SESSION_THREADS: usize = 4;
+
+/// Refuses a mountpoint that is missing, not a directory, not empty, or already a mount.
+pub fn check_mountpoint(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("mountpoint {}: {e}", path.display()),
+        ))
+    })?;
+    if !meta.is_dir() {
+        return Err(Error::Io(std::io::Error::other(format!(
+            "mountpoint {} is not a directory",
+            path.display()
+        ))));
+    }
+    let parent = path.canonicalize()?.parent().map(|p| p.to_path_buf());
+    if let Some(parent) = parent
+        && std::fs::metadata(&parent)?.dev() != meta.dev()
+    {
+        return Err(Error::Io(std::io::Error::other(format!(
+            "mountpoint {} is busy: something is mounted there",
+            path.display()
+        ))));
+    }
+    if std::fs::read_dir(path)?.next().is_some() {
+        return Err(Error::Io(std::io::Error::other(format!(
+            "mountpoint {} is not empty",
+            path.display()
+        ))));
+    }
+    Ok(())
+}
+
+/// Mounts `image` at `mountpoint` and serves it until the file system is unmounted
+/// (by `ocifs umount`, `umount`, or `shutdown` resolving, which unmounts it).
+pub async fn serve(
+    image: Arc<Image>,
+    mountpoint: &Path,
+    fsname: &str,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_ready: impl FnOnce(),
+) -> Result<()> {
+    check_mountpoint(mountpoint)?;
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(fsname.to_string()),
+        MountOption::Subtype("ocifs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(SESSION_THREADS);
+    config.clone_fd = true;
+    let fs = OcifsFs::new(image, tokio::runtime::Handle::current());
+    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(session.join());
+    });
+    on_ready();
+    tokio::select! {
+        ended = &mut rx => {
+            tracing::info!("file system at {} was unmounted", mountpoint.display());
+            return ended.map_err(|_| Error::Io(std::io::Error::other("FUSE session thread vanished")))?.map_err(Error::Io);
+        }
+        _ = shutdown => {}
+    }
+    tracing::info!("unmounting {}", mountpoint.display());
+    unmount(mountpoint)?;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await;
+    Ok(())
+}
+
+/// Unmounts an ocifs mount (lazily, so open files do not block shutdown).
+pub fn unmount(path: &Path) -> Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::format("mountpoint", "contains NUL"))?;
+    // SAFETY: c is a valid NUL-terminated path for the duration of the call.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EPERM) {
+        let status = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(path)
+            .status()?;
+        if status.success() {
+            return Ok(());
+        }
+    }
+    Err(Error::Io(std::io::Error::new(
+        err.kind(),
+        format!("unmount {}: {err}", path.display()),
+    )))
+}

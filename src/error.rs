@@ -1,0 +1,78 @@
+//! Typed errors for the whole crate, and the single place that maps them to errno values.
+//!
+//! Library code returns [`Error`]; the CLI wraps it in `anyhow` and the FUSE adapter turns it
+//! into an errno with [`Error::errno`], logging it once at that boundary.
+
+use std::io;
+
+/// Everything that can go wrong between a reference and a served byte.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image reference does not follow the Docker/OCI grammar.
+    #[error("invalid reference {input:?}: {reason}")]
+    Reference { input: String, reason: String },
+    /// The registry refused our credentials (or we had none).
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// A repository, tag, manifest or blob does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The registry answered something we cannot use.
+    #[error("registry error: {0}")]
+    Registry(String),
+    /// Bytes did not hash to the digest that names them.
+    #[error("digest mismatch for {what}: expected {expected}, got {actual}")]
+    Digest {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    /// Untrusted input (manifest, TOC, tar header, index) is malformed.
+    #[error("invalid {what}: {reason}")]
+    Format { what: String, reason: String },
+    /// A layer failed verification earlier; all its reads fail.
+    #[error("layer {digest} is marked bad: {reason}")]
+    BadLayer { digest: String, reason: String },
+    /// No manifest in an index matches the requested platform.
+    #[error("no image for platform {wanted}; available: {available}")]
+    Platform { wanted: String, available: String },
+    /// Something the request is valid for but ocifs does not do.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// Transport-level failure talking to a registry.
+    #[error("http: {0}")]
+    Http(#[from] reqwest::Error),
+    /// Local I/O (cache directory, layout, fuse device).
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Crate-wide result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Shorthand for a [`Error::Format`] error about `what`.
+    pub fn format(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Format {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The errno a FUSE request answers with when it fails with this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::NotFound(_) => libc::ENOENT,
+            Error::Unsupported(_) => libc::ENOTSUP,
+            Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            Error::Reference { .. }
+            | Error::Unauthorized(_)
+            | Error::Registry(_)
+            | Error::Digest { .. }
+            | Error::Format { .. }
+            | Error::BadLayer { .. }
+            | Error::Platform { .. }
+            | Error::Http(_) => libc::EIO,
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The thin FUSE adapter: each handler converts arguments, asks the core ([`Image`] and its
+//! [`crate::tree::Tree`]), replies, and maps errors to errno (logging them once, here).
+//!
+//! Reads that may touch the network are answered from a task on the tokio runtime, so the
+//! kernel request loop never waits for a registry. The image is immutable, so attributes,
+//! entries and page cache are kept for a long time.
+
+use crate::image::Image;
+use crate::layer::Kind;
+use crate::tree::{Node, ROOT};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// How long the kernel may cache attributes and entries: the image never changes.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The FUSE view of one opened image.
+pub struct OcifsFs {
+    image: Arc<Image>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl OcifsFs {
+    /// Serves `image`, running network reads on `runtime`.
+    pub fn new(image: Arc<Image>, runtime: tokio::runtime::Handle) -> Self {
+        OcifsFs { image, runtime }
+    }
+
+    fn node(&self, ino: INodeNo) -> Result<&Node, Errno> {
+        self.image
+            .tree
+            .get(u64::from(ino))
+            .filter(|n| n.nlink > 0 || u64::from(ino) == ROOT)
+            .ok_or(Errno::ENOENT)
+    }
+}
+
+/// The attributes the kernel sees for a node.
+pub fn attr(ino: u64, n: &Node) -> FileAttr {
+    let time = if n.mtime.0 >= 0 {
+        UNIX_EPOCH + Duration::new(n.mtime.0 as u64, n.mtime.1)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(n.mtime.0.unsigned_abs())
+    };
+    let size = match n.kind {
+        Kind::Symlink => n.link.as_ref().map_or(0, |l| l.len() as u64),
+        _ => n.size,
+    };
+    let (major, minor) = n.rdev;
+    FileAttr {
+        ino: INodeNo(ino),
+        size,
+        blocks: size.div_ceil(512),
+        atime: time,
+        mtime: time,
+        ctime: time,
+        crtime: time,
+        kind: file_type(n.kind),
+        perm: (n.mode & 0o7777) as u16,
+        nlink: n.nlink.max(1),
+        uid: n.uid,
+        gid: n.gid,
+        rdev: (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12),
+        flags: 0,
+        blksize: 4096,
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Char => FileType::CharDevice,
+        Kind::Block => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::File | Kind::Hardlink => FileType::RegularFile,
+    }
+}
+
+fn errno(e: &crate::Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+/// Directory listing with `.` and `..` first; offsets are positions in this list.
+fn dir_entries(fs: &OcifsFs, ino: u64) -> Result<Vec<(u64, String)>, Errno> {
+    let n = fs.node(INodeNo(ino))?;
+    if n.kind != Kind::Dir {
+        return Err(Errno::ENOTDIR);
+    }
+    let mut out = vec![(ino, ".".to_string()), (n.parent, "..".to_string())];
+    out.extend(n.children.iter().map(|(name, &c)| (c, name.clone())));
+    Ok(out)
+}
+
+impl Filesystem for OcifsFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        use fuser::InitFlags;
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO
+                | InitFlags::FUSE_PARALLEL_DIROPS,
+        );
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let found = name
+            .to_str()
+            .and_then(|n| self.image.tree.lookup(u64::from(parent), n))
+            .and_then(|i| Some((i, self.image.tree.get(i)?)));
+        match found {
+            Some((ino, n)) => reply.entry(&TTL, &attr(ino, n), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node(ino) {
+            Ok(n) => reply.attr(&TTL, &attr(ino.into(), n)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.node(ino).map(|n| n.link.as_deref()) {
+            Ok(Some(l)) => reply.data(l.as_bytes()),
+            Ok(None) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.node(ino) {
+            Ok(n) if n.kind == Kind::Dir => reply.error(Errno::EISDIR),
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let image = self.image.clone();
+        self.runtime.spawn(async move {
+            match image.read(ino.into(), offset, size as u64).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => {
+                    tracing::error!("read of inode {ino} at {offset} failed: {e}");
+                    reply.error(errno(&e));
+                }
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino) {
+            Ok(n) if n.kind == Kind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match dir_entries(self, ino.into()) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (child, name)) in entries.iter().enumerate().skip(offset as usize) {
+            let kind = self
+                .image
+                .tree
+                .get(*child)
+                .map_or(FileType::Directory, |n| file_type(n.kind));
+            if reply.add(INodeNo(*child), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match dir_entries(self, ino.into()) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (child, name)) in entries.iter().enumerate().skip(offset as usize) {
+            let Some(n) = self.image.tree.get(*child) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(*child),
+                (i + 1) as u64,
+                name,
+                &TTL,
+                &attr(*child, n),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (files, bytes) = self.image.tree.totals();
+        reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let n = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let Some((_, value)) = n.xattrs.iter().find(|(k, _)| OsStr::new(k) == name) else {
+            return reply.error(Errno::NO_XATTR);
+        };
+        if size == 0 {
+            reply.size(value.len() as u32);
+        } else if (size as usize) < value.len() {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(value);
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let n = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let mut list = Vec::new();
+        for (k, _) in &n.xattrs {
+            list.extend_from_slice(k.as_bytes());
+            list.push(0);
+        }
+        if size == 0 {
+            reply.size(list.len() as u32);
+        } else if (size as usize) < list.len() {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(&list);
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.node(ino) {
+            Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::EROFS),
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}

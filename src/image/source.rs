@@ -1,0 +1,190 @@
+//! Where an image comes from: a registry repository or a local OCI image layout
+//! (`oci:PATH[:TAG]`). Both hand out manifests and [`Blob`]s, so everything after this point
+//! runs the same code.
+
+use crate::blob::{Blob, FileBlob};
+use crate::error::{Error, Result};
+use crate::registry::{ManifestMeta, Registry, RegistryBlob};
+use bytes::Bytes;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// An image repository, remote or local.
+#[derive(Clone)]
+pub enum Source {
+    /// A repository on a registry.
+    Registry {
+        registry: Arc<Registry>,
+        repo: String,
+    },
+    /// An OCI image layout directory.
+    Layout { dir: PathBuf },
+}
+
+impl Source {
+    /// Human-readable name for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Registry { registry, repo } => format!("{}/{repo}", registry.host()),
+            Source::Layout { dir } => format!("oci:{}", dir.display()),
+        }
+    }
+
+    /// Resolves a tag or digest to a manifest's digest without fetching it, when possible.
+    pub async fn head(&self, reference: &str) -> Result<Option<ManifestMeta>> {
+        match self {
+            Source::Registry { registry, repo } => registry.head_manifest(repo, reference).await,
+            Source::Layout { .. } => Ok(None),
+        }
+    }
+
+    /// Fetches a manifest (by tag or digest) and checks its digest.
+    pub async fn manifest(&self, reference: &str) -> Result<(Bytes, ManifestMeta)> {
+        match self {
+            Source::Registry { registry, repo } => registry.get_manifest(repo, reference).await,
+            Source::Layout { dir } => {
+                let digest = if reference.starts_with("sha256:") {
+                    reference.to_string()
+                } else {
+                    self.layout_tag(reference)?
+                };
+                let data = Bytes::from(std::fs::read(self.layout_blob_path(&digest)?)?);
+                let actual = crate::digest::sha256(&data);
+                if actual != digest {
+                    return Err(Error::Digest {
+                        what: format!("manifest in {}", dir.display()),
+                        expected: digest,
+                        actual,
+                    });
+                }
+                let media_type = serde_json::from_slice::<serde_json::Value>(&data)
+                    .ok()
+                    .and_then(|v| v.get("mediaType")?.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let size = data.len() as u64;
+                Ok((
+                    data,
+                    ManifestMeta {
+                        digest,
+                        media_type,
+                        size,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// A blob by digest; `size` comes from the descriptor that named it.
+    pub fn blob(&self, digest: &str, size: u64) -> Result<Blob> {
+        crate::reference::validate_digest(digest)
+            .map_err(|e| Error::format(format!("descriptor digest {digest:?}"), e))?;
+        match self {
+            Source::Registry { registry, repo } => Ok(Arc::new(RegistryBlob::new(
+                registry.clone(),
+                repo,
+                digest,
+                size,
+            ))),
+            Source::Layout { .. } => {
+                let b = FileBlob::open(digest, &self.layout_blob_path(digest)?)?;
+                if crate::blob::BlobSource::size(&b) != size {
+                    return Err(Error::format(
+                        format!("blob {digest}"),
+                        "size differs from its descriptor",
+                    ));
+                }
+                Ok(Arc::new(b))
+            }
+        }
+    }
+
+    /// Reads a whole small blob (config, index) and checks its digest.
+    pub async fn small_blob(&self, digest: &str, size: u64) -> Result<Bytes> {
+        if size > crate::registry::MAX_MANIFEST as u64 {
+            return Err(Error::format(
+                format!("blob {digest}"),
+                format!("{size} bytes is too large for a config"),
+            ));
+        }
+        let data = self.blob(digest, size)?.read_at(0, size).await?;
+        let actual = crate::digest::sha256(&data);
+        if actual != digest {
+            return Err(Error::Digest {
+                what: format!("blob {digest}"),
+                expected: digest.into(),
+                actual,
+            });
+        }
+        Ok(data)
+    }
+
+    /// Tags of the repository.
+    pub async fn tags(&self) -> Result<Vec<String>> {
+        match self {
+            Source::Registry { registry, repo } => registry.tags(repo).await,
+            Source::Layout { dir } => {
+                let index = self.layout_index()?;
+                let mut tags: Vec<String> = index
+                    .iter()
+                    .filter_map(|m| {
+                        m.get("annotations")?
+                            .get("org.opencontainers.image.ref.name")?
+                            .as_str()
+                            .map(str::to_string)
+                    })
+                    .collect();
+                tags.sort();
+                if tags.is_empty() && index.is_empty() {
+                    return Err(Error::NotFound(format!("images in {}", dir.display())));
+                }
+                Ok(tags)
+            }
+        }
+    }
+
+    fn layout_index(&self) -> Result<Vec<serde_json::Value>> {
+        let Source::Layout { dir } = self else {
+            unreachable!()
+        };
+        let path = dir.join("index.json");
+        let text = std::fs::read(&path)
+            .map_err(|e| Error::NotFound(format!("{}: {e}", path.display())))?;
+        let v: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::format(path.display().to_string(), e.to_string()))?;
+        Ok(v.get("manifests")
+            .and_then(|m| m.as_array())
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// The manifest digest a layout tag names (the only one if the layout has one image).
+    fn layout_tag(&self, tag: &str) -> Result<String> {
+        let index = self.layout_index()?;
+        let name = |m: &serde_json::Value| {
+            m.get("annotations")?
+                .get("org.opencontainers.image.ref.name")?
+                .as_str()
+                .map(str::to_string)
+        };
+        let found = index
+            .iter()
+            .find(|m| name(m).as_deref() == Some(tag))
+            .or_else(|| {
+                (index.len() == 1 && (tag == "latest" || name(&index[0]).is_none()))
+                    .then(|| &index[0])
+            });
+        found
+            .and_then(|m| m.get("digest")?.as_str().map(str::to_string))
+            .ok_or_else(|| Error::NotFound(format!("tag {tag:?} in {}", self.describe())))
+    }
+
+    fn layout_blob_path(&self, digest: &str) -> Result<PathBuf> {
+        let Source::Layout { dir } = self else {
+            unreachable!()
+        };
+        crate::reference::validate_digest(digest)
+            .map_err(|e| Error::format(format!("digest {digest:?}"), e))?;
+        let (alg, hex) = digest.split_once(':').unwrap();
+        Ok(dir.join("blobs").join(alg).join(hex))
+    }
+}

@@ -1,0 +1,500 @@
+//! eStargz (and legacy stargz): lazy by design.
+//!
+//! A blob is a concatenation of gzip members ending in a TOC member and a footer that holds the
+//! TOC's offset. Opening reads the tail speculatively (footer and, usually, the TOC in one
+//! request), checks the TOC against the `containerd.io/snapshot/stargz/toc.digest` annotation,
+//! and turns TOC entries into [`Entry`]s whose locator lists the file's chunks. A read fetches
+//! only the compressed extents of the chunks it touches, inflates them and checks each
+//! chunk's `chunkDigest` before a byte is returned.
+
+use super::{Entry, Kind, Locator, clean_path};
+use crate::blob::Blob;
+use crate::error::{Error, Result};
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::io::Read;
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+
+/// Annotation carrying the sha256 of the uncompressed TOC JSON.
+pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// Footer sizes: eStargz and legacy stargz.
+pub const FOOTER_SIZE: u64 = 51;
+const LEGACY_FOOTER_SIZE: u64 = 47;
+/// How much of the tail to read speculatively at open.
+const TAIL_READ: u64 = 512 * 1024;
+/// TOCs larger than this (uncompressed) are refused.
+const MAX_TOC: u64 = 256 << 20;
+const HIDDEN: [&str; 3] = [
+    "stargz.index.json",
+    ".prefetch.landmark",
+    ".no.prefetch.landmark",
+];
+
+/// One piece of a file: where its gzip member starts and ends in the blob, and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Offset of the chunk within the file.
+    pub file_offset: u64,
+    /// Uncompressed length.
+    pub len: u64,
+    /// Compressed extent `[start, end)` of the gzip member holding it.
+    pub start: u64,
+    pub end: u64,
+    /// Offset of the chunk inside the inflated member.
+    pub inner: u64,
+    /// `sha256:...` of the uncompressed chunk, if the TOC has one.
+    pub digest: Option<String>,
+}
+
+/// Reads chunks of one eStargz blob, with a small cache of inflated chunks so sequential
+/// kernel reads inside one chunk inflate it once.
+pub struct Reader {
+    blob: Blob,
+    inflated: Mutex<lru::LruCache<(u64, u64), Bytes>>,
+}
+
+/// The footer's verdict: where the TOC member starts, and which footer variant it was.
+pub fn parse_footer(tail: &[u8]) -> Option<(u64, bool)> {
+    let try_one = |f: &[u8], legacy: bool| -> Option<u64> {
+        // gzip header: 1f 8b 08, FLG with FEXTRA (0x04), then MTIME(4) XFL OS, XLEN(2)
+        if f.len() < 12 || f[0] != 0x1f || f[1] != 0x8b || f[2] != 8 || f[3] & 4 == 0 {
+            return None;
+        }
+        let xlen = u16::from_le_bytes([f[10], f[11]]) as usize;
+        let extra = f.get(12..12 + xlen)?;
+        let payload = if legacy {
+            (xlen == 22).then_some(extra)?
+        } else {
+            if xlen != 26
+                || extra[0] != b'S'
+                || extra[1] != b'G'
+                || u16::from_le_bytes([extra[2], extra[3]]) != 22
+            {
+                return None;
+            }
+            &extra[4..]
+        };
+        if &payload[16..22] != b"STARGZ" {
+            return None;
+        }
+        u64::from_str_radix(std::str::from_utf8(&payload[..16]).ok()?, 16).ok()
+    };
+    let n = tail.len();
+    if n >= FOOTER_SIZE as usize
+        && let Some(o) = try_one(&tail[n - FOOTER_SIZE as usize..], false)
+    {
+        return Some((o, false));
+    }
+    if n >= LEGACY_FOOTER_SIZE as usize
+        && let Some(o) = try_one(&tail[n - LEGACY_FOOTER_SIZE as usize..], true)
+    {
+        return Some((o, true));
+    }
+    None
+}
+
+/// Reads the blob's tail; returns it with its start offset.
+pub async fn read_tail(blob: &Blob) -> Result<(u64, Bytes)> {
+    let size = blob.size();
+    let start = size.saturating_sub(TAIL_READ);
+    Ok((start, blob.read_at(start, size - start).await?))
+}
+
+#[derive(serde::Deserialize)]
+struct Toc {
+    version: i64,
+    entries: Vec<TocEntry>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct TocEntry {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    size: u64,
+    modtime: String,
+    link_name: String,
+    mode: i64,
+    uid: u32,
+    gid: u32,
+    offset: u64,
+    inner_offset: u64,
+    dev_major: u32,
+    dev_minor: u32,
+    xattrs: HashMap<String, String>,
+    chunk_offset: u64,
+    chunk_size: u64,
+    chunk_digest: String,
+}
+
+/// Opens an eStargz blob whose tail (at `tail_start`) was already read: fetches and checks the
+/// TOC, returns the entries and a reader for their chunks, and whether it is legacy stargz.
+pub async fn open(
+    blob: Blob,
+    tail_start: u64,
+    tail: Bytes,
+    toc_digest: Option<&str>,
+) -> Result<(Reader, Vec<Entry>, bool)> {
+    let what = format!("eStargz layer {}", blob.id());
+    let (toc_off, legacy) =
+        parse_footer(&tail).ok_or_else(|| Error::format(&what, "no eStargz footer"))?;
+    let footer = if legacy {
+        LEGACY_FOOTER_SIZE
+    } else {
+        FOOTER_SIZE
+    };
+    let toc_end = blob.size() - footer;
+    if toc_off >= toc_end {
+        return Err(Error::format(
+            &what,
+            format!("TOC offset {toc_off} is past the footer"),
+        ));
+    }
+    let member = if toc_off >= tail_start {
+        tail.slice((toc_off - tail_start) as usize..(toc_end - tail_start) as usize)
+    } else {
+        blob.read_at(toc_off, toc_end - toc_off).await?
+    };
+    let json = extract_toc(&member).map_err(|e| Error::format(&what, format!("TOC: {e}")))?;
+    let actual = crate::digest::sha256(&json);
+    if let Some(expected) = toc_digest
+        && expected != actual
+    {
+        return Err(Error::Digest {
+            what: format!("TOC of {}", blob.id()),
+            expected: expected.into(),
+            actual,
+        });
+    }
+    let toc: Toc = serde_json::from_slice(&json)
+        .map_err(|e| Error::format(&what, format!("TOC JSON: {e}")))?;
+    if toc.version != 1 {
+        return Err(Error::format(
+            &what,
+            format!("TOC version {} (want 1)", toc.version),
+        ));
+    }
+    let entries = entries_from_toc(toc.entries, toc_off, &what)?;
+    let reader = Reader {
+        blob,
+        inflated: Mutex::new(lru::LruCache::new(NonZeroUsize::new(16).unwrap())),
+    };
+    Ok((reader, entries, legacy))
+}
+
+/// Inflates the TOC member and returns the bytes of its `stargz.index.json` tar entry.
+fn extract_toc(member: &[u8]) -> std::io::Result<Vec<u8>> {
+    let gz = flate2::read::GzDecoder::new(member).take(MAX_TOC + 1024);
+    let mut ar = ::tar::Archive::new(gz);
+    for e in ar.entries()? {
+        let mut e = e?;
+        if e.path_bytes().as_ref() == b"stargz.index.json" {
+            if e.size() > MAX_TOC {
+                return Err(std::io::Error::other(format!(
+                    "TOC is {} bytes, over the limit",
+                    e.size()
+                )));
+            }
+            let mut json = Vec::with_capacity(e.size() as usize);
+            e.read_to_end(&mut json)?;
+            return Ok(json);
+        }
+    }
+    Err(std::io::Error::other("no stargz.index.json entry"))
+}
+
+fn entries_from_toc(toc: Vec<TocEntry>, toc_off: u64, what: &str) -> Result<Vec<Entry>> {
+    // Each member ends where the next one (by offset) starts; the last one at the TOC.
+    let mut starts: Vec<u64> = toc
+        .iter()
+        .filter(|e| e.offset > 0)
+        .map(|e| e.offset)
+        .collect();
+    starts.push(toc_off);
+    starts.sort_unstable();
+    starts.dedup();
+    let end_of = |o: u64| -> Result<u64> {
+        let i = starts.partition_point(|&s| s <= o);
+        starts
+            .get(i)
+            .copied()
+            .ok_or_else(|| Error::format(what, format!("chunk offset {o} is past the TOC")))
+    };
+    let mut out: Vec<Entry> = Vec::with_capacity(toc.len());
+    let mut chunks: Vec<Chunk> = Vec::new();
+    let flush = |out: &mut Vec<Entry>, chunks: &mut Vec<Chunk>| -> Result<()> {
+        if let Some(last) = out.last_mut()
+            && !chunks.is_empty()
+        {
+            let covered: u64 = chunks.iter().map(|c| c.len).sum();
+            if covered != last.size {
+                return Err(Error::format(
+                    what,
+                    format!(
+                        "chunks of {:?} cover {covered} of {} bytes",
+                        last.path, last.size
+                    ),
+                ));
+            }
+            last.data = Locator::Chunks(std::mem::take(chunks).into());
+        }
+        Ok(())
+    };
+    for t in toc {
+        let path = clean_path(&t.name)?;
+        if t.kind == "chunk" {
+            let Some(file) = out
+                .last()
+                .filter(|e| e.path == path && e.kind == Kind::File)
+            else {
+                return Err(Error::format(
+                    what,
+                    format!("chunk of {path:?} does not follow its file"),
+                ));
+            };
+            let len = if t.chunk_size == 0 {
+                file.size.saturating_sub(t.chunk_offset)
+            } else {
+                t.chunk_size
+            };
+            chunks.push(chunk(&t, len, end_of(t.offset)?));
+            continue;
+        }
+        flush(&mut out, &mut chunks)?;
+        if HIDDEN.contains(&path.as_str()) {
+            continue;
+        }
+        let kind = match t.kind.as_str() {
+            "dir" => Kind::Dir,
+            "reg" => Kind::File,
+            "symlink" => Kind::Symlink,
+            "hardlink" => Kind::Hardlink,
+            "char" => Kind::Char,
+            "block" => Kind::Block,
+            "fifo" => Kind::Fifo,
+            other => {
+                return Err(Error::format(
+                    what,
+                    format!("entry {path:?} has unknown type {other:?}"),
+                ));
+            }
+        };
+        let mut e = Entry::new(path, kind);
+        e.mode = (t.mode & 0o7777) as u32;
+        e.uid = t.uid;
+        e.gid = t.gid;
+        e.mtime = (parse_rfc3339(&t.modtime).unwrap_or(0), 0);
+        e.rdev = (t.dev_major, t.dev_minor);
+        if matches!(kind, Kind::Symlink | Kind::Hardlink) {
+            e.link = Some(t.link_name.clone());
+        }
+        for (k, v) in &t.xattrs {
+            let val = base64::engine::general_purpose::STANDARD
+                .decode(v)
+                .map_err(|err| Error::format(what, format!("xattr {k} of {:?}: {err}", e.path)))?;
+            e.xattrs.push((k.clone(), val));
+        }
+        e.xattrs.sort();
+        if kind == Kind::File {
+            e.size = t.size;
+            if t.size > 0 {
+                let len = if t.chunk_size == 0 {
+                    t.size
+                } else {
+                    t.chunk_size
+                };
+                chunks.push(chunk(&t, len, end_of(t.offset)?));
+            }
+        }
+        out.push(e);
+    }
+    flush(&mut out, &mut chunks)?;
+    Ok(out)
+}
+
+fn chunk(t: &TocEntry, len: u64, end: u64) -> Chunk {
+    Chunk {
+        file_offset: t.chunk_offset,
+        len,
+        start: t.offset,
+        end,
+        inner: t.inner_offset,
+        digest: (!t.chunk_digest.is_empty()).then(|| t.chunk_digest.clone()),
+    }
+}
+
+impl Reader {
+    /// Reads `[offset, offset+len)` of a file made of `chunks`.
+    pub async fn read(&self, chunks: &[Chunk], offset: u64, len: u64) -> Result<Bytes> {
+        let end = offset + len;
+        let mut out = BytesMut::with_capacity(len as usize);
+        let first = chunks.partition_point(|c| c.file_offset + c.len <= offset);
+        for c in &chunks[first..] {
+            if c.file_offset >= end {
+                break;
+            }
+            let data = self.chunk(c).await?;
+            let s = offset.max(c.file_offset) - c.file_offset;
+            let e = end.min(c.file_offset + c.len) - c.file_offset;
+            out.extend_from_slice(&data[s as usize..e as usize]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// One chunk, inflated and checked against its digest.
+    async fn chunk(&self, c: &Chunk) -> Result<Bytes> {
+        let key = (c.start, c.inner);
+        if let Some(b) = self.inflated.lock().unwrap().get(&key) {
+            return Ok(b.clone());
+        }
+        if c.end <= c.start || c.end > self.blob.size() {
+            return Err(Error::format(
+                "eStargz chunk",
+                format!("bad extent {}..{}", c.start, c.end),
+            ));
+        }
+        let compressed = self.blob.read_at(c.start, c.end - c.start).await?;
+        let (inner, len) = (c.inner, c.len);
+        let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut gz = flate2::read::GzDecoder::new(&compressed[..]);
+            std::io::copy(&mut (&mut gz).take(inner), &mut std::io::sink())?;
+            let mut out = Vec::with_capacity(len as usize);
+            gz.take(len).read_to_end(&mut out)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+        .map_err(|e| {
+            Error::format(
+                format!("eStargz chunk at {} of {}", c.start, self.blob.id()),
+                e.to_string(),
+            )
+        })?;
+        if data.len() as u64 != c.len {
+            return Err(Error::format(
+                format!("eStargz chunk at {} of {}", c.start, self.blob.id()),
+                format!("inflates to {} bytes, TOC says {}", data.len(), c.len),
+            ));
+        }
+        if let Some(expected) = &c.digest {
+            let actual = crate::digest::sha256(&data);
+            if &actual != expected {
+                return Err(Error::Digest {
+                    what: format!("chunk at {} of {}", c.start, self.blob.id()),
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+        }
+        let data = Bytes::from(data);
+        self.inflated.lock().unwrap().put(key, data.clone());
+        Ok(data)
+    }
+}
+
+/// Parses the RFC 3339 timestamps Go writes (`2006-01-02T15:04:05Z`, optional fraction and
+/// offset) into seconds since the epoch.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || (b[10] != b'T' && b[10] != b't') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut rest = &s[19..];
+    if let Some(r) = rest.strip_prefix('.') {
+        rest = r.trim_start_matches(|c: char| c.is_ascii_digit());
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        r if r.len() == 6 => {
+            let sign = if r.starts_with('-') { -1 } else { 1 };
+            sign * (r[1..3].parse::<i64>().ok()? * 3600 + r[4..6].parse::<i64>().ok()? * 60)
+        }
+        _ => return None,
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if mo > 2 { mo - 3 } else { mo + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some(days * 86400 + h * 3600 + mi * 60 + se - offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339("2023-11-14T22:13:20Z"), Some(1_700_000_000));
+        assert_eq!(
+            parse_rfc3339("2023-11-14T23:13:20.5+01:00"),
+            Some(1_700_000_000)
+        );
+        assert_eq!(parse_rfc3339("garbage"), None);
+    }
+
+    #[test]
+    fn footers() {
+        let mut f = vec![
+            0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0,
+        ];
+        f.extend_from_slice(b"00000000000012abSTARGZ");
+        f.extend_from_slice(&[1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(f.len(), 51);
+        assert_eq!(parse_footer(&f), Some((0x12ab, false)));
+        let mut l = vec![0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 22, 0];
+        l.extend_from_slice(b"00000000000000ffSTARGZ");
+        l.extend_from_slice(&[1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(parse_footer(&l), Some((0xff, true)));
+        assert_eq!(parse_footer(&[0u8; 100]), None);
+        let mut bad = f.clone();
+        bad[20] = b'z';
+        assert_eq!(parse_footer(&bad), None);
+    }
+
+    #[test]
+    fn chunks_must_cover_their_file() {
+        let t = vec![
+            TocEntry {
+                name: "a".into(),
+                kind: "reg".into(),
+                size: 10,
+                offset: 100,
+                chunk_size: 4,
+                ..Default::default()
+            },
+            TocEntry {
+                name: "a".into(),
+                kind: "chunk".into(),
+                offset: 200,
+                chunk_offset: 4,
+                chunk_size: 0,
+                ..Default::default()
+            },
+        ];
+        let e = entries_from_toc(t, 300, "t").unwrap();
+        let Locator::Chunks(c) = &e[0].data else {
+            panic!()
+        };
+        assert_eq!(
+            (c[0].start, c[0].end, c[1].len, c[1].end),
+            (100, 200, 6, 300)
+        );
+        let t = vec![TocEntry {
+            name: "b".into(),
+            kind: "chunk".into(),
+            offset: 1,
+            ..Default::default()
+        }];
+        assert!(entries_from_toc(t, 300, "t").is_err());
+    }
+}

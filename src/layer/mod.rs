@@ -1,0 +1,236 @@
+//! Layer formats behind one index type.
+//!
+//! Every format module turns a blob into the same [`Entry`] list; an entry's [`Locator`] says
+//! where its bytes live, and [`Layer::read`] is the one reader that dispatches on it. The merged
+//! tree never knows which format a file came from.
+//!
+//! | format | module | lazy? |
+//! |---|---|---|
+//! | uncompressed tar | [`tar`] | yes: headers walked with ranged reads |
+//! | eStargz / legacy stargz | [`estargz`] | yes: footer -> TOC -> per-chunk fetch + digest check |
+//! | gzip, zstd tar | [`streamed`] | no: streamed once, digest checked, kept as a local tar |
+
+pub mod estargz;
+pub mod streamed;
+pub mod tar;
+
+use crate::blob::Blob;
+use crate::error::{Error, Result};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// What kind of file system object an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    /// A second name for an earlier entry of the same layer (`link` holds its path).
+    Hardlink,
+    Char,
+    Block,
+    Fifo,
+}
+
+/// Where an entry's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Locator {
+    /// No data (empty file, non-regular entry).
+    None,
+    /// At this offset of the layer's uncompressed tar stream.
+    Tar { offset: u64 },
+    /// In these eStargz chunks, in file order.
+    Chunks(Arc<[estargz::Chunk]>),
+}
+
+/// One entry of one layer, format independent. Paths are relative, `/`-separated, clean.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub path: String,
+    pub kind: Kind,
+    /// Permission bits including setuid/setgid/sticky (no file-type bits).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// Seconds and nanoseconds since the epoch.
+    pub mtime: (i64, u32),
+    /// Symlink target, or the path a hard link points to.
+    pub link: Option<String>,
+    /// (major, minor) for device nodes.
+    pub rdev: (u32, u32),
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    pub data: Locator,
+}
+
+impl Entry {
+    /// An entry with defaults for everything but path and kind.
+    pub fn new(path: String, kind: Kind) -> Entry {
+        Entry {
+            path,
+            kind,
+            mode: if kind == Kind::Dir { 0o755 } else { 0o644 },
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: (0, 0),
+            link: None,
+            rdev: (0, 0),
+            xattrs: Vec::new(),
+            data: Locator::None,
+        }
+    }
+}
+
+/// The layer formats ocifs knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Tar,
+    Gzip,
+    Zstd,
+    Estargz,
+    LegacyStargz,
+}
+
+impl Format {
+    /// The compression implied by an OCI or Docker layer media type (before eStargz probing).
+    pub fn from_media_type(mt: &str) -> Result<Format> {
+        let mt = mt.trim();
+        Ok(match mt {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Format::Tar,
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Format::Gzip,
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Format::Zstd,
+            other => return Err(Error::Unsupported(format!("layer media type {other:?}"))),
+        })
+    }
+
+    /// Whether reads fetch only what they need.
+    pub fn is_lazy(self) -> bool {
+        !matches!(self, Format::Gzip | Format::Zstd)
+    }
+
+    /// Short name for messages and `inspect`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Tar => "tar",
+            Format::Gzip => "gzip",
+            Format::Zstd => "zstd",
+            Format::Estargz => "estargz",
+            Format::LegacyStargz => "stargz",
+        }
+    }
+}
+
+/// A layer's verification state, checked by every read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Not yet checked against its digest (reads are served; chunk digests still apply).
+    Pending,
+    /// The whole blob hashed to its digest.
+    Verified,
+    /// Verification was switched off (`--verify off`).
+    Unverified,
+    /// The blob failed verification: every read fails.
+    Bad(String),
+}
+
+/// Where a layer's bytes come from at read time.
+pub enum LayerData {
+    /// An uncompressed tar stream: the blob itself, or a local copy made by streaming.
+    Tar(Blob),
+    /// eStargz chunks of the (cached) compressed blob.
+    Estargz(estargz::Reader),
+}
+
+/// One opened layer: its data, its health, and what it was made from.
+pub struct Layer {
+    pub digest: String,
+    pub format: Format,
+    pub data: LayerData,
+    pub health: RwLock<Health>,
+}
+
+impl Layer {
+    /// Reads `len` bytes at `offset` of a file of `size` bytes found at `loc`.
+    pub async fn read(&self, loc: &Locator, size: u64, offset: u64, len: u64) -> Result<Bytes> {
+        if let Health::Bad(reason) = &*self.health.read().unwrap() {
+            return Err(Error::BadLayer {
+                digest: self.digest.clone(),
+                reason: reason.clone(),
+            });
+        }
+        let len = len.min(size.saturating_sub(offset));
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        match (loc, &self.data) {
+            (Locator::Tar { offset: base }, LayerData::Tar(blob)) => {
+                blob.read_at(base + offset, len).await
+            }
+            (Locator::Chunks(chunks), LayerData::Estargz(r)) => r.read(chunks, offset, len).await,
+            (Locator::None, _) => Ok(Bytes::new()),
+            _ => Err(Error::format(
+                "layer index",
+                "locator does not match the layer format",
+            )),
+        }
+    }
+
+    /// Marks the layer bad: later reads fail with EIO.
+    pub fn mark_bad(&self, reason: String) {
+        tracing::error!("layer {} marked bad: {reason}", self.digest);
+        *self.health.write().unwrap() = Health::Bad(reason);
+    }
+}
+
+/// Cleans a path from an archive: strips `./` and `/`, collapses `//` and `.`; rejects `..`
+/// (it could escape the mount). The layer root is "".
+pub fn clean_path(raw: &str) -> Result<String> {
+    let mut parts = Vec::new();
+    for p in raw.split('/') {
+        match p {
+            "" | "." => {}
+            ".." => {
+                return Err(Error::format(
+                    "archive path",
+                    format!("{raw:?} contains '..'"),
+                ));
+            }
+            p if p.contains('\0') => {
+                return Err(Error::format(
+                    "archive path",
+                    format!("{raw:?} contains NUL"),
+                ));
+            }
+            p => parts.push(p),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// Layer descriptor fields the openers need.
+#[derive(Debug, Clone)]
+pub struct LayerDesc {
+    pub digest: String,
+    pub size: u64,
+    pub media_type: String,
+    pub annotations: HashMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_path_normalises_and_rejects_escapes() {
+        assert_eq!(clean_path("./a//b/./c/").unwrap(), "a/b/c");
+        assert_eq!(clean_path("/etc/passwd").unwrap(), "etc/passwd");
+        assert_eq!(clean_path("./").unwrap(), "");
+        assert!(clean_path("a/../../etc").is_err());
+    }
+}

@@ -1,0 +1,131 @@
+//! Non-lazy formats (plain gzip, single-frame zstd): stream the blob once, check its digest,
+//! keep the uncompressed tar in the cache directory, and serve reads from that local file.
+//!
+//! The local tar is named by the layer digest and only renamed into place after the digest
+//! matched, so a later mount finds it and skips the download. A later issue replaces this with
+//! checkpoint indexes; the entries it produces already use tar offsets, which fit that design.
+
+use super::Format;
+use crate::blob::{Blob, FileBlob};
+use crate::digest::Hasher;
+use crate::error::{Error, Result};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Size of each ranged request while streaming.
+const PIECE: u64 = 8 << 20;
+
+/// Returns the local uncompressed tar for the layer, making it if needed.
+/// `progress` is called with (bytes done, total) as the download advances.
+pub async fn local_tar(
+    raw: Blob,
+    format: Format,
+    dir: &Path,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<Blob> {
+    let digest = raw.id().to_string();
+    let path = tar_path(dir, &digest);
+    if path.exists() {
+        return Ok(std::sync::Arc::new(FileBlob::open(
+            format!("{digest}/tar"),
+            &path,
+        )?));
+    }
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Compressed bytes flow through a bounded channel into a blocking decoder thread.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    let tmp2 = tmp.clone();
+    let decoder = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+        let input = ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        };
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp2)?);
+        let n = match format {
+            Format::Zstd => std::io::copy(&mut zstd::stream::read::Decoder::new(input)?, &mut out)?,
+            _ => std::io::copy(&mut flate2::read::MultiGzDecoder::new(input), &mut out)?,
+        };
+        out.flush()?;
+        out.get_ref().sync_all()?;
+        Ok(n)
+    });
+    let mut hasher = Hasher::default();
+    let size = raw.size();
+    let mut off = 0;
+    let mut send_failed = false;
+    while off < size {
+        let piece = raw.read_at(off, PIECE.min(size - off)).await?;
+        hasher.update(&piece);
+        off += piece.len() as u64;
+        progress(off, size);
+        if tx.send(piece.to_vec()).is_err() {
+            send_failed = true;
+            break;
+        }
+    }
+    drop(tx);
+    let decoded = decoder
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+    let fail = |e: Error| {
+        let _ = std::fs::remove_file(&tmp);
+        e
+    };
+    decoded.map_err(|e| {
+        fail(Error::format(
+            format!("{} layer {digest}", format.name()),
+            e.to_string(),
+        ))
+    })?;
+    if send_failed {
+        return Err(fail(Error::format(
+            format!("layer {digest}"),
+            "decoder stopped early",
+        )));
+    }
+    let actual = hasher.finish();
+    if actual != digest {
+        return Err(fail(Error::Digest {
+            what: format!("layer blob {digest}"),
+            expected: digest.clone(),
+            actual,
+        }));
+    }
+    std::fs::rename(&tmp, &path)?;
+    Ok(std::sync::Arc::new(FileBlob::open(
+        format!("{digest}/tar"),
+        &path,
+    )?))
+}
+
+/// Where the uncompressed tar of a layer lives in the cache directory.
+pub fn tar_path(dir: &Path, digest: &str) -> PathBuf {
+    dir.join("tars")
+        .join(format!("{}.tar", digest.replace(':', "-")))
+}
+
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.recv() {
+                Ok(b) => {
+                    self.buf = b;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}

@@ -1,0 +1,250 @@
+//! Tar streams: walk the headers of an uncompressed tar and record where each file's bytes are.
+//!
+//! The walk seeks past file data, so over a remote blob it only fetches the blocks holding
+//! headers. GNU and PAX long names, PAX uid/gid/mtime and `SCHILY.xattr.*` are honoured (via
+//! the `tar` crate's header parsing). The same walk indexes the local tar a streamed gzip or
+//! zstd layer is unpacked into.
+
+use super::{Entry, Kind, Locator, clean_path};
+use crate::blob::Blob;
+use crate::error::{Error, Result};
+use bytes::Bytes;
+use std::io::{self, Read, Seek, SeekFrom};
+
+/// Indexes the tar in `blob`. Runs the blocking walk on a blocking thread.
+pub async fn index(blob: Blob) -> Result<Vec<Entry>> {
+    let handle = tokio::runtime::Handle::current();
+    let id = blob.id().to_string();
+    tokio::task::spawn_blocking(move || {
+        let reader = BlobReader::new(blob, handle);
+        index_reader(reader, &id)
+    })
+    .await
+    .map_err(|e| Error::Io(io::Error::other(e)))?
+}
+
+/// Indexes any seekable tar stream; `what` names it in errors.
+pub fn index_reader<R: Read + Seek>(reader: R, what: &str) -> Result<Vec<Entry>> {
+    let bad = |e: io::Error| Error::format(format!("tar stream of {what}"), e.to_string());
+    let mut archive = ::tar::Archive::new(reader);
+    let mut out = Vec::new();
+    for item in archive.entries_with_seek().map_err(bad)? {
+        let mut e = item.map_err(bad)?;
+        let h = e.header();
+        use ::tar::EntryType as T;
+        let kind = match h.entry_type() {
+            T::Regular | T::Continuous => Kind::File,
+            T::Directory => Kind::Dir,
+            T::Symlink => Kind::Symlink,
+            T::Link => Kind::Hardlink,
+            T::Char => Kind::Char,
+            T::Block => Kind::Block,
+            T::Fifo => Kind::Fifo,
+            T::GNUSparse => {
+                return Err(Error::Unsupported(format!(
+                    "GNU sparse file {:?} in {what}",
+                    String::from_utf8_lossy(&e.path_bytes())
+                )));
+            }
+            _ => continue, // global headers and vendor extensions carry no file
+        };
+        let raw_path = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+        let path = match clean_path(&raw_path) {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::warn!("skipping entry of {what}: {err}");
+                continue;
+            }
+        };
+        let mut entry = Entry::new(path, kind);
+        entry.mode = h.mode().map_err(bad)? & 0o7777;
+        entry.uid = h.uid().map_err(bad)? as u32;
+        entry.gid = h.gid().map_err(bad)? as u32;
+        entry.mtime = (h.mtime().map_err(bad)? as i64, 0);
+        entry.link = e
+            .link_name_bytes()
+            .map(|l| String::from_utf8_lossy(&l).into_owned());
+        if matches!(kind, Kind::Char | Kind::Block) {
+            entry.rdev = (
+                h.device_major().map_err(bad)?.unwrap_or(0),
+                h.device_minor().map_err(bad)?.unwrap_or(0),
+            );
+        }
+        if let Some(pax) = e.pax_extensions().map_err(bad)? {
+            for ext in pax {
+                let ext = ext.map_err(bad)?;
+                let Ok(key) = ext.key() else { continue };
+                let val = ext.value_bytes();
+                let num = || {
+                    std::str::from_utf8(val)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok())
+                };
+                match key {
+                    "uid" => entry.uid = num().unwrap_or(entry.uid as u64) as u32,
+                    "gid" => entry.gid = num().unwrap_or(entry.gid as u64) as u32,
+                    "mtime" => {
+                        if let Some(t) = std::str::from_utf8(val).ok().and_then(parse_pax_time) {
+                            entry.mtime = t;
+                        }
+                    }
+                    k => {
+                        if let Some(name) = k.strip_prefix("SCHILY.xattr.") {
+                            entry.xattrs.push((name.to_string(), val.to_vec()));
+                        }
+                    }
+                }
+            }
+        }
+        if kind == Kind::File {
+            entry.size = e.size();
+            if entry.size > 0 {
+                entry.data = Locator::Tar {
+                    offset: e.raw_file_position(),
+                };
+            }
+        }
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+/// PAX times are decimal seconds with an optional fraction.
+fn parse_pax_time(s: &str) -> Option<(i64, u32)> {
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = secs.parse().ok()?;
+    let mut nanos = 0u32;
+    for (i, c) in frac.chars().take(9).enumerate() {
+        nanos += c.to_digit(10)? * 10u32.pow(8 - i as u32);
+    }
+    Some((secs, nanos))
+}
+
+/// A blocking `Read + Seek` view of a [`Blob`], for parsers written against std I/O.
+/// Reads in 64 KiB windows; must run on a thread where blocking is allowed.
+pub struct BlobReader {
+    blob: Blob,
+    handle: tokio::runtime::Handle,
+    pos: u64,
+    window: Bytes,
+    window_start: u64,
+}
+
+impl BlobReader {
+    /// A reader at offset 0 of `blob`.
+    pub fn new(blob: Blob, handle: tokio::runtime::Handle) -> Self {
+        BlobReader {
+            blob,
+            handle,
+            pos: 0,
+            window: Bytes::new(),
+            window_start: 0,
+        }
+    }
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let size = self.blob.size();
+        if self.pos >= size || buf.is_empty() {
+            return Ok(0);
+        }
+        let in_window = self.pos >= self.window_start
+            && self.pos < self.window_start + self.window.len() as u64;
+        if !in_window {
+            let len = (64 * 1024).min(size - self.pos);
+            let blob = self.blob.clone();
+            let pos = self.pos;
+            self.window = self
+                .handle
+                .block_on(async move { blob.read_at(pos, len).await })
+                .map_err(io::Error::other)?;
+            self.window_start = self.pos;
+        }
+        let s = (self.pos - self.window_start) as usize;
+        let n = buf.len().min(self.window.len() - s);
+        buf[..n].copy_from_slice(&self.window[s..s + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for BlobReader {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let size = self.blob.size() as i128;
+        let new = match to {
+            SeekFrom::Start(o) => o as i128,
+            SeekFrom::End(d) => size + d as i128,
+            SeekFrom::Current(d) => self.pos as i128 + d as i128,
+        };
+        if new < 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before start",
+            ));
+        }
+        self.pos = new as u64;
+        Ok(self.pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_long_names_links_xattrs_and_offsets() {
+        let mut b = ::tar::Builder::new(Vec::new());
+        let long = format!("d/{}", "x".repeat(150));
+        let new = |mut h: ::tar::Header| {
+            h.set_uid(1);
+            h.set_gid(2);
+            h.set_mtime(3);
+            h.set_mode(0o644);
+            h
+        };
+        let mut h = new(::tar::Header::new_gnu());
+        h.set_size(5);
+        h.set_mode(0o4755);
+        h.set_mtime(1_700_000_000);
+        b.append_data(&mut h, &long, &b"hello"[..]).unwrap();
+        let mut h = new(::tar::Header::new_gnu());
+        h.set_entry_type(::tar::EntryType::Link);
+        h.set_size(0);
+        b.append_link(&mut h, "hl", &long).unwrap();
+        b.append_pax_extensions([
+            ("SCHILY.xattr.user.k", &b"v\0x"[..]),
+            ("mtime", &b"5.25"[..]),
+        ])
+        .unwrap();
+        let mut h = new(::tar::Header::new_ustar());
+        h.set_entry_type(::tar::EntryType::Fifo);
+        h.set_size(0);
+        b.append_data(&mut h, "fifo", &[][..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let entries = index_reader(io::Cursor::new(&tar), "test").unwrap();
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[0].path, long);
+        assert_eq!(entries[0].mode, 0o4755);
+        let Locator::Tar { offset } = entries[0].data else {
+            panic!()
+        };
+        assert_eq!(&tar[offset as usize..offset as usize + 5], b"hello");
+        assert_eq!(
+            (entries[1].kind, entries[1].link.as_deref()),
+            (Kind::Hardlink, Some(long.as_str()))
+        );
+        assert_eq!(
+            entries[2].xattrs,
+            vec![("user.k".to_string(), b"v\0x".to_vec())]
+        );
+        assert_eq!(entries[2].mtime, (5, 250_000_000));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut junk = vec![0xffu8; 1024];
+        junk[156] = b'0';
+        assert!(index_reader(io::Cursor::new(junk), "junk").is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! ocifs: container images from a registry as a lazily loaded, read-only file system.
+//!
+//! Data flow, one module each: [`reference`] -> [`registry`] (HTTP, auth) -> [`blob`] (the byte
+//! seam and its block cache) -> [`layer`] (one module per format, one index type) ->
+//! [`tree`] (layers merged with whiteouts) -> [`image`] (the FUSE-free core that serves reads)
+//! -> [`fuse`] (the thin kernel adapter) -> [`daemon`] (mount lifecycle). [`verify`] gates
+//! trust; [`config`] and [`error`] are the typed edges.
+
+pub mod blob;
+pub mod config;
+pub mod daemon;
+pub mod digest;
+pub mod error;
+pub mod fuse;
+pub mod image;
+pub mod layer;
+pub mod reference;
+pub mod registry;
+pub mod tree;
+pub mod verify;
+
+pub use error::{Error, Result};

@@ -1,0 +1,360 @@
+//! Registry authentication: credentials, the WWW-Authenticate challenge, and the token cache.
+//!
+//! Flow (distribution spec): a request answered 401 carries a challenge; for `Basic` we resend
+//! with the user's credentials; for `Bearer` we ask the challenge's realm for a token scoped to
+//! the repository, cache it per scope until shortly before `expires_in` (or the JWT's `exp`)
+//! runs out, and fetch a fresh one when a cached token is refused.
+
+use crate::error::{Error, Result};
+use base64::Engine;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A user name and password (or identity token). `Debug` redacts the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credentials({:?}, <redacted>)", self.username)
+    }
+}
+
+impl Credentials {
+    /// Looks `registry` up in a Docker `config.json` (`auths.<host>.auth`, base64 `user:pass`).
+    /// Docker Hub is stored under `https://index.docker.io/v1/`. Credential helpers are not
+    /// consulted (a later issue).
+    pub fn from_docker_config(path: &Path, registry: &str) -> Result<Option<Credentials>> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            Error::format(
+                format!("credentials file {}", path.display()),
+                e.to_string(),
+            )
+        })?;
+        let Some(auths) = json.get("auths").and_then(|a| a.as_object()) else {
+            return Ok(None);
+        };
+        let keys: Vec<String> = if registry == crate::reference::DOCKER_HUB {
+            vec![
+                "https://index.docker.io/v1/".into(),
+                "index.docker.io".into(),
+                "docker.io".into(),
+            ]
+        } else {
+            vec![
+                registry.to_string(),
+                format!("https://{registry}"),
+                format!("http://{registry}"),
+            ]
+        };
+        for k in keys {
+            let Some(entry) = auths.get(&k) else { continue };
+            if let Some(auth) = entry.get("auth").and_then(|a| a.as_str()) {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(auth.trim())
+                    .map_err(|e| {
+                        Error::format(format!("auth for {k} in {}", path.display()), e.to_string())
+                    })?;
+                let s = String::from_utf8_lossy(&raw).into_owned();
+                let (u, p) = s.split_once(':').ok_or_else(|| {
+                    Error::format(
+                        format!("auth for {k} in {}", path.display()),
+                        "no ':' in user:password",
+                    )
+                })?;
+                return Ok(Some(Credentials {
+                    username: u.into(),
+                    password: p.into(),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    fn basic_header(&self) -> String {
+        let raw = format!("{}:{}", self.username, self.password);
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
+    }
+}
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    /// `Basic realm=...`
+    Basic,
+    /// `Bearer realm=...,service=...,scope=...`
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+        error: Option<String>,
+    },
+}
+
+impl Challenge {
+    /// Parses the header value; unknown schemes are `None`.
+    pub fn parse(header: &str) -> Option<Challenge> {
+        let (scheme, rest) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
+        let params = parse_params(rest);
+        match scheme.to_ascii_lowercase().as_str() {
+            "basic" => Some(Challenge::Basic),
+            "bearer" => Some(Challenge::Bearer {
+                realm: params.get("realm")?.clone(),
+                service: params.get("service").cloned(),
+                scope: params.get("scope").cloned(),
+                error: params.get("error").cloned(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+fn parse_params(s: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut rest = s.trim();
+    while !rest.is_empty() {
+        let Some((k, v)) = rest.split_once('=') else {
+            break;
+        };
+        let k = k.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let v = v.trim_start();
+        let (val, next) = if let Some(q) = v.strip_prefix('"') {
+            let end = q.find('"').unwrap_or(q.len());
+            (q[..end].to_string(), q.get(end + 1..).unwrap_or(""))
+        } else {
+            let end = v.find(',').unwrap_or(v.len());
+            (v[..end].trim().to_string(), &v[end..])
+        };
+        out.insert(k, val);
+        rest = next.trim_start_matches([',', ' ']);
+    }
+    out
+}
+
+#[derive(Clone)]
+struct Token {
+    value: String,
+    refresh_at: Instant,
+}
+
+/// Per-registry authentication state: what scheme the registry wants and cached tokens.
+pub struct Authenticator {
+    credentials: Option<Credentials>,
+    state: Mutex<AuthState>,
+}
+
+#[derive(Default)]
+struct AuthState {
+    /// The last challenge seen, so later requests authenticate up front.
+    challenge: Option<Challenge>,
+    tokens: HashMap<String, Token>,
+}
+
+impl Authenticator {
+    /// Authentication with optional credentials (anonymous otherwise).
+    pub fn new(credentials: Option<Credentials>) -> Self {
+        Authenticator {
+            credentials,
+            state: Mutex::new(AuthState::default()),
+        }
+    }
+
+    /// The `Authorization` header to send for `scope` now, if we know one without a round trip.
+    pub fn cached_header(&self, scope: &str) -> Option<String> {
+        let st = self.state.lock().unwrap();
+        match st.challenge.as_ref()? {
+            Challenge::Basic => self.credentials.as_ref().map(|c| c.basic_header()),
+            Challenge::Bearer { .. } => {
+                let t = st.tokens.get(scope)?;
+                (Instant::now() < t.refresh_at).then(|| format!("Bearer {}", t.value))
+            }
+        }
+    }
+
+    /// Handles a 401: records the challenge and returns the header to retry with.
+    pub async fn respond(
+        &self,
+        http: &reqwest::Client,
+        header: Option<&str>,
+        scope: &str,
+    ) -> Result<String> {
+        let challenge = header.and_then(Challenge::parse).ok_or_else(|| {
+            Error::Unauthorized("registry sent 401 without a usable challenge".into())
+        })?;
+        {
+            let mut st = self.state.lock().unwrap();
+            st.challenge = Some(challenge.clone());
+            st.tokens.remove(scope);
+        }
+        match challenge {
+            Challenge::Basic => self
+                .credentials
+                .as_ref()
+                .map(|c| c.basic_header())
+                .ok_or_else(|| Error::Unauthorized("registry requires credentials; none configured (docker login, or REGISTRY_AUTH_FILE)".into())),
+            Challenge::Bearer { realm, service, .. } => {
+                let token = self.fetch_token(http, &realm, service.as_deref(), scope).await?;
+                let header = format!("Bearer {}", token.value);
+                self.state.lock().unwrap().tokens.insert(scope.to_string(), token);
+                Ok(header)
+            }
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        http: &reqwest::Client,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<Token> {
+        let mut query = vec![("scope", scope)];
+        if let Some(s) = service {
+            query.push(("service", s));
+        }
+        let mut req = http.get(realm).query(&query);
+        if let Some(c) = &self.credentials {
+            req = req.header("Authorization", c.basic_header());
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        if status == 401 || status == 403 {
+            return Err(Error::Unauthorized(format!(
+                "token server {realm} refused {} (HTTP {status})",
+                self.credentials
+                    .as_ref()
+                    .map_or("anonymous access".to_string(), |c| format!(
+                        "the credentials of {:?}",
+                        c.username
+                    ))
+            )));
+        }
+        if !status.is_success() {
+            return Err(Error::Registry(format!(
+                "token server {realm} answered HTTP {status}"
+            )));
+        }
+        let body = resp.bytes().await?;
+        if body.len() > 1 << 20 {
+            return Err(Error::format("token response", "larger than 1 MiB"));
+        }
+        parse_token(&body)
+    }
+}
+
+/// Parses a token response: `token` or `access_token`, `expires_in` (default 60 s) or the JWT's
+/// `exp`, and schedules a refresh at 90% of the lifetime.
+fn parse_token(body: &[u8]) -> Result<Token> {
+    #[derive(serde::Deserialize)]
+    struct Resp {
+        token: Option<String>,
+        access_token: Option<String>,
+        expires_in: Option<u64>,
+    }
+    let r: Resp =
+        serde_json::from_slice(body).map_err(|e| Error::format("token response", e.to_string()))?;
+    let value = r
+        .token
+        .or(r.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Error::format("token response", "no token or access_token"))?;
+    let lifetime = r
+        .expires_in
+        .or_else(|| jwt_lifetime(&value))
+        .unwrap_or(60)
+        .clamp(1, 365 * 86400);
+    Ok(Token {
+        value,
+        refresh_at: Instant::now() + Duration::from_millis(lifetime * 900),
+    })
+}
+
+/// Seconds until a JWT's `exp`, if the token is a JWT with one.
+fn jwt_lifetime(token: &str) -> Option<u64> {
+    let payload = token.split('.').nth(1)?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let exp = serde_json::from_slice::<serde_json::Value>(&raw)
+        .ok()?
+        .get("exp")?
+        .as_u64()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    exp.checked_sub(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_challenges() {
+        let c = Challenge::parse(r#"Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull",error="invalid_token""#).unwrap();
+        assert_eq!(
+            c,
+            Challenge::Bearer {
+                realm: "https://auth.example/token".into(),
+                service: Some("reg".into()),
+                scope: Some("repository:a/b:pull".into()),
+                error: Some("invalid_token".into())
+            }
+        );
+        assert_eq!(
+            Challenge::parse(r#"Basic realm="x""#),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(Challenge::parse("Negotiate"), None);
+    }
+
+    #[test]
+    fn token_lifetime_from_expires_in_or_jwt() {
+        let t = parse_token(br#"{"access_token":"abc","expires_in":300}"#).unwrap();
+        assert_eq!(t.value, "abc");
+        assert!(t.refresh_at > Instant::now() + Duration::from_secs(200));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("{{\"exp\":{}}}", now + 1000));
+        assert_eq!(
+            jwt_lifetime(&format!("h.{payload}.s")).map(|s| s > 900),
+            Some(true)
+        );
+        assert!(parse_token(br#"{"token":""}"#).is_err());
+    }
+
+    #[test]
+    fn reads_docker_config_and_redacts() {
+        let dir = std::env::temp_dir().join(format!("ocifs-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("config.json");
+        std::fs::write(&p, r#"{"auths":{"reg:5000":{"auth":"dXNlcjpwYXNz"}}}"#).unwrap();
+        let c = Credentials::from_docker_config(&p, "reg:5000")
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.username.as_str(), c.password.as_str()), ("user", "pass"));
+        assert!(!format!("{c:?}").contains("pass"));
+        assert_eq!(Credentials::from_docker_config(&p, "other").unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

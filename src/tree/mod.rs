@@ -1,0 +1,313 @@
+//! The merged tree: every layer's entries, applied in order with OCI whiteouts.
+//!
+//! Rules (OCI image spec, "Representing Changes"): `.wh.NAME` removes NAME from lower layers,
+//! `.wh..wh..opq` in a directory hides everything lower layers put there; whiteout files are
+//! never shown. A layer's whiteouts apply to the layers below it only, so each layer is applied
+//! in two passes: its whiteouts first, then its entries. Inode numbers are indexes into one
+//! vector, assigned in layer and entry order, so they are stable for a given image; hard links
+//! share a node and count their names in `nlink`. Children are kept sorted by name, so
+//! directories list in a stable order.
+
+use crate::layer::{Entry, Kind, Locator, clean_path};
+use std::collections::BTreeMap;
+
+/// The root directory's inode number (FUSE's fixed root).
+pub const ROOT: u64 = 1;
+
+const WHITEOUT: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+
+/// One file system object of the merged image.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// File, Dir, Symlink, Char, Block or Fifo (never Hardlink: links share the node).
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: (i64, u32),
+    pub rdev: (u32, u32),
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// Symlink target.
+    pub link: Option<String>,
+    pub nlink: u32,
+    /// Which layer holds the bytes, and where.
+    pub data: Option<(usize, Locator)>,
+    /// Directory entries by name.
+    pub children: BTreeMap<String, u64>,
+    /// The directory this node was first created in (`..` for directories).
+    pub parent: u64,
+}
+
+impl Node {
+    fn from_entry(e: &Entry, layer: usize, parent: u64) -> Node {
+        Node {
+            kind: e.kind,
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            size: e.size,
+            mtime: e.mtime,
+            rdev: e.rdev,
+            xattrs: e.xattrs.clone(),
+            link: if e.kind == Kind::Symlink {
+                e.link.clone()
+            } else {
+                None
+            },
+            nlink: 1,
+            data: (e.data != Locator::None).then(|| (layer, e.data.clone())),
+            children: BTreeMap::new(),
+            parent,
+        }
+    }
+
+    fn implicit_dir(parent: u64) -> Node {
+        Node::from_entry(&Entry::new(String::new(), Kind::Dir), 0, parent)
+    }
+}
+
+/// The merged, read-only view of an image.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    nodes: Vec<Node>,
+}
+
+impl Tree {
+    /// Merges the entries of each layer, lowest first.
+    pub fn build(layers: &[Vec<Entry>]) -> Tree {
+        let mut t = Tree {
+            nodes: vec![Node::implicit_dir(ROOT)],
+        };
+        for (li, entries) in layers.iter().enumerate() {
+            for e in entries {
+                let (dir, name) = split(&e.path);
+                if name == OPAQUE {
+                    if let Some(d) = t.resolve(dir) {
+                        let names: Vec<String> = t.node(d).children.keys().cloned().collect();
+                        for n in names {
+                            t.remove(d, &n);
+                        }
+                    }
+                } else if let Some(victim) = name.strip_prefix(WHITEOUT) {
+                    if let Some(d) = t.resolve(dir) {
+                        t.remove(d, victim);
+                    }
+                }
+            }
+            for e in entries {
+                t.add(li, e);
+            }
+        }
+        for i in 0..t.nodes.len() {
+            if t.nodes[i].kind == Kind::Dir {
+                let subdirs = t.nodes[i]
+                    .children
+                    .values()
+                    .filter(|&&c| t.nodes[(c - 1) as usize].kind == Kind::Dir)
+                    .count();
+                t.nodes[i].nlink = 2 + subdirs as u32;
+            }
+        }
+        t
+    }
+
+    fn add(&mut self, layer: usize, e: &Entry) {
+        let (dir, name) = split(&e.path);
+        if name.starts_with(WHITEOUT) {
+            return;
+        }
+        if e.path.is_empty() {
+            if e.kind == Kind::Dir {
+                let keep = std::mem::take(&mut self.nodes[0].children);
+                self.nodes[0] = Node::from_entry(e, layer, ROOT);
+                self.nodes[0].children = keep;
+            }
+            return;
+        }
+        let parent = self.make_dirs(dir);
+        if let Some(&old) = self.node(parent).children.get(name) {
+            if e.kind == Kind::Dir && self.node(old).kind == Kind::Dir {
+                let n = &mut self.nodes[(old - 1) as usize];
+                let keep = std::mem::take(&mut n.children);
+                *n = Node::from_entry(e, layer, parent);
+                n.children = keep;
+                return;
+            }
+            self.remove(parent, name);
+        }
+        let ino = if e.kind == Kind::Hardlink {
+            let target = e.link.as_deref().and_then(|l| clean_path(l).ok());
+            match target.as_deref().and_then(|t| self.resolve(t)) {
+                Some(t) if self.node(t).kind != Kind::Dir => {
+                    self.nodes[(t - 1) as usize].nlink += 1;
+                    t
+                }
+                _ => {
+                    tracing::warn!(
+                        "hard link {:?} -> {:?}: target missing, skipped",
+                        e.path,
+                        e.link
+                    );
+                    return;
+                }
+            }
+        } else {
+            self.nodes.push(Node::from_entry(e, layer, parent));
+            self.nodes.len() as u64
+        };
+        self.nodes[(parent - 1) as usize]
+            .children
+            .insert(name.to_string(), ino);
+    }
+
+    /// Finds or creates (as plain 0755 root-owned directories) every directory on `path`.
+    fn make_dirs(&mut self, path: &str) -> u64 {
+        let mut cur = ROOT;
+        for comp in path.split('/').filter(|c| !c.is_empty()) {
+            cur = match self.node(cur).children.get(comp) {
+                Some(&c) if self.node(c).kind == Kind::Dir => c,
+                Some(_) => {
+                    // A non-directory is in the way: the later layer's directory replaces it.
+                    self.remove(cur, comp);
+                    self.push_dir(cur, comp)
+                }
+                None => self.push_dir(cur, comp),
+            };
+        }
+        cur
+    }
+
+    fn push_dir(&mut self, parent: u64, name: &str) -> u64 {
+        self.nodes.push(Node::implicit_dir(parent));
+        let ino = self.nodes.len() as u64;
+        self.nodes[(parent - 1) as usize]
+            .children
+            .insert(name.to_string(), ino);
+        ino
+    }
+
+    /// Unlinks `name` from `dir`, and everything below it if it is a directory.
+    fn remove(&mut self, dir: u64, name: &str) {
+        let Some(ino) = self.nodes[(dir - 1) as usize].children.remove(name) else {
+            return;
+        };
+        let n = &mut self.nodes[(ino - 1) as usize];
+        n.nlink = n.nlink.saturating_sub(1);
+        let names: Vec<String> = n.children.keys().cloned().collect();
+        for c in names {
+            self.remove(ino, &c);
+        }
+    }
+
+    /// The node with inode number `ino`.
+    pub fn get(&self, ino: u64) -> Option<&Node> {
+        self.nodes.get(ino.checked_sub(1)? as usize)
+    }
+
+    fn node(&self, ino: u64) -> &Node {
+        &self.nodes[(ino - 1) as usize]
+    }
+
+    /// The child `name` of directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &str) -> Option<u64> {
+        self.get(parent)?.children.get(name).copied()
+    }
+
+    /// The inode at a clean relative path ("" is the root); symlinks are not followed.
+    pub fn resolve(&self, path: &str) -> Option<u64> {
+        path.split('/')
+            .filter(|c| !c.is_empty())
+            .try_fold(ROOT, |cur, comp| self.lookup(cur, comp))
+    }
+
+    /// Number of reachable names (for statfs) and total file bytes.
+    pub fn totals(&self) -> (u64, u64) {
+        let live = self.nodes.iter().filter(|n| n.nlink > 0);
+        live.fold((0, 0), |(c, s), n| (c + 1, s + n.size))
+    }
+}
+
+fn split(path: &str) -> (&str, &str) {
+    path.rsplit_once('/').unwrap_or(("", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(p: &str, data: u64) -> Entry {
+        let mut e = Entry::new(p.into(), Kind::File);
+        e.size = data;
+        e.data = Locator::Tar { offset: data };
+        e
+    }
+    fn dir(p: &str) -> Entry {
+        Entry::new(p.into(), Kind::Dir)
+    }
+    fn link(p: &str, to: &str) -> Entry {
+        let mut e = Entry::new(p.into(), Kind::Hardlink);
+        e.link = Some(to.into());
+        e
+    }
+
+    #[test]
+    fn whiteouts_opaque_dirs_and_hard_links() {
+        let l0 = vec![
+            dir("a"),
+            file("a/x", 1),
+            file("a/y", 2),
+            dir("b"),
+            file("b/z", 3),
+            file("keep", 4),
+            link("keep2", "keep"),
+        ];
+        let l1 = vec![
+            file("a/.wh.x", 0),
+            dir("b"),
+            file("b/.wh..wh..opq", 0),
+            file("b/new", 5),
+            file("c/deep/f", 6),
+        ];
+        let t = Tree::build(&[l0, l1]);
+        assert!(t.resolve("a/x").is_none());
+        assert!(t.resolve("a/y").is_some());
+        assert!(t.resolve("b/z").is_none());
+        assert!(
+            t.resolve("b/new").is_some(),
+            "opaque hides lower layers only"
+        );
+        assert!(t.resolve("b/.wh..wh..opq").is_none());
+        assert!(t.resolve("a/.wh.x").is_none());
+        assert_eq!(t.resolve("keep"), t.resolve("keep2"));
+        assert_eq!(t.get(t.resolve("keep").unwrap()).unwrap().nlink, 2);
+        assert_eq!(t.get(t.resolve("c/deep").unwrap()).unwrap().kind, Kind::Dir);
+        assert_eq!(t.get(ROOT).unwrap().nlink, 2 + 3);
+    }
+
+    #[test]
+    fn replacing_a_linked_file_keeps_the_other_name() {
+        let l0 = vec![file("f", 1), link("g", "f")];
+        let l1 = vec![file("f", 9)];
+        let t = Tree::build(&[l0, l1]);
+        let (f, g) = (t.resolve("f").unwrap(), t.resolve("g").unwrap());
+        assert_ne!(f, g);
+        assert_eq!(t.get(g).unwrap().nlink, 1);
+        assert_eq!(
+            t.get(f).unwrap().data,
+            Some((1, Locator::Tar { offset: 9 }))
+        );
+    }
+
+    #[test]
+    fn whiteout_of_a_directory_removes_its_subtree_and_file_replaces_dir() {
+        let l0 = vec![file("d/a/b", 1), file("e/f", 2)];
+        let l1 = vec![file(".wh.d", 0), file("e", 3)];
+        let t = Tree::build(&[l0, l1]);
+        assert!(t.resolve("d").is_none());
+        assert_eq!(t.get(t.resolve("e").unwrap()).unwrap().kind, Kind::File);
+        let names: Vec<_> = t.get(ROOT).unwrap().children.keys().cloned().collect();
+        assert_eq!(names, vec!["e"]);
+    }
+}
