@@ -1,0 +1,410 @@
+//! Test infrastructure: the real registry (Debian's docker-registry) on a free loopback port,
+//! a counting and optionally token-enforcing HTTP proxy in front of it, and the `ocifs` binary.
+//!
+//! Under CI=true a missing tool or FUSE device is a failure, never a silent skip.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Whether the test environment has what a test needs; panics under CI when it does not.
+pub fn require(tools: &[&str], fuse: bool) -> bool {
+    let mut missing: Vec<String> = tools
+        .iter()
+        .filter(|t| {
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {t}"))
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| !s.success())
+                .unwrap_or(true)
+        })
+        .map(|t| t.to_string())
+        .collect();
+    if fuse && !Path::new("/dev/fuse").exists() {
+        missing.push("/dev/fuse".into());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("missing {missing:?} (scripts/test installs them)");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED (not CI): {msg}");
+    false
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "ocifs-it-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running docker-registry, killed on drop.
+pub struct Registry {
+    child: Child,
+    pub addr: String,
+    pub dir: TempDir,
+}
+
+impl Registry {
+    /// Starts a registry; with `htpasswd = Some((user, pass))` it requires Basic auth.
+    pub fn start(htpasswd: Option<(&str, &str)>) -> Registry {
+        let dir = TempDir::new("registry");
+        let port = free_port();
+        let mut cfg = format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}/data\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().display()
+        );
+        if let Some((u, p)) = htpasswd {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", u, p])
+                .output()
+                .expect("htpasswd");
+            std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
+            cfg += &format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}/htpasswd\n",
+                dir.path().display()
+            );
+        }
+        std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
+        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry");
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "registry did not start: {}",
+                std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry { child, addr, dir }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback HTTP proxy to a registry that counts blob bytes and requests, and optionally
+/// demands Bearer tokens from its own `/token` endpoint (which demands Basic credentials).
+pub struct Proxy {
+    pub addr: String,
+    pub blob_bytes: Arc<AtomicU64>,
+    pub blob_requests: Arc<AtomicU64>,
+    pub tokens_issued: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    pub fn start(upstream: &str, token_auth: Option<(&str, &str)>) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let blob_bytes = Arc::new(AtomicU64::new(0));
+        let blob_requests = Arc::new(AtomicU64::new(0));
+        let tokens_issued = Arc::new(AtomicU64::new(0));
+        let ctx = Arc::new(ProxyCtx {
+            upstream: upstream.to_string(),
+            addr: addr.clone(),
+            creds: token_auth.map(|(u, p)| format!("{u}:{p}")),
+            blob_bytes: blob_bytes.clone(),
+            blob_requests: blob_requests.clone(),
+            tokens_issued: tokens_issued.clone(),
+        });
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let ctx = ctx.clone();
+                std::thread::spawn(move || {
+                    let _ = ctx.handle(conn);
+                });
+            }
+        });
+        Proxy {
+            addr,
+            blob_bytes,
+            blob_requests,
+            tokens_issued,
+        }
+    }
+
+    pub fn reset(&self) {
+        self.blob_bytes.store(0, Ordering::SeqCst);
+        self.blob_requests.store(0, Ordering::SeqCst);
+    }
+}
+
+struct ProxyCtx {
+    upstream: String,
+    addr: String,
+    creds: Option<String>,
+    blob_bytes: Arc<AtomicU64>,
+    blob_requests: Arc<AtomicU64>,
+    tokens_issued: Arc<AtomicU64>,
+}
+
+impl ProxyCtx {
+    fn handle(&self, mut conn: std::net::TcpStream) -> std::io::Result<()> {
+        conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            if conn.read(&mut byte)? == 0 {
+                return Ok(());
+            }
+            buf.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&buf).into_owned();
+        let mut lines = head.split("\r\n");
+        let mut first = lines.next().unwrap_or("").split(' ');
+        let (method, target) = (
+            first.next().unwrap_or("").to_string(),
+            first.next().unwrap_or("").to_string(),
+        );
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| {
+                l.split_once(':')
+                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            })
+            .collect();
+        let header = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        if let Some(creds) = &self.creds {
+            if target.starts_with("/token") {
+                let ok = header("authorization")
+                    .is_some_and(|a| a == format!("Basic {}", b64.encode(creds)));
+                if !ok {
+                    return respond(
+                        &mut conn,
+                        "401 Unauthorized",
+                        &[],
+                        b"{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}",
+                        false,
+                    );
+                }
+                let n = self.tokens_issued.fetch_add(1, Ordering::SeqCst);
+                let body = format!("{{\"token\":\"tok-{n}\",\"expires_in\":300}}");
+                return respond(
+                    &mut conn,
+                    "200 OK",
+                    &[("Content-Type".into(), "application/json".into())],
+                    body.as_bytes(),
+                    false,
+                );
+            }
+            let ok = header("authorization").is_some_and(|a| a.starts_with("Bearer tok-"));
+            if !ok {
+                let challenge = format!(
+                    "Bearer realm=\"http://{}/token\",service=\"test\",scope=\"repository:x:pull\"",
+                    self.addr
+                );
+                return respond(
+                    &mut conn,
+                    "401 Unauthorized",
+                    &[("WWW-Authenticate".into(), challenge)],
+                    b"{}",
+                    false,
+                );
+            }
+        }
+        let client = reqwest::blocking::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let mut up = client.request(
+            method.parse().unwrap(),
+            format!("http://{}{target}", self.upstream),
+        );
+        for (k, v) in &headers {
+            if matches!(k.as_str(), "range" | "accept" | "accept-encoding") {
+                up = up.header(k, v);
+            }
+        }
+        let resp = match up.send() {
+            Ok(r) => r,
+            Err(_) => return respond(&mut conn, "502 Bad Gateway", &[], b"", false),
+        };
+        let status = resp.status();
+        let mut out_headers = Vec::new();
+        for (k, v) in resp.headers() {
+            if matches!(
+                k.as_str(),
+                "content-type"
+                    | "docker-content-digest"
+                    | "content-range"
+                    | "location"
+                    | "www-authenticate"
+                    | "link"
+            ) {
+                out_headers.push((k.to_string(), v.to_str().unwrap_or("").to_string()));
+            }
+        }
+        let head_len = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp.bytes().unwrap_or_default();
+        if method == "GET" && target.contains("/blobs/") {
+            self.blob_bytes
+                .fetch_add(body.len() as u64, Ordering::SeqCst);
+            self.blob_requests.fetch_add(1, Ordering::SeqCst);
+        }
+        if method == "HEAD" {
+            if let Some(l) = head_len {
+                out_headers.push(("Content-Length".into(), l));
+            }
+            return respond(
+                &mut conn,
+                &format!(
+                    "{} {}",
+                    status.as_u16(),
+                    status.canonical_reason().unwrap_or("")
+                ),
+                &out_headers,
+                b"",
+                true,
+            );
+        }
+        respond(
+            &mut conn,
+            &format!(
+                "{} {}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            ),
+            &out_headers,
+            &body,
+            false,
+        )
+    }
+}
+
+fn respond(
+    conn: &mut std::net::TcpStream,
+    status: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    head: bool,
+) -> std::io::Result<()> {
+    let mut out = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        out += &format!("{k}: {v}\r\n");
+    }
+    if !head {
+        out += &format!("Content-Length: {}\r\n", body.len());
+    }
+    out += "\r\n";
+    conn.write_all(out.as_bytes())?;
+    conn.write_all(body)?;
+    conn.flush()
+}
+
+/// Runs the `ocifs` binary with `args`; returns (success, stdout, stderr).
+pub fn ocifs(args: &[&str], env: &[(&str, &str)]) -> (bool, Vec<u8>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocifs"));
+    cmd.args(args)
+        .env("HOME", std::env::temp_dir())
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("DOCKER_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run ocifs");
+    (
+        out.status.success(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A mounted image, unmounted on drop.
+pub struct Mount {
+    pub dir: TempDir,
+    pub _cache: TempDir,
+}
+
+impl Mount {
+    /// `ocifs mount` (daemon mode) of `reference`, with extra flags.
+    pub fn new(reference: &str, extra: &[&str], env: &[(&str, &str)]) -> Mount {
+        let dir = TempDir::new("mnt");
+        let cache = TempDir::new("cache");
+        let mp = dir.path().to_str().unwrap().to_string();
+        let cd = cache.path().to_str().unwrap().to_string();
+        let mut args = vec!["mount", "--cache-dir", &cd];
+        args.extend_from_slice(extra);
+        args.push(reference);
+        args.push(&mp);
+        let (ok, stdout, stderr) = ocifs(&args, env);
+        assert!(ok, "mount of {reference} failed: {stderr}");
+        let line = String::from_utf8_lossy(&stdout);
+        assert!(
+            line.contains("mounted") && line.contains("sha256:"),
+            "ready line: {line}"
+        );
+        Mount { dir, _cache: cache }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = ocifs(&["umount", self.dir.path().to_str().unwrap()], &[]);
+        // The daemon exits once unmounted; give it a moment so the directory is free.
+        for _ in 0..50 {
+            if std::fs::read_dir(self.dir.path())
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false)
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

@@ -1,0 +1,497 @@
+//! The integration test binary: real registry, real encoders, real FUSE mounts, and the
+//! extract-and-compare oracle. See harness.rs for what CI=true requires.
+
+mod builder;
+mod harness;
+mod oracle;
+
+use builder::{Enc, Item, encode, file, layout, noise, push};
+use harness::{Mount, Proxy, Registry, TempDir, ocifs, require};
+use std::sync::atomic::Ordering;
+
+const TOOLS: &[&str] = &[
+    "docker-registry",
+    "skopeo",
+    "tar",
+    "gzip",
+    "pigz",
+    "zstd",
+    "go",
+    "htpasswd",
+];
+
+fn long_name() -> String {
+    format!("deep/{}", "n".repeat(120))
+}
+
+/// Two layers that exercise every entry kind, whiteouts, opaque dirs and replacements.
+fn base_layers() -> Vec<Vec<u8>> {
+    let l0 = builder::tar(&[
+        Item::Dir("etc", 0o755),
+        file("etc/hostname", "ocifs\n"),
+        Item::Dir("bin", 0o755),
+        Item::File("bin/tool".into(), noise(300_000, 1), 0o4755),
+        Item::Symlink("bin/sh", "tool"),
+        Item::Symlink("abs", "/etc/hostname"),
+        Item::Hardlink("bin/tool-link", "bin/tool"),
+        file("empty", ""),
+        Item::Fifo("fifo"),
+        Item::Char("null", 1, 3),
+        Item::Owned(
+            "owned",
+            b"x".to_vec(),
+            1234,
+            5678,
+            vec![("user.comment", b"hello\0bin")],
+        ),
+        file("ünïcødé-文件.txt", "unicode\n"),
+        Item::Dir("deep", 0o700),
+        file(&long_name(), "long name\n"),
+        Item::Dir("gone-dir", 0o755),
+        file("gone-dir/x", "x"),
+        file("gone", "gone"),
+        Item::Dir("opq", 0o755),
+        file("opq/lower", "lower"),
+        Item::Dir("replaced-dir", 0o755),
+        file("replaced-dir/f", "f"),
+        file("tobelinked", "shared"),
+    ]);
+    let l1 = builder::tar(&[
+        file(".wh.gone", ""),
+        file(".wh.gone-dir", ""),
+        Item::Dir("opq", 0o751),
+        file("opq/.wh..wh..opq", ""),
+        file("opq/upper", "upper"),
+        file("replaced-dir", "now a file\n"),
+        Item::Dir("etc", 0o755),
+        file("etc/hostname", "changed\n"),
+        Item::Hardlink("linked2", "tobelinked"),
+    ]);
+    vec![l0, l1]
+}
+
+/// Builds, pushes, mounts and compares one image whose layers use `encs`.
+fn conformance(encs: &[Enc], tars: Vec<Vec<u8>>) {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let work = TempDir::new("conf");
+    let layers: Vec<_> = tars
+        .into_iter()
+        .zip(encs.iter().cycle())
+        .map(|(t, e)| encode(t, *e))
+        .collect();
+    let dir = layout(
+        &work.path().join("layout"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+    );
+    push(&dir, "v1", &reg.addr, "conf/image", None);
+    let expected_root = work.path().join("expected");
+    let tar_refs: Vec<&[u8]> = layers.iter().map(|l| l.tar.as_slice()).collect();
+    oracle::extract(&tar_refs, &expected_root);
+    let expected = oracle::snapshot(&expected_root);
+
+    let reference = format!("{}/conf/image:v1", reg.addr);
+    let m = Mount::new(&reference, &["--platform", "linux/amd64"], &[]);
+    oracle::assert_same(&expected, &oracle::snapshot(m.path()));
+
+    // The same tree through `ls -R` and `cat`, without a mount.
+    let cache = TempDir::new("lscache");
+    let cd = cache.path().to_str().unwrap();
+    let (ok, out, err) = ocifs(
+        &[
+            "ls",
+            "-R",
+            "--cache-dir",
+            cd,
+            "--platform",
+            "linux/amd64",
+            &reference,
+        ],
+        &[],
+    );
+    assert!(ok, "ls: {err}");
+    let listed: Vec<String> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(listed, expected.keys().cloned().collect::<Vec<_>>());
+    for p in [
+        "etc/hostname",
+        "bin/tool",
+        "opq/upper",
+        "ünïcødé-文件.txt",
+        "bin/sh",
+    ] {
+        if !expected.contains_key(p) {
+            continue;
+        }
+        let (ok, out, err) = ocifs(
+            &[
+                "cat",
+                "--cache-dir",
+                cd,
+                "--platform",
+                "linux/amd64",
+                &reference,
+                p,
+            ],
+            &[],
+        );
+        assert!(ok, "cat {p}: {err}");
+        let want = std::fs::read(expected_root.join(p)).unwrap();
+        assert!(
+            out == want,
+            "cat {p}: {} bytes differ from the extracted {}",
+            out.len(),
+            want.len()
+        );
+    }
+}
+
+#[test]
+fn conformance_uncompressed_tar() {
+    conformance(&[Enc::Tar], base_layers());
+}
+
+#[test]
+fn conformance_gzip_flate2() {
+    conformance(&[Enc::Gzip], base_layers());
+}
+
+#[test]
+fn conformance_gzip_gnu_and_pigz_members() {
+    conformance(&[Enc::GnuGzip, Enc::Pigz], base_layers());
+}
+
+#[test]
+fn conformance_zstd() {
+    conformance(&[Enc::Zstd], base_layers());
+}
+
+#[test]
+fn conformance_estargz() {
+    conformance(&[Enc::Estargz], base_layers());
+}
+
+#[test]
+fn conformance_mixed_formats() {
+    let mut tars = base_layers();
+    tars.push(builder::tar(&[
+        Item::Dir("bin", 0o755),
+        file("bin/third", "third layer"),
+    ]));
+    conformance(&[Enc::Estargz, Enc::Tar, Enc::Zstd], tars);
+}
+
+#[test]
+fn ten_thousand_files_estargz_and_gzip() {
+    let mut items = vec![Item::Dir("many", 0o755)];
+    for i in 0..10_500 {
+        items.push(file(&format!("many/f{i:05}"), format!("file {i}\n")));
+    }
+    let tars = vec![builder::tar(&items)];
+    conformance(&[Enc::Estargz], tars.clone());
+    conformance(&[Enc::Gzip], tars);
+}
+
+#[test]
+fn multi_platform_index_chooses_and_explains() {
+    if !require(TOOLS, false) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let work = TempDir::new("multi");
+    let amd = vec![encode(builder::tar(&[file("arch", "amd64\n")]), Enc::Gzip)];
+    let arm = vec![encode(builder::tar(&[file("arch", "arm64\n")]), Enc::Gzip)];
+    let dir = layout(
+        work.path(),
+        "multi",
+        &[
+            ("linux", "amd64", None, &amd),
+            ("linux", "arm64", Some("v8"), &arm),
+        ],
+    );
+    push(&dir, "multi", &reg.addr, "multi/image", None);
+    let r = format!("{}/multi/image:multi", reg.addr);
+    let cd = work.path().join("cache");
+    let cd = cd.to_str().unwrap();
+    for (platform, want) in [
+        ("linux/arm64/v8", "arm64\n"),
+        ("linux/arm64", "arm64\n"),
+        ("linux/amd64", "amd64\n"),
+    ] {
+        let (ok, out, err) = ocifs(
+            &["cat", "--cache-dir", cd, "--platform", platform, &r, "arch"],
+            &[],
+        );
+        assert!(ok, "{platform}: {err}");
+        assert_eq!(String::from_utf8(out).unwrap(), want);
+    }
+    let (ok, _, err) = ocifs(
+        &["ls", "--cache-dir", cd, "--platform", "linux/s390x", &r],
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("linux/s390x")
+            && err.contains("linux/amd64")
+            && err.contains("linux/arm64/v8"),
+        "{err}"
+    );
+    let (ok, out, err) = ocifs(&["inspect", "--json", "--platform", "linux/arm64", &r], &[]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["platforms"].as_array().unwrap().len(), 2);
+    assert_eq!(v["layers"][0]["format"], "gzip");
+    assert!(v["index"].as_str().unwrap().starts_with("sha256:"));
+}
+
+#[test]
+fn estargz_reads_are_lazy() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let proxy = Proxy::start(&reg.addr, None);
+    let work = TempDir::new("lazy");
+    let big = noise(16 << 20, 7);
+    let layers = vec![encode(
+        builder::tar(&[file("small.txt", "just this\n"), file("big.bin", big)]),
+        Enc::Estargz,
+    )];
+    let blob_size = layers[0].blob.len() as u64;
+    let dir = layout(work.path(), "lazy", &[("linux", "amd64", None, &layers)]);
+    push(&dir, "lazy", &reg.addr, "lazy/image", None);
+    proxy.reset();
+    let m = Mount::new(
+        &format!("{}/lazy/image:lazy", proxy.addr),
+        &["--verify", "off", "--platform", "linux/amd64"],
+        &[],
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.path().join("small.txt")).unwrap(),
+        "just this\n"
+    );
+    let fetched = proxy.blob_bytes.load(Ordering::SeqCst);
+    assert!(fetched > 0);
+    assert!(
+        fetched * 5 < blob_size,
+        "fetched {fetched} of a {blob_size}-byte blob for one small file"
+    );
+    // And the big file is right, fetched on demand.
+    assert_eq!(
+        builder::sha(&std::fs::read(m.path().join("big.bin")).unwrap()),
+        builder::sha(&noise(16 << 20, 7))
+    );
+}
+
+#[test]
+fn bearer_token_and_basic_auth() {
+    if !require(TOOLS, false) {
+        return;
+    }
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let work = TempDir::new("auth");
+    let layers = vec![encode(
+        builder::tar(&[file("secret", "s3cret\n")]),
+        Enc::Gzip,
+    )];
+    let dir = layout(
+        &work.path().join("layout"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+    );
+
+    // Basic auth on the registry itself (htpasswd).
+    let reg = Registry::start(Some(("alice", "wonder")));
+    push(&dir, "v1", &reg.addr, "private/image", Some("alice:wonder"));
+    let config = work.path().join("config.json");
+    let write_cfg = |host: &str, user_pass: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"auths":{{"{host}":{{"auth":"{}"}}}}}}"#,
+                b64(user_pass)
+            ),
+        )
+        .unwrap();
+    };
+    let cfg = config.to_str().unwrap().to_string();
+    let cd = work.path().join("cache");
+    let cd = cd.to_str().unwrap().to_string();
+    let r = format!("{}/private/image:v1", reg.addr);
+    write_cfg(&reg.addr, "alice:wonder");
+    let (ok, out, err) = ocifs(
+        &["cat", "--cache-dir", &cd, &r, "secret"],
+        &[("REGISTRY_AUTH_FILE", &cfg)],
+    );
+    assert!(ok, "basic: {err}");
+    assert_eq!(out, b"s3cret\n");
+    write_cfg(&reg.addr, "alice:wrong");
+    let (ok, _, err) = ocifs(
+        &["ls", "--cache-dir", &cd, &r],
+        &[("REGISTRY_AUTH_FILE", &cfg)],
+    );
+    assert!(!ok && err.contains("unauthorized"), "{err}");
+    let (ok, _, err) = ocifs(&["ls", "--cache-dir", &cd, &r], &[]);
+    assert!(
+        !ok && err.contains("unauthorized") && err.contains("credentials"),
+        "{err}"
+    );
+
+    // Bearer tokens from a token endpoint in front of an open registry.
+    let open = Registry::start(None);
+    push(&dir, "v1", &open.addr, "private/image", None);
+    let proxy = Proxy::start(&open.addr, Some(("bob", "builder")));
+    let r = format!("{}/private/image:v1", proxy.addr);
+    write_cfg(&proxy.addr, "bob:builder");
+    let (ok, out, err) = ocifs(
+        &["cat", "--cache-dir", &cd, &r, "secret"],
+        &[("REGISTRY_AUTH_FILE", &cfg)],
+    );
+    assert!(ok, "bearer: {err}");
+    assert_eq!(out, b"s3cret\n");
+    let issued = proxy.tokens_issued.load(Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&issued),
+        "tokens are cached per scope, issued {issued}"
+    );
+    write_cfg(&proxy.addr, "bob:nope");
+    let (ok, _, err) = ocifs(
+        &["cat", "--cache-dir", &cd, &r, "secret"],
+        &[("REGISTRY_AUTH_FILE", &cfg)],
+    );
+    assert!(
+        !ok && err.contains("unauthorized") && err.contains("token server"),
+        "{err}"
+    );
+}
+
+#[test]
+fn clear_errors_before_the_mount_is_ready() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let work = TempDir::new("errors");
+    let layers = vec![encode(builder::tar(&[file("a", "a")]), Enc::Tar)];
+    let dir = layout(
+        &work.path().join("layout"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+    );
+    push(&dir, "v1", &reg.addr, "err/image", None);
+    let mp = TempDir::new("mp");
+    let m = mp.path().to_str().unwrap();
+    let cd = work.path().join("cache");
+    let cd = cd.to_str().unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        (format!("{}/err/image:nope", reg.addr), "not found"),
+        (format!("{}/err/missing:v1", reg.addr), "not found"),
+        (
+            format!("127.0.0.1:{}/err/image:v1", harness::free_port()),
+            "error",
+        ),
+        ("Bad/Ref".to_string(), "invalid reference"),
+    ];
+    for (r, want) in cases {
+        let (ok, _, err) = ocifs(&["mount", "--cache-dir", cd, &r, m], &[]);
+        assert!(!ok, "{r} mounted");
+        assert!(err.to_lowercase().contains(want), "{r}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    let good = format!("{}/err/image:v1", reg.addr);
+    let (ok, _, err) = ocifs(&["mount", "--cache-dir", cd, &good, "/nonexistent/mp"], &[]);
+    assert!(!ok && err.contains("/nonexistent/mp"), "{err}");
+    std::fs::write(mp.path().join("file"), "x").unwrap();
+    let (ok, _, err) = ocifs(&["mount", "--cache-dir", cd, &good, m], &[]);
+    assert!(!ok && err.contains("not empty"), "{err}");
+    std::fs::remove_file(mp.path().join("file")).unwrap();
+    let mounted = Mount::new(&good, &[], &[]);
+    let (ok, _, err) = ocifs(
+        &[
+            "mount",
+            "--cache-dir",
+            cd,
+            &good,
+            mounted.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        !ok && (err.contains("busy") || err.contains("not empty")),
+        "{err}"
+    );
+    assert!(
+        std::fs::write(mounted.path().join("new"), "x").is_err(),
+        "read-only"
+    );
+}
+
+#[test]
+fn corrupted_blobs_fail_with_eio_or_refuse_to_mount() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let work = TempDir::new("corrupt");
+    let tar_layers = vec![encode(
+        builder::tar(&[file("data", noise(200_000, 3))]),
+        Enc::Tar,
+    )];
+    let esgz_layers = vec![encode(
+        builder::tar(&[file("data", noise(200_000, 4))]),
+        Enc::Estargz,
+    )];
+    for (name, layers) in [("tar", &tar_layers), ("esgz", &esgz_layers)] {
+        let dir = layout(
+            &work.path().join(name),
+            "v1",
+            &[("linux", "amd64", None, layers)],
+        );
+        push(&dir, "v1", &reg.addr, &format!("corrupt/{name}"), None);
+        // Flip one byte in the middle of the stored layer blob.
+        let d = builder::sha(&layers[0].blob);
+        let path = reg.dir.path().join(format!(
+            "data/docker/registry/v2/blobs/sha256/{}/{}/data",
+            &d[7..9],
+            &d[7..]
+        ));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 3;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let cd = work.path().join("cache");
+    let cd = cd.to_str().unwrap();
+    let mp = TempDir::new("mp");
+    let (ok, _, err) = ocifs(
+        &[
+            "mount",
+            "--cache-dir",
+            cd,
+            "--verify",
+            "strict",
+            &format!("{}/corrupt/tar:v1", reg.addr),
+            mp.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        !ok && err.contains("digest mismatch"),
+        "strict mount of a corrupted blob: {err}"
+    );
+    // eStargz: the chunk digest catches it on read, even with whole-blob verification off.
+    let m = Mount::new(
+        &format!("{}/corrupt/esgz:v1", reg.addr),
+        &["--verify", "off"],
+        &[],
+    );
+    let e = std::fs::read(m.path().join("data")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+}
