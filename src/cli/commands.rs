@@ -92,7 +92,7 @@ fn progress() -> Progress {
         u64,
     >::new()));
     Arc::new(move |digest: &str, done: u64, total: u64| {
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         let mut last = last.lock().unwrap();
         let prev = last.entry(digest.to_string()).or_insert(u64::MAX);
         if *prev == u64::MAX || pct / 10 > *prev / 10 {

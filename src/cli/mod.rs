@@ -144,11 +144,8 @@ impl Common {
         };
         Ok(OpenConfig {
             platform,
-            cache_size: self
-                .cache_size
-                .0
-                .max(DEFAULT_BLOCK_SIZE * 4)
-                .min(u64::MAX / 2),
+            // At least a few blocks, so one read's blocks fit at once.
+            cache_size: self.cache_size.0.max(DEFAULT_BLOCK_SIZE * 4),
             block_size: DEFAULT_BLOCK_SIZE,
             cache_dir: self.cache_dir()?,
             verify: self.verify,

@@ -90,10 +90,10 @@ impl Tree {
                             t.remove(d, &n);
                         }
                     }
-                } else if let Some(victim) = name.strip_prefix(WHITEOUT) {
-                    if let Some(d) = t.resolve(dir) {
-                        t.remove(d, victim);
-                    }
+                } else if let Some(victim) = name.strip_prefix(WHITEOUT)
+                    && let Some(d) = t.resolve(dir)
+                {
+                    t.remove(d, victim);
                 }
             }
             for e in entries {
