@@ -135,6 +135,7 @@ impl Drop for Registry {
 /// demands Bearer tokens from its own `/token` endpoint (which demands Basic credentials).
 pub struct Proxy {
     pub addr: String,
+    pub requests: Arc<AtomicU64>,
     pub blob_bytes: Arc<AtomicU64>,
     pub blob_requests: Arc<AtomicU64>,
     pub tokens_issued: Arc<AtomicU64>,
@@ -142,12 +143,25 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(upstream: &str, token_auth: Option<(&str, &str)>) -> Proxy {
+        Proxy::with_link(upstream, token_auth, None)
+    }
+
+    /// A proxy that also emulates a link: each request waits one round trip, and response
+    /// bodies are paced to `link.1` bytes per second.
+    pub fn with_link(
+        upstream: &str,
+        token_auth: Option<(&str, &str)>,
+        link: Option<(Duration, u64)>,
+    ) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let blob_bytes = Arc::new(AtomicU64::new(0));
         let blob_requests = Arc::new(AtomicU64::new(0));
         let tokens_issued = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
         let ctx = Arc::new(ProxyCtx {
+            link,
+            requests: requests.clone(),
             upstream: upstream.to_string(),
             addr: addr.clone(),
             creds: token_auth.map(|(u, p)| format!("{u}:{p}")),
@@ -178,6 +192,8 @@ impl Proxy {
 }
 
 struct ProxyCtx {
+    link: Option<(Duration, u64)>,
+    requests: Arc<AtomicU64>,
     upstream: String,
     addr: String,
     creds: Option<String>,
@@ -196,6 +212,10 @@ impl ProxyCtx {
                 return Ok(());
             }
             buf.push(byte[0]);
+        }
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        if let Some((rtt, _)) = self.link {
+            std::thread::sleep(rtt);
         }
         let head = String::from_utf8_lossy(&buf).into_owned();
         let mut lines = head.split("\r\n");
@@ -289,6 +309,9 @@ impl ProxyCtx {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let body = resp.bytes().unwrap_or_default();
+        if let Some((_, rate)) = self.link {
+            std::thread::sleep(Duration::from_secs_f64(body.len() as f64 / rate as f64));
+        }
         if method == "GET" && target.contains("/blobs/") {
             self.blob_bytes
                 .fetch_add(body.len() as u64, Ordering::SeqCst);
