@@ -179,6 +179,7 @@ impl Proxy {
         });
         Proxy {
             addr,
+            requests,
             blob_bytes,
             blob_requests,
             tokens_issued,
