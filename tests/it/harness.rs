@@ -187,6 +187,7 @@ impl Proxy {
     }
 
     pub fn reset(&self) {
+        self.requests.store(0, Ordering::SeqCst);
         self.blob_bytes.store(0, Ordering::SeqCst);
         self.blob_requests.store(0, Ordering::SeqCst);
     }
