@@ -66,6 +66,8 @@ pub struct OpenConfig {
     pub cache_dir: PathBuf,
     /// Verification mode.
     pub verify: VerifyMode,
+    /// Uncompressed bytes between checkpoints of gzip indexes.
+    pub span: u64,
 }
 
 #[cfg(test)]

@@ -371,16 +371,33 @@ async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
     let mut layers = Vec::new();
     for l in &r.layers {
         let format = ocifs::image::probe_format(&source, l).await?;
+        let mut index = serde_json::Value::Null;
+        let why = match format {
+            Some(Format::Estargz | Format::LegacyStargz) => {
+                "TOC at the end of the blob".to_string()
+            }
+            Some(Format::Tar) => "uncompressed: headers walked with ranged reads".to_string(),
+            Some(Format::Gzip) => {
+                let path = ocifs::layer::gzindex::file::path(&cfg.cache_dir, &l.digest);
+                match std::fs::read(&path).ok().map(|b| (b.len(), ocifs::layer::gzindex::file::decode(&b, &l.digest))) {
+                    Some((size, Ok(i))) => {
+                        index = serde_json::json!({"source": "cached", "path": path, "spans": i.checkpoints.len(),
+                            "span": i.span, "bytes": size, "uncompressedSize": i.uncomp_size});
+                        format!("checkpoint index cached: {} spans of {} MiB, {} KiB, uncompressed {} bytes", i.checkpoints.len(), i.span >> 20, size >> 10, i.uncomp_size)
+                    }
+                    Some((_, Err(e))) => format!("cached checkpoint index rejected ({e}); the next mount rebuilds it"),
+                    None => "checkpoint index built by the first mount (one pass over the blob), then kept".to_string(),
+                }
+            }
+            Some(_) => "single-frame zstd: streamed once into the cache directory".to_string(),
+            None => "unknown media type".to_string(),
+        };
         layers.push(serde_json::json!({
             "digest": l.digest, "mediaType": l.media_type, "size": l.size,
             "format": format.map(Format::name).unwrap_or("unsupported"),
             "lazy": format.is_some_and(Format::is_lazy),
-            "why": match format {
-                Some(Format::Estargz | Format::LegacyStargz) => "TOC at the end of the blob",
-                Some(Format::Tar) => "uncompressed: headers walked with ranged reads",
-                Some(_) => "no seekable index: streamed once into the cache directory",
-                None => "unknown media type",
-            },
+            "why": why,
+            "index": index,
         }));
     }
     let config: serde_json::Value =

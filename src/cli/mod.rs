@@ -41,6 +41,9 @@ pub struct Common {
     /// When to check whole layer blobs against their digests.
     #[arg(long, value_enum, default_value_t = VerifyMode::Background)]
     verify: VerifyMode,
+    /// Uncompressed bytes between checkpoints when building a gzip layer's index.
+    #[arg(long, default_value = "4MiB")]
+    span: ByteSize,
 }
 
 #[derive(Subcommand)]
@@ -149,6 +152,7 @@ impl Common {
             block_size: DEFAULT_BLOCK_SIZE,
             cache_dir: self.cache_dir()?,
             verify: self.verify,
+            span: self.span.0.max(64 * 1024),
         })
     }
 

@@ -11,7 +11,9 @@ use crate::blob::Blob;
 use crate::blob::cache::BlockCache;
 use crate::config::{OpenConfig, VerifyMode};
 use crate::error::{Error, Result};
-use crate::layer::{Entry, Format, Health, Layer, LayerData, LayerDesc, estargz, streamed, tar};
+use crate::layer::{
+    Entry, Format, Health, Layer, LayerData, LayerDesc, estargz, gzindex, streamed, tar,
+};
 use crate::tree::Tree;
 use bytes::Bytes;
 use std::sync::{Arc, RwLock};
@@ -141,7 +143,7 @@ async fn open_layer(
                     };
                     (LayerData::Estargz(reader), entries, initial)
                 }
-                None => streamed_layer(raw, format, cfg, progress).await?,
+                None => gzip_indexed(cached, cfg, progress).await?,
             }
         }
         Format::Zstd | Format::Estargz | Format::LegacyStargz => {
@@ -155,6 +157,54 @@ async fn open_layer(
         health: RwLock::new(health),
     };
     Ok((layer, entries))
+}
+
+/// A plain gzip layer, lazy through its checkpoint index: loaded from the cache directory
+/// (checked: checksum, layer digest) or built in one pass over the blob and kept there.
+async fn gzip_indexed(
+    cached: Blob,
+    cfg: &OpenConfig,
+    progress: Progress,
+) -> Result<(LayerData, Vec<Entry>, Health)> {
+    let digest = cached.id().to_string();
+    let path = gzindex::file::path(&cfg.cache_dir, &digest);
+    let loaded = match tokio::fs::read(&path).await {
+        Ok(bytes) => match gzindex::file::decode(&bytes, &digest) {
+            Ok(index) => Some(index),
+            Err(e) => {
+                tracing::warn!("rejected {}: {e}; rebuilding it", path.display());
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    let mut index = match loaded {
+        Some(index) => index,
+        None => {
+            let d = digest.clone();
+            let report = move |done: u64, total: u64| progress(&d, done, total);
+            let index = gzindex::GzIndex::build(cached.clone(), cfg.span, &report).await?;
+            let bytes = gzindex::file::encode(&index);
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            let saved = async {
+                tokio::fs::create_dir_all(path.parent().unwrap()).await?;
+                tokio::fs::write(&tmp, &bytes).await?;
+                tokio::fs::rename(&tmp, &path).await
+            };
+            if let Err(e) = saved.await {
+                tracing::warn!(
+                    "could not keep the index of {digest} at {}: {e}",
+                    path.display()
+                );
+            }
+            index
+        }
+    };
+    let entries = std::mem::take(&mut index.entries);
+    let blob = Arc::new(gzindex::GzBlob::new(Arc::new(index), cached));
+    // The index came from a pass that checked the whole blob's digest, and every read checks
+    // its span's digest: nothing is served unverified.
+    Ok((LayerData::Tar(blob), entries, Health::Verified))
 }
 
 async fn streamed_layer(

@@ -8,9 +8,11 @@
 //! |---|---|---|
 //! | uncompressed tar | [`tar`] | yes: headers walked with ranged reads |
 //! | eStargz / legacy stargz | [`estargz`] | yes: footer -> TOC -> per-chunk fetch + digest check |
-//! | gzip, zstd tar | [`streamed`] | no: streamed once, digest checked, kept as a local tar |
+//! | gzip tar | [`gzindex`] | yes, through a checkpoint index built in one pass and kept |
+//! | zstd tar | [`streamed`] | no: streamed once, digest checked, kept as a local tar |
 
 pub mod estargz;
+pub mod gzindex;
 pub mod streamed;
 pub mod tar;
 
@@ -45,7 +47,7 @@ pub enum Locator {
 }
 
 /// One entry of one layer, format independent. Paths are relative, `/`-separated, clean.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub path: String,
     pub kind: Kind,
@@ -109,9 +111,9 @@ impl Format {
         })
     }
 
-    /// Whether reads fetch only what they need.
+    /// Whether reads fetch only what they need (gzip: once its checkpoint index exists).
     pub fn is_lazy(self) -> bool {
-        !matches!(self, Format::Gzip | Format::Zstd)
+        !matches!(self, Format::Zstd)
     }
 
     /// Short name for messages and `inspect`.

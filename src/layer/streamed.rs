@@ -106,10 +106,22 @@ pub fn tar_path(dir: &Path, digest: &str) -> PathBuf {
         .join(format!("{}.tar", digest.replace(':', "-")))
 }
 
-struct ChannelReader {
+/// A `Read` over byte vectors arriving on a channel (a decoder thread's input).
+pub struct ChannelReader {
     rx: std::sync::mpsc::Receiver<Vec<u8>>,
     buf: Vec<u8>,
     pos: usize,
+}
+
+impl ChannelReader {
+    /// Reads what arrives on `rx` until the sender is dropped.
+    pub fn new(rx: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
+        ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
 }
 
 impl Read for ChannelReader {

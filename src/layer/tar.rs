@@ -25,10 +25,28 @@ pub async fn index(blob: Blob) -> Result<Vec<Entry>> {
 
 /// Indexes any seekable tar stream; `what` names it in errors.
 pub fn index_reader<R: Read + Seek>(reader: R, what: &str) -> Result<Vec<Entry>> {
-    let bad = |e: io::Error| Error::format(format!("tar stream of {what}"), e.to_string());
     let mut archive = ::tar::Archive::new(reader);
+    let entries = archive.entries_with_seek().map_err(|e| bad(what, e))?;
+    collect(entries, what)
+}
+
+/// Indexes a tar stream read front to back (it reads through file data), then drains the
+/// reader so a producer feeding it never blocks.
+pub fn index_stream<R: Read>(reader: R, what: &str) -> Result<Vec<Entry>> {
+    let mut archive = ::tar::Archive::new(reader);
+    let entries = collect(archive.entries().map_err(|e| bad(what, e))?, what);
+    std::io::copy(&mut archive.into_inner(), &mut std::io::sink()).map_err(|e| bad(what, e))?;
+    entries
+}
+
+fn bad(what: &str, e: io::Error) -> Error {
+    Error::format(format!("tar stream of {what}"), e.to_string())
+}
+
+fn collect<R: Read>(entries: ::tar::Entries<'_, R>, what: &str) -> Result<Vec<Entry>> {
+    let bad = |e: io::Error| bad(what, e);
     let mut out = Vec::new();
-    for item in archive.entries_with_seek().map_err(bad)? {
+    for item in entries {
         let mut e = item.map_err(bad)?;
         let h = e.header();
         use ::tar::EntryType as T;

@@ -108,6 +108,11 @@ pub enum Enc {
     Tar,
     /// flate2 at level 6.
     Gzip,
+    /// flate2 at level 1 and 9.
+    Gzip1,
+    Gzip9,
+    /// Python's gzip module.
+    PythonGzip,
     /// GNU gzip -n.
     GnuGzip,
     /// pigz with small blocks: several gzip members.
@@ -169,6 +174,23 @@ pub fn encode(tar: Vec<u8>, enc: Enc) -> EncodedLayer {
             std::io::Write::write_all(&mut e, &tar).unwrap();
             (e.finish().unwrap(), gz)
         }
+        Enc::Gzip1 | Enc::Gzip9 => {
+            let level = if enc == Enc::Gzip1 { 1 } else { 9 };
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+            std::io::Write::write_all(&mut e, &tar).unwrap();
+            (e.finish().unwrap(), gz)
+        }
+        Enc::PythonGzip => (
+            pipe(
+                "python3",
+                &[
+                    "-c",
+                    "import gzip,sys; sys.stdout.buffer.write(gzip.compress(sys.stdin.buffer.read()))",
+                ],
+                &tar,
+            ),
+            gz,
+        ),
         Enc::GnuGzip => (pipe("gzip", &["-n", "-c"], &tar), gz),
         Enc::Pigz => (
             pipe("pigz", &["-n", "-c", "-b", "128", "--independent"], &tar),
@@ -289,6 +311,27 @@ fn decompress(l: &EncodedLayer) -> Vec<u8> {
         _ => out = l.blob.clone(),
     }
     out
+}
+
+/// Pushes `oci:DIR:tag` with skopeo compressing its (uncompressed) layers with Go's gzip.
+pub fn push_go_gzip(dir: &Path, tag: &str, registry: &str, repo: &str) {
+    let src = format!("oci:{}:{tag}", dir.display());
+    let dst = format!("docker://{registry}/{repo}:{tag}");
+    let args = [
+        "copy",
+        "--quiet",
+        "--dest-compress",
+        "--dest-compress-format=gzip",
+        "--dest-tls-verify=false",
+        &src,
+        &dst,
+    ];
+    let out = Command::new("skopeo").args(args).output().expect("skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo push failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Pushes `oci:DIR:tag` to `registry/repo:tag` with skopeo.

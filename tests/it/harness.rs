@@ -400,7 +400,11 @@ impl Mount {
         let cache = TempDir::new("cache");
         let mp = dir.path().to_str().unwrap().to_string();
         let cd = cache.path().to_str().unwrap().to_string();
-        let mut args = vec!["mount", "--cache-dir", &cd];
+        // A caller-chosen --cache-dir in `extra` wins over the fresh one.
+        let mut args = vec!["mount"];
+        if !extra.contains(&"--cache-dir") {
+            args.extend(["--cache-dir", &cd]);
+        }
         args.extend_from_slice(extra);
         args.push(reference);
         args.push(&mp);

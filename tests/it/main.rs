@@ -72,6 +72,11 @@ fn base_layers() -> Vec<Vec<u8>> {
 
 /// Builds, pushes, mounts and compares one image whose layers use `encs`.
 fn conformance(encs: &[Enc], tars: Vec<Vec<u8>>) {
+    conformance_with(encs, tars, &[], false)
+}
+
+/// [`conformance`] with extra mount flags, optionally letting skopeo (Go) gzip the layers.
+fn conformance_with(encs: &[Enc], tars: Vec<Vec<u8>>, flags: &[&str], go_gzip: bool) {
     if !require(TOOLS, true) {
         return;
     }
@@ -87,14 +92,20 @@ fn conformance(encs: &[Enc], tars: Vec<Vec<u8>>) {
         "v1",
         &[("linux", "amd64", None, &layers)],
     );
-    push(&dir, "v1", &reg.addr, "conf/image", None);
+    if go_gzip {
+        builder::push_go_gzip(&dir, "v1", &reg.addr, "conf/image");
+    } else {
+        push(&dir, "v1", &reg.addr, "conf/image", None);
+    }
     let expected_root = work.path().join("expected");
     let tar_refs: Vec<&[u8]> = layers.iter().map(|l| l.tar.as_slice()).collect();
     oracle::extract(&tar_refs, &expected_root);
     let expected = oracle::snapshot(&expected_root);
 
     let reference = format!("{}/conf/image:v1", reg.addr);
-    let m = Mount::new(&reference, &["--platform", "linux/amd64"], &[]);
+    let mut mount_flags = vec!["--platform", "linux/amd64"];
+    mount_flags.extend_from_slice(flags);
+    let m = Mount::new(&reference, &mount_flags, &[]);
     oracle::assert_same(&expected, &oracle::snapshot(m.path()));
 
     // The same tree through `ls -R` and `cat`, without a mount.
@@ -494,4 +505,131 @@ fn corrupted_blobs_fail_with_eio_or_refuse_to_mount() {
     );
     let e = std::fs::read(m.path().join("data")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+}
+
+/// Layers big enough for many 64 KiB spans, so reads resume from checkpoints mid-stream.
+fn span_layers() -> Vec<Vec<u8>> {
+    let mut l = base_layers();
+    let mut items = vec![Item::Dir("data", 0o755)];
+    for i in 0..30 {
+        let mut body = format!("line {i}\n").repeat(3000).into_bytes();
+        body.extend(noise(20_000, i));
+        items.push(file(&format!("data/f{i:02}"), body));
+    }
+    l.push(builder::tar(&items));
+    l
+}
+
+#[test]
+fn gzip_checkpoint_indexes_from_many_encoders() {
+    for enc in [
+        Enc::Gzip1,
+        Enc::Gzip9,
+        Enc::GnuGzip,
+        Enc::Pigz,
+        Enc::PythonGzip,
+    ] {
+        conformance_with(&[enc], span_layers(), &["--span", "64KiB"], false);
+    }
+    conformance_with(&[Enc::Tar], span_layers(), &["--span", "64KiB"], true);
+}
+
+#[test]
+fn gzip_index_is_kept_reused_lazily_and_rebuilt_when_corrupt() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let proxy = Proxy::start(&reg.addr, None);
+    let work = TempDir::new("gzi");
+    let tar = builder::tar(&[
+        file("small.txt", "small\n"),
+        file("big.bin", noise(12 << 20, 5)),
+        file("tail.txt", "tail\n"),
+    ]);
+    let layers = vec![encode(tar, Enc::Gzip)];
+    let blob_size = layers[0].blob.len() as u64;
+    let digest = builder::sha(&layers[0].blob);
+    let dir = layout(
+        &work.path().join("layout"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+    );
+    push(&dir, "v1", &reg.addr, "gzi/image", None);
+    let r = format!("{}/gzi/image:v1", proxy.addr);
+    let index_name = format!("indexes/{}.gzi", digest.replace(':', "-"));
+
+    // First mount builds the index (one pass over the blob) and keeps it.
+    let first = Mount::new(&r, &["--span", "256KiB"], &[]);
+    assert_eq!(
+        std::fs::read_to_string(first.path().join("tail.txt")).unwrap(),
+        "tail\n"
+    );
+    let index_file = first._cache.path().join(&index_name);
+    let index = std::fs::read(&index_file).expect("index kept in the cache directory");
+    drop(first);
+
+    // A clean cache directory holding only the index: reads are lazy from the registry.
+    let fresh = TempDir::new("gzi-cache");
+    std::fs::create_dir_all(fresh.path().join("indexes")).unwrap();
+    std::fs::write(fresh.path().join(&index_name), &index).unwrap();
+    proxy.reset();
+    let mp = TempDir::new("gzi-mp");
+    let (ok, _, err) = ocifs(
+        &[
+            "mount",
+            "--verify",
+            "off",
+            "--cache-dir",
+            fresh.path().to_str().unwrap(),
+            &r,
+            mp.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(mp.path().join("tail.txt")).unwrap(),
+        "tail\n"
+    );
+    let fetched = proxy.blob_bytes.load(Ordering::SeqCst);
+    let _ = ocifs(&["umount", mp.path().to_str().unwrap()], &[]);
+    assert!(
+        fetched > 0 && fetched * 4 < blob_size,
+        "fetched {fetched} of {blob_size} with a kept index"
+    );
+
+    // A corrupted index is rejected (logged) and rebuilt, never trusted.
+    let mut bad = index.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    std::fs::write(fresh.path().join(&index_name), &bad).unwrap();
+    let m = Mount::new(
+        &r,
+        &[
+            "--span",
+            "256KiB",
+            "--cache-dir",
+            fresh.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(
+        builder::sha(&std::fs::read(m.path().join("big.bin")).unwrap()),
+        builder::sha(&noise(12 << 20, 5))
+    );
+    let logs: String = std::fs::read_dir(fresh.path().join("logs"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(
+        logs.contains("rejected") && logs.contains("checksum"),
+        "log: {logs}"
+    );
+    drop(m);
+    assert!(
+        std::fs::read(fresh.path().join(&index_name)).unwrap() == index,
+        "the rebuilt index differs"
+    );
 }

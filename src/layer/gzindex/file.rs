@@ -1,0 +1,333 @@
+//! The on-disk form of a [`GzIndex`]: a compact, versioned, self-checking binary file.
+//!
+//! Layout: magic `OCIFSGZI`, format version (u32 LE), payload length (u64 LE), sha256 of the
+//! payload, then the payload: zstd-compressed little-endian fields (layer digest, span, sizes,
+//! checkpoints with their windows, span digests, tar entries). Loading checks every length
+//! against what is left, so a corrupt or hostile file is an error, never a panic or a huge
+//! allocation; the caller also checks the layer digest before trusting it.
+
+use super::{Checkpoint, GzIndex};
+use crate::error::{Error, Result};
+use crate::layer::{Entry, Kind, Locator};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"OCIFSGZI";
+const VERSION: u32 = 1;
+/// Decompressed payloads larger than this are refused.
+const MAX_PAYLOAD: usize = 1 << 30;
+
+/// Where the index of a layer lives in the cache directory.
+pub fn path(cache_dir: &Path, digest: &str) -> PathBuf {
+    cache_dir
+        .join("indexes")
+        .join(format!("{}.gzi", digest.replace(':', "-")))
+}
+
+/// Serialises `index`.
+pub fn encode(index: &GzIndex) -> Vec<u8> {
+    let mut p = Vec::new();
+    put_bytes(&mut p, index.digest.as_bytes());
+    for v in [
+        index.span,
+        index.comp_size,
+        index.uncomp_size,
+        index.checkpoints.len() as u64,
+    ] {
+        put_u64(&mut p, v);
+    }
+    for c in &index.checkpoints {
+        put_u64(&mut p, c.out);
+        put_u64(&mut p, c.inp);
+        p.push(c.bits);
+        put_bytes(&mut p, &c.window);
+    }
+    put_u64(&mut p, index.span_digests.len() as u64);
+    for d in &index.span_digests {
+        p.extend_from_slice(d);
+    }
+    put_u64(&mut p, index.entries.len() as u64);
+    for e in &index.entries {
+        put_entry(&mut p, e);
+    }
+    let payload = zstd::bulk::compress(&p, 3).expect("zstd compression of an in-memory buffer");
+    let mut out = Vec::with_capacity(payload.len() + 52);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&Sha256::digest(&payload));
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Parses and checks an index file's bytes; `digest` is the layer it must describe.
+pub fn decode(data: &[u8], digest: &str) -> Result<GzIndex> {
+    let bad = |why: &str| Error::format("gzip index", why.to_string());
+    if data.len() < 52 || &data[..8] != MAGIC {
+        return Err(bad("not an ocifs gzip index (bad magic or too short)"));
+    }
+    let version = u32::from_le_bytes(data[8..12].try_into().unwrap());
+    if version != VERSION {
+        return Err(bad(&format!(
+            "format version {version}, this ocifs reads {VERSION}"
+        )));
+    }
+    let len = u64::from_le_bytes(data[12..20].try_into().unwrap());
+    let payload = &data[52..];
+    if payload.len() as u64 != len {
+        return Err(bad("truncated or padded (payload length differs)"));
+    }
+    if Sha256::digest(payload).as_slice() != &data[20..52] {
+        return Err(bad("checksum mismatch (corrupted)"));
+    }
+    let raw =
+        zstd::bulk::decompress(payload, MAX_PAYLOAD).map_err(|e| bad(&format!("payload: {e}")))?;
+    let mut r = Reader { b: &raw };
+    let got =
+        String::from_utf8(r.bytes()?.to_vec()).map_err(|_| bad("layer digest is not UTF-8"))?;
+    if got != digest {
+        return Err(bad(&format!("describes layer {got}, not {digest}")));
+    }
+    let (span, comp_size, uncomp_size) = (r.u64()?, r.u64()?, r.u64()?);
+    let n = r.count(17)?;
+    let mut checkpoints = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (out, inp, bits) = (r.u64()?, r.u64()?, r.u8()?);
+        let window = r.bytes()?.to_vec();
+        if bits > 7 || window.len() > 32 * 1024 || inp > comp_size || out > uncomp_size {
+            return Err(bad("checkpoint out of range"));
+        }
+        checkpoints.push(Checkpoint {
+            out,
+            inp,
+            bits,
+            window,
+        });
+    }
+    let ordered = checkpoints
+        .windows(2)
+        .all(|w| w[0].out < w[1].out && w[0].inp <= w[1].inp);
+    if checkpoints.is_empty() || !ordered || checkpoints[0].inp == 0 && checkpoints[0].bits > 0 {
+        return Err(bad("checkpoints missing or out of order"));
+    }
+    let nd = r.count(32)?;
+    if nd != checkpoints.len() {
+        return Err(bad("one span digest per checkpoint expected"));
+    }
+    let mut span_digests = Vec::with_capacity(nd);
+    for _ in 0..nd {
+        span_digests.push(r.take(32)?.try_into().unwrap());
+    }
+    let ne = r.count(40)?;
+    let mut entries = Vec::with_capacity(ne);
+    for _ in 0..ne {
+        entries.push(r.entry()?);
+    }
+    if !r.b.is_empty() {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(GzIndex {
+        digest: got,
+        span,
+        comp_size,
+        uncomp_size,
+        checkpoints,
+        span_digests,
+        entries,
+    })
+}
+
+fn put_u64(p: &mut Vec<u8>, v: u64) {
+    p.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_bytes(p: &mut Vec<u8>, b: &[u8]) {
+    put_u64(p, b.len() as u64);
+    p.extend_from_slice(b);
+}
+
+fn put_entry(p: &mut Vec<u8>, e: &Entry) {
+    put_bytes(p, e.path.as_bytes());
+    p.push(match e.kind {
+        Kind::File => 0,
+        Kind::Dir => 1,
+        Kind::Symlink => 2,
+        Kind::Hardlink => 3,
+        Kind::Char => 4,
+        Kind::Block => 5,
+        Kind::Fifo => 6,
+    });
+    for v in [
+        e.mode as u64,
+        e.uid as u64,
+        e.gid as u64,
+        e.size,
+        e.mtime.0 as u64,
+        e.mtime.1 as u64,
+        e.rdev.0 as u64,
+        e.rdev.1 as u64,
+    ] {
+        put_u64(p, v);
+    }
+    match &e.link {
+        Some(l) => {
+            p.push(1);
+            put_bytes(p, l.as_bytes());
+        }
+        None => p.push(0),
+    }
+    put_u64(p, e.xattrs.len() as u64);
+    for (k, v) in &e.xattrs {
+        put_bytes(p, k.as_bytes());
+        put_bytes(p, v);
+    }
+    match e.data {
+        Locator::Tar { offset } => {
+            p.push(1);
+            put_u64(p, offset);
+        }
+        _ => p.push(0),
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if n > self.b.len() {
+            return Err(Error::format("gzip index", "ends early"));
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        u32::try_from(self.u64()?).map_err(|_| Error::format("gzip index", "field out of range"))
+    }
+    /// A count of items at least `min_size` bytes each, checked against what is left.
+    fn count(&mut self, min_size: usize) -> Result<usize> {
+        let n = self.u64()?;
+        if n > (self.b.len() / min_size.max(1)) as u64 {
+            return Err(Error::format("gzip index", "count larger than the file"));
+        }
+        Ok(n as usize)
+    }
+    fn bytes(&mut self) -> Result<&'a [u8]> {
+        let n = self.count(1)?;
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<String> {
+        String::from_utf8(self.bytes()?.to_vec())
+            .map_err(|_| Error::format("gzip index", "string is not UTF-8"))
+    }
+    fn entry(&mut self) -> Result<Entry> {
+        let path = self.string()?;
+        let kind = match self.u8()? {
+            0 => Kind::File,
+            1 => Kind::Dir,
+            2 => Kind::Symlink,
+            3 => Kind::Hardlink,
+            4 => Kind::Char,
+            5 => Kind::Block,
+            6 => Kind::Fifo,
+            k => {
+                return Err(Error::format(
+                    "gzip index",
+                    format!("unknown entry kind {k}"),
+                ));
+            }
+        };
+        let mut e = Entry::new(path, kind);
+        e.mode = self.u32()?;
+        e.uid = self.u32()?;
+        e.gid = self.u32()?;
+        e.size = self.u64()?;
+        e.mtime = (self.u64()? as i64, self.u32()?);
+        e.rdev = (self.u32()?, self.u32()?);
+        if self.u8()? == 1 {
+            e.link = Some(self.string()?);
+        }
+        let nx = self.count(16)?;
+        for _ in 0..nx {
+            let k = self.string()?;
+            e.xattrs.push((k, self.bytes()?.to_vec()));
+        }
+        if self.u8()? == 1 {
+            e.data = Locator::Tar {
+                offset: self.u64()?,
+            };
+        }
+        Ok(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> GzIndex {
+        let mut e = Entry::new("a/b".into(), Kind::File);
+        e.size = 5;
+        e.data = Locator::Tar { offset: 512 };
+        e.xattrs.push(("user.x".into(), vec![0, 1]));
+        let mut l = Entry::new("l".into(), Kind::Symlink);
+        l.link = Some("a/b".into());
+        GzIndex {
+            digest: "sha256:abc".into(),
+            span: 1024,
+            comp_size: 100,
+            uncomp_size: 4096,
+            checkpoints: vec![
+                Checkpoint {
+                    out: 0,
+                    inp: 10,
+                    bits: 0,
+                    window: vec![],
+                },
+                Checkpoint {
+                    out: 2000,
+                    inp: 50,
+                    bits: 3,
+                    window: vec![7; 100],
+                },
+            ],
+            span_digests: vec![[1; 32], [2; 32]],
+            entries: vec![e, l],
+        }
+    }
+
+    #[test]
+    fn round_trips_and_rejects_damage() {
+        let idx = sample();
+        let bytes = encode(&idx);
+        let back = decode(&bytes, "sha256:abc").unwrap();
+        assert_eq!(back.checkpoints, idx.checkpoints);
+        assert_eq!(back.entries.len(), 2);
+        assert_eq!(back.entries[0].data, Locator::Tar { offset: 512 });
+        assert_eq!(back.entries[1].link.as_deref(), Some("a/b"));
+        let wrong = decode(&bytes, "sha256:other").unwrap_err().to_string();
+        assert!(wrong.contains("describes layer"), "{wrong}");
+        for i in [0, 9, 30, bytes.len() - 1] {
+            let mut b = bytes.clone();
+            b[i] ^= 1;
+            assert!(
+                decode(&b, "sha256:abc").is_err(),
+                "flipped byte {i} accepted"
+            );
+        }
+        assert!(
+            decode(&bytes[..bytes.len() - 3], "sha256:abc")
+                .unwrap_err()
+                .to_string()
+                .contains("truncated")
+        );
+    }
+}

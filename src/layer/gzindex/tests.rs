@@ -1,0 +1,114 @@
+use super::*;
+use crate::blob::MemBlob;
+use std::io::Write;
+
+fn sample_tar() -> Vec<u8> {
+    let mut b = ::tar::Builder::new(Vec::new());
+    let mut x = 1u64;
+    for i in 0..40 {
+        let data: Vec<u8> = (0..(50_000 + i * 1000))
+            .map(|j| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                if j % 3 == 0 {
+                    (x >> 33) as u8
+                } else {
+                    b'a' + (j % 7) as u8
+                }
+            })
+            .collect();
+        let mut h = ::tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1);
+        b.append_data(&mut h, format!("f{i}"), &data[..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn gzip(data: &[u8], level: u32) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+async fn check_all_reads(blob_bytes: Vec<u8>, tar: &[u8], span: u64) -> GzIndex {
+    let digest = crate::digest::sha256(&blob_bytes);
+    let blob: Blob = Arc::new(MemBlob::new(digest, blob_bytes));
+    let index = GzIndex::build(blob.clone(), span, &|_, _| {})
+        .await
+        .unwrap();
+    assert!(
+        index.checkpoints.len() > 3,
+        "{} checkpoints",
+        index.checkpoints.len()
+    );
+    assert_eq!(index.uncomp_size, tar.len() as u64);
+    assert_eq!(index.entries.len(), 40);
+    let index = Arc::new(index);
+    let gz = GzBlob::new(index.clone(), blob);
+    for (off, len) in [
+        (0u64, 10u64),
+        (12_345, 200_000),
+        (tar.len() as u64 - 5000, 5000),
+        (span - 3, 6),
+        (span * 2, 1),
+    ] {
+        let got = gz.read_at(off, len).await.unwrap();
+        assert_eq!(
+            &got[..],
+            &tar[off as usize..(off + len) as usize],
+            "read at {off}"
+        );
+    }
+    (*index).clone()
+}
+
+#[tokio::test]
+async fn single_member_reads_match_at_any_offset() {
+    let tar = sample_tar();
+    check_all_reads(gzip(&tar, 1), &tar, 64 * 1024).await;
+    check_all_reads(gzip(&tar, 9), &tar, 64 * 1024).await;
+}
+
+#[tokio::test]
+async fn multi_member_streams_work_across_member_boundaries() {
+    let tar = sample_tar();
+    let mut blob = Vec::new();
+    for part in tar.chunks(300_000) {
+        blob.extend(gzip(part, 6));
+    }
+    check_all_reads(blob, &tar, 100 * 1024).await;
+}
+
+#[tokio::test]
+async fn corrupt_spans_and_blobs_are_refused() {
+    let tar = sample_tar();
+    let good = gzip(&tar, 6);
+    let index = check_all_reads(good.clone(), &tar, 64 * 1024).await;
+    // A flipped byte in a span: the span digest catches it on read.
+    let mut bad = good.clone();
+    let (s, e) = index.span_extent(2);
+    bad[((s + e) / 2) as usize] ^= 1;
+    let gz = GzBlob::new(
+        Arc::new(index.clone()),
+        Arc::new(MemBlob::new(index.digest.clone(), bad.clone())),
+    );
+    let (o0, _) = index.span_output(2);
+    let err = gz.read_at(o0, 10).await.unwrap_err();
+    assert!(matches!(err, Error::Digest { .. }), "{err}");
+    // The whole-blob digest catches it at build time.
+    let blob: Blob = Arc::new(MemBlob::new(index.digest.clone(), bad));
+    assert!(GzIndex::build(blob, 64 * 1024, &|_, _| {}).await.is_err());
+    // A truncated stream is an error, not a short index.
+    let cut = good[..good.len() / 2].to_vec();
+    let blob: Blob = Arc::new(MemBlob::new(crate::digest::sha256(&cut), cut));
+    let err = GzIndex::build(blob, 64 * 1024, &|_, _| {})
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("truncated") || err.to_string().contains("tar"),
+        "{err}"
+    );
+}
