@@ -3,7 +3,10 @@
 //! Blobs are named by digest and immutable, so a cached block is never invalidated. Memory is
 //! an LRU bounded in bytes; an optional directory keeps blocks across remounts. A block that
 //! several readers want at once is fetched once (single flight, via a per-block async lock),
-//! and the blocks of one read are fetched concurrently.
+//! and the blocks of one read are fetched concurrently. A read that continues exactly where
+//! the previous read of the same blob ended is sequential: the next few blocks are then
+//! fetched in the background (read-ahead), so a streaming reader waits for the network once
+//! per window instead of once per block.
 
 use super::{Blob, BlobSource, clamp};
 use crate::error::Result;
@@ -32,6 +35,8 @@ pub struct CacheStats {
 /// Shared block storage for every blob of a mount.
 pub struct BlockCache {
     block_size: u64,
+    /// Blocks fetched ahead of a sequential reader.
+    readahead: u64,
     capacity: u64,
     dir: Option<PathBuf>,
     state: Mutex<State>,
@@ -51,6 +56,7 @@ impl BlockCache {
     pub fn new(block_size: u64, capacity: u64, dir: Option<PathBuf>) -> Arc<Self> {
         Arc::new(BlockCache {
             block_size: block_size.max(4096),
+            readahead: 4,
             capacity,
             dir,
             state: Mutex::new(State {
@@ -67,6 +73,7 @@ impl BlockCache {
         Arc::new(CachedBlob {
             inner,
             cache: self.clone(),
+            last_end: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -154,6 +161,30 @@ impl BlockCache {
 pub struct CachedBlob {
     inner: Blob,
     cache: Arc<BlockCache>,
+    /// Where the previous read ended, to recognise sequential reading.
+    last_end: AtomicU64,
+}
+
+impl CachedBlob {
+    /// Starts background fetches of the blocks after `last` (errors are left to the reader
+    /// that later needs the block).
+    fn read_ahead(&self, last: u64) {
+        let bs = self.cache.block_size;
+        let blocks = self.inner.size().div_ceil(bs);
+        for i in last + 1..(last + 1 + self.cache.readahead).min(blocks) {
+            if self
+                .cache
+                .mem_get(&(self.inner.id().to_string(), i))
+                .is_some()
+            {
+                continue;
+            }
+            let (cache, inner) = (self.cache.clone(), self.inner.clone());
+            tokio::spawn(async move {
+                let _ = cache.block(inner.as_ref(), i).await;
+            });
+        }
+    }
 }
 
 #[async_trait]
@@ -171,6 +202,10 @@ impl BlobSource for CachedBlob {
         }
         let bs = self.cache.block_size;
         let (first, last) = (offset / bs, (offset + len - 1) / bs);
+        if self.last_end.swap(offset + len, Ordering::Relaxed) == offset && self.cache.readahead > 0
+        {
+            self.read_ahead(last);
+        }
         let blocks = futures::future::try_join_all(
             (first..=last).map(|i| self.cache.block(self.inner.as_ref(), i)),
         )
@@ -208,6 +243,32 @@ mod tests {
         let misses = cache.stats.misses.load(Ordering::Relaxed);
         blob.read_at(4000, 9000).await.unwrap();
         assert_eq!(cache.stats.misses.load(Ordering::Relaxed), misses);
+    }
+
+    #[tokio::test]
+    async fn sequential_reads_fetch_ahead_and_random_reads_do_not() {
+        let data = vec![1u8; 64 * 4096];
+        let cache = BlockCache::new(4096, 1 << 20, None);
+        let blob = cache.wrap(Arc::new(MemBlob::new("sha256:z", data)));
+        blob.read_at(40_000, 100).await.unwrap();
+        blob.read_at(0, 100).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(
+            cache.stats.misses.load(Ordering::Relaxed),
+            2,
+            "no read-ahead for random reads"
+        );
+        blob.read_at(100, 3900).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Blocks 1..=4 were fetched ahead of the sequential reader.
+        assert_eq!(cache.stats.misses.load(Ordering::Relaxed), 2 + 4);
+        blob.read_at(4000, 12_000).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(
+            cache.stats.misses.load(Ordering::Relaxed),
+            2 + 4 + 3,
+            "only the window's new blocks"
+        );
     }
 
     #[tokio::test]

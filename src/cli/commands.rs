@@ -75,6 +75,11 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             reference,
             digest,
         } => block_on(fetch(&common, &reference, digest.as_deref()))?.map(|_| ExitCode::SUCCESS),
+        Cmd::Index {
+            common,
+            push,
+            reference,
+        } => block_on(index(&common, &reference, push))?.map(|_| ExitCode::SUCCESS),
         Cmd::Tags { common, repository } => block_on(async {
             let (source, _, _) = common.source(&repository)?;
             for t in source.tags().await? {
@@ -481,6 +486,53 @@ async fn fetch(common: &Common, reference: &str, digest: Option<&str>) -> Result
     tracing::info!(
         "fetched {size} bytes in {:.2}s",
         start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `ocifs index`: opening the image builds, loads or fetches each gzip layer's index.
+async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
+    let image = open(common, reference).await?;
+    let cache_dir = common.open_config()?.cache_dir;
+    let mut indexes = Vec::new();
+    for (layer, _) in &image.layers {
+        let Some(src) = layer.index_source else {
+            println!("{} {}: no index needed", layer.digest, layer.format.name());
+            continue;
+        };
+        let path = ocifs::layer::gzindex::file::path(&cache_dir, &layer.digest);
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("reading the index {}", path.display()))?;
+        println!(
+            "{} gzip: index {src}, {} bytes, {}",
+            layer.digest,
+            bytes.len(),
+            path.display()
+        );
+        indexes.push((layer.digest.clone(), bytes::Bytes::from(bytes)));
+    }
+    if !push {
+        return Ok(());
+    }
+    let (source, _, _) = common.source(reference)?;
+    let Source::Registry { registry, repo } = &source else {
+        bail!("--push needs a registry reference")
+    };
+    if indexes.is_empty() {
+        println!("nothing to push: the image has no plain gzip layers");
+        return Ok(());
+    }
+    let r = &image.resolved;
+    let subject = (
+        r.manifest_digest.as_str(),
+        r.manifest_media_type.as_str(),
+        r.manifest.len() as u64,
+    );
+    let digest = ocifs::layer::gzindex::share::push(registry, repo, subject, &indexes).await?;
+    println!(
+        "pushed {} index(es) as {digest}, referring to {}",
+        indexes.len(),
+        r.manifest_digest
     );
     Ok(())
 }

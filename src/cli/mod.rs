@@ -99,6 +99,16 @@ enum Cmd {
         reference: String,
         digest: Option<String>,
     },
+    /// Build (or find) the checkpoint indexes of an image's gzip layers; `--push` publishes
+    /// them to the registry as an artifact referring to the image.
+    Index {
+        #[command(flatten)]
+        common: Common,
+        /// Upload the indexes next to the image (referrers API, or the sha256-<hex> tag).
+        #[arg(long)]
+        push: bool,
+        reference: String,
+    },
     /// List a repository's tags.
     Tags {
         #[command(flatten)]

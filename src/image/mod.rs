@@ -2,6 +2,7 @@
 //! ties them together. This is the FUSE-free core that `mount`, `ls` and `cat` all use.
 
 pub mod manifest;
+mod open;
 pub mod source;
 
 pub use manifest::{Platform, Resolved, resolve};
@@ -11,12 +12,10 @@ use crate::blob::Blob;
 use crate::blob::cache::BlockCache;
 use crate::config::{OpenConfig, VerifyMode};
 use crate::error::{Error, Result};
-use crate::layer::{
-    Entry, Format, Health, Layer, LayerData, LayerDesc, estargz, gzindex, streamed, tar,
-};
+use crate::layer::{Entry, Format, Health, Layer, LayerDesc, estargz};
 use crate::tree::Tree;
 use bytes::Bytes;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Progress callback: (layer digest, bytes done, bytes total).
@@ -48,11 +47,19 @@ impl Image {
             cfg.cache_size,
             Some(cfg.cache_dir.join("blocks")),
         );
+        let ctx = open::Ctx {
+            source,
+            cache: cache.clone(),
+            cfg,
+            progress,
+            manifest_digest: resolved.manifest_digest.clone(),
+            published: tokio::sync::OnceCell::new(),
+        };
         let opened = futures::future::try_join_all(resolved.layers.iter().map(|desc| {
-            let (cache, progress) = (cache.clone(), progress.clone());
+            let ctx = &ctx;
             async move {
                 let raw = source.blob(&desc.digest, desc.size)?;
-                let (layer, entries) = open_layer(desc, raw.clone(), &cache, cfg, progress).await?;
+                let (layer, entries) = ctx.open_layer(desc, raw.clone()).await?;
                 Ok::<_, Error>(((Arc::new(layer), raw), entries))
             }
         }))
@@ -97,128 +104,18 @@ impl Image {
         self.read(ino, 0, size).await
     }
 
-    /// One line per layer: digest, format, size.
+    /// One line per layer: format, and where a gzip layer's index came from.
     pub fn layer_summary(&self) -> String {
-        let formats: Vec<&str> = self.layers.iter().map(|(l, _)| l.format.name()).collect();
+        let formats: Vec<String> = self
+            .layers
+            .iter()
+            .map(|(l, _)| match l.index_source {
+                Some(src) => format!("{} (index {src})", l.format.name()),
+                None => l.format.name().to_string(),
+            })
+            .collect();
         format!("{} layers ({})", self.layers.len(), formats.join(", "))
     }
-}
-
-/// Detects the format of one layer and indexes it.
-async fn open_layer(
-    desc: &LayerDesc,
-    raw: Blob,
-    cache: &Arc<BlockCache>,
-    cfg: &OpenConfig,
-    progress: Progress,
-) -> Result<(Layer, Vec<Entry>)> {
-    let mut format = Format::from_media_type(&desc.media_type)?;
-    let cached = cache.wrap(raw.clone());
-    let initial = if cfg.verify == VerifyMode::Off {
-        Health::Unverified
-    } else {
-        Health::Pending
-    };
-    let (data, entries, health) = match format {
-        Format::Tar => (
-            LayerData::Tar(cached.clone()),
-            tar::index(cached).await?,
-            initial,
-        ),
-        Format::Gzip => {
-            // Every gzip layer may be eStargz: the footer tells (one tail read, reused for the TOC).
-            let (tail_start, tail) = estargz::read_tail(&cached).await?;
-            match estargz::parse_footer(&tail) {
-                Some((_, legacy)) => {
-                    let toc_digest = desc
-                        .annotations
-                        .get(estargz::TOC_DIGEST_ANNOTATION)
-                        .map(String::as_str);
-                    let (reader, entries, _) =
-                        estargz::open(cached, tail_start, tail, toc_digest).await?;
-                    format = if legacy {
-                        Format::LegacyStargz
-                    } else {
-                        Format::Estargz
-                    };
-                    (LayerData::Estargz(reader), entries, initial)
-                }
-                None => gzip_indexed(cached, cfg, progress).await?,
-            }
-        }
-        Format::Zstd | Format::Estargz | Format::LegacyStargz => {
-            streamed_layer(raw, format, cfg, progress).await?
-        }
-    };
-    let layer = Layer {
-        digest: desc.digest.clone(),
-        format,
-        data,
-        health: RwLock::new(health),
-    };
-    Ok((layer, entries))
-}
-
-/// A plain gzip layer, lazy through its checkpoint index: loaded from the cache directory
-/// (checked: checksum, layer digest) or built in one pass over the blob and kept there.
-async fn gzip_indexed(
-    cached: Blob,
-    cfg: &OpenConfig,
-    progress: Progress,
-) -> Result<(LayerData, Vec<Entry>, Health)> {
-    let digest = cached.id().to_string();
-    let path = gzindex::file::path(&cfg.cache_dir, &digest);
-    let loaded = match tokio::fs::read(&path).await {
-        Ok(bytes) => match gzindex::file::decode(&bytes, &digest) {
-            Ok(index) => Some(index),
-            Err(e) => {
-                tracing::warn!("rejected {}: {e}; rebuilding it", path.display());
-                None
-            }
-        },
-        Err(_) => None,
-    };
-    let mut index = match loaded {
-        Some(index) => index,
-        None => {
-            let d = digest.clone();
-            let report = move |done: u64, total: u64| progress(&d, done, total);
-            let index = gzindex::GzIndex::build(cached.clone(), cfg.span, &report).await?;
-            let bytes = gzindex::file::encode(&index);
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            let saved = async {
-                tokio::fs::create_dir_all(path.parent().unwrap()).await?;
-                tokio::fs::write(&tmp, &bytes).await?;
-                tokio::fs::rename(&tmp, &path).await
-            };
-            if let Err(e) = saved.await {
-                tracing::warn!(
-                    "could not keep the index of {digest} at {}: {e}",
-                    path.display()
-                );
-            }
-            index
-        }
-    };
-    let entries = std::mem::take(&mut index.entries);
-    let blob = Arc::new(gzindex::GzBlob::new(Arc::new(index), cached));
-    // The index came from a pass that checked the whole blob's digest, and every read checks
-    // its span's digest: nothing is served unverified.
-    Ok((LayerData::Tar(blob), entries, Health::Verified))
-}
-
-async fn streamed_layer(
-    raw: Blob,
-    format: Format,
-    cfg: &OpenConfig,
-    progress: Progress,
-) -> Result<(LayerData, Vec<Entry>, Health)> {
-    let digest = raw.id().to_string();
-    let report = move |done: u64, total: u64| progress(&digest, done, total);
-    let local = streamed::local_tar(raw, format, &cfg.cache_dir, &report).await?;
-    let entries = tar::index(local.clone()).await?;
-    // The stream was hashed on the way in: the local tar is verified.
-    Ok((LayerData::Tar(local), entries, Health::Verified))
 }
 
 /// A layer's format as `inspect` reports it: media type, then (for gzip) the eStargz footer,

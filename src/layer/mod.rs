@@ -155,6 +155,8 @@ pub struct Layer {
     pub format: Format,
     pub data: LayerData,
     pub health: RwLock<Health>,
+    /// For gzip layers: where the checkpoint index came from (built, cached, from registry).
+    pub index_source: Option<&'static str>,
 }
 
 impl Layer {

@@ -176,7 +176,7 @@ impl Authenticator {
     }
 
     /// The `Authorization` header to send for `scope` now, if we know one without a round trip.
-    pub fn cached_header(&self, scope: &str) -> Option<String> {
+    fn cached_header(&self, scope: &str) -> Option<String> {
         let st = self.state.lock().unwrap();
         match st.challenge.as_ref()? {
             Challenge::Basic => self.credentials.as_ref().map(|c| c.basic_header()),
@@ -185,6 +185,29 @@ impl Authenticator {
                 (Instant::now() < t.refresh_at).then(|| format!("Bearer {}", t.value))
             }
         }
+    }
+
+    /// The header to send for `scope`: the cached one, or, when the registry wants Bearer tokens
+    /// and ours is due for refresh (90% of its lifetime), a fresh token fetched now — so a
+    /// long-lived mount never runs into an expired token.
+    pub async fn header(&self, http: &reqwest::Client, scope: &str) -> Result<Option<String>> {
+        if let Some(h) = self.cached_header(scope) {
+            return Ok(Some(h));
+        }
+        let challenge = self.state.lock().unwrap().challenge.clone();
+        let Some(Challenge::Bearer { realm, service, .. }) = challenge else {
+            return Ok(None);
+        };
+        let token = self
+            .fetch_token(http, &realm, service.as_deref(), scope)
+            .await?;
+        let header = format!("Bearer {}", token.value);
+        self.state
+            .lock()
+            .unwrap()
+            .tokens
+            .insert(scope.to_string(), token);
+        Ok(Some(header))
     }
 
     /// Handles a 401: records the challenge and returns the header to retry with.

@@ -6,6 +6,8 @@
 //! Authorization header and the redirected URL is reused until it stops working.
 
 pub mod auth;
+mod push;
+pub use push::referrers_tag;
 
 use crate::blob::{BlobSource, clamp};
 use crate::error::{Error, Result};
@@ -103,8 +105,22 @@ impl Registry {
         url: &str,
         headers: &[(header::HeaderName, String)],
     ) -> Result<reqwest::Response> {
-        let scope = format!("repository:{repo}:pull");
-        let mut auth = self.auth.cached_header(&scope);
+        self.send_with(repo, "pull", method, url, headers, None)
+            .await
+    }
+
+    /// [`Registry::send`] with an explicit scope (`pull` or `pull,push`) and an optional body.
+    async fn send_with(
+        &self,
+        repo: &str,
+        actions: &str,
+        method: Method,
+        url: &str,
+        headers: &[(header::HeaderName, String)],
+        body: Option<Bytes>,
+    ) -> Result<reqwest::Response> {
+        let scope = format!("repository:{repo}:{actions}");
+        let mut auth = self.auth.header(&self.http, &scope).await?;
         let mut challenged = false;
         let mut attempt = 0;
         loop {
@@ -114,6 +130,9 @@ impl Registry {
             }
             if let Some(a) = &auth {
                 req = req.header(header::AUTHORIZATION, a);
+            }
+            if let Some(b) = &body {
+                req = req.body(b.clone());
             }
             let resp = match req.send().await {
                 Ok(r) => r,

@@ -233,6 +233,13 @@ impl ProxyCtx {
             })
             .collect();
         let header = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        let mut body_in = vec![
+            0u8;
+            header("content-length")
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(0)
+        ];
+        conn.read_exact(&mut body_in)?;
         use base64::Engine;
         let b64 = base64::engine::general_purpose::STANDARD;
         if let Some(creds) = &self.creds {
@@ -282,9 +289,15 @@ impl ProxyCtx {
             format!("http://{}{target}", self.upstream),
         );
         for (k, v) in &headers {
-            if matches!(k.as_str(), "range" | "accept" | "accept-encoding") {
+            if matches!(
+                k.as_str(),
+                "range" | "accept" | "accept-encoding" | "content-type"
+            ) {
                 up = up.header(k, v);
             }
+        }
+        if !body_in.is_empty() || method == "PUT" || method == "POST" {
+            up = up.body(body_in);
         }
         let resp = match up.send() {
             Ok(r) => r,
@@ -301,6 +314,7 @@ impl ProxyCtx {
                     | "location"
                     | "www-authenticate"
                     | "link"
+                    | "oci-subject"
             ) {
                 out_headers.push((k.to_string(), v.to_str().unwrap_or("").to_string()));
             }
@@ -390,6 +404,8 @@ pub fn ocifs(args: &[&str], env: &[(&str, &str)]) -> (bool, Vec<u8>, String) {
 /// A mounted image, unmounted on drop.
 pub struct Mount {
     pub dir: TempDir,
+    /// The line `ocifs mount` printed when ready.
+    pub ready: String,
     pub _cache: TempDir,
 }
 
@@ -410,12 +426,16 @@ impl Mount {
         args.push(&mp);
         let (ok, stdout, stderr) = ocifs(&args, env);
         assert!(ok, "mount of {reference} failed: {stderr}");
-        let line = String::from_utf8_lossy(&stdout);
+        let ready = String::from_utf8_lossy(&stdout).into_owned();
         assert!(
-            line.contains("mounted") && line.contains("sha256:"),
-            "ready line: {line}"
+            ready.contains("mounted") && ready.contains("sha256:"),
+            "ready line: {ready}"
         );
-        Mount { dir, _cache: cache }
+        Mount {
+            dir,
+            ready,
+            _cache: cache,
+        }
     }
     pub fn path(&self) -> &Path {
         self.dir.path()

@@ -633,3 +633,71 @@ fn gzip_index_is_kept_reused_lazily_and_rebuilt_when_corrupt() {
         "the rebuilt index differs"
     );
 }
+
+#[test]
+fn gzip_index_pushed_to_the_registry_is_found_by_a_clean_mount() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let proxy = Proxy::start(&reg.addr, None);
+    let work = TempDir::new("gzpush");
+    let tar = builder::tar(&[
+        file("small.txt", "small\n"),
+        file("big.bin", noise(12 << 20, 9)),
+    ]);
+    let layers = vec![encode(tar, Enc::Gzip)];
+    let blob_size = layers[0].blob.len() as u64;
+    let dir = layout(
+        &work.path().join("layout"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+    );
+    push(&dir, "v1", &reg.addr, "gzpush/image", None);
+    let r = format!("{}/gzpush/image:v1", proxy.addr);
+
+    let builder_cache = TempDir::new("gzpush-builder");
+    let (ok, out, err) = ocifs(
+        &[
+            "index",
+            "--push",
+            "--span",
+            "512KiB",
+            "--cache-dir",
+            builder_cache.path().to_str().unwrap(),
+            &r,
+        ],
+        &[],
+    );
+    assert!(ok, "index --push: {err}");
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.contains("index built") && out.contains("pushed 1 index"),
+        "{out}"
+    );
+    // distribution 2.8 has no referrers API: the fallback tag must exist now.
+    let (ok, tags, _) = ocifs(&["tags", &format!("{}/gzpush/image", reg.addr)], &[]);
+    assert!(
+        ok && String::from_utf8(tags)
+            .unwrap()
+            .lines()
+            .any(|t| t.starts_with("sha256-"))
+    );
+
+    proxy.reset();
+    let m = Mount::new(&r, &["--verify", "off"], &[]);
+    assert!(m.ready.contains("index from registry"), "{}", m.ready);
+    assert_eq!(
+        std::fs::read_to_string(m.path().join("small.txt")).unwrap(),
+        "small\n"
+    );
+    let fetched = proxy.blob_bytes.load(Ordering::SeqCst);
+    assert!(
+        fetched * 4 < blob_size,
+        "a clean mount with a published index fetched {fetched} of {blob_size}"
+    );
+    assert_eq!(
+        builder::sha(&std::fs::read(m.path().join("big.bin")).unwrap()),
+        builder::sha(&noise(12 << 20, 9))
+    );
+}

@@ -14,6 +14,7 @@
 
 pub mod file;
 mod inflate;
+pub mod share;
 
 use super::Entry;
 use crate::blob::{Blob, BlobSource, clamp};

@@ -1,0 +1,154 @@
+//! Opening one layer: decide its format (media type, then the eStargz footer) and index it.
+//! For plain gzip layers the checkpoint index comes from, in order: the cache directory, an
+//! index published next to the image in the registry, or a build pass over the blob.
+
+use super::{Progress, Source};
+use crate::blob::Blob;
+use crate::blob::cache::BlockCache;
+use crate::config::{OpenConfig, VerifyMode};
+use crate::error::Result;
+use crate::layer::gzindex::{self, GzIndex, share};
+use crate::layer::{Entry, Format, Health, Layer, LayerData, LayerDesc, estargz, streamed, tar};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// What every layer of one image is opened with.
+pub(super) struct Ctx<'a> {
+    pub source: &'a Source,
+    pub cache: Arc<BlockCache>,
+    pub cfg: &'a OpenConfig,
+    pub progress: Progress,
+    pub manifest_digest: String,
+    /// Indexes published in the registry, looked up once, on first need.
+    pub published: tokio::sync::OnceCell<HashMap<String, share::Published>>,
+}
+
+impl Ctx<'_> {
+    /// Detects the format of one layer and indexes it.
+    pub async fn open_layer(&self, desc: &LayerDesc, raw: Blob) -> Result<(Layer, Vec<Entry>)> {
+        let mut format = Format::from_media_type(&desc.media_type)?;
+        let cached = self.cache.wrap(raw.clone());
+        let initial = if self.cfg.verify == VerifyMode::Off {
+            Health::Unverified
+        } else {
+            Health::Pending
+        };
+        let mut index_source = None;
+        let (data, entries, health) = match format {
+            Format::Tar => (
+                LayerData::Tar(cached.clone()),
+                tar::index(cached).await?,
+                initial,
+            ),
+            Format::Gzip => {
+                // Every gzip layer may be eStargz: the footer tells (one tail read, reused for the TOC).
+                let (tail_start, tail) = estargz::read_tail(&cached).await?;
+                match estargz::parse_footer(&tail) {
+                    Some((_, legacy)) => {
+                        let toc_digest = desc
+                            .annotations
+                            .get(estargz::TOC_DIGEST_ANNOTATION)
+                            .map(String::as_str);
+                        let (reader, entries, _) =
+                            estargz::open(cached, tail_start, tail, toc_digest).await?;
+                        format = if legacy {
+                            Format::LegacyStargz
+                        } else {
+                            Format::Estargz
+                        };
+                        (LayerData::Estargz(reader), entries, initial)
+                    }
+                    None => {
+                        let (index, from) = self.gzip_index(cached.clone()).await?;
+                        index_source = Some(from);
+                        gzip_layer(index, cached)
+                    }
+                }
+            }
+            Format::Zstd | Format::Estargz | Format::LegacyStargz => {
+                self.streamed(raw, format).await?
+            }
+        };
+        let layer = Layer {
+            digest: desc.digest.clone(),
+            format,
+            data,
+            health: RwLock::new(health),
+            index_source,
+        };
+        Ok((layer, entries))
+    }
+
+    /// The checkpoint index of a gzip layer and where it came from.
+    async fn gzip_index(&self, cached: Blob) -> Result<(GzIndex, &'static str)> {
+        let digest = cached.id().to_string();
+        let path = gzindex::file::path(&self.cfg.cache_dir, &digest);
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => match gzindex::file::decode(&bytes, &digest) {
+                Ok(index) => return Ok((index, "cached")),
+                Err(e) => tracing::warn!("rejected {}: {e}; looking for another", path.display()),
+            },
+            Err(_) => tracing::debug!("no cached index for {digest}"),
+        }
+        let published = self
+            .published
+            .get_or_init(|| async {
+                share::discover(self.source, &self.manifest_digest)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!("looking for published indexes failed: {e}");
+                        HashMap::new()
+                    })
+            })
+            .await;
+        if let Some(p) = published.get(&digest) {
+            match share::fetch(self.source, p, &digest).await {
+                Ok((index, bytes)) => {
+                    keep(&path, &bytes).await;
+                    return Ok((index, "from registry"));
+                }
+                Err(e) => tracing::warn!(
+                    "rejected the published index {} of {digest}: {e}; building one",
+                    p.digest
+                ),
+            }
+        }
+        let d = digest.clone();
+        let progress = self.progress.clone();
+        let report = move |done: u64, total: u64| progress(&d, done, total);
+        let index = GzIndex::build(cached, self.cfg.span, &report).await?;
+        keep(&path, &gzindex::file::encode(&index)).await;
+        Ok((index, "built"))
+    }
+
+    async fn streamed(&self, raw: Blob, format: Format) -> Result<(LayerData, Vec<Entry>, Health)> {
+        let digest = raw.id().to_string();
+        let progress = self.progress.clone();
+        let report = move |done: u64, total: u64| progress(&digest, done, total);
+        let local = streamed::local_tar(raw, format, &self.cfg.cache_dir, &report).await?;
+        let entries = tar::index(local.clone()).await?;
+        // The stream was hashed on the way in: the local tar is verified.
+        Ok((LayerData::Tar(local), entries, Health::Verified))
+    }
+}
+
+/// Serves a gzip layer through its index. The index came from a pass that checked the whole
+/// blob's digest, and every read checks its span's digest: nothing is served unverified.
+fn gzip_layer(mut index: GzIndex, cached: Blob) -> (LayerData, Vec<Entry>, Health) {
+    let entries = std::mem::take(&mut index.entries);
+    let blob = Arc::new(gzindex::GzBlob::new(Arc::new(index), cached));
+    (LayerData::Tar(blob), entries, Health::Verified)
+}
+
+/// Writes an index file atomically; failing only costs a rebuild later.
+async fn keep(path: &std::path::Path, bytes: &[u8]) {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let saved = async {
+        tokio::fs::create_dir_all(path.parent().unwrap()).await?;
+        tokio::fs::write(&tmp, bytes).await?;
+        tokio::fs::rename(&tmp, path).await
+    };
+    if let Err(e) = saved.await {
+        tracing::warn!("could not keep an index at {}: {e}", path.display());
+    }
+}

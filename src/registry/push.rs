@@ -1,0 +1,118 @@
+//! Writing to a registry: blob uploads (monolithic), manifest puts, and the referrers lookup
+//! with the tag-schema fallback for registries without the referrers API (distribution 2.8).
+
+use super::{MANIFEST_ACCEPT, Registry, read_limited};
+use crate::error::{Error, Result};
+use bytes::Bytes;
+use reqwest::{Method, StatusCode, header};
+
+/// The tag under which the referrers tag schema lists referrers of `digest`.
+pub fn referrers_tag(digest: &str) -> String {
+    digest.replacen(':', "-", 1)
+}
+
+impl Registry {
+    /// Uploads a blob unless the registry already has it.
+    pub async fn push_blob(&self, repo: &str, digest: &str, data: Bytes) -> Result<()> {
+        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
+        let head = self
+            .send_with(repo, "pull,push", Method::HEAD, &url, &[], None)
+            .await?;
+        if head.status().is_success() {
+            return Ok(());
+        }
+        let start = format!("{}/v2/{repo}/blobs/uploads/", self.base);
+        let resp = self
+            .send_with(repo, "pull,push", Method::POST, &start, &[], None)
+            .await?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(self.error_for(&format!("starting an upload to {repo}"), resp.status()));
+        }
+        let loc = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Error::Registry("upload started without a Location".into()))?;
+        let mut target = resp
+            .url()
+            .join(loc)
+            .map_err(|e| Error::Registry(format!("bad upload location {loc:?}: {e}")))?;
+        target.query_pairs_mut().append_pair("digest", digest);
+        let headers = [(header::CONTENT_TYPE, "application/octet-stream".to_string())];
+        let resp = self
+            .send_with(
+                repo,
+                "pull,push",
+                Method::PUT,
+                target.as_str(),
+                &headers,
+                Some(data),
+            )
+            .await?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(self.error_for(&format!("uploading blob {digest}"), resp.status()));
+        }
+        Ok(())
+    }
+
+    /// Puts a manifest under `reference` (tag or digest); returns whether the registry took
+    /// care of the `subject` itself (it answered with `OCI-Subject`).
+    pub async fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        data: Bytes,
+    ) -> Result<bool> {
+        let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
+        let headers = [(header::CONTENT_TYPE, media_type.to_string())];
+        let resp = self
+            .send_with(repo, "pull,push", Method::PUT, &url, &headers, Some(data))
+            .await?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(self.error_for(
+                &format!("putting manifest {repo}:{reference}"),
+                resp.status(),
+            ));
+        }
+        Ok(resp.headers().contains_key("oci-subject"))
+    }
+
+    /// The image index listing referrers of `digest`: the referrers API when the registry has
+    /// it, else the `sha256-<hex>` tag. `None` when neither exists.
+    pub async fn referrers(&self, repo: &str, digest: &str) -> Result<Option<Bytes>> {
+        let url = format!("{}/v2/{repo}/referrers/{digest}", self.base);
+        let accept = [(
+            header::ACCEPT,
+            "application/vnd.oci.image.index.v1+json".to_string(),
+        )];
+        let resp = self.send(repo, Method::GET, &url, &accept).await?;
+        let is_index = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.contains("image.index"));
+        if resp.status().is_success() && is_index {
+            return Ok(Some(
+                read_limited(resp, super::MAX_MANIFEST, "referrers").await?,
+            ));
+        }
+        let tag = referrers_tag(digest);
+        let url = format!("{}/v2/{repo}/manifests/{tag}", self.base);
+        let resp = self
+            .send(
+                repo,
+                Method::GET,
+                &url,
+                &[(header::ACCEPT, MANIFEST_ACCEPT.into())],
+            )
+            .await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => Ok(Some(
+                read_limited(resp, super::MAX_MANIFEST, "referrers index").await?,
+            )),
+            s => Err(self.error_for(&format!("referrers of {digest}"), s)),
+        }
+    }
+}
