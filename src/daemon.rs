@@ -47,14 +47,20 @@ pub fn check_mountpoint(path: &Path) -> Result<()> {
 
 /// Mounts `image` at `mountpoint` and serves it until the file system is unmounted
 /// (by `ocifs umount`, `umount`, or `shutdown` resolving, which unmounts it).
+/// `control`, when given, is a unix socket path where `ocifs stats` gets a JSON snapshot.
 pub async fn serve(
     image: Arc<Image>,
     mountpoint: &Path,
     fsname: &str,
+    control: Option<&Path>,
     shutdown: impl std::future::Future<Output = ()>,
     on_ready: impl FnOnce(),
 ) -> Result<()> {
     check_mountpoint(mountpoint)?;
+    let _stats = match control {
+        Some(path) => Some(stats_socket(image.clone(), path)?),
+        None => None,
+    };
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,
@@ -83,6 +89,52 @@ pub async fn serve(
     unmount(mountpoint)?;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await;
     Ok(())
+}
+
+/// Answers each connection to `path` with the image's statistics as JSON; the socket is
+/// removed when the returned guard drops.
+fn stats_socket(image: Arc<Image>, path: &Path) -> Result<SocketGuard> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    let task = crate::verify::TaskGuard::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let body = serde_json::to_vec(&image.stats_json()).unwrap_or_default();
+            let _ = conn.write_all(&body).await;
+        }
+    });
+    Ok(SocketGuard {
+        path: path.to_path_buf(),
+        _task: task,
+    })
+}
+
+struct SocketGuard {
+    path: std::path::PathBuf,
+    _task: crate::verify::TaskGuard,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Reads the statistics of the mount whose control socket is `path`.
+pub async fn fetch_stats(path: &Path) -> Result<serde_json::Value> {
+    use tokio::io::AsyncReadExt;
+    let mut conn = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("no ocifs daemon answers at {}: {e}", path.display()),
+        ))
+    })?;
+    let mut body = Vec::new();
+    conn.read_to_end(&mut body).await?;
+    serde_json::from_slice(&body).map_err(|e| Error::format("stats", e.to_string()))
 }
 
 /// Unmounts an ocifs mount (lazily, so open files do not block shutdown).

@@ -16,6 +16,7 @@ pub mod image;
 pub mod layer;
 pub mod reference;
 pub mod registry;
+pub mod stats;
 pub mod tree;
 pub mod verify;
 

@@ -3,10 +3,11 @@
 //! Blobs are named by digest and immutable, so a cached block is never invalidated. Memory is
 //! an LRU bounded in bytes; an optional directory keeps blocks across remounts. A block that
 //! several readers want at once is fetched once (single flight, via a per-block async lock),
-//! and the blocks of one read are fetched concurrently. A read that continues exactly where
-//! the previous read of the same blob ended is sequential: the next few blocks are then
-//! fetched in the background (read-ahead), so a streaming reader waits for the network once
-//! per window instead of once per block.
+//! and the blocks of one read are fetched concurrently. Reads that continue exactly where the
+//! previous read of the same blob ended form a sequential run; once a run covers two blocks,
+//! the next few blocks are fetched in the background (read-ahead), so a streaming reader
+//! waits for the network once per window instead of once per block, while small files read
+//! whole never pull in their neighbours.
 
 use super::{Blob, BlobSource, clamp};
 use crate::error::Result;
@@ -74,6 +75,7 @@ impl BlockCache {
             inner,
             cache: self.clone(),
             last_end: AtomicU64::new(u64::MAX),
+            run: AtomicU64::new(0),
         })
     }
 
@@ -163,6 +165,8 @@ pub struct CachedBlob {
     cache: Arc<BlockCache>,
     /// Where the previous read ended, to recognise sequential reading.
     last_end: AtomicU64,
+    /// Bytes read in the current sequential run.
+    run: AtomicU64,
 }
 
 impl CachedBlob {

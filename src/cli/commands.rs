@@ -1,13 +1,14 @@
 //! The commands themselves: each builds what it needs and calls the library.
 
+use super::mount::{MountExtras, mount_here, spawn_daemon};
 use super::{Cmd, Common, block_on};
 use anyhow::{Context, Result, bail};
 use ocifs::image::{Image, Progress, Source};
 use ocifs::layer::{Format, Kind};
 use ocifs::tree::{Node, ROOT, Tree};
-use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,15 +18,28 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             common,
             foreground,
             daemon_child,
+            record,
+            prefetch,
+            no_prefetch,
             reference,
             mountpoint,
         } => {
             if foreground || daemon_child {
-                mount_here(&common, &reference, &mountpoint, daemon_child)
+                let extras = MountExtras {
+                    record,
+                    prefetch,
+                    no_prefetch,
+                };
+                mount_here(&common, &reference, &mountpoint, daemon_child, extras)
             } else {
                 spawn_daemon(&common, &mountpoint)
             }
         }
+        Cmd::Stats { json, mountpoint } => block_on(async {
+            let v = ocifs::daemon::fetch_stats(&super::control_socket(&mountpoint)?).await?;
+            print_stats(&v, json)?;
+            Ok(ExitCode::SUCCESS)
+        })?,
         Cmd::Umount { mountpoint } => {
             ocifs::daemon::unmount(&mountpoint)?;
             Ok(ExitCode::SUCCESS)
@@ -91,7 +105,7 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
 }
 
 /// Prints a progress line per streamed layer, at most once per 10%.
-fn progress() -> Progress {
+pub(super) fn progress() -> Progress {
     let last = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
         String,
         u64,
@@ -117,129 +131,6 @@ async fn open(common: &Common, reference: &str) -> Result<Image> {
     Image::open(&source, &what, &cfg, progress())
         .await
         .with_context(|| format!("opening {reference}"))
-}
-
-fn mount_here(
-    common: &Common,
-    reference: &str,
-    mountpoint: &Path,
-    child: bool,
-) -> Result<ExitCode> {
-    block_on(async {
-        let ready_to = |line: &str| {
-            if child {
-                // Tell the waiting parent, then let go of its pipe.
-                println!("{line}");
-                let _ = std::io::stdout().flush();
-                let null = std::fs::OpenOptions::new().write(true).open("/dev/null");
-                if let Ok(null) = null {
-                    use std::os::fd::AsRawFd;
-                    // SAFETY: dup2 onto stdout with a valid fd.
-                    unsafe { libc::dup2(null.as_raw_fd(), 1) };
-                }
-            } else {
-                eprintln!("{}", line.trim_start_matches("OK "));
-            }
-        };
-        let result = async {
-            ocifs::daemon::check_mountpoint(mountpoint)?;
-            let (source, what, display) = common.source(reference)?;
-            let cfg = common.open_config()?;
-            let image = Arc::new(
-                Image::open(&source, &what, &cfg, progress())
-                    .await
-                    .with_context(|| format!("opening {reference}"))?,
-            );
-            Ok::<_, anyhow::Error>((image, display, cfg))
-        }
-        .await;
-        let (image, display, cfg) = match result {
-            Ok(v) => v,
-            Err(e) => {
-                if child {
-                    println!("ERR {}", super::chain(&e));
-                }
-                return Err(e);
-            }
-        };
-        let guard = (cfg.verify == ocifs::config::VerifyMode::Background).then(|| {
-            let layers = image.layers.clone();
-            ocifs::verify::TaskGuard::spawn(
-                async move { ocifs::verify::verify_layers(&layers).await },
-            )
-        });
-        let line = format!(
-            "OK mounted {display} ({}) at {}: {}, {} files, ready in {:.2}s",
-            image.resolved.manifest_digest,
-            mountpoint.display(),
-            image.layer_summary(),
-            image.tree.totals().0,
-            image.open_time.as_secs_f64()
-        );
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("signal handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        };
-        let fsname = format!("ocifs:{display}");
-        let served =
-            ocifs::daemon::serve(image, mountpoint, &fsname, shutdown, || ready_to(&line)).await;
-        drop(guard);
-        if let Err(e) = &served
-            && child
-        {
-            println!("ERR {e}");
-        }
-        served?;
-        Ok(ExitCode::SUCCESS)
-    })?
-}
-
-/// Starts `ocifs mount --daemon-child ...` detached, logging into the cache directory, and
-/// waits for its first line: `OK ...` when the mount is ready, `ERR ...` otherwise.
-fn spawn_daemon(common: &Common, mountpoint: &Path) -> Result<ExitCode> {
-    ocifs::daemon::check_mountpoint(mountpoint)?;
-    let log_dir = common.cache_dir()?.join("logs");
-    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_millis();
-    let log_path = log_dir.join(format!("mount-{stamp}.log"));
-    let log = std::fs::File::create(&log_path)?;
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(&args)
-        .arg("--daemon-child")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log);
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal session.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting the mount daemon")?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
-    if let Some(ok) = line.strip_prefix("OK ") {
-        println!("{} (log: {})", ok.trim_end(), log_path.display());
-        return Ok(ExitCode::SUCCESS);
-    }
-    let _ = child.wait();
-    match line.strip_prefix("ERR ") {
-        Some(err) => bail!("{}", err.trim_end()),
-        None => bail!(
-            "the mount daemon exited before the mount was ready; see {}",
-            log_path.display()
-        ),
-    }
 }
 
 fn clean(path: &str) -> String {
@@ -534,5 +425,44 @@ async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
         indexes.len(),
         r.manifest_digest
     );
+    Ok(())
+}
+
+fn print_stats(v: &serde_json::Value, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    println!(
+        "image {} (ready in {} ms)",
+        v["digest"].as_str().unwrap_or(""),
+        v["readyMs"]
+    );
+    for l in v["layers"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {:8} fetched {} bytes in {} requests; {}{}",
+            l["digest"].as_str().unwrap_or(""),
+            l["format"].as_str().unwrap_or(""),
+            l["fetchedBytes"],
+            l["requests"],
+            l["verification"].as_str().unwrap_or(""),
+            l["index"]
+                .as_str()
+                .map(|s| format!("; index {s}"))
+                .unwrap_or_default()
+        );
+    }
+    let c = &v["cache"];
+    println!(
+        "cache: {} memory hits, {} disk hits, {} misses ({} bytes fetched)",
+        c["memHits"], c["diskHits"], c["misses"], c["fetchedBytes"]
+    );
+    let r = &v["reads"];
+    println!(
+        "reads: {} ({} bytes, {} errors), latency p50 {} us, p99 {} us",
+        r["count"], r["bytes"], r["errors"], r["p50Us"], r["p99Us"]
+    );
+    let p = &v["prefetch"];
+    println!("prefetch: {} of {} bytes", p["doneBytes"], p["totalBytes"]);
     Ok(())
 }

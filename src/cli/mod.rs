@@ -2,6 +2,7 @@
 //! detached daemon and waits for its "ready" line, like other FUSE mounters.
 
 mod commands;
+mod mount;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -58,11 +59,27 @@ enum Cmd {
         /// Internal: run as the detached daemon child of `mount`.
         #[arg(long, hide = true)]
         daemon_child: bool,
+        /// Write the ordered list of file ranges read to FILE when unmounted.
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
+        /// Prefetch the ranges of a recorded profile in the background, in order.
+        #[arg(long, value_name = "FILE")]
+        prefetch: Option<PathBuf>,
+        /// Do not prefetch eStargz prioritized files (those before .prefetch.landmark).
+        #[arg(long)]
+        no_prefetch: bool,
         reference: String,
         mountpoint: PathBuf,
     },
     /// Unmount an ocifs mount.
     Umount { mountpoint: PathBuf },
+    /// Show a mount's statistics: bytes and requests per layer, cache, latency, prefetch.
+    Stats {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        mountpoint: PathBuf,
+    },
     /// Show the resolved digest, platforms, config and layers of an image.
     Inspect {
         #[command(flatten)]
@@ -229,6 +246,25 @@ fn credentials(registry: &str) -> Result<Option<Credentials>> {
         }
     }
     Ok(None)
+}
+
+/// The control socket of the mount at `mountpoint`: named after its canonical path, in
+/// `/run/ocifs` for root, else `$XDG_RUNTIME_DIR/ocifs` or `/tmp/ocifs-<uid>`.
+fn control_socket(mountpoint: &std::path::Path) -> Result<PathBuf> {
+    let canonical = mountpoint
+        .canonicalize()
+        .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let dir = if uid == 0 {
+        PathBuf::from("/run/ocifs")
+    } else if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        PathBuf::from(d).join("ocifs")
+    } else {
+        PathBuf::from(format!("/tmp/ocifs-{uid}"))
+    };
+    let id = ocifs::digest::sha256(canonical.as_os_str().as_encoded_bytes());
+    Ok(dir.join(format!("{}.sock", &id[7..23])))
 }
 
 /// Runs `fut` on a fresh multi-threaded runtime.

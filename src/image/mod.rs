@@ -1,6 +1,7 @@
 //! An opened image: resolved manifest, opened layers, merged tree, and the read path that
 //! ties them together. This is the FUSE-free core that `mount`, `ls` and `cat` all use.
 
+pub mod activity;
 pub mod manifest;
 mod open;
 pub mod source;
@@ -13,9 +14,11 @@ use crate::blob::cache::BlockCache;
 use crate::config::{OpenConfig, VerifyMode};
 use crate::error::{Error, Result};
 use crate::layer::{Entry, Format, Health, Layer, LayerDesc, estargz};
+use crate::stats::{CountingBlob, ReadStats, Recorder};
 use crate::tree::Tree;
 use bytes::Bytes;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// Progress callback: (layer digest, bytes done, bytes total).
@@ -30,6 +33,15 @@ pub struct Image {
     pub cache: Arc<BlockCache>,
     /// How long resolving and indexing took.
     pub open_time: std::time::Duration,
+    /// Network bytes and requests per layer blob (same order as `layers`).
+    pub counters: Vec<Arc<CountingBlob>>,
+    /// Latency and volume of reads served.
+    pub reads: ReadStats,
+    /// Set by `--record`: every read, in order.
+    pub recorder: Option<Recorder>,
+    /// Background prefetch progress: bytes planned and done.
+    pub prefetch_total: AtomicU64,
+    pub prefetch_done: AtomicU64,
 }
 
 impl Image {
@@ -58,13 +70,15 @@ impl Image {
         let opened = futures::future::try_join_all(resolved.layers.iter().map(|desc| {
             let ctx = &ctx;
             async move {
-                let raw = source.blob(&desc.digest, desc.size)?;
+                let counter = Arc::new(CountingBlob::new(source.blob(&desc.digest, desc.size)?));
+                let raw: Blob = counter.clone();
                 let (layer, entries) = ctx.open_layer(desc, raw.clone()).await?;
-                Ok::<_, Error>(((Arc::new(layer), raw), entries))
+                Ok::<_, Error>(((Arc::new(layer), raw), (entries, counter)))
             }
         }))
         .await?;
-        let (layers, entries): (Vec<_>, Vec<Vec<Entry>>) = opened.into_iter().unzip();
+        let (layers, rest): (Vec<_>, Vec<_>) = opened.into_iter().unzip();
+        let (entries, counters): (Vec<Vec<Entry>>, Vec<_>) = rest.into_iter().unzip();
         if cfg.verify == VerifyMode::Strict {
             crate::verify::verify_layers(&layers).await;
             for (l, _) in &layers {
@@ -83,19 +97,35 @@ impl Image {
             tree,
             cache,
             open_time: start.elapsed(),
+            counters,
+            reads: ReadStats::default(),
+            recorder: None,
+            prefetch_total: AtomicU64::new(0),
+            prefetch_done: AtomicU64::new(0),
         })
     }
 
-    /// Reads `len` bytes at `offset` of the regular file `ino`.
+    /// Reads `len` bytes at `offset` of the regular file `ino`: the read path.
     pub async fn read(&self, ino: u64, offset: u64, len: u64) -> Result<Bytes> {
+        let start = Instant::now();
         let node = self
             .tree
             .get(ino)
             .ok_or_else(|| Error::NotFound(format!("inode {ino}")))?;
-        match &node.data {
+        let result = match &node.data {
             None => Ok(Bytes::new()),
             Some((li, loc)) => self.layers[*li].0.read(loc, node.size, offset, len).await,
+        };
+        match &result {
+            Ok(data) => self.reads.record(start.elapsed(), data.len() as u64),
+            Err(_) => {
+                self.reads.errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
+        if let Some(r) = &self.recorder {
+            r.note(ino, offset, len.min(node.size.saturating_sub(offset)));
+        }
+        result
     }
 
     /// Reads a whole file.

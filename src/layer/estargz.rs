@@ -53,6 +53,8 @@ pub struct Chunk {
 pub struct Reader {
     blob: Blob,
     inflated: Mutex<lru::LruCache<(u64, u64), Bytes>>,
+    /// Compressed bytes before `.prefetch.landmark`: the prioritized files.
+    pub prefetch_len: u64,
 }
 
 /// The footer's verdict: where the TOC member starts, and which footer variant it was.
@@ -177,9 +179,17 @@ pub async fn open(
             format!("TOC version {} (want 1)", toc.version),
         ));
     }
+    // Everything before the landmark's payload is what the image author marked as needed at
+    // startup; `.no.prefetch.landmark` (or no landmark) means nothing is.
+    let prefetch_len = toc
+        .entries
+        .iter()
+        .find(|e| clean_path(&e.name).is_ok_and(|p| p == ".prefetch.landmark"))
+        .map_or(0, |e| e.offset.min(toc_off));
     let entries = entries_from_toc(toc.entries, toc_off, &what)?;
     let reader = Reader {
         blob,
+        prefetch_len,
         inflated: Mutex::new(lru::LruCache::new(NonZeroUsize::new(16).unwrap())),
     };
     Ok((reader, entries, legacy))
@@ -327,6 +337,20 @@ fn chunk(t: &TocEntry, len: u64, end: u64) -> Chunk {
 }
 
 impl Reader {
+    /// Fetches the prioritized files' compressed bytes into the block cache in large requests,
+    /// adding each piece's size to `done`.
+    pub async fn prefetch(&self, done: &std::sync::atomic::AtomicU64) -> Result<()> {
+        const PIECE: u64 = 4 << 20;
+        let mut off = 0;
+        while off < self.prefetch_len {
+            let n = PIECE.min(self.prefetch_len - off);
+            self.blob.read_at(off, n).await?;
+            done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            off += n;
+        }
+        Ok(())
+    }
+
     /// Reads `[offset, offset+len)` of a file made of `chunks`.
     pub async fn read(&self, chunks: &[Chunk], offset: u64, len: u64) -> Result<Bytes> {
         let end = offset + len;

@@ -222,6 +222,28 @@ impl Tree {
             .try_fold(ROOT, |cur, comp| self.lookup(cur, comp))
     }
 
+    /// A path of `ino` (its first name), for profiles and messages.
+    pub fn path(&self, ino: u64) -> Option<String> {
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT {
+            let parent = self.get(cur)?.parent;
+            let name = self
+                .get(parent)?
+                .children
+                .iter()
+                .find(|&(_, &c)| c == cur)?
+                .0;
+            parts.push(name.clone());
+            cur = parent;
+            if parts.len() > 4096 {
+                return None;
+            }
+        }
+        parts.reverse();
+        Some(parts.join("/"))
+    }
+
     /// Number of reachable names (for statfs) and total file bytes.
     pub fn totals(&self) -> (u64, u64) {
         let live = self.nodes.iter().filter(|n| n.nlink > 0);
@@ -284,6 +306,10 @@ mod tests {
         assert_eq!(t.get(t.resolve("keep").unwrap()).unwrap().nlink, 2);
         assert_eq!(t.get(t.resolve("c/deep").unwrap()).unwrap().kind, Kind::Dir);
         assert_eq!(t.get(ROOT).unwrap().nlink, 2 + 3);
+        assert_eq!(
+            t.path(t.resolve("c/deep/f").unwrap()).as_deref(),
+            Some("c/deep/f")
+        );
     }
 
     #[test]

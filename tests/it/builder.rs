@@ -165,6 +165,11 @@ pub fn estargz_tool() -> PathBuf {
 }
 
 pub fn encode(tar: Vec<u8>, enc: Enc) -> EncodedLayer {
+    encode_prioritized(tar, enc, &[])
+}
+
+/// [`encode`], with eStargz files to put first (before `.prefetch.landmark`).
+pub fn encode_prioritized(tar: Vec<u8>, enc: Enc, first: &[&str]) -> EncodedLayer {
     let gz = "application/vnd.oci.image.layer.v1.tar+gzip";
     let mut annotations = Vec::new();
     let (blob, media_type) = match enc {
@@ -207,7 +212,11 @@ pub fn encode(tar: Vec<u8>, enc: Enc) -> EncodedLayer {
                 sha(&tar)
             ));
             std::fs::write(&tmp, &tar).unwrap();
-            let out = Command::new(estargz_tool()).arg(&tmp).output().unwrap();
+            let out = Command::new(estargz_tool())
+                .arg(&tmp)
+                .arg(first.join(","))
+                .output()
+                .unwrap();
             std::fs::remove_file(&tmp).unwrap();
             assert!(
                 out.status.success(),

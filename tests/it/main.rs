@@ -701,3 +701,136 @@ fn gzip_index_pushed_to_the_registry_is_found_by_a_clean_mount() {
         builder::sha(&noise(12 << 20, 9))
     );
 }
+
+/// Polls `ocifs stats --json` until background prefetch has finished.
+fn wait_for_prefetch(mountpoint: &std::path::Path) -> serde_json::Value {
+    for _ in 0..200 {
+        let (ok, out, err) = ocifs(&["stats", "--json", mountpoint.to_str().unwrap()], &[]);
+        assert!(ok, "stats: {err}");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let (done, total) = (
+            v["prefetch"]["doneBytes"].as_u64().unwrap(),
+            v["prefetch"]["totalBytes"].as_u64().unwrap(),
+        );
+        if total > 0 && done >= total {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("prefetch did not finish");
+}
+
+#[test]
+fn estargz_prioritized_files_are_prefetched_and_stats_explain_it() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let proxy = Proxy::start(&reg.addr, None);
+    let work = TempDir::new("prio");
+    let tar = builder::tar(&[
+        Item::Dir("app", 0o755),
+        file("app/start.py", noise(300_000, 1)),
+        Item::Dir("data", 0o755),
+        file("data/big.bin", noise(8 << 20, 2)),
+    ]);
+    let layers = vec![builder::encode_prioritized(
+        tar,
+        Enc::Estargz,
+        &["app/start.py"],
+    )];
+    let dir = layout(work.path(), "v1", &[("linux", "amd64", None, &layers)]);
+    push(&dir, "v1", &reg.addr, "prio/image", None);
+    let m = Mount::new(
+        &format!("{}/prio/image:v1", proxy.addr),
+        &["--verify", "off"],
+        &[],
+    );
+    let stats = wait_for_prefetch(m.path());
+    assert!(
+        stats["layers"][0]["fetchedBytes"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    proxy.reset();
+    assert_eq!(
+        builder::sha(&std::fs::read(m.path().join("app/start.py")).unwrap()),
+        builder::sha(&noise(300_000, 1))
+    );
+    assert_eq!(
+        proxy.blob_bytes.load(Ordering::SeqCst),
+        0,
+        "the prioritized file was already prefetched"
+    );
+    let (ok, out, _) = ocifs(&["stats", m.path().to_str().unwrap()], &[]);
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        ok && text.contains("estargz") && text.contains("latency p50"),
+        "{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]).1)
+            .unwrap();
+    assert!(
+        v["reads"]["count"].as_u64().unwrap() > 0
+            && v["reads"]["bytes"].as_u64().unwrap() >= 300_000,
+        "{v}"
+    );
+}
+
+#[test]
+fn recorded_profile_prefetches_a_second_start() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let proxy = Proxy::start(&reg.addr, None);
+    let work = TempDir::new("profile");
+    let mut items = vec![
+        file("needed/a.txt", noise(200_000, 3)),
+        file("needed/b.txt", "bee\n"),
+    ];
+    items.push(file("unneeded.bin", noise(6 << 20, 4)));
+    let layers = vec![encode(builder::tar(&items), Enc::Tar)];
+    let dir = layout(work.path(), "v1", &[("linux", "amd64", None, &layers)]);
+    push(&dir, "v1", &reg.addr, "profile/image", None);
+    let r = format!("{}/profile/image:v1", proxy.addr);
+    let profile = work.path().join("startup.profile");
+    let p = profile.to_str().unwrap();
+    {
+        let m = Mount::new(&r, &["--verify", "off", "--record", p], &[]);
+        std::fs::read(m.path().join("needed/b.txt")).unwrap();
+        std::fs::read(m.path().join("needed/a.txt")).unwrap();
+    }
+    // The profile is written when the daemon unmounts; give it a moment.
+    for _ in 0..100 {
+        if profile.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&profile).expect("profile written at unmount");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let paths: Vec<&str> = lines.iter().map(|l| l["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        vec!["needed/b.txt", "needed/a.txt"],
+        "in access order"
+    );
+    assert_eq!(lines[1]["len"], 200_000);
+
+    let m = Mount::new(&r, &["--verify", "off", "--prefetch", p], &[]);
+    wait_for_prefetch(m.path());
+    proxy.reset();
+    assert_eq!(
+        builder::sha(&std::fs::read(m.path().join("needed/a.txt")).unwrap()),
+        builder::sha(&noise(200_000, 3))
+    );
+    assert_eq!(
+        proxy.blob_bytes.load(Ordering::SeqCst),
+        0,
+        "profile prefetch fetched it already"
+    );
+}

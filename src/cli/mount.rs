@@ -1,0 +1,173 @@
+//! `ocifs mount`: in the foreground (or as the detached daemon child), open the image, start
+//! the background work (verification, prefetch), serve until unmounted, write the profile.
+//! Without `--foreground`, re-execute as a detached daemon and wait for its ready line.
+
+use super::Common;
+use super::commands::progress;
+use anyhow::{Context, Result, bail};
+use ocifs::image::Image;
+use ocifs::verify::TaskGuard;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+
+/// Mount options beyond opening the image.
+pub struct MountExtras {
+    pub record: Option<PathBuf>,
+    pub prefetch: Option<PathBuf>,
+    pub no_prefetch: bool,
+}
+
+/// Tells the waiting parent (daemon child) or the user (foreground) that the mount is ready.
+fn announce(child: bool, line: &str) {
+    if child {
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+        // Let go of the parent's pipe so it can exit.
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            use std::os::fd::AsRawFd;
+            // SAFETY: dup2 onto stdout with a valid fd.
+            unsafe { libc::dup2(null.as_raw_fd(), 1) };
+        }
+    } else {
+        eprintln!("{}", line.trim_start_matches("OK "));
+    }
+}
+
+pub fn mount_here(
+    common: &Common,
+    reference: &str,
+    mountpoint: &Path,
+    child: bool,
+    extras: MountExtras,
+) -> Result<ExitCode> {
+    super::block_on(async {
+        let opened = async {
+            ocifs::daemon::check_mountpoint(mountpoint)?;
+            let (source, what, display) = common.source(reference)?;
+            let cfg = common.open_config()?;
+            let profile = match &extras.prefetch {
+                Some(p) => Some(ocifs::image::activity::read_profile(p)?),
+                None => None,
+            };
+            let mut image = Image::open(&source, &what, &cfg, progress())
+                .await
+                .with_context(|| format!("opening {reference}"))?;
+            if extras.record.is_some() {
+                image.recorder = Some(Default::default());
+            }
+            Ok::<_, anyhow::Error>((Arc::new(image), display, cfg, profile))
+        }
+        .await;
+        let (image, display, cfg, profile) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                if child {
+                    println!("ERR {}", super::chain(&e));
+                }
+                return Err(e);
+            }
+        };
+        let verifier = (cfg.verify == ocifs::config::VerifyMode::Background).then(|| {
+            let layers = image.layers.clone();
+            TaskGuard::spawn(async move { ocifs::verify::verify_layers(&layers).await })
+        });
+        let prefetcher = {
+            let (image, landmarks) = (image.clone(), !extras.no_prefetch);
+            TaskGuard::spawn(async move {
+                if let Some(p) = profile {
+                    image.prefetch_profile(&p).await;
+                }
+                if landmarks {
+                    image.prefetch_landmarks().await;
+                }
+            })
+        };
+        let line = format!(
+            "OK mounted {display} ({}) at {}: {}, {} files, ready in {:.2}s",
+            image.resolved.manifest_digest,
+            mountpoint.display(),
+            image.layer_summary(),
+            image.tree.totals().0,
+            image.open_time.as_secs_f64()
+        );
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        let fsname = format!("ocifs:{display}");
+        let control = super::control_socket(mountpoint)?;
+        let served = ocifs::daemon::serve(
+            image.clone(),
+            mountpoint,
+            &fsname,
+            Some(&control),
+            shutdown,
+            || announce(child, &line),
+        )
+        .await;
+        drop((verifier, prefetcher));
+        if let Err(e) = &served
+            && child
+        {
+            println!("ERR {e}");
+        }
+        served?;
+        if let Some(path) = &extras.record {
+            let profile = image.profile();
+            ocifs::image::activity::write_profile(path, &profile)
+                .with_context(|| format!("writing the profile {}", path.display()))?;
+            tracing::info!("recorded {} accesses to {}", profile.len(), path.display());
+        }
+        Ok(ExitCode::SUCCESS)
+    })?
+}
+
+/// Starts `ocifs mount --daemon-child ...` detached, logging into the cache directory, and
+/// waits for its first line: `OK ...` when the mount is ready, `ERR ...` otherwise.
+pub fn spawn_daemon(common: &Common, mountpoint: &Path) -> Result<ExitCode> {
+    ocifs::daemon::check_mountpoint(mountpoint)?;
+    let log_dir = common.cache_dir()?.join("logs");
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let log_path = log_dir.join(format!("mount-{stamp}.log"));
+    let log = std::fs::File::create(&log_path)?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(&args)
+        .arg("--daemon-child")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+    if let Some(ok) = line.strip_prefix("OK ") {
+        println!("{} (log: {})", ok.trim_end(), log_path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let _ = child.wait();
+    match line.strip_prefix("ERR ") {
+        Some(err) => bail!("{}", err.trim_end()),
+        None => bail!(
+            "the mount daemon exited before the mount was ready; see {}",
+            log_path.display()
+        ),
+    }
+}

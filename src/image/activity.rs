@@ -1,0 +1,161 @@
+//! What a mounted image does besides answering reads: background prefetch (eStargz
+//! prioritized files, or a recorded access profile), writing the profile `--record` asked
+//! for, and the statistics `ocifs stats` shows.
+//!
+//! Prefetch runs as one background task reading in order; foreground reads run concurrently
+//! on the same runtime, and whatever prefetch has already fetched they find in the caches.
+
+use super::Image;
+use crate::error::{Error, Result};
+use crate::layer::{Health, LayerData};
+use crate::stats::Access;
+use serde_json::json;
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+impl Image {
+    /// Prefetches every eStargz layer's prioritized files (before `.prefetch.landmark`).
+    pub async fn prefetch_landmarks(&self) {
+        let readers: Vec<_> = self
+            .layers
+            .iter()
+            .filter_map(|(l, _)| match &l.data {
+                LayerData::Estargz(r) if r.prefetch_len > 0 => Some((l.digest.clone(), r)),
+                _ => None,
+            })
+            .collect();
+        let total: u64 = readers.iter().map(|(_, r)| r.prefetch_len).sum();
+        self.prefetch_total.fetch_add(total, Ordering::Relaxed);
+        for (digest, r) in readers {
+            if let Err(e) = r.prefetch(&self.prefetch_done).await {
+                tracing::warn!("prefetch of {digest} stopped: {e}");
+            }
+        }
+        if total > 0 {
+            tracing::info!("prefetched {total} bytes of prioritized files");
+        }
+    }
+
+    /// Prefetches the ranges of a recorded profile, in order, through the normal read path
+    /// (so it works for every format). Entries naming files the image lacks are skipped.
+    pub async fn prefetch_profile(&self, accesses: &[Access]) {
+        let planned: Vec<(u64, &Access)> = accesses
+            .iter()
+            .filter_map(|a| Some((self.tree.resolve(&a.path)?, a)))
+            .collect();
+        let total: u64 = planned.iter().map(|(_, a)| a.len).sum();
+        self.prefetch_total.fetch_add(total, Ordering::Relaxed);
+        for (ino, a) in planned {
+            match self.read_for_prefetch(ino, a.offset, a.len).await {
+                Ok(n) => self.prefetch_done.fetch_add(n, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::warn!("profile prefetch of {} failed: {e}", a.path);
+                    0
+                }
+            };
+        }
+        tracing::info!("profile prefetch done ({total} bytes planned)");
+    }
+
+    async fn read_for_prefetch(&self, ino: u64, offset: u64, len: u64) -> Result<u64> {
+        let node = self
+            .tree
+            .get(ino)
+            .ok_or_else(|| Error::NotFound(format!("inode {ino}")))?;
+        let Some((li, loc)) = &node.data else {
+            return Ok(0);
+        };
+        Ok(self.layers[*li]
+            .0
+            .read(loc, node.size, offset, len)
+            .await?
+            .len() as u64)
+    }
+
+    /// The recorded accesses with layer digests and paths.
+    pub fn profile(&self) -> Vec<Access> {
+        let Some(rec) = &self.recorder else {
+            return Vec::new();
+        };
+        rec.take()
+            .into_iter()
+            .filter_map(|(ino, offset, len)| {
+                let node = self.tree.get(ino)?;
+                let layer = node
+                    .data
+                    .as_ref()
+                    .map(|(li, _)| self.layers[*li].0.digest.clone())
+                    .unwrap_or_default();
+                Some(Access {
+                    layer,
+                    path: self.tree.path(ino)?,
+                    offset,
+                    len,
+                })
+            })
+            .collect()
+    }
+
+    /// A JSON snapshot for `ocifs stats`.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let layers: Vec<_> = self
+            .layers
+            .iter()
+            .zip(&self.counters)
+            .map(|((l, _), c)| {
+                let health = match &*l.health.read().unwrap() {
+                    Health::Pending => "pending".to_string(),
+                    Health::Verified => "verified".to_string(),
+                    Health::Unverified => "unverified (--verify off)".to_string(),
+                    Health::Bad(r) => format!("bad: {r}"),
+                };
+                json!({"digest": l.digest, "format": l.format.name(), "index": l.index_source,
+                       "fetchedBytes": c.bytes.load(Ordering::Relaxed), "requests": c.requests.load(Ordering::Relaxed),
+                       "verification": health})
+            })
+            .collect();
+        let s = &self.cache.stats;
+        json!({
+            "digest": self.resolved.manifest_digest,
+            "readyMs": self.open_time.as_millis() as u64,
+            "layers": layers,
+            "cache": {"memHits": s.mem_hits.load(Ordering::Relaxed), "diskHits": s.disk_hits.load(Ordering::Relaxed),
+                      "misses": s.misses.load(Ordering::Relaxed), "fetchedBytes": s.fetched_bytes.load(Ordering::Relaxed)},
+            "reads": {"count": self.reads.reads.load(Ordering::Relaxed), "bytes": self.reads.bytes.load(Ordering::Relaxed),
+                      "errors": self.reads.errors.load(Ordering::Relaxed),
+                      "p50Us": self.reads.percentile(0.5).as_micros() as u64, "p99Us": self.reads.percentile(0.99).as_micros() as u64},
+            "prefetch": {"totalBytes": self.prefetch_total.load(Ordering::Relaxed), "doneBytes": self.prefetch_done.load(Ordering::Relaxed)},
+        })
+    }
+}
+
+/// Writes a profile as JSON lines.
+pub fn write_profile(path: &Path, accesses: &[Access]) -> Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for a in accesses {
+        serde_json::to_writer(&mut f, a).map_err(|e| Error::Io(e.into()))?;
+        f.write_all(b"\n")?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// Reads a profile written by [`write_profile`].
+pub fn read_profile(path: &Path) -> Result<Vec<Access>> {
+    let f = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut out = Vec::new();
+    for (i, line) in f.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(&line).map_err(|e| {
+            Error::format(
+                format!("profile {} line {}", path.display(), i + 1),
+                e.to_string(),
+            )
+        })?);
+    }
+    Ok(out)
+}

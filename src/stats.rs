@@ -1,0 +1,156 @@
+//! Statistics an experimenter needs to explain a startup: per-blob network counters (a
+//! [`BlobSource`] decorator), a read-latency histogram, and the access recorder behind
+//! `--record`. All lock-free counters or short mutex sections; nothing global.
+
+use crate::blob::{Blob, BlobSource};
+use crate::error::Result;
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A blob that counts the bytes and requests that pass through it.
+pub struct CountingBlob {
+    inner: Blob,
+    pub bytes: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+impl CountingBlob {
+    /// Counts reads of `inner`.
+    pub fn new(inner: Blob) -> Self {
+        CountingBlob {
+            inner,
+            bytes: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl BlobSource for CountingBlob {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let data = self.inner.read_at(offset, len).await?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data)
+    }
+}
+
+/// Read latencies in power-of-two microsecond buckets, plus totals.
+pub struct ReadStats {
+    buckets: [AtomicU64; 32],
+    pub reads: AtomicU64,
+    pub bytes: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl Default for ReadStats {
+    fn default() -> Self {
+        ReadStats {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            reads: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ReadStats {
+    /// Records one read of `bytes` that took `took`.
+    pub fn record(&self, took: Duration, bytes: u64) {
+        let us = took.as_micros().max(1) as u64;
+        let b = (63 - us.leading_zeros() as usize).min(31);
+        self.buckets[b].fetch_add(1, Ordering::Relaxed);
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The latency below which `p` (0..1) of reads finished, to a factor of two.
+    pub fn percentile(&self, p: f64) -> Duration {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return Duration::ZERO;
+        }
+        let target = ((total as f64) * p).ceil() as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= target {
+                return Duration::from_micros(2u64 << i);
+            }
+        }
+        Duration::from_micros(2u64 << 31)
+    }
+}
+
+/// One recorded access: which file of which layer, which range.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Access {
+    pub layer: String,
+    pub path: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Records accesses (inode, offset, len) in order, for `--record`; paths are resolved when
+/// the profile is written, not on the read path.
+#[derive(Default)]
+pub struct Recorder {
+    accesses: Mutex<Vec<(u64, u64, u64)>>,
+}
+
+impl Recorder {
+    /// Notes a read.
+    pub fn note(&self, ino: u64, offset: u64, len: u64) {
+        let mut a = self.accesses.lock().unwrap();
+        // Merge a read that continues the previous one of the same file.
+        if let Some(last) = a.last_mut()
+            && last.0 == ino
+            && last.1 + last.2 == offset
+        {
+            last.2 += len;
+            return;
+        }
+        a.push((ino, offset, len));
+    }
+
+    /// The accesses so far.
+    pub fn take(&self) -> Vec<(u64, u64, u64)> {
+        self.accesses.lock().unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_merging() {
+        let s = ReadStats::default();
+        for _ in 0..98 {
+            s.record(Duration::from_micros(100), 1);
+        }
+        s.record(Duration::from_millis(50), 1);
+        s.record(Duration::from_millis(50), 1);
+        assert!(s.percentile(0.5) <= Duration::from_micros(256));
+        assert!(s.percentile(0.99) >= Duration::from_millis(32));
+        let r = Recorder::default();
+        r.note(5, 0, 10);
+        r.note(5, 10, 10);
+        r.note(6, 0, 1);
+        assert_eq!(r.take(), vec![(5, 0, 20), (6, 0, 1)]);
+    }
+}
