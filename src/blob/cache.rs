@@ -206,8 +206,13 @@ impl BlobSource for CachedBlob {
         }
         let bs = self.cache.block_size;
         let (first, last) = (offset / bs, (offset + len - 1) / bs);
-        if self.last_end.swap(offset + len, Ordering::Relaxed) == offset && self.cache.readahead > 0
-        {
+        let run = if self.last_end.swap(offset + len, Ordering::Relaxed) == offset {
+            self.run.fetch_add(len, Ordering::Relaxed) + len
+        } else {
+            self.run.store(len, Ordering::Relaxed);
+            len
+        };
+        if run >= 2 * bs && self.cache.readahead > 0 {
             self.read_ahead(last);
         }
         let blocks = futures::future::try_join_all(
@@ -264,15 +269,15 @@ mod tests {
         );
         blob.read_at(100, 3900).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        // Blocks 1..=4 were fetched ahead of the sequential reader.
-        assert_eq!(cache.stats.misses.load(Ordering::Relaxed), 2 + 4);
-        blob.read_at(4000, 12_000).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert_eq!(
             cache.stats.misses.load(Ordering::Relaxed),
-            2 + 4 + 3,
-            "only the window's new blocks"
+            2,
+            "a short run reads no further"
         );
+        blob.read_at(4000, 12_000).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Blocks 1..=3 were read, 4..=7 fetched ahead of the now long sequential run.
+        assert_eq!(cache.stats.misses.load(Ordering::Relaxed), 2 + 3 + 4);
     }
 
     #[tokio::test]

@@ -117,7 +117,7 @@ pub(super) fn progress() -> Progress {
         if *prev == u64::MAX || pct / 10 > *prev / 10 {
             *prev = pct;
             eprintln!(
-                "ocifs: fetching non-lazy layer {} {pct}% of {} MiB",
+                "ocifs: reading layer {} once (indexing or unpacking): {pct}% of {} MiB",
                 &digest[..digest.len().min(19)],
                 total >> 20
             );
