@@ -8,6 +8,7 @@
 
 pub mod blob;
 pub mod config;
+pub mod convert;
 pub mod daemon;
 pub mod digest;
 pub mod error;

@@ -94,6 +94,21 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             push,
             reference,
         } => block_on(index(&common, &reference, push))?.map(|_| ExitCode::SUCCESS),
+        Cmd::Convert {
+            common,
+            estargz: _,
+            profile,
+            chunk_size,
+            source,
+            destination,
+        } => block_on(convert(
+            &common,
+            &source,
+            &destination,
+            profile,
+            chunk_size.0,
+        ))?
+        .map(|_| ExitCode::SUCCESS),
         Cmd::Tags { common, repository } => block_on(async {
             let (source, _, _) = common.source(&repository)?;
             for t in source.tags().await? {
@@ -464,5 +479,59 @@ fn print_stats(v: &serde_json::Value, json: bool) -> Result<()> {
     );
     let p = &v["prefetch"];
     println!("prefetch: {} of {} bytes", p["doneBytes"], p["totalBytes"]);
+    Ok(())
+}
+
+async fn convert(
+    common: &Common,
+    src: &str,
+    dst: &str,
+    profile: Option<PathBuf>,
+    chunk_size: u64,
+) -> Result<()> {
+    let (source, what, display) = common.source(src)?;
+    let dest = match dst.strip_prefix("oci:") {
+        Some(rest) => {
+            let slash = rest.rfind('/').map_or(0, |i| i + 1);
+            let (dir, tag) = match rest[slash..].rfind(':') {
+                Some(i) => (&rest[..slash + i], &rest[slash + i + 1..]),
+                None => (rest, "latest"),
+            };
+            ocifs::convert::Destination::Layout {
+                dir: PathBuf::from(dir),
+                tag: tag.to_string(),
+            }
+        }
+        None => {
+            let (dsource, _, _) = common.source(dst)?;
+            let r = ocifs::reference::Reference::parse(dst)?;
+            let Some(tag) = r.tag.filter(|_| r.digest.is_none()) else {
+                bail!("the destination {dst} needs a tag, not a digest")
+            };
+            let Source::Registry { registry, repo } = dsource else {
+                unreachable!("a registry reference")
+            };
+            ocifs::convert::Destination::Registry {
+                registry,
+                repo,
+                tag,
+            }
+        }
+    };
+    let profile = match profile {
+        Some(p) => ocifs::image::activity::read_profile(&p)?,
+        None => Vec::new(),
+    };
+    let work_dir = common.cache_dir()?.join("convert");
+    let opts = ocifs::convert::Options {
+        chunk_size: chunk_size.max(4096),
+        profile,
+        work_dir,
+    };
+    let report: ocifs::convert::Report = Arc::new(|line: &str| eprintln!("ocifs: {line}"));
+    let digest = ocifs::convert::convert(&source, &what, &dest, &opts, report)
+        .await
+        .with_context(|| format!("converting {display}"))?;
+    println!("converted {display} to eStargz: {dst} ({digest})");
     Ok(())
 }

@@ -126,6 +126,23 @@ enum Cmd {
         push: bool,
         reference: String,
     },
+    /// Rewrite an image's layers as eStargz (profiled files first) and push it to DESTINATION
+    /// (a registry reference with a tag, or oci:PATH[:TAG]).
+    Convert {
+        #[command(flatten)]
+        common: Common,
+        /// Convert to eStargz (the one target format).
+        #[arg(long, required = true)]
+        estargz: bool,
+        /// An access profile from `ocifs mount --record`: its files go first.
+        #[arg(long, value_name = "FILE")]
+        profile: Option<PathBuf>,
+        /// Size of independently readable chunks of large files.
+        #[arg(long, default_value = "4MiB")]
+        chunk_size: ByteSize,
+        source: String,
+        destination: String,
+    },
     /// List a repository's tags.
     Tags {
         #[command(flatten)]

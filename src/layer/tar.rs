@@ -44,87 +44,95 @@ fn bad(what: &str, e: io::Error) -> Error {
 }
 
 fn collect<R: Read>(entries: ::tar::Entries<'_, R>, what: &str) -> Result<Vec<Entry>> {
-    let bad = |e: io::Error| bad(what, e);
     let mut out = Vec::new();
     for item in entries {
-        let mut e = item.map_err(bad)?;
-        let h = e.header();
-        use ::tar::EntryType as T;
-        let kind = match h.entry_type() {
-            T::Regular | T::Continuous => Kind::File,
-            T::Directory => Kind::Dir,
-            T::Symlink => Kind::Symlink,
-            T::Link => Kind::Hardlink,
-            T::Char => Kind::Char,
-            T::Block => Kind::Block,
-            T::Fifo => Kind::Fifo,
-            T::GNUSparse => {
-                return Err(Error::Unsupported(format!(
-                    "GNU sparse file {:?} in {what}",
-                    String::from_utf8_lossy(&e.path_bytes())
-                )));
-            }
-            _ => continue, // global headers and vendor extensions carry no file
-        };
-        let raw_path = String::from_utf8_lossy(&e.path_bytes()).into_owned();
-        let path = match clean_path(&raw_path) {
-            Ok(p) => p,
-            Err(err) => {
-                tracing::warn!("skipping entry of {what}: {err}");
-                continue;
-            }
-        };
-        let mut entry = Entry::new(path, kind);
-        entry.mode = h.mode().map_err(bad)? & 0o7777;
-        entry.uid = h.uid().map_err(bad)? as u32;
-        entry.gid = h.gid().map_err(bad)? as u32;
-        entry.mtime = (h.mtime().map_err(bad)? as i64, 0);
-        entry.link = e
-            .link_name_bytes()
-            .map(|l| String::from_utf8_lossy(&l).into_owned());
-        if matches!(kind, Kind::Char | Kind::Block) {
-            entry.rdev = (
-                h.device_major().map_err(bad)?.unwrap_or(0),
-                h.device_minor().map_err(bad)?.unwrap_or(0),
-            );
+        let mut e = item.map_err(|e| bad(what, e))?;
+        if let Some(entry) = entry_of(&mut e, what)? {
+            out.push(entry);
         }
-        if let Some(pax) = e.pax_extensions().map_err(bad)? {
-            for ext in pax {
-                let ext = ext.map_err(bad)?;
-                let Ok(key) = ext.key() else { continue };
-                let val = ext.value_bytes();
-                let num = || {
-                    std::str::from_utf8(val)
-                        .ok()
-                        .and_then(|s| s.parse::<u64>().ok())
-                };
-                match key {
-                    "uid" => entry.uid = num().unwrap_or(entry.uid as u64) as u32,
-                    "gid" => entry.gid = num().unwrap_or(entry.gid as u64) as u32,
-                    "mtime" => {
-                        if let Some(t) = std::str::from_utf8(val).ok().and_then(parse_pax_time) {
-                            entry.mtime = t;
-                        }
+    }
+    Ok(out)
+}
+
+/// The format-independent [`Entry`] of one tar entry; `None` for entries that carry no file
+/// (global headers, vendor extensions) or whose path would escape the layer.
+pub fn entry_of<R: Read>(e: &mut ::tar::Entry<'_, R>, what: &str) -> Result<Option<Entry>> {
+    let bad = |e: io::Error| bad(what, e);
+    let h = e.header();
+    use ::tar::EntryType as T;
+    let kind = match h.entry_type() {
+        T::Regular | T::Continuous => Kind::File,
+        T::Directory => Kind::Dir,
+        T::Symlink => Kind::Symlink,
+        T::Link => Kind::Hardlink,
+        T::Char => Kind::Char,
+        T::Block => Kind::Block,
+        T::Fifo => Kind::Fifo,
+        T::GNUSparse => {
+            return Err(Error::Unsupported(format!(
+                "GNU sparse file {:?} in {what}",
+                String::from_utf8_lossy(&e.path_bytes())
+            )));
+        }
+        _ => return Ok(None), // global headers and vendor extensions carry no file
+    };
+    let raw_path = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+    let path = match clean_path(&raw_path) {
+        Ok(p) => p,
+        Err(err) => {
+            tracing::warn!("skipping entry of {what}: {err}");
+            return Ok(None);
+        }
+    };
+    let mut entry = Entry::new(path, kind);
+    entry.mode = h.mode().map_err(bad)? & 0o7777;
+    entry.uid = h.uid().map_err(bad)? as u32;
+    entry.gid = h.gid().map_err(bad)? as u32;
+    entry.mtime = (h.mtime().map_err(bad)? as i64, 0);
+    entry.link = e
+        .link_name_bytes()
+        .map(|l| String::from_utf8_lossy(&l).into_owned());
+    if matches!(kind, Kind::Char | Kind::Block) {
+        entry.rdev = (
+            h.device_major().map_err(bad)?.unwrap_or(0),
+            h.device_minor().map_err(bad)?.unwrap_or(0),
+        );
+    }
+    if let Some(pax) = e.pax_extensions().map_err(bad)? {
+        for ext in pax {
+            let ext = ext.map_err(bad)?;
+            let Ok(key) = ext.key() else { continue };
+            let val = ext.value_bytes();
+            let num = || {
+                std::str::from_utf8(val)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+            };
+            match key {
+                "uid" => entry.uid = num().unwrap_or(entry.uid as u64) as u32,
+                "gid" => entry.gid = num().unwrap_or(entry.gid as u64) as u32,
+                "mtime" => {
+                    if let Some(t) = std::str::from_utf8(val).ok().and_then(parse_pax_time) {
+                        entry.mtime = t;
                     }
-                    k => {
-                        if let Some(name) = k.strip_prefix("SCHILY.xattr.") {
-                            entry.xattrs.push((name.to_string(), val.to_vec()));
-                        }
+                }
+                k => {
+                    if let Some(name) = k.strip_prefix("SCHILY.xattr.") {
+                        entry.xattrs.push((name.to_string(), val.to_vec()));
                     }
                 }
             }
         }
-        if kind == Kind::File {
-            entry.size = e.size();
-            if entry.size > 0 {
-                entry.data = Locator::Tar {
-                    offset: e.raw_file_position(),
-                };
-            }
-        }
-        out.push(entry);
     }
-    Ok(out)
+    if kind == Kind::File {
+        entry.size = e.size();
+        if entry.size > 0 {
+            entry.data = Locator::Tar {
+                offset: e.raw_file_position(),
+            };
+        }
+    }
+    Ok(Some(entry))
 }
 
 /// PAX times are decimal seconds with an optional fraction.

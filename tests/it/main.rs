@@ -65,7 +65,8 @@ fn base_layers() -> Vec<Vec<u8>> {
         file("replaced-dir", "now a file\n"),
         Item::Dir("etc", 0o755),
         file("etc/hostname", "changed\n"),
-        Item::Hardlink("linked2", "tobelinked"),
+        file("newfile", "new"),
+        Item::Hardlink("linked2", "newfile"),
     ]);
     vec![l0, l1]
 }
@@ -259,6 +260,37 @@ fn multi_platform_index_chooses_and_explains() {
     assert_eq!(v["platforms"].as_array().unwrap().len(), 2);
     assert_eq!(v["layers"][0]["format"], "gzip");
     assert!(v["index"].as_str().unwrap().starts_with("sha256:"));
+
+    // Converting keeps the index: every platform becomes eStargz.
+    let dst = format!("{}/multi/esgz:multi", reg.addr);
+    let (ok, _, err) = ocifs(&["convert", "--estargz", "--cache-dir", cd, &r, &dst], &[]);
+    assert!(ok, "convert: {err}");
+    for (platform, want) in [("linux/arm64", "arm64\n"), ("linux/amd64", "amd64\n")] {
+        let (ok, out, err) = ocifs(&["inspect", "--json", "--platform", platform, &dst], &[]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (
+                v["layers"][0]["format"].as_str(),
+                v["platforms"].as_array().map(Vec::len)
+            ),
+            (Some("estargz"), Some(2))
+        );
+        let (ok, out, err) = ocifs(
+            &[
+                "cat",
+                "--cache-dir",
+                cd,
+                "--platform",
+                platform,
+                &dst,
+                "arch",
+            ],
+            &[],
+        );
+        assert!(ok, "{err}");
+        assert_eq!(String::from_utf8(out).unwrap(), want);
+    }
 }
 
 #[test]
@@ -833,4 +865,122 @@ fn recorded_profile_prefetches_a_second_start() {
         0,
         "profile prefetch fetched it already"
     );
+}
+
+#[test]
+fn convert_to_estargz_is_correct_lazy_and_readable_by_stargz_snapshotter() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let work = TempDir::new("convert");
+    let tars = base_layers();
+    let layers: Vec<_> = tars
+        .iter()
+        .cloned()
+        .zip([Enc::Gzip, Enc::Tar])
+        .map(|(t, e)| encode(t, e))
+        .collect();
+    let dir = layout(
+        &work.path().join("layout"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+    );
+    push(&dir, "v1", &reg.addr, "conv/src", None);
+    let profile = work.path().join("profile");
+    std::fs::write(&profile, "{\"layer\":\"\",\"path\":\"bin/tool\",\"offset\":0,\"len\":10}\n{\"layer\":\"\",\"path\":\"opq/upper\",\"offset\":0,\"len\":5}\n").unwrap();
+    let cache = work.path().join("cache");
+    let cd = cache.to_str().unwrap();
+    let src = format!("{}/conv/src:v1", reg.addr);
+    let dst = format!("{}/conv/dst:v1", reg.addr);
+    let (ok, out, err) = ocifs(
+        &[
+            "convert",
+            "--estargz",
+            "--chunk-size",
+            "64KiB",
+            "--profile",
+            profile.to_str().unwrap(),
+            "--cache-dir",
+            cd,
+            &src,
+            &dst,
+        ],
+        &[],
+    );
+    assert!(ok, "convert: {err}");
+    assert!(String::from_utf8_lossy(&out).contains("converted"), "{err}");
+
+    let (ok, out, err) = ocifs(&["inspect", "--json", &dst], &[]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let formats: Vec<&str> = v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["format"].as_str().unwrap())
+        .collect();
+    assert_eq!(formats, ["estargz", "estargz"]);
+
+    // The converted image is the same tree.
+    let expected_root = work.path().join("expected");
+    oracle::extract(&[&tars[0], &tars[1]], &expected_root);
+    let m = Mount::new(&dst, &[], &[]);
+    oracle::assert_same(
+        &oracle::snapshot(&expected_root),
+        &oracle::snapshot(m.path()),
+    );
+
+    // stargz-snapshotter's own reader accepts every layer: TOC digest and chunk digests.
+    for (i, l) in v["layers"].as_array().unwrap().iter().enumerate() {
+        let digest = l["digest"].as_str().unwrap();
+        let (ok, blob, err) = ocifs(&["fetch", &dst, digest], &[]);
+        assert!(ok, "{err}");
+        let path = work.path().join(format!("layer{i}.esgz"));
+        std::fs::write(&path, &blob).unwrap();
+        let toc = {
+            let (_, manifest, _) = ocifs(&["fetch", &dst], &[]);
+            let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+            m["layers"][i]["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let file = if i == 0 { "bin/tool" } else { "opq/upper" };
+        let out = std::process::Command::new(builder::estargz_tool())
+            .args(["--verify", path.to_str().unwrap(), &toc, file])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "stargz-snapshotter rejects layer {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want = builder::sha(
+            &std::fs::read(expected_root.join(if i == 0 { "bin/tool" } else { "opq/upper" }))
+                .unwrap(),
+        );
+        assert_eq!(
+            format!(
+                "sha256:{}",
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+            ),
+            want
+        );
+    }
+
+    // To an OCI layout too, mounted from there with the same code path.
+    let oci = work.path().join("oci-out");
+    let dest = format!("oci:{}:esgz", oci.display());
+    let (ok, _, err) = ocifs(
+        &["convert", "--estargz", "--cache-dir", cd, &src, &dest],
+        &[],
+    );
+    assert!(ok, "convert to layout: {err}");
+    let (ok, out, err) = ocifs(&["cat", "--cache-dir", cd, &dest, "etc/hostname"], &[]);
+    assert!(ok, "{err}");
+    assert_eq!(out, b"changed\n");
 }

@@ -1,0 +1,300 @@
+//! `ocifs convert`: rewrite an image's layers as eStargz and push the result.
+//!
+//! For every manifest (each platform of an index), each layer is unpacked to a local tar
+//! (verified against its digest), rewritten by [`estargz::write`] with the profiled files
+//! first, and uploaded; the config's `diff_ids` and the layer annotations (TOC digest,
+//! uncompressed size) are updated, then the config, the manifest and (for multi-platform
+//! images) a new index are pushed. Destinations are a registry repository or an OCI layout.
+
+pub mod estargz;
+
+use crate::error::{Error, Result};
+use crate::image::Source;
+use crate::layer::{Format, streamed};
+use crate::registry::Registry;
+use crate::stats::Access;
+use bytes::Bytes;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// Where converted images go.
+pub enum Destination {
+    Registry {
+        registry: Arc<Registry>,
+        repo: String,
+        tag: String,
+    },
+    Layout {
+        dir: PathBuf,
+        tag: String,
+    },
+}
+
+/// How to convert.
+pub struct Options {
+    pub chunk_size: u64,
+    /// A recorded access profile: its files go first in the layers that hold them.
+    pub profile: Vec<Access>,
+    /// Working space for unpacked layers and written blobs.
+    pub work_dir: PathBuf,
+}
+
+/// Progress lines for the user.
+pub type Report = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Converts the image `reference` of `source` and pushes it to `dest`; returns the digest of
+/// the pushed manifest (or index).
+pub async fn convert(
+    source: &Source,
+    reference: &str,
+    dest: &Destination,
+    opts: &Options,
+    report: Report,
+) -> Result<String> {
+    let by = match source.head(reference).await? {
+        Some(meta) => meta.digest,
+        None => reference.to_string(),
+    };
+    let (body, _) = source.manifest(&by).await?;
+    let top: Value =
+        serde_json::from_slice(&body).map_err(|e| Error::format("manifest", e.to_string()))?;
+    let (bytes, media_type) = if top.get("manifests").is_some() {
+        let mut index = top.clone();
+        let mut out = Vec::new();
+        for m in top["manifests"].as_array().into_iter().flatten() {
+            let d = m["digest"]
+                .as_str()
+                .ok_or_else(|| Error::format("image index", "manifest without digest"))?;
+            let (digest, size) = convert_manifest(source, d, dest, opts, &report).await?;
+            let mut m = m.clone();
+            m["mediaType"] = OCI_MANIFEST.into();
+            m["digest"] = digest.into();
+            m["size"] = size.into();
+            out.push(m);
+        }
+        index["manifests"] = Value::Array(out);
+        index["mediaType"] = OCI_INDEX.into();
+        (to_bytes(&index), OCI_INDEX)
+    } else {
+        (
+            converted_manifest(source, &top, dest, opts, &report).await?,
+            OCI_MANIFEST,
+        )
+    };
+    let digest = crate::digest::sha256(&bytes);
+    dest.put_manifest(media_type, bytes, true).await?;
+    Ok(digest)
+}
+
+async fn convert_manifest(
+    source: &Source,
+    digest: &str,
+    dest: &Destination,
+    opts: &Options,
+    report: &Report,
+) -> Result<(String, u64)> {
+    let (body, _) = source.manifest(digest).await?;
+    let manifest: Value =
+        serde_json::from_slice(&body).map_err(|e| Error::format("manifest", e.to_string()))?;
+    let bytes = converted_manifest(source, &manifest, dest, opts, report).await?;
+    let (d, size) = (crate::digest::sha256(&bytes), bytes.len() as u64);
+    dest.put_manifest(OCI_MANIFEST, bytes, false).await?;
+    Ok((d, size))
+}
+
+/// Converts the layers of one manifest; returns the new manifest's bytes (not yet pushed).
+async fn converted_manifest(
+    source: &Source,
+    manifest: &Value,
+    dest: &Destination,
+    opts: &Options,
+    report: &Report,
+) -> Result<Bytes> {
+    let cfg_desc = &manifest["config"];
+    let cfg_digest = cfg_desc["digest"]
+        .as_str()
+        .ok_or_else(|| Error::format("manifest", "no config digest"))?;
+    let cfg_size = cfg_desc["size"]
+        .as_u64()
+        .ok_or_else(|| Error::format("manifest", "no config size"))?;
+    let mut config: Value = serde_json::from_slice(&source.small_blob(cfg_digest, cfg_size).await?)
+        .map_err(|e| Error::format("image config", e.to_string()))?;
+    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+    let mut new_layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        let digest = l["digest"]
+            .as_str()
+            .ok_or_else(|| Error::format("manifest", "layer without digest"))?;
+        let size = l["size"]
+            .as_u64()
+            .ok_or_else(|| Error::format("manifest", "layer without size"))?;
+        let media_type = l["mediaType"].as_str().unwrap_or_default();
+        let tar = local_tar(
+            source,
+            digest,
+            size,
+            Format::from_media_type(media_type)?,
+            &opts.work_dir,
+        )
+        .await?;
+        let prioritized = profile_paths(&opts.profile, digest);
+        let out_path = opts
+            .work_dir
+            .join(format!("{}.esgz", digest.replace(':', "-")));
+        let (chunk_size, out2) = (opts.chunk_size, out_path.clone());
+        let written = tokio::task::spawn_blocking(move || -> Result<estargz::Written> {
+            let input = std::io::BufReader::new(std::fs::File::open(&tar)?);
+            let out = std::io::BufWriter::new(std::fs::File::create(&out2)?);
+            estargz::write(
+                input,
+                out,
+                &estargz::Options {
+                    chunk_size,
+                    prioritized,
+                },
+            )
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        let data = Bytes::from(tokio::fs::read(&out_path).await?);
+        dest.put_blob(&written.digest, data).await?;
+        let _ = tokio::fs::remove_file(&out_path).await;
+        report(&format!(
+            "layer {}/{}: {digest} -> {} ({} bytes, eStargz)",
+            i + 1,
+            layers.len(),
+            written.digest,
+            written.size
+        ));
+        new_layers.push(json!({
+            "mediaType": GZIP_LAYER, "digest": written.digest, "size": written.size,
+            "annotations": {
+                crate::layer::estargz::TOC_DIGEST_ANNOTATION: written.toc_digest,
+                "io.containers.estargz.uncompressed-size": written.uncompressed_size.to_string(),
+            },
+        }));
+        diff_ids.push(Value::from(written.diff_id));
+    }
+    config["rootfs"]["diff_ids"] = Value::Array(diff_ids);
+    let config_bytes = to_bytes(&config);
+    let config_digest = crate::digest::sha256(&config_bytes);
+    let config_size = config_bytes.len();
+    dest.put_blob(&config_digest, config_bytes).await?;
+    let mut out = manifest.clone();
+    out["mediaType"] = OCI_MANIFEST.into();
+    out["config"] = json!({"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size});
+    out["layers"] = Value::Array(new_layers);
+    Ok(to_bytes(&out))
+}
+
+/// The profile's paths for one source layer, first access first, each once.
+fn profile_paths(profile: &[Access], layer: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    profile
+        .iter()
+        .filter(|a| a.layer == layer || a.layer.is_empty())
+        .filter(|a| seen.insert(a.path.clone()))
+        .map(|a| a.path.clone())
+        .collect()
+}
+
+/// The layer as a verified local uncompressed tar.
+async fn local_tar(
+    source: &Source,
+    digest: &str,
+    size: u64,
+    format: Format,
+    work: &Path,
+) -> Result<PathBuf> {
+    let raw = source.blob(digest, size)?;
+    if format != Format::Tar {
+        streamed::local_tar(raw, format, work, &|_, _| {}).await?;
+        return Ok(streamed::tar_path(work, digest));
+    }
+    let path = streamed::tar_path(work, digest);
+    if !path.exists() {
+        crate::verify::verify_blob(&raw).await?;
+        tokio::fs::create_dir_all(path.parent().unwrap()).await?;
+        let mut f = tokio::fs::File::create(&path).await?;
+        let mut off = 0;
+        while off < size {
+            let piece = raw.read_at(off, (8 << 20).min(size - off)).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut f, &piece).await?;
+            off += piece.len() as u64;
+        }
+    }
+    Ok(path)
+}
+
+fn to_bytes(v: &Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(v).expect("JSON of JSON values"))
+}
+
+impl Destination {
+    async fn put_blob(&self, digest: &str, data: Bytes) -> Result<()> {
+        match self {
+            Destination::Registry { registry, repo, .. } => {
+                registry.push_blob(repo, digest, data).await
+            }
+            Destination::Layout { dir, .. } => {
+                let path = dir.join("blobs/sha256").join(&digest[7..]);
+                tokio::fs::create_dir_all(path.parent().unwrap()).await?;
+                tokio::fs::write(path, data).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Puts a manifest by digest, and under the destination tag when `tagged`.
+    async fn put_manifest(&self, media_type: &str, data: Bytes, tagged: bool) -> Result<()> {
+        let digest = crate::digest::sha256(&data);
+        match self {
+            Destination::Registry {
+                registry,
+                repo,
+                tag,
+            } => {
+                let reference = if tagged {
+                    tag.as_str()
+                } else {
+                    digest.as_str()
+                };
+                registry
+                    .push_manifest(repo, reference, media_type, data)
+                    .await?;
+                Ok(())
+            }
+            Destination::Layout { dir, tag } => {
+                let size = data.len();
+                self.put_blob(&digest, data).await?;
+                if tagged {
+                    let index_path = dir.join("index.json");
+                    let mut index: Value = match tokio::fs::read(&index_path).await {
+                        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                            Error::format(index_path.display().to_string(), e.to_string())
+                        })?,
+                        Err(_) => json!({"schemaVersion": 2, "manifests": []}),
+                    };
+                    let mut manifests = index["manifests"].as_array().cloned().unwrap_or_default();
+                    manifests.retain(|m| {
+                        m["annotations"]["org.opencontainers.image.ref.name"] != tag.as_str()
+                    });
+                    manifests.push(json!({"mediaType": media_type, "digest": digest, "size": size,
+                                          "annotations": {"org.opencontainers.image.ref.name": tag}}));
+                    index["manifests"] = Value::Array(manifests);
+                    tokio::fs::write(&index_path, to_bytes(&index)).await?;
+                    tokio::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+                        .await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
