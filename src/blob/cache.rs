@@ -3,8 +3,8 @@
 //! Blobs are named by digest and immutable, so a cached block is never invalidated. Memory is
 //! an LRU bounded in bytes; an optional directory keeps blocks across remounts. A block that
 //! several readers want at once is fetched once (single flight, via a per-block async lock),
-//! and the blocks of one read are fetched concurrently. Reads that continue exactly where the
-//! previous read of the same blob ended form a sequential run; once a run covers two blocks,
+//! and the blocks of one read are fetched concurrently. Reads that touch or follow the previous
+//! read's last block form a sequential run; once a run has crossed two block boundaries,
 //! the next few blocks are fetched in the background (read-ahead), so a streaming reader
 //! waits for the network once per window instead of once per block, while small files read
 //! whole never pull in their neighbours.
@@ -74,7 +74,7 @@ impl BlockCache {
         Arc::new(CachedBlob {
             inner,
             cache: self.clone(),
-            last_end: AtomicU64::new(u64::MAX),
+            last_block: AtomicU64::new(u64::MAX),
             run: AtomicU64::new(0),
         })
     }
@@ -163,9 +163,9 @@ impl BlockCache {
 pub struct CachedBlob {
     inner: Blob,
     cache: Arc<BlockCache>,
-    /// Where the previous read ended, to recognise sequential reading.
-    last_end: AtomicU64,
-    /// Bytes read in the current sequential run.
+    /// The last block of the previous read, to recognise sequential reading.
+    last_block: AtomicU64,
+    /// Block boundaries crossed in the current sequential run.
     run: AtomicU64,
 }
 
@@ -206,13 +206,20 @@ impl BlobSource for CachedBlob {
         }
         let bs = self.cache.block_size;
         let (first, last) = (offset / bs, (offset + len - 1) / bs);
-        let run = if self.last_end.swap(offset + len, Ordering::Relaxed) == offset {
-            self.run.fetch_add(len, Ordering::Relaxed) + len
-        } else {
-            self.run.store(len, Ordering::Relaxed);
-            len
+        // Sequential: this read touches or follows the previous read's last block (the kernel
+        // may deliver its read-ahead requests slightly out of order). The run counts the
+        // block boundaries crossed moving forward.
+        let prev = self.last_block.swap(last, Ordering::Relaxed);
+        let sequential = prev != u64::MAX && first <= prev + 1 && last + 1 >= prev;
+        let run = match (sequential, last > prev) {
+            (true, true) => self.run.fetch_add(last - prev, Ordering::Relaxed) + (last - prev),
+            (true, false) => self.run.load(Ordering::Relaxed),
+            (false, _) => {
+                self.run.store(0, Ordering::Relaxed);
+                0
+            }
         };
-        if run >= 2 * bs && self.cache.readahead > 0 {
+        if run >= 2 && self.cache.readahead > 0 {
             self.read_ahead(last);
         }
         let blocks = futures::future::try_join_all(

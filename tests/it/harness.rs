@@ -161,6 +161,7 @@ impl Proxy {
         let requests = Arc::new(AtomicU64::new(0));
         let ctx = Arc::new(ProxyCtx {
             link,
+            link_free: std::sync::Mutex::new(std::time::Instant::now()),
             requests: requests.clone(),
             upstream: upstream.to_string(),
             addr: addr.clone(),
@@ -195,6 +196,8 @@ impl Proxy {
 
 struct ProxyCtx {
     link: Option<(Duration, u64)>,
+    /// When the emulated link is next free to carry bytes.
+    link_free: std::sync::Mutex<std::time::Instant>,
     requests: Arc<AtomicU64>,
     upstream: String,
     addr: String,
@@ -210,8 +213,8 @@ impl ProxyCtx {
         let mut buf = Vec::new();
         let mut byte = [0u8; 1];
         while !buf.ends_with(b"\r\n\r\n") {
-            if conn.read(&mut byte)? == 0 {
-                return Ok(());
+            if conn.read(&mut byte)? == 0 || (buf.is_empty() && byte[0] == 0x16) {
+                return Ok(()); // closed, or a TLS hello: plain HTTP only, refuse at once
             }
             buf.push(byte[0]);
         }
@@ -326,7 +329,14 @@ impl ProxyCtx {
             .map(str::to_string);
         let body = resp.bytes().unwrap_or_default();
         if let Some((_, rate)) = self.link {
-            std::thread::sleep(Duration::from_secs_f64(body.len() as f64 / rate as f64));
+            // One shared token bucket: all connections together get `rate` bytes/s.
+            let wait = {
+                let mut free = self.link_free.lock().unwrap();
+                let start = (*free).max(std::time::Instant::now());
+                *free = start + Duration::from_secs_f64(body.len() as f64 / rate as f64);
+                *free - std::time::Instant::now()
+            };
+            std::thread::sleep(wait);
         }
         if method == "GET" && target.contains("/blobs/") {
             self.blob_bytes
