@@ -288,19 +288,19 @@ async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
                 "TOC at the end of the blob".to_string()
             }
             Some(Format::Tar) => "uncompressed: headers walked with ranged reads".to_string(),
-            Some(Format::Gzip) => {
-                let path = ocifs::layer::gzindex::file::path(&cfg.cache_dir, &l.digest);
-                match std::fs::read(&path).ok().map(|b| (b.len(), ocifs::layer::gzindex::file::decode(&b, &l.digest))) {
+            Some(f @ (Format::Gzip | Format::Zstd)) => {
+                let path = ocifs::layer::checkpoint::file::path(&cfg.cache_dir, &l.digest);
+                match std::fs::read(&path).ok().map(|b| (b.len(), ocifs::layer::checkpoint::file::decode(&b, &l.digest))) {
                     Some((size, Ok(i))) => {
                         index = serde_json::json!({"source": "cached", "path": path, "spans": i.checkpoints.len(),
                             "span": i.span, "bytes": size, "uncompressedSize": i.uncomp_size});
                         format!("checkpoint index cached: {} spans of {} MiB, {} KiB, uncompressed {} bytes", i.checkpoints.len(), i.span >> 20, size >> 10, i.uncomp_size)
                     }
                     Some((_, Err(e))) => format!("cached checkpoint index rejected ({e}); the next mount rebuilds it"),
-                    None => "checkpoint index built by the first mount (one pass over the blob), then kept".to_string(),
+                    None if f == Format::Gzip => "checkpoint index built by the first mount (one pass over the blob), then kept".to_string(),
+                    None => "lazy if multi-frame (frame index built by the first mount); a single frame is unpacked once".to_string(),
                 }
             }
-            Some(_) => "single-frame zstd: streamed once into the cache directory".to_string(),
             None => "unknown media type".to_string(),
         };
         layers.push(serde_json::json!({
@@ -406,7 +406,7 @@ async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
             println!("{} {}: no index needed", layer.digest, layer.format.name());
             continue;
         };
-        let path = ocifs::layer::gzindex::file::path(&cache_dir, &layer.digest);
+        let path = ocifs::layer::checkpoint::file::path(&cache_dir, &layer.digest);
         let bytes = std::fs::read(&path)
             .with_context(|| format!("reading the index {}", path.display()))?;
         println!(
@@ -434,7 +434,7 @@ async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
         r.manifest_media_type.as_str(),
         r.manifest.len() as u64,
     );
-    let digest = ocifs::layer::gzindex::share::push(registry, repo, subject, &indexes).await?;
+    let digest = ocifs::layer::checkpoint::share::push(registry, repo, subject, &indexes).await?;
     println!(
         "pushed {} index(es) as {digest}, referring to {}",
         indexes.len(),

@@ -7,7 +7,7 @@ use crate::blob::Blob;
 use crate::blob::cache::BlockCache;
 use crate::config::{OpenConfig, VerifyMode};
 use crate::error::Result;
-use crate::layer::gzindex::{self, GzIndex, share};
+use crate::layer::checkpoint::{self, CheckpointIndex, Codec, share};
 use crate::layer::{Entry, Format, Health, Layer, LayerData, LayerDesc, estargz, streamed, tar};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -59,15 +59,28 @@ impl Ctx<'_> {
                         (LayerData::Estargz(reader), entries, initial)
                     }
                     None => {
-                        let (index, from) = self.gzip_index(cached.clone()).await?;
+                        let (index, from) = self.index(cached.clone(), Codec::Gzip).await?;
                         index_source = Some(from);
-                        gzip_layer(index, cached)
+                        indexed_layer(index, cached)
                     }
                 }
             }
-            Format::Zstd | Format::Estargz | Format::LegacyStargz => {
-                self.streamed(raw, format).await?
+            Format::Zstd => {
+                // Multi-frame zstd is lazy through a frame index; a single frame is not
+                // seekable, so it is unpacked once (from the blocks the pass already cached).
+                let unpacked = streamed::tar_path(&self.cfg.cache_dir, &desc.digest).exists();
+                match unpacked {
+                    false => match self.index(cached.clone(), Codec::Zstd).await? {
+                        (index, from) if index.checkpoints.len() > 1 => {
+                            index_source = Some(from);
+                            indexed_layer(index, cached)
+                        }
+                        _ => self.streamed(cached, format).await?,
+                    },
+                    true => self.streamed(cached, format).await?,
+                }
             }
+            Format::Estargz | Format::LegacyStargz => self.streamed(raw, format).await?,
         };
         let layer = Layer {
             digest: desc.digest.clone(),
@@ -79,12 +92,12 @@ impl Ctx<'_> {
         Ok((layer, entries))
     }
 
-    /// The checkpoint index of a gzip layer and where it came from.
-    async fn gzip_index(&self, cached: Blob) -> Result<(GzIndex, &'static str)> {
+    /// The checkpoint index of a gzip or zstd layer and where it came from.
+    async fn index(&self, cached: Blob, codec: Codec) -> Result<(CheckpointIndex, &'static str)> {
         let digest = cached.id().to_string();
-        let path = gzindex::file::path(&self.cfg.cache_dir, &digest);
+        let path = checkpoint::file::path(&self.cfg.cache_dir, &digest);
         match tokio::fs::read(&path).await {
-            Ok(bytes) => match gzindex::file::decode(&bytes, &digest) {
+            Ok(bytes) => match checkpoint::file::decode(&bytes, &digest) {
                 Ok(index) => return Ok((index, "cached")),
                 Err(e) => tracing::warn!("rejected {}: {e}; looking for another", path.display()),
             },
@@ -116,8 +129,8 @@ impl Ctx<'_> {
         let d = digest.clone();
         let progress = self.progress.clone();
         let report = move |done: u64, total: u64| progress(&d, done, total);
-        let index = GzIndex::build(cached, self.cfg.span, &report).await?;
-        keep(&path, &gzindex::file::encode(&index)).await;
+        let index = CheckpointIndex::build(cached, codec, self.cfg.span, &report).await?;
+        keep(&path, &checkpoint::file::encode(&index)).await;
         Ok((index, "built"))
     }
 
@@ -132,11 +145,11 @@ impl Ctx<'_> {
     }
 }
 
-/// Serves a gzip layer through its index. The index came from a pass that checked the whole
+/// Serves a layer through its index. The index came from a pass that checked the whole
 /// blob's digest, and every read checks its span's digest: nothing is served unverified.
-fn gzip_layer(mut index: GzIndex, cached: Blob) -> (LayerData, Vec<Entry>, Health) {
+fn indexed_layer(mut index: CheckpointIndex, cached: Blob) -> (LayerData, Vec<Entry>, Health) {
     let entries = std::mem::take(&mut index.entries);
-    let blob = Arc::new(gzindex::GzBlob::new(Arc::new(index), cached));
+    let blob = Arc::new(checkpoint::CheckpointBlob::new(Arc::new(index), cached));
     (LayerData::Tar(blob), entries, Health::Verified)
 }
 

@@ -8,11 +8,12 @@
 //! |---|---|---|
 //! | uncompressed tar | [`tar`] | yes: headers walked with ranged reads |
 //! | eStargz / legacy stargz | [`estargz`] | yes: footer -> TOC -> per-chunk fetch + digest check |
-//! | gzip tar | [`gzindex`] | yes, through a checkpoint index built in one pass and kept |
-//! | zstd tar | [`streamed`] | no: streamed once, digest checked, kept as a local tar |
+//! | gzip tar | [`checkpoint`] | yes, through a checkpoint index built in one pass and kept |
+//! | zstd tar, multi-frame | [`checkpoint`] | yes, through a frame index built in one pass |
+//! | zstd tar, single frame | [`streamed`] | no: streamed once, digest checked, kept as a local tar |
 
+pub mod checkpoint;
 pub mod estargz;
-pub mod gzindex;
 pub mod streamed;
 pub mod tar;
 
@@ -111,7 +112,8 @@ impl Format {
         })
     }
 
-    /// Whether reads fetch only what they need (gzip: once its checkpoint index exists).
+    /// Whether reads fetch only what they need (gzip: once its checkpoint index exists; zstd
+    /// is lazy only when multi-frame, which the media type does not tell).
     pub fn is_lazy(self) -> bool {
         !matches!(self, Format::Zstd)
     }

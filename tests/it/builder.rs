@@ -118,6 +118,11 @@ pub enum Enc {
     /// pigz with small blocks: several gzip members.
     Pigz,
     Zstd,
+    /// pzstd: several frames, each preceded by a skippable frame.
+    Pzstd,
+    /// libzstd frames of 64 KiB of input each, with a skippable frame in between (the shape
+    /// of seekable zstd and zstd:chunked).
+    ZstdFrames,
     Estargz,
 }
 
@@ -205,6 +210,22 @@ pub fn encode_prioritized(tar: Vec<u8>, enc: Enc, first: &[&str]) -> EncodedLaye
             pipe("zstd", &["-q", "-c"], &tar),
             "application/vnd.oci.image.layer.v1.tar+zstd",
         ),
+        Enc::Pzstd => (
+            pipe("pzstd", &["-q", "-p", "2", "-c"], &tar),
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+        ),
+        Enc::ZstdFrames => {
+            let mut out = Vec::new();
+            for (i, part) in tar.chunks(64 * 1024).enumerate() {
+                out.extend(zstd::bulk::compress(part, 3).unwrap());
+                if i == 1 {
+                    out.extend_from_slice(&0x184D2A50u32.to_le_bytes());
+                    out.extend_from_slice(&4u32.to_le_bytes());
+                    out.extend_from_slice(b"meta");
+                }
+            }
+            (out, "application/vnd.oci.image.layer.v1.tar+zstd")
+        }
         Enc::Estargz => {
             let tmp = std::env::temp_dir().join(format!(
                 "ocifs-estargz-{}-{}.tar",

@@ -567,6 +567,74 @@ fn gzip_checkpoint_indexes_from_many_encoders() {
 }
 
 #[test]
+fn multi_frame_zstd_is_lazy_through_a_frame_index() {
+    // pzstd frames are large: give it a layer with a big file so it makes several.
+    let mut tars = span_layers();
+    tars.push(builder::tar(&[
+        Item::Dir("big", 0o755),
+        file("big/blob", noise(24 << 20, 11)),
+    ]));
+    conformance_with(&[Enc::Pzstd], tars, &["--span", "64KiB"], false);
+    conformance_with(
+        &[Enc::ZstdFrames],
+        span_layers(),
+        &["--span", "64KiB"],
+        false,
+    );
+    if !require(TOOLS, true) {
+        return;
+    }
+    // Lazy: one small file costs a fraction of the blob once the index exists.
+    let reg = Registry::start(None);
+    let proxy = Proxy::start(&reg.addr, None);
+    let work = TempDir::new("zstdlazy");
+    let tar = builder::tar(&[
+        file("small.txt", "small\n"),
+        file("big.bin", noise(8 << 20, 12)),
+        file("tail.txt", "tail\n"),
+    ]);
+    let layers = vec![encode(tar, Enc::ZstdFrames)];
+    let blob_size = layers[0].blob.len() as u64;
+    let dir = layout(
+        &work.path().join("layout"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+    );
+    push(&dir, "v1", &reg.addr, "zl/image", None);
+    let r = format!("{}/zl/image:v1", proxy.addr);
+    let builder_cache = TempDir::new("zl-builder");
+    let (ok, out, err) = ocifs(
+        &[
+            "index",
+            "--push",
+            "--span",
+            "256KiB",
+            "--cache-dir",
+            builder_cache.path().to_str().unwrap(),
+            &r,
+        ],
+        &[],
+    );
+    assert!(
+        ok && String::from_utf8_lossy(&out).contains("pushed 1 index"),
+        "{err}"
+    );
+    proxy.reset();
+    let m = Mount::new(&r, &["--verify", "off"], &[]);
+    assert!(
+        m.ready.contains("zstd (index from registry)"),
+        "{}",
+        m.ready
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.path().join("tail.txt")).unwrap(),
+        "tail\n"
+    );
+    let fetched = proxy.blob_bytes.load(Ordering::SeqCst);
+    assert!(fetched * 4 < blob_size, "fetched {fetched} of {blob_size}");
+}
+
+#[test]
 fn gzip_index_is_kept_reused_lazily_and_rebuilt_when_corrupt() {
     if !require(TOOLS, true) {
         return;
@@ -589,7 +657,7 @@ fn gzip_index_is_kept_reused_lazily_and_rebuilt_when_corrupt() {
     );
     push(&dir, "v1", &reg.addr, "gzi/image", None);
     let r = format!("{}/gzi/image:v1", proxy.addr);
-    let index_name = format!("indexes/{}.gzi", digest.replace(':', "-"));
+    let index_name = format!("indexes/{}.idx", digest.replace(':', "-"));
 
     // First mount builds the index (one pass over the blob) and keeps it.
     let first = Mount::new(&r, &["--span", "256KiB"], &[]);

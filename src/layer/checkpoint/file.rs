@@ -1,19 +1,19 @@
-//! The on-disk form of a [`GzIndex`]: a compact, versioned, self-checking binary file.
+//! The on-disk form of a [`CheckpointIndex`]: a compact, versioned, self-checking binary file.
 //!
-//! Layout: magic `OCIFSGZI`, format version (u32 LE), payload length (u64 LE), sha256 of the
+//! Layout: magic `OCIFSGZI`, format version (u32 LE, 2: adds the codec), payload length (u64 LE), sha256 of the
 //! payload, then the payload: zstd-compressed little-endian fields (layer digest, span, sizes,
 //! checkpoints with their windows, span digests, tar entries). Loading checks every length
 //! against what is left, so a corrupt or hostile file is an error, never a panic or a huge
 //! allocation; the caller also checks the layer digest before trusting it.
 
-use super::{Checkpoint, GzIndex};
+use super::{Checkpoint, CheckpointIndex, Codec};
 use crate::error::{Error, Result};
 use crate::layer::{Entry, Kind, Locator};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"OCIFSGZI";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Decompressed payloads larger than this are refused.
 const MAX_PAYLOAD: usize = 1 << 30;
 
@@ -21,13 +21,17 @@ const MAX_PAYLOAD: usize = 1 << 30;
 pub fn path(cache_dir: &Path, digest: &str) -> PathBuf {
     cache_dir
         .join("indexes")
-        .join(format!("{}.gzi", digest.replace(':', "-")))
+        .join(format!("{}.idx", digest.replace(':', "-")))
 }
 
 /// Serialises `index`.
-pub fn encode(index: &GzIndex) -> Vec<u8> {
+pub fn encode(index: &CheckpointIndex) -> Vec<u8> {
     let mut p = Vec::new();
     put_bytes(&mut p, index.digest.as_bytes());
+    p.push(match index.codec {
+        Codec::Gzip => 0,
+        Codec::Zstd => 1,
+    });
     for v in [
         index.span,
         index.comp_size,
@@ -61,7 +65,7 @@ pub fn encode(index: &GzIndex) -> Vec<u8> {
 }
 
 /// Parses and checks an index file's bytes; `digest` is the layer it must describe.
-pub fn decode(data: &[u8], digest: &str) -> Result<GzIndex> {
+pub fn decode(data: &[u8], digest: &str) -> Result<CheckpointIndex> {
     let bad = |why: &str| Error::format("gzip index", why.to_string());
     if data.len() < 52 || &data[..8] != MAGIC {
         return Err(bad("not an ocifs gzip index (bad magic or too short)"));
@@ -88,6 +92,11 @@ pub fn decode(data: &[u8], digest: &str) -> Result<GzIndex> {
     if got != digest {
         return Err(bad(&format!("describes layer {got}, not {digest}")));
     }
+    let codec = match r.u8()? {
+        0 => Codec::Gzip,
+        1 => Codec::Zstd,
+        c => return Err(bad(&format!("unknown codec {c}"))),
+    };
     let (span, comp_size, uncomp_size) = (r.u64()?, r.u64()?, r.u64()?);
     let n = r.count(17)?;
     let mut checkpoints = Vec::with_capacity(n);
@@ -126,8 +135,9 @@ pub fn decode(data: &[u8], digest: &str) -> Result<GzIndex> {
     if !r.b.is_empty() {
         return Err(bad("trailing bytes"));
     }
-    Ok(GzIndex {
+    Ok(CheckpointIndex {
         digest: got,
+        codec,
         span,
         comp_size,
         uncomp_size,
@@ -273,15 +283,16 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    fn sample() -> GzIndex {
+    fn sample() -> CheckpointIndex {
         let mut e = Entry::new("a/b".into(), Kind::File);
         e.size = 5;
         e.data = Locator::Tar { offset: 512 };
         e.xattrs.push(("user.x".into(), vec![0, 1]));
         let mut l = Entry::new("l".into(), Kind::Symlink);
         l.link = Some("a/b".into());
-        GzIndex {
+        CheckpointIndex {
             digest: "sha256:abc".into(),
+            codec: Codec::Zstd,
             span: 1024,
             comp_size: 100,
             uncomp_size: 4096,
@@ -310,6 +321,7 @@ mod tests {
         let bytes = encode(&idx);
         let back = decode(&bytes, "sha256:abc").unwrap();
         assert_eq!(back.checkpoints, idx.checkpoints);
+        assert_eq!(back.codec, Codec::Zstd);
         assert_eq!(back.entries.len(), 2);
         assert_eq!(back.entries[0].data, Locator::Tar { offset: 512 });
         assert_eq!(back.entries[1].link.as_deref(), Some("a/b"));

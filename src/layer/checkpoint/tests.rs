@@ -33,10 +33,14 @@ fn gzip(data: &[u8], level: u32) -> Vec<u8> {
     e.finish().unwrap()
 }
 
-async fn check_all_reads(blob_bytes: Vec<u8>, tar: &[u8], span: u64) -> GzIndex {
+async fn check_all_reads(blob_bytes: Vec<u8>, tar: &[u8], span: u64) -> CheckpointIndex {
+    check_reads(blob_bytes, tar, span, Codec::Gzip).await
+}
+
+async fn check_reads(blob_bytes: Vec<u8>, tar: &[u8], span: u64, codec: Codec) -> CheckpointIndex {
     let digest = crate::digest::sha256(&blob_bytes);
     let blob: Blob = Arc::new(MemBlob::new(digest, blob_bytes));
-    let index = GzIndex::build(blob.clone(), span, &|_, _| {})
+    let index = CheckpointIndex::build(blob.clone(), codec, span, &|_, _| {})
         .await
         .unwrap();
     assert!(
@@ -47,7 +51,7 @@ async fn check_all_reads(blob_bytes: Vec<u8>, tar: &[u8], span: u64) -> GzIndex 
     assert_eq!(index.uncomp_size, tar.len() as u64);
     assert_eq!(index.entries.len(), 40);
     let index = Arc::new(index);
-    let gz = GzBlob::new(index.clone(), blob);
+    let gz = CheckpointBlob::new(index.clone(), blob);
     for (off, len) in [
         (0u64, 10u64),
         (12_345, 200_000),
@@ -91,7 +95,7 @@ async fn corrupt_spans_and_blobs_are_refused() {
     let mut bad = good.clone();
     let (s, e) = index.span_extent(2);
     bad[((s + e) / 2) as usize] ^= 1;
-    let gz = GzBlob::new(
+    let gz = CheckpointBlob::new(
         Arc::new(index.clone()),
         Arc::new(MemBlob::new(index.digest.clone(), bad.clone())),
     );
@@ -100,15 +104,63 @@ async fn corrupt_spans_and_blobs_are_refused() {
     assert!(matches!(err, Error::Digest { .. }), "{err}");
     // The whole-blob digest catches it at build time.
     let blob: Blob = Arc::new(MemBlob::new(index.digest.clone(), bad));
-    assert!(GzIndex::build(blob, 64 * 1024, &|_, _| {}).await.is_err());
+    assert!(
+        CheckpointIndex::build(blob, Codec::Gzip, 64 * 1024, &|_, _| {})
+            .await
+            .is_err()
+    );
     // A truncated stream is an error, not a short index.
     let cut = good[..good.len() / 2].to_vec();
     let blob: Blob = Arc::new(MemBlob::new(crate::digest::sha256(&cut), cut));
-    let err = GzIndex::build(blob, 64 * 1024, &|_, _| {})
+    let err = CheckpointIndex::build(blob, Codec::Gzip, 64 * 1024, &|_, _| {})
         .await
         .unwrap_err();
     assert!(
         err.to_string().contains("truncated") || err.to_string().contains("tar"),
         "{err}"
+    );
+}
+
+fn zstd_frames(data: &[u8], frame: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, part) in data.chunks(frame).enumerate() {
+        out.extend(::zstd::bulk::compress(part, 3).unwrap());
+        if i == 2 {
+            // A skippable frame, as zstd:chunked and pzstd carry.
+            out.extend_from_slice(&0x184D2A51u32.to_le_bytes());
+            out.extend_from_slice(&3u32.to_le_bytes());
+            out.extend_from_slice(b"abc");
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn zstd_frames_become_spans_and_reads_match() {
+    let tar = sample_tar();
+    let index = check_reads(zstd_frames(&tar, 50_000), &tar, 64 * 1024, Codec::Zstd).await;
+    assert!(
+        index
+            .checkpoints
+            .iter()
+            .all(|c| c.window.is_empty() && c.bits == 0)
+    );
+}
+
+#[tokio::test]
+async fn single_frame_zstd_is_one_span_and_truncation_is_an_error() {
+    let tar = sample_tar();
+    let one = ::zstd::bulk::compress(&tar, 3).unwrap();
+    let blob: Blob = Arc::new(MemBlob::new(crate::digest::sha256(&one), one.clone()));
+    let index = CheckpointIndex::build(blob, Codec::Zstd, 64 * 1024, &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(index.checkpoints.len(), 1);
+    let cut = one[..one.len() / 2].to_vec();
+    let blob: Blob = Arc::new(MemBlob::new(crate::digest::sha256(&cut), cut));
+    assert!(
+        CheckpointIndex::build(blob, Codec::Zstd, 64 * 1024, &|_, _| {})
+            .await
+            .is_err()
     );
 }

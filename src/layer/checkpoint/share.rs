@@ -8,7 +8,7 @@
 //! an index, and trusts what it finds only after the blob digest, the file's own checksum and
 //! the layer digest inside it all match.
 
-use super::GzIndex;
+use super::CheckpointIndex;
 use crate::error::{Error, Result};
 use crate::image::Source;
 use crate::registry::Registry;
@@ -18,9 +18,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// `artifactType` of the pushed manifest and media type of each index blob.
-pub const ARTIFACT_TYPE: &str = "application/vnd.ocifs.gzip-index.v1";
+pub const ARTIFACT_TYPE: &str = "application/vnd.ocifs.checkpoint-index.v1";
 /// Annotation on each index blob naming the layer it indexes.
-pub const LAYER_ANNOTATION: &str = "io.ocifs.gzip-index.layer";
+pub const LAYER_ANNOTATION: &str = "io.ocifs.checkpoint-index.layer";
 const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 const EMPTY_CONFIG: &[u8] = b"{}";
@@ -82,7 +82,11 @@ pub async fn discover(
 }
 
 /// Fetches and checks a published index for `layer`; returns it with its encoded bytes.
-pub async fn fetch(source: &Source, p: &Published, layer: &str) -> Result<(GzIndex, Bytes)> {
+pub async fn fetch(
+    source: &Source,
+    p: &Published,
+    layer: &str,
+) -> Result<(CheckpointIndex, Bytes)> {
     if p.size > MAX_INDEX {
         return Err(Error::format(
             format!("published index {}", p.digest),

@@ -1,0 +1,341 @@
+//! Checkpoint indexes: lazy reads from ordinary gzip layers and multi-frame zstd layers.
+//!
+//! Neither stream can be entered at an arbitrary offset, but both can be resumed at known
+//! points: gzip at a deflate block boundary given the bit offset and the 32 KiB of output
+//! before it (zlib's zran.c, in [`gzip`]); zstd at the start of any frame (in [`zstd`]). One
+//! streaming pass over the blob records such a checkpoint every `span` bytes of output, the
+//! sha256 of each span's compressed bytes, every tar entry's offset, and checks the whole
+//! blob's digest. Afterwards a read fetches only the compressed span(s) covering it, checks
+//! their digests, and resumes from the checkpoint: one round trip plus one span's decoding.
+//!
+//! Span `k` covers compressed bytes `[start(k), inp(k+1))` where `start` backs up one byte when
+//! a gzip checkpoint begins mid-byte; adjacent spans may share that byte. A single-frame zstd
+//! layer yields one span (the caller then prefers a local copy).
+
+pub mod file;
+mod gzip;
+mod inflate;
+pub mod share;
+mod zstd;
+
+use super::Entry;
+use crate::blob::{Blob, BlobSource, clamp};
+use crate::digest::Hasher;
+use crate::error::{Error, Result};
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+/// Default uncompressed distance between checkpoints.
+pub const DEFAULT_SPAN: u64 = 4 << 20;
+/// Compressed bytes requested per ranged read while building.
+const PIECE: u64 = 8 << 20;
+
+/// Which compression a checkpoint index resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Gzip,
+    Zstd,
+}
+
+/// A resume point in the compressed stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Uncompressed offset.
+    pub out: u64,
+    /// Compressed offset of the first byte not yet (fully) consumed.
+    pub inp: u64,
+    /// Bits (0-7) of the byte at `inp - 1` still to be consumed.
+    pub bits: u8,
+    /// Up to 32 KiB of output preceding `out`.
+    pub window: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// Where this span's compressed bytes start.
+    pub fn start(&self) -> u64 {
+        self.inp - u64::from(self.bits > 0)
+    }
+}
+
+/// Everything needed to serve a gzip layer lazily.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointIndex {
+    /// The layer blob this index describes.
+    pub digest: String,
+    pub codec: Codec,
+    pub span: u64,
+    pub comp_size: u64,
+    pub uncomp_size: u64,
+    pub checkpoints: Vec<Checkpoint>,
+    /// sha256 of each span's compressed bytes.
+    pub span_digests: Vec<[u8; 32]>,
+    /// The layer's tar entries (locators are uncompressed tar offsets).
+    pub entries: Vec<Entry>,
+}
+
+impl CheckpointIndex {
+    /// Compressed extent of span `k` (the bytes its digest covers and a read fetches).
+    pub fn span_extent(&self, k: usize) -> (u64, u64) {
+        let start = self.checkpoints[k].start();
+        let end = self
+            .checkpoints
+            .get(k + 1)
+            .map_or(self.comp_size, |c| c.inp);
+        (start, end)
+    }
+
+    /// Uncompressed extent of span `k`.
+    pub fn span_output(&self, k: usize) -> (u64, u64) {
+        let out = self.checkpoints[k].out;
+        (
+            out,
+            self.checkpoints
+                .get(k + 1)
+                .map_or(self.uncomp_size, |c| c.out),
+        )
+    }
+
+    /// Builds the index of `blob` (a layer whose id is its digest) in one pass.
+    /// `progress` gets (bytes done, total).
+    pub async fn build(
+        blob: Blob,
+        codec: Codec,
+        span: u64,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<CheckpointIndex> {
+        let digest = blob.id().to_string();
+        let size = blob.size();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(2);
+        let builder = tokio::task::spawn_blocking(move || match codec {
+            Codec::Gzip => gzip::pass(rx.into_iter(), span),
+            Codec::Zstd => zstd::pass(rx.into_iter(), span),
+        });
+        let mut hasher = Hasher::default();
+        let mut off = 0;
+        while off < size {
+            let piece = blob.read_at(off, PIECE.min(size - off)).await?;
+            if piece.is_empty() {
+                break;
+            }
+            hasher.update(&piece);
+            off += piece.len() as u64;
+            progress(off, size);
+            if tx.send(piece).is_err() {
+                break; // the builder failed; its error is reported below
+            }
+        }
+        drop(tx);
+        let built = builder
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        let (checkpoints, span_digests, uncomp_size, entries) = built.map_err(|e| match e {
+            Error::Format { reason, .. } => {
+                Error::format(format!("{codec:?} layer {digest}"), reason)
+            }
+            e => e,
+        })?;
+        let actual = hasher.finish();
+        if actual != digest {
+            return Err(Error::Digest {
+                what: format!("layer blob {digest}"),
+                expected: digest,
+                actual,
+            });
+        }
+        Ok(CheckpointIndex {
+            digest,
+            codec,
+            span,
+            comp_size: size,
+            uncomp_size,
+            checkpoints,
+            span_digests,
+            entries,
+        })
+    }
+}
+
+type Built = (Vec<Checkpoint>, Vec<[u8; 32]>, u64, Vec<Entry>);
+
+/// What both codecs' passes share: the tar parser fed with the output on its own thread, and
+/// the bookkeeping of checkpoints and span digests.
+struct Pass {
+    tar_tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    tar: std::thread::JoinHandle<Result<Vec<Entry>>>,
+    checkpoints: Vec<Checkpoint>,
+    digests: Vec<[u8; 32]>,
+    /// Compressed bytes from the current span's start onwards, and where that start is.
+    pending: Vec<u8>,
+    pending_start: u64,
+}
+
+impl Pass {
+    fn new() -> Pass {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let tar = std::thread::spawn(move || {
+            let reader = crate::layer::streamed::ChannelReader::new(rx);
+            super::tar::index_stream(reader, "compressed layer")
+        });
+        Pass {
+            tar_tx: Some(tx),
+            tar,
+            checkpoints: Vec::new(),
+            digests: Vec::new(),
+            pending: Vec::new(),
+            pending_start: 0,
+        }
+    }
+
+    /// Compressed bytes as they arrive.
+    fn input(&mut self, piece: &[u8]) {
+        self.pending.extend_from_slice(piece);
+    }
+
+    /// Uncompressed bytes as they are produced (a dead tar parser reports at `finish`).
+    fn output(&self, data: &[u8]) {
+        if let Some(tx) = &self.tar_tx {
+            let _ = tx.send(data.to_vec());
+        }
+    }
+
+    /// Whether a resume point at uncompressed offset `out` is due.
+    fn due(&self, out: u64, span: u64) -> bool {
+        self.checkpoints.last().is_none_or(|c| out - c.out > span)
+    }
+
+    /// Records a checkpoint and closes the previous span's digest.
+    fn checkpoint(&mut self, cp: Checkpoint) {
+        if !self.checkpoints.is_empty() {
+            let upto = (cp.inp - self.pending_start) as usize;
+            self.digests
+                .push(Sha256::digest(&self.pending[..upto]).into());
+        }
+        let keep_from = (cp.start() - self.pending_start) as usize;
+        self.pending.drain(..keep_from);
+        self.pending_start = cp.start();
+        self.checkpoints.push(cp);
+    }
+
+    fn finish(mut self, uncompressed: u64) -> Result<Built> {
+        self.tar_tx = None;
+        if self.checkpoints.is_empty() {
+            return Err(Error::format("compressed stream", "no data"));
+        }
+        self.digests.push(Sha256::digest(&self.pending).into());
+        let entries = self
+            .tar
+            .join()
+            .map_err(|_| Error::format("layer", "tar parser panicked"))??;
+        Ok((self.checkpoints, self.digests, uncompressed, entries))
+    }
+}
+
+/// Decodes span `k` of `index` from its compressed bytes, after checking their digest.
+pub fn read_span(index: &CheckpointIndex, k: usize, compressed: &[u8]) -> Result<Vec<u8>> {
+    let what = || format!("span {k} of layer {}", index.digest);
+    let (start, end) = index.span_extent(k);
+    if compressed.len() as u64 != end - start {
+        return Err(Error::format(
+            what(),
+            "compressed extent has the wrong length",
+        ));
+    }
+    let expected = index
+        .span_digests
+        .get(k)
+        .ok_or_else(|| Error::format(what(), "no digest"))?;
+    let actual: [u8; 32] = Sha256::digest(compressed).into();
+    if &actual != expected {
+        return Err(Error::Digest {
+            what: what(),
+            expected: hex::encode(expected),
+            actual: hex::encode(actual),
+        });
+    }
+    let (o0, o1) = index.span_output(k);
+    let want = (o1 - o0) as usize;
+    let out = match index.codec {
+        Codec::Gzip => gzip::inflate_span(&index.checkpoints[k], compressed, want),
+        Codec::Zstd => zstd::decode_span(compressed, want),
+    }
+    .map_err(|e| match e {
+        Error::Format { reason, .. } => Error::format(what(), reason),
+        e => e,
+    })?;
+    if out.len() != want {
+        return Err(Error::format(
+            what(),
+            format!("decoded {} of {want} bytes", out.len()),
+        ));
+    }
+    Ok(out)
+}
+
+/// The uncompressed tar of a layer, served lazily through its checkpoint index.
+pub struct CheckpointBlob {
+    id: String,
+    index: Arc<CheckpointIndex>,
+    compressed: Blob,
+    spans: Mutex<lru::LruCache<usize, Bytes>>,
+}
+
+impl CheckpointBlob {
+    /// Serves `index` from `compressed` (normally the block-cached layer blob).
+    pub fn new(index: Arc<CheckpointIndex>, compressed: Blob) -> CheckpointBlob {
+        CheckpointBlob {
+            id: format!("{}/checkpoint", index.digest),
+            index,
+            compressed,
+            spans: Mutex::new(lru::LruCache::new(NonZeroUsize::new(8).unwrap())),
+        }
+    }
+
+    async fn span(&self, k: usize) -> Result<Bytes> {
+        if let Some(b) = self.spans.lock().unwrap().get(&k) {
+            return Ok(b.clone());
+        }
+        let (start, end) = self.index.span_extent(k);
+        let compressed = self.compressed.read_at(start, end - start).await?;
+        let index = self.index.clone();
+        let data = tokio::task::spawn_blocking(move || read_span(&index, k, &compressed))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        let data = Bytes::from(data);
+        self.spans.lock().unwrap().put(k, data.clone());
+        Ok(data)
+    }
+}
+
+#[async_trait]
+impl BlobSource for CheckpointBlob {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn size(&self) -> u64 {
+        self.index.uncomp_size
+    }
+    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let len = clamp(&self.id, self.size(), offset, len)?;
+        let end = offset + len;
+        let cps = &self.index.checkpoints;
+        let mut k = cps.partition_point(|c| c.out <= offset).saturating_sub(1);
+        let mut out = BytesMut::with_capacity(len as usize);
+        while k < cps.len() && (out.len() as u64) < len {
+            let (o0, o1) = self.index.span_output(k);
+            let data = self.span(k).await?;
+            let s = offset.max(o0) - o0;
+            let e = end.min(o1) - o0;
+            if s < e {
+                out.extend_from_slice(&data[s as usize..e as usize]);
+            }
+            k += 1;
+        }
+        Ok(out.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests;
