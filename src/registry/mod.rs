@@ -184,18 +184,27 @@ impl Registry {
         }
     }
 
+    /// A HEAD or GET of `/v2/<repo>/manifests/<reference>` with the manifest Accept list.
+    async fn manifest_request(
+        &self,
+        repo: &str,
+        method: Method,
+        reference: &str,
+    ) -> Result<reqwest::Response> {
+        let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
+        self.send(
+            repo,
+            method,
+            &url,
+            &[(header::ACCEPT, MANIFEST_ACCEPT.into())],
+        )
+        .await
+    }
+
     /// Resolves a tag or digest with HEAD (registries count GETs against rate limits).
     /// Returns `None` when the registry gives no digest (some refuse HEAD): then GET.
     pub async fn head_manifest(&self, repo: &str, reference: &str) -> Result<Option<ManifestMeta>> {
-        let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
-        let resp = self
-            .send(
-                repo,
-                Method::HEAD,
-                &url,
-                &[(header::ACCEPT, MANIFEST_ACCEPT.into())],
-            )
-            .await?;
+        let resp = self.manifest_request(repo, Method::HEAD, reference).await?;
         let status = resp.status();
         if status == StatusCode::METHOD_NOT_ALLOWED {
             return Ok(None);
@@ -218,15 +227,7 @@ impl Registry {
     /// GETs a manifest, checking its size and, when pulled by digest (or when the registry
     /// sent Docker-Content-Digest), its sha256.
     pub async fn get_manifest(&self, repo: &str, reference: &str) -> Result<(Bytes, ManifestMeta)> {
-        let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
-        let resp = self
-            .send(
-                repo,
-                Method::GET,
-                &url,
-                &[(header::ACCEPT, MANIFEST_ACCEPT.into())],
-            )
-            .await?;
+        let resp = self.manifest_request(repo, Method::GET, reference).await?;
         let status = resp.status();
         if !status.is_success() {
             return Err(self.error_for(&format!("manifest {repo}:{reference}"), status));

@@ -1,7 +1,7 @@
 //! Writing to a registry: blob uploads (monolithic), manifest puts, and the referrers lookup
 //! with the tag-schema fallback for registries without the referrers API (distribution 2.8).
 
-use super::{MANIFEST_ACCEPT, Registry, read_limited};
+use super::{Registry, read_limited};
 use crate::error::{Error, Result};
 use bytes::Bytes;
 use reqwest::{Method, StatusCode, header};
@@ -98,15 +98,7 @@ impl Registry {
             ));
         }
         let tag = referrers_tag(digest);
-        let url = format!("{}/v2/{repo}/manifests/{tag}", self.base);
-        let resp = self
-            .send(
-                repo,
-                Method::GET,
-                &url,
-                &[(header::ACCEPT, MANIFEST_ACCEPT.into())],
-            )
-            .await?;
+        let resp = self.manifest_request(repo, Method::GET, &tag).await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(None),
             s if s.is_success() => Ok(Some(
