@@ -135,15 +135,38 @@ impl Drop for Registry {
 /// demands Bearer tokens from its own `/token` endpoint (which demands Basic credentials).
 pub struct Proxy {
     pub addr: String,
+    /// Set by [`Proxy::with_storage`]: blob GETs are redirected to a storage path.
+    pub storage: Option<Arc<Storage>>,
     pub requests: Arc<AtomicU64>,
     pub blob_bytes: Arc<AtomicU64>,
     pub blob_requests: Arc<AtomicU64>,
     pub tokens_issued: Arc<AtomicU64>,
 }
 
+/// An emulated blob store behind redirects (like S3 presigned URLs): only the newest
+/// signature is valid, and a request carrying an Authorization header counts as a leak.
+#[derive(Default)]
+pub struct Storage {
+    pub signature: AtomicU64,
+    pub redirects: AtomicU64,
+    pub requests: AtomicU64,
+    pub expired: AtomicU64,
+    pub auth_leaks: AtomicU64,
+}
+
 impl Proxy {
     pub fn start(upstream: &str, token_auth: Option<(&str, &str)>) -> Proxy {
         Proxy::with_link(upstream, token_auth, None)
+    }
+
+    /// A proxy whose blob GETs answer 307 to a presigned-URL-like storage path on itself.
+    pub fn with_storage(upstream: &str, token_auth: Option<(&str, &str)>) -> Proxy {
+        Proxy::build(
+            upstream,
+            token_auth,
+            None,
+            Some(Arc::new(Storage::default())),
+        )
     }
 
     /// A proxy that also emulates a link: each request waits one round trip, and response
@@ -153,6 +176,15 @@ impl Proxy {
         token_auth: Option<(&str, &str)>,
         link: Option<(Duration, u64)>,
     ) -> Proxy {
+        Proxy::build(upstream, token_auth, link, None)
+    }
+
+    fn build(
+        upstream: &str,
+        token_auth: Option<(&str, &str)>,
+        link: Option<(Duration, u64)>,
+        storage: Option<Arc<Storage>>,
+    ) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let blob_bytes = Arc::new(AtomicU64::new(0));
@@ -160,6 +192,7 @@ impl Proxy {
         let tokens_issued = Arc::new(AtomicU64::new(0));
         let requests = Arc::new(AtomicU64::new(0));
         let ctx = Arc::new(ProxyCtx {
+            storage: storage.clone(),
             link,
             link_free: std::sync::Mutex::new(std::time::Instant::now()),
             requests: requests.clone(),
@@ -180,6 +213,7 @@ impl Proxy {
         });
         Proxy {
             addr,
+            storage,
             requests,
             blob_bytes,
             blob_requests,
@@ -195,6 +229,7 @@ impl Proxy {
 }
 
 struct ProxyCtx {
+    storage: Option<Arc<Storage>>,
     link: Option<(Duration, u64)>,
     /// When the emulated link is next free to carry bytes.
     link_free: std::sync::Mutex<std::time::Instant>,
@@ -245,7 +280,23 @@ impl ProxyCtx {
         conn.read_exact(&mut body_in)?;
         use base64::Engine;
         let b64 = base64::engine::general_purpose::STANDARD;
-        if let Some(creds) = &self.creds {
+        let mut target = target;
+        let mut from_storage = false;
+        if let Some(st) = &self.storage
+            && let Some(rest) = target.strip_prefix("/storage/")
+        {
+            st.requests.fetch_add(1, Ordering::SeqCst);
+            if header("authorization").is_some() {
+                st.auth_leaks.fetch_add(1, Ordering::SeqCst);
+            }
+            let (path, sig) = rest.split_once("?sig=").unwrap_or((rest, ""));
+            if sig != st.signature.load(Ordering::SeqCst).to_string() {
+                st.expired.fetch_add(1, Ordering::SeqCst);
+                return respond(&mut conn, "403 Forbidden", &[], b"expired", false);
+            }
+            target = format!("/v2/{path}");
+            from_storage = true;
+        } else if let Some(creds) = &self.creds {
             if target.starts_with("/token") {
                 let ok = header("authorization")
                     .is_some_and(|a| a == format!("Basic {}", b64.encode(creds)));
@@ -282,6 +333,27 @@ impl ProxyCtx {
                     false,
                 );
             }
+        }
+        if let Some(st) = &self.storage
+            && !from_storage
+            && method == "GET"
+            && target.starts_with("/v2/")
+            && target.contains("/blobs/sha256:")
+        {
+            st.redirects.fetch_add(1, Ordering::SeqCst);
+            let location = format!(
+                "http://{}/storage/{}?sig={}",
+                self.addr,
+                &target[4..],
+                st.signature.load(Ordering::SeqCst)
+            );
+            return respond(
+                &mut conn,
+                "307 Temporary Redirect",
+                &[("Location".into(), location)],
+                b"",
+                false,
+            );
         }
         let client = reqwest::blocking::Client::builder()
             .redirect(reqwest::redirect::Policy::none())

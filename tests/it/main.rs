@@ -416,6 +416,72 @@ fn bearer_token_and_basic_auth() {
 }
 
 #[test]
+fn blob_redirects_are_followed_without_credentials_reused_and_renewed() {
+    if !require(TOOLS, false) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let work = TempDir::new("redirect");
+    // A filler between the two files keeps read-ahead of a.bin away from b.bin's blocks.
+    let tar = builder::tar(&[
+        file("a.bin", noise(3 << 20, 21)),
+        file("filler", vec![0u8; 10 << 20]),
+        file("b.bin", noise(3 << 20, 22)),
+    ]);
+    let layers = vec![encode(tar, Enc::Tar)];
+    let dir = layout(
+        &work.path().join("layout"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+    );
+    push(&dir, "v1", &reg.addr, "redir/image", None);
+    let proxy = Proxy::with_storage(&reg.addr, Some(("carol", "secret")));
+    let st = proxy.storage.clone().unwrap();
+    let config = work.path().join("config.json");
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode("carol:secret");
+    std::fs::write(
+        &config,
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, proxy.addr),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let r = format!("{}/redir/image:v1", proxy.addr);
+    let m = Mount::new(&r, &["--verify", "off"], &[("REGISTRY_AUTH_FILE", cfg)]);
+    assert_eq!(
+        builder::sha(&std::fs::read(m.path().join("a.bin")).unwrap()),
+        builder::sha(&noise(3 << 20, 21))
+    );
+    let (redirects, requests) = (
+        st.redirects.load(Ordering::SeqCst),
+        st.requests.load(Ordering::SeqCst),
+    );
+    assert!(
+        requests > redirects,
+        "the storage URL is reused: {redirects} redirects for {requests} storage requests"
+    );
+    // The presigned URL expires: the next read goes back to the registry for a fresh one.
+    st.signature.fetch_add(1, Ordering::SeqCst);
+    assert_eq!(
+        builder::sha(&std::fs::read(m.path().join("b.bin")).unwrap()),
+        builder::sha(&noise(3 << 20, 22))
+    );
+    assert!(
+        st.expired.load(Ordering::SeqCst) >= 1,
+        "an expired URL was tried once"
+    );
+    assert!(
+        st.redirects.load(Ordering::SeqCst) > redirects,
+        "and a fresh one obtained"
+    );
+    assert_eq!(
+        st.auth_leaks.load(Ordering::SeqCst),
+        0,
+        "registry credentials never reach storage"
+    );
+}
+
+#[test]
 fn clear_errors_before_the_mount_is_ready() {
     if !require(TOOLS, true) {
         return;
