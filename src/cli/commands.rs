@@ -284,6 +284,7 @@ async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
         let format = ocifs::image::probe_format(&source, l).await?;
         let mut index = serde_json::Value::Null;
         let why = match format {
+            Some(Format::ZstdChunked) => "TOC at the end of the blob (zstd:chunked)".to_string(),
             Some(Format::Estargz | Format::LegacyStargz) => {
                 "TOC at the end of the blob".to_string()
             }

@@ -21,7 +21,7 @@ impl Image {
             .layers
             .iter()
             .filter_map(|(l, _)| match &l.data {
-                LayerData::Estargz(r) if r.prefetch_len > 0 => Some((l.digest.clone(), r)),
+                LayerData::Chunked(r) if r.prefetch_len > 0 => Some((l.digest.clone(), r)),
                 _ => None,
             })
             .collect();

@@ -154,16 +154,22 @@ pub async fn probe_format(source: &Source, desc: &LayerDesc) -> Result<Option<Fo
     let Ok(format) = Format::from_media_type(&desc.media_type) else {
         return Ok(None);
     };
-    if format != Format::Gzip || desc.size < estargz::FOOTER_SIZE {
+    // Enough for either footer: eStargz (51 bytes) or zstd:chunked (up to 72).
+    const TAIL: u64 = 72;
+    if !matches!(format, Format::Gzip | Format::Zstd) || desc.size < TAIL {
         return Ok(Some(format));
     }
     let blob = source.blob(&desc.digest, desc.size)?;
-    let tail = blob
-        .read_at(desc.size - estargz::FOOTER_SIZE, estargz::FOOTER_SIZE)
-        .await?;
-    Ok(Some(match estargz::parse_footer(&tail) {
-        Some((_, true)) => Format::LegacyStargz,
-        Some((_, false)) => Format::Estargz,
-        None => Format::Gzip,
+    let tail = blob.read_at(desc.size - TAIL, TAIL).await?;
+    Ok(Some(match format {
+        Format::Zstd if crate::layer::zstdchunked::parse_footer(&tail).is_some() => {
+            Format::ZstdChunked
+        }
+        Format::Gzip => match estargz::parse_footer(&tail) {
+            Some((_, true)) => Format::LegacyStargz,
+            Some((_, false)) => Format::Estargz,
+            None => Format::Gzip,
+        },
+        f => f,
     }))
 }

@@ -8,7 +8,9 @@ use crate::blob::cache::BlockCache;
 use crate::config::{OpenConfig, VerifyMode};
 use crate::error::Result;
 use crate::layer::checkpoint::{self, CheckpointIndex, Codec, share};
-use crate::layer::{Entry, Format, Health, Layer, LayerData, LayerDesc, estargz, streamed, tar};
+use crate::layer::{
+    Entry, Format, Health, Layer, LayerData, LayerDesc, estargz, streamed, tar, zstdchunked,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -56,7 +58,7 @@ impl Ctx<'_> {
                         } else {
                             Format::Estargz
                         };
-                        (LayerData::Estargz(reader), entries, initial)
+                        (LayerData::Chunked(reader), entries, initial)
                     }
                     None => {
                         let (index, from) = self.index(cached.clone(), Codec::Gzip).await?;
@@ -66,21 +68,36 @@ impl Ctx<'_> {
                 }
             }
             Format::Zstd => {
-                // Multi-frame zstd is lazy through a frame index; a single frame is not
-                // seekable, so it is unpacked once (from the blocks the pass already cached).
+                // zstd:chunked carries a TOC (its footer tells); other multi-frame zstd is lazy
+                // through a frame index; a single frame is not seekable, so it is unpacked once
+                // (from the blocks the pass already cached).
+                let (tail_start, tail) = estargz::read_tail(&cached).await?;
                 let unpacked = streamed::tar_path(&self.cfg.cache_dir, &desc.digest).exists();
-                match unpacked {
-                    false => match self.index(cached.clone(), Codec::Zstd).await? {
-                        (index, from) if index.checkpoints.len() > 1 => {
-                            index_source = Some(from);
-                            indexed_layer(index, cached)
-                        }
-                        _ => self.streamed(cached, format).await?,
-                    },
-                    true => self.streamed(cached, format).await?,
+                if zstdchunked::parse_footer(&tail).is_some() {
+                    let checksum = zstdchunked::CHECKSUM_ANNOTATIONS
+                        .iter()
+                        .find_map(|a| desc.annotations.get(*a))
+                        .map(String::as_str);
+                    let (reader, entries) =
+                        zstdchunked::open(cached, tail_start, tail, checksum).await?;
+                    format = Format::ZstdChunked;
+                    (LayerData::Chunked(reader), entries, initial)
+                } else {
+                    match unpacked {
+                        false => match self.index(cached.clone(), Codec::Zstd).await? {
+                            (index, from) if index.checkpoints.len() > 1 => {
+                                index_source = Some(from);
+                                indexed_layer(index, cached)
+                            }
+                            _ => self.streamed(cached, format).await?,
+                        },
+                        true => self.streamed(cached, format).await?,
+                    }
                 }
             }
-            Format::Estargz | Format::LegacyStargz => self.streamed(raw, format).await?,
+            Format::Estargz | Format::LegacyStargz | Format::ZstdChunked => {
+                self.streamed(raw, format).await?
+            }
         };
         let layer = Layer {
             digest: desc.digest.clone(),

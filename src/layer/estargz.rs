@@ -7,15 +7,14 @@
 //! only the compressed extents of the chunks it touches, inflates them and checks each
 //! chunk's `chunkDigest` before a byte is returned.
 
+use super::chunked::{Chunk, Codec, Reader};
 use super::{Entry, Kind, Locator, clean_path};
 use crate::blob::Blob;
 use crate::error::{Error, Result};
 use base64::Engine;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::io::Read;
-use std::num::NonZeroUsize;
-use std::sync::Mutex;
 
 /// Annotation carrying the sha256 of the uncompressed TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -31,31 +30,6 @@ const HIDDEN: [&str; 3] = [
     ".prefetch.landmark",
     ".no.prefetch.landmark",
 ];
-
-/// One piece of a file: where its gzip member starts and ends in the blob, and what it holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chunk {
-    /// Offset of the chunk within the file.
-    pub file_offset: u64,
-    /// Uncompressed length.
-    pub len: u64,
-    /// Compressed extent `[start, end)` of the gzip member holding it.
-    pub start: u64,
-    pub end: u64,
-    /// Offset of the chunk inside the inflated member.
-    pub inner: u64,
-    /// `sha256:...` of the uncompressed chunk, if the TOC has one.
-    pub digest: Option<String>,
-}
-
-/// Reads chunks of one eStargz blob, with a small cache of inflated chunks so sequential
-/// kernel reads inside one chunk inflate it once.
-pub struct Reader {
-    blob: Blob,
-    inflated: Mutex<lru::LruCache<(u64, u64), Bytes>>,
-    /// Compressed bytes before `.prefetch.landmark`: the prioritized files.
-    pub prefetch_len: u64,
-}
 
 /// The footer's verdict: where the TOC member starts, and which footer variant it was.
 pub fn parse_footer(tail: &[u8]) -> Option<(u64, bool)> {
@@ -187,11 +161,7 @@ pub async fn open(
         .find(|e| clean_path(&e.name).is_ok_and(|p| p == ".prefetch.landmark"))
         .map_or(0, |e| e.offset.min(toc_off));
     let entries = entries_from_toc(toc.entries, toc_off, &what)?;
-    let reader = Reader {
-        blob,
-        prefetch_len,
-        inflated: Mutex::new(lru::LruCache::new(NonZeroUsize::new(16).unwrap())),
-    };
+    let reader = Reader::new(blob, Codec::Gzip, prefetch_len);
     Ok((reader, entries, legacy))
 }
 
@@ -333,89 +303,6 @@ fn chunk(t: &TocEntry, len: u64, end: u64) -> Chunk {
         end,
         inner: t.inner_offset,
         digest: (!t.chunk_digest.is_empty()).then(|| t.chunk_digest.clone()),
-    }
-}
-
-impl Reader {
-    /// Fetches the prioritized files' compressed bytes into the block cache in large requests,
-    /// adding each piece's size to `done`.
-    pub async fn prefetch(&self, done: &std::sync::atomic::AtomicU64) -> Result<()> {
-        const PIECE: u64 = 4 << 20;
-        let mut off = 0;
-        while off < self.prefetch_len {
-            let n = PIECE.min(self.prefetch_len - off);
-            self.blob.read_at(off, n).await?;
-            done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            off += n;
-        }
-        Ok(())
-    }
-
-    /// Reads `[offset, offset+len)` of a file made of `chunks`.
-    pub async fn read(&self, chunks: &[Chunk], offset: u64, len: u64) -> Result<Bytes> {
-        let end = offset + len;
-        let mut out = BytesMut::with_capacity(len as usize);
-        let first = chunks.partition_point(|c| c.file_offset + c.len <= offset);
-        for c in &chunks[first..] {
-            if c.file_offset >= end {
-                break;
-            }
-            let data = self.chunk(c).await?;
-            let s = offset.max(c.file_offset) - c.file_offset;
-            let e = end.min(c.file_offset + c.len) - c.file_offset;
-            out.extend_from_slice(&data[s as usize..e as usize]);
-        }
-        Ok(out.freeze())
-    }
-
-    /// One chunk, inflated and checked against its digest.
-    async fn chunk(&self, c: &Chunk) -> Result<Bytes> {
-        let key = (c.start, c.inner);
-        if let Some(b) = self.inflated.lock().unwrap().get(&key) {
-            return Ok(b.clone());
-        }
-        if c.end <= c.start || c.end > self.blob.size() {
-            return Err(Error::format(
-                "eStargz chunk",
-                format!("bad extent {}..{}", c.start, c.end),
-            ));
-        }
-        let compressed = self.blob.read_at(c.start, c.end - c.start).await?;
-        let (inner, len) = (c.inner, c.len);
-        let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            let mut gz = flate2::read::GzDecoder::new(&compressed[..]);
-            std::io::copy(&mut (&mut gz).take(inner), &mut std::io::sink())?;
-            let mut out = Vec::with_capacity(len as usize);
-            gz.take(len).read_to_end(&mut out)?;
-            Ok(out)
-        })
-        .await
-        .map_err(|e| Error::Io(std::io::Error::other(e)))?
-        .map_err(|e| {
-            Error::format(
-                format!("eStargz chunk at {} of {}", c.start, self.blob.id()),
-                e.to_string(),
-            )
-        })?;
-        if data.len() as u64 != c.len {
-            return Err(Error::format(
-                format!("eStargz chunk at {} of {}", c.start, self.blob.id()),
-                format!("inflates to {} bytes, TOC says {}", data.len(), c.len),
-            ));
-        }
-        if let Some(expected) = &c.digest {
-            let actual = crate::digest::sha256(&data);
-            if &actual != expected {
-                return Err(Error::Digest {
-                    what: format!("chunk at {} of {}", c.start, self.blob.id()),
-                    expected: expected.clone(),
-                    actual,
-                });
-            }
-        }
-        let data = Bytes::from(data);
-        self.inflated.lock().unwrap().put(key, data.clone());
-        Ok(data)
     }
 }
 

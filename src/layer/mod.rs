@@ -9,13 +9,16 @@
 //! | uncompressed tar | [`tar`] | yes: headers walked with ranged reads |
 //! | eStargz / legacy stargz | [`estargz`] | yes: footer -> TOC -> per-chunk fetch + digest check |
 //! | gzip tar | [`checkpoint`] | yes, through a checkpoint index built in one pass and kept |
+//! | zstd:chunked | [`zstdchunked`] | yes: footer -> TOC -> per-frame fetch + digest check |
 //! | zstd tar, multi-frame | [`checkpoint`] | yes, through a frame index built in one pass |
 //! | zstd tar, single frame | [`streamed`] | no: streamed once, digest checked, kept as a local tar |
 
 pub mod checkpoint;
+pub mod chunked;
 pub mod estargz;
 pub mod streamed;
 pub mod tar;
+pub mod zstdchunked;
 
 use crate::blob::Blob;
 use crate::error::{Error, Result};
@@ -44,7 +47,7 @@ pub enum Locator {
     /// At this offset of the layer's uncompressed tar stream.
     Tar { offset: u64 },
     /// In these eStargz chunks, in file order.
-    Chunks(Arc<[estargz::Chunk]>),
+    Chunks(Arc<[chunked::Chunk]>),
 }
 
 /// One entry of one layer, format independent. Paths are relative, `/`-separated, clean.
@@ -94,6 +97,7 @@ pub enum Format {
     Zstd,
     Estargz,
     LegacyStargz,
+    ZstdChunked,
 }
 
 impl Format {
@@ -126,6 +130,7 @@ impl Format {
             Format::Zstd => "zstd",
             Format::Estargz => "estargz",
             Format::LegacyStargz => "stargz",
+            Format::ZstdChunked => "zstd:chunked",
         }
     }
 }
@@ -148,7 +153,7 @@ pub enum LayerData {
     /// An uncompressed tar stream: the blob itself, or a local copy made by streaming.
     Tar(Blob),
     /// eStargz chunks of the (cached) compressed blob.
-    Estargz(estargz::Reader),
+    Chunked(chunked::Reader),
 }
 
 /// One opened layer: its data, its health, and what it was made from.
@@ -178,7 +183,7 @@ impl Layer {
             (Locator::Tar { offset: base }, LayerData::Tar(blob)) => {
                 blob.read_at(base + offset, len).await
             }
-            (Locator::Chunks(chunks), LayerData::Estargz(r)) => r.read(chunks, offset, len).await,
+            (Locator::Chunks(chunks), LayerData::Chunked(r)) => r.read(chunks, offset, len).await,
             (Locator::None, _) => Ok(Bytes::new()),
             _ => Err(Error::format(
                 "layer index",

@@ -345,13 +345,20 @@ fn decompress(l: &EncodedLayer) -> Vec<u8> {
 
 /// Pushes `oci:DIR:tag` with skopeo compressing its (uncompressed) layers with Go's gzip.
 pub fn push_go_gzip(dir: &Path, tag: &str, registry: &str, repo: &str) {
+    push_recompressed(dir, tag, registry, repo, "gzip")
+}
+
+/// Pushes `oci:DIR:tag` with skopeo (containers/image, Go) compressing its uncompressed
+/// layers as `format`: `gzip`, `zstd` or `zstd:chunked`.
+pub fn push_recompressed(dir: &Path, tag: &str, registry: &str, repo: &str, format: &str) {
     let src = format!("oci:{}:{tag}", dir.display());
     let dst = format!("docker://{registry}/{repo}:{tag}");
+    let fmt = format!("--dest-compress-format={format}");
     let args = [
         "copy",
         "--quiet",
         "--dest-compress",
-        "--dest-compress-format=gzip",
+        &fmt,
         "--dest-tls-verify=false",
         &src,
         &dst,

@@ -1118,3 +1118,64 @@ fn convert_to_estargz_is_correct_lazy_and_readable_by_stargz_snapshotter() {
     assert!(ok, "{err}");
     assert_eq!(out, b"changed\n");
 }
+
+#[test]
+fn zstd_chunked_from_containers_image_is_lazy_through_its_toc() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let proxy = Proxy::start(&reg.addr, None);
+    let work = TempDir::new("zchunked");
+    let mut tars = base_layers();
+    tars.push(builder::tar(&[
+        Item::Dir("big", 0o755),
+        file("big/blob", noise(12 << 20, 31)),
+        file("big/small", "small\n"),
+    ]));
+    let layers: Vec<_> = tars.iter().cloned().map(|t| encode(t, Enc::Tar)).collect();
+    let dir = layout(
+        &work.path().join("layout"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+    );
+    builder::push_recompressed(&dir, "v1", &reg.addr, "zc/image", "zstd:chunked");
+    let expected_root = work.path().join("expected");
+    let tar_refs: Vec<&[u8]> = tars.iter().map(Vec::as_slice).collect();
+    oracle::extract(&tar_refs, &expected_root);
+
+    let r = format!("{}/zc/image:v1", proxy.addr);
+    let (ok, out, err) = ocifs(&["inspect", "--json", &r], &[]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert!(
+        v["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["format"] == "zstd:chunked"),
+        "{v}"
+    );
+    proxy.reset();
+    let m = Mount::new(&r, &["--verify", "off"], &[]);
+    assert!(m.ready.contains("zstd:chunked"), "{}", m.ready);
+    assert_eq!(
+        std::fs::read_to_string(m.path().join("big/small")).unwrap(),
+        "small\n"
+    );
+    let blob_total: u64 = v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .sum();
+    let fetched = proxy.blob_bytes.load(Ordering::SeqCst);
+    assert!(
+        fetched * 4 < blob_total,
+        "fetched {fetched} of {blob_total}"
+    );
+    oracle::assert_same(
+        &oracle::snapshot(&expected_root),
+        &oracle::snapshot(m.path()),
+    );
+}
