@@ -9,12 +9,10 @@
 //! the tar-split position; magic `GNUlInUx`) and `io.github.containers.zstd-chunked.*`
 //! annotations. The `manifest-checksum` annotation is the sha256 of the compressed TOC.
 
-use super::chunked::{Chunk, Codec, Reader};
-use super::estargz::parse_rfc3339;
+use super::chunked::{Chunk, Codec, Reader, TocMeta};
 use super::{Entry, Kind, Locator, clean_path};
 use crate::blob::Blob;
 use crate::error::{Error, Result};
-use base64::Engine;
 use bytes::Bytes;
 use std::collections::HashMap;
 
@@ -79,6 +77,21 @@ struct TocEntry {
     chunk_size: u64,
     chunk_offset: u64,
     chunk_digest: String,
+}
+
+impl TocEntry {
+    fn meta(&self) -> TocMeta<'_> {
+        TocMeta {
+            kind: &self.kind,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            modtime: &self.modtime,
+            rdev: (self.dev_major, self.dev_minor),
+            link_name: &self.link_name,
+            xattrs: &self.xattrs,
+        }
+    }
 }
 
 /// Opens a zstd:chunked blob whose tail (at `tail_start`) was already read.
@@ -189,37 +202,8 @@ fn entries_from_toc(toc: Vec<TocEntry>, size: u64, what: &str) -> Result<Vec<Ent
             continue;
         }
         flush(&mut out, &mut chunks, file_end)?;
-        let kind = match t.kind.as_str() {
-            "dir" => Kind::Dir,
-            "reg" => Kind::File,
-            "symlink" => Kind::Symlink,
-            "hardlink" => Kind::Hardlink,
-            "char" => Kind::Char,
-            "block" => Kind::Block,
-            "fifo" => Kind::Fifo,
-            other => {
-                return Err(Error::format(
-                    what,
-                    format!("entry {path:?} has unknown type {other:?}"),
-                ));
-            }
-        };
-        let mut e = Entry::new(path, kind);
-        e.mode = (t.mode & 0o7777) as u32;
-        e.uid = t.uid;
-        e.gid = t.gid;
-        e.mtime = (parse_rfc3339(&t.modtime).unwrap_or(0), 0);
-        e.rdev = (t.dev_major, t.dev_minor);
-        if matches!(kind, Kind::Symlink | Kind::Hardlink) {
-            e.link = Some(t.link_name.clone());
-        }
-        for (k, v) in &t.xattrs {
-            let val = base64::engine::general_purpose::STANDARD
-                .decode(v)
-                .map_err(|err| Error::format(what, format!("xattr {k} of {:?}: {err}", e.path)))?;
-            e.xattrs.push((k.clone(), val));
-        }
-        e.xattrs.sort();
+        let mut e = t.meta().entry(path, what)?;
+        let kind = e.kind;
         if kind == Kind::File && t.size > 0 {
             e.size = t.size;
             file_end = t.end_offset;

@@ -343,6 +343,17 @@ fn decompress(l: &EncodedLayer) -> Vec<u8> {
     out
 }
 
+/// Writes a single-platform (linux/amd64) layout of `layers` under `work` and pushes it as
+/// `registry/repo:v1`.
+pub fn push_one(work: &Path, layers: &[EncodedLayer], registry: &str, repo: &str) {
+    let dir = layout(
+        &work.join(format!("layout-{}", repo.replace('/', "_"))),
+        "v1",
+        &[("linux", "amd64", None, layers)],
+    );
+    push(&dir, "v1", registry, repo, None);
+}
+
 /// Pushes `oci:DIR:tag` with skopeo compressing its (uncompressed) layers with Go's gzip.
 pub fn push_go_gzip(dir: &Path, tag: &str, registry: &str, repo: &str) {
     push_recompressed(dir, tag, registry, repo, "gzip")

@@ -429,12 +429,7 @@ fn blob_redirects_are_followed_without_credentials_reused_and_renewed() {
         file("b.bin", noise(3 << 20, 22)),
     ]);
     let layers = vec![encode(tar, Enc::Tar)];
-    let dir = layout(
-        &work.path().join("layout"),
-        "v1",
-        &[("linux", "amd64", None, &layers)],
-    );
-    push(&dir, "v1", &reg.addr, "redir/image", None);
+    builder::push_one(work.path(), &layers, &reg.addr, "redir/image");
     let proxy = Proxy::with_storage(&reg.addr, Some(("carol", "secret")));
     let st = proxy.storage.clone().unwrap();
     let config = work.path().join("config.json");
@@ -489,12 +484,7 @@ fn clear_errors_before_the_mount_is_ready() {
     let reg = Registry::start(None);
     let work = TempDir::new("errors");
     let layers = vec![encode(builder::tar(&[file("a", "a")]), Enc::Tar)];
-    let dir = layout(
-        &work.path().join("layout"),
-        "v1",
-        &[("linux", "amd64", None, &layers)],
-    );
-    push(&dir, "v1", &reg.addr, "err/image", None);
+    builder::push_one(work.path(), &layers, &reg.addr, "err/image");
     let mp = TempDir::new("mp");
     let m = mp.path().to_str().unwrap();
     let cd = work.path().join("cache");
@@ -661,12 +651,7 @@ fn multi_frame_zstd_is_lazy_through_a_frame_index() {
     ]);
     let layers = vec![encode(tar, Enc::ZstdFrames)];
     let blob_size = layers[0].blob.len() as u64;
-    let dir = layout(
-        &work.path().join("layout"),
-        "v1",
-        &[("linux", "amd64", None, &layers)],
-    );
-    push(&dir, "v1", &reg.addr, "zl/image", None);
+    builder::push_one(work.path(), &layers, &reg.addr, "zl/image");
     let r = format!("{}/zl/image:v1", proxy.addr);
     let builder_cache = TempDir::new("zl-builder");
     let (ok, out, err) = ocifs(
@@ -716,12 +701,7 @@ fn gzip_index_is_kept_reused_lazily_and_rebuilt_when_corrupt() {
     let layers = vec![encode(tar, Enc::Gzip)];
     let blob_size = layers[0].blob.len() as u64;
     let digest = builder::sha(&layers[0].blob);
-    let dir = layout(
-        &work.path().join("layout"),
-        "v1",
-        &[("linux", "amd64", None, &layers)],
-    );
-    push(&dir, "v1", &reg.addr, "gzi/image", None);
+    builder::push_one(work.path(), &layers, &reg.addr, "gzi/image");
     let r = format!("{}/gzi/image:v1", proxy.addr);
     let index_name = format!("indexes/{}.idx", digest.replace(':', "-"));
 
@@ -814,12 +794,7 @@ fn gzip_index_pushed_to_the_registry_is_found_by_a_clean_mount() {
     ]);
     let layers = vec![encode(tar, Enc::Gzip)];
     let blob_size = layers[0].blob.len() as u64;
-    let dir = layout(
-        &work.path().join("layout"),
-        "v1",
-        &[("linux", "amd64", None, &layers)],
-    );
-    push(&dir, "v1", &reg.addr, "gzpush/image", None);
+    builder::push_one(work.path(), &layers, &reg.addr, "gzpush/image");
     let r = format!("{}/gzpush/image:v1", proxy.addr);
 
     let builder_cache = TempDir::new("gzpush-builder");
@@ -1015,12 +990,7 @@ fn convert_to_estargz_is_correct_lazy_and_readable_by_stargz_snapshotter() {
         .zip([Enc::Gzip, Enc::Tar])
         .map(|(t, e)| encode(t, e))
         .collect();
-    let dir = layout(
-        &work.path().join("layout"),
-        "v1",
-        &[("linux", "amd64", None, &layers)],
-    );
-    push(&dir, "v1", &reg.addr, "conv/src", None);
+    builder::push_one(work.path(), &layers, &reg.addr, "conv/src");
     let profile = work.path().join("profile");
     std::fs::write(&profile, "{\"layer\":\"\",\"path\":\"bin/tool\",\"offset\":0,\"len\":10}\n{\"layer\":\"\",\"path\":\"opq/upper\",\"offset\":0,\"len\":5}\n").unwrap();
     let cache = work.path().join("cache");
