@@ -141,6 +141,10 @@ pub struct Proxy {
     pub blob_bytes: Arc<AtomicU64>,
     pub blob_requests: Arc<AtomicU64>,
     pub tokens_issued: Arc<AtomicU64>,
+    /// Lifetime (`expires_in`) of the tokens the token endpoint issues (default 300 s).
+    pub token_ttl: Arc<AtomicU64>,
+    /// 401 challenges sent to registry requests.
+    pub challenges: Arc<AtomicU64>,
 }
 
 /// An emulated blob store behind redirects (like S3 presigned URLs): only the newest
@@ -190,6 +194,8 @@ impl Proxy {
         let blob_bytes = Arc::new(AtomicU64::new(0));
         let blob_requests = Arc::new(AtomicU64::new(0));
         let tokens_issued = Arc::new(AtomicU64::new(0));
+        let token_ttl = Arc::new(AtomicU64::new(300));
+        let challenges = Arc::new(AtomicU64::new(0));
         let requests = Arc::new(AtomicU64::new(0));
         let ctx = Arc::new(ProxyCtx {
             storage: storage.clone(),
@@ -202,6 +208,8 @@ impl Proxy {
             blob_bytes: blob_bytes.clone(),
             blob_requests: blob_requests.clone(),
             tokens_issued: tokens_issued.clone(),
+            token_ttl: token_ttl.clone(),
+            challenges: challenges.clone(),
         });
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
@@ -218,6 +226,8 @@ impl Proxy {
             blob_bytes,
             blob_requests,
             tokens_issued,
+            token_ttl,
+            challenges,
         }
     }
 
@@ -240,6 +250,8 @@ struct ProxyCtx {
     blob_bytes: Arc<AtomicU64>,
     blob_requests: Arc<AtomicU64>,
     tokens_issued: Arc<AtomicU64>,
+    token_ttl: Arc<AtomicU64>,
+    challenges: Arc<AtomicU64>,
 }
 
 impl ProxyCtx {
@@ -310,7 +322,8 @@ impl ProxyCtx {
                     );
                 }
                 let n = self.tokens_issued.fetch_add(1, Ordering::SeqCst);
-                let body = format!("{{\"token\":\"tok-{n}\",\"expires_in\":300}}");
+                let ttl = self.token_ttl.load(Ordering::SeqCst);
+                let body = format!("{{\"token\":\"tok-{n}\",\"expires_in\":{ttl}}}");
                 return respond(
                     &mut conn,
                     "200 OK",
@@ -321,6 +334,7 @@ impl ProxyCtx {
             }
             let ok = header("authorization").is_some_and(|a| a.starts_with("Bearer tok-"));
             if !ok {
+                self.challenges.fetch_add(1, Ordering::SeqCst);
                 let challenge = format!(
                     "Bearer realm=\"http://{}/token\",service=\"test\",scope=\"repository:x:pull\"",
                     self.addr
@@ -415,32 +429,21 @@ impl ProxyCtx {
                 .fetch_add(body.len() as u64, Ordering::SeqCst);
             self.blob_requests.fetch_add(1, Ordering::SeqCst);
         }
-        if method == "HEAD" {
-            if let Some(l) = head_len {
-                out_headers.push(("Content-Length".into(), l));
-            }
-            return respond(
-                &mut conn,
-                &format!(
-                    "{} {}",
-                    status.as_u16(),
-                    status.canonical_reason().unwrap_or("")
-                ),
-                &out_headers,
-                b"",
-                true,
-            );
+        let status_line = format!(
+            "{} {}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
+        let head = method == "HEAD";
+        if head && let Some(l) = head_len {
+            out_headers.push(("Content-Length".into(), l));
         }
         respond(
             &mut conn,
-            &format!(
-                "{} {}",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or("")
-            ),
+            &status_line,
             &out_headers,
-            &body,
-            false,
+            if head { b"" } else { &body },
+            head,
         )
     }
 }

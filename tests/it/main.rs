@@ -1149,3 +1149,95 @@ fn zstd_chunked_from_containers_image_is_lazy_through_its_toc() {
         &oracle::snapshot(m.path()),
     );
 }
+
+#[test]
+fn foreground_mount_unmounts_cleanly_on_sigterm() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let work = TempDir::new("fg");
+    let layers = vec![encode(builder::tar(&[file("hello", "hi\n")]), Enc::Gzip)];
+    builder::push_one(work.path(), &layers, &reg.addr, "fg/image");
+    let mp = TempDir::new("fg-mp");
+    let cache = work.path().join("cache");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ocifs"))
+        .args([
+            "mount",
+            "--foreground",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ])
+        .arg(format!("{}/fg/image:v1", reg.addr))
+        .arg(mp.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let hello = mp.path().join("hello");
+    for _ in 0..200 {
+        if hello.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert_eq!(std::fs::read_to_string(&hello).unwrap(), "hi\n");
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(!hello.exists(), "unmounted");
+    assert!(std::fs::read_dir(mp.path()).unwrap().next().is_none());
+}
+
+#[test]
+fn bearer_tokens_are_refreshed_before_they_lapse() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let work = TempDir::new("refresh");
+    let tar = builder::tar(&[
+        file("a", noise(3 << 20, 41)),
+        file("pad", vec![0u8; 8 << 20]),
+        file("b", noise(3 << 20, 42)),
+    ]);
+    builder::push_one(
+        work.path(),
+        &[encode(tar, Enc::Tar)],
+        &reg.addr,
+        "refresh/image",
+    );
+    let proxy = Proxy::start(&reg.addr, Some(("dave", "pw")));
+    proxy.token_ttl.store(1, Ordering::SeqCst);
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode("dave:pw");
+    let config = work.path().join("config.json");
+    std::fs::write(
+        &config,
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, proxy.addr),
+    )
+    .unwrap();
+    let m = Mount::new(
+        &format!("{}/refresh/image:v1", proxy.addr),
+        &["--verify", "off"],
+        &[("REGISTRY_AUTH_FILE", config.to_str().unwrap())],
+    );
+    let (tokens, challenges) = (
+        proxy.tokens_issued.load(Ordering::SeqCst),
+        proxy.challenges.load(Ordering::SeqCst),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(
+        builder::sha(&std::fs::read(m.path().join("b")).unwrap()),
+        builder::sha(&noise(3 << 20, 42))
+    );
+    assert!(
+        proxy.tokens_issued.load(Ordering::SeqCst) > tokens,
+        "a fresh token was fetched"
+    );
+    assert_eq!(
+        proxy.challenges.load(Ordering::SeqCst),
+        challenges,
+        "before the old one was refused, not after a 401"
+    );
+}
