@@ -75,6 +75,12 @@ pub fn write<R: Read + Seek, W: Write>(mut input: R, out: W, opts: &Options) -> 
         };
         w.write(&read_range(&mut input, seg.start, seg.data_start)?)?;
         let e = &seg.entry;
+        if let Locator::Sparse { .. } = e.data {
+            return Err(Error::Unsupported(format!(
+                "GNU sparse file {:?}: converting sparse files is not supported yet",
+                e.path
+            )));
+        }
         let mut t = toc_entry(e);
         if e.kind == Kind::File && e.size > 0 {
             let mut file_hash = Hasher::default();

@@ -46,7 +46,10 @@ pub enum Locator {
     None,
     /// At this offset of the layer's uncompressed tar stream.
     Tar { offset: u64 },
-    /// In these eStargz chunks, in file order.
+    /// A GNU sparse file whose header (and, read on demand, sparse map) is at this offset of
+    /// the uncompressed tar stream.
+    Sparse { header: u64 },
+    /// In these chunks (eStargz, zstd:chunked), in file order.
     Chunks(Arc<[chunked::Chunk]>),
 }
 
@@ -182,6 +185,9 @@ impl Layer {
         match (loc, &self.data) {
             (Locator::Tar { offset: base }, LayerData::Tar(blob)) => {
                 blob.read_at(base + offset, len).await
+            }
+            (Locator::Sparse { header }, LayerData::Tar(blob)) => {
+                tar::read_sparse(blob, *header, offset, len).await
             }
             (Locator::Chunks(chunks), LayerData::Chunked(r)) => r.read(chunks, offset, len).await,
             (Locator::None, _) => Ok(Bytes::new()),

@@ -68,12 +68,7 @@ pub fn entry_of<R: Read>(e: &mut ::tar::Entry<'_, R>, what: &str) -> Result<Opti
         T::Char => Kind::Char,
         T::Block => Kind::Block,
         T::Fifo => Kind::Fifo,
-        T::GNUSparse => {
-            return Err(Error::Unsupported(format!(
-                "GNU sparse file {:?} in {what}",
-                String::from_utf8_lossy(&e.path_bytes())
-            )));
-        }
+        T::GNUSparse => Kind::File,
         _ => return Ok(None), // global headers and vendor extensions carry no file
     };
     let raw_path = String::from_utf8_lossy(&e.path_bytes()).into_owned();
@@ -127,12 +122,109 @@ pub fn entry_of<R: Read>(e: &mut ::tar::Entry<'_, R>, what: &str) -> Result<Opti
     if kind == Kind::File {
         entry.size = e.size();
         if entry.size > 0 {
-            entry.data = Locator::Tar {
-                offset: e.raw_file_position(),
+            entry.data = if e.header().entry_type().is_gnu_sparse() {
+                Locator::Sparse {
+                    header: e.raw_header_position(),
+                }
+            } else {
+                Locator::Tar {
+                    offset: e.raw_file_position(),
+                }
             };
         }
     }
     Ok(Some(entry))
+}
+
+/// One stored piece of a GNU sparse file: `len` bytes at file offset `offset`, stored at tar
+/// offset `at`. Everything between pieces is a hole (zeros).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SparsePiece {
+    pub offset: u64,
+    pub len: u64,
+    pub at: u64,
+}
+
+/// Reads the sparse map of the GNU sparse entry whose header is at `header` in `tar`: the
+/// map starts in the header and continues in extension blocks; the data follows them.
+pub async fn sparse_map(tar: &Blob, header: u64) -> Result<(Vec<SparsePiece>, u64)> {
+    let bad = |why: String| {
+        Error::format(
+            format!("GNU sparse header at {header} of {}", tar.id()),
+            why,
+        )
+    };
+    let block = tar.read_at(header, 512).await?;
+    if block.len() != 512 {
+        return Err(bad("truncated".into()));
+    }
+    let h = ::tar::Header::from_byte_slice(&block);
+    let gnu = h.as_gnu().ok_or_else(|| bad("not a GNU header".into()))?;
+    let real_size = gnu.real_size().map_err(|e| bad(e.to_string()))?;
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    let push = |spans: &mut Vec<(u64, u64)>, s: &::tar::GnuSparseHeader| -> Result<()> {
+        if !s.is_empty() {
+            spans.push((
+                s.offset().map_err(|e| bad(e.to_string()))?,
+                s.length().map_err(|e| bad(e.to_string()))?,
+            ));
+        }
+        Ok(())
+    };
+    for s in &gnu.sparse {
+        push(&mut spans, s)?;
+    }
+    let mut next = header + 512;
+    let mut extended = gnu.is_extended();
+    while extended {
+        if spans.len() > 1 << 20 {
+            return Err(bad("more than a million pieces".into()));
+        }
+        let raw = tar.read_at(next, 512).await?;
+        if raw.len() != 512 {
+            return Err(bad("truncated extension block".into()));
+        }
+        let mut ext = ::tar::GnuExtSparseHeader::new();
+        ext.as_mut_bytes().copy_from_slice(&raw);
+        for s in ext.sparse() {
+            push(&mut spans, s)?;
+        }
+        extended = ext.is_extended();
+        next += 512;
+    }
+    let mut pieces = Vec::with_capacity(spans.len());
+    let (mut at, mut end) = (next, 0u64);
+    for (offset, len) in spans {
+        let stop = offset
+            .checked_add(len)
+            .ok_or_else(|| bad("piece overflows".into()))?;
+        if offset < end || stop > real_size {
+            return Err(bad(format!(
+                "piece {offset}+{len} is out of order or past the size {real_size}"
+            )));
+        }
+        pieces.push(SparsePiece { offset, len, at });
+        at += len;
+        end = stop;
+    }
+    Ok((pieces, real_size))
+}
+
+/// Reads `[offset, offset+len)` of a GNU sparse file, holes as zeros.
+pub async fn read_sparse(tar: &Blob, header: u64, offset: u64, len: u64) -> Result<Bytes> {
+    let (pieces, _) = sparse_map(tar, header).await?;
+    let mut out = vec![0u8; len as usize];
+    let end = offset + len;
+    for p in pieces
+        .iter()
+        .filter(|p| p.offset < end && p.offset + p.len > offset)
+    {
+        let s = offset.max(p.offset);
+        let e = end.min(p.offset + p.len);
+        let data = tar.read_at(p.at + (s - p.offset), e - s).await?;
+        out[(s - offset) as usize..(e - offset) as usize].copy_from_slice(&data);
+    }
+    Ok(Bytes::from(out))
 }
 
 /// PAX times are decimal seconds with an optional fraction.

@@ -196,7 +196,11 @@ fn put_entry(p: &mut Vec<u8>, e: &Entry) {
             p.push(1);
             put_u64(p, offset);
         }
-        _ => p.push(0),
+        Locator::Sparse { header } => {
+            p.push(2);
+            put_u64(p, header);
+        }
+        Locator::None | Locator::Chunks(_) => p.push(0),
     }
 }
 
@@ -270,11 +274,21 @@ impl<'a> Reader<'a> {
             let k = self.string()?;
             e.xattrs.push((k, self.bytes()?.to_vec()));
         }
-        if self.u8()? == 1 {
-            e.data = Locator::Tar {
+        e.data = match self.u8()? {
+            0 => Locator::None,
+            1 => Locator::Tar {
                 offset: self.u64()?,
-            };
-        }
+            },
+            2 => Locator::Sparse {
+                header: self.u64()?,
+            },
+            t => {
+                return Err(Error::format(
+                    "checkpoint index",
+                    format!("unknown locator {t}"),
+                ));
+            }
+        };
         Ok(e)
     }
 }
@@ -290,6 +304,9 @@ mod tests {
         e.xattrs.push(("user.x".into(), vec![0, 1]));
         let mut l = Entry::new("l".into(), Kind::Symlink);
         l.link = Some("a/b".into());
+        let mut sp = Entry::new("sparse".into(), Kind::File);
+        sp.size = 1 << 30;
+        sp.data = Locator::Sparse { header: 4096 };
         CheckpointIndex {
             digest: "sha256:abc".into(),
             codec: Codec::Zstd,
@@ -311,7 +328,7 @@ mod tests {
                 },
             ],
             span_digests: vec![[1; 32], [2; 32]],
-            entries: vec![e, l],
+            entries: vec![e, l, sp],
         }
     }
 
@@ -322,7 +339,7 @@ mod tests {
         let back = decode(&bytes, "sha256:abc").unwrap();
         assert_eq!(back.checkpoints, idx.checkpoints);
         assert_eq!(back.codec, Codec::Zstd);
-        assert_eq!(back.entries.len(), 2);
+        assert_eq!(back.entries, idx.entries);
         assert_eq!(back.entries[0].data, Locator::Tar { offset: 512 });
         assert_eq!(back.entries[1].link.as_deref(), Some("a/b"));
         let wrong = decode(&bytes, "sha256:other").unwrap_err().to_string();
