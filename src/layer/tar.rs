@@ -111,6 +111,14 @@ pub fn entry_of<R: Read>(e: &mut ::tar::Entry<'_, R>, what: &str) -> Result<Opti
                         entry.mtime = t;
                     }
                 }
+                k if k.starts_with("GNU.sparse.") => {
+                    // PAX sparse formats keep a map in the data; serving the raw bytes would
+                    // be wrong, so refuse clearly instead.
+                    return Err(Error::Unsupported(format!(
+                        "PAX-format sparse file {:?} in {what}",
+                        entry.path
+                    )));
+                }
                 k => {
                     if let Some(name) = k.strip_prefix("SCHILY.xattr.") {
                         entry.xattrs.push((name.to_string(), val.to_vec()));
@@ -357,6 +365,30 @@ mod tests {
             vec![("user.k".to_string(), b"v\0x".to_vec())]
         );
         assert_eq!(entries[2].mtime, (5, 250_000_000));
+    }
+
+    #[test]
+    fn pax_sparse_files_are_refused_not_served_wrong() {
+        let mut b = ::tar::Builder::new(Vec::new());
+        b.append_pax_extensions([
+            ("GNU.sparse.major", &b"1"[..]),
+            ("GNU.sparse.minor", &b"0"[..]),
+            ("GNU.sparse.realsize", &b"4096"[..]),
+        ])
+        .unwrap();
+        let mut h = ::tar::Header::new_ustar();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, "GNUSparseFile.0/f", &b"map"[..])
+            .unwrap();
+        let tar = b.into_inner().unwrap();
+        let err = index_reader(io::Cursor::new(&tar), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sparse"), "{err}");
     }
 
     #[test]
