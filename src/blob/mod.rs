@@ -37,6 +37,17 @@ pub fn clamp(id: &str, size: u64, offset: u64, len: u64) -> Result<u64> {
     Ok(len.min(size - offset))
 }
 
+/// How much of a blob's end to read speculatively: footers and, usually, the whole TOC of an
+/// eStargz or zstd:chunked layer arrive in this one request.
+pub const TAIL_READ: u64 = 512 * 1024;
+
+/// Reads the last [`TAIL_READ`] bytes of `blob`; returns them with their start offset.
+pub async fn read_tail(blob: &Blob) -> Result<(u64, Bytes)> {
+    let size = blob.size();
+    let start = size.saturating_sub(TAIL_READ);
+    Ok((start, blob.read_at(start, size - start).await?))
+}
+
 /// A blob held in memory (tests, small fetched objects).
 pub struct MemBlob {
     id: String,

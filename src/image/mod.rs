@@ -128,12 +128,6 @@ impl Image {
         result
     }
 
-    /// Reads a whole file.
-    pub async fn read_all(&self, ino: u64) -> Result<Bytes> {
-        let size = self.tree.get(ino).map_or(0, |n| n.size);
-        self.read(ino, 0, size).await
-    }
-
     /// One line per layer: format, and where a gzip layer's index came from.
     pub fn layer_summary(&self) -> String {
         let formats: Vec<String> = self

@@ -44,7 +44,7 @@ impl Ctx<'_> {
             ),
             Format::Gzip => {
                 // Every gzip layer may be eStargz: the footer tells (one tail read, reused for the TOC).
-                let (tail_start, tail) = estargz::read_tail(&cached).await?;
+                let (tail_start, tail) = crate::blob::read_tail(&cached).await?;
                 match estargz::parse_footer(&tail) {
                     Some((_, legacy)) => {
                         let toc_digest = desc
@@ -71,7 +71,7 @@ impl Ctx<'_> {
                 // zstd:chunked carries a TOC (its footer tells); other multi-frame zstd is lazy
                 // through a frame index; a single frame is not seekable, so it is unpacked once
                 // (from the blocks the pass already cached).
-                let (tail_start, tail) = estargz::read_tail(&cached).await?;
+                let (tail_start, tail) = crate::blob::read_tail(&cached).await?;
                 let unpacked = streamed::tar_path(&self.cfg.cache_dir, &desc.digest).exists();
                 if zstdchunked::parse_footer(&tail).is_some() {
                     let checksum = zstdchunked::CHECKSUM_ANNOTATIONS

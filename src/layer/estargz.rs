@@ -20,8 +20,6 @@ pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.diges
 /// Footer sizes: eStargz and legacy stargz.
 pub const FOOTER_SIZE: u64 = 51;
 const LEGACY_FOOTER_SIZE: u64 = 47;
-/// How much of the tail to read speculatively at open.
-const TAIL_READ: u64 = 512 * 1024;
 /// TOCs larger than this (uncompressed) are refused.
 const MAX_TOC: u64 = 256 << 20;
 const HIDDEN: [&str; 3] = [
@@ -68,13 +66,6 @@ pub fn parse_footer(tail: &[u8]) -> Option<(u64, bool)> {
         return Some((o, true));
     }
     None
-}
-
-/// Reads the blob's tail; returns it with its start offset.
-pub async fn read_tail(blob: &Blob) -> Result<(u64, Bytes)> {
-    let size = blob.size();
-    let start = size.saturating_sub(TAIL_READ);
-    Ok((start, blob.read_at(start, size - start).await?))
 }
 
 #[derive(serde::Deserialize)]

@@ -1,9 +1,9 @@
-//! Non-lazy formats (plain gzip, single-frame zstd): stream the blob once, check its digest,
-//! keep the uncompressed tar in the cache directory, and serve reads from that local file.
+//! The non-lazy fallback (single-frame zstd layers; also what `convert` unpacks layers with):
+//! stream the blob once, check its digest, keep the uncompressed tar in the cache directory,
+//! and serve reads from that local file.
 //!
 //! The local tar is named by the layer digest and only renamed into place after the digest
-//! matched, so a later mount finds it and skips the download. A later issue replaces this with
-//! checkpoint indexes; the entries it produces already use tar offsets, which fit that design.
+//! matched, so a later mount finds it and skips the download.
 
 use super::Format;
 use crate::blob::{Blob, FileBlob};
