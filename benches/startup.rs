@@ -10,10 +10,12 @@
 
 #[path = "../tests/it/builder.rs"]
 mod builder;
+mod common;
 #[path = "../tests/it/harness.rs"]
 mod harness;
 
 use builder::{Enc, Item, encode, file, layout, noise, push};
+use common::{BenchMount, drop_caches, env_u64, mbps};
 use harness::{Proxy, Registry, TempDir, ocifs};
 use std::path::Path;
 use std::process::Command;
@@ -24,17 +26,6 @@ const SMALL: usize = 2000;
 const WORKLOAD: usize = 60;
 const BIG: usize = 64 << 20;
 const PAR: usize = 16;
-
-fn drop_caches() {
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Small files that compress like text, 16 one-MiB files, one big incompressible file.
 fn app_layer() -> Vec<u8> {
@@ -72,65 +63,6 @@ fn read_workload(root: &Path) -> Duration {
         std::fs::read(root.join(p)).unwrap();
     }
     t.elapsed()
-}
-
-fn mbps(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e6
-}
-
-/// A mount made for one measurement, unmounted on drop.
-struct BenchMount {
-    dir: TempDir,
-    cache: TempDir,
-}
-
-impl BenchMount {
-    fn new(reference: &str, flags: &[&str]) -> (BenchMount, Duration) {
-        let dir = TempDir::new("bmnt");
-        let cache = TempDir::new("bcache");
-        let mut args = vec![
-            "mount",
-            "--verify",
-            "off",
-            "--cache-dir",
-            cache.path().to_str().unwrap(),
-        ];
-        args.extend_from_slice(flags);
-        args.push(reference);
-        let mp = dir.path().to_str().unwrap().to_string();
-        args.push(&mp);
-        let t = Instant::now();
-        let (ok, _, err) = ocifs(&args, &[]);
-        assert!(ok, "{err}");
-        (BenchMount { dir, cache }, t.elapsed())
-    }
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-    /// The daemon's resident memory, from /proc.
-    fn rss_kib(&self) -> u64 {
-        let me = self.dir.path().to_str().unwrap();
-        for p in std::fs::read_dir("/proc").unwrap().flatten() {
-            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains("--daemon-child") && cmd.contains(me) {
-                let status = std::fs::read_to_string(p.path().join("status")).unwrap_or_default();
-                let line = status
-                    .lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .unwrap_or("VmRSS: 0 kB");
-                return line.split_whitespace().nth(1).unwrap().parse().unwrap();
-            }
-        }
-        0
-    }
-}
-
-impl Drop for BenchMount {
-    fn drop(&mut self) {
-        let _ = ocifs(&["umount", self.dir.path().to_str().unwrap()], &[]);
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 struct Row {

@@ -1,0 +1,77 @@
+//! Helpers the benchmarks share: cache dropping, settings, and a measured mount.
+
+#![allow(dead_code)]
+
+use crate::harness::{TempDir, ocifs};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn mbps(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e6
+}
+
+/// A mount made for one measurement, unmounted on drop.
+pub struct BenchMount {
+    dir: TempDir,
+    cache: TempDir,
+}
+
+impl BenchMount {
+    pub fn new(reference: &str, flags: &[&str]) -> (BenchMount, Duration) {
+        let dir = TempDir::new("bmnt");
+        let cache = TempDir::new("bcache");
+        let mut args = vec![
+            "mount",
+            "--verify",
+            "off",
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+        ];
+        args.extend_from_slice(flags);
+        args.push(reference);
+        let mp = dir.path().to_str().unwrap().to_string();
+        args.push(&mp);
+        let t = Instant::now();
+        let (ok, _, err) = ocifs(&args, &[]);
+        assert!(ok, "{err}");
+        (BenchMount { dir, cache }, t.elapsed())
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    /// The daemon's resident memory, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let me = self.dir.path().to_str().unwrap();
+        for p in std::fs::read_dir("/proc").unwrap().flatten() {
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains("--daemon-child") && cmd.contains(me) {
+                let status = std::fs::read_to_string(p.path().join("status")).unwrap_or_default();
+                let line = status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .unwrap_or("VmRSS: 0 kB");
+                return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            }
+        }
+        0
+    }
+}
+
+impl Drop for BenchMount {
+    fn drop(&mut self) {
+        let _ = ocifs(&["umount", self.dir.path().to_str().unwrap()], &[]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,260 @@
+//! `cargo bench --bench realistic` (part of `scripts/bench`): a process starting from a lazily
+//! mounted Debian image over the emulated WAN link, per format, against pull + extract + run.
+//!
+//! The image is built here: a bookworm minbase root file system with python3 made by
+//! debootstrap from deb.debian.org (cached under target/bench-rootfs), split into three
+//! layers (the base system, the Python standard library, a small app that imports a dozen
+//! stdlib modules). The workload is `chroot MOUNT python3 /app/main.py`. Link settings as in
+//! the startup benchmark (OCIFS_BENCH_RTT_MS, OCIFS_BENCH_MBIT).
+
+#![allow(dead_code)]
+
+#[path = "../tests/it/builder.rs"]
+mod builder;
+mod common;
+#[path = "../tests/it/harness.rs"]
+mod harness;
+
+use builder::{Enc, encode, layout, push};
+use common::{BenchMount, drop_caches, env_u64};
+use harness::{Proxy, Registry, TempDir, ocifs};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+const APP: &str = r#"import argparse, asyncio, csv, datetime, decimal, email.message, hashlib, http.client
+import json, logging, re, sqlite3, unittest, xml.etree.ElementTree as ET
+db = sqlite3.connect(":memory:")
+db.execute("create table t (x)")
+print("ok", json.dumps({"n": len(re.findall("a", "banana"))}), decimal.Decimal("1.1") + 1)
+"#;
+
+/// The debootstrapped root file system, made once and kept under target/.
+fn rootfs() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-rootfs");
+    if !dir.join("usr/bin/python3").exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!("realistic: debootstrap bookworm minbase + python3 (once; about a minute)");
+        let st = Command::new("debootstrap")
+            .args(["--variant=minbase", "--include=python3", "bookworm"])
+            .arg(&dir)
+            .arg("http://deb.debian.org/debian")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("debootstrap (scripts/setup installs it)");
+        assert!(st.success(), "debootstrap failed");
+    }
+    std::fs::create_dir_all(dir.join("app")).unwrap();
+    std::fs::write(dir.join("app/main.py"), APP).unwrap();
+    dir
+}
+
+/// GNU tar of `paths` under `root` (numeric owners), minus `exclude` patterns.
+fn tar_of(root: &Path, paths: &[&str], exclude: &[&str]) -> Vec<u8> {
+    let mut cmd = Command::new("tar");
+    cmd.args(["--numeric-owner", "--xattrs", "-C"]).arg(root);
+    for e in exclude {
+        cmd.arg(format!("--exclude={e}"));
+    }
+    cmd.args(["-cf", "-"]).args(paths);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn run_app(root: &Path) -> Duration {
+    let t = Instant::now();
+    let out = Command::new("/usr/sbin/chroot")
+        .arg(root)
+        .args(["/usr/bin/python3", "/app/main.py"])
+        .env_clear()
+        .env("PYTHONHASHSEED", "0")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stdout.starts_with(b"ok"),
+        "app: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.elapsed()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let rtt = Duration::from_millis(env_u64("OCIFS_BENCH_RTT_MS", 40));
+    let rate = env_u64("OCIFS_BENCH_MBIT", 200) * 1_000_000 / 8;
+    let root = rootfs();
+    let layers = [
+        tar_of(
+            &root,
+            &["."],
+            &[
+                "./usr/lib/python3*",
+                "./app",
+                "./proc/*",
+                "./sys/*",
+                "./dev/*",
+            ],
+        ),
+        tar_of(&root, &["./usr/lib/python3", "./usr/lib/python3.11"], &[]),
+        tar_of(&root, &["./app"], &[]),
+    ];
+    let reg = Registry::start(None);
+    let proxy = Proxy::with_link(&reg.addr, None, Some((rtt, rate)));
+    let work = TempDir::new("realistic");
+    let via = |name: &str| format!("{}/real/{name}:v1", proxy.addr);
+    let mut sizes = std::collections::HashMap::new();
+    for (name, enc) in [("gzip", Enc::Gzip), ("estargz", Enc::Estargz)] {
+        let encoded: Vec<_> = layers.iter().cloned().map(|t| encode(t, enc)).collect();
+        sizes.insert(name, encoded.iter().map(|l| l.blob.len()).sum::<usize>());
+        let dir = layout(
+            &work.path().join(name),
+            "v1",
+            &[("linux", "amd64", None, &encoded)],
+        );
+        push(&dir, "v1", &reg.addr, &format!("real/{name}"), None);
+    }
+
+    // Full pull through the link, extraction of the three layers, the app from local disk.
+    let pulled = work.path().join("pulled");
+    drop_caches();
+    let t = Instant::now();
+    let st = Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{}", via("gzip")))
+        .arg(format!("oci:{}:v1", pulled.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let pull = t.elapsed();
+    let extracted = work.path().join("extracted");
+    std::fs::create_dir_all(&extracted).unwrap();
+    let t = Instant::now();
+    let manifest = {
+        let idx: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(pulled.join("index.json")).unwrap()).unwrap();
+        let d = idx["manifests"][0]["digest"].as_str().unwrap().to_string();
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(pulled.join("blobs/sha256").join(&d[7..])).unwrap(),
+        )
+        .unwrap();
+        m
+    };
+    for l in manifest["layers"].as_array().unwrap() {
+        let d = l["digest"].as_str().unwrap();
+        let st = Command::new("tar")
+            .args(["-xzf"])
+            .arg(pulled.join("blobs/sha256").join(&d[7..]))
+            .arg("-C")
+            .arg(&extracted)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let extract = t.elapsed();
+    drop_caches();
+    let local_run = run_app(&extracted);
+    let full = pull + extract + local_run;
+
+    // A recorded profile of the app, for the profile-ordered eStargz variant.
+    let profile = work.path().join("app.profile");
+    {
+        let (m, _) = BenchMount::new(&via("estargz"), &["--record", profile.to_str().unwrap()]);
+        run_app(m.path());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let conv = TempDir::new("rconv");
+    let (ok, _, err) = ocifs(
+        &[
+            "convert",
+            "--estargz",
+            "--profile",
+            profile.to_str().unwrap(),
+            "--cache-dir",
+            conv.path().to_str().unwrap(),
+            &format!("{}/real/gzip:v1", reg.addr),
+            &format!("{}/real/profiled:v1", reg.addr),
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    // The gzip image's indexes, published next to it (not timed).
+    let ic = TempDir::new("ridx");
+    let (ok, _, err) = ocifs(
+        &[
+            "index",
+            "--push",
+            "--cache-dir",
+            ic.path().to_str().unwrap(),
+            &format!("{}/real/gzip:v1", reg.addr),
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+
+    println!(
+        "\nRealistic startup: Debian bookworm minbase + python3 ({:.0} MiB gzip in 3 layers); workload `chroot MOUNT python3 /app/main.py` importing 15 stdlib modules.",
+        sizes["gzip"] as f64 / 1048576.0
+    );
+    println!(
+        "Link: {} ms RTT, {} Mbit/s.\n",
+        rtt.as_millis(),
+        rate * 8 / 1_000_000
+    );
+    println!(
+        "| variant | mount ready s | app run s | total s | vs full pull | blob bytes fetched | % of image | requests |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let variants: [(&str, &str, &[&str], usize); 4] = [
+        ("gzip, index from registry", "gzip", &[], sizes["gzip"]),
+        ("eStargz", "estargz", &[], sizes["estargz"]),
+        (
+            "eStargz ordered by profile",
+            "profiled",
+            &[],
+            sizes["estargz"],
+        ),
+        (
+            "gzip, --prefetch with the recorded profile",
+            "gzip",
+            &["--prefetch"],
+            sizes["gzip"],
+        ),
+    ];
+    for (label, name, flags, size) in variants {
+        drop_caches();
+        proxy.reset();
+        let mut f: Vec<&str> = flags.to_vec();
+        if f.contains(&"--prefetch") {
+            f.push(profile.to_str().unwrap());
+        }
+        let (m, ready) = BenchMount::new(&via(name), &f);
+        let run = run_app(m.path());
+        let fetched = proxy.blob_bytes.load(Ordering::SeqCst);
+        let requests = proxy.requests.load(Ordering::SeqCst);
+        let total = ready + run;
+        println!(
+            "| {label} | {:.2} | {:.2} | {:.2} | {:.1}x | {fetched} | {:.1}% | {requests} |",
+            ready.as_secs_f64(),
+            run.as_secs_f64(),
+            total.as_secs_f64(),
+            full.as_secs_f64() / total.as_secs_f64(),
+            fetched as f64 * 100.0 / size as f64
+        );
+    }
+    println!(
+        "| full pull (skopeo copy + tar -xz + run) | pull {:.2} + extract {:.2} | {:.2} | {:.2} | 1.0x | all | 100% | |",
+        pull.as_secs_f64(),
+        extract.as_secs_f64(),
+        local_run.as_secs_f64(),
+        full.as_secs_f64()
+    );
+}
