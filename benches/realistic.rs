@@ -100,6 +100,8 @@ fn main() {
                 "./usr/lib/python3*",
                 "./app",
                 "./proc/*",
+                "./var/cache/apt/archives/*.deb",
+                "./var/lib/apt/lists/*",
                 "./sys/*",
                 "./dev/*",
             ],

@@ -20,6 +20,9 @@ use std::sync::{Arc, Mutex};
 
 type Key = (String, u64);
 
+/// How far ahead of a sequential reader blocks are fetched.
+const READAHEAD_BYTES: u64 = 4 << 20;
+
 /// Counters an experimenter reads to explain a run.
 #[derive(Debug, Default)]
 pub struct CacheStats {
@@ -57,7 +60,7 @@ impl BlockCache {
     pub fn new(block_size: u64, capacity: u64, dir: Option<PathBuf>) -> Arc<Self> {
         Arc::new(BlockCache {
             block_size: block_size.max(4096),
-            readahead: 4,
+            readahead: (READAHEAD_BYTES / block_size.max(4096)).clamp(1, 64),
             capacity,
             dir,
             state: Mutex::new(State {
@@ -263,7 +266,7 @@ mod tests {
 
     #[tokio::test]
     async fn sequential_reads_fetch_ahead_and_random_reads_do_not() {
-        let data = vec![1u8; 64 * 4096];
+        let data = vec![1u8; 200 * 4096];
         let cache = BlockCache::new(4096, 1 << 20, None);
         let blob = cache.wrap(Arc::new(MemBlob::new("sha256:z", data)));
         blob.read_at(40_000, 100).await.unwrap();
@@ -283,8 +286,9 @@ mod tests {
         );
         blob.read_at(4000, 12_000).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        // Blocks 1..=3 were read, 4..=7 fetched ahead of the now long sequential run.
-        assert_eq!(cache.stats.misses.load(Ordering::Relaxed), 2 + 3 + 4);
+        // Blocks 1..=3 were read, then a 4 MiB window ahead of the now long sequential run:
+        // with 4 KiB blocks that is capped at 64 blocks (4..=67), block 9 already cached.
+        assert_eq!(cache.stats.misses.load(Ordering::Relaxed), 2 + 3 + 64 - 1);
     }
 
     #[tokio::test]

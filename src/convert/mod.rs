@@ -144,7 +144,7 @@ async fn converted_manifest(
             &opts.work_dir,
         )
         .await?;
-        let prioritized = profile_paths(&opts.profile, digest);
+        let prioritized = profile_paths(&opts.profile);
         let out_path = opts
             .work_dir
             .join(format!("{}.esgz", digest.replace(':', "-")));
@@ -194,12 +194,15 @@ async fn converted_manifest(
     Ok(to_bytes(&out))
 }
 
-/// The profile's paths for one source layer, first access first, each once.
-fn profile_paths(profile: &[Access], layer: &str) -> Vec<String> {
+/// The profile's paths, first access first, each once.
+///
+/// Matched by path, not by the recorded layer digest: a profile is usually recorded on one
+/// encoding of an image (say eStargz) and applied to another (its gzip source), whose layer
+/// digests differ. Paths a layer does not hold are ignored by the writer.
+fn profile_paths(profile: &[Access]) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
     profile
         .iter()
-        .filter(|a| a.layer == layer || a.layer.is_empty())
         .filter(|a| seen.insert(a.path.clone()))
         .map(|a| a.path.clone())
         .collect()

@@ -14,6 +14,9 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
+/// Profile ranges fetched at once during prefetch.
+const PREFETCH_IN_FLIGHT: usize = 8;
+
 impl Image {
     /// Prefetches every eStargz layer's prioritized files (before `.prefetch.landmark`).
     pub async fn prefetch_landmarks(&self) {
@@ -40,20 +43,34 @@ impl Image {
     /// Prefetches the ranges of a recorded profile, in order, through the normal read path
     /// (so it works for every format). Entries naming files the image lacks are skipped.
     pub async fn prefetch_profile(&self, accesses: &[Access]) {
-        let planned: Vec<(u64, &Access)> = accesses
+        let planned: Vec<(u64, u64, u64, String)> = accesses
             .iter()
-            .filter_map(|a| Some((self.tree.resolve(&a.path)?, a)))
+            .filter_map(|a| Some((self.tree.resolve(&a.path)?, a.offset, a.len, a.path.clone())))
             .collect();
-        let total: u64 = planned.iter().map(|(_, a)| a.len).sum();
+        let total: u64 = planned.iter().map(|p| p.2).sum();
         self.prefetch_total.fetch_add(total, Ordering::Relaxed);
-        for (ino, a) in planned {
-            match self.read_for_prefetch(ino, a.offset, a.len).await {
-                Ok(n) => self.prefetch_done.fetch_add(n, Ordering::Relaxed),
-                Err(e) => {
-                    tracing::warn!("profile prefetch of {} failed: {e}", a.path);
-                    0
-                }
+        // Several ranges in flight, started in profile order, so the prefetch overlaps round
+        // trips and runs ahead of a workload that reads the same ranges one after another.
+        use futures::StreamExt;
+        let mut pending = planned.into_iter();
+        let mut in_flight = futures::stream::FuturesOrdered::new();
+        loop {
+            while in_flight.len() < PREFETCH_IN_FLIGHT
+                && let Some((ino, offset, len, path)) = pending.next()
+            {
+                in_flight.push_back(async move {
+                    (path, self.read_for_prefetch(ino, offset, len).await)
+                });
+            }
+            let Some((path, result)) = in_flight.next().await else {
+                break;
             };
+            match result {
+                Ok(n) => {
+                    self.prefetch_done.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!("profile prefetch of {path} failed: {e}"),
+            }
         }
         tracing::info!("profile prefetch done ({total} bytes planned)");
     }
