@@ -7,7 +7,7 @@ use std::str::FromStr;
 /// Default in-memory block cache size.
 pub const DEFAULT_CACHE_SIZE: u64 = 512 << 20;
 /// Default block size for ranged reads and the block cache.
-pub const DEFAULT_BLOCK_SIZE: u64 = 256 << 10;
+pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 20;
 
 /// When layer blobs are checked against their digests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -31,13 +31,11 @@ impl BenchMount {
     pub fn new(reference: &str, flags: &[&str]) -> (BenchMount, Duration) {
         let dir = TempDir::new("bmnt");
         let cache = TempDir::new("bcache");
-        let mut args = vec![
-            "mount",
-            "--verify",
-            "off",
-            "--cache-dir",
-            cache.path().to_str().unwrap(),
-        ];
+        let mut args = vec!["mount", "--cache-dir", cache.path().to_str().unwrap()];
+        // Whole-blob verification is off unless a variant asks for it (it fetches everything).
+        if !flags.contains(&"--verify") {
+            args.extend(["--verify", "off"]);
+        }
         args.extend_from_slice(flags);
         args.push(reference);
         let mp = dir.path().to_str().unwrap().to_string();

@@ -73,7 +73,10 @@ impl Image {
                 let counter = Arc::new(CountingBlob::new(source.blob(&desc.digest, desc.size)?));
                 let raw: Blob = counter.clone();
                 let (layer, entries) = ctx.open_layer(desc, raw.clone()).await?;
-                Ok::<_, Error>(((Arc::new(layer), raw), (entries, counter)))
+                // Verification reads through the block cache: it checks the bytes we serve,
+                // and doubles as the background fetch that makes later reads local.
+                let verified_through = ctx.cache.wrap(raw);
+                Ok::<_, Error>(((Arc::new(layer), verified_through), (entries, counter)))
             }
         }))
         .await?;

@@ -1280,3 +1280,47 @@ fn gnu_sparse_files_read_back_with_their_holes() {
     conformance(&[Enc::Zstd], tars);
     // (stargz-snapshotter's estargz.Build refuses sparse entries, so there is no eStargz case.)
 }
+
+#[test]
+fn background_verification_fetches_the_layer_so_later_reads_are_local() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let proxy = Proxy::start(&reg.addr, None);
+    let work = TempDir::new("bgfetch");
+    let tar = builder::tar(&[file("big.bin", noise(6 << 20, 61)), file("small", "s\n")]);
+    builder::push_one(
+        work.path(),
+        &[encode(tar, Enc::Estargz)],
+        &reg.addr,
+        "bg/image",
+    );
+    let m = Mount::new(
+        &format!("{}/bg/image:v1", proxy.addr),
+        &["--verify", "background"],
+        &[],
+    );
+    let mut verified = false;
+    for _ in 0..200 {
+        let (ok, out, _) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
+        assert!(ok);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        if v["layers"][0]["verification"] == "verified" {
+            verified = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(verified, "the layer was verified in the background");
+    proxy.reset();
+    assert_eq!(
+        builder::sha(&std::fs::read(m.path().join("big.bin")).unwrap()),
+        builder::sha(&noise(6 << 20, 61))
+    );
+    assert_eq!(
+        proxy.blob_bytes.load(Ordering::SeqCst),
+        0,
+        "served from the blocks verification fetched"
+    );
+}
