@@ -215,13 +215,25 @@ fn main() {
         "| variant | mount ready s | app run s | total s | vs full pull | blob bytes fetched | % of image | requests |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let variants: [(&str, &str, &[&str], usize); 4] = [
+    let variants: [(&str, &str, &[&str], usize); 6] = [
         ("gzip, index from registry", "gzip", &[], sizes["gzip"]),
         ("eStargz", "estargz", &[], sizes["estargz"]),
+        (
+            "eStargz, background verification on (it fetches the whole layer)",
+            "estargz",
+            &["--verify", "background"],
+            sizes["estargz"],
+        ),
         (
             "eStargz ordered by profile",
             "profiled",
             &[],
+            sizes["estargz"],
+        ),
+        (
+            "eStargz ordered by profile, background verification on",
+            "profiled",
+            &["--verify", "background"],
             sizes["estargz"],
         ),
         (
