@@ -16,7 +16,7 @@ mod common;
 mod harness;
 
 use builder::{Enc, encode, layout, push};
-use common::{BenchMount, drop_caches, env_u64};
+use common::{BenchMount, drop_caches, env_u64, full_pull, record_and_convert};
 use harness::{Proxy, Registry, TempDir, ocifs};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -126,68 +126,25 @@ fn main() {
     }
 
     // Full pull through the link, extraction of the three layers, the app from local disk.
-    let pulled = work.path().join("pulled");
-    drop_caches();
-    let t = Instant::now();
-    let st = Command::new("skopeo")
-        .args(["copy", "--quiet", "--src-tls-verify=false"])
-        .arg(format!("docker://{}", via("gzip")))
-        .arg(format!("oci:{}:v1", pulled.display()))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let pull = t.elapsed();
     let extracted = work.path().join("extracted");
-    std::fs::create_dir_all(&extracted).unwrap();
-    let t = Instant::now();
-    let manifest = {
-        let idx: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(pulled.join("index.json")).unwrap()).unwrap();
-        let d = idx["manifests"][0]["digest"].as_str().unwrap().to_string();
-        let m: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(pulled.join("blobs/sha256").join(&d[7..])).unwrap(),
-        )
-        .unwrap();
-        m
-    };
-    for l in manifest["layers"].as_array().unwrap() {
-        let d = l["digest"].as_str().unwrap();
-        let st = Command::new("tar")
-            .args(["-xzf"])
-            .arg(pulled.join("blobs/sha256").join(&d[7..]))
-            .arg("-C")
-            .arg(&extracted)
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    let extract = t.elapsed();
+    let (pull, extract) = full_pull(&via("gzip"), &work.path().join("pulled"), &extracted);
     drop_caches();
     let local_run = run_app(&extracted);
     let full = pull + extract + local_run;
 
     // A recorded profile of the app, for the profile-ordered eStargz variant.
     let profile = work.path().join("app.profile");
-    {
-        let (m, _) = BenchMount::new(&via("estargz"), &["--record", profile.to_str().unwrap()]);
-        run_app(m.path());
-    }
-    std::thread::sleep(Duration::from_millis(500));
     let conv = TempDir::new("rconv");
-    let (ok, _, err) = ocifs(
-        &[
-            "convert",
-            "--estargz",
-            "--profile",
-            profile.to_str().unwrap(),
-            "--cache-dir",
-            conv.path().to_str().unwrap(),
-            &format!("{}/real/gzip:v1", reg.addr),
-            &format!("{}/real/profiled:v1", reg.addr),
-        ],
-        &[],
+    record_and_convert(
+        &via("estargz"),
+        &profile,
+        |root| {
+            run_app(root);
+        },
+        &format!("{}/real/gzip:v1", reg.addr),
+        &format!("{}/real/profiled:v1", reg.addr),
+        conv.path(),
     );
-    assert!(ok, "{err}");
     // The gzip image's indexes, published next to it (not timed).
     let ic = TempDir::new("ridx");
     let (ok, _, err) = ocifs(

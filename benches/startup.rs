@@ -15,7 +15,7 @@ mod common;
 mod harness;
 
 use builder::{Enc, Item, encode, file, layout, noise, push};
-use common::{BenchMount, drop_caches, env_u64, mbps};
+use common::{BenchMount, drop_caches, env_u64, full_pull, mbps, record_and_convert};
 use harness::{Proxy, Registry, TempDir, ocifs};
 use std::path::Path;
 use std::process::Command;
@@ -157,40 +157,8 @@ fn main() {
     }
 
     // Baseline: full pull through the same link, extraction, then the workload from disk.
-    let pulled = work.path().join("pulled");
-    drop_caches();
-    let t = Instant::now();
-    let st = Command::new("skopeo")
-        .args(["copy", "--quiet", "--src-tls-verify=false"])
-        .arg(format!("docker://{}", via("gzip")))
-        .arg(format!("oci:{}:v1", pulled.display()))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let pull = t.elapsed();
     let rootfs = work.path().join("rootfs");
-    std::fs::create_dir_all(&rootfs).unwrap();
-    let t = Instant::now();
-    let blobs: Vec<_> = std::fs::read_dir(pulled.join("blobs/sha256"))
-        .unwrap()
-        .flatten()
-        .collect();
-    let biggest = blobs
-        .iter()
-        .max_by_key(|b| b.metadata().unwrap().len())
-        .unwrap()
-        .path();
-    assert!(
-        Command::new("tar")
-            .arg("-xzf")
-            .arg(&biggest)
-            .arg("-C")
-            .arg(&rootfs)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let extract = t.elapsed();
+    let (pull, extract) = full_pull(&via("gzip"), &work.path().join("pulled"), &rootfs);
     drop_caches();
     let local_workload = read_workload(&rootfs);
     std::fs::read(rootfs.join("app/big.bin")).unwrap();
@@ -242,26 +210,17 @@ fn main() {
     ));
     // Record the workload once, convert with that profile, start again.
     let profile = work.path().join("startup.profile");
-    {
-        let (m, _) = BenchMount::new(&via("estargz"), &["--record", profile.to_str().unwrap()]);
-        read_workload(m.path());
-    }
-    std::thread::sleep(Duration::from_millis(500));
     let conv_cache = TempDir::new("conv");
-    let (ok, _, err) = ocifs(
-        &[
-            "convert",
-            "--estargz",
-            "--profile",
-            profile.to_str().unwrap(),
-            "--cache-dir",
-            conv_cache.path().to_str().unwrap(),
-            &format!("{}/bench/gzip:v1", reg.addr),
-            &format!("{}/bench/profiled:v1", reg.addr),
-        ],
-        &[],
+    record_and_convert(
+        &via("estargz"),
+        &profile,
+        |root| {
+            read_workload(root);
+        },
+        &format!("{}/bench/gzip:v1", reg.addr),
+        &format!("{}/bench/profiled:v1", reg.addr),
+        conv_cache.path(),
     );
-    assert!(ok, "{err}");
     rows.push(run(
         &proxy,
         "eStargz ordered by profile",

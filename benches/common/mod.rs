@@ -4,6 +4,7 @@
 
 use crate::harness::{TempDir, ocifs};
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub fn drop_caches() {
@@ -72,4 +73,70 @@ impl Drop for BenchMount {
         let _ = ocifs(&["umount", self.dir.path().to_str().unwrap()], &[]);
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// What users do today: `skopeo copy` the image (cold caches) into `pulled`, then extract its
+/// layers in order into `rootfs`. Returns (pull time, extraction time).
+pub fn full_pull(reference: &str, pulled: &Path, rootfs: &Path) -> (Duration, Duration) {
+    drop_caches();
+    let t = Instant::now();
+    let st = Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .arg(format!("oci:{}:v1", pulled.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let pull = t.elapsed();
+    std::fs::create_dir_all(rootfs).unwrap();
+    let t = Instant::now();
+    let blob = |d: &str| pulled.join("blobs/sha256").join(&d[7..]);
+    let json = |p: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let index = json(pulled.join("index.json"));
+    let manifest = json(blob(index["manifests"][0]["digest"].as_str().unwrap()));
+    for l in manifest["layers"].as_array().unwrap() {
+        let st = Command::new("tar")
+            .arg("-xzf")
+            .arg(blob(l["digest"].as_str().unwrap()))
+            .arg("-C")
+            .arg(rootfs)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    (pull, t.elapsed())
+}
+
+/// Records `workload` on a mount of `recorded` into `profile`, then converts `source` to an
+/// eStargz image `destination` ordered by that profile.
+pub fn record_and_convert(
+    recorded: &str,
+    profile: &Path,
+    workload: impl FnOnce(&Path),
+    source: &str,
+    destination: &str,
+    cache: &Path,
+) {
+    {
+        let (m, _) = BenchMount::new(recorded, &["--record", profile.to_str().unwrap()]);
+        workload(m.path());
+    }
+    // The daemon writes the profile as it unmounts.
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, _, err) = ocifs(
+        &[
+            "convert",
+            "--estargz",
+            "--profile",
+            profile.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            source,
+            destination,
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
 }

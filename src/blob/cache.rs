@@ -264,6 +264,24 @@ mod tests {
         assert_eq!(cache.stats.misses.load(Ordering::Relaxed), misses);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_readers_of_one_block_fetch_it_once() {
+        let counter = Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
+            "sha256:sf",
+            vec![3u8; 1 << 20],
+        ))));
+        let cache = BlockCache::new(1 << 20, 4 << 20, None);
+        let blob = cache.wrap(counter.clone());
+        let reads = (0..16).map(|i| {
+            let blob = blob.clone();
+            tokio::spawn(async move { blob.read_at(i * 1000, 100).await.unwrap() })
+        });
+        for r in futures::future::join_all(reads).await {
+            assert_eq!(&r.unwrap()[..], &[3u8; 100][..]);
+        }
+        assert_eq!(counter.requests.load(Ordering::Relaxed), 1, "single flight");
+    }
+
     #[tokio::test]
     async fn sequential_reads_fetch_ahead_and_random_reads_do_not() {
         let data = vec![1u8; 200 * 4096];

@@ -116,25 +116,14 @@ async fn converted_manifest(
     opts: &Options,
     report: &Report,
 ) -> Result<Bytes> {
-    let cfg_desc = &manifest["config"];
-    let cfg_digest = cfg_desc["digest"]
-        .as_str()
-        .ok_or_else(|| Error::format("manifest", "no config digest"))?;
-    let cfg_size = cfg_desc["size"]
-        .as_u64()
-        .ok_or_else(|| Error::format("manifest", "no config size"))?;
+    let (cfg_digest, cfg_size) = descriptor(&manifest["config"], "config")?;
     let mut config: Value = serde_json::from_slice(&source.small_blob(cfg_digest, cfg_size).await?)
         .map_err(|e| Error::format("image config", e.to_string()))?;
     let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
     let mut new_layers = Vec::new();
     let mut diff_ids = Vec::new();
     for (i, l) in layers.iter().enumerate() {
-        let digest = l["digest"]
-            .as_str()
-            .ok_or_else(|| Error::format("manifest", "layer without digest"))?;
-        let size = l["size"]
-            .as_u64()
-            .ok_or_else(|| Error::format("manifest", "layer without size"))?;
+        let (digest, size) = descriptor(l, "layer")?;
         let media_type = l["mediaType"].as_str().unwrap_or_default();
         let tar = local_tar(
             source,
@@ -234,6 +223,17 @@ async fn local_tar(
         }
     }
     Ok(path)
+}
+
+/// The digest and size of a descriptor in a manifest; `what` names it in errors.
+fn descriptor<'a>(d: &'a Value, what: &str) -> Result<(&'a str, u64)> {
+    match (d["digest"].as_str(), d["size"].as_u64()) {
+        (Some(digest), Some(size)) => Ok((digest, size)),
+        _ => Err(Error::format(
+            "manifest",
+            format!("{what} descriptor without digest or size"),
+        )),
+    }
 }
 
 fn to_bytes(v: &Value) -> Bytes {

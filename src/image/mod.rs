@@ -27,7 +27,7 @@ pub type Progress = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
 /// An image ready to be read.
 pub struct Image {
     pub resolved: Resolved,
-    /// Opened layers, lowest first, with their raw (uncached) blobs for verification.
+    /// Opened layers, lowest first, each with the (block-cached) blob verification reads.
     pub layers: Vec<(Arc<Layer>, Blob)>,
     pub tree: Tree,
     pub cache: Arc<BlockCache>,

@@ -468,6 +468,17 @@ fn respond(
     conn.flush()
 }
 
+/// Writes a Docker `config.json` at `path` with `user:pass` for `host`.
+pub fn write_docker_config(path: &Path, host: &str, user_pass: &str) {
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(user_pass);
+    std::fs::write(
+        path,
+        format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
+    )
+    .unwrap();
+}
+
 /// Runs the `ocifs` binary with `args`; returns (success, stdout, stderr).
 pub fn ocifs(args: &[&str], env: &[(&str, &str)]) -> (bool, Vec<u8>, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocifs"));

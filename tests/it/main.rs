@@ -337,8 +337,6 @@ fn bearer_token_and_basic_auth() {
     if !require(TOOLS, false) {
         return;
     }
-    use base64::Engine;
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let work = TempDir::new("auth");
     let layers = vec![encode(
         builder::tar(&[file("secret", "s3cret\n")]),
@@ -354,16 +352,8 @@ fn bearer_token_and_basic_auth() {
     let reg = Registry::start(Some(("alice", "wonder")));
     push(&dir, "v1", &reg.addr, "private/image", Some("alice:wonder"));
     let config = work.path().join("config.json");
-    let write_cfg = |host: &str, user_pass: &str| {
-        std::fs::write(
-            &config,
-            format!(
-                r#"{{"auths":{{"{host}":{{"auth":"{}"}}}}}}"#,
-                b64(user_pass)
-            ),
-        )
-        .unwrap();
-    };
+    let write_cfg =
+        |host: &str, user_pass: &str| harness::write_docker_config(&config, host, user_pass);
     let cfg = config.to_str().unwrap().to_string();
     let cd = work.path().join("cache");
     let cd = cd.to_str().unwrap().to_string();
@@ -433,13 +423,7 @@ fn blob_redirects_are_followed_without_credentials_reused_and_renewed() {
     let proxy = Proxy::with_storage(&reg.addr, Some(("carol", "secret")));
     let st = proxy.storage.clone().unwrap();
     let config = work.path().join("config.json");
-    use base64::Engine;
-    let auth = base64::engine::general_purpose::STANDARD.encode("carol:secret");
-    std::fs::write(
-        &config,
-        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, proxy.addr),
-    )
-    .unwrap();
+    harness::write_docker_config(&config, &proxy.addr, "carol:secret");
     let cfg = config.to_str().unwrap();
     let r = format!("{}/redir/image:v1", proxy.addr);
     let m = Mount::new(&r, &["--verify", "off"], &[("REGISTRY_AUTH_FILE", cfg)]);
@@ -1209,14 +1193,8 @@ fn bearer_tokens_are_refreshed_before_they_lapse() {
     );
     let proxy = Proxy::start(&reg.addr, Some(("dave", "pw")));
     proxy.token_ttl.store(1, Ordering::SeqCst);
-    use base64::Engine;
-    let auth = base64::engine::general_purpose::STANDARD.encode("dave:pw");
     let config = work.path().join("config.json");
-    std::fs::write(
-        &config,
-        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, proxy.addr),
-    )
-    .unwrap();
+    harness::write_docker_config(&config, &proxy.addr, "dave:pw");
     let m = Mount::new(
         &format!("{}/refresh/image:v1", proxy.addr),
         &["--verify", "off"],
