@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::layer::LayerDesc;
 use bytes::Bytes;
 use oci_spec::image::{ImageIndex, ImageManifest};
+use std::collections::HashMap;
 use std::fmt;
 
 /// `os/arch[/variant]`.
@@ -82,6 +83,8 @@ pub struct Resolved {
     pub config_digest: String,
     pub config: Bytes,
     pub layers: Vec<LayerDesc>,
+    /// The image manifest's annotations (e.g. the SOCI v2 index it names).
+    pub annotations: HashMap<String, String>,
 }
 
 fn is_index(media_type: &str, body: &[u8]) -> bool {
@@ -107,7 +110,14 @@ pub async fn resolve(source: &Source, reference: &str, platform: &Platform) -> R
             .map_err(|e| Error::format(format!("image index {}", meta.digest), e.to_string()))?;
         let mut chosen = None;
         for m in index.manifests() {
-            let Some(p) = m.platform() else { continue };
+            // Artifacts listed next to images (a SOCI v2 index) are not candidates.
+            let artifact = m.artifact_type().is_some()
+                || m.annotations().as_ref().is_some_and(|a| {
+                    a.contains_key(crate::layer::checkpoint::soci::IMAGE_ANNOTATION)
+                });
+            let Some(p) = m.platform().as_ref().filter(|_| !artifact) else {
+                continue;
+            };
             let (os, arch) = (p.os().to_string(), p.architecture().to_string());
             let variant = p.variant().as_deref();
             platforms.push(
@@ -161,6 +171,7 @@ pub async fn resolve(source: &Source, reference: &str, platform: &Platform) -> R
         config_digest,
         config,
         layers,
+        annotations: manifest.annotations().clone().unwrap_or_default(),
     })
 }
 

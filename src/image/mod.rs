@@ -65,6 +65,10 @@ impl Image {
             cfg,
             progress,
             manifest_digest: resolved.manifest_digest.clone(),
+            soci_index: resolved
+                .annotations
+                .get(crate::layer::checkpoint::soci::INDEX_ANNOTATION)
+                .cloned(),
             published: tokio::sync::OnceCell::new(),
         };
         let opened = futures::future::try_join_all(resolved.layers.iter().map(|desc| {

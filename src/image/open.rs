@@ -21,6 +21,8 @@ pub(super) struct Ctx<'a> {
     pub cfg: &'a OpenConfig,
     pub progress: Progress,
     pub manifest_digest: String,
+    /// The SOCI v2 index the image manifest names, if any.
+    pub soci_index: Option<String>,
     /// Indexes published in the registry, looked up once, on first need.
     pub published: tokio::sync::OnceCell<HashMap<String, share::Published>>,
 }
@@ -123,19 +125,23 @@ impl Ctx<'_> {
         let published = self
             .published
             .get_or_init(|| async {
-                share::discover(self.source, &self.manifest_digest)
-                    .await
-                    .unwrap_or_else(|e| {
-                        tracing::warn!("looking for published indexes failed: {e}");
-                        HashMap::new()
-                    })
+                share::discover(
+                    self.source,
+                    &self.manifest_digest,
+                    self.soci_index.as_deref(),
+                )
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!("looking for published indexes failed: {e}");
+                    HashMap::new()
+                })
             })
             .await;
         if let Some(p) = published.get(&digest) {
-            match share::fetch(self.source, p, &digest).await {
+            match share::fetch(self.source, p, &digest, cached.size()).await {
                 Ok((index, bytes)) => {
                     keep(&path, &bytes).await;
-                    return Ok((index, "from registry"));
+                    return Ok((index, p.origin.label()));
                 }
                 Err(e) => tracing::warn!(
                     "rejected the published index {} of {digest}: {e}; building one",

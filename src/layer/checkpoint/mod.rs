@@ -16,6 +16,7 @@ pub mod file;
 mod gzip;
 mod inflate;
 pub mod share;
+pub mod soci;
 mod zstd;
 
 use super::Entry;
@@ -96,6 +97,30 @@ impl CheckpointIndex {
                 .get(k + 1)
                 .map_or(self.uncomp_size, |c| c.out),
         )
+    }
+
+    /// Checks what every reader relies on: a first checkpoint at the start of the output,
+    /// checkpoints in order and inside the layer, one span digest each.
+    pub fn check_shape(&self) -> std::result::Result<(), &'static str> {
+        let cps = &self.checkpoints;
+        let ordered = cps
+            .windows(2)
+            .all(|w| w[0].out < w[1].out && w[0].inp <= w[1].inp);
+        if cps.is_empty() || !ordered || cps[0].out != 0 || cps[0].inp == 0 && cps[0].bits > 0 {
+            return Err("checkpoints missing or out of order");
+        }
+        if cps.iter().any(|c| {
+            c.bits > 7
+                || c.window.len() > 32 * 1024
+                || c.inp > self.comp_size
+                || c.out > self.uncomp_size
+        }) {
+            return Err("checkpoint out of range");
+        }
+        if self.span_digests.len() != cps.len() {
+            return Err("one span digest per checkpoint expected");
+        }
+        Ok(())
     }
 
     /// Builds the index of `blob` (a layer whose id is its digest) in one pass.

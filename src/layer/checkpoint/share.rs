@@ -7,6 +7,10 @@
 //! an image index of referrers (the referrers tag schema). A mount looks there before building
 //! an index, and trusts what it finds only after the blob digest, the file's own checksum and
 //! the layer digest inside it all match.
+//!
+//! SOCI zTOCs are found the same way: a v2 SOCI index is named by the image manifest's
+//! `com.amazon.soci.index-digest` annotation (so it is covered by the manifest digest), a v1
+//! index is a referrer of the image manifest. Our own published index wins over a SOCI one.
 
 use super::CheckpointIndex;
 use crate::error::{Error, Result};
@@ -27,65 +31,126 @@ const EMPTY_CONFIG: &[u8] = b"{}";
 /// Index files larger than this are not fetched.
 const MAX_INDEX: u64 = 512 << 20;
 
+/// Who published an index, which decides how it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Ocifs,
+    SociV1,
+    SociV2,
+}
+
+impl Origin {
+    /// How `inspect` and the mount's ready line name the index source ("index ...").
+    pub fn label(self) -> &'static str {
+        match self {
+            Origin::Ocifs => "from registry",
+            Origin::SociV1 => "from a SOCI v1 zTOC",
+            Origin::SociV2 => "from a SOCI v2 zTOC",
+        }
+    }
+}
+
 /// A published index: the blob holding it.
 #[derive(Debug, Clone)]
 pub struct Published {
     pub digest: String,
     pub size: u64,
+    pub origin: Origin,
 }
 
 /// Finds published indexes for the image `manifest_digest`: layer digest -> index blob.
+/// `soci_v2` is the SOCI index named by the manifest's annotation, if any.
 pub async fn discover(
     source: &Source,
     manifest_digest: &str,
+    soci_v2: Option<&str>,
 ) -> Result<HashMap<String, Published>> {
+    let mut found = HashMap::new();
+    if let Some(digest) = soci_v2 {
+        // Named by the manifest itself: no subject to check, the digest link is the proof.
+        match artifact_layers(source, digest, None).await {
+            Ok(layers) => add(&mut found, layers, Origin::SociV2),
+            Err(e) => tracing::warn!("ignoring the SOCI index {digest}: {e}"),
+        }
+    }
     let Source::Registry { registry, repo } = source else {
-        return Ok(HashMap::new());
+        return Ok(found);
     };
     let Some(body) = registry.referrers(repo, manifest_digest).await? else {
-        return Ok(HashMap::new());
+        return Ok(found);
     };
     let index: Value = serde_json::from_slice(&body)
         .map_err(|e| Error::format("referrers index", e.to_string()))?;
-    let mut found = HashMap::new();
     for m in index["manifests"].as_array().into_iter().flatten() {
-        if m["artifactType"] != ARTIFACT_TYPE {
-            continue;
-        }
+        let origin = match m["artifactType"].as_str() {
+            Some(ARTIFACT_TYPE) => Origin::Ocifs,
+            Some(super::soci::INDEX_V1) => Origin::SociV1,
+            _ => continue,
+        };
         let Some(digest) = m["digest"].as_str() else {
             continue;
         };
-        let (bytes, _) = source.manifest(digest).await?;
-        let manifest: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::format("index artifact manifest", e.to_string()))?;
-        if manifest["subject"]["digest"] != manifest_digest {
-            continue;
-        }
-        for l in manifest["layers"].as_array().into_iter().flatten() {
-            let (Some(layer), Some(d), Some(size)) = (
-                l["annotations"][LAYER_ANNOTATION].as_str(),
-                l["digest"].as_str(),
-                l["size"].as_u64(),
-            ) else {
-                continue;
-            };
-            found.insert(
-                layer.to_string(),
-                Published {
-                    digest: d.to_string(),
-                    size,
-                },
-            );
+        match artifact_layers(source, digest, Some(manifest_digest)).await {
+            Ok(layers) => add(&mut found, layers, origin),
+            Err(e) => tracing::warn!("ignoring the referrer {digest}: {e}"),
         }
     }
     Ok(found)
 }
 
-/// Fetches and checks a published index for `layer`; returns it with its encoded bytes.
+/// Keeps ours over SOCI's, and a SOCI v2 index over a v1 one.
+fn add(found: &mut HashMap<String, Published>, layers: Vec<(String, String, u64)>, o: Origin) {
+    for (layer, digest, size) in layers {
+        let p = Published {
+            digest,
+            size,
+            origin: o,
+        };
+        match found.get(&layer) {
+            Some(old) if old.origin == Origin::Ocifs || old.origin == Origin::SociV2 => {}
+            _ => {
+                found.insert(layer, p);
+            }
+        }
+    }
+}
+
+/// The (layer, index blob digest, size) list of an index artifact manifest; with `subject`,
+/// only if the artifact refers to that manifest.
+async fn artifact_layers(
+    source: &Source,
+    digest: &str,
+    subject: Option<&str>,
+) -> Result<Vec<(String, String, u64)>> {
+    let (bytes, _) = source.manifest(digest).await?;
+    let manifest: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::format("index artifact manifest", e.to_string()))?;
+    if let Some(s) = subject
+        && manifest["subject"]["digest"] != s
+    {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for l in manifest["layers"].as_array().into_iter().flatten() {
+        let layer = l["annotations"][LAYER_ANNOTATION]
+            .as_str()
+            .or_else(|| l["annotations"][super::soci::LAYER_ANNOTATION].as_str());
+        if let (Some(layer), Some(d), Some(size)) =
+            (layer, l["digest"].as_str(), l["size"].as_u64())
+        {
+            out.push((layer.to_string(), d.to_string(), size));
+        }
+    }
+    Ok(out)
+}
+
+/// Fetches and checks a published index for `layer` (`layer_size` bytes); returns it with its
+/// encoding in our index file format (for the cache directory).
 pub async fn fetch(
     source: &Source,
     p: &Published,
     layer: &str,
+    layer_size: u64,
 ) -> Result<(CheckpointIndex, Bytes)> {
     if p.size > MAX_INDEX {
         return Err(Error::format(
@@ -102,7 +167,14 @@ pub async fn fetch(
             actual,
         });
     }
-    Ok((super::file::decode(&data, layer)?, data))
+    match p.origin {
+        Origin::Ocifs => Ok((super::file::decode(&data, layer)?, data)),
+        Origin::SociV1 | Origin::SociV2 => {
+            let index = super::soci::parse(&data, layer, layer_size)?;
+            let encoded = Bytes::from(super::file::encode(&index));
+            Ok((index, encoded))
+        }
+    }
 }
 
 /// Pushes encoded indexes (layer digest, file bytes) as one artifact referring to the image
