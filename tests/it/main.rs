@@ -18,6 +18,8 @@ const TOOLS: &[&str] = &[
     "zstd",
     "go",
     "htpasswd",
+    "python3",
+    "flatc",
 ];
 
 fn long_name() -> String {
@@ -1301,4 +1303,90 @@ fn background_verification_fetches_the_layer_so_later_reads_are_local() {
         0,
         "served from the blocks verification fetched"
     );
+}
+
+/// Runs tests/tools/soci/publish.py (zlib + tarfile + flatc, independent of ocifs): publishes
+/// SOCI zTOCs for `repo:tag`; returns the digest the script printed.
+fn publish_soci(registry: &str, repo: &str, version: &str, damage: &str) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/soci/publish.py");
+    let out = std::process::Command::new("python3")
+        .args([script, registry, repo, "v1", "--soci", version])
+        .args(["--span", &(1 << 20).to_string(), "--damage", damage])
+        .output()
+        .expect("run publish.py");
+    assert!(
+        out.status.success(),
+        "publish.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn soci_ztocs_v1_and_v2_are_used_instead_of_building_an_index() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let proxy = Proxy::start(&reg.addr, None);
+    let work = TempDir::new("soci");
+    let mut tars = base_layers();
+    tars.push(builder::tar(&[
+        file("small.txt", "small\n"),
+        file("big.bin", noise(8 << 20, 5)),
+    ]));
+    let layers: Vec<_> = tars.into_iter().map(|t| encode(t, Enc::Gzip9)).collect();
+    let total: u64 = layers.iter().map(|l| l.blob.len() as u64).sum();
+    let dir = layout(
+        &work.path().join("layout"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+    );
+    let tar_refs: Vec<&[u8]> = layers.iter().map(|l| l.tar.as_slice()).collect();
+    oracle::extract(&tar_refs, &work.path().join("expected"));
+    let expected = oracle::snapshot(&work.path().join("expected"));
+
+    for (version, tag) in [("v1", "v1"), ("v2", "v1-soci")] {
+        let repo = format!("soci/{version}");
+        push(&dir, "v1", &reg.addr, &repo, None);
+        publish_soci(&reg.addr, &repo, version, "none");
+        proxy.reset();
+        let r = format!("{}/{repo}:{tag}", proxy.addr);
+        let m = Mount::new(&r, &["--verify", "off"], &[]);
+        let label = format!("gzip (index from a SOCI {version} zTOC)");
+        assert_eq!(m.ready.matches(&label).count(), 3, "{}", m.ready);
+        let at_ready = proxy.blob_bytes.load(Ordering::SeqCst);
+        assert!(
+            at_ready * 4 < total,
+            "mounting with zTOCs fetched {at_ready} of {total} blob bytes"
+        );
+        assert_eq!(
+            std::fs::read_to_string(m.path().join("small.txt")).unwrap(),
+            "small\n"
+        );
+        oracle::assert_same(&expected, &oracle::snapshot(m.path()));
+    }
+
+    // A zTOC with a wrong span digest is used, but the bytes it cannot vouch for are EIO;
+    // a truncated one is rejected and ocifs builds its own index.
+    push(&dir, "v1", &reg.addr, "soci/bad-digest", None);
+    publish_soci(&reg.addr, "soci/bad-digest", "v1", "span-digest");
+    let m = Mount::new(
+        &format!("{}/soci/bad-digest:v1", reg.addr),
+        &["--verify", "off"],
+        &[],
+    );
+    assert!(m.ready.contains("SOCI v1 zTOC"), "{}", m.ready);
+    let err = std::fs::read(m.path().join("big.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(m);
+    push(&dir, "v1", &reg.addr, "soci/truncated", None);
+    publish_soci(&reg.addr, "soci/truncated", "v2", "truncate");
+    let m = Mount::new(
+        &format!("{}/soci/truncated:v1-soci", reg.addr),
+        &["--verify", "off"],
+        &[],
+    );
+    assert_eq!(m.ready.matches("index built").count(), 3, "{}", m.ready);
+    oracle::assert_same(&expected, &oracle::snapshot(m.path()));
 }
