@@ -279,6 +279,17 @@ async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
     let (source, what, display) = common.source(reference)?;
     let cfg = common.open_config()?;
     let r = ocifs::image::resolve(&source, &what, &cfg.platform).await?;
+    // Indexes published next to the image (ours, SOCI v1 referrers, SOCI v2 annotation).
+    let soci_v2 = r
+        .annotations
+        .get(ocifs::layer::checkpoint::soci::INDEX_ANNOTATION);
+    let published = ocifs::layer::checkpoint::share::discover(
+        &source,
+        &r.manifest_digest,
+        soci_v2.map(String::as_str),
+    )
+    .await
+    .unwrap_or_default();
     let mut layers = Vec::new();
     for l in &r.layers {
         let format = ocifs::image::probe_format(&source, l).await?;
@@ -298,6 +309,11 @@ async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
                         format!("checkpoint index cached: {} spans of {} MiB, {} KiB, uncompressed {} bytes", i.checkpoints.len(), i.span >> 20, size >> 10, i.uncomp_size)
                     }
                     Some((_, Err(e))) => format!("cached checkpoint index rejected ({e}); the next mount rebuilds it"),
+                    None if published.contains_key(&l.digest) => {
+                        let p = &published[&l.digest];
+                        index = serde_json::json!({"source": p.origin.label(), "blob": p.digest, "bytes": p.size});
+                        format!("checkpoint index published ({}, {} KiB); a mount fetches it instead of building one", p.origin.label(), p.size >> 10)
+                    }
                     None if f == Format::Gzip => "checkpoint index built by the first mount (one pass over the blob), then kept".to_string(),
                     None => "lazy if multi-frame (frame index built by the first mount); a single frame is unpacked once".to_string(),
                 }

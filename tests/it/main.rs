@@ -1352,8 +1352,22 @@ fn soci_ztocs_v1_and_v2_are_used_instead_of_building_an_index() {
         publish_soci(&reg.addr, &repo, version, "none");
         proxy.reset();
         let r = format!("{}/{repo}:{tag}", proxy.addr);
+        let label = format!("from a SOCI {version} zTOC");
+        let fresh = TempDir::new("soci-inspect");
+        let (ok, out, err) = ocifs(
+            &["inspect", "--cache-dir", fresh.path().to_str().unwrap(), &r],
+            &[],
+        );
+        let out = String::from_utf8(out).unwrap();
+        assert!(ok, "inspect: {err}");
+        assert_eq!(
+            out.matches(&format!("published ({label}")).count(),
+            3,
+            "{out}"
+        );
+        proxy.reset();
         let m = Mount::new(&r, &["--verify", "off"], &[]);
-        let label = format!("gzip (index from a SOCI {version} zTOC)");
+        let label = format!("gzip (index {label})");
         assert_eq!(m.ready.matches(&label).count(), 3, "{}", m.ready);
         let at_ready = proxy.blob_bytes.load(Ordering::SeqCst);
         assert!(
