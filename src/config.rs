@@ -6,8 +6,10 @@ use std::str::FromStr;
 
 /// Default in-memory block cache size.
 pub const DEFAULT_CACHE_SIZE: u64 = 512 << 20;
-/// Default block size for ranged reads and the block cache.
-pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 20;
+/// Default block size of the block cache: what a reader that misses waits for.
+pub const DEFAULT_BLOCK_SIZE: u64 = 256 << 10;
+/// Default bytes one miss fetches (the missing block and the ones after it, streamed).
+pub const DEFAULT_FETCH_SIZE: u64 = 1 << 20;
 
 /// When layer blobs are checked against their digests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -24,6 +26,18 @@ pub enum VerifyMode {
 /// A byte count written like `512MiB`, `1G`, `4096`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
+
+impl std::fmt::Display for ByteSize {
+    /// The largest binary unit that divides the count (`256KiB`), so defaults print readably.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+            if self.0 != 0 && self.0.is_multiple_of(1 << shift) {
+                return write!(f, "{}{unit}", self.0 >> shift);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
 
 impl FromStr for ByteSize {
     type Err = Error;
@@ -60,8 +74,10 @@ pub struct OpenConfig {
     pub platform: crate::image::Platform,
     /// In-memory block cache bound.
     pub cache_size: u64,
-    /// Block size of ranged reads.
+    /// Block size of the block cache.
     pub block_size: u64,
+    /// Bytes one miss fetches in one streamed request.
+    pub fetch_size: u64,
     /// Directory for persistent blocks, local tars and logs.
     pub cache_dir: PathBuf,
     /// Verification mode.

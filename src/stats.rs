@@ -42,6 +42,20 @@ impl BlobSource for CountingBlob {
         self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(data)
     }
+    async fn stream_at(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> Result<()> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .stream_at(offset, len, &mut |piece| {
+                self.bytes.fetch_add(piece.len() as u64, Ordering::Relaxed);
+                sink(piece)
+            })
+            .await
+    }
 }
 
 /// Read latencies in power-of-two microsecond buckets, plus totals.

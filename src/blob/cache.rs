@@ -2,23 +2,31 @@
 //!
 //! Blobs are named by digest and immutable, so a cached block is never invalidated. Memory is
 //! an LRU bounded in bytes; an optional directory keeps blocks across remounts. A block that
-//! several readers want at once is fetched once (single flight, via a per-block async lock),
-//! and the blocks of one read are fetched concurrently. Reads that touch or follow the previous
-//! read's last block form a sequential run; once a run has crossed two block boundaries,
-//! the next few blocks are fetched in the background (read-ahead), so a streaming reader
-//! waits for the network once per window instead of once per block, while small files read
-//! whole never pull in their neighbours.
+//! several readers want at once is fetched once (single flight, via a per-block async lock).
+//!
+//! A miss fetches a *run*: the missing block and the blocks after it that nobody has or is
+//! fetching, up to the fetch size, in one streamed request. Each block is handed out as soon as
+//! its bytes have arrived, so the reader that missed waits one round trip plus one block, not
+//! the whole run, while its neighbours keep arriving for the reads that usually follow (small
+//! files read one after another, a binary's pages). On a link where a round trip costs more
+//! than a block, this is what keeps a chain of dependent reads short.
+//!
+//! Reads that touch or follow the previous read's last block form a sequential run; once a run
+//! has crossed two block boundaries, the next few blocks are fetched in the background
+//! (read-ahead), so a streaming reader waits for the network once per window.
 
 use super::{Blob, BlobSource, clamp};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::sync::OwnedMutexGuard;
 
 type Key = (String, u64);
+type Gate = Arc<tokio::sync::Mutex<()>>;
 
 /// How far ahead of a sequential reader blocks are fetched.
 const READAHEAD_BYTES: u64 = 4 << 20;
@@ -41,6 +49,8 @@ pub struct BlockCache {
     block_size: u64,
     /// Blocks fetched ahead of a sequential reader.
     readahead: u64,
+    /// Most blocks one miss fetches (the run).
+    run_blocks: u64,
     capacity: u64,
     dir: Option<PathBuf>,
     state: Mutex<State>,
@@ -51,16 +61,18 @@ pub struct BlockCache {
 struct State {
     lru: lru::LruCache<Key, Bytes>,
     used: u64,
-    inflight: HashMap<Key, Arc<tokio::sync::Mutex<()>>>,
+    inflight: HashMap<Key, Gate>,
 }
 
 impl BlockCache {
-    /// A cache of `capacity` bytes in memory, in blocks of `block_size`, optionally persisted
-    /// under `dir`.
-    pub fn new(block_size: u64, capacity: u64, dir: Option<PathBuf>) -> Arc<Self> {
+    /// A cache of `capacity` bytes in memory, in blocks of `block_size`, fetching up to
+    /// `fetch_size` bytes per miss, optionally persisted under `dir`.
+    pub fn new(block_size: u64, fetch_size: u64, capacity: u64, dir: Option<PathBuf>) -> Arc<Self> {
+        let block_size = block_size.max(4096);
         Arc::new(BlockCache {
-            block_size: block_size.max(4096),
-            readahead: (READAHEAD_BYTES / block_size.max(4096)).clamp(1, 64),
+            block_size,
+            readahead: (READAHEAD_BYTES / block_size).clamp(1, 64),
+            run_blocks: (fetch_size / block_size).clamp(1, 64),
             capacity,
             dir,
             state: Mutex::new(State {
@@ -106,59 +118,145 @@ impl BlockCache {
         Some(dir.join(name).join(key.1.to_string()))
     }
 
-    async fn block(&self, blob: &dyn BlobSource, index: u64) -> Result<Bytes> {
+    /// Length of block `index` of a blob of `size` bytes.
+    fn block_len(&self, size: u64, index: u64) -> u64 {
+        self.block_size.min(size - index * self.block_size)
+    }
+
+    /// The single-flight gate of `key`.
+    fn gate(&self, key: &Key) -> Gate {
+        let mut st = self.state.lock().unwrap();
+        st.inflight.entry(key.clone()).or_default().clone()
+    }
+
+    /// Lets the waiters of `key` in (the block is stored, or its fetch failed).
+    fn release(&self, key: &Key, guard: OwnedMutexGuard<()>) {
+        let mut st = self.state.lock().unwrap();
+        if st
+            .inflight
+            .get(key)
+            .is_some_and(|g| Arc::ptr_eq(g, OwnedMutexGuard::mutex(&guard)))
+        {
+            st.inflight.remove(key);
+        }
+        drop(guard);
+    }
+
+    async fn block(self: &Arc<Self>, blob: &Blob, index: u64) -> Result<Bytes> {
         let key = (blob.id().to_string(), index);
         if let Some(b) = self.mem_get(&key) {
             self.stats.mem_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(b);
         }
-        let gate = {
-            let mut st = self.state.lock().unwrap();
-            st.inflight.entry(key.clone()).or_default().clone()
-        };
-        let _held = gate.lock().await;
-        let result = self.fill(blob, &key).await;
-        self.state.lock().unwrap().inflight.remove(&key);
-        result
-    }
-
-    /// Second look after winning the single-flight gate, then disk, then the network.
-    async fn fill(&self, blob: &dyn BlobSource, key: &Key) -> Result<Bytes> {
-        if let Some(b) = self.mem_get(key) {
+        let guard = self.gate(&key).lock_owned().await;
+        // Second look: another reader or a run may have stored it while we waited.
+        if let Some(b) = self.mem_get(&key) {
             self.stats.mem_hits.fetch_add(1, Ordering::Relaxed);
+            self.release(&key, guard);
             return Ok(b);
         }
-        let start = key.1 * self.block_size;
-        let want = self.block_size.min(blob.size() - start);
-        if let Some(path) = self.disk_path(key)
+        let want = self.block_len(blob.size(), index);
+        if let Some(path) = self.disk_path(&key)
             && let Ok(data) = tokio::fs::read(&path).await
             && data.len() as u64 == want
         {
             self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
             let data = Bytes::from(data);
             self.mem_put(key.clone(), data.clone());
+            self.release(&key, guard);
             return Ok(data);
         }
-        let data = blob.read_at(start, want).await?;
+        // The network: this block and the following ones nobody has or is fetching.
+        let mut run = vec![(key, guard)];
+        let blocks = blob.size().div_ceil(self.block_size);
+        for i in index + 1..(index + self.run_blocks).min(blocks) {
+            let k = (blob.id().to_string(), i);
+            let on_disk = self.disk_path(&k).is_some_and(|p| p.exists());
+            if on_disk || self.state.lock().unwrap().lru.contains(&k) {
+                break;
+            }
+            match self.gate(&k).try_lock_owned() {
+                Ok(g) => run.push((k, g)),
+                Err(_) => break,
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(self.clone().fetch_run(blob.clone(), run, tx));
+        rx.await
+            .unwrap_or_else(|_| Err(Error::Io(std::io::Error::other("block fetch ended early"))))
+    }
+
+    /// Fetches a run of consecutive blocks in one streamed request, storing and releasing each
+    /// as it completes; the first block (the one a reader is waiting for) goes to `first`.
+    async fn fetch_run(
+        self: Arc<Self>,
+        blob: Blob,
+        run: Vec<(Key, OwnedMutexGuard<()>)>,
+        first: tokio::sync::oneshot::Sender<Result<Bytes>>,
+    ) {
+        let size = blob.size();
+        let start = run[0].0.1 * self.block_size;
+        let last = run[run.len() - 1].0.1;
+        let end = start + (last - run[0].0.1) * self.block_size + self.block_len(size, last);
+        let mut first = Some(first);
+        let mut blocks = run.into_iter();
+        let mut current = blocks.next();
+        let mut pending = BytesMut::new();
+        let mut sink = |piece: Bytes| {
+            pending.extend_from_slice(&piece);
+            while let Some((key, _)) = &current {
+                let want = self.block_len(size, key.1) as usize;
+                if pending.len() < want {
+                    break;
+                }
+                let data = pending.split_to(want).freeze();
+                let (key, guard) = current.take().unwrap();
+                self.store(&key, data.clone());
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(Ok(data));
+                }
+                self.release(&key, guard);
+                current = blocks.next();
+            }
+        };
+        let result = blob.stream_at(start, end - start, &mut sink).await;
+        if let Err(e) = result {
+            match first.take() {
+                Some(tx) => {
+                    let _ = tx.send(Err(e));
+                }
+                // The waiters of the blocks not stored fetch them again themselves.
+                None => tracing::debug!("fetching ahead in {} failed: {e}", blob.id()),
+            }
+        }
+        for (key, guard) in current.into_iter().chain(blocks) {
+            self.release(&key, guard);
+        }
+    }
+
+    /// Keeps a fetched block in memory and (written in the background) on disk.
+    fn store(&self, key: &Key, data: Bytes) {
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         self.stats
             .fetched_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         if let Some(path) = self.disk_path(key) {
+            let data = data.clone();
             // A failed disk write only costs a later refetch; never fail the read for it.
-            let tmp = path.with_extension("tmp");
-            let ok = async {
-                tokio::fs::create_dir_all(path.parent().unwrap()).await?;
-                tokio::fs::write(&tmp, &data).await?;
-                tokio::fs::rename(&tmp, &path).await
-            }
-            .await;
-            if let Err(e) = ok {
-                tracing::warn!("cache directory write {} failed: {e}", path.display());
-            }
+            tokio::spawn(async move {
+                let tmp = path.with_extension("tmp");
+                let ok = async {
+                    tokio::fs::create_dir_all(path.parent().unwrap()).await?;
+                    tokio::fs::write(&tmp, &data).await?;
+                    tokio::fs::rename(&tmp, &path).await
+                }
+                .await;
+                if let Err(e) = ok {
+                    tracing::warn!("cache directory write {} failed: {e}", path.display());
+                }
+            });
         }
-        self.mem_put(key.clone(), data.clone());
-        Ok(data)
+        self.mem_put(key.clone(), data);
     }
 }
 
@@ -188,7 +286,7 @@ impl CachedBlob {
             }
             let (cache, inner) = (self.cache.clone(), self.inner.clone());
             tokio::spawn(async move {
-                let _ = cache.block(inner.as_ref(), i).await;
+                let _ = cache.block(&inner, i).await;
             });
         }
     }
@@ -225,10 +323,9 @@ impl BlobSource for CachedBlob {
         if run >= 2 && self.cache.readahead > 0 {
             self.read_ahead(last);
         }
-        let blocks = futures::future::try_join_all(
-            (first..=last).map(|i| self.cache.block(self.inner.as_ref(), i)),
-        )
-        .await?;
+        let blocks =
+            futures::future::try_join_all((first..=last).map(|i| self.cache.block(&self.inner, i)))
+                .await?;
         if blocks.len() == 1 {
             let s = (offset - first * bs) as usize;
             return Ok(blocks[0].slice(s..s + len as usize));
@@ -252,7 +349,7 @@ mod tests {
     #[tokio::test]
     async fn reads_across_blocks_match_source_and_hit_cache() {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let cache = BlockCache::new(4096, 1 << 20, None);
+        let cache = BlockCache::new(4096, 4096, 1 << 20, None);
         let blob = cache.wrap(Arc::new(MemBlob::new("sha256:x", data.clone())));
         for (off, len) in [(0u64, 10u64), (4000, 9000), (99_990, 100), (12_288, 4096)] {
             let got = blob.read_at(off, len).await.unwrap();
@@ -270,7 +367,7 @@ mod tests {
             "sha256:sf",
             vec![3u8; 1 << 20],
         ))));
-        let cache = BlockCache::new(1 << 20, 4 << 20, None);
+        let cache = BlockCache::new(1 << 20, 1 << 20, 4 << 20, None);
         let blob = cache.wrap(counter.clone());
         let reads = (0..16).map(|i| {
             let blob = blob.clone();
@@ -285,7 +382,7 @@ mod tests {
     #[tokio::test]
     async fn sequential_reads_fetch_ahead_and_random_reads_do_not() {
         let data = vec![1u8; 200 * 4096];
-        let cache = BlockCache::new(4096, 1 << 20, None);
+        let cache = BlockCache::new(4096, 4096, 1 << 20, None);
         let blob = cache.wrap(Arc::new(MemBlob::new("sha256:z", data)));
         blob.read_at(40_000, 100).await.unwrap();
         blob.read_at(0, 100).await.unwrap();
@@ -309,15 +406,60 @@ mod tests {
         assert_eq!(cache.stats.misses.load(Ordering::Relaxed), 2 + 3 + 64 - 1);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_miss_fetches_a_run_in_one_request_and_stops_at_cached_blocks() {
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i % 241) as u8).collect();
+        let counter = Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
+            "sha256:run",
+            data.clone(),
+        ))));
+        let cache = BlockCache::new(4096, 16384, 1 << 20, None);
+        let blob = cache.wrap(counter.clone());
+        // Block 6 first; then a miss at block 3 runs to block 5 only (6 is cached).
+        assert_eq!(
+            &blob.read_at(6 * 4096, 10).await.unwrap()[..],
+            &data[24576..24586]
+        );
+        assert_eq!(
+            &blob.read_at(3 * 4096 + 5, 7).await.unwrap()[..],
+            &data[12293..12300]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(counter.requests.load(Ordering::Relaxed), 2);
+        // Blocks 6..=9 (the last one short: 40,000 bytes end inside it), then 3..=5.
+        assert_eq!(
+            counter.bytes.load(Ordering::Relaxed),
+            3 * 4096 + 3136 + 3 * 4096
+        );
+        // Blocks 4 and 5 came with the run: no request for them.
+        let got = blob.read_at(4 * 4096, 2 * 4096).await.unwrap();
+        assert_eq!(&got[..], &data[16384..24576]);
+        let got = blob.read_at(39_000, 5000).await.unwrap();
+        assert_eq!(&got[..], &data[39_000..]);
+        assert_eq!(counter.requests.load(Ordering::Relaxed), 2);
+    }
+
     #[tokio::test]
     async fn memory_stays_bounded_and_disk_survives() {
         let dir = std::env::temp_dir().join(format!("ocifs-cache-test-{}", std::process::id()));
         let data = vec![7u8; 64 * 1024];
-        let cache = BlockCache::new(4096, 8192, Some(dir.clone()));
+        let cache = BlockCache::new(4096, 4096, 8192, Some(dir.clone()));
         let blob = cache.wrap(Arc::new(MemBlob::new("sha256:y", data.clone())));
         blob.read_at(0, 65536).await.unwrap();
         assert!(cache.state.lock().unwrap().used <= 8192);
-        let again = BlockCache::new(4096, 8192, Some(dir.clone()));
+        // Blocks are written to disk in the background.
+        let blocks = dir.join("sha256-y");
+        for _ in 0..200 {
+            let n = std::fs::read_dir(&blocks).map_or(0, |d| {
+                d.filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_none()))
+                    .count()
+            });
+            if n == 16 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let again = BlockCache::new(4096, 4096, 8192, Some(dir.clone()));
         let blob = again.wrap(Arc::new(MemBlob::new("sha256:y", data)));
         blob.read_at(0, 65536).await.unwrap();
         assert_eq!(again.stats.misses.load(Ordering::Relaxed), 0);

@@ -21,6 +21,18 @@ pub trait BlobSource: Send + Sync {
     fn size(&self) -> u64;
     /// Exactly `len` bytes at `offset` (clamped to the end of the blob).
     async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes>;
+    /// The same bytes handed to `sink` in order as they arrive, so a caller can use the
+    /// front of a long read before its end has come (network sources stream; the default
+    /// delivers one piece).
+    async fn stream_at(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> Result<()> {
+        sink(self.read_at(offset, len).await?);
+        Ok(())
+    }
 }
 
 /// A shared, dynamically typed blob.

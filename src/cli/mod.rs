@@ -6,7 +6,9 @@ mod mount;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ocifs::config::{ByteSize, DEFAULT_BLOCK_SIZE, OpenConfig, VerifyMode};
+use ocifs::config::{
+    ByteSize, DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, DEFAULT_FETCH_SIZE, OpenConfig, VerifyMode,
+};
 use ocifs::image::{Platform, Source};
 use ocifs::reference::Reference;
 use ocifs::registry::{Registry, RegistryOptions, auth::Credentials};
@@ -34,7 +36,7 @@ pub struct Common {
     #[arg(long)]
     insecure: bool,
     /// In-memory block cache size.
-    #[arg(long, default_value = "512MiB")]
+    #[arg(long, default_value_t = ByteSize(DEFAULT_CACHE_SIZE))]
     cache_size: ByteSize,
     /// Cache directory: blocks, unpacked layers, daemon logs (default ~/.cache/ocifs).
     #[arg(long)]
@@ -45,6 +47,12 @@ pub struct Common {
     /// Uncompressed bytes between checkpoints when building a gzip layer's index.
     #[arg(long, default_value = "4MiB")]
     span: ByteSize,
+    /// Block cache granularity: what a read that misses waits for.
+    #[arg(long, default_value_t = ByteSize(DEFAULT_BLOCK_SIZE))]
+    block_size: ByteSize,
+    /// Bytes one miss fetches (its block and the following ones, streamed in one request).
+    #[arg(long, default_value_t = ByteSize(DEFAULT_FETCH_SIZE))]
+    fetch_size: ByteSize,
 }
 
 #[derive(Subcommand)]
@@ -189,11 +197,13 @@ impl Common {
             Some(p) => Platform::parse(p)?,
             None => Platform::host(),
         };
+        let block_size = self.block_size.0.clamp(4096, 64 << 20);
         Ok(OpenConfig {
             platform,
             // At least a few blocks, so one read's blocks fit at once.
-            cache_size: self.cache_size.0.max(DEFAULT_BLOCK_SIZE * 4),
-            block_size: DEFAULT_BLOCK_SIZE,
+            cache_size: self.cache_size.0.max(block_size * 4),
+            block_size,
+            fetch_size: self.fetch_size.0.max(block_size),
             cache_dir: self.cache_dir()?,
             verify: self.verify,
             span: self.span.0.max(64 * 1024),

@@ -56,6 +56,7 @@ impl Image {
         let resolved = resolve(source, reference, &cfg.platform).await?;
         let cache = BlockCache::new(
             cfg.block_size,
+            cfg.fetch_size,
             cfg.cache_size,
             Some(cfg.cache_dir.join("blocks")),
         );

@@ -279,8 +279,25 @@ impl Registry {
         offset: u64,
         len: u64,
     ) -> Result<Bytes> {
+        let mut out = BytesMut::with_capacity(len as usize);
+        self.stream_blob(repo, digest, offset, len, &mut |piece| {
+            out.extend_from_slice(&piece)
+        })
+        .await?;
+        Ok(out.freeze())
+    }
+
+    /// [`Registry::read_blob`], handing the bytes to `sink` in order as they arrive.
+    pub async fn stream_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> Result<()> {
         if len == 0 {
-            return Ok(Bytes::new());
+            return Ok(());
         }
         let range = (
             header::RANGE,
@@ -299,7 +316,7 @@ impl Registry {
                 .await;
             match resp {
                 Ok(r) if r.status().is_success() => {
-                    return ranged_body(r, offset, len, &what).await;
+                    return ranged_body(r, offset, len, &what, sink).await;
                 }
                 _ => {
                     // Expired presigned URL (403) or storage hiccup: ask the registry again.
@@ -340,12 +357,12 @@ impl Registry {
                 .lock()
                 .unwrap()
                 .insert(digest.to_string(), target.to_string());
-            return ranged_body(r, offset, len, &what).await;
+            return ranged_body(r, offset, len, &what, sink).await;
         }
         if !status.is_success() {
             return Err(self.error_for(&what, status));
         }
-        ranged_body(resp, offset, len, &what).await
+        ranged_body(resp, offset, len, &what, sink).await
     }
 
     /// A blob's size, from HEAD.
@@ -409,14 +426,15 @@ async fn read_limited(mut resp: reqwest::Response, limit: usize, what: &str) -> 
     Ok(out.freeze())
 }
 
-/// The body of a ranged GET: a 206 must start where we asked; a 200 carries the whole blob
-/// and we keep only our slice, reading no further than needed.
+/// The body of a ranged GET, handed to `sink` as it arrives: a 206 must start where we asked;
+/// a 200 carries the whole blob and we keep only our slice, reading no further than needed.
 async fn ranged_body(
     mut resp: reqwest::Response,
     offset: u64,
     len: u64,
     what: &str,
-) -> Result<Bytes> {
+    sink: &mut (dyn FnMut(Bytes) + Send),
+) -> Result<()> {
     let skip = if resp.status() == StatusCode::PARTIAL_CONTENT {
         let cr = resp
             .headers()
@@ -436,27 +454,27 @@ async fn ranged_body(
     } else {
         offset
     };
-    let mut out = BytesMut::with_capacity(len as usize);
     let mut seen = 0u64;
+    let mut delivered = 0u64;
     while let Some(chunk) = resp.chunk().await? {
         let (cs, ce) = (seen, seen + chunk.len() as u64);
         seen = ce;
         let s = skip.max(cs);
         let e = (skip + len).min(ce);
         if s < e {
-            out.extend_from_slice(&chunk[(s - cs) as usize..(e - cs) as usize]);
+            delivered += e - s;
+            sink(chunk.slice((s - cs) as usize..(e - cs) as usize));
         }
         if seen >= skip + len {
             break;
         }
     }
-    if out.len() as u64 != len {
+    if delivered != len {
         return Err(Error::Registry(format!(
-            "{what}: short read at {offset}: wanted {len} bytes, got {}",
-            out.len()
+            "{what}: short read at {offset}: wanted {len} bytes, got {delivered}"
         )));
     }
-    Ok(out.freeze())
+    Ok(())
 }
 
 /// One registry blob as a [`BlobSource`].
@@ -491,6 +509,17 @@ impl BlobSource for RegistryBlob {
         let len = clamp(&self.digest, self.size, offset, len)?;
         self.registry
             .read_blob(&self.repo, &self.digest, offset, len)
+            .await
+    }
+    async fn stream_at(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> Result<()> {
+        let len = clamp(&self.digest, self.size, offset, len)?;
+        self.registry
+            .stream_blob(&self.repo, &self.digest, offset, len, sink)
             .await
     }
 }
