@@ -158,6 +158,16 @@ fn main() {
         &[],
     );
     assert!(ok, "{err}");
+    // For experiments by hand: keep the registry and the link up for a while.
+    let hold = env_u64("OCIFS_BENCH_HOLD_S", 0);
+    if hold > 0 {
+        eprintln!(
+            "holding {hold} s: images {} (gzip, estargz, profiled), profile {}",
+            via("NAME"),
+            profile.display()
+        );
+        std::thread::sleep(Duration::from_secs(hold));
+    }
 
     println!(
         "\nRealistic startup: Debian bookworm minbase + python3 ({:.0} MiB gzip in 3 layers); workload `chroot MOUNT python3 /app/main.py` importing 15 stdlib modules.",

@@ -181,9 +181,51 @@ impl BlockCache {
             }
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(self.clone().fetch_run(blob.clone(), run, tx));
+        tokio::spawn(self.clone().fetch_run(blob.clone(), run, Some(tx)));
         rx.await
             .unwrap_or_else(|_| Err(Error::Io(std::io::Error::other("block fetch ended early"))))
+    }
+
+    /// Brings `[offset, offset+len)` of `blob` into the cache, front first: the blocks nobody
+    /// has or is fetching are streamed in as few requests as the cached ones in between allow.
+    async fn prefetch(self: &Arc<Self>, blob: &Blob, offset: u64, len: u64) -> Result<()> {
+        let len = clamp(blob.id(), blob.size(), offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.block_size;
+        let runs = self.claim(blob, offset / bs, (offset + len - 1) / bs);
+        let fetches = runs
+            .into_iter()
+            .map(|r| self.clone().fetch_run(blob.clone(), r, None));
+        futures::future::join_all(fetches)
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// Claims the blocks `first..=last` that nobody has or is fetching (holding their gates),
+    /// grouped into runs of consecutive blocks.
+    fn claim(&self, blob: &Blob, first: u64, last: u64) -> Vec<Vec<(Key, OwnedMutexGuard<()>)>> {
+        let mut runs = Vec::new();
+        let mut run = Vec::new();
+        for i in first..=last {
+            let k = (blob.id().to_string(), i);
+            let have = self.disk_path(&k).is_some_and(|p| p.exists())
+                || self.state.lock().unwrap().lru.contains(&k);
+            match (!have)
+                .then(|| self.gate(&k).try_lock_owned().ok())
+                .flatten()
+            {
+                Some(g) => run.push((k, g)),
+                None if !run.is_empty() => runs.push(std::mem::take(&mut run)),
+                None => {}
+            }
+        }
+        if !run.is_empty() {
+            runs.push(run);
+        }
+        runs
     }
 
     /// Fetches a run of consecutive blocks in one streamed request, storing and releasing each
@@ -192,13 +234,13 @@ impl BlockCache {
         self: Arc<Self>,
         blob: Blob,
         run: Vec<(Key, OwnedMutexGuard<()>)>,
-        first: tokio::sync::oneshot::Sender<Result<Bytes>>,
-    ) {
+        first: Option<tokio::sync::oneshot::Sender<Result<Bytes>>>,
+    ) -> Result<()> {
         let size = blob.size();
         let start = run[0].0.1 * self.block_size;
         let last = run[run.len() - 1].0.1;
         let end = start + (last - run[0].0.1) * self.block_size + self.block_len(size, last);
-        let mut first = Some(first);
+        let mut first = first;
         let mut blocks = run.into_iter();
         let mut current = blocks.next();
         let mut pending = BytesMut::new();
@@ -220,17 +262,16 @@ impl BlockCache {
             }
         };
         let result = blob.stream_at(start, end - start, &mut sink).await;
-        if let Err(e) = result {
-            match first.take() {
-                Some(tx) => {
-                    let _ = tx.send(Err(e));
-                }
-                // The waiters of the blocks not stored fetch them again themselves.
-                None => tracing::debug!("fetching ahead in {} failed: {e}", blob.id()),
-            }
-        }
+        // The waiters of blocks not stored fetch them again themselves.
         for (key, guard) in current.into_iter().chain(blocks) {
             self.release(&key, guard);
+        }
+        match (result, first.take()) {
+            (Err(e), Some(tx)) => {
+                let _ = tx.send(Err(e));
+                Ok(())
+            }
+            (result, _) => result,
         }
     }
 
@@ -274,20 +315,13 @@ impl CachedBlob {
     /// Starts background fetches of the blocks after `last` (errors are left to the reader
     /// that later needs the block).
     fn read_ahead(&self, last: u64) {
-        let bs = self.cache.block_size;
-        let blocks = self.inner.size().div_ceil(bs);
-        for i in last + 1..(last + 1 + self.cache.readahead).min(blocks) {
-            if self
-                .cache
-                .mem_get(&(self.inner.id().to_string(), i))
-                .is_some()
-            {
-                continue;
-            }
-            let (cache, inner) = (self.cache.clone(), self.inner.clone());
-            tokio::spawn(async move {
-                let _ = cache.block(&inner, i).await;
-            });
+        let blocks = self.inner.size().div_ceil(self.cache.block_size);
+        let end = (last + 1 + self.cache.readahead).min(blocks);
+        if last + 1 >= end {
+            return;
+        }
+        for r in self.cache.claim(&self.inner, last + 1, end - 1) {
+            tokio::spawn(self.cache.clone().fetch_run(self.inner.clone(), r, None));
         }
     }
 }
@@ -299,6 +333,9 @@ impl BlobSource for CachedBlob {
     }
     fn size(&self) -> u64 {
         self.inner.size()
+    }
+    async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        self.cache.prefetch(&self.inner, offset, len).await
     }
     async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
         let len = clamp(self.id(), self.size(), offset, len)?;
@@ -322,6 +359,16 @@ impl BlobSource for CachedBlob {
         };
         if run >= 2 && self.cache.readahead > 0 {
             self.read_ahead(last);
+        }
+        if last > first {
+            // Several blocks: one streamed request per stretch of missing ones (extended like
+            // a single miss's run), instead of a request per block.
+            let cache = &self.cache;
+            let blocks = self.size().div_ceil(bs);
+            let until = last.max(first + cache.run_blocks - 1).min(blocks - 1);
+            for r in cache.claim(&self.inner, first, until) {
+                tokio::spawn(cache.clone().fetch_run(self.inner.clone(), r, None));
+            }
         }
         let blocks =
             futures::future::try_join_all((first..=last).map(|i| self.cache.block(&self.inner, i)))

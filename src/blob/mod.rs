@@ -33,6 +33,11 @@ pub trait BlobSource: Send + Sync {
         sink(self.read_at(offset, len).await?);
         Ok(())
     }
+    /// Makes later reads of `[offset, offset+len)` fast, front first (the block cache streams
+    /// the range in; the default reads it and drops the bytes).
+    async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        self.read_at(offset, len).await.map(drop)
+    }
 }
 
 /// A shared, dynamically typed blob.

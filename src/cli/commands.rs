@@ -21,6 +21,7 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             record,
             prefetch,
             no_prefetch,
+            no_whole_files,
             reference,
             mountpoint,
         } => {
@@ -29,6 +30,7 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
                     record,
                     prefetch,
                     no_prefetch,
+                    no_whole_files,
                 };
                 mount_here(&common, &reference, &mountpoint, daemon_child, extras)
             } else {

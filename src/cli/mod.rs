@@ -76,6 +76,10 @@ enum Cmd {
         /// Do not prefetch eStargz prioritized files (those before .prefetch.landmark).
         #[arg(long)]
         no_prefetch: bool,
+        /// Do not fetch a file whole in the background when it is read at scattered places
+        /// (binaries and libraries faulted in page by page).
+        #[arg(long)]
+        no_whole_files: bool,
         reference: String,
         mountpoint: PathBuf,
     },

@@ -17,6 +17,7 @@ pub struct MountExtras {
     pub record: Option<PathBuf>,
     pub prefetch: Option<PathBuf>,
     pub no_prefetch: bool,
+    pub no_whole_files: bool,
 }
 
 /// Tells the waiting parent (daemon child) or the user (foreground) that the mount is ready.
@@ -73,6 +74,8 @@ pub fn mount_here(
             let layers = image.layers.clone();
             TaskGuard::spawn(async move { ocifs::verify::verify_layers(&layers).await })
         });
+        let whole_files =
+            (!extras.no_whole_files).then(|| TaskGuard::spawn(image.clone().fetch_whole_files()));
         let prefetcher = {
             let (image, landmarks) = (image.clone(), !extras.no_prefetch);
             TaskGuard::spawn(async move {
@@ -112,7 +115,7 @@ pub fn mount_here(
             || announce(child, &line),
         )
         .await;
-        drop((verifier, prefetcher));
+        drop((verifier, prefetcher, whole_files));
         if let Err(e) = &served
             && child
         {

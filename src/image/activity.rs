@@ -75,7 +75,7 @@ impl Image {
         tracing::info!("profile prefetch done ({total} bytes planned)");
     }
 
-    async fn read_for_prefetch(&self, ino: u64, offset: u64, len: u64) -> Result<u64> {
+    pub(super) async fn read_for_prefetch(&self, ino: u64, offset: u64, len: u64) -> Result<u64> {
         let node = self
             .tree
             .get(ino)
@@ -142,7 +142,8 @@ impl Image {
             "reads": {"count": self.reads.reads.load(Ordering::Relaxed), "bytes": self.reads.bytes.load(Ordering::Relaxed),
                       "errors": self.reads.errors.load(Ordering::Relaxed),
                       "p50Us": self.reads.percentile(0.5).as_micros() as u64, "p99Us": self.reads.percentile(0.99).as_micros() as u64},
-            "prefetch": {"totalBytes": self.prefetch_total.load(Ordering::Relaxed), "doneBytes": self.prefetch_done.load(Ordering::Relaxed)},
+            "prefetch": {"totalBytes": self.prefetch_total.load(Ordering::Relaxed), "doneBytes": self.prefetch_done.load(Ordering::Relaxed),
+                         "wholeFileBytes": self.whole_fetched.load(Ordering::Relaxed)},
         })
     }
 }

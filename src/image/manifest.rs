@@ -81,6 +81,7 @@ pub struct Resolved {
     pub manifest_media_type: String,
     pub manifest: Bytes,
     pub config_digest: String,
+    pub config_size: u64,
     pub config: Bytes,
     pub layers: Vec<LayerDesc>,
     /// The image manifest's annotations (e.g. the SOCI v2 index it names).
@@ -95,14 +96,28 @@ fn is_index(media_type: &str, body: &[u8]) -> bool {
     }
 }
 
-/// Resolves `reference` (tag or digest) in `source` for `platform`.
+/// Resolves `reference` (tag or digest) in `source` for `platform`, config included.
 pub async fn resolve(source: &Source, reference: &str, platform: &Platform) -> Result<Resolved> {
-    // HEAD first: by digest we can then GET with the digest (and the check that implies).
-    let by = match source.head(reference).await? {
-        Some(meta) => meta.digest,
-        None => reference.to_string(),
-    };
-    let (mut body, mut meta) = source.manifest(&by).await?;
+    let mut r = resolve_manifest(source, reference, platform).await?;
+    r.config = fetch_config(source, &r).await?;
+    Ok(r)
+}
+
+/// The config blob of a resolved image (its digest checked).
+pub async fn fetch_config(source: &Source, r: &Resolved) -> Result<Bytes> {
+    source.small_blob(&r.config_digest, r.config_size).await
+}
+
+/// Resolves `reference` to its image manifest without fetching the config (`config` is
+/// empty), so a mount can fetch the config while it opens the layers.
+pub async fn resolve_manifest(
+    source: &Source,
+    reference: &str,
+    platform: &Platform,
+) -> Result<Resolved> {
+    // One GET, also for tags: the digest is the body's hash, which we compute ourselves (a
+    // HEAD first would only cost a round trip; registries count the GET either way).
+    let (mut body, mut meta) = source.manifest(reference).await?;
     let mut index_digest = None;
     let mut platforms = Vec::new();
     if is_index(&meta.media_type, &body) {
@@ -151,7 +166,6 @@ pub async fn resolve(source: &Source, reference: &str, platform: &Platform) -> R
         .map_err(|e| Error::format(format!("image manifest {}", meta.digest), e.to_string()))?;
     let cfg = manifest.config();
     let config_digest = cfg.digest().to_string();
-    let config = source.small_blob(&config_digest, cfg.size()).await?;
     let layers = manifest
         .layers()
         .iter()
@@ -169,7 +183,8 @@ pub async fn resolve(source: &Source, reference: &str, platform: &Platform) -> R
         manifest_media_type: meta.media_type,
         manifest: body,
         config_digest,
-        config,
+        config_size: cfg.size(),
+        config: Bytes::new(),
         layers,
         annotations: manifest.annotations().clone().unwrap_or_default(),
     })

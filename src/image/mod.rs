@@ -5,6 +5,7 @@ pub mod activity;
 pub mod manifest;
 mod open;
 pub mod source;
+pub mod wholefile;
 
 pub use manifest::{Platform, Resolved, resolve};
 pub use source::Source;
@@ -42,6 +43,10 @@ pub struct Image {
     /// Background prefetch progress: bytes planned and done.
     pub prefetch_total: AtomicU64,
     pub prefetch_done: AtomicU64,
+    /// Files read at random places, queued to be fetched whole (see `wholefile.rs`).
+    pub whole_files: wholefile::WholeFiles,
+    /// Bytes the whole-file fetches read.
+    pub whole_fetched: AtomicU64,
 }
 
 impl Image {
@@ -53,7 +58,7 @@ impl Image {
         progress: Progress,
     ) -> Result<Image> {
         let start = Instant::now();
-        let resolved = resolve(source, reference, &cfg.platform).await?;
+        let mut resolved = manifest::resolve_manifest(source, reference, &cfg.platform).await?;
         let cache = BlockCache::new(
             cfg.block_size,
             cfg.fetch_size,
@@ -72,6 +77,8 @@ impl Image {
                 .cloned(),
             published: tokio::sync::OnceCell::new(),
         };
+        // The config is not needed to open layers: fetch it alongside (one round trip less).
+        let config = manifest::fetch_config(source, &resolved);
         let opened = futures::future::try_join_all(resolved.layers.iter().map(|desc| {
             let ctx = &ctx;
             async move {
@@ -83,8 +90,9 @@ impl Image {
                 let verified_through = ctx.cache.wrap(raw);
                 Ok::<_, Error>(((Arc::new(layer), verified_through), (entries, counter)))
             }
-        }))
-        .await?;
+        }));
+        let (config, opened) = futures::future::try_join(config, opened).await?;
+        resolved.config = config;
         let (layers, rest): (Vec<_>, Vec<_>) = opened.into_iter().unzip();
         let (entries, counters): (Vec<Vec<Entry>>, Vec<_>) = rest.into_iter().unzip();
         if cfg.verify == VerifyMode::Strict {
@@ -110,6 +118,8 @@ impl Image {
             recorder: None,
             prefetch_total: AtomicU64::new(0),
             prefetch_done: AtomicU64::new(0),
+            whole_files: Default::default(),
+            whole_fetched: AtomicU64::new(0),
         })
     }
 
@@ -124,15 +134,23 @@ impl Image {
             None => Ok(Bytes::new()),
             Some((li, loc)) => self.layers[*li].0.read(loc, node.size, offset, len).await,
         };
+        if start.elapsed() > std::time::Duration::from_millis(10) {
+            tracing::debug!(
+                "slow read: inode {ino} at {offset}+{len} took {:?}",
+                start.elapsed()
+            );
+        }
         match &result {
             Ok(data) => self.reads.record(start.elapsed(), data.len() as u64),
             Err(_) => {
                 self.reads.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
+        let len = len.min(node.size.saturating_sub(offset));
         if let Some(r) = &self.recorder {
-            r.note(ino, offset, len.min(node.size.saturating_sub(offset)));
+            r.note(ino, offset, len);
         }
+        self.whole_files.note(ino, node.size, offset, len);
         result
     }
 

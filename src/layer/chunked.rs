@@ -60,15 +60,21 @@ impl Reader {
     /// Fetches the first `prefetch_len` compressed bytes into the block cache in large
     /// requests, adding each piece's size to `done`.
     pub async fn prefetch(&self, done: &std::sync::atomic::AtomicU64) -> Result<()> {
-        const PIECE: u64 = 4 << 20;
-        let mut off = 0;
-        while off < self.prefetch_len {
-            let n = PIECE.min(self.prefetch_len - off);
-            self.blob.read_at(off, n).await?;
-            done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            off += n;
-        }
+        // One streamed range, front first: the files needed first arrive first.
+        self.blob.prefetch(0, self.prefetch_len).await?;
+        done.fetch_add(self.prefetch_len, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Brings the compressed bytes of `chunks` into the cache in one streamed range.
+    pub async fn warm(&self, chunks: &[Chunk]) -> Result<()> {
+        let (Some(a), Some(b)) = (
+            chunks.iter().map(|c| c.start).min(),
+            chunks.iter().map(|c| c.end).max(),
+        ) else {
+            return Ok(());
+        };
+        self.blob.prefetch(a, b.saturating_sub(a)).await
     }
 
     /// Reads `[offset, offset+len)` of a file made of `chunks`.

@@ -198,6 +198,15 @@ impl Layer {
         }
     }
 
+    /// Brings a whole file's bytes close (into the block cache) without decoding them.
+    pub async fn warm(&self, loc: &Locator, size: u64) -> Result<()> {
+        match (loc, &self.data) {
+            (Locator::Tar { offset }, LayerData::Tar(blob)) => blob.prefetch(*offset, size).await,
+            (Locator::Chunks(chunks), LayerData::Chunked(r)) => r.warm(chunks).await,
+            _ => Ok(()),
+        }
+    }
+
     /// Marks the layer bad: later reads fail with EIO.
     pub fn mark_bad(&self, reason: String) {
         tracing::error!("layer {} marked bad: {reason}", self.digest);

@@ -414,16 +414,6 @@ impl ProxyCtx {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let body = resp.bytes().unwrap_or_default();
-        if let Some((_, rate)) = self.link {
-            // One shared token bucket: all connections together get `rate` bytes/s.
-            let wait = {
-                let mut free = self.link_free.lock().unwrap();
-                let start = (*free).max(std::time::Instant::now());
-                *free = start + Duration::from_secs_f64(body.len() as f64 / rate as f64);
-                *free - std::time::Instant::now()
-            };
-            std::thread::sleep(wait);
-        }
         if method == "GET" && target.contains("/blobs/") {
             self.blob_bytes
                 .fetch_add(body.len() as u64, Ordering::SeqCst);
@@ -438,14 +428,47 @@ impl ProxyCtx {
         if head && let Some(l) = head_len {
             out_headers.push(("Content-Length".into(), l));
         }
-        respond(
-            &mut conn,
-            &status_line,
-            &out_headers,
-            if head { b"" } else { &body },
-            head,
-        )
+        let body = if head { &b""[..] } else { &body };
+        match self.link {
+            Some((_, rate)) => {
+                respond_head(&mut conn, &status_line, &out_headers, body.len(), head)?;
+                // The body streams at the link rate: one token bucket shared by all
+                // connections, taken piece by piece, so concurrent responses interleave and
+                // a reader sees the first bytes of a long response early, as on a real link.
+                for piece in body.chunks(32 << 10) {
+                    let due = {
+                        let mut free = self.link_free.lock().unwrap();
+                        let start = (*free).max(std::time::Instant::now());
+                        *free = start + Duration::from_secs_f64(piece.len() as f64 / rate as f64);
+                        *free
+                    };
+                    std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+                    conn.write_all(piece)?;
+                }
+                conn.flush()
+            }
+            None => respond(&mut conn, &status_line, &out_headers, body, head),
+        }
     }
+}
+
+/// The status line and headers of a response whose body follows.
+fn respond_head(
+    conn: &mut std::net::TcpStream,
+    status: &str,
+    headers: &[(String, String)],
+    len: usize,
+    head: bool,
+) -> std::io::Result<()> {
+    let mut out = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        out += &format!("{k}: {v}\r\n");
+    }
+    if !head {
+        out += &format!("Content-Length: {len}\r\n");
+    }
+    out += "\r\n";
+    conn.write_all(out.as_bytes())
 }
 
 fn respond(
@@ -455,15 +478,7 @@ fn respond(
     body: &[u8],
     head: bool,
 ) -> std::io::Result<()> {
-    let mut out = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        out += &format!("{k}: {v}\r\n");
-    }
-    if !head {
-        out += &format!("Content-Length: {}\r\n", body.len());
-    }
-    out += "\r\n";
-    conn.write_all(out.as_bytes())?;
+    respond_head(conn, status, headers, body.len(), head)?;
     conn.write_all(body)?;
     conn.flush()
 }

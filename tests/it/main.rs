@@ -317,6 +317,9 @@ fn estargz_reads_are_lazy() {
         &["--verify", "off", "--platform", "linux/amd64"],
         &[],
     );
+    // Ready in 3 requests: the manifest, then the config alongside one read of the blob's
+    // tail (footer and TOC).
+    assert_eq!(proxy.requests.load(Ordering::SeqCst), 3, "{}", m.ready);
     assert_eq!(
         std::fs::read_to_string(m.path().join("small.txt")).unwrap(),
         "just this\n"
