@@ -7,9 +7,9 @@ use std::str::FromStr;
 /// Default in-memory block cache size.
 pub const DEFAULT_CACHE_SIZE: u64 = 512 << 20;
 /// Default block size of the block cache: what a reader that misses waits for.
-pub const DEFAULT_BLOCK_SIZE: u64 = 256 << 10;
+pub const DEFAULT_BLOCK_SIZE: u64 = 64 << 10;
 /// Default bytes one miss fetches (the missing block and the ones after it, streamed).
-pub const DEFAULT_FETCH_SIZE: u64 = 1 << 20;
+pub const DEFAULT_FETCH_SIZE: u64 = 2 << 20;
 
 /// When layer blobs are checked against their digests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -64,6 +64,9 @@ pub struct ReadStats {
     pub reads: AtomicU64,
     pub bytes: AtomicU64,
     pub errors: AtomicU64,
+    /// Reads being served now, and when the last one ended (for background work to yield).
+    in_flight: AtomicU64,
+    last_end: Mutex<std::time::Instant>,
 }
 
 impl Default for ReadStats {
@@ -73,11 +76,30 @@ impl Default for ReadStats {
             reads: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            last_end: Mutex::new(std::time::Instant::now()),
         }
     }
 }
 
 impl ReadStats {
+    /// A read starts.
+    pub fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A read ends.
+    pub fn end(&self) {
+        *self.last_end.lock().unwrap() = std::time::Instant::now();
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether no read has been served for `quiet`: background fetching may use the link.
+    pub fn idle_for(&self, quiet: Duration) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && self.last_end.lock().unwrap().elapsed() >= quiet
+    }
+
     /// Records one read of `bytes` that took `took`.
     pub fn record(&self, took: Duration, bytes: u64) {
         let us = took.as_micros().max(1) as u64;

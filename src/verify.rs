@@ -12,16 +12,20 @@ use crate::error::{Error, Result};
 use crate::layer::{Health, Layer};
 use std::sync::Arc;
 
-/// Read size while hashing: small enough that verification, one request at a time, leaves
-/// room on the link for foreground reads.
-const PIECE: u64 = 2 << 20;
+/// Read size while hashing: small enough that a foreground read arriving meanwhile waits
+/// little behind it on the link.
+const PIECE: u64 = 1 << 20;
 
-/// Hashes the whole blob and compares it with its id (its digest).
-pub async fn verify_blob(raw: &Blob) -> Result<()> {
+/// Hashes the whole blob and compares it with its id (its digest). Before each piece it
+/// waits until `idle()` says the foreground has no reads going.
+pub async fn verify_blob(raw: &Blob, idle: &(dyn Fn() -> bool + Sync)) -> Result<()> {
     let mut h = Hasher::default();
     let size = raw.size();
     let mut off = 0;
     while off < size {
+        while !idle() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let piece = raw.read_at(off, PIECE.min(size - off)).await?;
         if piece.is_empty() {
             return Err(Error::Registry(format!(
@@ -43,13 +47,14 @@ pub async fn verify_blob(raw: &Blob) -> Result<()> {
     Ok(())
 }
 
-/// Verifies each still-pending layer and records the verdict in its health.
-pub async fn verify_layers(layers: &[(Arc<Layer>, Blob)]) {
+/// Verifies each still-pending layer and records the verdict in its health, yielding to
+/// foreground reads (see [`verify_blob`]).
+pub async fn verify_layers(layers: &[(Arc<Layer>, Blob)], idle: &(dyn Fn() -> bool + Sync)) {
     for (layer, raw) in layers {
         if *layer.health.read().unwrap() != Health::Pending {
             continue;
         }
-        match verify_blob(raw).await {
+        match verify_blob(raw, idle).await {
             Ok(()) => {
                 tracing::info!("layer {} verified", layer.digest);
                 *layer.health.write().unwrap() = Health::Verified;

@@ -30,6 +30,8 @@ type Gate = Arc<tokio::sync::Mutex<()>>;
 
 /// How far ahead of a sequential reader blocks are fetched.
 const READAHEAD_BYTES: u64 = 4 << 20;
+/// How long a sequential run must be before read-ahead starts.
+const SEQUENTIAL_BYTES: u64 = 1 << 20;
 
 /// Counters an experimenter reads to explain a run.
 #[derive(Debug, Default)]
@@ -49,6 +51,8 @@ pub struct BlockCache {
     block_size: u64,
     /// Blocks fetched ahead of a sequential reader.
     readahead: u64,
+    /// Block boundaries a sequential run crosses before read-ahead starts.
+    sequential: u64,
     /// Most blocks one miss fetches (the run).
     run_blocks: u64,
     capacity: u64,
@@ -72,6 +76,7 @@ impl BlockCache {
         Arc::new(BlockCache {
             block_size,
             readahead: (READAHEAD_BYTES / block_size).clamp(1, 64),
+            sequential: (SEQUENTIAL_BYTES / block_size).max(2),
             run_blocks: (fetch_size / block_size).clamp(1, 64),
             capacity,
             dir,
@@ -91,6 +96,7 @@ impl BlockCache {
             cache: self.clone(),
             last_block: AtomicU64::new(u64::MAX),
             run: AtomicU64::new(0),
+            ahead_until: AtomicU64::new(0),
         })
     }
 
@@ -240,6 +246,13 @@ impl BlockCache {
         let start = run[0].0.1 * self.block_size;
         let last = run[run.len() - 1].0.1;
         let end = start + (last - run[0].0.1) * self.block_size + self.block_len(size, last);
+        tracing::debug!(
+            "fetching {}+{} of {} ({})",
+            start,
+            end - start,
+            blob.id(),
+            if first.is_some() { "miss" } else { "ahead" }
+        );
         let mut first = first;
         let mut blocks = run.into_iter();
         let mut current = blocks.next();
@@ -309,6 +322,8 @@ pub struct CachedBlob {
     last_block: AtomicU64,
     /// Block boundaries crossed in the current sequential run.
     run: AtomicU64,
+    /// Read-ahead has been requested up to (excluding) this block.
+    ahead_until: AtomicU64,
 }
 
 impl CachedBlob {
@@ -317,10 +332,15 @@ impl CachedBlob {
     fn read_ahead(&self, last: u64) {
         let blocks = self.inner.size().div_ceil(self.cache.block_size);
         let end = (last + 1 + self.cache.readahead).min(blocks);
-        if last + 1 >= end {
+        // Top the window up only once half of it has been consumed, so it is requested in
+        // a few large pieces rather than a block at a time.
+        let until = self.ahead_until.load(Ordering::Relaxed);
+        let from = (last + 1).max(until);
+        if from >= end || until > last + 1 + self.cache.readahead / 2 {
             return;
         }
-        for r in self.cache.claim(&self.inner, last + 1, end - 1) {
+        self.ahead_until.store(end, Ordering::Relaxed);
+        for r in self.cache.claim(&self.inner, from, end - 1) {
             tokio::spawn(self.cache.clone().fetch_run(self.inner.clone(), r, None));
         }
     }
@@ -357,7 +377,7 @@ impl BlobSource for CachedBlob {
                 0
             }
         };
-        if run >= 2 && self.cache.readahead > 0 {
+        if run >= self.cache.sequential && self.cache.readahead > 0 {
             self.read_ahead(last);
         }
         if last > first {
@@ -428,29 +448,37 @@ mod tests {
 
     #[tokio::test]
     async fn sequential_reads_fetch_ahead_and_random_reads_do_not() {
-        let data = vec![1u8; 200 * 4096];
-        let cache = BlockCache::new(4096, 4096, 1 << 20, None);
+        // 64 KiB blocks: read-ahead starts after 16 boundaries (1 MiB), 64 blocks (4 MiB) ahead.
+        const B: u64 = 64 << 10;
+        let data = vec![1u8; 200 * B as usize];
+        let cache = BlockCache::new(B, B, 64 << 20, None);
         let blob = cache.wrap(Arc::new(MemBlob::new("sha256:z", data)));
-        blob.read_at(40_000, 100).await.unwrap();
+        let misses = || cache.stats.misses.load(Ordering::Relaxed);
+        let settle = || tokio::time::sleep(std::time::Duration::from_millis(50));
+        blob.read_at(10 * B, 100).await.unwrap();
         blob.read_at(0, 100).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert_eq!(
-            cache.stats.misses.load(Ordering::Relaxed),
-            2,
-            "no read-ahead for random reads"
-        );
-        blob.read_at(100, 3900).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert_eq!(
-            cache.stats.misses.load(Ordering::Relaxed),
-            2,
-            "a short run reads no further"
-        );
-        blob.read_at(4000, 12_000).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        // Blocks 1..=3 were read, then a 4 MiB window ahead of the now long sequential run:
-        // with 4 KiB blocks that is capped at 64 blocks (4..=67), block 9 already cached.
-        assert_eq!(cache.stats.misses.load(Ordering::Relaxed), 2 + 3 + 64 - 1);
+        settle().await;
+        assert_eq!(misses(), 2, "no read-ahead for random reads");
+        for i in 1..=5 {
+            blob.read_at(i * B, B).await.unwrap();
+        }
+        settle().await;
+        assert_eq!(misses(), 2 + 5, "a short run reads no further");
+        for i in 6..=16 {
+            blob.read_at(i * B, B).await.unwrap();
+        }
+        settle().await;
+        // Blocks 6..=16 read (10 cached), then the window 17..=80 in one piece.
+        assert_eq!(misses(), 2 + 5 + 10 + 64);
+        for i in 17..=47 {
+            blob.read_at(i * B, B).await.unwrap();
+        }
+        settle().await;
+        assert_eq!(misses(), 2 + 5 + 10 + 64, "half the window is still ahead");
+        blob.read_at(48 * B, B).await.unwrap();
+        settle().await;
+        // Less than half the window ahead: topped up from 81 to 48 + 1 + 64 = 113.
+        assert_eq!(misses(), 2 + 5 + 10 + 64 + 32);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

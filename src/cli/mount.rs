@@ -71,8 +71,12 @@ pub fn mount_here(
             }
         };
         let verifier = (cfg.verify == ocifs::config::VerifyMode::Background).then(|| {
-            let layers = image.layers.clone();
-            TaskGuard::spawn(async move { ocifs::verify::verify_layers(&layers).await })
+            let image = image.clone();
+            TaskGuard::spawn(async move {
+                // Yield the link to the reads of a starting workload.
+                let idle = || image.reads.idle_for(std::time::Duration::from_millis(30));
+                ocifs::verify::verify_layers(&image.layers, &idle).await
+            })
         });
         let whole_files =
             (!extras.no_whole_files).then(|| TaskGuard::spawn(image.clone().fetch_whole_files()));

@@ -212,7 +212,7 @@ async fn local_tar(
     }
     let path = streamed::tar_path(work, digest);
     if !path.exists() {
-        crate::verify::verify_blob(&raw).await?;
+        crate::verify::verify_blob(&raw, &|| true).await?;
         tokio::fs::create_dir_all(path.parent().unwrap()).await?;
         let mut f = tokio::fs::File::create(&path).await?;
         let mut off = 0;

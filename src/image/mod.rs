@@ -96,7 +96,7 @@ impl Image {
         let (layers, rest): (Vec<_>, Vec<_>) = opened.into_iter().unzip();
         let (entries, counters): (Vec<Vec<Entry>>, Vec<_>) = rest.into_iter().unzip();
         if cfg.verify == VerifyMode::Strict {
-            crate::verify::verify_layers(&layers).await;
+            crate::verify::verify_layers(&layers, &|| true).await;
             for (l, _) in &layers {
                 if let Health::Bad(reason) = &*l.health.read().unwrap() {
                     return Err(Error::BadLayer {
@@ -130,10 +130,12 @@ impl Image {
             .tree
             .get(ino)
             .ok_or_else(|| Error::NotFound(format!("inode {ino}")))?;
+        self.reads.begin();
         let result = match &node.data {
             None => Ok(Bytes::new()),
             Some((li, loc)) => self.layers[*li].0.read(loc, node.size, offset, len).await,
         };
+        self.reads.end();
         if start.elapsed() > std::time::Duration::from_millis(10) {
             tracing::debug!(
                 "slow read: inode {ino} at {offset}+{len} took {:?}",
