@@ -196,7 +196,7 @@ fn main() {
         ("gzip, index from registry", "gzip", &[], sizes["gzip"]),
         ("eStargz", "estargz", &[], sizes["estargz"]),
         (
-            "eStargz, background verification on (it fetches the whole layer)",
+            "eStargz, background verification on (it yields to reads, fetches the rest later)",
             "estargz",
             &["--verify", "background"],
             sizes["estargz"],
