@@ -2,6 +2,7 @@
 //! ties them together. This is the FUSE-free core that `mount`, `ls` and `cat` all use.
 
 pub mod activity;
+mod elf;
 pub mod manifest;
 mod open;
 pub mod source;
@@ -153,6 +154,11 @@ impl Image {
             r.note(ino, offset, len);
         }
         self.whole_files.note(ino, node.size, offset, len);
+        if offset == 0
+            && let Ok(data) = &result
+        {
+            self.whole_files.note_head(ino, data);
+        }
         result
     }
 

@@ -6,8 +6,14 @@
 //! does not continue the previous read, the whole file is queued for a background fetch in
 //! large requests; the faults that follow find their bytes arriving or already cached.
 //! Sequential readers never trigger it (the block cache's read-ahead serves them).
+//!
+//! The same queue fetches the shared libraries a program will load (see [`super::elf`]): when
+//! an ELF file's first bytes are read, its `DT_NEEDED` libraries are looked up in the image's
+//! library directories and fetched whole, and theirs in turn.
 
-use super::Image;
+use super::{Image, elf};
+use crate::error::Result;
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -21,13 +27,27 @@ const MAX_SIZE: u64 = 64 << 20;
 const IN_FLIGHT: usize = 4;
 /// Marks a file already queued.
 const QUEUED: u64 = u64::MAX;
+/// Directories (relative to the image root) searched for a needed library, besides the
+/// `*-linux-*` multiarch directories under `lib` and `usr/lib`.
+const LIBRARY_DIRS: [&str; 5] = ["lib", "usr/lib", "lib64", "usr/lib64", "usr/local/lib"];
+
+/// Work for the background fetcher.
+#[derive(Debug, PartialEq, Eq)]
+enum Job {
+    /// Fetch this file whole.
+    Whole(u64),
+    /// Find and fetch the libraries this ELF file needs.
+    Libraries(u64),
+}
 
 /// Per-file read positions and the queue of files to fetch whole.
 pub struct WholeFiles {
     /// inode -> end of its last read, or [`QUEUED`].
     ends: Mutex<HashMap<u64, u64>>,
-    tx: mpsc::UnboundedSender<u64>,
-    rx: Mutex<Option<mpsc::UnboundedReceiver<u64>>>,
+    /// ELF files whose libraries have been looked up.
+    programs: Mutex<std::collections::HashSet<u64>>,
+    tx: mpsc::UnboundedSender<Job>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Job>>>,
 }
 
 impl Default for WholeFiles {
@@ -35,6 +55,7 @@ impl Default for WholeFiles {
         let (tx, rx) = mpsc::unbounded_channel();
         WholeFiles {
             ends: Mutex::new(HashMap::new()),
+            programs: Mutex::new(Default::default()),
             tx,
             rx: Mutex::new(Some(rx)),
         }
@@ -53,12 +74,24 @@ impl WholeFiles {
             Some(QUEUED) => {}
             Some(end) if end != offset => {
                 ends.insert(ino, QUEUED);
-                let _ = self.tx.send(ino);
+                let _ = self.tx.send(Job::Whole(ino));
             }
             _ => {
                 ends.insert(ino, offset + len);
             }
         }
+    }
+
+    /// Notes the first bytes of file `ino` as read: an ELF program gets its libraries looked up.
+    pub fn note_head(&self, ino: u64, head: &[u8]) {
+        if elf::is_elf64(head) && self.programs.lock().unwrap().insert(ino) {
+            let _ = self.tx.send(Job::Libraries(ino));
+        }
+    }
+
+    /// Queues `ino` to be fetched whole unless it already was; true if newly queued.
+    fn claim(&self, ino: u64) -> bool {
+        self.ends.lock().unwrap().insert(ino, QUEUED) != Some(QUEUED)
     }
 }
 
@@ -70,25 +103,100 @@ impl Image {
             return;
         };
         let gate = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-        while let Some(ino) = rx.recv().await {
+        while let Some(job) = rx.recv().await {
             let Ok(permit) = gate.clone().acquire_owned().await else {
                 return;
             };
             let image = self.clone();
             tokio::spawn(async move {
-                if let Some(node) = image.tree.get(ino)
-                    && let Some((li, loc)) = &node.data
-                {
-                    match image.layers[*li].0.warm(loc, node.size).await {
-                        Ok(()) => {
-                            image.whole_fetched.fetch_add(node.size, Ordering::Relaxed);
+                match job {
+                    Job::Whole(ino) => image.warm_file(ino).await,
+                    Job::Libraries(ino) => match image.needed_libraries(ino).await {
+                        Ok(libs) => {
+                            for lib in libs {
+                                if image.whole_files.claim(lib) {
+                                    let _ = image.whole_files.tx.send(Job::Whole(lib));
+                                    if image.whole_files.programs.lock().unwrap().insert(lib) {
+                                        let _ = image.whole_files.tx.send(Job::Libraries(lib));
+                                    }
+                                }
+                            }
                         }
-                        Err(e) => tracing::debug!("whole-file fetch of inode {ino}: {e}"),
-                    }
+                        Err(e) => tracing::debug!("libraries of inode {ino}: {e}"),
+                    },
                 }
                 drop(permit);
             });
         }
+    }
+
+    async fn warm_file(&self, ino: u64) {
+        if let Some(node) = self.tree.get(ino)
+            && let Some((li, loc)) = &node.data
+            && node.size <= MAX_SIZE
+        {
+            match self.layers[*li].0.warm(loc, node.size).await {
+                Ok(()) => {
+                    self.whole_fetched.fetch_add(node.size, Ordering::Relaxed);
+                }
+                Err(e) => tracing::debug!("whole-file fetch of inode {ino}: {e}"),
+            }
+        }
+    }
+
+    /// Bytes of file `ino` (for the ELF reader; not counted as foreground reads).
+    async fn file_bytes(&self, ino: u64, offset: u64, len: u64) -> Result<Bytes> {
+        let node = self.tree.get(ino);
+        match node.and_then(|n| n.data.as_ref().map(|d| (n.size, d))) {
+            Some((size, (li, loc))) => self.layers[*li].0.read(loc, size, offset, len).await,
+            None => Ok(Bytes::new()),
+        }
+    }
+
+    /// The libraries ELF file `ino` names, found in the image's library directories.
+    async fn needed_libraries(&self, ino: u64) -> Result<Vec<u64>> {
+        let head = self.file_bytes(ino, 0, 4096).await?;
+        let found = async {
+            let (off, len) = elf::program_headers(&head)?;
+            Some((off, len, elf::program_header_size(&head)?))
+        };
+        let Some((off, len, entry)) = found.await else {
+            return Ok(Vec::new());
+        };
+        let phdrs = self.file_bytes(ino, off, len).await?;
+        let Some((loads, (doff, dlen))) = elf::segments(&phdrs, entry) else {
+            return Ok(Vec::new());
+        };
+        let dynamic = self.file_bytes(ino, doff, dlen).await?;
+        let Some(((soff, slen), offsets)) = elf::needed_offsets(&dynamic, &loads) else {
+            return Ok(Vec::new());
+        };
+        let strtab = self.file_bytes(ino, soff, slen).await?;
+        let dirs = self.library_dirs();
+        Ok(elf::names(&strtab, &offsets)
+            .iter()
+            .filter_map(|name| {
+                dirs.iter()
+                    .find_map(|d| self.tree.resolve_links(&format!("{d}/{name}")))
+            })
+            .collect())
+    }
+
+    /// Where libraries are looked for: the usual directories and the multiarch ones.
+    fn library_dirs(&self) -> Vec<String> {
+        let mut dirs = Vec::new();
+        for base in ["usr/lib", "lib"] {
+            if let Some(node) = self.tree.resolve_links(base).and_then(|i| self.tree.get(i)) {
+                dirs.extend(
+                    node.children
+                        .keys()
+                        .filter(|n| n.contains("-linux-"))
+                        .map(|n| format!("{base}/{n}")),
+                );
+            }
+        }
+        dirs.extend(LIBRARY_DIRS.iter().map(|d| d.to_string()));
+        dirs
     }
 }
 
@@ -105,7 +213,7 @@ mod tests {
         assert!(rx.try_recv().is_err());
         w.note(1, 1 << 20, 500_000, 4096); // a jump: queued once
         w.note(1, 1 << 20, 0, 4096);
-        assert_eq!(rx.try_recv().ok(), Some(1));
+        assert_eq!(rx.try_recv().ok(), Some(Job::Whole(1)));
         assert!(rx.try_recv().is_err());
         w.note(2, 1000, 0, 10);
         w.note(2, 1000, 500, 10); // too small to matter

@@ -222,6 +222,49 @@ impl Tree {
             .try_fold(ROOT, |cur, comp| self.lookup(cur, comp))
     }
 
+    /// The inode at a clean relative path, following symlinks in every component (absolute
+    /// targets from the image root); `None` past 16 links or a missing name.
+    pub fn resolve_links(&self, path: &str) -> Option<u64> {
+        let mut pending: Vec<String> = path
+            .split('/')
+            .rev()
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect();
+        let (mut cur, mut hops) = (ROOT, 0);
+        while let Some(comp) = pending.pop() {
+            if comp == "." {
+                continue;
+            }
+            if comp == ".." {
+                cur = self.get(cur)?.parent;
+                continue;
+            }
+            let next = self.lookup(cur, &comp)?;
+            let node = self.get(next)?;
+            match (&node.kind, &node.link) {
+                (Kind::Symlink, Some(target)) => {
+                    hops += 1;
+                    if hops > 16 {
+                        return None;
+                    }
+                    if target.starts_with('/') {
+                        cur = ROOT;
+                    }
+                    pending.extend(
+                        target
+                            .split('/')
+                            .rev()
+                            .filter(|c| !c.is_empty())
+                            .map(str::to_string),
+                    );
+                }
+                _ => cur = next,
+            }
+        }
+        Some(cur)
+    }
+
     /// A path of `ino` (its first name), for profiles and messages.
     pub fn path(&self, ino: u64) -> Option<String> {
         let mut parts = Vec::new();

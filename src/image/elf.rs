@@ -1,0 +1,171 @@
+//! Which shared libraries a starting program will open next.
+//!
+//! A process starts with a chain of dependent reads: the loader reads the binary, then each
+//! library it names, each of them a round trip on a cold mount. An ELF file's dynamic section
+//! lists those libraries (`DT_NEEDED`), so as soon as a program's first bytes have been read,
+//! the libraries can be found in the image and fetched in the background, in parallel, before
+//! the loader asks for them. This reads only 64-bit little-endian ELF (x86_64, aarch64, riscv64
+//! and the like); anything else, or anything malformed, predicts nothing.
+
+/// A prediction never reads more than this from one file.
+const MAX_TABLE: u64 = 1 << 20;
+const PT_LOAD: u32 = 1;
+const PT_DYNAMIC: u32 = 2;
+const DT_NEEDED: u64 = 1;
+const DT_STRTAB: u64 = 5;
+const DT_STRSZ: u64 = 10;
+
+/// Whether `head` (a file's first bytes) starts a 64-bit little-endian ELF file.
+pub fn is_elf64(head: &[u8]) -> bool {
+    head.len() >= 64 && head.starts_with(b"\x7fELF") && head[4] == 2 && head[5] == 1
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?) as u64)
+}
+fn u32_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as u64)
+}
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Where the program headers are: (offset, length) in the file.
+pub fn program_headers(head: &[u8]) -> Option<(u64, u64)> {
+    let (off, size, num) = (
+        u64_at(head, 0x20)?,
+        u16_at(head, 0x36)?,
+        u16_at(head, 0x38)?,
+    );
+    (size >= 56 && num <= 256).then_some((off, size * num))
+}
+
+/// A loadable segment: file offset, virtual address, file size.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment {
+    offset: u64,
+    vaddr: u64,
+    size: u64,
+}
+
+/// The loadable segments and the dynamic section's (offset, length), from the program headers.
+pub fn segments(phdrs: &[u8], entry_size: usize) -> Option<(Vec<Segment>, (u64, u64))> {
+    let mut loads = Vec::new();
+    let mut dynamic = None;
+    for p in phdrs.chunks_exact(entry_size) {
+        let seg = Segment {
+            offset: u64_at(p, 8)?,
+            vaddr: u64_at(p, 16)?,
+            size: u64_at(p, 32)?,
+        };
+        match u32_at(p, 0)? as u32 {
+            PT_LOAD => loads.push(seg),
+            PT_DYNAMIC => dynamic = Some((seg.offset, seg.size.min(MAX_TABLE))),
+            _ => {}
+        }
+    }
+    Some((loads, dynamic?))
+}
+
+/// Size of one program header, from the ELF header.
+pub fn program_header_size(head: &[u8]) -> Option<usize> {
+    Some(u16_at(head, 0x36)? as usize)
+}
+
+/// From the dynamic section: the string table's (offset, length) and each `DT_NEEDED`'s
+/// offset into it.
+pub fn needed_offsets(dynamic: &[u8], loads: &[Segment]) -> Option<((u64, u64), Vec<u64>)> {
+    let (mut strtab, mut strsz, mut needed) = (None, None, Vec::new());
+    for d in dynamic.chunks_exact(16) {
+        let (tag, val) = (u64_at(d, 0)?, u64_at(d, 8)?);
+        match tag {
+            0 => break,
+            DT_NEEDED => needed.push(val),
+            DT_STRTAB => strtab = Some(val),
+            DT_STRSZ => strsz = Some(val.min(MAX_TABLE)),
+            _ => {}
+        }
+    }
+    let addr = strtab?;
+    let seg = loads
+        .iter()
+        .find(|s| s.vaddr <= addr && addr < s.vaddr + s.size)?;
+    Some(((addr - seg.vaddr + seg.offset, strsz?), needed))
+}
+
+/// The names at `offsets` of a string table.
+pub fn names(strtab: &[u8], offsets: &[u64]) -> Vec<String> {
+    offsets
+        .iter()
+        .filter_map(|&o| {
+            let rest = strtab.get(o as usize..)?;
+            let end = rest.iter().position(|&b| b == 0)?;
+            let name = std::str::from_utf8(&rest[..end]).ok()?;
+            // Plain file names only: a '/' would name a path the loader opens as given.
+            (!name.is_empty() && !name.contains('/')).then(|| name.to_string())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ELF64: header, two program headers (LOAD, DYNAMIC), dynamic section, strings.
+    fn tiny_elf() -> Vec<u8> {
+        let mut f = vec![0u8; 0x400];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        f[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes());
+        let ph = |f: &mut Vec<u8>, at: usize, ty: u32, off: u64, vaddr: u64, size: u64| {
+            f[at..at + 4].copy_from_slice(&ty.to_le_bytes());
+            f[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
+            f[at + 16..at + 24].copy_from_slice(&vaddr.to_le_bytes());
+            f[at + 32..at + 40].copy_from_slice(&size.to_le_bytes());
+        };
+        ph(&mut f, 64, PT_LOAD, 0, 0x10000, 0x400);
+        ph(&mut f, 120, PT_DYNAMIC, 0x200, 0x10200, 64);
+        let dynamic: [(u64, u64); 4] = [
+            (DT_NEEDED, 1),
+            (DT_NEEDED, 11),
+            (DT_STRTAB, 0x10300),
+            (DT_STRSZ, 32),
+        ];
+        for (i, (t, v)) in dynamic.iter().enumerate() {
+            f[0x200 + 16 * i..0x208 + 16 * i].copy_from_slice(&t.to_le_bytes());
+            f[0x208 + 16 * i..0x210 + 16 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        f[0x300..0x300 + 21].copy_from_slice(b"\0libz.so.1\0libc.so.6\0");
+        f
+    }
+
+    #[test]
+    fn finds_the_needed_libraries() {
+        let f = tiny_elf();
+        assert!(is_elf64(&f));
+        let (off, len) = program_headers(&f).unwrap();
+        let (loads, (doff, dlen)) = segments(
+            &f[off as usize..(off + len) as usize],
+            program_header_size(&f).unwrap(),
+        )
+        .unwrap();
+        let ((soff, slen), needed) =
+            needed_offsets(&f[doff as usize..(doff + dlen) as usize], &loads).unwrap();
+        let strtab = &f[soff as usize..(soff + slen) as usize];
+        assert_eq!(names(strtab, &needed), ["libz.so.1", "libc.so.6"]);
+    }
+
+    #[test]
+    fn garbage_predicts_nothing() {
+        assert!(!is_elf64(b"#!/bin/sh\n"));
+        let mut f = tiny_elf();
+        f[0x38] = 0xff; // 255 program headers: beyond the data
+        let (off, len) = program_headers(&f).unwrap();
+        assert!(f.get(off as usize..(off + len) as usize).is_none());
+        assert!(needed_offsets(&[0u8; 7], &[]).is_none());
+        assert!(names(b"abc", &[10]).is_empty());
+    }
+}
