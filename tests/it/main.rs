@@ -1408,3 +1408,62 @@ fn soci_ztocs_v1_and_v2_are_used_instead_of_building_an_index() {
     assert_eq!(m.ready.matches("index built").count(), 3, "{}", m.ready);
     oracle::assert_same(&expected, &oracle::snapshot(m.path()));
 }
+
+#[test]
+fn a_programs_libraries_are_fetched_before_the_loader_asks() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    // A real dynamically linked program and the libc it names, from this (Debian x86_64)
+    // machine, with 4 MiB between them so no fetch run carries one along with the other.
+    let tool = std::fs::read("/usr/bin/true").unwrap();
+    let libc = std::fs::read("/usr/lib/x86_64-linux-gnu/libc.so.6").unwrap();
+    let tar = builder::tar(&[
+        Item::Dir("usr", 0o755),
+        Item::Dir("usr/bin", 0o755),
+        Item::Dir("usr/lib", 0o755),
+        Item::Dir("usr/lib/x86_64-linux-gnu", 0o755),
+        Item::Symlink("lib", "usr/lib"),
+        Item::File("usr/bin/tool".into(), tool, 0o755),
+        file("filler", noise(4 << 20, 3)),
+        Item::File(
+            "usr/lib/x86_64-linux-gnu/libc.so.6".into(),
+            libc.clone(),
+            0o755,
+        ),
+    ]);
+    let reg = Registry::start(None);
+    let work = TempDir::new("elf");
+    let layers = vec![encode(tar, Enc::Estargz)];
+    let dir = layout(work.path(), "v1", &[("linux", "amd64", None, &layers)]);
+    push(&dir, "v1", &reg.addr, "elf/image", None);
+    let m = Mount::new(
+        &format!("{}/elf/image:v1", reg.addr),
+        &["--verify", "off", "--no-prefetch"],
+        &[],
+    );
+    // Only the program's first page is read, as the kernel does at exec.
+    let mut head = [0u8; 4096];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open(m.path().join("usr/bin/tool")).unwrap(),
+        &mut head,
+    )
+    .unwrap();
+    let mut whole = 0;
+    for _ in 0..200 {
+        let (ok, out, err) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
+        assert!(ok, "stats: {err}");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        whole = v["prefetch"]["wholeFileBytes"].as_u64().unwrap();
+        if whole > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // libc (found through the lib -> usr/lib link) and nothing else was fetched whole.
+    assert_eq!(whole, libc.len() as u64);
+    assert_eq!(
+        std::fs::read(m.path().join("lib/x86_64-linux-gnu/libc.so.6")).unwrap(),
+        libc
+    );
+}
