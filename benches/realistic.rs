@@ -227,7 +227,7 @@ fn main() {
             sizes["estargz"],
         ),
         (
-            "eStargz without whole-file fetch (--no-whole-files)",
+            "eStargz without whole-file fetch or library prediction (--no-whole-files)",
             "estargz",
             &["--no-whole-files"],
             sizes["estargz"],

@@ -77,7 +77,8 @@ enum Cmd {
         #[arg(long)]
         no_prefetch: bool,
         /// Do not fetch a file whole in the background when it is read at scattered places
-        /// (binaries and libraries faulted in page by page).
+        /// (binaries and libraries faulted in page by page), nor the libraries a program
+        /// names once its first page is read.
         #[arg(long)]
         no_whole_files: bool,
         reference: String,
