@@ -497,7 +497,10 @@ fn print_stats(v: &serde_json::Value, json: bool) -> Result<()> {
         r["count"], r["bytes"], r["errors"], r["p50Us"], r["p99Us"]
     );
     let p = &v["prefetch"];
-    println!("prefetch: {} of {} bytes", p["doneBytes"], p["totalBytes"]);
+    println!(
+        "prefetch: {} of {} bytes; fetched whole in the background (scattered reads, libraries): {} bytes",
+        p["doneBytes"], p["totalBytes"], p["wholeFileBytes"]
+    );
     Ok(())
 }
 
