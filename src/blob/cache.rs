@@ -118,10 +118,11 @@ impl BlockCache {
         }
     }
 
+    /// `DIR/<blob>/<block size>-<index>`: blocks cut with another `--block-size` never match.
     fn disk_path(&self, key: &Key) -> Option<PathBuf> {
         let dir = self.dir.as_ref()?;
         let name = key.0.replace(':', "-").replace('/', "_");
-        Some(dir.join(name).join(key.1.to_string()))
+        Some(dir.join(name).join(format!("{}-{}", self.block_size, key.1)))
     }
 
     /// Length of block `index` of a blob of `size` bytes.
