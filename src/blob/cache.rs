@@ -122,7 +122,10 @@ impl BlockCache {
     fn disk_path(&self, key: &Key) -> Option<PathBuf> {
         let dir = self.dir.as_ref()?;
         let name = key.0.replace(':', "-").replace('/', "_");
-        Some(dir.join(name).join(format!("{}-{}", self.block_size, key.1)))
+        Some(
+            dir.join(name)
+                .join(format!("{}-{}", self.block_size, key.1)),
+        )
     }
 
     /// Length of block `index` of a blob of `size` bytes.

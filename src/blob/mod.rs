@@ -4,6 +4,7 @@
 //! ([`cache::CachedBlob`]) wraps any of them behind the same trait.
 
 pub mod cache;
+pub mod disk;
 
 use crate::error::{Error, Result};
 use async_trait::async_trait;

@@ -7,7 +7,8 @@ mod mount;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ocifs::config::{
-    ByteSize, DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, DEFAULT_FETCH_SIZE, OpenConfig, VerifyMode,
+    ByteSize, DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, DEFAULT_DISK_CACHE_SIZE, DEFAULT_FETCH_SIZE,
+    OpenConfig, VerifyMode,
 };
 use ocifs::image::{Platform, Source};
 use ocifs::reference::Reference;
@@ -53,6 +54,10 @@ pub struct Common {
     /// Bytes one miss fetches (its block and the following ones, streamed in one request).
     #[arg(long, default_value_t = ByteSize(DEFAULT_FETCH_SIZE))]
     fetch_size: ByteSize,
+    /// Bound of the blocks kept in the cache directory; the least recently written blobs'
+    /// blocks are removed when a mount starts.
+    #[arg(long, default_value_t = ByteSize(DEFAULT_DISK_CACHE_SIZE))]
+    disk_cache_size: ByteSize,
 }
 
 #[derive(Subcommand)]
@@ -209,6 +214,7 @@ impl Common {
             cache_size: self.cache_size.0.max(block_size * 4),
             block_size,
             fetch_size: self.fetch_size.0.max(block_size),
+            disk_cache_size: self.disk_cache_size.0,
             cache_dir: self.cache_dir()?,
             verify: self.verify,
             span: self.span.0.max(64 * 1024),
