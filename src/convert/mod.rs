@@ -152,8 +152,20 @@ async fn converted_manifest(
         })
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-        let data = Bytes::from(tokio::fs::read(&out_path).await?);
-        dest.put_blob(&written.digest, data).await?;
+        let total = written.size;
+        let uploading = |sent: u64| {
+            // A line per 64 MiB at most: progress for big layers, quiet for small ones.
+            if sent < total && sent % (64 << 20) < crate::registry::UPLOAD_CHUNK as u64 {
+                report(&format!(
+                    "layer {}/{}: uploaded {} of {total} bytes",
+                    i + 1,
+                    layers.len(),
+                    sent
+                ));
+            }
+        };
+        dest.put_blob_file(&written.digest, &out_path, &uploading)
+            .await?;
         let _ = tokio::fs::remove_file(&out_path).await;
         report(&format!(
             "layer {}/{}: {digest} -> {} ({} bytes, eStargz)",
@@ -241,6 +253,29 @@ fn to_bytes(v: &Value) -> Bytes {
 }
 
 impl Destination {
+    /// Stores the blob in file `path` (uploaded in chunks, or copied into the layout).
+    async fn put_blob_file(
+        &self,
+        digest: &str,
+        path: &std::path::Path,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<()> {
+        match self {
+            Destination::Registry { registry, repo, .. } => {
+                registry
+                    .push_blob_file(repo, digest, path, progress)
+                    .await?;
+                Ok(())
+            }
+            Destination::Layout { dir, .. } => {
+                let to = dir.join("blobs/sha256").join(&digest[7..]);
+                tokio::fs::create_dir_all(to.parent().unwrap()).await?;
+                tokio::fs::copy(path, to).await?;
+                Ok(())
+            }
+        }
+    }
+
     async fn put_blob(&self, digest: &str, data: Bytes) -> Result<()> {
         match self {
             Destination::Registry { registry, repo, .. } => {

@@ -7,7 +7,7 @@
 
 pub mod auth;
 mod push;
-pub use push::referrers_tag;
+pub use push::{UPLOAD_CHUNK, referrers_tag};
 
 use crate::blob::{BlobSource, clamp};
 use crate::error::{Error, Result};

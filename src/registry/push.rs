@@ -1,10 +1,26 @@
-//! Writing to a registry: blob uploads (monolithic), manifest puts, and the referrers lookup
-//! with the tag-schema fallback for registries without the referrers API (distribution 2.8).
+//! Writing to a registry: blob uploads (monolithic for small blobs, chunked from a file for
+//! layers, so memory stays bounded), manifest puts, and the referrers lookup with the
+//! tag-schema fallback for registries without the referrers API (distribution 2.8).
 
 use super::{Registry, read_limited};
 use crate::error::{Error, Result};
 use bytes::Bytes;
 use reqwest::{Method, StatusCode, header};
+
+/// Bytes per PATCH of a chunked upload.
+pub const UPLOAD_CHUNK: usize = 8 << 20;
+
+/// Where an upload continues: the response's Location, resolved against its URL.
+fn next_location(resp: &reqwest::Response) -> Result<reqwest::Url> {
+    let loc = resp
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| Error::Registry("upload answered without a Location".into()))?;
+    resp.url()
+        .join(loc)
+        .map_err(|e| Error::Registry(format!("bad upload location {loc:?}: {e}")))
+}
 
 /// The tag under which the referrers tag schema lists referrers of `digest`.
 pub fn referrers_tag(digest: &str) -> String {
@@ -14,29 +30,10 @@ pub fn referrers_tag(digest: &str) -> String {
 impl Registry {
     /// Uploads a blob unless the registry already has it.
     pub async fn push_blob(&self, repo: &str, digest: &str, data: Bytes) -> Result<()> {
-        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
-        let head = self
-            .send_with(repo, "pull,push", Method::HEAD, &url, &[], None)
-            .await?;
-        if head.status().is_success() {
+        if self.has_blob(repo, digest).await? {
             return Ok(());
         }
-        let start = format!("{}/v2/{repo}/blobs/uploads/", self.base);
-        let resp = self
-            .send_with(repo, "pull,push", Method::POST, &start, &[], None)
-            .await?;
-        if resp.status() != StatusCode::ACCEPTED {
-            return Err(self.error_for(&format!("starting an upload to {repo}"), resp.status()));
-        }
-        let loc = resp
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| Error::Registry("upload started without a Location".into()))?;
-        let mut target = resp
-            .url()
-            .join(loc)
-            .map_err(|e| Error::Registry(format!("bad upload location {loc:?}: {e}")))?;
+        let mut target = self.start_upload(repo).await?;
         target.query_pairs_mut().append_pair("digest", digest);
         let headers = [(header::CONTENT_TYPE, "application/octet-stream".to_string())];
         let resp = self
@@ -53,6 +50,100 @@ impl Registry {
             return Err(self.error_for(&format!("uploading blob {digest}"), resp.status()));
         }
         Ok(())
+    }
+
+    /// Uploads the blob in file `path` unless the registry already has it: PATCH requests of
+    /// [`UPLOAD_CHUNK`] bytes read one at a time, then the closing PUT. `progress` gets the
+    /// bytes sent so far. Returns whether anything was uploaded.
+    pub async fn push_blob_file(
+        &self,
+        repo: &str,
+        digest: &str,
+        path: &std::path::Path,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<bool> {
+        if self.has_blob(repo, digest).await? {
+            return Ok(false);
+        }
+        let mut file = tokio::fs::File::open(path).await?;
+        let mut target = self.start_upload(repo).await?;
+        let mut sent = 0u64;
+        loop {
+            let mut buf = vec![0u8; UPLOAD_CHUNK];
+            let mut n = 0;
+            while n < buf.len() {
+                let got = tokio::io::AsyncReadExt::read(&mut file, &mut buf[n..]).await?;
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            let headers = [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (
+                    header::CONTENT_RANGE,
+                    format!("{sent}-{}", sent + n as u64 - 1),
+                ),
+            ];
+            let resp = self
+                .send_with(
+                    repo,
+                    "pull,push",
+                    Method::PATCH,
+                    target.as_str(),
+                    &headers,
+                    Some(Bytes::from(buf)),
+                )
+                .await?;
+            if resp.status() != StatusCode::ACCEPTED {
+                return Err(self.error_for(
+                    &format!("uploading bytes {sent}.. of blob {digest}"),
+                    resp.status(),
+                ));
+            }
+            target = next_location(&resp)?;
+            sent += n as u64;
+            progress(sent);
+        }
+        target.query_pairs_mut().append_pair("digest", digest);
+        let resp = self
+            .send_with(
+                repo,
+                "pull,push",
+                Method::PUT,
+                target.as_str(),
+                &[],
+                Some(Bytes::new()),
+            )
+            .await?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(self.error_for(&format!("closing the upload of {digest}"), resp.status()));
+        }
+        Ok(true)
+    }
+
+    async fn has_blob(&self, repo: &str, digest: &str) -> Result<bool> {
+        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
+        let head = self
+            .send_with(repo, "pull,push", Method::HEAD, &url, &[], None)
+            .await?;
+        Ok(head.status().is_success())
+    }
+
+    /// Starts an upload session; returns where to send its bytes.
+    async fn start_upload(&self, repo: &str) -> Result<reqwest::Url> {
+        let start = format!("{}/v2/{repo}/blobs/uploads/", self.base);
+        let resp = self
+            .send_with(repo, "pull,push", Method::POST, &start, &[], None)
+            .await?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(self.error_for(&format!("starting an upload to {repo}"), resp.status()));
+        }
+        next_location(&resp)
     }
 
     /// Puts a manifest under `reference` (tag or digest); returns whether the registry took

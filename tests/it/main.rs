@@ -973,11 +973,13 @@ fn convert_to_estargz_is_correct_lazy_and_readable_by_stargz_snapshotter() {
     }
     let reg = Registry::start(None);
     let work = TempDir::new("convert");
-    let tars = base_layers();
+    let mut tars = base_layers();
+    // Larger than one upload chunk (8 MiB): the converted layer goes up in several PATCHes.
+    tars.push(builder::tar(&[file("big.bin", noise(18 << 20, 11))]));
     let layers: Vec<_> = tars
         .iter()
         .cloned()
-        .zip([Enc::Gzip, Enc::Tar])
+        .zip([Enc::Gzip, Enc::Tar, Enc::Gzip])
         .map(|(t, e)| encode(t, e))
         .collect();
     builder::push_one(work.path(), &layers, &reg.addr, "conv/src");
@@ -1014,11 +1016,11 @@ fn convert_to_estargz_is_correct_lazy_and_readable_by_stargz_snapshotter() {
         .iter()
         .map(|l| l["format"].as_str().unwrap())
         .collect();
-    assert_eq!(formats, ["estargz", "estargz"]);
+    assert_eq!(formats, ["estargz", "estargz", "estargz"]);
 
     // The converted image is the same tree.
     let expected_root = work.path().join("expected");
-    oracle::extract(&[&tars[0], &tars[1]], &expected_root);
+    oracle::extract(&[&tars[0], &tars[1], &tars[2]], &expected_root);
     let m = Mount::new(&dst, &[], &[]);
     oracle::assert_same(
         &oracle::snapshot(&expected_root),
@@ -1040,7 +1042,7 @@ fn convert_to_estargz_is_correct_lazy_and_readable_by_stargz_snapshotter() {
                 .unwrap()
                 .to_string()
         };
-        let file = if i == 0 { "bin/tool" } else { "opq/upper" };
+        let file = ["bin/tool", "opq/upper", "big.bin"][i];
         let out = std::process::Command::new(builder::estargz_tool())
             .args(["--verify", path.to_str().unwrap(), &toc, file])
             .output()
@@ -1050,10 +1052,7 @@ fn convert_to_estargz_is_correct_lazy_and_readable_by_stargz_snapshotter() {
             "stargz-snapshotter rejects layer {i}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let want = builder::sha(
-            &std::fs::read(expected_root.join(if i == 0 { "bin/tool" } else { "opq/upper" }))
-                .unwrap(),
-        );
+        let want = builder::sha(&std::fs::read(expected_root.join(file)).unwrap());
         assert_eq!(
             format!(
                 "sha256:{}",
