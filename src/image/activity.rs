@@ -143,7 +143,8 @@ impl Image {
                       "errors": self.reads.errors.load(Ordering::Relaxed),
                       "p50Us": self.reads.percentile(0.5).as_micros() as u64, "p99Us": self.reads.percentile(0.99).as_micros() as u64},
             "prefetch": {"totalBytes": self.prefetch_total.load(Ordering::Relaxed), "doneBytes": self.prefetch_done.load(Ordering::Relaxed),
-                         "wholeFileBytes": self.whole_fetched.load(Ordering::Relaxed)},
+                         "wholeFileBytes": self.whole_fetched.load(Ordering::Relaxed),
+                         "directoryBytes": self.directory_fetched.load(Ordering::Relaxed)},
         })
     }
 }

@@ -48,6 +48,8 @@ pub struct Image {
     pub whole_files: wholefile::WholeFiles,
     /// Bytes the whole-file fetches read.
     pub whole_fetched: AtomicU64,
+    /// Layer bytes fetched for directories read together (compressed for chunked layers).
+    pub directory_fetched: AtomicU64,
 }
 
 impl Image {
@@ -123,6 +125,7 @@ impl Image {
             prefetch_done: AtomicU64::new(0),
             whole_files: Default::default(),
             whole_fetched: AtomicU64::new(0),
+            directory_fetched: AtomicU64::new(0),
         })
     }
 
@@ -159,7 +162,7 @@ impl Image {
         if offset == 0
             && let Ok(data) = &result
         {
-            self.whole_files.note_head(ino, data);
+            self.whole_files.note_head(ino, node.parent, data);
         }
         result
     }

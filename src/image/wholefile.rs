@@ -9,7 +9,9 @@
 //!
 //! The same queue fetches the shared libraries a program will load (see [`super::elf`]): when
 //! an ELF file's first bytes are read, its `DT_NEEDED` libraries are looked up in the image's
-//! library directories and fetched whole, and theirs in turn.
+//! library directories and fetched whole, and theirs in turn. And when a file of a directory
+//! is first read, the directory's files are fetched together if they lie together in one
+//! layer and span at most 8 MiB (a module's package, a locale, `/etc`).
 
 use super::{Image, elf};
 use crate::error::Result;
@@ -38,7 +40,12 @@ enum Job {
     Whole(u64),
     /// Find and fetch the libraries this ELF file needs.
     Libraries(u64),
+    /// Fetch the files of this directory if they lie together and are small in all.
+    Directory(u64),
 }
+
+/// A directory's files are fetched together only if they span at most this much.
+const DIRECTORY_MAX: u64 = 8 << 20;
 
 /// Per-file read positions and the queue of files to fetch whole.
 pub struct WholeFiles {
@@ -46,6 +53,8 @@ pub struct WholeFiles {
     ends: Mutex<HashMap<u64, u64>>,
     /// ELF files whose libraries have been looked up.
     programs: Mutex<std::collections::HashSet<u64>>,
+    /// Directories whose files have been considered for fetching together.
+    directories: Mutex<std::collections::HashSet<u64>>,
     tx: mpsc::UnboundedSender<Job>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<Job>>>,
 }
@@ -56,6 +65,7 @@ impl Default for WholeFiles {
         WholeFiles {
             ends: Mutex::new(HashMap::new()),
             programs: Mutex::new(Default::default()),
+            directories: Mutex::new(Default::default()),
             tx,
             rx: Mutex::new(Some(rx)),
         }
@@ -82,10 +92,15 @@ impl WholeFiles {
         }
     }
 
-    /// Notes the first bytes of file `ino` as read: an ELF program gets its libraries looked up.
-    pub fn note_head(&self, ino: u64, head: &[u8]) {
+    /// Notes the first bytes of file `ino` (in directory `parent`) as read: an ELF program
+    /// gets its libraries looked up, and the directory's files are considered together (a
+    /// program reading one module, locale file or config file usually reads its siblings).
+    pub fn note_head(&self, ino: u64, parent: u64, head: &[u8]) {
         if elf::is_elf64(head) && self.programs.lock().unwrap().insert(ino) {
             let _ = self.tx.send(Job::Libraries(ino));
+        }
+        if self.directories.lock().unwrap().insert(parent) {
+            let _ = self.tx.send(Job::Directory(parent));
         }
     }
 
@@ -111,6 +126,7 @@ impl Image {
             tokio::spawn(async move {
                 match job {
                     Job::Whole(ino) => image.warm_file(ino).await,
+                    Job::Directory(dir) => image.warm_directory(dir).await,
                     Job::Libraries(ino) => match image.needed_libraries(ino).await {
                         Ok(libs) => {
                             for lib in libs {
@@ -140,6 +156,38 @@ impl Image {
                     self.whole_fetched.fetch_add(node.size, Ordering::Relaxed);
                 }
                 Err(e) => tracing::debug!("whole-file fetch of inode {ino}: {e}"),
+            }
+        }
+    }
+
+    /// Fetches the files of directory `dir` from the layer most of them come from, in one
+    /// streamed range, when that range is small and mostly theirs (files written together).
+    async fn warm_directory(&self, dir: u64) {
+        let Some(node) = self.tree.get(dir) else {
+            return;
+        };
+        let mut per_layer: HashMap<usize, (u64, u64, u64, usize)> = HashMap::new();
+        for &child in node.children.values() {
+            let Some(c) = self.tree.get(child) else {
+                continue;
+            };
+            let Some((li, loc)) = &c.data else { continue };
+            let Some((a, b)) = self.layers[*li].0.extent(loc, c.size) else {
+                continue;
+            };
+            let e = per_layer.entry(*li).or_insert((u64::MAX, 0, 0, 0));
+            *e = (e.0.min(a), e.1.max(b), e.2 + (b - a), e.3 + 1);
+        }
+        let Some((li, (a, b, sum, _))) = per_layer.into_iter().max_by_key(|(_, e)| e.3) else {
+            return;
+        };
+        // Small enough, and mostly this directory's bytes (not interleaved with others').
+        if b - a <= DIRECTORY_MAX && sum * 2 >= b - a {
+            match self.layers[li].0.warm_extent(a, b).await {
+                Ok(()) => {
+                    self.directory_fetched.fetch_add(b - a, Ordering::Relaxed);
+                }
+                Err(e) => tracing::debug!("fetching directory inode {dir}: {e}"),
             }
         }
     }

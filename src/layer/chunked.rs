@@ -66,6 +66,11 @@ impl Reader {
         Ok(())
     }
 
+    /// The (block-cached) compressed blob.
+    pub fn blob(&self) -> &Blob {
+        &self.blob
+    }
+
     /// Brings the compressed bytes of `chunks` into the cache in one streamed range.
     pub async fn warm(&self, chunks: &[Chunk]) -> Result<()> {
         let (Some(a), Some(b)) = (

@@ -207,6 +207,28 @@ impl Layer {
         }
     }
 
+    /// Where a file's bytes lie in the layer's data: compressed offsets for chunked layers,
+    /// tar offsets otherwise. `None` for files without data.
+    pub fn extent(&self, loc: &Locator, size: u64) -> Option<(u64, u64)> {
+        match loc {
+            Locator::Tar { offset } => Some((*offset, offset + size)),
+            Locator::Chunks(chunks) => Some((
+                chunks.iter().map(|c| c.start).min()?,
+                chunks.iter().map(|c| c.end).max()?,
+            )),
+            _ => None,
+        }
+    }
+
+    /// Brings `[start, end)` of the layer's data (see [`Layer::extent`]) into the cache.
+    pub async fn warm_extent(&self, start: u64, end: u64) -> Result<()> {
+        let blob = match &self.data {
+            LayerData::Tar(blob) => blob,
+            LayerData::Chunked(r) => r.blob(),
+        };
+        blob.prefetch(start, end.saturating_sub(start)).await
+    }
+
     /// Marks the layer bad: later reads fail with EIO.
     pub fn mark_bad(&self, reason: String) {
         tracing::error!("layer {} marked bad: {reason}", self.digest);

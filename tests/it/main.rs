@@ -1430,6 +1430,11 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
             libc.clone(),
             0o755,
         ),
+        file("filler2", noise(4 << 20, 4)),
+        Item::Dir("conf", 0o755),
+        file("conf/a", noise(20_000, 5)),
+        file("conf/b", noise(20_000, 6)),
+        file("conf/c", noise(20_000, 7)),
     ]);
     let reg = Registry::start(None);
     let work = TempDir::new("elf");
@@ -1461,6 +1466,22 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
     }
     // libc (found through the lib -> usr/lib link) and nothing else was fetched whole.
     assert_eq!(whole, libc.len() as u64);
+    // Reading one file of a directory whose files lie together fetches its siblings too.
+    std::fs::read(m.path().join("conf/a")).unwrap();
+    let mut together = 0;
+    for _ in 0..200 {
+        let (_, out, _) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        together = v["prefetch"]["directoryBytes"].as_u64().unwrap();
+        if together >= 60_000 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        (60_000..1 << 20).contains(&together),
+        "conf/ fetched together: {together} bytes"
+    );
     assert_eq!(
         std::fs::read(m.path().join("lib/x86_64-linux-gnu/libc.so.6")).unwrap(),
         libc
