@@ -11,6 +11,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 /// Mount options beyond opening the image.
 pub struct MountExtras {
@@ -82,6 +83,7 @@ pub fn mount_here(
             (!extras.no_whole_files).then(|| TaskGuard::spawn(image.clone().fetch_whole_files()));
         let prefetcher = {
             let (image, landmarks) = (image.clone(), !extras.no_prefetch);
+            image.prefetching.store(true, Ordering::Relaxed);
             TaskGuard::spawn(async move {
                 if let Some(p) = profile {
                     image.prefetch_profile(&p).await;
@@ -89,6 +91,7 @@ pub fn mount_here(
                 if landmarks {
                     image.prefetch_landmarks().await;
                 }
+                image.prefetching.store(false, Ordering::Relaxed);
             })
         };
         let line = format!(

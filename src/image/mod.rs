@@ -46,6 +46,8 @@ pub struct Image {
     pub prefetch_done: AtomicU64,
     /// Files read at random places, queued to be fetched whole (see `wholefile.rs`).
     pub whole_files: wholefile::WholeFiles,
+    /// Set while a planned prefetch (landmarks, profile) runs; speculation waits for it.
+    pub prefetching: std::sync::atomic::AtomicBool,
     /// Bytes the whole-file fetches read.
     pub whole_fetched: AtomicU64,
     /// Layer bytes fetched for directories read together (compressed for chunked layers).
@@ -124,6 +126,7 @@ impl Image {
             prefetch_total: AtomicU64::new(0),
             prefetch_done: AtomicU64::new(0),
             whole_files: Default::default(),
+            prefetching: Default::default(),
             whole_fetched: AtomicU64::new(0),
             directory_fetched: AtomicU64::new(0),
         })

@@ -119,6 +119,12 @@ impl Image {
         };
         let gate = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
         while let Some(job) = rx.recv().await {
+            // A planned prefetch (prioritized files, a recorded profile) already brings what
+            // the workload needs, in order: guesses made meanwhile would only compete with it,
+            // so they are dropped.
+            if self.prefetching.load(Ordering::Relaxed) {
+                continue;
+            }
             let Ok(permit) = gate.clone().acquire_owned().await else {
                 return;
             };
