@@ -181,13 +181,9 @@ impl BlockCache {
         let blocks = blob.size().div_ceil(self.block_size);
         for i in index + 1..(index + self.run_blocks).min(blocks) {
             let k = (blob.id().to_string(), i);
-            let on_disk = self.disk_path(&k).is_some_and(|p| p.exists());
-            if on_disk || self.state.lock().unwrap().lru.contains(&k) {
-                break;
-            }
-            match self.gate(&k).try_lock_owned() {
-                Ok(g) => run.push((k, g)),
-                Err(_) => break,
+            match self.try_claim(&k) {
+                Some(g) => run.push((k, g)),
+                None => break,
             }
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -221,12 +217,7 @@ impl BlockCache {
         let mut run = Vec::new();
         for i in first..=last {
             let k = (blob.id().to_string(), i);
-            let have = self.disk_path(&k).is_some_and(|p| p.exists())
-                || self.state.lock().unwrap().lru.contains(&k);
-            match (!have)
-                .then(|| self.gate(&k).try_lock_owned().ok())
-                .flatten()
-            {
+            match self.try_claim(&k) {
                 Some(g) => run.push((k, g)),
                 None if !run.is_empty() => runs.push(std::mem::take(&mut run)),
                 None => {}
@@ -236,6 +227,16 @@ impl BlockCache {
             runs.push(run);
         }
         runs
+    }
+
+    /// The gate of block `k` if nobody has the block (memory or disk) or is fetching it.
+    fn try_claim(&self, k: &Key) -> Option<OwnedMutexGuard<()>> {
+        let have = self.disk_path(k).is_some_and(|p| p.exists())
+            || self.state.lock().unwrap().lru.contains(k);
+        if have {
+            return None;
+        }
+        self.gate(k).try_lock_owned().ok()
     }
 
     /// Fetches a run of consecutive blocks in one streamed request, storing and releasing each

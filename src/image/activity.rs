@@ -9,6 +9,7 @@ use super::Image;
 use crate::error::{Error, Result};
 use crate::layer::{Health, LayerData};
 use crate::stats::Access;
+use bytes::Bytes;
 use serde_json::json;
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -59,7 +60,8 @@ impl Image {
                 && let Some((ino, offset, len, path)) = pending.next()
             {
                 in_flight.push_back(async move {
-                    (path, self.read_for_prefetch(ino, offset, len).await)
+                    let read = self.file_bytes(ino, offset, len).await;
+                    (path, read.map(|b| b.len() as u64))
                 });
             }
             let Some((path, result)) = in_flight.next().await else {
@@ -75,19 +77,17 @@ impl Image {
         tracing::info!("profile prefetch done ({total} bytes planned)");
     }
 
-    pub(super) async fn read_for_prefetch(&self, ino: u64, offset: u64, len: u64) -> Result<u64> {
+    /// Bytes of file `ino` for background work (prefetch, the ELF reader): not counted as
+    /// foreground reads, not recorded, no speculation.
+    pub(super) async fn file_bytes(&self, ino: u64, offset: u64, len: u64) -> Result<Bytes> {
         let node = self
             .tree
             .get(ino)
             .ok_or_else(|| Error::NotFound(format!("inode {ino}")))?;
-        let Some((li, loc)) = &node.data else {
-            return Ok(0);
-        };
-        Ok(self.layers[*li]
-            .0
-            .read(loc, node.size, offset, len)
-            .await?
-            .len() as u64)
+        match &node.data {
+            Some((li, loc)) => self.layers[*li].0.read(loc, node.size, offset, len).await,
+            None => Ok(Bytes::new()),
+        }
     }
 
     /// The recorded accesses with layer digests and paths.

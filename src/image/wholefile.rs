@@ -15,7 +15,6 @@
 
 use super::{Image, elf};
 use crate::error::Result;
-use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -195,15 +194,6 @@ impl Image {
                 }
                 Err(e) => tracing::debug!("fetching directory inode {dir}: {e}"),
             }
-        }
-    }
-
-    /// Bytes of file `ino` (for the ELF reader; not counted as foreground reads).
-    async fn file_bytes(&self, ino: u64, offset: u64, len: u64) -> Result<Bytes> {
-        let node = self.tree.get(ino);
-        match node.and_then(|n| n.data.as_ref().map(|d| (n.size, d))) {
-            Some((size, (li, loc))) => self.layers[*li].0.read(loc, size, offset, len).await,
-            None => Ok(Bytes::new()),
         }
     }
 

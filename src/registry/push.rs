@@ -33,23 +33,8 @@ impl Registry {
         if self.has_blob(repo, digest).await? {
             return Ok(());
         }
-        let mut target = self.start_upload(repo).await?;
-        target.query_pairs_mut().append_pair("digest", digest);
-        let headers = [(header::CONTENT_TYPE, "application/octet-stream".to_string())];
-        let resp = self
-            .send_with(
-                repo,
-                "pull,push",
-                Method::PUT,
-                target.as_str(),
-                &headers,
-                Some(data),
-            )
-            .await?;
-        if resp.status() != StatusCode::CREATED {
-            return Err(self.error_for(&format!("uploading blob {digest}"), resp.status()));
-        }
-        Ok(())
+        let target = self.start_upload(repo).await?;
+        self.finish_upload(repo, target, digest, data).await
     }
 
     /// Uploads the blob in file `path` unless the registry already has it: PATCH requests of
@@ -109,21 +94,35 @@ impl Registry {
             sent += n as u64;
             progress(sent);
         }
+        self.finish_upload(repo, target, digest, Bytes::new())
+            .await?;
+        Ok(true)
+    }
+
+    /// The closing PUT of an upload at `target`, with its last bytes (all of a monolithic one).
+    async fn finish_upload(
+        &self,
+        repo: &str,
+        mut target: reqwest::Url,
+        digest: &str,
+        last: Bytes,
+    ) -> Result<()> {
         target.query_pairs_mut().append_pair("digest", digest);
+        let headers = [(header::CONTENT_TYPE, "application/octet-stream".to_string())];
         let resp = self
             .send_with(
                 repo,
                 "pull,push",
                 Method::PUT,
                 target.as_str(),
-                &[],
-                Some(Bytes::new()),
+                &headers,
+                Some(last),
             )
             .await?;
         if resp.status() != StatusCode::CREATED {
-            return Err(self.error_for(&format!("closing the upload of {digest}"), resp.status()));
+            return Err(self.error_for(&format!("uploading blob {digest}"), resp.status()));
         }
-        Ok(true)
+        Ok(())
     }
 
     async fn has_blob(&self, repo: &str, digest: &str) -> Result<bool> {

@@ -833,22 +833,33 @@ fn gzip_index_pushed_to_the_registry_is_found_by_a_clean_mount() {
     );
 }
 
-/// Polls `ocifs stats --json` until background prefetch has finished.
-fn wait_for_prefetch(mountpoint: &std::path::Path) -> serde_json::Value {
+/// Polls `ocifs stats --json` (for up to 10 s) until `done` says so; returns the last answer.
+fn poll_stats(
+    mountpoint: &std::path::Path,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut v = serde_json::Value::Null;
     for _ in 0..200 {
         let (ok, out, err) = ocifs(&["stats", "--json", mountpoint.to_str().unwrap()], &[]);
         assert!(ok, "stats: {err}");
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        let (done, total) = (
-            v["prefetch"]["doneBytes"].as_u64().unwrap(),
-            v["prefetch"]["totalBytes"].as_u64().unwrap(),
-        );
-        if total > 0 && done >= total {
-            return v;
+        v = serde_json::from_slice(&out).unwrap();
+        if done(&v) {
+            break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    panic!("prefetch did not finish");
+    v
+}
+
+/// Polls `ocifs stats --json` until background prefetch has finished.
+fn wait_for_prefetch(mountpoint: &std::path::Path) -> serde_json::Value {
+    let finished = |v: &serde_json::Value| {
+        let total = v["prefetch"]["totalBytes"].as_u64().unwrap();
+        total > 0 && v["prefetch"]["doneBytes"].as_u64().unwrap() >= total
+    };
+    let v = poll_stats(mountpoint, finished);
+    assert!(finished(&v), "prefetch did not finish");
+    v
 }
 
 #[test]
@@ -1439,8 +1450,7 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
     let reg = Registry::start(None);
     let work = TempDir::new("elf");
     let layers = vec![encode(tar, Enc::Estargz)];
-    let dir = layout(work.path(), "v1", &[("linux", "amd64", None, &layers)]);
-    push(&dir, "v1", &reg.addr, "elf/image", None);
+    builder::push_one(work.path(), &layers, &reg.addr, "elf/image");
     let m = Mount::new(
         &format!("{}/elf/image:v1", reg.addr),
         &["--verify", "off", "--no-prefetch"],
@@ -1453,31 +1463,14 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
         &mut head,
     )
     .unwrap();
-    let mut whole = 0;
-    for _ in 0..200 {
-        let (ok, out, err) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
-        assert!(ok, "stats: {err}");
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        whole = v["prefetch"]["wholeFileBytes"].as_u64().unwrap();
-        if whole > 0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let whole = |v: &serde_json::Value| v["prefetch"]["wholeFileBytes"].as_u64().unwrap();
+    let whole = whole(&poll_stats(m.path(), |v| whole(v) > 0));
     // libc (found through the lib -> usr/lib link) and nothing else was fetched whole.
     assert_eq!(whole, libc.len() as u64);
     // Reading one file of a directory whose files lie together fetches its siblings too.
     std::fs::read(m.path().join("conf/a")).unwrap();
-    let mut together = 0;
-    for _ in 0..200 {
-        let (_, out, _) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        together = v["prefetch"]["directoryBytes"].as_u64().unwrap();
-        if together >= 60_000 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let together = |v: &serde_json::Value| v["prefetch"]["directoryBytes"].as_u64().unwrap();
+    let together = together(&poll_stats(m.path(), |v| together(v) >= 60_000));
     assert!(
         (60_000..1 << 20).contains(&together),
         "conf/ fetched together: {together} bytes"
