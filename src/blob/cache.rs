@@ -386,12 +386,23 @@ impl BlobSource for CachedBlob {
             self.read_ahead(last);
         }
         if last > first {
-            // Several blocks: one streamed request per stretch of missing ones (extended like
-            // a single miss's run), instead of a request per block.
+            // Several blocks: one streamed request per stretch of missing ones instead of a
+            // request per block. Only a read that misses carries on past its end, like a single
+            // miss's run; a read served from the cache fetches nothing.
             let cache = &self.cache;
             let blocks = self.size().div_ceil(bs);
-            let until = last.max(first + cache.run_blocks - 1).min(blocks - 1);
-            for r in cache.claim(&self.inner, first, until) {
+            let mut runs = cache.claim(&self.inner, first, last);
+            if !runs.is_empty() {
+                let until = (first + cache.run_blocks - 1).min(blocks - 1);
+                for r in cache.claim(&self.inner, last + 1, until) {
+                    match runs.last_mut() {
+                        // Contiguous with the read's last stretch: one request.
+                        Some(prev) if prev[prev.len() - 1].0.1 + 1 == r[0].0.1 => prev.extend(r),
+                        _ => runs.push(r),
+                    }
+                }
+            }
+            for r in runs {
                 tokio::spawn(cache.clone().fetch_run(self.inner.clone(), r, None));
             }
         }
@@ -517,6 +528,21 @@ mod tests {
         let got = blob.read_at(39_000, 5000).await.unwrap();
         assert_eq!(&got[..], &data[39_000..]);
         assert_eq!(counter.requests.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_served_from_cache_fetches_no_neighbours() {
+        let counter = Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
+            "sha256:cached",
+            vec![9u8; 16 * 4096],
+        ))));
+        let cache = BlockCache::new(4096, 16384, 1 << 20, None);
+        let blob = cache.wrap(counter.clone());
+        blob.read_at(0, 2 * 4096).await.unwrap(); // misses: blocks 0..=3 in one run
+        blob.read_at(2 * 4096, 2 * 4096).await.unwrap(); // all cached
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(counter.requests.load(Ordering::Relaxed), 1);
+        assert_eq!(counter.bytes.load(Ordering::Relaxed), 4 * 4096);
     }
 
     #[tokio::test]
