@@ -31,12 +31,13 @@ const EMPTY_CONFIG: &[u8] = b"{}";
 /// Index files larger than this are not fetched.
 const MAX_INDEX: u64 = 512 << 20;
 
-/// Who published an index, which decides how it is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who published an index, which decides how it is read. Declared in order of preference
+/// when a layer has several (the derived `Ord`): ours, then SOCI v2, then SOCI v1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Origin {
     Ocifs,
-    SociV1,
     SociV2,
+    SociV1,
 }
 
 impl Origin {
@@ -106,11 +107,8 @@ fn add(found: &mut HashMap<String, Published>, layers: Vec<(String, String, u64)
             size,
             origin: o,
         };
-        match found.get(&layer) {
-            Some(old) if old.origin == Origin::Ocifs || old.origin == Origin::SociV2 => {}
-            _ => {
-                found.insert(layer, p);
-            }
+        if found.get(&layer).is_none_or(|old| o < old.origin) {
+            found.insert(layer, p);
         }
     }
 }
@@ -226,4 +224,29 @@ pub async fn push(
             .await?;
     }
     Ok(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ours_beats_soci_v2_beats_soci_v1_in_any_order() {
+        let one = |d: &str| vec![("sha256:l".to_string(), d.to_string(), 1)];
+        for order in [
+            [Origin::SociV2, Origin::Ocifs, Origin::SociV1],
+            [Origin::SociV1, Origin::SociV2, Origin::Ocifs],
+            [Origin::Ocifs, Origin::SociV1, Origin::SociV2],
+        ] {
+            let mut found = HashMap::new();
+            for o in order {
+                add(&mut found, one(&format!("{o:?}")), o);
+            }
+            assert_eq!(found["sha256:l"].origin, Origin::Ocifs, "{order:?}");
+        }
+        let mut found = HashMap::new();
+        add(&mut found, one("v1"), Origin::SociV1);
+        add(&mut found, one("v2"), Origin::SociV2);
+        assert_eq!(found["sha256:l"].digest, "v2");
+    }
 }
