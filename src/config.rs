@@ -8,7 +8,7 @@ use std::str::FromStr;
 pub const DEFAULT_CACHE_SIZE: u64 = 512 << 20;
 /// Default block size of the block cache: what a reader that misses waits for.
 pub const DEFAULT_BLOCK_SIZE: u64 = 64 << 10;
-/// Default bound of the on-disk block cache (checked when a mount starts).
+/// Default bound of the on-disk block cache (checked when a mount ends).
 pub const DEFAULT_DISK_CACHE_SIZE: u64 = 10 << 30;
 /// Default bytes one miss fetches (the missing block and the ones after it, streamed).
 pub const DEFAULT_FETCH_SIZE: u64 = 2 << 20;
@@ -80,7 +80,7 @@ pub struct OpenConfig {
     pub block_size: u64,
     /// Bytes one miss fetches in one streamed request.
     pub fetch_size: u64,
-    /// Bound of the blocks kept in `cache_dir` (oldest blobs removed when a mount starts).
+    /// Bound of the blocks kept in `cache_dir` (oldest blobs removed when a mount ends).
     pub disk_cache_size: u64,
     /// Directory for persistent blocks, local tars and logs.
     pub cache_dir: PathBuf,

@@ -1,6 +1,6 @@
 //! Keeping the on-disk block cache within a size bound.
 //!
-//! Blocks are stored per blob (`DIR/<blob>/<block size>-<index>`). When a mount starts, the
+//! Blocks are stored per blob (`DIR/<blob>/<block size>-<index>`). When a mount ends, the
 //! blob directories are summed and the least recently written ones are removed until the
 //! total fits the bound again, so the cache directory does not grow without end across mounts.
 

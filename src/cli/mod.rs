@@ -55,7 +55,7 @@ pub struct Common {
     #[arg(long, default_value_t = ByteSize(DEFAULT_FETCH_SIZE))]
     fetch_size: ByteSize,
     /// Bound of the blocks kept in the cache directory; the least recently written blobs'
-    /// blocks are removed when a mount starts.
+    /// blocks are removed when a mount ends.
     #[arg(long, default_value_t = ByteSize(DEFAULT_DISK_CACHE_SIZE))]
     disk_cache_size: ByteSize,
 }

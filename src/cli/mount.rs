@@ -123,6 +123,18 @@ pub fn mount_here(
         )
         .await;
         drop((verifier, prefetcher, whole_files));
+        // Keep the cache directory bounded, now that this mount's blocks are written (off the
+        // start-up path, where it would compete with the first reads).
+        let (dir, max) = (cfg.cache_dir.join("blocks"), cfg.disk_cache_size);
+        let pruned =
+            tokio::task::spawn_blocking(move || (ocifs::blob::disk::prune(&dir, max), dir));
+        match pruned.await {
+            Ok((Ok(n), dir)) if n > 0 => {
+                tracing::info!("removed {n} bytes of old blocks from {}", dir.display())
+            }
+            Ok((Err(e), dir)) => tracing::warn!("could not prune {}: {e}", dir.display()),
+            _ => {}
+        }
         if let Err(e) = &served
             && child
         {

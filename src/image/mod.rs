@@ -65,12 +65,6 @@ impl Image {
         let start = Instant::now();
         let mut resolved = manifest::resolve_manifest(source, reference, &cfg.platform).await?;
         let blocks = cfg.cache_dir.join("blocks");
-        let (dir, max) = (blocks.clone(), cfg.disk_cache_size);
-        tokio::task::spawn_blocking(move || match crate::blob::disk::prune(&dir, max) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!("removed {n} bytes of old blocks from {}", dir.display()),
-            Err(e) => tracing::warn!("could not prune {}: {e}", dir.display()),
-        });
         let cache = BlockCache::new(cfg.block_size, cfg.fetch_size, cfg.cache_size, Some(blocks));
         let ctx = open::Ctx {
             source,
