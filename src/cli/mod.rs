@@ -83,7 +83,7 @@ enum Cmd {
         no_prefetch: bool,
         /// Do not fetch a file whole in the background when it is read at scattered places
         /// (binaries and libraries faulted in page by page), nor the libraries a program
-        /// names once its first page is read.
+        /// names once its first page is read, nor a directory's files read together.
         #[arg(long)]
         no_whole_files: bool,
         reference: String,
