@@ -149,14 +149,19 @@ impl Image {
     }
 }
 
-/// Writes a profile as JSON lines.
+/// Writes a profile as JSON lines. It is written beside `path` and renamed into place, so
+/// a reader never sees a half-written profile (nor an empty one while it is being written).
 pub fn write_profile(path: &Path, accesses: &[Access]) -> Result<()> {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".partial");
+    let tmp = path.with_file_name(tmp_name);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
     for a in accesses {
         serde_json::to_writer(&mut f, a).map_err(|e| Error::Io(e.into()))?;
         f.write_all(b"\n")?;
     }
-    f.flush()?;
+    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 
@@ -177,4 +182,44 @@ pub fn read_profile(path: &Path) -> Result<Vec<Access>> {
         })?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_reads_back_as_written_and_leaves_no_partial_file() {
+        let dir = std::env::temp_dir().join(format!("ocifs-profile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("startup.profile");
+        let accesses = vec![
+            Access {
+                layer: "sha256:aa".into(),
+                path: "usr/bin/x".into(),
+                offset: 0,
+                len: 4096,
+            },
+            Access {
+                layer: "sha256:bb".into(),
+                path: "etc/y".into(),
+                offset: 10,
+                len: 1,
+            },
+        ];
+        write_profile(&path, &accesses).unwrap();
+        let back = read_profile(&path).unwrap();
+        assert_eq!(
+            back.iter()
+                .map(|a| (&a.path[..], a.offset, a.len))
+                .collect::<Vec<_>>(),
+            vec![("usr/bin/x", 0, 4096), ("etc/y", 10, 1)]
+        );
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("startup.profile")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

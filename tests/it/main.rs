@@ -943,8 +943,8 @@ fn recorded_profile_prefetches_a_second_start() {
         std::fs::read(m.path().join("needed/b.txt")).unwrap();
         std::fs::read(m.path().join("needed/a.txt")).unwrap();
     }
-    // The profile is written when the daemon unmounts; give it a moment.
-    for _ in 0..100 {
+    // The profile is written (renamed into place whole) when the daemon unmounts.
+    for _ in 0..400 {
         if profile.exists() {
             break;
         }
