@@ -1,16 +1,20 @@
-//! Which shared libraries a starting program will open next.
+//! Which files a starting program will open next.
 //!
-//! A process starts with a chain of dependent reads: the loader reads the binary, then each
-//! library it names, each of them a round trip on a cold mount. An ELF file's dynamic section
-//! lists those libraries (`DT_NEEDED`), so as soon as a program's first bytes have been read,
-//! the libraries can be found in the image and fetched in the background, in parallel, before
-//! the loader asks for them. This reads only 64-bit little-endian ELF (x86_64, aarch64, riscv64
+//! A process starts with a chain of dependent reads: the kernel reads the binary, the dynamic
+//! loader it names (`PT_INTERP`) reads it again, then its cache `/etc/ld.so.cache`, then each
+//! library it names, each of them a round trip on a cold mount. An ELF file's program headers
+//! name the loader and its dynamic section lists the libraries (`DT_NEEDED`), so as soon as a
+//! program's first bytes have been read, all of these can be found in the image and fetched in
+//! the background, in parallel, before the loader asks for them. This reads only 64-bit little-endian ELF (x86_64, aarch64, riscv64
 //! and the like); anything else, or anything malformed, predicts nothing.
 
 /// A prediction never reads more than this from one file.
 const MAX_TABLE: u64 = 1 << 20;
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
+const PT_INTERP: u32 = 3;
+/// An interpreter path longer than this is not a path a loader would have.
+const MAX_INTERP: u64 = 4096;
 const DT_NEEDED: u64 = 1;
 const DT_STRTAB: u64 = 5;
 const DT_STRSZ: u64 = 10;
@@ -48,10 +52,21 @@ pub struct Segment {
     size: u64,
 }
 
-/// The loadable segments and the dynamic section's (offset, length), from the program headers.
-pub fn segments(phdrs: &[u8], entry_size: usize) -> Option<(Vec<Segment>, (u64, u64))> {
-    let mut loads = Vec::new();
-    let mut dynamic = None;
+/// What the program headers say: the loadable segments, and where the dynamic section and
+/// the interpreter's path (the dynamic loader a program names) are, as (offset, length).
+#[derive(Debug, Default)]
+pub struct Headers {
+    pub loads: Vec<Segment>,
+    pub dynamic: Option<(u64, u64)>,
+    pub interp: Option<(u64, u64)>,
+}
+
+/// Reads the program headers.
+pub fn segments(phdrs: &[u8], entry_size: usize) -> Option<Headers> {
+    if entry_size < 56 {
+        return None;
+    }
+    let mut h = Headers::default();
     for p in phdrs.chunks_exact(entry_size) {
         let seg = Segment {
             offset: u64_at(p, 8)?,
@@ -59,12 +74,20 @@ pub fn segments(phdrs: &[u8], entry_size: usize) -> Option<(Vec<Segment>, (u64, 
             size: u64_at(p, 32)?,
         };
         match u32_at(p, 0)? as u32 {
-            PT_LOAD => loads.push(seg),
-            PT_DYNAMIC => dynamic = Some((seg.offset, seg.size.min(MAX_TABLE))),
+            PT_LOAD => h.loads.push(seg),
+            PT_DYNAMIC => h.dynamic = Some((seg.offset, seg.size.min(MAX_TABLE))),
+            PT_INTERP if seg.size <= MAX_INTERP => h.interp = Some((seg.offset, seg.size)),
             _ => {}
         }
     }
-    Some((loads, dynamic?))
+    Some(h)
+}
+
+/// The interpreter's path from the bytes PT_INTERP points at (NUL-terminated), if absolute.
+pub fn interp_path(bytes: &[u8]) -> Option<String> {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    let path = std::str::from_utf8(&bytes[..end]).ok()?;
+    (path.starts_with('/') && path.len() > 1).then(|| path.to_string())
 }
 
 /// Size of one program header, from the ELF header.
@@ -119,7 +142,7 @@ mod tests {
         f[5] = 1;
         f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
         f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
-        f[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes());
+        f[0x38..0x3a].copy_from_slice(&3u16.to_le_bytes());
         let ph = |f: &mut Vec<u8>, at: usize, ty: u32, off: u64, vaddr: u64, size: u64| {
             f[at..at + 4].copy_from_slice(&ty.to_le_bytes());
             f[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
@@ -128,6 +151,8 @@ mod tests {
         };
         ph(&mut f, 64, PT_LOAD, 0, 0x10000, 0x400);
         ph(&mut f, 120, PT_DYNAMIC, 0x200, 0x10200, 64);
+        ph(&mut f, 176, PT_INTERP, 0x380, 0x10380, 28);
+        f[0x380..0x380 + 28].copy_from_slice(b"/lib64/ld-linux-x86-64.so.2\0");
         let dynamic: [(u64, u64); 4] = [
             (DT_NEEDED, 1),
             (DT_NEEDED, 11),
@@ -147,15 +172,21 @@ mod tests {
         let f = tiny_elf();
         assert!(is_elf64(&f));
         let (off, len) = program_headers(&f).unwrap();
-        let (loads, (doff, dlen)) = segments(
+        let h = segments(
             &f[off as usize..(off + len) as usize],
             program_header_size(&f).unwrap(),
         )
         .unwrap();
+        let (doff, dlen) = h.dynamic.unwrap();
         let ((soff, slen), needed) =
-            needed_offsets(&f[doff as usize..(doff + dlen) as usize], &loads).unwrap();
+            needed_offsets(&f[doff as usize..(doff + dlen) as usize], &h.loads).unwrap();
         let strtab = &f[soff as usize..(soff + slen) as usize];
         assert_eq!(names(strtab, &needed), ["libz.so.1", "libc.so.6"]);
+        let (ioff, ilen) = h.interp.unwrap();
+        assert_eq!(
+            interp_path(&f[ioff as usize..(ioff + ilen) as usize]).as_deref(),
+            Some("/lib64/ld-linux-x86-64.so.2")
+        );
     }
 
     #[test]
@@ -167,5 +198,7 @@ mod tests {
         assert!(f.get(off as usize..(off + len) as usize).is_none());
         assert!(needed_offsets(&[0u8; 7], &[]).is_none());
         assert!(names(b"abc", &[10]).is_empty());
+        assert!(interp_path(b"ld.so\0").is_none());
+        assert!(segments(&[0u8; 112], 8).is_none());
     }
 }

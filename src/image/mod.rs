@@ -159,7 +159,8 @@ impl Image {
         if offset == 0
             && let Ok(data) = &result
         {
-            self.whole_files.note_head(ino, node.parent, data);
+            self.whole_files
+                .note_head(ino, node.size, node.parent, data);
         }
         result
     }

@@ -7,9 +7,10 @@
 //! large requests; the faults that follow find their bytes arriving or already cached.
 //! Sequential readers never trigger it (the block cache's read-ahead serves them).
 //!
-//! The same queue fetches the shared libraries a program will load (see [`super::elf`]): when
-//! an ELF file's first bytes are read, its `DT_NEEDED` libraries are looked up in the image's
-//! library directories and fetched whole, and theirs in turn. And when a file of a directory
+//! The same queue fetches what a program will load (see [`super::elf`]): when an ELF file's
+//! first bytes are read, the file itself is fetched whole (its pages are mapped and mostly
+//! touched), and so are its dynamic loader, `/etc/ld.so.cache` and its `DT_NEEDED` libraries
+//! (looked up in the image's library directories), and theirs in turn. And when a file of a directory
 //! is first read, the directory's files are fetched together if they lie together in one
 //! layer and span at most 8 MiB (a module's package, a locale, `/etc`).
 
@@ -91,11 +92,16 @@ impl WholeFiles {
         }
     }
 
-    /// Notes the first bytes of file `ino` (in directory `parent`) as read: an ELF program
-    /// gets its libraries looked up, and the directory's files are considered together (a
-    /// program reading one module, locale file or config file usually reads its siblings).
-    pub fn note_head(&self, ino: u64, parent: u64, head: &[u8]) {
+    /// Notes the first bytes of file `ino` (`size` bytes, in directory `parent`) as read: an
+    /// ELF file is fetched whole (the loader maps it and its page faults touch most of it)
+    /// and gets what it will load looked up, and the directory's files are considered
+    /// together (a program reading one module, locale file or config file usually reads its
+    /// siblings).
+    pub fn note_head(&self, ino: u64, size: u64, parent: u64, head: &[u8]) {
         if elf::is_elf64(head) && self.programs.lock().unwrap().insert(ino) {
+            if (MIN_SIZE..=MAX_SIZE).contains(&size) && self.claim(ino) {
+                let _ = self.tx.send(Job::Whole(ino));
+            }
             let _ = self.tx.send(Job::Libraries(ino));
         }
         if self.directories.lock().unwrap().insert(parent) {
@@ -132,7 +138,7 @@ impl Image {
                 match job {
                     Job::Whole(ino) => image.warm_file(ino).await,
                     Job::Directory(dir) => image.warm_directory(dir).await,
-                    Job::Libraries(ino) => match image.needed_libraries(ino).await {
+                    Job::Libraries(ino) => match image.loaded_next(ino).await {
                         Ok(libs) => {
                             for lib in libs {
                                 if image.whole_files.claim(lib) {
@@ -197,33 +203,45 @@ impl Image {
         }
     }
 
-    /// The libraries ELF file `ino` names, found in the image's library directories.
-    async fn needed_libraries(&self, ino: u64) -> Result<Vec<u64>> {
+    /// The files ELF file `ino` makes the loader open next, found in the image: its
+    /// interpreter (the dynamic loader, `PT_INTERP`) and, when it has one, the loader's cache
+    /// `etc/ld.so.cache`, then the libraries it names (`DT_NEEDED`) in the library directories.
+    async fn loaded_next(&self, ino: u64) -> Result<Vec<u64>> {
         let head = self.file_bytes(ino, 0, 4096).await?;
-        let found = async {
-            let (off, len) = elf::program_headers(&head)?;
-            Some((off, len, elf::program_header_size(&head)?))
-        };
-        let Some((off, len, entry)) = found.await else {
+        let found = elf::is_elf64(&head).then(|| {
+            Some((
+                elf::program_headers(&head)?,
+                elf::program_header_size(&head)?,
+            ))
+        });
+        let Some(((off, len), entry)) = found.flatten() else {
             return Ok(Vec::new());
         };
         let phdrs = self.file_bytes(ino, off, len).await?;
-        let Some((loads, (doff, dlen))) = elf::segments(&phdrs, entry) else {
+        let Some(headers) = elf::segments(&phdrs, entry) else {
             return Ok(Vec::new());
         };
+        let mut next = Vec::new();
+        if let Some((ioff, ilen)) = headers.interp
+            && let Some(path) = elf::interp_path(&self.file_bytes(ino, ioff, ilen).await?)
+        {
+            next.extend(self.tree.resolve_links(&path));
+            next.extend(self.tree.resolve_links("etc/ld.so.cache"));
+        }
+        let Some((doff, dlen)) = headers.dynamic else {
+            return Ok(next);
+        };
         let dynamic = self.file_bytes(ino, doff, dlen).await?;
-        let Some(((soff, slen), offsets)) = elf::needed_offsets(&dynamic, &loads) else {
-            return Ok(Vec::new());
+        let Some(((soff, slen), offsets)) = elf::needed_offsets(&dynamic, &headers.loads) else {
+            return Ok(next);
         };
         let strtab = self.file_bytes(ino, soff, slen).await?;
         let dirs = self.library_dirs();
-        Ok(elf::names(&strtab, &offsets)
-            .iter()
-            .filter_map(|name| {
-                dirs.iter()
-                    .find_map(|d| self.tree.resolve_links(&format!("{d}/{name}")))
-            })
-            .collect())
+        next.extend(elf::names(&strtab, &offsets).iter().filter_map(|name| {
+            dirs.iter()
+                .find_map(|d| self.tree.resolve_links(&format!("{d}/{name}")))
+        }));
+        Ok(next)
     }
 
     /// Where libraries are looked for: the usual directories and the multiarch ones.
