@@ -1,19 +1,23 @@
 //! The on-disk form of a [`CheckpointIndex`]: a compact, versioned, self-checking binary file.
 //!
-//! Layout: magic `OCIFSGZI`, format version (u32 LE, 2: adds the codec), payload length (u64 LE), sha256 of the
-//! payload, then the payload: zstd-compressed little-endian fields (layer digest, span, sizes,
-//! checkpoints with their windows, span digests, tar entries). Loading checks every length
+//! Layout: magic `OCIFSGZI`, format version (u32 LE; 2 added the codec, 3 the marks),
+//! payload length (u64 LE), sha256 of the payload, then the payload: zstd-compressed
+//! little-endian fields (layer digest, span, sizes, checkpoints with their windows, span
+//! digests, tar entries, and in version 3 each span's marks). Version 2 files still load
+//! (without marks: their reads fetch whole spans). Loading checks every length
 //! against what is left, so a corrupt or hostile file is an error, never a panic or a huge
 //! allocation; the caller also checks the layer digest before trusting it.
 
-use super::{Checkpoint, CheckpointIndex, Codec};
+use super::{Checkpoint, CheckpointIndex, Codec, Mark};
 use crate::error::{Error, Result};
 use crate::layer::{Entry, Kind, Locator};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"OCIFSGZI";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
+/// The oldest version still read.
+const OLDEST: u32 = 2;
 /// Decompressed payloads larger than this are refused.
 const MAX_PAYLOAD: usize = 1 << 30;
 
@@ -54,10 +58,24 @@ pub fn encode(index: &CheckpointIndex) -> Vec<u8> {
     for e in &index.entries {
         put_entry(&mut p, e);
     }
-    let payload = zstd::bulk::compress(&p, 3).expect("zstd compression of an in-memory buffer");
+    put_u64(&mut p, index.marks.len() as u64);
+    for marks in &index.marks {
+        put_u64(&mut p, marks.len() as u64);
+        for m in marks {
+            put_u64(&mut p, m.inp);
+            put_u64(&mut p, m.out);
+            p.extend_from_slice(&m.digest);
+        }
+    }
+    frame(VERSION, &p)
+}
+
+/// The file around a raw payload: header, checksum, compressed payload.
+fn frame(version: u32, raw: &[u8]) -> Vec<u8> {
+    let payload = zstd::bulk::compress(raw, 3).expect("zstd compression of an in-memory buffer");
     let mut out = Vec::with_capacity(payload.len() + 52);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&Sha256::digest(&payload));
     out.extend_from_slice(&payload);
@@ -71,9 +89,9 @@ pub fn decode(data: &[u8], digest: &str) -> Result<CheckpointIndex> {
         return Err(bad("not an ocifs gzip index (bad magic or too short)"));
     }
     let version = u32::from_le_bytes(data[8..12].try_into().unwrap());
-    if version != VERSION {
+    if !(OLDEST..=VERSION).contains(&version) {
         return Err(bad(&format!(
-            "format version {version}, this ocifs reads {VERSION}"
+            "format version {version}, this ocifs reads {OLDEST} to {VERSION}"
         )));
     }
     let len = u64::from_le_bytes(data[12..20].try_into().unwrap());
@@ -120,6 +138,20 @@ pub fn decode(data: &[u8], digest: &str) -> Result<CheckpointIndex> {
     for _ in 0..ne {
         entries.push(r.entry()?);
     }
+    let mut marks = Vec::new();
+    if version >= 3 {
+        let nm = r.count(8)?;
+        for _ in 0..nm {
+            let n = r.count(48)?;
+            let mut span = Vec::with_capacity(n);
+            for _ in 0..n {
+                let (inp, out) = (r.u64()?, r.u64()?);
+                let digest = r.take(32)?.try_into().unwrap();
+                span.push(Mark { inp, out, digest });
+            }
+            marks.push(span);
+        }
+    }
     if !r.b.is_empty() {
         return Err(bad("trailing bytes"));
     }
@@ -132,6 +164,7 @@ pub fn decode(data: &[u8], digest: &str) -> Result<CheckpointIndex> {
         checkpoints,
         span_digests,
         entries,
+        marks,
     };
     index.check_shape().map_err(bad)?;
     Ok(index)
@@ -287,7 +320,7 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    fn sample() -> CheckpointIndex {
+    fn sample(codec: Codec) -> CheckpointIndex {
         let mut e = Entry::new("a/b".into(), Kind::File);
         e.size = 5;
         e.data = Locator::Tar { offset: 512 };
@@ -297,9 +330,14 @@ mod tests {
         let mut sp = Entry::new("sparse".into(), Kind::File);
         sp.size = 1 << 30;
         sp.data = Locator::Sparse { header: 4096 };
+        let mark = |inp, out, d| Mark {
+            inp,
+            out,
+            digest: [d; 32],
+        };
         CheckpointIndex {
             digest: "sha256:abc".into(),
-            codec: Codec::Zstd,
+            codec,
             span: 1024,
             comp_size: 100,
             uncomp_size: 4096,
@@ -319,12 +357,35 @@ mod tests {
             ],
             span_digests: vec![[1; 32], [2; 32]],
             entries: vec![e, l, sp],
+            marks: match codec {
+                Codec::Gzip => vec![vec![mark(30, 900, 3)], vec![mark(70, 3000, 4)]],
+                Codec::Zstd => Vec::new(),
+            },
         }
     }
 
     #[test]
+    fn marks_round_trip_and_version_2_files_still_load() {
+        let idx = sample(Codec::Gzip);
+        let back = decode(&encode(&idx), "sha256:abc").unwrap();
+        assert_eq!(back, idx);
+        // A version 2 file: the same payload without the marks at its end.
+        let raw = zstd::bulk::decompress(&encode(&sample(Codec::Zstd))[52..], 1 << 20).unwrap();
+        let v2 = frame(2, &raw[..raw.len() - 8]);
+        let old = decode(&v2, "sha256:abc").unwrap();
+        assert!(old.marks.is_empty());
+        assert_eq!(old.checkpoints, idx.checkpoints);
+        // Marks outside their span are refused.
+        let mut bad = sample(Codec::Gzip);
+        bad.marks[0][0].inp = 60;
+        let err = decode(&encode(&bad), "sha256:abc").unwrap_err().to_string();
+        assert!(err.contains("marks"), "{err}");
+        assert!(decode(&frame(1, &raw), "sha256:abc").is_err());
+    }
+
+    #[test]
     fn round_trips_and_rejects_damage() {
-        let idx = sample();
+        let idx = sample(Codec::Zstd);
         let bytes = encode(&idx);
         let back = decode(&bytes, "sha256:abc").unwrap();
         assert_eq!(back.checkpoints, idx.checkpoints);

@@ -72,6 +72,8 @@ pub(super) fn pass(input: impl Iterator<Item = Bytes>, span: u64) -> Result<Buil
                     bits: (dt & 7) as u8,
                     window: window.clone(),
                 });
+            } else if boundary && pass.mark_due(totin, super::mark_every(span)) {
+                pass.mark(totin, totout);
             }
         }
     }

@@ -164,3 +164,47 @@ async fn single_frame_zstd_is_one_span_and_truncation_is_an_error() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn marks_let_a_read_fetch_and_verify_only_a_span_prefix() {
+    let tar = sample_tar();
+    let good = gzip(&tar, 6);
+    let span = 512 << 10;
+    let index = check_all_reads(good.clone(), &tar, span).await;
+    assert_eq!(index.marks.len(), index.checkpoints.len());
+    let marks = index.marks[0].clone();
+    assert!(marks.len() >= 4, "{} marks in span 0", marks.len());
+    let index = Arc::new(index);
+    // A read at the start of span 0 fetches only up to the first mark past it.
+    let counted = Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
+        index.digest.clone(),
+        good.clone(),
+    ))));
+    let gz = CheckpointBlob::new(index.clone(), counted.clone());
+    let got = gz.read_at(100, 1000).await.unwrap();
+    assert_eq!(&got[..], &tar[100..1100]);
+    let fetched = counted.bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(fetched, marks[0].inp - index.span_extent(0).0);
+    // A flipped byte after the first mark: the prefix read is unaffected, a read past it fails.
+    let mut bad = good.clone();
+    bad[(marks[1].inp - 1) as usize] ^= 1;
+    let gz = CheckpointBlob::new(
+        index.clone(),
+        Arc::new(MemBlob::new(index.digest.clone(), bad)),
+    );
+    assert_eq!(&gz.read_at(100, 1000).await.unwrap()[..], &tar[100..1100]);
+    let past = marks[1].out - 10;
+    let err = gz.read_at(past, 5).await.unwrap_err();
+    assert!(matches!(err, Error::Digest { .. }), "{err}");
+    // Reads moving forward through a span decode prefixes that at least double each time.
+    let gz = CheckpointBlob::new(
+        index.clone(),
+        Arc::new(MemBlob::new(index.digest.clone(), good)),
+    );
+    let (_, o1) = index.span_output(0);
+    for off in (0..o1).step_by(64 << 10) {
+        let n = (64 << 10).min(o1 - off);
+        let got = gz.read_at(off, n).await.unwrap();
+        assert_eq!(&got[..], &tar[off as usize..(off + n) as usize]);
+    }
+}
