@@ -152,11 +152,13 @@ enum Slot {
 fn segments<R: Read + Seek>(input: &mut R) -> Result<Vec<Segment>> {
     let bad = |e: std::io::Error| Error::format("tar stream to convert", e.to_string());
     input.seek(SeekFrom::Start(0)).map_err(bad)?;
+    let (input, limit) = crate::layer::tar::bounded(input);
     let mut ar = ::tar::Archive::new(input);
     let mut out = Vec::new();
     let mut prev_end = 0;
     for item in ar.entries_with_seek().map_err(bad)? {
         let mut e = item.map_err(bad)?;
+        limit.after(&e);
         let data_start = e.raw_file_position();
         let end = data_start + e.size().div_ceil(512) * 512;
         let start = prev_end;

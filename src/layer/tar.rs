@@ -10,6 +10,13 @@ use crate::blob::Blob;
 use crate::error::{Error, Result};
 use bytes::Bytes;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Most bytes of headers and extension records (GNU long names, PAX records) one entry may
+/// carry. The `tar` crate reads those records into memory whole, at whatever size their header
+/// claims, so without a bound a small compressed layer could ask for gigabytes.
+const MAX_HEADERS: u64 = 16 << 20;
 
 /// Indexes the tar in `blob`. Runs the blocking walk on a blocking thread.
 pub async fn index(blob: Blob) -> Result<Vec<Entry>> {
@@ -25,28 +32,97 @@ pub async fn index(blob: Blob) -> Result<Vec<Entry>> {
 
 /// Indexes any seekable tar stream; `what` names it in errors.
 pub fn index_reader<R: Read + Seek>(reader: R, what: &str) -> Result<Vec<Entry>> {
+    let (reader, limit) = bounded(reader);
     let mut archive = ::tar::Archive::new(reader);
     let entries = archive.entries_with_seek().map_err(|e| bad(what, e))?;
-    collect(entries, what)
+    collect(entries, &limit, what)
 }
 
 /// Indexes a tar stream read front to back (it reads through file data), then drains the
 /// reader so a producer feeding it never blocks.
 pub fn index_stream<R: Read>(reader: R, what: &str) -> Result<Vec<Entry>> {
+    let (reader, limit) = bounded(reader);
     let mut archive = ::tar::Archive::new(reader);
-    let entries = collect(archive.entries().map_err(|e| bad(what, e))?, what);
-    std::io::copy(&mut archive.into_inner(), &mut std::io::sink()).map_err(|e| bad(what, e))?;
+    let entries = collect(archive.entries().map_err(|e| bad(what, e))?, &limit, what);
+    let mut rest = archive.into_inner().inner;
+    std::io::copy(&mut rest, &mut std::io::sink()).map_err(|e| bad(what, e))?;
     entries
+}
+
+/// `reader` behind a [`Bounded`] guard, and the handle that moves its limit.
+pub fn bounded<R>(reader: R) -> (Bounded<R>, HeaderLimit) {
+    let limit = Arc::new(AtomicU64::new(MAX_HEADERS));
+    let guard = Bounded {
+        inner: reader,
+        pos: 0,
+        limit: limit.clone(),
+    };
+    (guard, HeaderLimit(limit))
+}
+
+/// A tar stream reader that refuses to read past a limit: the end of the current entry's data
+/// plus [`MAX_HEADERS`] for the next entry's headers and extension records. Streams start at
+/// position 0; a seek moves the position with it.
+pub struct Bounded<R> {
+    inner: R,
+    pos: u64,
+    limit: Arc<AtomicU64>,
+}
+
+/// Moves a [`Bounded`] reader's limit past each entry the walk has been given.
+pub struct HeaderLimit(Arc<AtomicU64>);
+
+impl HeaderLimit {
+    /// Allows the data of entry `e` and the headers of the next one.
+    pub fn after<R: Read>(&self, e: &::tar::Entry<'_, R>) {
+        let data = e.header().entry_size().unwrap_or(0).div_ceil(512) * 512;
+        let end = e.raw_file_position().saturating_add(data);
+        self.0
+            .store(end.saturating_add(MAX_HEADERS), Ordering::Relaxed);
+    }
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        if self.pos >= limit && !buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "an entry's headers and extension records (long names, PAX) before offset {} exceed {MAX_HEADERS} bytes",
+                    self.pos
+                ),
+            ));
+        }
+        let n = buf
+            .len()
+            .min((limit - self.pos).min(usize::MAX as u64) as usize);
+        let got = self.inner.read(&mut buf[..n])?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+impl<R: Seek> Seek for Bounded<R> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.pos = self.inner.seek(to)?;
+        Ok(self.pos)
+    }
 }
 
 fn bad(what: &str, e: io::Error) -> Error {
     Error::format(format!("tar stream of {what}"), e.to_string())
 }
 
-fn collect<R: Read>(entries: ::tar::Entries<'_, R>, what: &str) -> Result<Vec<Entry>> {
+fn collect<R: Read>(
+    entries: ::tar::Entries<'_, R>,
+    limit: &HeaderLimit,
+    what: &str,
+) -> Result<Vec<Entry>> {
     let mut out = Vec::new();
     for item in entries {
         let mut e = item.map_err(|e| bad(what, e))?;
+        limit.after(&e);
         if let Some(entry) = entry_of(&mut e, what)? {
             out.push(entry);
         }
@@ -317,6 +393,49 @@ impl Seek for BlobReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_extension_records_are_refused_not_read_into_memory() {
+        // A GNU long-name record claiming 17 MiB (more than MAX_HEADERS), then a file.
+        let mut tar = Vec::new();
+        let mut h = ::tar::Header::new_gnu();
+        h.set_entry_type(::tar::EntryType::GNULongName);
+        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+        let big = 17u64 << 20;
+        h.set_size(big);
+        h.set_cksum();
+        tar.extend_from_slice(h.as_bytes());
+        tar.resize(tar.len() + big as usize, b'a');
+        let mut b = ::tar::Builder::new(tar);
+        let mut f = ::tar::Header::new_gnu();
+        f.set_size(1);
+        f.set_mode(0o644);
+        f.set_cksum();
+        b.append_data(&mut f, "x", &b"1"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let err = index_reader(io::Cursor::new(&tar), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exceed"), "{err}");
+        let err = index_stream(&tar[..], "t").unwrap_err().to_string();
+        assert!(err.contains("exceed"), "{err}");
+        // Large file data is not headers: a 20 MiB file after a small long name is fine.
+        let mut b = ::tar::Builder::new(Vec::new());
+        let mut f = ::tar::Header::new_gnu();
+        f.set_size(20 << 20);
+        f.set_mode(0o644);
+        f.set_uid(0);
+        f.set_gid(0);
+        f.set_mtime(0);
+        let name = format!("{}/big", "d".repeat(150));
+        b.append_data(&mut f, &name, io::repeat(7).take(20 << 20))
+            .unwrap();
+        b.append_data(&mut f.clone(), "after", io::repeat(7).take(20 << 20))
+            .unwrap();
+        let tar = b.into_inner().unwrap();
+        assert_eq!(index_stream(&tar[..], "t").unwrap().len(), 2);
+        assert_eq!(index_reader(io::Cursor::new(&tar), "t").unwrap().len(), 2);
+    }
 
     #[test]
     fn indexes_long_names_links_xattrs_and_offsets() {
