@@ -284,4 +284,32 @@ impl Filesystem for OcifsFs {
             Err(e) => reply.error(e),
         }
     }
+
+    /// Nothing is ever buffered for writing: closing a file has nothing to flush.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    /// No ioctls: an image's files are plain files, never terminals (`isatty` asks with
+    /// `TCGETS` and expects `ENOTTY`).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
 }
