@@ -29,9 +29,11 @@ impl fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    /// Looks `registry` up in a Docker `config.json` (`auths.<host>.auth`, base64 `user:pass`).
-    /// Docker Hub is stored under `https://index.docker.io/v1/`. Credential helpers are not
-    /// consulted (a later issue).
+    /// Looks `registry` up in a Docker `config.json`, as the Docker CLI does: a credential
+    /// helper named for the host in `credHelpers`, else an inline `auths.<host>.auth` (base64
+    /// `user:pass`), else the default helper `credsStore`. Docker Hub is stored under
+    /// `https://index.docker.io/v1/`. A helper is the program `docker-credential-<name>`
+    /// (see [`from_helper`](Self::from_helper)).
     pub fn from_docker_config(path: &Path, registry: &str) -> Result<Option<Credentials>> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
@@ -44,9 +46,6 @@ impl Credentials {
                 e.to_string(),
             )
         })?;
-        let Some(auths) = json.get("auths").and_then(|a| a.as_object()) else {
-            return Ok(None);
-        };
         let keys: Vec<String> = if registry == crate::reference::DOCKER_HUB {
             vec![
                 "https://index.docker.io/v1/".into(),
@@ -60,8 +59,22 @@ impl Credentials {
                 format!("http://{registry}"),
             ]
         };
-        for k in keys {
-            let Some(entry) = auths.get(&k) else { continue };
+        // The name a helper stores the registry under.
+        let server = &keys[0];
+        let helpers = json.get("credHelpers").and_then(|h| h.as_object());
+        if let Some(name) = keys
+            .iter()
+            .find_map(|k| helpers.and_then(|h| h.get(k)).and_then(|n| n.as_str()))
+        {
+            return Credentials::from_helper(name, server);
+        }
+        let empty = serde_json::Map::new();
+        let auths = json
+            .get("auths")
+            .and_then(|a| a.as_object())
+            .unwrap_or(&empty);
+        for k in &keys {
+            let Some(entry) = auths.get(k) else { continue };
             if let Some(auth) = entry.get("auth").and_then(|a| a.as_str()) {
                 let raw = base64::engine::general_purpose::STANDARD
                     .decode(auth.trim())
@@ -81,7 +94,72 @@ impl Credentials {
                 }));
             }
         }
-        Ok(None)
+        match json.get("credsStore").and_then(|n| n.as_str()) {
+            Some(name) => Credentials::from_helper(name, server),
+            None => Ok(None),
+        }
+    }
+
+    /// Asks the credential helper `docker-credential-<name>` (found on `PATH`) for `server`'s
+    /// credentials: `get` with the server on stdin, JSON `{"Username", "Secret"}` on stdout.
+    /// A helper that has none, is missing, fails or takes longer than 30 s yields no
+    /// credentials (with a warning, except for "not found"): the registry's 401 then says
+    /// what is missing, and public images still open.
+    pub fn from_helper(name: &str, server: &str) -> Result<Option<Credentials>> {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(Error::format("credential helper name", format!("{name:?}")));
+        }
+        let program = format!("docker-credential-{name}");
+        let child = Command::new(&program)
+            .arg("get")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("credential helper {program} for {server}: {e}");
+                return Ok(None);
+            }
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(server.as_bytes());
+        }
+        let deadline = Instant::now() + HELPER_TIMEOUT;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                tracing::warn!(
+                    "credential helper {program} for {server}: no answer in {HELPER_TIMEOUT:?}"
+                );
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if !(text.contains("not found") || err.contains("not found")) {
+                tracing::warn!(
+                    "credential helper {program} for {server} failed: {} {}",
+                    text.trim(),
+                    err.trim()
+                );
+            }
+            return Ok(None);
+        }
+        parse_helper_output(&out.stdout)
+            .map(Some)
+            .map_err(|why| Error::format(format!("answer of {program}"), why))
     }
 
     fn basic_header(&self) -> String {
@@ -283,6 +361,29 @@ impl Authenticator {
 
 /// Parses a token response: `token` or `access_token`, `expires_in` (default 60 s) or the JWT's
 /// `exp`, and schedules a refresh at 90% of the lifetime.
+/// How long a credential helper may take (a keychain prompt nobody answers must not hang us).
+const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A credential helper's `get` answer.
+fn parse_helper_output(out: &[u8]) -> std::result::Result<Credentials, String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(rename = "Username")]
+        username: String,
+        #[serde(rename = "Secret")]
+        secret: String,
+    }
+    let a: Answer = serde_json::from_slice(out).map_err(|e| e.to_string())?;
+    if a.username == "<token>" {
+        // An identity token is exchanged through OAuth2, which the token flow here lacks.
+        return Err("identity tokens (Username \"<token>\") are not supported".into());
+    }
+    Ok(Credentials {
+        username: a.username,
+        password: a.secret,
+    })
+}
+
 fn parse_token(body: &[u8]) -> Result<Token> {
     #[derive(serde::Deserialize)]
     struct Resp {
@@ -378,6 +479,27 @@ mod tests {
         assert_eq!((c.username.as_str(), c.password.as_str()), ("user", "pass"));
         assert!(!format!("{c:?}").contains("pass"));
         assert_eq!(Credentials::from_docker_config(&p, "other").unwrap(), None);
+        // A helper named for the host wins over inline auths; a missing helper yields none.
+        std::fs::write(
+            &p,
+            r#"{"auths":{"reg:5000":{"auth":"dXNlcjpwYXNz"}},"credHelpers":{"reg:5000":"ocifs-no-such-helper"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            Credentials::from_docker_config(&p, "reg:5000").unwrap(),
+            None
+        );
+        std::fs::write(&p, r#"{"credsStore":"../../bin/sh"}"#).unwrap();
+        assert!(Credentials::from_docker_config(&p, "reg:5000").is_err());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn reads_credential_helper_answers() {
+        let c = parse_helper_output(br#"{"ServerURL":"r","Username":"u","Secret":"s"}"#).unwrap();
+        assert_eq!((c.username.as_str(), c.password.as_str()), ("u", "s"));
+        assert!(parse_helper_output(b"not json").is_err());
+        let e = parse_helper_output(br#"{"Username":"<token>","Secret":"t"}"#).unwrap_err();
+        assert!(e.contains("identity tokens"), "{e}");
     }
 }

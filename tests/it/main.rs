@@ -381,6 +381,50 @@ fn bearer_token_and_basic_auth() {
         !ok && err.contains("unauthorized") && err.contains("credentials"),
         "{err}"
     );
+    // Credential helpers: `credHelpers` for this host, then `credsStore`, as Docker does.
+    // The helper checks it is asked about this registry and answers alice's password.
+    let bin = work.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let helper = bin.join("docker-credential-ocifstest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 2\nread -r server\n[ \"$server\" = \"{}\" ] || {{ echo 'credentials not found in native keychain'; exit 1; }}\necho '{{\"ServerURL\":\"'$server'\",\"Username\":\"alice\",\"Secret\":\"wonder\"}}'\n",
+            reg.addr
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for cfg_json in [
+        format!(r#"{{"credHelpers":{{"{}":"ocifstest"}}}}"#, reg.addr),
+        r#"{"credsStore":"ocifstest","auths":{}}"#.to_string(),
+    ] {
+        std::fs::write(&config, &cfg_json).unwrap();
+        let (ok, out, err) = ocifs(
+            &["cat", "--cache-dir", &cd, &r, "secret"],
+            &[("REGISTRY_AUTH_FILE", &cfg), ("PATH", &path)],
+        );
+        assert!(ok && out == b"s3cret\n", "helper via {cfg_json}: {err}");
+    }
+    // A helper that has nothing for this registry: anonymous, refused by the registry.
+    std::fs::write(&config, r#"{"credsStore":"ocifstest"}"#).unwrap();
+    let other = format!("localhost:{}", reg.addr.rsplit(':').next().unwrap());
+    let (ok, _, err) = ocifs(
+        &[
+            "ls",
+            "--cache-dir",
+            &cd,
+            &format!("{other}/private/image:v1"),
+        ],
+        &[("REGISTRY_AUTH_FILE", &cfg), ("PATH", &path)],
+    );
+    assert!(!ok && err.contains("unauthorized"), "{err}");
 
     // Bearer tokens from a token endpoint in front of an open registry.
     let open = Registry::start(None);
