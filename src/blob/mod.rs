@@ -55,14 +55,17 @@ pub fn clamp(id: &str, size: u64, offset: u64, len: u64) -> Result<u64> {
     Ok(len.min(size - offset))
 }
 
-/// How much of a blob's end to read speculatively: footers and, usually, the whole TOC of an
-/// eStargz or zstd:chunked layer arrive in this one request.
+/// How much of a blob's end to read speculatively when its descriptor announces a TOC
+/// (eStargz, zstd:chunked annotations): footer and, usually, the whole TOC in one request.
 pub const TAIL_READ: u64 = 512 * 1024;
+/// How much to read when nothing announces a TOC: enough for a footer (and a small TOC); most
+/// such layers are plain gzip or zstd, whose tail is not needed at all.
+pub const SMALL_TAIL_READ: u64 = 64 * 1024;
 
-/// Reads the last [`TAIL_READ`] bytes of `blob`; returns them with their start offset.
-pub async fn read_tail(blob: &Blob) -> Result<(u64, Bytes)> {
+/// Reads the last `len` bytes of `blob`; returns them with their start offset.
+pub async fn read_tail(blob: &Blob, len: u64) -> Result<(u64, Bytes)> {
     let size = blob.size();
-    let start = size.saturating_sub(TAIL_READ);
+    let start = size.saturating_sub(len);
     Ok((start, blob.read_at(start, size - start).await?))
 }
 

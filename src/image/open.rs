@@ -45,8 +45,13 @@ impl Ctx<'_> {
                 initial,
             ),
             Format::Gzip => {
-                // Every gzip layer may be eStargz: the footer tells (one tail read, reused for the TOC).
-                let (tail_start, tail) = crate::blob::read_tail(&cached).await?;
+                // Every gzip layer may be eStargz: the footer tells (one tail read, reused for
+                // the TOC). Without the TOC annotation it is most likely plain gzip: the tail
+                // read is small, and the registry is asked for published indexes meanwhile.
+                let announced = desc
+                    .annotations
+                    .contains_key(estargz::TOC_DIGEST_ANNOTATION);
+                let (tail_start, tail) = self.tail(&cached, announced).await?;
                 match estargz::parse_footer(&tail) {
                     Some((_, legacy)) => {
                         let toc_digest = desc
@@ -73,7 +78,10 @@ impl Ctx<'_> {
                 // zstd:chunked carries a TOC (its footer tells); other multi-frame zstd is lazy
                 // through a frame index; a single frame is not seekable, so it is unpacked once
                 // (from the blocks the pass already cached).
-                let (tail_start, tail) = crate::blob::read_tail(&cached).await?;
+                let announced = zstdchunked::CHECKSUM_ANNOTATIONS
+                    .iter()
+                    .any(|a| desc.annotations.contains_key(*a));
+                let (tail_start, tail) = self.tail(&cached, announced).await?;
                 let unpacked = streamed::tar_path(&self.cfg.cache_dir, &desc.digest).exists();
                 if zstdchunked::parse_footer(&tail).is_some() {
                     let checksum = zstdchunked::CHECKSUM_ANNOTATIONS
@@ -111,19 +119,23 @@ impl Ctx<'_> {
         Ok((layer, entries))
     }
 
-    /// The checkpoint index of a gzip or zstd layer and where it came from.
-    async fn index(&self, cached: Blob, codec: Codec) -> Result<(CheckpointIndex, &'static str)> {
-        let digest = cached.id().to_string();
-        let path = checkpoint::file::path(&self.cfg.cache_dir, &digest);
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => match checkpoint::file::decode(&bytes, &digest) {
-                Ok(index) => return Ok((index, "cached")),
-                Err(e) => tracing::warn!("rejected {}: {e}; looking for another", path.display()),
-            },
-            Err(_) => tracing::debug!("no cached index for {digest}"),
+    /// Reads a layer's tail for its footer: a large read when a TOC is `announced` (it
+    /// usually arrives whole), else a small one, while the registry is asked for published
+    /// indexes (the layer is most likely plain and will need one) unless one is cached here.
+    async fn tail(&self, cached: &Blob, announced: bool) -> Result<(u64, bytes::Bytes)> {
+        if announced {
+            return crate::blob::read_tail(cached, crate::blob::TAIL_READ).await;
         }
-        let published = self
-            .published
+        let tail = crate::blob::read_tail(cached, crate::blob::SMALL_TAIL_READ);
+        if checkpoint::file::path(&self.cfg.cache_dir, cached.id()).exists() {
+            return tail.await;
+        }
+        tokio::join!(tail, self.published()).0
+    }
+
+    /// The indexes published in the registry for this image, looked up once for all layers.
+    async fn published(&self) -> &HashMap<String, share::Published> {
+        self.published
             .get_or_init(|| async {
                 share::discover(
                     self.source,
@@ -136,8 +148,21 @@ impl Ctx<'_> {
                     HashMap::new()
                 })
             })
-            .await;
-        if let Some(p) = published.get(&digest) {
+            .await
+    }
+
+    /// The checkpoint index of a gzip or zstd layer and where it came from.
+    async fn index(&self, cached: Blob, codec: Codec) -> Result<(CheckpointIndex, &'static str)> {
+        let digest = cached.id().to_string();
+        let path = checkpoint::file::path(&self.cfg.cache_dir, &digest);
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => match checkpoint::file::decode(&bytes, &digest) {
+                Ok(index) => return Ok((index, "cached")),
+                Err(e) => tracing::warn!("rejected {}: {e}; looking for another", path.display()),
+            },
+            Err(_) => tracing::debug!("no cached index for {digest}"),
+        }
+        if let Some(p) = self.published().await.get(&digest) {
             match share::fetch(self.source, p, &digest, cached.size()).await {
                 Ok((index, bytes)) => {
                     keep(&path, &bytes).await;

@@ -74,7 +74,9 @@ async fn written_blob_reads_back_identically_and_is_a_plain_tar_gz() {
     assert_eq!(names.last().unwrap(), "stargz.index.json");
     // Our reader sees the same files with the same bytes.
     let blob: Blob = Arc::new(MemBlob::new(w.digest.clone(), out.clone()));
-    let (tail_start, tail) = crate::blob::read_tail(&blob).await.unwrap();
+    let (tail_start, tail) = crate::blob::read_tail(&blob, crate::blob::TAIL_READ)
+        .await
+        .unwrap();
     let (reader, entries, legacy) =
         crate::layer::estargz::open(blob, tail_start, tail, Some(&w.toc_digest))
             .await
