@@ -57,6 +57,10 @@ pub struct BlockCache {
     run_blocks: u64,
     capacity: u64,
     dir: Option<PathBuf>,
+    /// Set while a planned prefetch brings what readers need: read-ahead would only fetch
+    /// past it (in a profile-ordered eStargz layer, files read one after another look
+    /// sequential up to the landmark, and what follows it is what the workload skips).
+    readahead_paused: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     /// Hit and miss counters.
     pub stats: CacheStats,
@@ -80,6 +84,7 @@ impl BlockCache {
             run_blocks: (fetch_size / block_size).clamp(1, 64),
             capacity,
             dir,
+            readahead_paused: Default::default(),
             state: Mutex::new(State {
                 lru: lru::LruCache::unbounded(),
                 used: 0,
@@ -87,6 +92,11 @@ impl BlockCache {
             }),
             stats: CacheStats::default(),
         })
+    }
+
+    /// Pauses (or resumes) read-ahead for every blob of this cache.
+    pub fn pause_readahead(&self, paused: bool) {
+        self.readahead_paused.store(paused, Ordering::Relaxed);
     }
 
     /// Wraps `inner` so its reads go through this cache.
@@ -332,10 +342,10 @@ pub struct CachedBlob {
 }
 
 impl CachedBlob {
-    /// Starts background fetches of the blocks after `last` (errors are left to the reader
-    /// that later needs the block).
-    fn read_ahead(&self, last: u64) {
-        let blocks = self.inner.size().div_ceil(self.cache.block_size);
+    /// Starts background fetches of the blocks after `last`, up to the one holding byte
+    /// `until - 1` (errors are left to the reader that later needs the block).
+    fn read_ahead(&self, last: u64, until: u64) {
+        let blocks = self.inner.size().min(until).div_ceil(self.cache.block_size);
         let end = (last + 1 + self.cache.readahead).min(blocks);
         // Top the window up only once half of it has been consumed, so it is requested in
         // a few large pieces rather than a block at a time.
@@ -363,6 +373,9 @@ impl BlobSource for CachedBlob {
         self.cache.prefetch(&self.inner, offset, len).await
     }
     async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_within(offset, len, self.size()).await
+    }
+    async fn read_within(&self, offset: u64, len: u64, until: u64) -> Result<Bytes> {
         let len = clamp(self.id(), self.size(), offset, len)?;
         if len == 0 {
             return Ok(Bytes::new());
@@ -382,8 +395,11 @@ impl BlobSource for CachedBlob {
                 0
             }
         };
-        if run >= self.cache.sequential && self.cache.readahead > 0 {
-            self.read_ahead(last);
+        if run >= self.cache.sequential
+            && self.cache.readahead > 0
+            && !self.cache.readahead_paused.load(Ordering::Relaxed)
+        {
+            self.read_ahead(last, until);
         }
         if last > first {
             // Several blocks: one streamed request per stretch of missing ones instead of a
@@ -460,6 +476,31 @@ mod tests {
             assert_eq!(&r.unwrap()[..], &[3u8; 100][..]);
         }
         assert_eq!(counter.requests.load(Ordering::Relaxed), 1, "single flight");
+    }
+
+    #[tokio::test]
+    async fn read_ahead_stays_within_the_file_being_read() {
+        const B: u64 = 64 << 10;
+        let cache = BlockCache::new(B, B, 64 << 20, None);
+        let blob = cache.wrap(Arc::new(MemBlob::new(
+            "sha256:f",
+            vec![2u8; 200 * B as usize],
+        )));
+        let misses = || cache.stats.misses.load(Ordering::Relaxed);
+        // A file of 30 blocks read front to back: read-ahead starts after 16 boundaries but
+        // stops at the file's last block (29), not 64 blocks on.
+        for i in 0..=16 {
+            blob.read_within(i * B, B, 30 * B - 10).await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(misses(), 30);
+        // Paused read-ahead (a planned prefetch runs) fetches nothing past the reads.
+        cache.pause_readahead(true);
+        for i in 100..=120 {
+            blob.read_at(i * B, B).await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(misses(), 30 + 21);
     }
 
     #[tokio::test]

@@ -34,6 +34,13 @@ pub trait BlobSource: Send + Sync {
         sink(self.read_at(offset, len).await?);
         Ok(())
     }
+    /// `read_at` for a reader moving through a range that ends at `until` (the end of the
+    /// file being read): read-ahead, where a source does it, stays before `until`, since
+    /// what lies beyond belongs to other files.
+    async fn read_within(&self, offset: u64, len: u64, until: u64) -> Result<Bytes> {
+        let _ = until;
+        self.read_at(offset, len).await
+    }
     /// Makes later reads of `[offset, offset+len)` fast, front first (the block cache streams
     /// the range in; the default reads it and drops the bytes).
     async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {

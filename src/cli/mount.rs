@@ -11,7 +11,6 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 /// Mount options beyond opening the image.
 pub struct MountExtras {
@@ -83,7 +82,7 @@ pub fn mount_here(
             (!extras.no_whole_files).then(|| TaskGuard::spawn(image.clone().fetch_whole_files()));
         let prefetcher = {
             let (image, landmarks) = (image.clone(), !extras.no_prefetch);
-            image.prefetching.store(true, Ordering::Relaxed);
+            image.set_prefetching(true);
             TaskGuard::spawn(async move {
                 if let Some(p) = profile {
                     image.prefetch_profile(&p).await;
@@ -91,7 +90,7 @@ pub fn mount_here(
                 if landmarks {
                     image.prefetch_landmarks().await;
                 }
-                image.prefetching.store(false, Ordering::Relaxed);
+                image.set_prefetching(false);
             })
         };
         let line = format!(

@@ -46,7 +46,8 @@ pub struct Image {
     pub prefetch_done: AtomicU64,
     /// Files read at random places, queued to be fetched whole (see `wholefile.rs`).
     pub whole_files: wholefile::WholeFiles,
-    /// Set while a planned prefetch (landmarks, profile) runs; speculation waits for it.
+    /// Set while a planned prefetch (landmarks, profile) runs; speculation waits for it
+    /// (see [`Image::set_prefetching`]).
     pub prefetching: std::sync::atomic::AtomicBool,
     /// Bytes the whole-file fetches read.
     pub whole_fetched: AtomicU64,
@@ -124,6 +125,15 @@ impl Image {
             whole_fetched: AtomicU64::new(0),
             directory_fetched: AtomicU64::new(0),
         })
+    }
+
+    /// Marks a planned prefetch (landmarks, a profile) as running or done. While it runs,
+    /// guesses are held back — whole-file and library fetches, directories read together,
+    /// read-ahead: the plan already brings what the workload reads, in order, and guesses
+    /// would only compete with it for the link.
+    pub fn set_prefetching(&self, running: bool) {
+        self.prefetching.store(running, Ordering::Relaxed);
+        self.cache.pause_readahead(running);
     }
 
     /// Reads `len` bytes at `offset` of the regular file `ino`: the read path.

@@ -162,6 +162,7 @@ impl Image {
             && let Some((li, loc)) = &node.data
             && node.size <= MAX_SIZE
         {
+            tracing::debug!("fetching inode {ino} whole ({} bytes)", node.size);
             match self.layers[*li].0.warm(loc, node.size).await {
                 Ok(()) => {
                     self.whole_fetched.fetch_add(node.size, Ordering::Relaxed);
@@ -194,6 +195,7 @@ impl Image {
         };
         // Small enough, and mostly this directory's bytes (not interleaved with others').
         if b - a <= DIRECTORY_MAX && sum * 2 >= b - a {
+            tracing::debug!("fetching directory inode {dir} together ({a}..{b} of layer {li})");
             match self.layers[li].0.warm_extent(a, b).await {
                 Ok(()) => {
                     self.directory_fetched.fetch_add(b - a, Ordering::Relaxed);

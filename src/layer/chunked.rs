@@ -87,11 +87,13 @@ impl Reader {
         let end = offset + len;
         let mut out = BytesMut::with_capacity(len as usize);
         let first = chunks.partition_point(|c| c.file_offset + c.len <= offset);
+        // Read-ahead stays within this file's compressed bytes.
+        let until = chunks.iter().map(|c| c.end).max().unwrap_or(0);
         for c in &chunks[first..] {
             if c.file_offset >= end {
                 break;
             }
-            let data = self.chunk(c).await?;
+            let data = self.chunk(c, until).await?;
             let s = offset.max(c.file_offset) - c.file_offset;
             let e = end.min(c.file_offset + c.len) - c.file_offset;
             out.extend_from_slice(&data[s as usize..e as usize]);
@@ -100,7 +102,7 @@ impl Reader {
     }
 
     /// One chunk, decoded and checked against its digest.
-    async fn chunk(&self, c: &Chunk) -> Result<Bytes> {
+    async fn chunk(&self, c: &Chunk, until: u64) -> Result<Bytes> {
         let key = (c.start, c.inner);
         if let Some(b) = self.decoded.lock().unwrap().get(&key) {
             return Ok(b.clone());
@@ -112,7 +114,10 @@ impl Reader {
                 format!("bad extent {}..{}", c.start, c.end),
             ));
         }
-        let compressed = self.blob.read_at(c.start, c.end - c.start).await?;
+        let compressed = self
+            .blob
+            .read_within(c.start, c.end - c.start, until)
+            .await?;
         let (inner, len, codec) = (c.inner, c.len, self.codec);
         let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             let mut dec: Box<dyn Read> = match codec {

@@ -184,7 +184,7 @@ impl Layer {
         }
         match (loc, &self.data) {
             (Locator::Tar { offset: base }, LayerData::Tar(blob)) => {
-                blob.read_at(base + offset, len).await
+                blob.read_within(base + offset, len, base + size).await
             }
             (Locator::Sparse { header }, LayerData::Tar(blob)) => {
                 tar::read_sparse(blob, *header, offset, len).await

@@ -456,7 +456,8 @@ impl CheckpointBlob {
     /// At least the first `need` decoded bytes of span `k`: the whole span, or its start up to
     /// the first mark that covers `need` (and at least twice what was decoded before, so a
     /// reader moving through a span decodes it a bounded number of times).
-    async fn span(&self, k: usize, need: u64) -> Result<Bytes> {
+    /// Read-ahead of the compressed blob stays before `until`.
+    async fn span(&self, k: usize, need: u64, until: u64) -> Result<Bytes> {
         let cached = self.spans.lock().unwrap().get(&k).cloned();
         if let Some(b) = &cached
             && b.len() as u64 >= need
@@ -469,7 +470,10 @@ impl CheckpointBlob {
         let mark = marks.iter().position(|m| m.out - o0 >= target);
         let (start, end) = self.index.span_extent(k);
         let upto = mark.map_or(end, |j| marks[j].inp);
-        let compressed = self.compressed.read_at(start, upto - start).await?;
+        let compressed = self
+            .compressed
+            .read_within(start, upto - start, until)
+            .await?;
         let index = self.index.clone();
         let data = tokio::task::spawn_blocking(move || match mark {
             Some(j) => read_prefix(&index, k, j, &compressed),
@@ -495,14 +499,22 @@ impl BlobSource for CheckpointBlob {
         self.index.uncomp_size
     }
     async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_within(offset, len, self.size()).await
+    }
+    async fn read_within(&self, offset: u64, len: u64, until: u64) -> Result<Bytes> {
         let len = clamp(&self.id, self.size(), offset, len)?;
         let end = offset + len;
         let cps = &self.index.checkpoints;
+        // The compressed end of the span holding the file's last byte.
+        let last = cps
+            .partition_point(|c| c.out < until.max(1))
+            .saturating_sub(1);
+        let comp_until = self.index.span_extent(last.min(cps.len() - 1)).1;
         let mut k = cps.partition_point(|c| c.out <= offset).saturating_sub(1);
         let mut out = BytesMut::with_capacity(len as usize);
         while k < cps.len() && (out.len() as u64) < len {
             let (o0, o1) = self.index.span_output(k);
-            let data = self.span(k, end.min(o1) - o0).await?;
+            let data = self.span(k, end.min(o1) - o0, comp_until).await?;
             let s = offset.max(o0) - o0;
             let e = end.min(o1) - o0;
             if s < e {
