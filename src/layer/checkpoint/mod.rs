@@ -184,9 +184,18 @@ impl CheckpointIndex {
             Codec::Zstd => zstd::pass(rx.into_iter(), span),
         });
         let mut hasher = Hasher::default();
+        // Two pieces requested at a time, so the link does not idle for a round trip
+        // between one piece's end and the next one's start.
+        use futures::StreamExt;
+        let mut pieces = futures::stream::iter((0..size).step_by(PIECE as usize))
+            .map(|at| {
+                let blob = blob.clone();
+                async move { blob.read_at(at, PIECE.min(size - at)).await }
+            })
+            .buffered(2);
         let mut off = 0;
-        while off < size {
-            let piece = blob.read_at(off, PIECE.min(size - off)).await?;
+        while let Some(piece) = pieces.next().await {
+            let piece = piece?;
             if piece.is_empty() {
                 break;
             }
