@@ -178,10 +178,15 @@ impl CheckpointIndex {
     ) -> Result<CheckpointIndex> {
         let digest = blob.id().to_string();
         let size = blob.size();
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(2);
-        let builder = tokio::task::spawn_blocking(move || match codec {
-            Codec::Gzip => gzip::pass(rx.into_iter(), span),
-            Codec::Zstd => zstd::pass(rx.into_iter(), span),
+        // The pass runs on a blocking thread; pieces reach it through a bounded channel that
+        // the async side waits on without blocking a runtime thread.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+        let builder = tokio::task::spawn_blocking(move || {
+            let input = std::iter::from_fn(move || rx.blocking_recv());
+            match codec {
+                Codec::Gzip => gzip::pass(input, span),
+                Codec::Zstd => zstd::pass(input, span),
+            }
         });
         let mut hasher = Hasher::default();
         // Two pieces requested at a time, so the link does not idle for a round trip
@@ -202,7 +207,7 @@ impl CheckpointIndex {
             hasher.update(&piece);
             off += piece.len() as u64;
             progress(off, size);
-            if tx.send(piece).is_err() {
+            if tx.send(piece).await.is_err() {
                 break; // the builder failed; its error is reported below
             }
         }
