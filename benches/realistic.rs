@@ -15,7 +15,7 @@ mod common;
 #[path = "../tests/it/harness.rs"]
 mod harness;
 
-use builder::{Enc, encode, layout, push};
+use builder::{Enc, encode, push};
 use common::{BenchMount, drop_caches, env_u64, full_pull, record_and_convert};
 use harness::{Proxy, Registry, TempDir, ocifs};
 use std::path::{Path, PathBuf};
@@ -117,10 +117,12 @@ fn main() {
     for (name, enc) in [("gzip", Enc::Gzip), ("estargz", Enc::Estargz)] {
         let encoded: Vec<_> = layers.iter().cloned().map(|t| encode(t, enc)).collect();
         sizes.insert(name, encoded.iter().map(|l| l.blob.len()).sum::<usize>());
-        let dir = layout(
+        // The config names the command, as a real image's would.
+        let dir = builder::layout_with_command(
             &work.path().join(name),
             "v1",
             &[("linux", "amd64", None, &encoded)],
+            &["python3", "/app/main.py"],
         );
         push(&dir, "v1", &reg.addr, &format!("real/{name}"), None);
         if name == "gzip" {

@@ -82,8 +82,9 @@ enum Cmd {
         #[arg(long)]
         no_prefetch: bool,
         /// Do not fetch a file whole in the background when it is read at scattered places
-        /// (binaries and libraries faulted in page by page), nor the libraries a program
-        /// names once its first page is read, nor a directory's files read together.
+        /// (binaries and libraries faulted in page by page), nor what a program loads once
+        /// its first page is read, nor a directory's files read together, nor (without a
+        /// planned prefetch) the files of the image's configured command at mount.
         #[arg(long)]
         no_whole_files: bool,
         reference: String,

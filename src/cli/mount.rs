@@ -80,8 +80,11 @@ pub fn mount_here(
         });
         let whole_files =
             (!extras.no_whole_files).then(|| TaskGuard::spawn(image.clone().fetch_whole_files()));
-        let prefetcher = {
-            let (image, landmarks) = (image.clone(), !extras.no_prefetch);
+        // A planned prefetch (a profile, eStargz prioritized files) brings what the workload
+        // reads; without one, the configured command's first reads are guessed instead.
+        let landmarks = !extras.no_prefetch && image.landmark_bytes() > 0;
+        let prefetcher = (profile.is_some() || landmarks).then(|| {
+            let image = image.clone();
             image.set_prefetching(true);
             TaskGuard::spawn(async move {
                 if let Some(p) = profile {
@@ -92,7 +95,10 @@ pub fn mount_here(
                 }
                 image.set_prefetching(false);
             })
-        };
+        });
+        if prefetcher.is_none() && whole_files.is_some() {
+            image.predict_command();
+        }
         let line = format!(
             "OK mounted {display} ({}) at {}: {}, {} files, ready in {:.2}s",
             image.resolved.manifest_digest,

@@ -19,6 +19,17 @@ use std::sync::atomic::Ordering;
 const PREFETCH_IN_FLIGHT: usize = 8;
 
 impl Image {
+    /// Bytes of eStargz prioritized files (before a `.prefetch.landmark`) in all layers.
+    pub fn landmark_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|(l, _)| match &l.data {
+                LayerData::Chunked(r) => r.prefetch_len,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Prefetches every eStargz layer's prioritized files (before `.prefetch.landmark`).
     pub async fn prefetch_landmarks(&self) {
         let readers: Vec<_> = self

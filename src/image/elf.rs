@@ -116,6 +116,14 @@ pub fn needed_offsets(dynamic: &[u8], loads: &[Segment]) -> Option<((u64, u64), 
     Some(((addr - seg.vaddr + seg.offset, strsz?), needed))
 }
 
+/// The interpreter a `#!` script names (its first word), if absolute.
+pub fn shebang(head: &[u8]) -> Option<String> {
+    let line = head.strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|&b| b == b'\n')?];
+    let word = std::str::from_utf8(line).ok()?.split_whitespace().next()?;
+    word.starts_with('/').then(|| word.to_string())
+}
+
 /// The names at `offsets` of a string table.
 pub fn names(strtab: &[u8], offsets: &[u64]) -> Vec<String> {
     offsets
@@ -199,6 +207,13 @@ mod tests {
         assert!(needed_offsets(&[0u8; 7], &[]).is_none());
         assert!(names(b"abc", &[10]).is_empty());
         assert!(interp_path(b"ld.so\0").is_none());
+        assert_eq!(shebang(b"#! /bin/sh -e\necho").as_deref(), Some("/bin/sh"));
+        assert_eq!(
+            shebang(b"#!/usr/bin/env python3\n").as_deref(),
+            Some("/usr/bin/env")
+        );
+        assert!(shebang(b"#!sh\n").is_none());
+        assert!(shebang(b"#!/bin/sh").is_none()); // no end of line within the head
         assert!(segments(&[0u8; 112], 8).is_none());
     }
 }

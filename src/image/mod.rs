@@ -2,6 +2,7 @@
 //! ties them together. This is the FUSE-free core that `mount`, `ls` and `cat` all use.
 
 pub mod activity;
+pub mod command;
 mod elf;
 pub mod manifest;
 mod open;

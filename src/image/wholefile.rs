@@ -103,6 +103,9 @@ impl WholeFiles {
                 let _ = self.tx.send(Job::Whole(ino));
             }
             let _ = self.tx.send(Job::Libraries(ino));
+        } else if head.starts_with(b"#!") && self.programs.lock().unwrap().insert(ino) {
+            // A script: its interpreter is what runs next.
+            let _ = self.tx.send(Job::Libraries(ino));
         }
         if self.directories.lock().unwrap().insert(parent) {
             let _ = self.tx.send(Job::Directory(parent));
@@ -112,6 +115,24 @@ impl WholeFiles {
     /// Queues `ino` to be fetched whole unless it already was; true if newly queued.
     fn claim(&self, ino: u64) -> bool {
         self.ends.lock().unwrap().insert(ino, QUEUED) != Some(QUEUED)
+    }
+
+    /// Queues file `ino` to be fetched whole (if it was not yet); true if newly queued.
+    pub fn queue_file(&self, ino: u64) -> bool {
+        let new = self.claim(ino);
+        if new {
+            let _ = self.tx.send(Job::Whole(ino));
+        }
+        new
+    }
+
+    /// Queues program `ino` to be fetched whole, and what it loads next to be looked up.
+    pub fn queue_program(&self, ino: u64) -> bool {
+        let new = self.queue_file(ino);
+        if self.programs.lock().unwrap().insert(ino) {
+            let _ = self.tx.send(Job::Libraries(ino));
+        }
+        new
     }
 }
 
@@ -210,6 +231,9 @@ impl Image {
     /// `etc/ld.so.cache`, then the libraries it names (`DT_NEEDED`) in the library directories.
     async fn loaded_next(&self, ino: u64) -> Result<Vec<u64>> {
         let head = self.file_bytes(ino, 0, 4096).await?;
+        if let Some(interp) = elf::shebang(&head) {
+            return Ok(self.tree.resolve_links(&interp).into_iter().collect());
+        }
         let found = elf::is_elf64(&head).then(|| {
             Some((
                 elf::program_headers(&head)?,

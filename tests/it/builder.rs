@@ -269,6 +269,16 @@ pub fn layout(
     tag: &str,
     images: &[(&str, &str, Option<&str>, &[EncodedLayer])],
 ) -> PathBuf {
+    layout_with_command(dir, tag, images, &["/bin/sh"])
+}
+
+/// [`layout`] with `command` as the images' configured `Cmd`.
+pub fn layout_with_command(
+    dir: &Path,
+    tag: &str,
+    images: &[(&str, &str, Option<&str>, &[EncodedLayer])],
+    command: &[&str],
+) -> PathBuf {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     let put = |data: &[u8]| -> (String, usize) {
@@ -281,7 +291,7 @@ pub fn layout(
         let diff_ids: Vec<String> = layers.iter().map(|l| sha(&decompress(l))).collect();
         let config = serde_json::json!({
             "architecture": arch, "os": os, "variant": variant,
-            "config": {"Cmd": ["/bin/sh"]},
+            "config": {"Cmd": command},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         });
         let (cd, cs) = put(serde_json::to_vec(&config).unwrap().as_slice());

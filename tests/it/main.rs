@@ -1491,6 +1491,7 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
     // A real dynamically linked program and the libc it names, from this (Debian x86_64)
     // machine, with 4 MiB between them so no fetch run carries one along with the other.
     let tool = std::fs::read("/usr/bin/true").unwrap();
+    let tool_len = tool.len();
     let libc = std::fs::read("/usr/lib/x86_64-linux-gnu/libc.so.6").unwrap();
     let tar = builder::tar(&[
         Item::Dir("usr", 0o755),
@@ -1543,4 +1544,25 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
         std::fs::read(m.path().join("lib/x86_64-linux-gnu/libc.so.6")).unwrap(),
         libc
     );
+    drop(m);
+
+    // The same layer in an image whose config names the command `tool /conf/b`: the mount
+    // fetches the program (found on the default PATH), its libc and the file its argument
+    // names before anything is read.
+    let dir = builder::layout_with_command(
+        &work.path().join("cmd"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+        &["tool", "/conf/b"],
+    );
+    push(&dir, "v1", &reg.addr, "elf/command", None);
+    let m = Mount::new(
+        &format!("{}/elf/command:v1", reg.addr),
+        &["--verify", "off"],
+        &[],
+    );
+    let expected = (tool_len + libc.len() + 20_000) as u64;
+    let whole = |v: &serde_json::Value| v["prefetch"]["wholeFileBytes"].as_u64().unwrap();
+    let whole = whole(&poll_stats(m.path(), |v| whole(v) >= expected));
+    assert_eq!(whole, expected, "tool, libc and conf/b, nothing else");
 }

@@ -1,0 +1,133 @@
+//! What the image's configured command will read first.
+//!
+//! A runtime starting a container from a lazily mounted image runs the command its config
+//! names (`Entrypoint` + `Cmd`, found on the config's `PATH`, relative to `WorkingDir`). Its
+//! first reads are known before the process exists: the program, what the loader reads for
+//! it (see [`super::elf`]) or a script's interpreter, and the files its arguments name (a
+//! Python script, a configuration file). A mount queues them for the background fetcher as
+//! soon as it is ready, so the first round trips of the start are already under way.
+
+use super::Image;
+use crate::layer::Kind;
+use serde_json::Value;
+
+/// The search path when the config sets none (what Docker and containerd use).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The command an image config names: program, arguments, search path, working directory.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Command {
+    pub argv: Vec<String>,
+    pub path: String,
+    pub workdir: String,
+}
+
+/// Reads `Entrypoint`, `Cmd`, `Env` (`PATH`) and `WorkingDir` from an image config; `None`
+/// when it names no command or is not JSON.
+pub fn from_config(config: &[u8]) -> Option<Command> {
+    let v: Value = serde_json::from_slice(config).ok()?;
+    let c = &v["config"];
+    let strings = |key: &str| -> Vec<String> {
+        c[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut argv = strings("Entrypoint");
+    argv.extend(strings("Cmd"));
+    if argv.first().is_none_or(|p| p.is_empty()) {
+        return None;
+    }
+    let path = strings("Env")
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH=").map(str::to_string))
+        .unwrap_or_else(|| DEFAULT_PATH.to_string());
+    let workdir = c["WorkingDir"].as_str().unwrap_or("/").to_string();
+    Some(Command {
+        argv,
+        path,
+        workdir,
+    })
+}
+
+impl Command {
+    /// Candidate image paths of `name`: as given when it contains a `/` (relative to the
+    /// working directory), else in each `PATH` directory.
+    fn program_paths(&self) -> Vec<String> {
+        let name = &self.argv[0];
+        if name.contains('/') {
+            vec![self.absolute(name)]
+        } else {
+            self.path
+                .split(':')
+                .filter(|d| !d.is_empty())
+                .map(|d| format!("{d}/{name}"))
+                .collect()
+        }
+    }
+
+    fn absolute(&self, p: &str) -> String {
+        if p.starts_with('/') {
+            p.to_string()
+        } else {
+            format!("{}/{p}", self.workdir.trim_end_matches('/'))
+        }
+    }
+}
+
+impl Image {
+    /// Queues the configured command's program (and through it its loader, libraries or
+    /// interpreter) and the regular files its arguments name, for the background fetcher.
+    /// Returns how many files were queued.
+    pub fn predict_command(&self) -> usize {
+        let Some(cmd) = from_config(&self.resolved.config) else {
+            return 0;
+        };
+        let file = |p: &str| {
+            self.tree
+                .resolve_links(p)
+                .filter(|&ino| self.tree.get(ino).is_some_and(|n| n.kind == Kind::File))
+        };
+        let Some(program) = cmd.program_paths().iter().find_map(|p| file(p)) else {
+            return 0;
+        };
+        let mut queued = usize::from(self.whole_files.queue_program(program));
+        for arg in &cmd.argv[1..] {
+            // Arguments that are files of the image: a script, a configuration file.
+            if !arg.starts_with('-')
+                && let Some(ino) = file(&cmd.absolute(arg))
+            {
+                queued += usize::from(self.whole_files.queue_file(ino));
+            }
+        }
+        tracing::debug!("command {:?}: {queued} files queued", cmd.argv);
+        queued
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_command_from_a_config() {
+        let c = from_config(
+            br#"{"config":{"Entrypoint":["python3"],"Cmd":["/app/main.py","-v"],
+                 "Env":["A=1","PATH=/opt/bin:/usr/bin"],"WorkingDir":"/srv"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.argv, ["python3", "/app/main.py", "-v"]);
+        assert_eq!(c.program_paths(), ["/opt/bin/python3", "/usr/bin/python3"]);
+        assert_eq!(c.absolute("x.conf"), "/srv/x.conf");
+        let d = from_config(br#"{"config":{"Cmd":["./run.sh"]}}"#).unwrap();
+        assert_eq!(d.program_paths(), ["/./run.sh"]);
+        assert_eq!(d.path, DEFAULT_PATH);
+        assert!(from_config(br#"{"config":{}}"#).is_none());
+        assert!(from_config(br#"{"config":{"Cmd":[""]}}"#).is_none());
+        assert!(from_config(b"not json").is_none());
+    }
+}
