@@ -171,30 +171,41 @@ impl Registry {
     /// The image index listing referrers of `digest`: the referrers API when the registry has
     /// it, else the `sha256-<hex>` tag. `None` when neither exists.
     pub async fn referrers(&self, repo: &str, digest: &str) -> Result<Option<Bytes>> {
-        let url = format!("{}/v2/{repo}/referrers/{digest}", self.base);
-        let accept = [(
-            header::ACCEPT,
-            "application/vnd.oci.image.index.v1+json".to_string(),
-        )];
-        let resp = self.send(repo, Method::GET, &url, &accept).await?;
-        let is_index = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|t| t.contains("image.index"));
-        if resp.status().is_success() && is_index {
-            return Ok(Some(
-                read_limited(resp, super::MAX_MANIFEST, "referrers").await?,
-            ));
-        }
-        let tag = referrers_tag(digest);
-        let resp = self.manifest_request(repo, Method::GET, &tag).await?;
-        match resp.status() {
-            StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => Ok(Some(
-                read_limited(resp, super::MAX_MANIFEST, "referrers index").await?,
-            )),
-            s => Err(self.error_for(&format!("referrers of {digest}"), s)),
+        // The API and the tag fallback are asked at once: a registry without the API (404 or
+        // a non-index answer) costs no extra round trip, one with it an extra small request.
+        let api = async {
+            let url = format!("{}/v2/{repo}/referrers/{digest}", self.base);
+            let accept = [(
+                header::ACCEPT,
+                "application/vnd.oci.image.index.v1+json".to_string(),
+            )];
+            let resp = self.send(repo, Method::GET, &url, &accept).await?;
+            let is_index = resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|t| t.contains("image.index"));
+            if resp.status().is_success() && is_index {
+                return Ok(Some(
+                    read_limited(resp, super::MAX_MANIFEST, "referrers").await?,
+                ));
+            }
+            Ok::<_, crate::error::Error>(None)
+        };
+        let tag = async {
+            let tag = referrers_tag(digest);
+            let resp = self.manifest_request(repo, Method::GET, &tag).await?;
+            match resp.status() {
+                StatusCode::NOT_FOUND => Ok(None),
+                s if s.is_success() => Ok(Some(
+                    read_limited(resp, super::MAX_MANIFEST, "referrers index").await?,
+                )),
+                s => Err(self.error_for(&format!("referrers of {digest}"), s)),
+            }
+        };
+        match tokio::join!(api, tag) {
+            (Ok(Some(index)), _) => Ok(Some(index)),
+            (_, tag) => tag,
         }
     }
 }

@@ -67,31 +67,49 @@ pub async fn discover(
     soci_v2: Option<&str>,
 ) -> Result<HashMap<String, Published>> {
     let mut found = HashMap::new();
-    if let Some(digest) = soci_v2 {
-        // Named by the manifest itself: no subject to check, the digest link is the proof.
-        match artifact_layers(source, digest, None).await {
-            Ok(layers) => add(&mut found, layers, Origin::SociV2),
-            Err(e) => tracing::warn!("ignoring the SOCI index {digest}: {e}"),
+    let soci = async {
+        match soci_v2 {
+            // Named by the manifest itself: no subject to check, the digest link is the proof.
+            Some(digest) => Some((digest, artifact_layers(source, digest, None).await)),
+            None => None,
         }
-    }
-    let Source::Registry { registry, repo } = source else {
-        return Ok(found);
     };
-    let Some(body) = registry.referrers(repo, manifest_digest).await? else {
+    let referrers = async {
+        match source {
+            Source::Registry { registry, repo } => registry.referrers(repo, manifest_digest).await,
+            _ => Ok(None),
+        }
+    };
+    let (soci, referrers) = tokio::join!(soci, referrers);
+    match soci {
+        Some((_, Ok(layers))) => add(&mut found, layers, Origin::SociV2),
+        Some((digest, Err(e))) => tracing::warn!("ignoring the SOCI index {digest}: {e}"),
+        None => {}
+    }
+    let Some(body) = referrers? else {
         return Ok(found);
     };
     let index: Value = serde_json::from_slice(&body)
         .map_err(|e| Error::format("referrers index", e.to_string()))?;
-    for m in index["manifests"].as_array().into_iter().flatten() {
-        let origin = match m["artifactType"].as_str() {
-            Some(ARTIFACT_TYPE) => Origin::Ocifs,
-            Some(super::soci::INDEX_V1) => Origin::SociV1,
-            _ => continue,
-        };
-        let Some(digest) = m["digest"].as_str() else {
-            continue;
-        };
-        match artifact_layers(source, digest, Some(manifest_digest)).await {
+    // Every referrer's manifest is fetched at once.
+    let fetches = index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            let origin = match m["artifactType"].as_str() {
+                Some(ARTIFACT_TYPE) => Origin::Ocifs,
+                Some(super::soci::INDEX_V1) => Origin::SociV1,
+                _ => return None,
+            };
+            let digest = m["digest"].as_str()?;
+            Some(async move {
+                let layers = artifact_layers(source, digest, Some(manifest_digest)).await;
+                (digest, origin, layers)
+            })
+        });
+    for (digest, origin, layers) in futures::future::join_all(fetches).await {
+        match layers {
             Ok(layers) => add(&mut found, layers, origin),
             Err(e) => tracing::warn!("ignoring the referrer {digest}: {e}"),
         }
