@@ -11,6 +11,8 @@ use super::Image;
 use crate::layer::Kind;
 use serde_json::Value;
 
+/// Arguments looked at (a config is untrusted; a long command line is not worth more).
+const MAX_ARGS: usize = 32;
 /// The search path when the config sets none (what Docker and containerd use).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -96,7 +98,7 @@ impl Image {
             return 0;
         };
         let mut queued = usize::from(self.whole_files.queue_program(program));
-        for arg in &cmd.argv[1..] {
+        for arg in cmd.argv.iter().skip(1).take(MAX_ARGS) {
             // Arguments that are files of the image: a script, a configuration file.
             if !arg.starts_with('-')
                 && let Some(ino) = file(&cmd.absolute(arg))
