@@ -467,9 +467,8 @@ impl CheckpointBlob {
         }
     }
 
-    /// At least the first `need` decoded bytes of span `k`: the whole span, or its start up to
-    /// the first mark that covers `need` (and at least twice what was decoded before, so a
-    /// reader moving through a span decodes it a bounded number of times).
+    /// At least the first `need` decoded bytes of span `k`: on its first read, its start up
+    /// to the first mark that covers `need`; otherwise the whole span.
     /// Read-ahead of the compressed blob stays before `until`.
     async fn span(&self, k: usize, need: u64, until: u64) -> Result<Bytes> {
         let cached = self.spans.lock().unwrap().get(&k).cloned();
@@ -478,10 +477,15 @@ impl CheckpointBlob {
         {
             return Ok(b.clone());
         }
-        let target = need.max(2 * cached.map_or(0, |b| b.len() as u64));
         let (o0, _) = self.index.span_output(k);
-        let marks = self.index.marks.get(k).map_or(&[][..], |m| &m[..]);
-        let mark = marks.iter().position(|m| m.out - o0 >= target);
+        // Only a span's first read stops at a mark: a reader that comes back for more is
+        // usually moving through the span, and decoding it whole now inflates and hashes it
+        // about once, where growing prefix after prefix would redo the front each time.
+        let marks = match cached {
+            None => self.index.marks.get(k).map_or(&[][..], |m| &m[..]),
+            Some(_) => &[][..],
+        };
+        let mark = marks.iter().position(|m| m.out - o0 >= need);
         let (start, end) = self.index.span_extent(k);
         let upto = mark.map_or(end, |j| marks[j].inp);
         let compressed = self

@@ -196,15 +196,22 @@ async fn marks_let_a_read_fetch_and_verify_only_a_span_prefix() {
     let past = marks[1].out - 10;
     let err = gz.read_at(past, 5).await.unwrap_err();
     assert!(matches!(err, Error::Digest { .. }), "{err}");
-    // Reads moving forward through a span decode prefixes that at least double each time.
-    let gz = CheckpointBlob::new(
-        index.clone(),
-        Arc::new(MemBlob::new(index.digest.clone(), good)),
-    );
+    // Reads moving forward through a span: a prefix first, then the whole span.
+    let counted = Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
+        index.digest.clone(),
+        good,
+    ))));
+    let gz = CheckpointBlob::new(index.clone(), counted.clone());
     let (_, o1) = index.span_output(0);
     for off in (0..o1).step_by(64 << 10) {
         let n = (64 << 10).min(o1 - off);
         let got = gz.read_at(off, n).await.unwrap();
         assert_eq!(&got[..], &tar[off as usize..(off + n) as usize]);
     }
+    let (start, end) = index.span_extent(0);
+    assert_eq!(
+        counted.bytes.load(std::sync::atomic::Ordering::Relaxed),
+        (marks[0].inp - start) + (end - start),
+        "the first mark's prefix, then the span once"
+    );
 }
