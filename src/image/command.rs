@@ -56,22 +56,22 @@ pub fn from_config(config: &[u8]) -> Option<Command> {
     })
 }
 
-impl Command {
-    /// Candidate image paths of `name`: as given when it contains a `/` (relative to the
-    /// working directory), else in each `PATH` directory.
-    fn program_paths(&self) -> Vec<String> {
-        let name = &self.argv[0];
-        if name.contains('/') {
-            vec![self.absolute(name)]
-        } else {
-            self.path
-                .split(':')
-                .filter(|d| !d.is_empty())
-                .map(|d| format!("{d}/{name}"))
-                .collect()
-        }
-    }
+/// The regular file `name` names on `path` (the default search path when `None`).
+pub fn find_on_path(tree: &crate::tree::Tree, name: &str, path: Option<&str>) -> Option<u64> {
+    path.unwrap_or(DEFAULT_PATH)
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .find_map(|d| regular_file(tree, &format!("{d}/{name}")))
+}
 
+/// The regular file at image path `p`, links followed.
+fn regular_file(tree: &crate::tree::Tree, p: &str) -> Option<u64> {
+    tree.resolve_links(p)
+        .filter(|&ino| tree.get(ino).is_some_and(|n| n.kind == Kind::File))
+}
+
+impl Command {
+    /// `p` as an image path: relative paths are taken from the working directory.
     fn absolute(&self, p: &str) -> String {
         if p.starts_with('/') {
             p.to_string()
@@ -89,12 +89,13 @@ impl Image {
         let Some(cmd) = from_config(&self.resolved.config) else {
             return 0;
         };
-        let file = |p: &str| {
-            self.tree
-                .resolve_links(p)
-                .filter(|&ino| self.tree.get(ino).is_some_and(|n| n.kind == Kind::File))
+        let file = |p: &str| regular_file(&self.tree, p);
+        let program = if cmd.argv[0].contains('/') {
+            file(&cmd.absolute(&cmd.argv[0]))
+        } else {
+            find_on_path(&self.tree, &cmd.argv[0], Some(&cmd.path))
         };
-        let Some(program) = cmd.program_paths().iter().find_map(|p| file(p)) else {
+        let Some(program) = program else {
             return 0;
         };
         let mut queued = usize::from(self.whole_files.queue_program(program));
@@ -123,10 +124,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.argv, ["python3", "/app/main.py", "-v"]);
-        assert_eq!(c.program_paths(), ["/opt/bin/python3", "/usr/bin/python3"]);
+        assert_eq!(c.path, "/opt/bin:/usr/bin");
         assert_eq!(c.absolute("x.conf"), "/srv/x.conf");
         let d = from_config(br#"{"config":{"Cmd":["./run.sh"]}}"#).unwrap();
-        assert_eq!(d.program_paths(), ["/./run.sh"]);
+        assert_eq!(d.absolute(&d.argv[0]), "/./run.sh");
         assert_eq!(d.path, DEFAULT_PATH);
         assert!(from_config(br#"{"config":{}}"#).is_none());
         assert!(from_config(br#"{"config":{"Cmd":[""]}}"#).is_none());

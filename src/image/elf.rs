@@ -116,12 +116,19 @@ pub fn needed_offsets(dynamic: &[u8], loads: &[Segment]) -> Option<((u64, u64), 
     Some(((addr - seg.vaddr + seg.offset, strsz?), needed))
 }
 
-/// The interpreter a `#!` script names (its first word), if absolute.
-pub fn shebang(head: &[u8]) -> Option<String> {
+/// The programs a `#!` script runs: its interpreter (the first word, if absolute) and, for
+/// `/usr/bin/env NAME`, the program name `env` will look up on the search path.
+pub fn shebang(head: &[u8]) -> Option<(String, Option<String>)> {
     let line = head.strip_prefix(b"#!")?;
     let line = &line[..line.iter().position(|&b| b == b'\n')?];
-    let word = std::str::from_utf8(line).ok()?.split_whitespace().next()?;
-    word.starts_with('/').then(|| word.to_string())
+    let mut words = std::str::from_utf8(line).ok()?.split_whitespace();
+    let interp = words.next().filter(|w| w.starts_with('/'))?;
+    let looked_up = (interp.ends_with("/env"))
+        .then(|| words.find(|w| !w.starts_with('-') && !w.contains('=')))
+        .flatten()
+        .filter(|w| !w.contains('/'))
+        .map(str::to_string);
+    Some((interp.to_string(), looked_up))
 }
 
 /// The names at `offsets` of a string table.
@@ -207,10 +214,13 @@ mod tests {
         assert!(needed_offsets(&[0u8; 7], &[]).is_none());
         assert!(names(b"abc", &[10]).is_empty());
         assert!(interp_path(b"ld.so\0").is_none());
-        assert_eq!(shebang(b"#! /bin/sh -e\necho").as_deref(), Some("/bin/sh"));
         assert_eq!(
-            shebang(b"#!/usr/bin/env python3\n").as_deref(),
-            Some("/usr/bin/env")
+            shebang(b"#! /bin/sh -e\necho"),
+            Some(("/bin/sh".to_string(), None))
+        );
+        assert_eq!(
+            shebang(b"#!/usr/bin/env -S python3 -u\n"),
+            Some(("/usr/bin/env".to_string(), Some("python3".to_string())))
         );
         assert!(shebang(b"#!sh\n").is_none());
         assert!(shebang(b"#!/bin/sh").is_none()); // no end of line within the head

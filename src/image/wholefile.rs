@@ -231,8 +231,12 @@ impl Image {
     /// `etc/ld.so.cache`, then the libraries it names (`DT_NEEDED`) in the library directories.
     async fn loaded_next(&self, ino: u64) -> Result<Vec<u64>> {
         let head = self.file_bytes(ino, 0, 4096).await?;
-        if let Some(interp) = elf::shebang(&head) {
-            return Ok(self.tree.resolve_links(&interp).into_iter().collect());
+        if let Some((interp, looked_up)) = elf::shebang(&head) {
+            let mut next: Vec<u64> = self.tree.resolve_links(&interp).into_iter().collect();
+            if let Some(name) = looked_up {
+                next.extend(super::command::find_on_path(&self.tree, &name, None));
+            }
+            return Ok(next);
         }
         let found = elf::is_elf64(&head).then(|| {
             Some((

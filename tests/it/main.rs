@@ -1500,6 +1500,7 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
         Item::Dir("usr/lib/x86_64-linux-gnu", 0o755),
         Item::Symlink("lib", "usr/lib"),
         Item::File("usr/bin/tool".into(), tool, 0o755),
+        Item::File("usr/bin/run".into(), SCRIPT.to_vec(), 0o755),
         file("filler", noise(4 << 20, 3)),
         Item::File(
             "usr/lib/x86_64-linux-gnu/libc.so.6".into(),
@@ -1563,6 +1564,27 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
     );
     let expected = (tool_len + libc.len() + 20_000) as u64;
     let whole = |v: &serde_json::Value| v["prefetch"]["wholeFileBytes"].as_u64().unwrap();
-    let whole = whole(&poll_stats(m.path(), |v| whole(v) >= expected));
-    assert_eq!(whole, expected, "tool, libc and conf/b, nothing else");
+    let got = whole(&poll_stats(m.path(), |v| whole(v) >= expected));
+    assert_eq!(got, expected, "tool, libc and conf/b, nothing else");
+    drop(m);
+
+    // A script as the command: `#!/usr/bin/env tool` runs tool, found on the search path.
+    let dir = builder::layout_with_command(
+        &work.path().join("script"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+        &["run"],
+    );
+    push(&dir, "v1", &reg.addr, "elf/script", None);
+    let m = Mount::new(
+        &format!("{}/elf/script:v1", reg.addr),
+        &["--verify", "off"],
+        &[],
+    );
+    let expected = (SCRIPT.len() + tool_len + libc.len()) as u64;
+    let got = whole(&poll_stats(m.path(), |v| whole(v) >= expected));
+    assert_eq!(got, expected, "the script, tool and libc");
 }
+
+/// A script whose interpreter `env` looks up on the search path.
+const SCRIPT: &[u8] = b"#!/usr/bin/env tool\nexit 0\n";
