@@ -596,7 +596,7 @@ mod tests {
         assert!(cache.state.lock().unwrap().used <= 8192);
         // Blocks are written to disk in the background.
         let blocks = dir.join("sha256-y");
-        for _ in 0..200 {
+        for _ in 0..1000 {
             let n = std::fs::read_dir(&blocks).map_or(0, |d| {
                 d.filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_none()))
                     .count()

@@ -37,8 +37,7 @@ pub trait BlobSource: Send + Sync {
     /// `read_at` for a reader moving through a range that ends at `until` (the end of the
     /// file being read): read-ahead, where a source does it, stays before `until`, since
     /// what lies beyond belongs to other files.
-    async fn read_within(&self, offset: u64, len: u64, until: u64) -> Result<Bytes> {
-        let _ = until;
+    async fn read_within(&self, offset: u64, len: u64, _until: u64) -> Result<Bytes> {
         self.read_at(offset, len).await
     }
     /// Makes later reads of `[offset, offset+len)` fast, front first (the block cache streams

@@ -98,13 +98,12 @@ impl WholeFiles {
     /// together (a program reading one module, locale file or config file usually reads its
     /// siblings).
     pub fn note_head(&self, ino: u64, size: u64, parent: u64, head: &[u8]) {
-        if elf::is_elf64(head) && self.programs.lock().unwrap().insert(ino) {
-            if (MIN_SIZE..=MAX_SIZE).contains(&size) && self.claim(ino) {
-                let _ = self.tx.send(Job::Whole(ino));
+        // A program (ELF, or a script whose interpreter runs next).
+        let elf = elf::is_elf64(head);
+        if (elf || head.starts_with(b"#!")) && self.programs.lock().unwrap().insert(ino) {
+            if elf && (MIN_SIZE..=MAX_SIZE).contains(&size) {
+                self.queue_file(ino);
             }
-            let _ = self.tx.send(Job::Libraries(ino));
-        } else if head.starts_with(b"#!") && self.programs.lock().unwrap().insert(ino) {
-            // A script: its interpreter is what runs next.
             let _ = self.tx.send(Job::Libraries(ino));
         }
         if self.directories.lock().unwrap().insert(parent) {
@@ -161,12 +160,10 @@ impl Image {
                     Job::Directory(dir) => image.warm_directory(dir).await,
                     Job::Libraries(ino) => match image.loaded_next(ino).await {
                         Ok(libs) => {
+                            let w = &image.whole_files;
                             for lib in libs {
-                                if image.whole_files.claim(lib) {
-                                    let _ = image.whole_files.tx.send(Job::Whole(lib));
-                                    if image.whole_files.programs.lock().unwrap().insert(lib) {
-                                        let _ = image.whole_files.tx.send(Job::Libraries(lib));
-                                    }
+                                if w.queue_file(lib) && w.programs.lock().unwrap().insert(lib) {
+                                    let _ = w.tx.send(Job::Libraries(lib));
                                 }
                             }
                         }

@@ -115,6 +115,11 @@ impl CheckpointIndex {
         (start, end)
     }
 
+    /// The marks inside span `k` (none when the index has no marks).
+    pub fn marks_of(&self, k: usize) -> &[Mark] {
+        self.marks.get(k).map_or(&[], |m| &m[..])
+    }
+
     /// Uncompressed extent of span `k`.
     pub fn span_output(&self, k: usize) -> (u64, u64) {
         let out = self.checkpoints[k].out;
@@ -147,10 +152,10 @@ impl CheckpointIndex {
         if self.span_digests.len() != cps.len() {
             return Err("one span digest per checkpoint expected");
         }
-        if !self.marks.is_empty() && self.codec != Codec::Gzip {
-            return Err("marks are for gzip spans only");
-        }
         if !self.marks.is_empty() {
+            if self.codec != Codec::Gzip {
+                return Err("marks are for gzip spans only");
+            }
             if self.marks.len() != cps.len() {
                 return Err("one mark list per span expected");
             }
@@ -390,7 +395,7 @@ pub fn read_prefix(
 ) -> Result<Vec<u8>> {
     let what = || format!("span {k} of layer {} up to mark {j}", index.digest);
     let (start, _) = index.span_extent(k);
-    let marks = index.marks.get(k).map_or(&[][..], |m| &m[..]);
+    let marks = index.marks_of(k);
     let mark = marks
         .get(j)
         .ok_or_else(|| Error::format(what(), "no such mark"))?;
@@ -482,7 +487,7 @@ impl CheckpointBlob {
         // usually moving through the span, and decoding it whole now inflates and hashes it
         // about once, where growing prefix after prefix would redo the front each time.
         let marks = match cached {
-            None => self.index.marks.get(k).map_or(&[][..], |m| &m[..]),
+            None => self.index.marks_of(k),
             Some(_) => &[][..],
         };
         let mark = marks.iter().position(|m| m.out - o0 >= need);
@@ -527,7 +532,7 @@ impl BlobSource for CheckpointBlob {
         let last = cps
             .partition_point(|c| c.out < until.max(1))
             .saturating_sub(1);
-        let comp_until = self.index.span_extent(last.min(cps.len() - 1)).1;
+        let comp_until = self.index.span_extent(last).1;
         let mut k = cps.partition_point(|c| c.out <= offset).saturating_sub(1);
         let mut out = BytesMut::with_capacity(len as usize);
         while k < cps.len() && (out.len() as u64) < len {
