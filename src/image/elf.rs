@@ -15,6 +15,8 @@ const PT_DYNAMIC: u32 = 2;
 const PT_INTERP: u32 = 3;
 /// An interpreter path longer than this is not a path a loader would have.
 const MAX_INTERP: u64 = 4096;
+/// A library name longer than this is not looked for.
+const MAX_NAME: u64 = 1024;
 const DT_NEEDED: u64 = 1;
 const DT_STRTAB: u64 = 5;
 const DT_STRSZ: u64 = 10;
@@ -32,6 +34,26 @@ fn u32_at(b: &[u8], at: usize) -> Option<u64> {
 }
 fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Whether `head` (a file's first bytes) starts an ELF program that a process runs (it names
+/// an interpreter, or is a fixed-address executable) rather than a library or plugin.
+pub fn is_executable(head: &[u8]) -> bool {
+    if !is_elf64(head) {
+        return false;
+    }
+    if u16_at(head, 0x10) == Some(2) {
+        return true; // ET_EXEC
+    }
+    let (Some((off, len)), Some(size)) = (program_headers(head), program_header_size(head)) else {
+        return false;
+    };
+    let phdrs = off
+        .checked_add(len)
+        .and_then(|end| head.get(usize::try_from(off).ok()?..usize::try_from(end).ok()?));
+    phdrs
+        .and_then(|p| segments(p, size))
+        .is_some_and(|h| h.interp.is_some())
 }
 
 /// Where the program headers are: (offset, length) in the file.
@@ -95,8 +117,10 @@ pub fn program_header_size(head: &[u8]) -> Option<usize> {
     Some(u16_at(head, 0x36)? as usize)
 }
 
-/// From the dynamic section: the string table's (offset, length) and each `DT_NEEDED`'s
-/// offset into it.
+/// From the dynamic section: where in the file the `DT_NEEDED` names lie, as (offset, length)
+/// of the part of the string table holding them, and each name's offset into that part. Only
+/// that part is read: a large program's string table (python3.11 exports thousands of
+/// symbols) runs far past its first pages, and the names are usually at its start.
 pub fn needed_offsets(dynamic: &[u8], loads: &[Segment]) -> Option<((u64, u64), Vec<u64>)> {
     let (mut strtab, mut strsz, mut needed) = (None, None, Vec::new());
     for d in dynamic.chunks_exact(16) {
@@ -113,7 +137,13 @@ pub fn needed_offsets(dynamic: &[u8], loads: &[Segment]) -> Option<((u64, u64), 
     let seg = loads
         .iter()
         .find(|s| s.vaddr <= addr && addr < s.vaddr + s.size)?;
-    Some(((addr - seg.vaddr + seg.offset, strsz?), needed))
+    let (lo, hi) = (*needed.iter().min()?, *needed.iter().max()?);
+    let end = hi.saturating_add(MAX_NAME).min(strsz?);
+    let start = (addr - seg.vaddr)
+        .checked_add(seg.offset)?
+        .checked_add(lo)?;
+    let relative = needed.iter().map(|o| o - lo).collect();
+    Some(((start, end.saturating_sub(lo)), relative))
 }
 
 /// The programs a `#!` script runs: its interpreter (the first word, if absolute) and, for
@@ -186,6 +216,7 @@ mod tests {
     fn finds_the_needed_libraries() {
         let f = tiny_elf();
         assert!(is_elf64(&f));
+        assert!(is_executable(&f)); // it names an interpreter
         let (off, len) = program_headers(&f).unwrap();
         let h = segments(
             &f[off as usize..(off + len) as usize],
@@ -195,6 +226,7 @@ mod tests {
         let (doff, dlen) = h.dynamic.unwrap();
         let ((soff, slen), needed) =
             needed_offsets(&f[doff as usize..(doff + dlen) as usize], &h.loads).unwrap();
+        assert_eq!(soff, 0x301, "only the part holding the names is read");
         let strtab = &f[soff as usize..(soff + slen) as usize];
         assert_eq!(names(strtab, &needed), ["libz.so.1", "libc.so.6"]);
         let (ioff, ilen) = h.interp.unwrap();
@@ -211,6 +243,8 @@ mod tests {
         f[0x38] = 0xff; // 255 program headers: beyond the data
         let (off, len) = program_headers(&f).unwrap();
         assert!(f.get(off as usize..(off + len) as usize).is_none());
+        assert!(!is_executable(&f));
+        assert!(!is_executable(b"#!/bin/sh\n"));
         assert!(needed_offsets(&[0u8; 7], &[]).is_none());
         assert!(names(b"abc", &[10]).is_empty());
         assert!(interp_path(b"ld.so\0").is_none());

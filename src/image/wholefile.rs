@@ -11,8 +11,11 @@
 //! first bytes are read, the file itself is fetched whole (its pages are mapped and mostly
 //! touched), and so are its dynamic loader, `/etc/ld.so.cache` and its `DT_NEEDED` libraries
 //! (looked up in the image's library directories), and theirs in turn. And when a file of a directory
-//! is first read, the directory's files are fetched together if they lie together in one
-//! layer and span at most 8 MiB (a module's package, a locale, `/etc`).
+//! is first read, the directory's files of the same kind (by name: shared objects, or the same
+//! extension) are fetched together if they lie together in one layer and span at most 8 MiB
+//! (a package's compiled modules, a locale, `/etc`). Reading a plugin directory's index does
+//! not bring its plugins (glibc's `gconv-modules.cache` is 27 KB; its directory of `.so`
+//! converters is 3.6 MB, and a program loads one or two of them).
 
 use super::{Image, elf};
 use crate::error::Result;
@@ -25,6 +28,12 @@ use tokio::sync::mpsc;
 const MIN_SIZE: u64 = 256 << 10;
 /// Files larger than this are left to on-demand reads and read-ahead.
 const MAX_SIZE: u64 = 64 << 20;
+/// How much of the front of a file fetched whole comes first, alone: a program's headers and
+/// the first pages the kernel and the loader read.
+const HEAD: u64 = 64 << 10;
+/// How much of the end of a file fetched whole comes first, alone: a program's dynamic
+/// section and the data the loader relocates.
+const TAIL: u64 = 128 << 10;
 /// Files fetched at once.
 const IN_FLIGHT: usize = 4;
 /// Marks a file already queued.
@@ -40,8 +49,9 @@ enum Job {
     Whole(u64),
     /// Find and fetch the libraries this ELF file needs.
     Libraries(u64),
-    /// Fetch the files of this directory if they lie together and are small in all.
-    Directory(u64),
+    /// Fetch the files of this directory (the first) of the same kind as the file read (the
+    /// second) if they lie together and are small in all.
+    Directory(u64, u64),
 }
 
 /// A directory's files are fetched together only if they span at most this much.
@@ -93,10 +103,10 @@ impl WholeFiles {
     }
 
     /// Notes the first bytes of file `ino` (`size` bytes, in directory `parent`) as read: an
-    /// ELF file is fetched whole (the loader maps it and its page faults touch most of it)
-    /// and gets what it will load looked up, and the directory's files are considered
-    /// together (a program reading one module, locale file or config file usually reads its
-    /// siblings).
+    /// ELF file gets what it will load looked up and is fetched whole (the loader maps it and
+    /// its page faults touch most of it), and the directory's files are considered together
+    /// (a program reading one module, locale file or config file usually reads its siblings;
+    /// not so a program in a bin directory).
     pub fn note_head(&self, ino: u64, size: u64, parent: u64, head: &[u8]) {
         // A program (ELF, or a script whose interpreter runs next).
         let elf = elf::is_elf64(head);
@@ -106,8 +116,10 @@ impl WholeFiles {
             }
             let _ = self.tx.send(Job::Libraries(ino));
         }
-        if self.directories.lock().unwrap().insert(parent) {
-            let _ = self.tx.send(Job::Directory(parent));
+        // Programs are run one by one, by name: a bin directory is not read together.
+        let runs = elf::is_executable(head) || head.starts_with(b"#!");
+        if !runs && self.directories.lock().unwrap().insert(parent) {
+            let _ = self.tx.send(Job::Directory(parent, ino));
         }
     }
 
@@ -125,7 +137,8 @@ impl WholeFiles {
         new
     }
 
-    /// Queues program `ino` to be fetched whole, and what it loads next to be looked up.
+    /// Queues program `ino` to be fetched whole and what it loads next to be looked up (and
+    /// fetched in turn); true if newly queued.
     pub fn queue_program(&self, ino: u64) -> bool {
         let new = self.queue_file(ino);
         if self.programs.lock().unwrap().insert(ino) {
@@ -150,25 +163,21 @@ impl Image {
             if self.prefetching.load(Ordering::Relaxed) {
                 continue;
             }
+            let image = self.clone();
+            // Looking up what a program loads takes a few small reads, each a round trip:
+            // it does not wait behind (or hold up) the bulk fetches.
+            if let Job::Libraries(ino) = job {
+                tokio::spawn(async move { image.follow_program(ino).await });
+                continue;
+            }
             let Ok(permit) = gate.clone().acquire_owned().await else {
                 return;
             };
-            let image = self.clone();
             tokio::spawn(async move {
                 match job {
                     Job::Whole(ino) => image.warm_file(ino).await,
-                    Job::Directory(dir) => image.warm_directory(dir).await,
-                    Job::Libraries(ino) => match image.loaded_next(ino).await {
-                        Ok(libs) => {
-                            let w = &image.whole_files;
-                            for lib in libs {
-                                if w.queue_file(lib) && w.programs.lock().unwrap().insert(lib) {
-                                    let _ = w.tx.send(Job::Libraries(lib));
-                                }
-                            }
-                        }
-                        Err(e) => tracing::debug!("libraries of inode {ino}: {e}"),
-                    },
+                    Job::Directory(dir, read) => image.warm_directory(dir, read).await,
+                    Job::Libraries(_) => {}
                 }
                 drop(permit);
             });
@@ -181,7 +190,29 @@ impl Image {
             && node.size <= MAX_SIZE
         {
             tracing::debug!("fetching inode {ino} whole ({} bytes)", node.size);
-            match self.layers[*li].0.warm(loc, node.size).await {
+            // Both ends first, in requests of their own, then the rest: a program is read at
+            // both ends before anything else (its headers; then the loader reads the dynamic
+            // section and relocates the data segment, in the last few dozen KiB).
+            let layer = &self.layers[*li].0;
+            let ends = node.size > HEAD + TAIL;
+            let (head, tail, all) = tokio::join!(
+                async {
+                    if ends {
+                        layer.warm_range(loc, 0, HEAD).await
+                    } else {
+                        Ok(())
+                    }
+                },
+                async {
+                    if ends {
+                        layer.warm_range(loc, node.size - TAIL, TAIL).await
+                    } else {
+                        Ok(())
+                    }
+                },
+                layer.warm(loc, node.size)
+            );
+            match head.and(tail).and(all) {
                 Ok(()) => {
                     self.whole_fetched.fetch_add(node.size, Ordering::Relaxed);
                 }
@@ -190,14 +221,23 @@ impl Image {
         }
     }
 
-    /// Fetches the files of directory `dir` from the layer most of them come from, in one
-    /// streamed range, when that range is small and mostly theirs (files written together).
-    async fn warm_directory(&self, dir: u64) {
+    /// Fetches the files of directory `dir` of the same kind as file `read` from the layer
+    /// most of them come from, in one streamed range, when that range is small and mostly
+    /// theirs (files written together).
+    async fn warm_directory(&self, dir: u64, read: u64) {
         let Some(node) = self.tree.get(dir) else {
             return;
         };
+        let Some(kind) = node
+            .children
+            .iter()
+            .find(|(_, i)| **i == read)
+            .map(|(name, _)| name_kind(name))
+        else {
+            return;
+        };
         let mut per_layer: HashMap<usize, (u64, u64, u64, usize)> = HashMap::new();
-        for &child in node.children.values() {
+        for (_, &child) in node.children.iter().filter(|(n, _)| name_kind(n) == kind) {
             let Some(c) = self.tree.get(child) else {
                 continue;
             };
@@ -223,52 +263,70 @@ impl Image {
         }
     }
 
-    /// The files ELF file `ino` makes the loader open next, found in the image: its
-    /// interpreter (the dynamic loader, `PT_INTERP`) and, when it has one, the loader's cache
-    /// `etc/ld.so.cache`, then the libraries it names (`DT_NEEDED`) in the library directories.
-    async fn loaded_next(&self, ino: u64) -> Result<Vec<u64>> {
+    /// Queues what program `ino` loads next, each as soon as it is found, while the program
+    /// itself is being fetched whole.
+    async fn follow_program(&self, ino: u64) {
+        if let Err(e) = self.loaded_next(ino).await {
+            tracing::debug!("what inode {ino} loads: {e}");
+        }
+    }
+
+    /// Finds and queues what ELF file `ino` makes the loader open next: its interpreter (the
+    /// dynamic loader, `PT_INTERP`) and, when it has one, the loader's cache
+    /// `etc/ld.so.cache`, then the libraries it names (`DT_NEEDED`) in the library
+    /// directories. For a script: its interpreter.
+    async fn loaded_next(&self, ino: u64) -> Result<()> {
+        let w = &self.whole_files;
+        let found = |next: u64| {
+            w.queue_program(next);
+        };
         let head = self.file_bytes(ino, 0, 4096).await?;
         if let Some((interp, looked_up)) = elf::shebang(&head) {
-            let mut next: Vec<u64> = self.tree.resolve_links(&interp).into_iter().collect();
+            self.tree.resolve_links(&interp).into_iter().for_each(found);
             if let Some(name) = looked_up {
-                next.extend(super::command::find_on_path(&self.tree, &name, None));
+                super::command::find_on_path(&self.tree, &name, None)
+                    .into_iter()
+                    .for_each(found);
             }
-            return Ok(next);
+            return Ok(());
         }
-        let found = elf::is_elf64(&head).then(|| {
+        let program = elf::is_elf64(&head).then(|| {
             Some((
                 elf::program_headers(&head)?,
                 elf::program_header_size(&head)?,
             ))
         });
-        let Some(((off, len), entry)) = found.flatten() else {
-            return Ok(Vec::new());
+        let Some(((off, len), entry)) = program.flatten() else {
+            return Ok(());
         };
         let phdrs = self.file_bytes(ino, off, len).await?;
         let Some(headers) = elf::segments(&phdrs, entry) else {
-            return Ok(Vec::new());
+            return Ok(());
         };
-        let mut next = Vec::new();
         if let Some((ioff, ilen)) = headers.interp
             && let Some(path) = elf::interp_path(&self.file_bytes(ino, ioff, ilen).await?)
         {
-            next.extend(self.tree.resolve_links(&path));
-            next.extend(self.tree.resolve_links("etc/ld.so.cache"));
+            self.tree.resolve_links(&path).into_iter().for_each(found);
+            if let Some(cache) = self.tree.resolve_links("etc/ld.so.cache") {
+                w.queue_file(cache);
+            }
         }
         let Some((doff, dlen)) = headers.dynamic else {
-            return Ok(next);
+            return Ok(());
         };
         let dynamic = self.file_bytes(ino, doff, dlen).await?;
         let Some(((soff, slen), offsets)) = elf::needed_offsets(&dynamic, &headers.loads) else {
-            return Ok(next);
+            return Ok(());
         };
         let strtab = self.file_bytes(ino, soff, slen).await?;
         let dirs = self.library_dirs();
-        next.extend(elf::names(&strtab, &offsets).iter().filter_map(|name| {
+        for name in elf::names(&strtab, &offsets) {
             dirs.iter()
                 .find_map(|d| self.tree.resolve_links(&format!("{d}/{name}")))
-        }));
-        Ok(next)
+                .into_iter()
+                .for_each(found);
+        }
+        Ok(())
     }
 
     /// Where libraries are looked for: the usual directories and the multiarch ones.
@@ -289,9 +347,32 @@ impl Image {
     }
 }
 
+/// What kind of file a name suggests, for fetching a directory's files together: shared
+/// objects (`libz.so.1`, `_ssl.cpython-311-x86_64-linux-gnu.so`) are one kind, loaded one by
+/// one by name; otherwise the extension (`.pyc`, `.conf`; none for `LC_CTYPE` or `passwd`).
+fn name_kind(name: &str) -> &str {
+    if name.ends_with(".so") || name.contains(".so.") {
+        return ".so";
+    }
+    match name.rfind('.') {
+        Some(i) if i > 0 => &name[i..],
+        _ => "",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_say_their_kind() {
+        assert_eq!(name_kind("libz.so.1.2.13"), ".so");
+        assert_eq!(name_kind("_ssl.cpython-311-x86_64-linux-gnu.so"), ".so");
+        assert_eq!(name_kind("typing.cpython-311.pyc"), ".pyc");
+        assert_eq!(name_kind("gconv-modules.cache"), ".cache");
+        assert_eq!(name_kind("LC_CTYPE"), "");
+        assert_eq!(name_kind(".bashrc"), "");
+    }
 
     #[test]
     fn only_a_non_sequential_reread_of_a_mid_sized_file_queues_it() {

@@ -207,6 +207,27 @@ impl Layer {
         }
     }
 
+    /// Brings bytes `[offset, offset+len)` of a file into the cache (the chunks or tar bytes
+    /// holding them), in one request and nothing past them.
+    pub async fn warm_range(&self, loc: &Locator, offset: u64, len: u64) -> Result<()> {
+        match (loc, &self.data) {
+            (Locator::Tar { offset: base }, LayerData::Tar(blob)) => {
+                blob.prefetch(base + offset, len).await
+            }
+            (Locator::Chunks(chunks), LayerData::Chunked(r)) => {
+                let end = offset.saturating_add(len);
+                let first = chunks.partition_point(|c| c.file_offset + c.len <= offset);
+                let wanted: Vec<_> = chunks[first..]
+                    .iter()
+                    .take_while(|c| c.file_offset < end)
+                    .cloned()
+                    .collect();
+                r.warm(&wanted).await
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Where a file's bytes lie in the layer's data: compressed offsets for chunked layers,
     /// tar offsets otherwise. `None` for files without data.
     pub fn extent(&self, loc: &Locator, size: u64) -> Option<(u64, u64)> {
