@@ -425,19 +425,59 @@ impl BlobSource for CachedBlob {
         let blocks =
             futures::future::try_join_all((first..=last).map(|i| self.cache.block(&self.inner, i)))
                 .await?;
-        if blocks.len() == 1 {
-            let s = (offset - first * bs) as usize;
-            return Ok(blocks[0].slice(s..s + len as usize));
+        Ok(assemble(&blocks, first * bs, offset, len))
+    }
+    async fn read_now(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let len = clamp(self.id(), self.size(), offset, len)?;
+        if len == 0 {
+            return Ok(Bytes::new());
         }
-        let mut out = BytesMut::with_capacity(len as usize);
-        for (i, b) in blocks.iter().enumerate() {
-            let bstart = (first + i as u64) * bs;
-            let s = offset.max(bstart) - bstart;
-            let e = (offset + len).min(bstart + b.len() as u64) - bstart;
+        let bs = self.cache.block_size;
+        let (first, last) = (offset / bs, (offset + len - 1) / bs);
+        let key = |i: u64| (self.id().to_string(), i);
+        let held: Option<Vec<Bytes>> = (first..=last)
+            .map(|i| self.cache.mem_get(&key(i)))
+            .collect();
+        if let Some(blocks) = held {
+            return Ok(assemble(&blocks, first * bs, offset, len));
+        }
+        // These blocks, fetched here and now in one request, whoever else is fetching them.
+        let start = first * bs;
+        let end = ((last + 1) * bs).min(self.size());
+        let data = self.inner.read_at(start, end - start).await?;
+        let stats = &self.cache.stats;
+        stats
+            .fetched_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let mut blocks = Vec::new();
+        for i in first..=last {
+            let s = ((i - first) * bs) as usize;
+            let block = data.slice(s..(s + bs as usize).min(data.len()));
+            stats.misses.fetch_add(1, Ordering::Relaxed);
+            self.cache.mem_put(key(i), block.clone());
+            blocks.push(block);
+        }
+        Ok(assemble(&blocks, start, offset, len))
+    }
+}
+
+/// Bytes `[offset, offset+len)` out of consecutive `blocks`, the first starting at `start`.
+fn assemble(blocks: &[Bytes], start: u64, offset: u64, len: u64) -> Bytes {
+    if let [b] = blocks {
+        let s = (offset - start) as usize;
+        return b.slice(s..s + len as usize);
+    }
+    let mut out = BytesMut::with_capacity(len as usize);
+    let mut bstart = start;
+    for b in blocks {
+        let s = offset.max(bstart) - bstart;
+        let e = (offset + len).min(bstart + b.len() as u64) - bstart;
+        if s < e {
             out.extend_from_slice(&b[s as usize..e as usize]);
         }
-        Ok(out.freeze())
+        bstart += b.len() as u64;
     }
+    out.freeze()
 }
 
 #[cfg(test)]
@@ -458,6 +498,34 @@ mod tests {
         let misses = cache.stats.misses.load(Ordering::Relaxed);
         blob.read_at(4000, 9000).await.unwrap();
         assert_eq!(cache.stats.misses.load(Ordering::Relaxed), misses);
+    }
+
+    #[tokio::test]
+    async fn a_read_now_does_not_wait_behind_a_fetch_under_way() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+        let cache = BlockCache::new(4096, 4096, 1 << 20, None);
+        let inner: Blob = Arc::new(MemBlob::new("sha256:n", data.clone()));
+        let blob = cache.wrap(inner.clone());
+        // Another request is bringing blocks 1..=3 and has not finished.
+        let held = cache.claim(&inner, 1, 3);
+        let patient = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            blob.read_at(5000, 6000),
+        );
+        assert!(patient.await.is_err(), "a plain read waits for the fetch");
+        let now = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            blob.read_now(5000, 6000),
+        );
+        assert_eq!(&now.await.unwrap().unwrap()[..], &data[5000..11_000]);
+        // What it fetched is kept: served from memory, even before the other fetch ends.
+        let misses = cache.stats.misses.load(Ordering::Relaxed);
+        assert_eq!(
+            &blob.read_now(4096, 8192).await.unwrap()[..],
+            &data[4096..12_288]
+        );
+        assert_eq!(cache.stats.misses.load(Ordering::Relaxed), misses);
+        drop(held);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

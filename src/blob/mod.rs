@@ -40,6 +40,13 @@ pub trait BlobSource: Send + Sync {
     async fn read_within(&self, offset: u64, len: u64, _until: u64) -> Result<Bytes> {
         self.read_at(offset, len).await
     }
+    /// `read_at` for a reader that must not wait behind fetches already under way: a cache
+    /// serves what it holds and fetches the rest itself, even blocks another request is still
+    /// bringing (their bytes then come twice). For the few small reads whose answer decides
+    /// what to fetch next (where a program's dynamic section says its libraries are).
+    async fn read_now(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_at(offset, len).await
+    }
     /// Makes later reads of `[offset, offset+len)` fast, front first (the block cache streams
     /// the range in; the default reads it and drops the bytes).
     async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {

@@ -101,6 +101,24 @@ impl Image {
         }
     }
 
+    /// [`Image::file_bytes`] without waiting behind fetches under way (see
+    /// [`crate::blob::BlobSource::read_now`]).
+    pub(super) async fn file_bytes_now(&self, ino: u64, offset: u64, len: u64) -> Result<Bytes> {
+        let node = self
+            .tree
+            .get(ino)
+            .ok_or_else(|| Error::NotFound(format!("inode {ino}")))?;
+        match &node.data {
+            Some((li, loc)) => {
+                self.layers[*li]
+                    .0
+                    .read_now(loc, node.size, offset, len)
+                    .await
+            }
+            None => Ok(Bytes::new()),
+        }
+    }
+
     /// The recorded accesses with layer digests and paths.
     pub fn profile(&self) -> Vec<Access> {
         let Some(rec) = &self.recorder else {

@@ -314,11 +314,13 @@ impl Image {
         let Some((doff, dlen)) = headers.dynamic else {
             return Ok(());
         };
-        let dynamic = self.file_bytes(ino, doff, dlen).await?;
+        // Read now, not behind the whole-file fetch of the program, which brings the dynamic
+        // section (5.5 MB into python3.11) after everything before it.
+        let dynamic = self.file_bytes_now(ino, doff, dlen).await?;
         let Some(((soff, slen), offsets)) = elf::needed_offsets(&dynamic, &headers.loads) else {
             return Ok(());
         };
-        let strtab = self.file_bytes(ino, soff, slen).await?;
+        let strtab = self.file_bytes_now(ino, soff, slen).await?;
         let dirs = self.library_dirs();
         for name in elf::names(&strtab, &offsets) {
             dirs.iter()

@@ -84,6 +84,22 @@ impl Reader {
 
     /// Reads `[offset, offset+len)` of a file made of `chunks`.
     pub async fn read(&self, chunks: &[Chunk], offset: u64, len: u64) -> Result<Bytes> {
+        self.read_chunks(chunks, offset, len, false).await
+    }
+
+    /// [`ChunkedReader::read`] without waiting behind fetches under way (see
+    /// [`crate::blob::BlobSource::read_now`]).
+    pub async fn read_now(&self, chunks: &[Chunk], offset: u64, len: u64) -> Result<Bytes> {
+        self.read_chunks(chunks, offset, len, true).await
+    }
+
+    async fn read_chunks(
+        &self,
+        chunks: &[Chunk],
+        offset: u64,
+        len: u64,
+        now: bool,
+    ) -> Result<Bytes> {
         let end = offset + len;
         let mut out = BytesMut::with_capacity(len as usize);
         let first = chunks.partition_point(|c| c.file_offset + c.len <= offset);
@@ -93,7 +109,7 @@ impl Reader {
             if c.file_offset >= end {
                 break;
             }
-            let data = self.chunk(c, until).await?;
+            let data = self.chunk(c, until, now).await?;
             let s = offset.max(c.file_offset) - c.file_offset;
             let e = end.min(c.file_offset + c.len) - c.file_offset;
             out.extend_from_slice(&data[s as usize..e as usize]);
@@ -101,8 +117,9 @@ impl Reader {
         Ok(out.freeze())
     }
 
-    /// One chunk, decoded and checked against its digest.
-    async fn chunk(&self, c: &Chunk, until: u64) -> Result<Bytes> {
+    /// One chunk, decoded and checked against its digest (its compressed bytes read `now`
+    /// if asked, see [`crate::blob::BlobSource::read_now`]).
+    async fn chunk(&self, c: &Chunk, until: u64, now: bool) -> Result<Bytes> {
         let key = (c.start, c.inner);
         if let Some(b) = self.decoded.lock().unwrap().get(&key) {
             return Ok(b.clone());
@@ -114,10 +131,13 @@ impl Reader {
                 format!("bad extent {}..{}", c.start, c.end),
             ));
         }
-        let compressed = self
-            .blob
-            .read_within(c.start, c.end - c.start, until)
-            .await?;
+        let compressed = if now {
+            self.blob.read_now(c.start, c.end - c.start).await?
+        } else {
+            self.blob
+                .read_within(c.start, c.end - c.start, until)
+                .await?
+        };
         let (inner, len, codec) = (c.inner, c.len, self.codec);
         let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             let mut dec: Box<dyn Read> = match codec {

@@ -198,6 +198,28 @@ impl Layer {
         }
     }
 
+    /// [`Layer::read`] without waiting behind fetches under way (see
+    /// [`crate::blob::BlobSource::read_now`]).
+    pub async fn read_now(&self, loc: &Locator, size: u64, offset: u64, len: u64) -> Result<Bytes> {
+        if let Health::Bad(reason) = &*self.health.read().unwrap() {
+            return Err(Error::BadLayer {
+                digest: self.digest.clone(),
+                reason: reason.clone(),
+            });
+        }
+        let len = len.min(size.saturating_sub(offset));
+        match (loc, &self.data) {
+            _ if len == 0 => Ok(Bytes::new()),
+            (Locator::Tar { offset: base }, LayerData::Tar(blob)) => {
+                blob.read_now(base + offset, len).await
+            }
+            (Locator::Chunks(chunks), LayerData::Chunked(r)) => {
+                r.read_now(chunks, offset, len).await
+            }
+            _ => self.read(loc, size, offset, len).await,
+        }
+    }
+
     /// Brings a whole file's bytes close (into the block cache) without decoding them.
     pub async fn warm(&self, loc: &Locator, size: u64) -> Result<()> {
         match (loc, &self.data) {
