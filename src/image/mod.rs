@@ -7,6 +7,7 @@ mod elf;
 pub mod manifest;
 mod open;
 pub mod source;
+mod together;
 pub mod wholefile;
 
 pub use manifest::{Platform, Resolved, resolve};

@@ -10,12 +10,8 @@
 //! The same queue fetches what a program will load (see [`super::elf`]): when an ELF file's
 //! first bytes are read, the file itself is fetched whole (its pages are mapped and mostly
 //! touched), and so are its dynamic loader, `/etc/ld.so.cache` and its `DT_NEEDED` libraries
-//! (looked up in the image's library directories), and theirs in turn. And when a file of a directory
-//! is first read, the directory's files of the same kind (by name: shared objects, or the same
-//! extension) are fetched together if they lie together in one layer and span at most 8 MiB
-//! (a package's compiled modules, a locale, `/etc`). Reading a plugin directory's index does
-//! not bring its plugins (glibc's `gconv-modules.cache` is 27 KB; its directory of `.so`
-//! converters is 3.6 MB, and a program loads one or two of them).
+//! (looked up in the image's library directories), and theirs in turn. The same queue fetches
+//! files read together (see [`super::together`]).
 
 use super::{Image, elf};
 use crate::error::Result;
@@ -54,9 +50,6 @@ enum Job {
     Directory(u64, u64),
 }
 
-/// A directory's files are fetched together only if they span at most this much.
-const DIRECTORY_MAX: u64 = 8 << 20;
-
 /// Per-file read positions and the queue of files to fetch whole.
 pub struct WholeFiles {
     /// inode -> end of its last read, or [`QUEUED`].
@@ -64,7 +57,10 @@ pub struct WholeFiles {
     /// ELF files whose libraries have been looked up.
     programs: Mutex<std::collections::HashSet<u64>>,
     /// Directories whose files have been considered for fetching together.
-    directories: Mutex<std::collections::HashSet<u64>>,
+    pub(super) directories: Mutex<std::collections::HashSet<u64>>,
+    /// Families of same-named directories (parent of their parents, name) -> how many of
+    /// them have been read (see [`super::together`]).
+    pub(super) families: Mutex<HashMap<(u64, String), u32>>,
     tx: mpsc::UnboundedSender<Job>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<Job>>>,
 }
@@ -76,6 +72,7 @@ impl Default for WholeFiles {
             ends: Mutex::new(HashMap::new()),
             programs: Mutex::new(Default::default()),
             directories: Mutex::new(Default::default()),
+            families: Mutex::new(Default::default()),
             tx,
             rx: Mutex::new(Some(rx)),
         }
@@ -221,48 +218,6 @@ impl Image {
         }
     }
 
-    /// Fetches the files of directory `dir` of the same kind as file `read` from the layer
-    /// most of them come from, in one streamed range, when that range is small and mostly
-    /// theirs (files written together).
-    async fn warm_directory(&self, dir: u64, read: u64) {
-        let Some(node) = self.tree.get(dir) else {
-            return;
-        };
-        let Some(kind) = node
-            .children
-            .iter()
-            .find(|(_, i)| **i == read)
-            .map(|(name, _)| name_kind(name))
-        else {
-            return;
-        };
-        let mut per_layer: HashMap<usize, (u64, u64, u64, usize)> = HashMap::new();
-        for (_, &child) in node.children.iter().filter(|(n, _)| name_kind(n) == kind) {
-            let Some(c) = self.tree.get(child) else {
-                continue;
-            };
-            let Some((li, loc)) = &c.data else { continue };
-            let Some((a, b)) = self.layers[*li].0.extent(loc, c.size) else {
-                continue;
-            };
-            let e = per_layer.entry(*li).or_insert((u64::MAX, 0, 0, 0));
-            *e = (e.0.min(a), e.1.max(b), e.2 + (b - a), e.3 + 1);
-        }
-        let Some((li, (a, b, sum, _))) = per_layer.into_iter().max_by_key(|(_, e)| e.3) else {
-            return;
-        };
-        // Small enough, and mostly this directory's bytes (not interleaved with others').
-        if b - a <= DIRECTORY_MAX && sum * 2 >= b - a {
-            tracing::debug!("fetching directory inode {dir} together ({a}..{b} of layer {li})");
-            match self.layers[li].0.warm_extent(a, b).await {
-                Ok(()) => {
-                    self.directory_fetched.fetch_add(b - a, Ordering::Relaxed);
-                }
-                Err(e) => tracing::debug!("fetching directory inode {dir}: {e}"),
-            }
-        }
-    }
-
     /// Queues what program `ino` loads next, each as soon as it is found, while the program
     /// itself is being fetched whole.
     async fn follow_program(&self, ino: u64) {
@@ -349,32 +304,9 @@ impl Image {
     }
 }
 
-/// What kind of file a name suggests, for fetching a directory's files together: shared
-/// objects (`libz.so.1`, `_ssl.cpython-311-x86_64-linux-gnu.so`) are one kind, loaded one by
-/// one by name; otherwise the extension (`.pyc`, `.conf`; none for `LC_CTYPE` or `passwd`).
-fn name_kind(name: &str) -> &str {
-    if name.ends_with(".so") || name.contains(".so.") {
-        return ".so";
-    }
-    match name.rfind('.') {
-        Some(i) if i > 0 => &name[i..],
-        _ => "",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_say_their_kind() {
-        assert_eq!(name_kind("libz.so.1.2.13"), ".so");
-        assert_eq!(name_kind("_ssl.cpython-311-x86_64-linux-gnu.so"), ".so");
-        assert_eq!(name_kind("typing.cpython-311.pyc"), ".pyc");
-        assert_eq!(name_kind("gconv-modules.cache"), ".cache");
-        assert_eq!(name_kind("LC_CTYPE"), "");
-        assert_eq!(name_kind(".bashrc"), "");
-    }
 
     #[test]
     fn only_a_non_sequential_reread_of_a_mid_sized_file_queues_it() {

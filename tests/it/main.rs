@@ -1589,5 +1589,66 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
     assert_eq!(got, expected, "the script, tool and libc");
 }
 
+#[test]
+fn a_second_directory_of_a_family_brings_the_rest_of_it() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    // Four packages with a module cache directory each, 3 MiB of noise between them so that
+    // no fetch run carries one package's files along with another's.
+    let mut items = vec![Item::Dir("lib", 0o755)];
+    for (i, p) in ["a", "b", "c", "d"].iter().enumerate() {
+        items.push(Item::Dir(
+            Box::leak(format!("lib/{p}").into_boxed_str()),
+            0o755,
+        ));
+        items.push(Item::Dir(
+            Box::leak(format!("lib/{p}/cache").into_boxed_str()),
+            0o755,
+        ));
+        for m in 0..3 {
+            items.push(file(
+                &format!("lib/{p}/cache/m{m}.pyc"),
+                noise(30_000, (10 * i + m) as u64),
+            ));
+        }
+        items.push(file(
+            &format!("lib/{p}/filler"),
+            noise(3 << 20, 100 + i as u64),
+        ));
+    }
+    let reg = Registry::start(None);
+    let work = TempDir::new("family");
+    builder::push_one(
+        work.path(),
+        &[encode(builder::tar(&items), Enc::Estargz)],
+        &reg.addr,
+        "family/image",
+    );
+    let m = Mount::new(
+        &format!("{}/family/image:v1", reg.addr),
+        &["--verify", "off", "--no-prefetch"],
+        &[],
+    );
+    let together = |v: &serde_json::Value| v["prefetch"]["directoryBytes"].as_u64().unwrap();
+    // One directory of the family read: its own files come together, and nothing else.
+    std::fs::read(m.path().join("lib/a/cache/m0.pyc")).unwrap();
+    let one = together(&poll_stats(m.path(), |v| together(v) >= 90_000));
+    assert!((90_000..180_000).contains(&one), "a/cache: {one} bytes");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(together(&poll_stats(m.path(), |_| true)), one);
+    // A second one: the other two come as well.
+    std::fs::read(m.path().join("lib/b/cache/m1.pyc")).unwrap();
+    let all = together(&poll_stats(m.path(), |v| together(v) >= 4 * 90_000));
+    assert!(
+        (4 * 90_000..4 * 180_000).contains(&all),
+        "the family: {all} bytes"
+    );
+    assert_eq!(
+        std::fs::read(m.path().join("lib/d/cache/m2.pyc")).unwrap(),
+        noise(30_000, 32)
+    );
+}
+
 /// A script whose interpreter `env` looks up on the search path.
 const SCRIPT: &[u8] = b"#!/usr/bin/env tool\nexit 0\n";

@@ -1,0 +1,161 @@
+//! Files read together: a directory's files of one kind, and families of same-named
+//! directories.
+//!
+//! A program that reads one file of a directory usually reads its siblings of the same kind
+//! next (a package's compiled modules, a locale's categories, `/etc`). So on the first read
+//! of a file, the directory's files of that kind (by name: shared objects, or the same
+//! extension) are fetched in one streamed range when they lie together in one layer and span
+//! at most 8 MiB. Reading a plugin directory's index does not bring its plugins: glibc's
+//! `gconv-modules.cache` is 27 KB, its directory of `.so` converters 3.6 MB, and a program
+//! loads one or two of them.
+//!
+//! And a program that has read two directories of the same name under sibling directories
+//! (`encodings/__pycache__`, then `re/__pycache__`) is walking a family of them, one per
+//! package it imports, each first read a round trip of its own: the rest of the family
+//! (`*/__pycache__` beside them, 8 MiB at most) is fetched then, a few at a time. One such
+//! directory alone proves nothing: a program reading `de/LC_MESSAGES` does not read the
+//! other languages'.
+
+use super::Image;
+use crate::layer::Kind;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+/// A directory's files are fetched together only if they span at most this much.
+const DIRECTORY_MAX: u64 = 8 << 20;
+/// The rest of a family of directories is fetched only up to this much in all.
+const FAMILY_MAX: u64 = 8 << 20;
+/// Directories of a family fetched at once.
+const FAMILY_IN_FLIGHT: usize = 4;
+
+impl Image {
+    /// Fetches the files of directory `dir` of the same kind as file `read` when they lie
+    /// together; and, if `dir` is the second of a family to be read, the rest of the family.
+    pub(super) async fn warm_directory(&self, dir: u64, read: u64) {
+        let Some(kind) = self
+            .tree
+            .get(dir)
+            .and_then(|n| n.children.iter().find(|(_, i)| **i == read))
+            .map(|(name, _)| name_kind(name).to_string())
+        else {
+            return;
+        };
+        if let Some(range) = self.together(dir, &kind) {
+            self.fetch_together(dir, range).await;
+        }
+        let mut budget = FAMILY_MAX;
+        let mut plans = Vec::new();
+        for cousin in self.family_on_second_read(dir) {
+            if !self.whole_files.directories.lock().unwrap().insert(cousin) {
+                continue;
+            }
+            if let Some(range) = self.together(cousin, &kind) {
+                let len = range.2 - range.1;
+                if len > budget {
+                    break;
+                }
+                budget -= len;
+                plans.push((cousin, range));
+            }
+        }
+        if !plans.is_empty() {
+            tracing::debug!("fetching {} directories like inode {dir}", plans.len());
+        }
+        use futures::StreamExt;
+        futures::stream::iter(plans)
+            .for_each_concurrent(FAMILY_IN_FLIGHT, |(d, range)| self.fetch_together(d, range))
+            .await;
+    }
+
+    /// Where the files of directory `dir` of `kind` lie, as (layer, start, end) in the layer
+    /// most of them come from, if that range is small and mostly theirs (files written
+    /// together, not interleaved with others').
+    fn together(&self, dir: u64, kind: &str) -> Option<(usize, u64, u64)> {
+        let node = self.tree.get(dir)?;
+        let mut per_layer: HashMap<usize, (u64, u64, u64, usize)> = HashMap::new();
+        for (_, &child) in node.children.iter().filter(|(n, _)| name_kind(n) == kind) {
+            let Some(c) = self.tree.get(child) else {
+                continue;
+            };
+            let Some((li, loc)) = &c.data else { continue };
+            let Some((a, b)) = self.layers[*li].0.extent(loc, c.size) else {
+                continue;
+            };
+            let e = per_layer.entry(*li).or_insert((u64::MAX, 0, 0, 0));
+            *e = (e.0.min(a), e.1.max(b), e.2 + (b - a), e.3 + 1);
+        }
+        let (li, (a, b, sum, _)) = per_layer.into_iter().max_by_key(|(_, e)| e.3)?;
+        (b - a <= DIRECTORY_MAX && sum * 2 >= b - a).then_some((li, a, b))
+    }
+
+    async fn fetch_together(&self, dir: u64, (li, a, b): (usize, u64, u64)) {
+        tracing::debug!("fetching directory inode {dir} together ({a}..{b} of layer {li})");
+        match self.layers[li].0.warm_extent(a, b).await {
+            Ok(()) => {
+                self.directory_fetched.fetch_add(b - a, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!("fetching directory inode {dir}: {e}"),
+        }
+    }
+
+    /// Counts `dir` (named N, in directory S, in P) as read in its family, the directories
+    /// P/*/N; on the second, returns the others.
+    fn family_on_second_read(&self, dir: u64) -> Vec<u64> {
+        let Some(s) = self.tree.get(dir).map(|n| n.parent) else {
+            return Vec::new();
+        };
+        let Some(sn) = self.tree.get(s) else {
+            return Vec::new();
+        };
+        let Some(name) = sn.children.iter().find(|(_, i)| **i == dir).map(|(n, _)| n) else {
+            return Vec::new();
+        };
+        let p = sn.parent;
+        let Some(pn) = self.tree.get(p).filter(|_| p != s) else {
+            return Vec::new();
+        };
+        let seen = {
+            let mut families = self.whole_files.families.lock().unwrap();
+            let n = families.entry((p, name.clone())).or_insert(0);
+            *n += 1;
+            *n
+        };
+        if seen != 2 {
+            return Vec::new();
+        }
+        pn.children
+            .values()
+            .filter(|&&c| c != s)
+            .filter_map(|&c| self.tree.get(c)?.children.get(name).copied())
+            .filter(|&d| self.tree.get(d).is_some_and(|n| n.kind == Kind::Dir))
+            .collect()
+    }
+}
+
+/// What kind of file a name suggests, for fetching a directory's files together: shared
+/// objects (`libz.so.1`, `_ssl.cpython-311-x86_64-linux-gnu.so`) are one kind, loaded one by
+/// one by name; otherwise the extension (`.pyc`, `.conf`; none for `LC_CTYPE` or `passwd`).
+fn name_kind(name: &str) -> &str {
+    if name.ends_with(".so") || name.contains(".so.") {
+        return ".so";
+    }
+    match name.rfind('.') {
+        Some(i) if i > 0 => &name[i..],
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_say_their_kind() {
+        assert_eq!(name_kind("libz.so.1.2.13"), ".so");
+        assert_eq!(name_kind("_ssl.cpython-311-x86_64-linux-gnu.so"), ".so");
+        assert_eq!(name_kind("typing.cpython-311.pyc"), ".pyc");
+        assert_eq!(name_kind("gconv-modules.cache"), ".cache");
+        assert_eq!(name_kind("LC_CTYPE"), "");
+        assert_eq!(name_kind(".bashrc"), "");
+    }
+}
