@@ -14,7 +14,8 @@
 //! package it imports, each first read a round trip of its own: the rest of the family
 //! (`*/__pycache__` beside them, 8 MiB at most) is fetched then, a few at a time. One such
 //! directory alone proves nothing: a program reading `de/LC_MESSAGES` does not read the
-//! other languages'.
+//! other languages'. Nor is it done on a mount with a planned prefetch (landmarks, a profile):
+//! the plan names what the workload reads.
 
 use super::Image;
 use crate::layer::Kind;
@@ -101,6 +102,9 @@ impl Image {
     /// Counts `dir` (named N, in directory S, in P) as read in its family, the directories
     /// P/*/N; on the second, returns the others.
     fn family_on_second_read(&self, dir: u64) -> Vec<u64> {
+        if self.planned.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
         let Some(s) = self.tree.get(dir).map(|n| n.parent) else {
             return Vec::new();
         };
