@@ -416,43 +416,89 @@ impl ProxyCtx {
             .get("content-length")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = resp.bytes().unwrap_or_default();
-        if method == "GET" && target.contains("/blobs/") {
-            self.blob_bytes
-                .fetch_add(body.len() as u64, Ordering::SeqCst);
-            self.blob_requests.fetch_add(1, Ordering::SeqCst);
-        }
         let status_line = format!(
             "{} {}",
             status.as_u16(),
             status.canonical_reason().unwrap_or("")
         );
         let head = method == "HEAD";
-        if head && let Some(l) = head_len {
-            out_headers.push(("Content-Length".into(), l));
+        let blob_get = method == "GET" && target.contains("/blobs/");
+        if blob_get {
+            self.blob_requests.fetch_add(1, Ordering::SeqCst);
         }
-        let body = if head { &b""[..] } else { &body };
-        match self.link {
-            Some((_, rate)) => {
-                respond_head(&mut conn, &status_line, &out_headers, body.len(), head)?;
-                // The body streams at the link rate: one token bucket shared by all
-                // connections, taken piece by piece, so concurrent responses interleave and
-                // a reader sees the first bytes of a long response early, as on a real link.
-                for piece in body.chunks(32 << 10) {
-                    let due = {
-                        let mut free = self.link_free.lock().unwrap();
-                        let start = (*free).max(std::time::Instant::now());
-                        *free = start + Duration::from_secs_f64(piece.len() as f64 / rate as f64);
-                        *free
-                    };
-                    std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
-                    conn.write_all(piece)?;
-                }
-                conn.flush()
+        let Some((_, rate)) = self.link else {
+            let body = resp.bytes().unwrap_or_default();
+            if blob_get {
+                self.blob_bytes
+                    .fetch_add(body.len() as u64, Ordering::SeqCst);
             }
-            None => respond(&mut conn, &status_line, &out_headers, body, head),
+            if head && let Some(l) = head_len {
+                out_headers.push(("Content-Length".into(), l));
+            }
+            let body = if head { &b""[..] } else { &body };
+            return respond(&mut conn, &status_line, &out_headers, body, head);
+        };
+        // Over the emulated link the body streams from upstream as it comes, at the link
+        // rate: one token bucket shared by all connections, taken piece by piece, so
+        // concurrent responses interleave and a reader sees the first bytes of a long
+        // response early, as on a real link.
+        let len: Option<usize> = head_len.as_deref().and_then(|l| l.parse().ok());
+        if head {
+            if let Some(l) = head_len {
+                out_headers.push(("Content-Length".into(), l));
+            }
+            return respond_head(&mut conn, &status_line, &out_headers, 0, true);
+        }
+        let mut resp = resp;
+        let mut buffered = Vec::new();
+        let len = match len {
+            Some(l) => l,
+            None => {
+                std::io::Read::read_to_end(&mut resp, &mut buffered)?;
+                buffered.len()
+            }
+        };
+        respond_head(&mut conn, &status_line, &out_headers, len, false)?;
+        let mut source: Box<dyn Read> = if buffered.is_empty() {
+            Box::new(resp)
+        } else {
+            Box::new(std::io::Cursor::new(buffered))
+        };
+        let mut piece = vec![0u8; 32 << 10];
+        let mut sent = 0;
+        while sent < len {
+            let want = piece.len().min(len - sent);
+            let n = fill(&mut source, &mut piece[..want])?;
+            if n == 0 {
+                break;
+            }
+            let due = {
+                let mut free = self.link_free.lock().unwrap();
+                let start = (*free).max(std::time::Instant::now());
+                *free = start + Duration::from_secs_f64(n as f64 / rate as f64);
+                *free
+            };
+            std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            conn.write_all(&piece[..n])?;
+            sent += n;
+            if blob_get {
+                self.blob_bytes.fetch_add(n as u64, Ordering::SeqCst);
+            }
+        }
+        conn.flush()
+    }
+}
+
+/// Reads into `buf` until it is full or the source ends; how much was read.
+fn fill(source: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match source.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
         }
     }
+    Ok(n)
 }
 
 /// The status line and headers of a response whose body follows.
