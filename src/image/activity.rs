@@ -91,31 +91,27 @@ impl Image {
     /// Bytes of file `ino` for background work (prefetch, the ELF reader): not counted as
     /// foreground reads, not recorded, no speculation.
     pub(super) async fn file_bytes(&self, ino: u64, offset: u64, len: u64) -> Result<Bytes> {
-        let node = self
-            .tree
-            .get(ino)
-            .ok_or_else(|| Error::NotFound(format!("inode {ino}")))?;
-        match &node.data {
-            Some((li, loc)) => self.layers[*li].0.read(loc, node.size, offset, len).await,
-            None => Ok(Bytes::new()),
-        }
+        self.background_read(ino, offset, len, false).await
     }
 
     /// [`Image::file_bytes`] without waiting behind fetches under way (see
     /// [`crate::blob::BlobSource::read_now`]).
     pub(super) async fn file_bytes_now(&self, ino: u64, offset: u64, len: u64) -> Result<Bytes> {
+        self.background_read(ino, offset, len, true).await
+    }
+
+    async fn background_read(&self, ino: u64, offset: u64, len: u64, now: bool) -> Result<Bytes> {
         let node = self
             .tree
             .get(ino)
             .ok_or_else(|| Error::NotFound(format!("inode {ino}")))?;
-        match &node.data {
-            Some((li, loc)) => {
-                self.layers[*li]
-                    .0
-                    .read_now(loc, node.size, offset, len)
-                    .await
-            }
-            None => Ok(Bytes::new()),
+        let Some((li, loc)) = &node.data else {
+            return Ok(Bytes::new());
+        };
+        let layer = &self.layers[*li].0;
+        match now {
+            true => layer.read_now(loc, node.size, offset, len).await,
+            false => layer.read(loc, node.size, offset, len).await,
         }
     }
 

@@ -174,7 +174,7 @@ impl Image {
                 match job {
                     Job::Whole(ino) => image.warm_file(ino).await,
                     Job::Directory(dir, read) => image.warm_directory(dir, read).await,
-                    Job::Libraries(_) => {}
+                    Job::Libraries(_) => {} // started above, without a slot
                 }
                 drop(permit);
             });
@@ -191,25 +191,17 @@ impl Image {
             // both ends before anything else (its headers; then the loader reads the dynamic
             // section and relocates the data segment, in the last few dozen KiB).
             let layer = &self.layers[*li].0;
-            let ends = node.size > HEAD + TAIL;
-            let (head, tail, all) = tokio::join!(
-                async {
-                    if ends {
-                        layer.warm_range(loc, 0, HEAD).await
-                    } else {
-                        Ok(())
-                    }
-                },
-                async {
-                    if ends {
-                        layer.warm_range(loc, node.size - TAIL, TAIL).await
-                    } else {
-                        Ok(())
-                    }
-                },
-                layer.warm(loc, node.size)
+            let ends = match node.size > HEAD + TAIL {
+                true => vec![(0, HEAD), (node.size - TAIL, TAIL)],
+                false => Vec::new(),
+            };
+            // Polled in order the first time: the ends claim their blocks before the
+            // whole-file fetch claims the rest.
+            let ends = futures::future::try_join_all(
+                ends.into_iter().map(|(o, l)| layer.warm_range(loc, o, l)),
             );
-            match head.and(tail).and(all) {
+            let (ends, all) = tokio::join!(ends, layer.warm(loc, node.size));
+            match ends.map(drop).and(all) {
                 Ok(()) => {
                     self.whole_fetched.fetch_add(node.size, Ordering::Relaxed);
                 }

@@ -172,6 +172,23 @@ pub struct Layer {
 impl Layer {
     /// Reads `len` bytes at `offset` of a file of `size` bytes found at `loc`.
     pub async fn read(&self, loc: &Locator, size: u64, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_as(loc, size, offset, len, false).await
+    }
+
+    /// [`Layer::read`] without waiting behind fetches under way (see
+    /// [`crate::blob::BlobSource::read_now`]).
+    pub async fn read_now(&self, loc: &Locator, size: u64, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_as(loc, size, offset, len, true).await
+    }
+
+    async fn read_as(
+        &self,
+        loc: &Locator,
+        size: u64,
+        offset: u64,
+        len: u64,
+        now: bool,
+    ) -> Result<Bytes> {
         if let Health::Bad(reason) = &*self.health.read().unwrap() {
             return Err(Error::BadLayer {
                 digest: self.digest.clone(),
@@ -183,11 +200,17 @@ impl Layer {
             return Ok(Bytes::new());
         }
         match (loc, &self.data) {
+            (Locator::Tar { offset: base }, LayerData::Tar(blob)) if now => {
+                blob.read_now(base + offset, len).await
+            }
             (Locator::Tar { offset: base }, LayerData::Tar(blob)) => {
                 blob.read_within(base + offset, len, base + size).await
             }
             (Locator::Sparse { header }, LayerData::Tar(blob)) => {
                 tar::read_sparse(blob, *header, offset, len).await
+            }
+            (Locator::Chunks(chunks), LayerData::Chunked(r)) if now => {
+                r.read_now(chunks, offset, len).await
             }
             (Locator::Chunks(chunks), LayerData::Chunked(r)) => r.read(chunks, offset, len).await,
             (Locator::None, _) => Ok(Bytes::new()),
@@ -195,28 +218,6 @@ impl Layer {
                 "layer index",
                 "locator does not match the layer format",
             )),
-        }
-    }
-
-    /// [`Layer::read`] without waiting behind fetches under way (see
-    /// [`crate::blob::BlobSource::read_now`]).
-    pub async fn read_now(&self, loc: &Locator, size: u64, offset: u64, len: u64) -> Result<Bytes> {
-        if let Health::Bad(reason) = &*self.health.read().unwrap() {
-            return Err(Error::BadLayer {
-                digest: self.digest.clone(),
-                reason: reason.clone(),
-            });
-        }
-        let len = len.min(size.saturating_sub(offset));
-        match (loc, &self.data) {
-            _ if len == 0 => Ok(Bytes::new()),
-            (Locator::Tar { offset: base }, LayerData::Tar(blob)) => {
-                blob.read_now(base + offset, len).await
-            }
-            (Locator::Chunks(chunks), LayerData::Chunked(r)) => {
-                r.read_now(chunks, offset, len).await
-            }
-            _ => self.read(loc, size, offset, len).await,
         }
     }
 
