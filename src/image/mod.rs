@@ -51,9 +51,6 @@ pub struct Image {
     /// Set while a planned prefetch (landmarks, profile) runs; speculation waits for it
     /// (see [`Image::set_prefetching`]).
     pub prefetching: std::sync::atomic::AtomicBool,
-    /// Set once a planned prefetch has started: the plan names what the workload reads, so
-    /// the broadest guess (the rest of a family of directories) is not made after it either.
-    pub planned: std::sync::atomic::AtomicBool,
     /// Bytes the whole-file fetches read.
     pub whole_fetched: AtomicU64,
     /// Layer bytes fetched for directories read together (compressed for chunked layers).
@@ -127,7 +124,6 @@ impl Image {
             prefetch_done: AtomicU64::new(0),
             whole_files: Default::default(),
             prefetching: Default::default(),
-            planned: Default::default(),
             whole_fetched: AtomicU64::new(0),
             directory_fetched: AtomicU64::new(0),
         })
@@ -139,9 +135,6 @@ impl Image {
     /// would only compete with it for the link.
     pub fn set_prefetching(&self, running: bool) {
         self.prefetching.store(running, Ordering::Relaxed);
-        if running {
-            self.planned.store(true, Ordering::Relaxed);
-        }
         self.cache.pause_readahead(running);
     }
 

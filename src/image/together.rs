@@ -102,7 +102,8 @@ impl Image {
     /// Counts `dir` (named N, in directory S, in P) as read in its family, the directories
     /// P/*/N; on the second, returns the others.
     fn family_on_second_read(&self, dir: u64) -> Vec<u64> {
-        if self.planned.load(Ordering::Relaxed) {
+        // A planned prefetch names what the workload reads: no broad guess after it either.
+        if self.prefetch_total.load(Ordering::Relaxed) > 0 {
             return Vec::new();
         }
         let Some(s) = self.tree.get(dir).map(|n| n.parent) else {

@@ -172,7 +172,11 @@ impl Image {
             // Looking up what a program loads takes a few small reads, each a round trip:
             // it does not wait behind (or hold up) the bulk fetches.
             if let Job::Libraries(ino) = job {
-                tokio::spawn(async move { image.follow_program(ino).await });
+                tokio::spawn(async move {
+                    if let Err(e) = image.loaded_next(ino).await {
+                        tracing::debug!("what inode {ino} loads: {e}");
+                    }
+                });
                 continue;
             }
             let Ok(permit) = gate.clone().acquire_owned().await else {
@@ -208,7 +212,7 @@ impl Image {
             let ends = futures::future::try_join_all(
                 ends.into_iter().map(|(o, l)| layer.warm_range(loc, o, l)),
             );
-            let (ends, all) = tokio::join!(ends, layer.warm(loc, node.size));
+            let (ends, all) = tokio::join!(ends, layer.warm_range(loc, 0, node.size));
             match ends.map(drop).and(all) {
                 Ok(()) => {
                     self.whole_fetched.fetch_add(node.size, Ordering::Relaxed);
@@ -218,18 +222,11 @@ impl Image {
         }
     }
 
-    /// Queues what program `ino` loads next, each as soon as it is found, while the program
-    /// itself is being fetched whole.
-    async fn follow_program(&self, ino: u64) {
-        if let Err(e) = self.loaded_next(ino).await {
-            tracing::debug!("what inode {ino} loads: {e}");
-        }
-    }
-
     /// Finds and queues what ELF file `ino` makes the loader open next: its interpreter (the
     /// dynamic loader, `PT_INTERP`) and, when it has one, the loader's cache
     /// `etc/ld.so.cache`, then the libraries it names (`DT_NEEDED`) in the library
-    /// directories. For a script: its interpreter.
+    /// directories. For a script: its interpreter. Each is queued as soon as it is found,
+    /// while the program itself is being fetched whole.
     async fn loaded_next(&self, ino: u64) -> Result<()> {
         let w = &self.whole_files;
         let found = |next: u64| {

@@ -221,17 +221,8 @@ impl Layer {
         }
     }
 
-    /// Brings a whole file's bytes close (into the block cache) without decoding them.
-    pub async fn warm(&self, loc: &Locator, size: u64) -> Result<()> {
-        match (loc, &self.data) {
-            (Locator::Tar { offset }, LayerData::Tar(blob)) => blob.prefetch(*offset, size).await,
-            (Locator::Chunks(chunks), LayerData::Chunked(r)) => r.warm(chunks).await,
-            _ => Ok(()),
-        }
-    }
-
     /// Brings bytes `[offset, offset+len)` of a file into the cache (the chunks or tar bytes
-    /// holding them), in one request and nothing past them.
+    /// holding them, not decoded), in one request and nothing past them.
     pub async fn warm_range(&self, loc: &Locator, offset: u64, len: u64) -> Result<()> {
         match (loc, &self.data) {
             (Locator::Tar { offset: base }, LayerData::Tar(blob)) => {
@@ -240,12 +231,11 @@ impl Layer {
             (Locator::Chunks(chunks), LayerData::Chunked(r)) => {
                 let end = offset.saturating_add(len);
                 let first = chunks.partition_point(|c| c.file_offset + c.len <= offset);
-                let wanted: Vec<_> = chunks[first..]
+                let n = chunks[first..]
                     .iter()
                     .take_while(|c| c.file_offset < end)
-                    .cloned()
-                    .collect();
-                r.warm(&wanted).await
+                    .count();
+                r.warm(&chunks[first..first + n]).await
             }
             _ => Ok(()),
         }
