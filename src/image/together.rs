@@ -47,16 +47,25 @@ impl Image {
         let mut budget = FAMILY_MAX;
         let mut plans = Vec::new();
         for cousin in self.family_on_second_read(dir) {
-            if !self.whole_files.directories.lock().unwrap().insert(cousin) {
+            if self
+                .whole_files
+                .directories
+                .lock()
+                .unwrap()
+                .contains(&cousin)
+            {
                 continue;
             }
             if let Some(range) = self.together(cousin, &kind) {
                 let len = range.2 - range.1;
                 if len > budget {
+                    // Left for its own first read, which fetches it then.
                     break;
                 }
                 budget -= len;
-                plans.push((cousin, range));
+                if self.whole_files.directories.lock().unwrap().insert(cousin) {
+                    plans.push((cousin, range));
+                }
             }
         }
         if !plans.is_empty() {

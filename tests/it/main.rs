@@ -1650,5 +1650,72 @@ fn a_second_directory_of_a_family_brings_the_rest_of_it() {
     );
 }
 
+#[test]
+fn a_family_member_over_the_budget_is_fetched_on_its_own_first_read() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    // Two small module caches (a, b) and two of 5 MiB (c, d): the family's rest (8 MiB at
+    // most) has room for c but not d, which is left for its own first read.
+    let mut items = vec![Item::Dir("lib", 0o755)];
+    for (i, p) in ["a", "b", "c", "d"].iter().enumerate() {
+        items.push(Item::Dir(
+            Box::leak(format!("lib/{p}").into_boxed_str()),
+            0o755,
+        ));
+        items.push(Item::Dir(
+            Box::leak(format!("lib/{p}/cache").into_boxed_str()),
+            0o755,
+        ));
+        let size = if i < 2 { 30_000 } else { 1_700_000 };
+        for m in 0..3 {
+            items.push(file(
+                &format!("lib/{p}/cache/m{m}.pyc"),
+                noise(size, (10 * i + m) as u64),
+            ));
+        }
+        items.push(file(
+            &format!("lib/{p}/filler"),
+            noise(3 << 20, 100 + i as u64),
+        ));
+    }
+    let reg = Registry::start(None);
+    let work = TempDir::new("budget");
+    builder::push_one(
+        work.path(),
+        &[encode(builder::tar(&items), Enc::Estargz)],
+        &reg.addr,
+        "family/budget",
+    );
+    let m = Mount::new(
+        &format!("{}/family/budget:v1", reg.addr),
+        &["--verify", "off", "--no-prefetch"],
+        &[],
+    );
+    let together = |v: &serde_json::Value| v["prefetch"]["directoryBytes"].as_u64().unwrap();
+    std::fs::read(m.path().join("lib/a/cache/m0.pyc")).unwrap();
+    poll_stats(m.path(), |v| together(v) >= 90_000);
+    std::fs::read(m.path().join("lib/b/cache/m1.pyc")).unwrap();
+    let family = 2 * 90_000 + 5_100_000;
+    let before = together(&poll_stats(m.path(), |v| together(v) >= family));
+    assert!(
+        (family..family + 2_000_000).contains(&before),
+        "a, b, c: {before} bytes"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        together(&poll_stats(m.path(), |_| true)),
+        before,
+        "d is not fetched yet"
+    );
+    // d's first read brings its siblings.
+    assert_eq!(
+        std::fs::read(m.path().join("lib/d/cache/m0.pyc")).unwrap(),
+        noise(1_700_000, 30)
+    );
+    let after = together(&poll_stats(m.path(), |v| together(v) >= before + 5_100_000));
+    assert!(after >= before + 5_100_000, "d: {} bytes", after - before);
+}
+
 /// A script whose interpreter `env` looks up on the search path.
 const SCRIPT: &[u8] = b"#!/usr/bin/env tool\nexit 0\n";
