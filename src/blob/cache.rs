@@ -11,6 +11,12 @@
 //! files read one after another, a binary's pages). On a link where a round trip costs more
 //! than a block, this is what keeps a chain of dependent reads short.
 //!
+//! A miss's run past the blocks asked for is speculation, and speculation shares the link with
+//! the reads that wait: at most one fetch size of it is under way at a time, across every
+//! blob of the cache. A reader that misses alone (a chain of dependent reads) gets its whole
+//! run; when many miss at once (sixteen threads opening sixteen files), the first carries on
+//! and the others fetch only what they asked for, so nobody's bytes queue behind guesses.
+//!
 //! Reads that touch or follow the previous read's last block form a sequential run; once a run
 //! has crossed two block boundaries, the next few blocks are fetched in the background
 //! (read-ahead), so a streaming reader waits for the network once per window.
@@ -55,6 +61,9 @@ pub struct BlockCache {
     sequential: u64,
     /// Most blocks one miss fetches (the run).
     run_blocks: u64,
+    /// Bytes of miss runs past the blocks asked for that have not arrived yet (at most one
+    /// run's worth is allowed, see the module doc).
+    speculating: AtomicU64,
     capacity: u64,
     dir: Option<PathBuf>,
     /// Set while a planned prefetch brings what readers need: read-ahead would only fetch
@@ -82,6 +91,7 @@ impl BlockCache {
             readahead: (READAHEAD_BYTES / block_size).clamp(1, 64),
             sequential: (SEQUENTIAL_BYTES / block_size).max(2),
             run_blocks: (fetch_size / block_size).clamp(1, 64),
+            speculating: AtomicU64::new(0),
             capacity,
             dir,
             readahead_paused: Default::default(),
@@ -186,18 +196,21 @@ impl BlockCache {
             self.release(&key, guard);
             return Ok(data);
         }
-        // The network: this block and the following ones nobody has or is fetching.
+        // The network: this block and the following ones nobody has or is fetching, as far as
+        // the speculation allowance goes.
         let mut run = vec![(key, guard)];
         let blocks = blob.size().div_ceil(self.block_size);
-        for i in index + 1..(index + self.run_blocks).min(blocks) {
+        let extra = self.speculation_room();
+        for i in index + 1..(index + 1 + extra).min(blocks) {
             let k = (blob.id().to_string(), i);
             match self.try_claim(&k) {
                 Some(g) => run.push((k, g)),
                 None => break,
             }
         }
+        self.speculate(blob, &run[1..]);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(self.clone().fetch_run(blob.clone(), run, Some(tx)));
+        tokio::spawn(self.clone().fetch_run(blob.clone(), run, 1, Some(tx)));
         rx.await
             .unwrap_or_else(|_| Err(Error::Io(std::io::Error::other("block fetch ended early"))))
     }
@@ -211,9 +224,10 @@ impl BlockCache {
         }
         let bs = self.block_size;
         let runs = self.claim(blob, offset / bs, (offset + len - 1) / bs);
-        let fetches = runs
-            .into_iter()
-            .map(|r| self.clone().fetch_run(blob.clone(), r, None));
+        let fetches = runs.into_iter().map(|r| {
+            let n = r.len();
+            self.clone().fetch_run(blob.clone(), r, n, None)
+        });
         futures::future::join_all(fetches)
             .await
             .into_iter()
@@ -249,12 +263,30 @@ impl BlockCache {
         self.gate(k).try_lock_owned().ok()
     }
 
+    /// How many blocks past its own a miss may fetch now: what is left of one run's worth of
+    /// speculation under way.
+    fn speculation_room(&self) -> u64 {
+        let limit = self.run_blocks.saturating_sub(1) * self.block_size;
+        limit.saturating_sub(self.speculating.load(Ordering::Relaxed)) / self.block_size
+    }
+
+    /// Counts `blocks` (claimed past a miss's own) as speculation under way.
+    fn speculate(&self, blob: &Blob, blocks: &[(Key, OwnedMutexGuard<()>)]) {
+        let bytes = blocks
+            .iter()
+            .map(|(k, _)| self.block_len(blob.size(), k.1))
+            .sum();
+        self.speculating.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Fetches a run of consecutive blocks in one streamed request, storing and releasing each
     /// as it completes; the first block (the one a reader is waiting for) goes to `first`.
+    /// Blocks from index `guess` on are a miss's speculation (see [`BlockCache::speculate`]).
     async fn fetch_run(
         self: Arc<Self>,
         blob: Blob,
         run: Vec<(Key, OwnedMutexGuard<()>)>,
+        guess: usize,
         first: Option<tokio::sync::oneshot::Sender<Result<Bytes>>>,
     ) -> Result<()> {
         let size = blob.size();
@@ -269,29 +301,37 @@ impl BlockCache {
             if first.is_some() { "miss" } else { "ahead" }
         );
         let mut first = first;
-        let mut blocks = run.into_iter();
+        let settled = |i: usize, key: &Key| {
+            if i >= guess {
+                let n = self.block_len(size, key.1);
+                self.speculating.fetch_sub(n, Ordering::Relaxed);
+            }
+        };
+        let mut blocks = run.into_iter().enumerate();
         let mut current = blocks.next();
         let mut pending = BytesMut::new();
         let mut sink = |piece: Bytes| {
             pending.extend_from_slice(&piece);
-            while let Some((key, _)) = &current {
+            while let Some((_, (key, _))) = &current {
                 let want = self.block_len(size, key.1) as usize;
                 if pending.len() < want {
                     break;
                 }
                 let data = pending.split_to(want).freeze();
-                let (key, guard) = current.take().unwrap();
+                let (i, (key, guard)) = current.take().unwrap();
                 self.store(&key, data.clone());
                 if let Some(tx) = first.take() {
                     let _ = tx.send(Ok(data));
                 }
+                settled(i, &key);
                 self.release(&key, guard);
                 current = blocks.next();
             }
         };
         let result = blob.stream_at(start, end - start, &mut sink).await;
         // The waiters of blocks not stored fetch them again themselves.
-        for (key, guard) in current.into_iter().chain(blocks) {
+        for (i, (key, guard)) in current.into_iter().chain(blocks) {
+            settled(i, &key);
             self.release(&key, guard);
         }
         match (result, first.take()) {
@@ -356,7 +396,8 @@ impl CachedBlob {
         }
         self.ahead_until.store(end, Ordering::Relaxed);
         for r in self.cache.claim(&self.inner, from, end - 1) {
-            tokio::spawn(self.cache.clone().fetch_run(self.inner.clone(), r, None));
+            let n = r.len();
+            tokio::spawn(self.cache.clone().fetch_run(self.inner.clone(), r, n, None));
         }
     }
 }
@@ -407,19 +448,30 @@ impl BlobSource for CachedBlob {
             // miss's run; a read served from the cache fetches nothing.
             let cache = &self.cache;
             let blocks = self.size().div_ceil(bs);
-            let mut runs = cache.claim(&self.inner, first, last);
-            if !runs.is_empty() {
-                let until = (first + cache.run_blocks - 1).min(blocks - 1);
+            // Each run with the index where its speculation starts.
+            let mut runs: Vec<_> = cache
+                .claim(&self.inner, first, last)
+                .into_iter()
+                .map(|r| (r.len(), r))
+                .collect();
+            let room = cache.speculation_room();
+            if !runs.is_empty() && room > 0 {
+                let until = (first + cache.run_blocks - 1)
+                    .min(last + room)
+                    .min(blocks - 1);
                 for r in cache.claim(&self.inner, last + 1, until) {
+                    cache.speculate(&self.inner, &r);
                     match runs.last_mut() {
                         // Contiguous with the read's last stretch: one request.
-                        Some(prev) if prev[prev.len() - 1].0.1 + 1 == r[0].0.1 => prev.extend(r),
-                        _ => runs.push(r),
+                        Some((_, prev)) if prev[prev.len() - 1].0.1 + 1 == r[0].0.1 => {
+                            prev.extend(r)
+                        }
+                        _ => runs.push((0, r)),
                     }
                 }
             }
-            for r in runs {
-                tokio::spawn(cache.clone().fetch_run(self.inner.clone(), r, None));
+            for (guess, r) in runs {
+                tokio::spawn(cache.clone().fetch_run(self.inner.clone(), r, guess, None));
             }
         }
         let blocks =
@@ -526,6 +578,70 @@ mod tests {
         );
         assert_eq!(cache.stats.misses.load(Ordering::Relaxed), misses);
         drop(held);
+    }
+
+    /// A blob that hands out the first block of a request at once and the rest only when
+    /// `go` has a permit, and notes every request.
+    struct Held {
+        data: Bytes,
+        requests: Mutex<Vec<(u64, u64)>>,
+        go: tokio::sync::Semaphore,
+    }
+
+    #[async_trait]
+    impl BlobSource for Held {
+        fn id(&self) -> &str {
+            "sha256:held"
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+            Ok(self.data.slice(offset as usize..(offset + len) as usize))
+        }
+        async fn stream_at(
+            &self,
+            offset: u64,
+            len: u64,
+            sink: &mut (dyn FnMut(Bytes) + Send),
+        ) -> Result<()> {
+            self.requests.lock().unwrap().push((offset, len));
+            let all = self.read_at(offset, len).await?;
+            let head = all.len().min(4096);
+            sink(all.slice(..head));
+            if all.len() > head {
+                self.go.acquire().await.unwrap().forget();
+                sink(all.slice(head..));
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_miss_fetches_past_itself_only_while_no_other_guess_is_under_way() {
+        const B: u64 = 4096;
+        let cache = BlockCache::new(B, 8 * B, 1 << 20, None);
+        let held = Arc::new(Held {
+            data: Bytes::from(vec![7u8; 64 * B as usize]),
+            requests: Mutex::new(Vec::new()),
+            go: tokio::sync::Semaphore::new(0),
+        });
+        let blob = cache.wrap(held.clone());
+        // A first miss carries on for a run; its speculation is still arriving when a second
+        // miss elsewhere fetches only its own block.
+        blob.read_at(0, 100).await.unwrap();
+        blob.read_at(20 * B, 100).await.unwrap();
+        held.go.add_permits(1);
+        while cache.stats.fetched_bytes.load(Ordering::Relaxed) < 9 * B {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // Once it has arrived, a miss carries on again.
+        blob.read_at(40 * B, 100).await.unwrap();
+        held.go.add_permits(1);
+        assert_eq!(
+            *held.requests.lock().unwrap(),
+            [(0, 8 * B), (20 * B, B), (40 * B, 8 * B)]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
