@@ -11,11 +11,12 @@
 //! files read one after another, a binary's pages). On a link where a round trip costs more
 //! than a block, this is what keeps a chain of dependent reads short.
 //!
-//! A miss's run past the blocks asked for is speculation, and speculation shares the link with
-//! the reads that wait: at most one fetch size of it is under way at a time, across every
-//! blob of the cache. A reader that misses alone (a chain of dependent reads) gets its whole
-//! run; when many miss at once (sixteen threads opening sixteen files), the first carries on
-//! and the others fetch only what they asked for, so nobody's bytes queue behind guesses.
+//! The part of a run past the end of the file being read is a guess, and guesses share the
+//! link with the reads that wait: at most one fetch size of them is under way at a time,
+//! across every blob of the cache. A reader that misses alone (a chain of dependent reads)
+//! gets its whole run; when many miss at once (sixteen threads opening sixteen files), the
+//! first carries on and the others fetch only their own files, so nobody's bytes queue behind
+//! guesses. The rest of the file being read is never held back: it is what comes next.
 //!
 //! Reads that touch or follow the previous read's last block form a sequential run; once a run
 //! has crossed two block boundaries, the next few blocks are fetched in the background
@@ -61,8 +62,8 @@ pub struct BlockCache {
     sequential: u64,
     /// Most blocks one miss fetches (the run).
     run_blocks: u64,
-    /// Bytes of miss runs past the blocks asked for that have not arrived yet (at most one
-    /// run's worth is allowed, see the module doc).
+    /// Bytes of miss runs past the end of the file being read that have not arrived yet (at
+    /// most one run's worth is allowed, see the module doc).
     speculating: AtomicU64,
     capacity: u64,
     dir: Option<PathBuf>,
@@ -172,7 +173,9 @@ impl BlockCache {
         drop(guard);
     }
 
-    async fn block(self: &Arc<Self>, blob: &Blob, index: u64) -> Result<Bytes> {
+    /// Block `index` of `blob`, fetched on a miss with a run after it; blocks from `guess_from`
+    /// on are past the file being read (see [`BlockCache::run_end`]).
+    async fn block(self: &Arc<Self>, blob: &Blob, index: u64, guess_from: u64) -> Result<Bytes> {
         let key = (blob.id().to_string(), index);
         if let Some(b) = self.mem_get(&key) {
             self.stats.mem_hits.fetch_add(1, Ordering::Relaxed);
@@ -197,20 +200,22 @@ impl BlockCache {
             return Ok(data);
         }
         // The network: this block and the following ones nobody has or is fetching, as far as
-        // the speculation allowance goes.
+        // the run goes.
         let mut run = vec![(key, guard)];
-        let blocks = blob.size().div_ceil(self.block_size);
-        let extra = self.speculation_room();
-        for i in index + 1..(index + 1 + extra).min(blocks) {
+        let guess_from = guess_from.max(index + 1);
+        for i in index + 1..self.run_end(blob, index, guess_from) {
             let k = (blob.id().to_string(), i);
             match self.try_claim(&k) {
                 Some(g) => run.push((k, g)),
                 None => break,
             }
         }
-        self.speculate(blob, &run[1..]);
+        self.speculate(blob, &run, guess_from);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(self.clone().fetch_run(blob.clone(), run, 1, Some(tx)));
+        tokio::spawn(
+            self.clone()
+                .fetch_run(blob.clone(), run, guess_from, Some(tx)),
+        );
         rx.await
             .unwrap_or_else(|_| Err(Error::Io(std::io::Error::other("block fetch ended early"))))
     }
@@ -224,10 +229,9 @@ impl BlockCache {
         }
         let bs = self.block_size;
         let runs = self.claim(blob, offset / bs, (offset + len - 1) / bs);
-        let fetches = runs.into_iter().map(|r| {
-            let n = r.len();
-            self.clone().fetch_run(blob.clone(), r, n, None)
-        });
+        let fetches = runs
+            .into_iter()
+            .map(|r| self.clone().fetch_run(blob.clone(), r, u64::MAX, None));
         futures::future::join_all(fetches)
             .await
             .into_iter()
@@ -263,17 +267,21 @@ impl BlockCache {
         self.gate(k).try_lock_owned().ok()
     }
 
-    /// How many blocks past its own a miss may fetch now: what is left of one run's worth of
-    /// speculation under way.
-    fn speculation_room(&self) -> u64 {
+    /// Where the run of a miss at block `first` ends (exclusive): a run's length on, but past
+    /// `guess_from` (the first block after the file being read) only as far as what is left
+    /// of one run's worth of guesses under way.
+    fn run_end(&self, blob: &Blob, first: u64, guess_from: u64) -> u64 {
+        let full = (first + self.run_blocks).min(blob.size().div_ceil(self.block_size));
         let limit = self.run_blocks.saturating_sub(1) * self.block_size;
-        limit.saturating_sub(self.speculating.load(Ordering::Relaxed)) / self.block_size
+        let room = limit.saturating_sub(self.speculating.load(Ordering::Relaxed)) / self.block_size;
+        guess_from.saturating_add(room).min(full)
     }
 
-    /// Counts `blocks` (claimed past a miss's own) as speculation under way.
-    fn speculate(&self, blob: &Blob, blocks: &[(Key, OwnedMutexGuard<()>)]) {
-        let bytes = blocks
+    /// Counts the blocks of `run` from `guess_from` on as guesses under way.
+    fn speculate(&self, blob: &Blob, run: &[(Key, OwnedMutexGuard<()>)], guess_from: u64) {
+        let bytes = run
             .iter()
+            .filter(|(k, _)| k.1 >= guess_from)
             .map(|(k, _)| self.block_len(blob.size(), k.1))
             .sum();
         self.speculating.fetch_add(bytes, Ordering::Relaxed);
@@ -281,12 +289,12 @@ impl BlockCache {
 
     /// Fetches a run of consecutive blocks in one streamed request, storing and releasing each
     /// as it completes; the first block (the one a reader is waiting for) goes to `first`.
-    /// Blocks from index `guess` on are a miss's speculation (see [`BlockCache::speculate`]).
+    /// Blocks from `guess_from` on were counted as guesses (see [`BlockCache::speculate`]).
     async fn fetch_run(
         self: Arc<Self>,
         blob: Blob,
         run: Vec<(Key, OwnedMutexGuard<()>)>,
-        guess: usize,
+        guess_from: u64,
         first: Option<tokio::sync::oneshot::Sender<Result<Bytes>>>,
     ) -> Result<()> {
         let size = blob.size();
@@ -301,37 +309,37 @@ impl BlockCache {
             if first.is_some() { "miss" } else { "ahead" }
         );
         let mut first = first;
-        let settled = |i: usize, key: &Key| {
-            if i >= guess {
+        let settled = |key: &Key| {
+            if key.1 >= guess_from {
                 let n = self.block_len(size, key.1);
                 self.speculating.fetch_sub(n, Ordering::Relaxed);
             }
         };
-        let mut blocks = run.into_iter().enumerate();
+        let mut blocks = run.into_iter();
         let mut current = blocks.next();
         let mut pending = BytesMut::new();
         let mut sink = |piece: Bytes| {
             pending.extend_from_slice(&piece);
-            while let Some((_, (key, _))) = &current {
+            while let Some((key, _)) = &current {
                 let want = self.block_len(size, key.1) as usize;
                 if pending.len() < want {
                     break;
                 }
                 let data = pending.split_to(want).freeze();
-                let (i, (key, guard)) = current.take().unwrap();
+                let (key, guard) = current.take().unwrap();
                 self.store(&key, data.clone());
                 if let Some(tx) = first.take() {
                     let _ = tx.send(Ok(data));
                 }
-                settled(i, &key);
+                settled(&key);
                 self.release(&key, guard);
                 current = blocks.next();
             }
         };
         let result = blob.stream_at(start, end - start, &mut sink).await;
         // The waiters of blocks not stored fetch them again themselves.
-        for (i, (key, guard)) in current.into_iter().chain(blocks) {
-            settled(i, &key);
+        for (key, guard) in current.into_iter().chain(blocks) {
+            settled(&key);
             self.release(&key, guard);
         }
         match (result, first.take()) {
@@ -396,8 +404,11 @@ impl CachedBlob {
         }
         self.ahead_until.store(end, Ordering::Relaxed);
         for r in self.cache.claim(&self.inner, from, end - 1) {
-            let n = r.len();
-            tokio::spawn(self.cache.clone().fetch_run(self.inner.clone(), r, n, None));
+            let run = self
+                .cache
+                .clone()
+                .fetch_run(self.inner.clone(), r, u64::MAX, None);
+            tokio::spawn(run);
         }
     }
 }
@@ -423,6 +434,8 @@ impl BlobSource for CachedBlob {
         }
         let bs = self.cache.block_size;
         let (first, last) = (offset / bs, (offset + len - 1) / bs);
+        // Blocks from here on lie past the file being read: fetching them is a guess.
+        let guess_from = until.min(self.size()).div_ceil(bs).max(last + 1);
         // Sequential: this read touches or follows the previous read's last block (the kernel
         // may deliver its read-ahead requests slightly out of order). The run counts the
         // block boundaries crossed moving forward.
@@ -447,36 +460,29 @@ impl BlobSource for CachedBlob {
             // request per block. Only a read that misses carries on past its end, like a single
             // miss's run; a read served from the cache fetches nothing.
             let cache = &self.cache;
-            let blocks = self.size().div_ceil(bs);
-            // Each run with the index where its speculation starts.
-            let mut runs: Vec<_> = cache
-                .claim(&self.inner, first, last)
-                .into_iter()
-                .map(|r| (r.len(), r))
-                .collect();
-            let room = cache.speculation_room();
-            if !runs.is_empty() && room > 0 {
-                let until = (first + cache.run_blocks - 1)
-                    .min(last + room)
-                    .min(blocks - 1);
-                for r in cache.claim(&self.inner, last + 1, until) {
-                    cache.speculate(&self.inner, &r);
+            let mut runs = cache.claim(&self.inner, first, last);
+            if !runs.is_empty() {
+                let end = cache.run_end(&self.inner, first, guess_from);
+                for r in cache.claim(&self.inner, last + 1, end.max(last + 1) - 1) {
                     match runs.last_mut() {
                         // Contiguous with the read's last stretch: one request.
-                        Some((_, prev)) if prev[prev.len() - 1].0.1 + 1 == r[0].0.1 => {
-                            prev.extend(r)
-                        }
-                        _ => runs.push((0, r)),
+                        Some(prev) if prev[prev.len() - 1].0.1 + 1 == r[0].0.1 => prev.extend(r),
+                        _ => runs.push(r),
                     }
                 }
             }
-            for (guess, r) in runs {
-                tokio::spawn(cache.clone().fetch_run(self.inner.clone(), r, guess, None));
+            for r in runs {
+                cache.speculate(&self.inner, &r, guess_from);
+                let run = cache
+                    .clone()
+                    .fetch_run(self.inner.clone(), r, guess_from, None);
+                tokio::spawn(run);
             }
         }
-        let blocks =
-            futures::future::try_join_all((first..=last).map(|i| self.cache.block(&self.inner, i)))
-                .await?;
+        let blocks = futures::future::try_join_all(
+            (first..=last).map(|i| self.cache.block(&self.inner, i, guess_from)),
+        )
+        .await?;
         Ok(assemble(&blocks, first * bs, offset, len))
     }
     async fn read_now(&self, offset: u64, len: u64) -> Result<Bytes> {
@@ -618,7 +624,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_miss_fetches_past_itself_only_while_no_other_guess_is_under_way() {
+    async fn a_miss_fetches_past_its_file_only_while_no_other_guess_is_under_way() {
         const B: u64 = 4096;
         let cache = BlockCache::new(B, 8 * B, 1 << 20, None);
         let held = Arc::new(Held {
@@ -627,20 +633,20 @@ mod tests {
             go: tokio::sync::Semaphore::new(0),
         });
         let blob = cache.wrap(held.clone());
-        // A first miss carries on for a run; its speculation is still arriving when a second
-        // miss elsewhere fetches only its own block.
-        blob.read_at(0, 100).await.unwrap();
-        blob.read_at(20 * B, 100).await.unwrap();
-        held.go.add_permits(1);
-        while cache.stats.fetched_bytes.load(Ordering::Relaxed) < 9 * B {
+        // A miss in a one-block file carries on for a run past it; while those guesses are
+        // still arriving, a miss in a three-block file elsewhere fetches its file and no more.
+        blob.read_within(0, 100, 100).await.unwrap();
+        blob.read_within(20 * B, 100, 23 * B).await.unwrap();
+        held.go.add_permits(2);
+        while cache.stats.fetched_bytes.load(Ordering::Relaxed) < 11 * B {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        // Once it has arrived, a miss carries on again.
-        blob.read_at(40 * B, 100).await.unwrap();
+        // Once they have arrived, a miss carries on past its file again.
+        blob.read_within(40 * B, 100, 40 * B + 100).await.unwrap();
         held.go.add_permits(1);
         assert_eq!(
             *held.requests.lock().unwrap(),
-            [(0, 8 * B), (20 * B, B), (40 * B, 8 * B)]
+            [(0, 8 * B), (20 * B, 3 * B), (40 * B, 8 * B)]
         );
     }
 
