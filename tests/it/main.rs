@@ -1589,13 +1589,10 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
     assert_eq!(got, expected, "the script, tool and libc");
 }
 
-#[test]
-fn a_second_directory_of_a_family_brings_the_rest_of_it() {
-    if !require(TOOLS, true) {
-        return;
-    }
-    // Four packages with a module cache directory each, 3 MiB of noise between them so that
-    // no fetch run carries one package's files along with another's.
+/// Four packages `lib/{a,b,c,d}`, each with a module cache directory of three files
+/// (`cache/m{0,1,2}.pyc`, `sizes[i]` bytes of noise seeded `10 * i + m`), and 3 MiB of noise
+/// after it so that no fetch run carries one package's files along with another's.
+fn module_caches(sizes: [usize; 4]) -> Vec<Item> {
     let mut items = vec![Item::Dir("lib", 0o755)];
     for (i, p) in ["a", "b", "c", "d"].iter().enumerate() {
         items.push(Item::Dir(
@@ -1609,7 +1606,7 @@ fn a_second_directory_of_a_family_brings_the_rest_of_it() {
         for m in 0..3 {
             items.push(file(
                 &format!("lib/{p}/cache/m{m}.pyc"),
-                noise(30_000, (10 * i + m) as u64),
+                noise(sizes[i], (10 * i + m) as u64),
             ));
         }
         items.push(file(
@@ -1617,6 +1614,15 @@ fn a_second_directory_of_a_family_brings_the_rest_of_it() {
             noise(3 << 20, 100 + i as u64),
         ));
     }
+    items
+}
+
+#[test]
+fn a_second_directory_of_a_family_brings_the_rest_of_it() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let items = module_caches([30_000; 4]);
     let reg = Registry::start(None);
     let work = TempDir::new("family");
     builder::push_one(
@@ -1657,28 +1663,7 @@ fn a_family_member_over_the_budget_is_fetched_on_its_own_first_read() {
     }
     // Two small module caches (a, b) and two of 5 MiB (c, d): the family's rest (8 MiB at
     // most) has room for c but not d, which is left for its own first read.
-    let mut items = vec![Item::Dir("lib", 0o755)];
-    for (i, p) in ["a", "b", "c", "d"].iter().enumerate() {
-        items.push(Item::Dir(
-            Box::leak(format!("lib/{p}").into_boxed_str()),
-            0o755,
-        ));
-        items.push(Item::Dir(
-            Box::leak(format!("lib/{p}/cache").into_boxed_str()),
-            0o755,
-        ));
-        let size = if i < 2 { 30_000 } else { 1_700_000 };
-        for m in 0..3 {
-            items.push(file(
-                &format!("lib/{p}/cache/m{m}.pyc"),
-                noise(size, (10 * i + m) as u64),
-            ));
-        }
-        items.push(file(
-            &format!("lib/{p}/filler"),
-            noise(3 << 20, 100 + i as u64),
-        ));
-    }
+    let items = module_caches([30_000, 30_000, 1_700_000, 1_700_000]);
     let reg = Registry::start(None);
     let work = TempDir::new("budget");
     builder::push_one(
