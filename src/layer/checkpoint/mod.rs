@@ -120,6 +120,24 @@ impl CheckpointIndex {
         self.marks.get(k).map_or(&[], |m| &m[..])
     }
 
+    /// The compressed bytes that decoding `[from, to)` of the output needs: from the start of
+    /// the span holding `from` to the first mark past `to` in the span holding its last byte
+    /// (or that span's end).
+    pub fn compressed_extent(&self, from: u64, to: u64) -> (u64, u64) {
+        let span_of = |at: u64| {
+            self.checkpoints
+                .partition_point(|c| c.out <= at)
+                .saturating_sub(1)
+        };
+        let last = span_of(to.saturating_sub(1));
+        let end = self
+            .marks_of(last)
+            .iter()
+            .find(|m| m.out >= to)
+            .map_or(self.span_extent(last).1, |m| m.inp);
+        (self.span_extent(span_of(from)).0, end)
+    }
+
     /// Uncompressed extent of span `k`.
     pub fn span_output(&self, k: usize) -> (u64, u64) {
         let out = self.checkpoints[k].out;
@@ -524,15 +542,24 @@ impl BlobSource for CheckpointBlob {
     async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
         self.read_within(offset, len, self.size()).await
     }
+    /// Decodes the range, so that a later read finds it decoded or its compressed bytes
+    /// cached. The range is what is wanted (a whole file, a directory's files), not the start
+    /// of a stream: what a miss fetches past the mark after it is a guess, limited like any
+    /// other (see [`crate::blob::cache`]); `read_at` would count the rest of the blob as the
+    /// file and fetch a full run after it.
+    async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        let len = clamp(&self.id, self.size(), offset, len)?;
+        self.read_within(offset, len, offset + len).await.map(drop)
+    }
     async fn read_within(&self, offset: u64, len: u64, until: u64) -> Result<Bytes> {
         let len = clamp(&self.id, self.size(), offset, len)?;
         let end = offset + len;
         let cps = &self.index.checkpoints;
-        // The compressed end of the span holding the file's last byte.
-        let last = cps
-            .partition_point(|c| c.out < until.max(1))
-            .saturating_sub(1);
-        let comp_until = self.index.span_extent(last).1;
+        // The compressed end of the file being read.
+        let comp_until = self
+            .index
+            .compressed_extent(offset, until.max(offset + 1))
+            .1;
         let mut k = cps.partition_point(|c| c.out <= offset).saturating_sub(1);
         let mut out = BytesMut::with_capacity(len as usize);
         while k < cps.len() && (out.len() as u64) < len {

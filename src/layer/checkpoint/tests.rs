@@ -215,3 +215,29 @@ async fn marks_let_a_read_fetch_and_verify_only_a_span_prefix() {
         "the first mark's prefix, then the span once"
     );
 }
+
+#[tokio::test]
+async fn a_files_compressed_extent_ends_at_the_mark_past_it() {
+    let tar = sample_tar();
+    let good = gzip(&tar, 6);
+    let index = check_all_reads(good, &tar, 512 << 10).await;
+    let marks = &index.marks[0];
+    let (start, end) = index.span_extent(0);
+    // Inside span 0, before its second mark: from the span's start to that mark.
+    assert_eq!(
+        index.compressed_extent(100, marks[1].out - 1),
+        (start, marks[1].inp)
+    );
+    // Ending exactly at a mark: that mark.
+    assert_eq!(
+        index.compressed_extent(100, marks[0].out),
+        (start, marks[0].inp)
+    );
+    // Into span 1: from span 0's start to a mark of span 1 (or its end).
+    let (o1_start, _) = index.span_output(1);
+    let (s1, e1) = index.span_extent(1);
+    let (a, b) = index.compressed_extent(100, o1_start + 10);
+    assert_eq!(a, start);
+    assert!(b > s1 && b <= e1, "{b} within span 1 ({s1}..{e1})");
+    assert!(end <= s1);
+}
