@@ -35,8 +35,9 @@ pub trait BlobSource: Send + Sync {
         Ok(())
     }
     /// `read_at` for a reader moving through a range that ends at `until` (the end of the
-    /// file being read): read-ahead, where a source does it, stays before `until`, since
-    /// what lies beyond belongs to other files.
+    /// file being read): read-ahead, where a source does it, stays before `until`, and what a
+    /// miss fetches past `until` is a guess (the block cache limits how many are under way),
+    /// since what lies beyond belongs to other files.
     async fn read_within(&self, offset: u64, len: u64, _until: u64) -> Result<Bytes> {
         self.read_at(offset, len).await
     }

@@ -221,8 +221,10 @@ impl Layer {
         }
     }
 
-    /// Brings bytes `[offset, offset+len)` of a file into the cache (the chunks or tar bytes
-    /// holding them, not decoded), in one request and nothing past them.
+    /// Brings bytes `[offset, offset+len)` of a file into the cache: the chunks or tar bytes
+    /// holding them, not decoded, in one request and nothing past them; for a gzip layer
+    /// read through its index, the spans' compressed bytes up to the mark past them, decoded
+    /// (see `CheckpointBlob::prefetch`).
     pub async fn warm_range(&self, loc: &Locator, offset: u64, len: u64) -> Result<()> {
         match (loc, &self.data) {
             (Locator::Tar { offset: base }, LayerData::Tar(blob)) => {

@@ -548,8 +548,8 @@ impl BlobSource for CheckpointBlob {
     /// other (see [`crate::blob::cache`]); `read_at` would count the rest of the blob as the
     /// file and fetch a full run after it.
     async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
-        let len = clamp(&self.id, self.size(), offset, len)?;
-        self.read_within(offset, len, offset + len).await.map(drop)
+        let until = offset.saturating_add(len);
+        self.read_within(offset, len, until).await.map(drop)
     }
     async fn read_within(&self, offset: u64, len: u64, until: u64) -> Result<Bytes> {
         let len = clamp(&self.id, self.size(), offset, len)?;
