@@ -268,7 +268,7 @@ impl Authenticator {
     /// The header to send for `scope`: the cached one, or, when the registry wants Bearer tokens
     /// and ours is due for refresh (90% of its lifetime), a fresh token fetched now — so a
     /// long-lived mount never runs into an expired token.
-    pub async fn header(&self, http: &reqwest::Client, scope: &str) -> Result<Option<String>> {
+    pub async fn header(&self, http: &super::Http, scope: &str) -> Result<Option<String>> {
         if let Some(h) = self.cached_header(scope) {
             return Ok(Some(h));
         }
@@ -291,7 +291,7 @@ impl Authenticator {
     /// Handles a 401: records the challenge and returns the header to retry with.
     pub async fn respond(
         &self,
-        http: &reqwest::Client,
+        http: &super::Http,
         header: Option<&str>,
         scope: &str,
     ) -> Result<String> {
@@ -320,7 +320,7 @@ impl Authenticator {
 
     async fn fetch_token(
         &self,
-        http: &reqwest::Client,
+        http: &super::Http,
         realm: &str,
         service: Option<&str>,
         scope: &str,
@@ -329,7 +329,7 @@ impl Authenticator {
         if let Some(s) = service {
             query.push(("service", s));
         }
-        let mut req = http.get(realm).query(&query);
+        let mut req = http.for_url(realm)?.get(realm).query(&query);
         if let Some(c) = &self.credentials {
             req = req.header("Authorization", c.basic_header());
         }

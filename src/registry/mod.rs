@@ -6,6 +6,7 @@
 //! Authorization header and the redirected URL is reused until it stops working.
 
 pub mod auth;
+mod http;
 mod push;
 pub use push::{UPLOAD_CHUNK, referrers_tag};
 
@@ -14,6 +15,7 @@ use crate::error::{Error, Result};
 use async_trait::async_trait;
 use auth::{Authenticator, Credentials};
 use bytes::{Bytes, BytesMut};
+use http::Http;
 use reqwest::{Method, StatusCode, header};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -52,7 +54,7 @@ pub struct ManifestMeta {
 pub struct Registry {
     host: String,
     base: String,
-    http: reqwest::Client,
+    http: Http,
     auth: Authenticator,
     /// Blob digest -> storage URL the registry last redirected us to.
     redirects: Mutex<HashMap<String, String>>,
@@ -74,13 +76,7 @@ impl Registry {
         } else {
             "https"
         };
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("ocifs/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let http = Http::new(scheme == "http")?;
         Ok(Arc::new(Registry {
             host: host.to_string(),
             base: format!("{scheme}://{api_host}"),
@@ -124,7 +120,7 @@ impl Registry {
         let mut challenged = false;
         let mut attempt = 0;
         loop {
-            let mut req = self.http.request(method.clone(), url);
+            let mut req = self.http.for_url(url)?.request(method.clone(), url);
             for (k, v) in headers {
                 req = req.header(k, v);
             }
@@ -309,6 +305,7 @@ impl Registry {
         if let Some(url) = cached {
             let resp = self
                 .http
+                .for_url(&url)?
                 .get(&url)
                 .header(range.0.clone(), &range.1)
                 .header(identity.0.clone(), &identity.1)
@@ -342,6 +339,7 @@ impl Registry {
             // No Authorization header: the storage host is not the registry.
             let r = self
                 .http
+                .for_url(target.as_str())?
                 .get(target.clone())
                 .header(range.0, range.1)
                 .header(identity.0, identity.1)
