@@ -15,6 +15,7 @@ use fuser::{
 };
 use std::ffi::OsStr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, UNIX_EPOCH};
 
 /// How long the kernel may cache attributes and entries: the image never changes.
@@ -24,12 +25,23 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 pub struct OcifsFs {
     image: Arc<Image>,
     runtime: tokio::runtime::Handle,
+    /// The kernel opens files (directories) without asking us once we answer an open
+    /// (opendir) with `ENOSYS`, keeping their page cache as if we had said `FOPEN_KEEP_CACHE`
+    /// (`FOPEN_CACHE_DIR`); set in `init` when the kernel offers it. A process starting from
+    /// the mount opens hundreds of files, each an open and a release round trip otherwise.
+    no_open: bool,
+    no_opendir: bool,
 }
 
 impl OcifsFs {
     /// Serves `image`, running network reads on `runtime`.
     pub fn new(image: Arc<Image>, runtime: tokio::runtime::Handle) -> Self {
-        OcifsFs { image, runtime }
+        OcifsFs {
+            image,
+            runtime,
+            no_open: false,
+            no_opendir: false,
+        }
     }
 
     fn node(&self, ino: INodeNo) -> Result<&Node, Errno> {
@@ -107,6 +119,12 @@ impl Filesystem for OcifsFs {
                 | InitFlags::FUSE_PARALLEL_DIROPS,
         );
         let _ = config.set_max_readahead(1 << 20);
+        self.no_open = config
+            .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
+            .is_ok();
+        self.no_opendir = config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok();
         Ok(())
     }
 
@@ -137,11 +155,13 @@ impl Filesystem for OcifsFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.image.reads.opens.fetch_add(1, Ordering::Relaxed);
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
         match self.node(ino) {
             Ok(n) if n.kind == Kind::Dir => reply.error(Errno::EISDIR),
+            Ok(_) if self.no_open => reply.error(Errno::ENOSYS),
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
         }
@@ -171,7 +191,9 @@ impl Filesystem for OcifsFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.image.reads.opens.fetch_add(1, Ordering::Relaxed);
         match self.node(ino) {
+            Ok(n) if n.kind == Kind::Dir && self.no_opendir => reply.error(Errno::ENOSYS),
             Ok(n) if n.kind == Kind::Dir => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
@@ -285,7 +307,8 @@ impl Filesystem for OcifsFs {
         }
     }
 
-    /// Nothing is ever buffered for writing: closing a file has nothing to flush.
+    /// Nothing is ever buffered for writing: closing a file has nothing to flush. `ENOSYS`
+    /// tells the kernel so once, and it stops sending a flush at every close.
     fn flush(
         &self,
         _req: &Request,
@@ -294,7 +317,7 @@ impl Filesystem for OcifsFs {
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     /// No ioctls: an image's files are plain files, never terminals (`isatty` asks with

@@ -64,6 +64,9 @@ pub struct ReadStats {
     pub reads: AtomicU64,
     pub bytes: AtomicU64,
     pub errors: AtomicU64,
+    /// Opens of files and directories the kernel sent us (it stops after the first of each
+    /// kind when it can open without asking; see `crate::fuse`).
+    pub opens: AtomicU64,
     /// Reads being served now, and when the last one ended (for background work to yield).
     in_flight: AtomicU64,
     last_end: Mutex<std::time::Instant>,
@@ -76,6 +79,7 @@ impl Default for ReadStats {
             reads: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            opens: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             last_end: Mutex::new(std::time::Instant::now()),
         }

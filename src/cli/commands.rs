@@ -493,8 +493,8 @@ fn print_stats(v: &serde_json::Value, json: bool) -> Result<()> {
     );
     let r = &v["reads"];
     println!(
-        "reads: {} ({} bytes, {} errors), latency p50 {} us, p99 {} us",
-        r["count"], r["bytes"], r["errors"], r["p50Us"], r["p99Us"]
+        "reads: {} ({} bytes, {} errors), latency p50 {} us, p99 {} us; opens asked of the daemon: {}",
+        r["count"], r["bytes"], r["errors"], r["p50Us"], r["p99Us"], r["opens"]
     );
     let p = &v["prefetch"];
     println!(

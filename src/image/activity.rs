@@ -165,7 +165,7 @@ impl Image {
             "cache": {"memHits": s.mem_hits.load(Ordering::Relaxed), "diskHits": s.disk_hits.load(Ordering::Relaxed),
                       "misses": s.misses.load(Ordering::Relaxed), "fetchedBytes": s.fetched_bytes.load(Ordering::Relaxed)},
             "reads": {"count": self.reads.reads.load(Ordering::Relaxed), "bytes": self.reads.bytes.load(Ordering::Relaxed),
-                      "errors": self.reads.errors.load(Ordering::Relaxed),
+                      "errors": self.reads.errors.load(Ordering::Relaxed), "opens": self.reads.opens.load(Ordering::Relaxed),
                       "p50Us": self.reads.percentile(0.5).as_micros() as u64, "p99Us": self.reads.percentile(0.99).as_micros() as u64},
             "prefetch": {"totalBytes": self.prefetch_total.load(Ordering::Relaxed), "doneBytes": self.prefetch_done.load(Ordering::Relaxed),
                          "wholeFileBytes": self.whole_fetched.load(Ordering::Relaxed),

@@ -120,6 +120,12 @@ fn conformance_layers(
     mount_flags.extend_from_slice(flags);
     let m = Mount::new(&reference, &mount_flags, &[]);
     oracle::assert_same(&expected, &oracle::snapshot(m.path()));
+    // Every file and directory was opened; the kernel asked the daemon once of each kind and
+    // then opened the rest without a round trip.
+    let (ok, out, err) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
+    assert!(ok, "stats: {err}");
+    let stats: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert!(stats["reads"]["opens"].as_u64().unwrap() <= 2, "{stats}");
     if let Some(f) = formats {
         assert!(m.ready.contains(f), "{f} expected: {}", m.ready);
     }
