@@ -511,6 +511,12 @@ async fn convert(
     profile: Option<PathBuf>,
     chunk_size: u64,
 ) -> Result<()> {
+    let max = ocifs::layer::chunked::MAX_CHUNK;
+    if chunk_size > max {
+        bail!(
+            "--chunk-size {chunk_size} is larger than {max} bytes, the most a reader decodes at once"
+        );
+    }
     let (source, what, display) = common.source(src)?;
     let dest = match dst.strip_prefix("oci:") {
         Some(rest) => {

@@ -1,15 +1,27 @@
 //! Reading files stored as independently compressed chunks: eStargz (gzip members) and
 //! zstd:chunked (zstd frames). A file's [`Chunk`]s say where each piece's compressed bytes
 //! start and end in the blob; a read fetches only the chunks it touches, decodes them, and
-//! checks each one's digest before a byte is returned. A small cache of decoded chunks lets
-//! sequential kernel reads inside one chunk decode it once.
+//! checks each one's digest before a byte is returned. A small cache of decoded chunks
+//! (bounded in bytes) lets sequential kernel reads inside one chunk decode it once.
+//!
+//! A chunk is decoded whole (its digest covers all of it), so its size bounds the memory one
+//! read takes: chunks larger than [`MAX_CHUNK`] are refused. Encoders write 4 MiB or smaller
+//! (eStargz's default; `ocifs convert --chunk-size` keeps to the limit); a TOC that says more
+//! is refused at read time with an error naming the chunk, never by exhausting memory.
 
 use crate::blob::Blob;
 use crate::error::{Error, Result};
 use bytes::{Bytes, BytesMut};
 use std::io::Read;
-use std::num::NonZeroUsize;
 use std::sync::Mutex;
+
+/// The largest chunk decoded (its uncompressed length).
+pub const MAX_CHUNK: u64 = 64 << 20;
+/// Decoded chunks kept per layer, in bytes.
+const DECODED_BYTES: u64 = 16 << 20;
+
+/// Decoded chunks by (compressed start, offset inside the member).
+type Decoded = lru::LruCache<(u64, u64), Bytes>;
 
 /// How each chunk's compressed bytes are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +52,8 @@ pub struct Chunk {
 pub struct Reader {
     blob: Blob,
     codec: Codec,
-    decoded: Mutex<lru::LruCache<(u64, u64), Bytes>>,
+    /// Decoded chunks by (compressed start, offset inside the member), and their total size.
+    decoded: Mutex<(Decoded, u64)>,
     /// Compressed bytes at the start of the blob worth prefetching (eStargz: everything before
     /// `.prefetch.landmark`, the prioritized files).
     pub prefetch_len: u64,
@@ -52,7 +65,7 @@ impl Reader {
         Reader {
             blob,
             codec,
-            decoded: Mutex::new(lru::LruCache::new(NonZeroUsize::new(16).unwrap())),
+            decoded: Mutex::new((lru::LruCache::unbounded(), 0)),
             prefetch_len,
         }
     }
@@ -121,10 +134,19 @@ impl Reader {
     /// if asked, see [`crate::blob::BlobSource::read_now`]).
     async fn chunk(&self, c: &Chunk, until: u64, now: bool) -> Result<Bytes> {
         let key = (c.start, c.inner);
-        if let Some(b) = self.decoded.lock().unwrap().get(&key) {
+        if let Some(b) = self.decoded.lock().unwrap().0.get(&key) {
             return Ok(b.clone());
         }
         let what = || format!("chunk at {} of {}", c.start, self.blob.id());
+        if c.len > MAX_CHUNK {
+            return Err(Error::format(
+                what(),
+                format!(
+                    "{} bytes long, more than the {MAX_CHUNK} a chunk may be",
+                    c.len
+                ),
+            ));
+        }
         if c.end <= c.start || c.end > self.blob.size() {
             return Err(Error::format(
                 what(),
@@ -145,7 +167,7 @@ impl Reader {
                 Codec::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(&compressed[..])?),
             };
             std::io::copy(&mut (&mut dec).take(inner), &mut std::io::sink())?;
-            let mut out = Vec::with_capacity(len as usize);
+            let mut out = Vec::with_capacity(len.min(1 << 20) as usize);
             dec.take(len).read_to_end(&mut out)?;
             Ok(out)
         })
@@ -169,7 +191,18 @@ impl Reader {
             }
         }
         let data = Bytes::from(data);
-        self.decoded.lock().unwrap().put(key, data.clone());
+        let mut decoded = self.decoded.lock().unwrap();
+        let (cache, bytes) = &mut *decoded;
+        if let Some(old) = cache.put(key, data.clone()) {
+            *bytes -= old.len() as u64;
+        }
+        *bytes += data.len() as u64;
+        while *bytes > DECODED_BYTES {
+            match cache.pop_lru() {
+                Some((_, old)) => *bytes -= old.len() as u64,
+                None => break,
+            }
+        }
         Ok(data)
     }
 }
@@ -223,5 +256,63 @@ impl TocMeta<'_> {
         }
         e.xattrs.sort();
         Ok(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob::MemBlob;
+    use std::io::Write;
+    use std::sync::Arc;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[tokio::test]
+    async fn decoded_chunks_are_bounded_in_bytes_and_oversized_ones_refused() {
+        // Eighty 256 KiB chunks (20 MiB), each its own gzip member, one after another.
+        const LEN: u64 = 256 << 10;
+        let mut blob = Vec::new();
+        let mut chunks = Vec::new();
+        for i in 0..80u64 {
+            let data = vec![i as u8; LEN as usize];
+            let member = gzip(&data);
+            chunks.push(Chunk {
+                file_offset: i * LEN,
+                len: LEN,
+                start: blob.len() as u64,
+                end: (blob.len() + member.len()) as u64,
+                inner: 0,
+                digest: Some(crate::digest::sha256(&data)),
+            });
+            blob.extend_from_slice(&member);
+        }
+        let reader = Reader::new(Arc::new(MemBlob::new("b", blob)), Codec::Gzip, 0);
+        let all = reader.read(&chunks, 0, 80 * LEN).await.unwrap();
+        assert!(
+            all.chunks(LEN as usize)
+                .enumerate()
+                .all(|(i, c)| c.iter().all(|&b| b == i as u8))
+        );
+        {
+            let decoded = reader.decoded.lock().unwrap();
+            let (cache, bytes) = &*decoded;
+            // As many of the last chunks as fit in the byte bound, not a fixed count.
+            assert!(*bytes <= DECODED_BYTES && cache.len() as u64 == DECODED_BYTES / LEN);
+            assert_eq!(
+                *bytes,
+                cache.iter().map(|(_, b)| b.len() as u64).sum::<u64>()
+            );
+        }
+
+        // A TOC claiming a chunk past the limit gets an error naming it, not an allocation.
+        let mut huge = chunks[0].clone();
+        huge.len = MAX_CHUNK + 1;
+        let err = reader.read(&[huge], 0, 4096).await.unwrap_err().to_string();
+        assert!(err.contains("more than"), "{err}");
     }
 }
