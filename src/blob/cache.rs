@@ -22,7 +22,7 @@
 //! has crossed two block boundaries, the next few blocks are fetched in the background
 //! (read-ahead), so a streaming reader waits for the network once per window.
 
-use super::{Blob, BlobSource, clamp};
+use super::{Blob, BlobSource, BytesLru, clamp};
 use crate::error::{Error, Result};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -65,7 +65,6 @@ pub struct BlockCache {
     /// Bytes of miss runs past the end of the file being read that have not arrived yet (at
     /// most one run's worth is allowed, see the module doc).
     speculating: AtomicU64,
-    capacity: u64,
     dir: Option<PathBuf>,
     /// Set while a planned prefetch brings what readers need: read-ahead would only fetch
     /// past it (in a profile-ordered eStargz layer, files read one after another look
@@ -77,8 +76,7 @@ pub struct BlockCache {
 }
 
 struct State {
-    lru: lru::LruCache<Key, Bytes>,
-    used: u64,
+    lru: BytesLru<Key>,
     inflight: HashMap<Key, Gate>,
 }
 
@@ -93,12 +91,10 @@ impl BlockCache {
             sequential: (SEQUENTIAL_BYTES / block_size).max(2),
             run_blocks: (fetch_size / block_size).clamp(1, 64),
             speculating: AtomicU64::new(0),
-            capacity,
             dir,
             readahead_paused: Default::default(),
             state: Mutex::new(State {
-                lru: lru::LruCache::unbounded(),
-                used: 0,
+                lru: BytesLru::new(capacity),
                 inflight: HashMap::new(),
             }),
             stats: CacheStats::default(),
@@ -122,21 +118,11 @@ impl BlockCache {
     }
 
     fn mem_get(&self, key: &Key) -> Option<Bytes> {
-        self.state.lock().unwrap().lru.get(key).cloned()
+        self.state.lock().unwrap().lru.get(key)
     }
 
     fn mem_put(&self, key: Key, data: Bytes) {
-        let mut st = self.state.lock().unwrap();
-        st.used += data.len() as u64;
-        if let Some(old) = st.lru.put(key, data) {
-            st.used -= old.len() as u64;
-        }
-        while st.used > self.capacity {
-            match st.lru.pop_lru() {
-                Some((_, b)) => st.used -= b.len() as u64,
-                None => break,
-            }
-        }
+        self.state.lock().unwrap().lru.put(key, data);
     }
 
     /// `DIR/<blob>/<block size>-<index>`: blocks cut with another `--block-size` never match.
@@ -783,7 +769,7 @@ mod tests {
         let cache = BlockCache::new(4096, 4096, 8192, Some(dir.clone()));
         let blob = cache.wrap(Arc::new(MemBlob::new("sha256:y", data.clone())));
         blob.read_at(0, 65536).await.unwrap();
-        assert!(cache.state.lock().unwrap().used <= 8192);
+        assert!(cache.state.lock().unwrap().lru.used() <= 8192);
         // Blocks are written to disk in the background.
         let blocks = dir.join("sha256-y");
         for _ in 0..1000 {

@@ -3,8 +3,11 @@
 //! a local file ([`FileBlob`]), bytes in memory ([`MemBlob`]); the block cache
 //! ([`cache::CachedBlob`]) wraps any of them behind the same trait.
 
+mod bytes_lru;
 pub mod cache;
 pub mod disk;
+
+pub use bytes_lru::BytesLru;
 
 use crate::error::{Error, Result};
 use async_trait::async_trait;

@@ -9,7 +9,7 @@
 //! (eStargz's default; `ocifs convert --chunk-size` keeps to the limit); a TOC that says more
 //! is refused at read time with an error naming the chunk, never by exhausting memory.
 
-use crate::blob::Blob;
+use crate::blob::{Blob, BytesLru};
 use crate::error::{Error, Result};
 use bytes::{Bytes, BytesMut};
 use std::io::Read;
@@ -19,9 +19,6 @@ use std::sync::Mutex;
 pub const MAX_CHUNK: u64 = 64 << 20;
 /// Decoded chunks kept per layer, in bytes.
 const DECODED_BYTES: u64 = 16 << 20;
-
-/// Decoded chunks by (compressed start, offset inside the member).
-type Decoded = lru::LruCache<(u64, u64), Bytes>;
 
 /// How each chunk's compressed bytes are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +49,8 @@ pub struct Chunk {
 pub struct Reader {
     blob: Blob,
     codec: Codec,
-    /// Decoded chunks by (compressed start, offset inside the member), and their total size.
-    decoded: Mutex<(Decoded, u64)>,
+    /// Decoded chunks by (compressed start, offset inside the member).
+    decoded: Mutex<BytesLru<(u64, u64)>>,
     /// Compressed bytes at the start of the blob worth prefetching (eStargz: everything before
     /// `.prefetch.landmark`, the prioritized files).
     pub prefetch_len: u64,
@@ -65,7 +62,7 @@ impl Reader {
         Reader {
             blob,
             codec,
-            decoded: Mutex::new((lru::LruCache::unbounded(), 0)),
+            decoded: Mutex::new(BytesLru::new(DECODED_BYTES)),
             prefetch_len,
         }
     }
@@ -134,8 +131,8 @@ impl Reader {
     /// if asked, see [`crate::blob::BlobSource::read_now`]).
     async fn chunk(&self, c: &Chunk, until: u64, now: bool) -> Result<Bytes> {
         let key = (c.start, c.inner);
-        if let Some(b) = self.decoded.lock().unwrap().0.get(&key) {
-            return Ok(b.clone());
+        if let Some(b) = self.decoded.lock().unwrap().get(&key) {
+            return Ok(b);
         }
         let what = || format!("chunk at {} of {}", c.start, self.blob.id());
         if c.len > MAX_CHUNK {
@@ -191,18 +188,7 @@ impl Reader {
             }
         }
         let data = Bytes::from(data);
-        let mut decoded = self.decoded.lock().unwrap();
-        let (cache, bytes) = &mut *decoded;
-        if let Some(old) = cache.put(key, data.clone()) {
-            *bytes -= old.len() as u64;
-        }
-        *bytes += data.len() as u64;
-        while *bytes > DECODED_BYTES {
-            match cache.pop_lru() {
-                Some((_, old)) => *bytes -= old.len() as u64,
-                None => break,
-            }
-        }
+        self.decoded.lock().unwrap().put(key, data.clone());
         Ok(data)
     }
 }
@@ -300,13 +286,9 @@ mod tests {
         );
         {
             let decoded = reader.decoded.lock().unwrap();
-            let (cache, bytes) = &*decoded;
             // As many of the last chunks as fit in the byte bound, not a fixed count.
-            assert!(*bytes <= DECODED_BYTES && cache.len() as u64 == DECODED_BYTES / LEN);
-            assert_eq!(
-                *bytes,
-                cache.iter().map(|(_, b)| b.len() as u64).sum::<u64>()
-            );
+            assert!(decoded.used() <= DECODED_BYTES && decoded.len() as u64 == DECODED_BYTES / LEN);
+            assert_eq!(decoded.used(), decoded.len() as u64 * LEN);
         }
 
         // A TOC claiming a chunk past the limit gets an error naming it, not an allocation.

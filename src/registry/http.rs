@@ -20,20 +20,18 @@ pub struct Http {
 impl Http {
     /// Clients for a registry reached over plain HTTP (`plain`) or HTTPS.
     pub fn new(plain: bool) -> Result<Http> {
-        let http = Http {
-            plain: None,
-            tls: OnceLock::new(),
-        };
         if !plain {
-            let _ = http.tls.set(builder().build()?);
-            return Ok(http);
+            return Ok(Http {
+                plain: None,
+                tls: OnceLock::from(builder().build()?),
+            });
         }
         let client = builder()
             .tls_certs_only(Vec::<reqwest::Certificate>::new())
             .build()?;
         Ok(Http {
             plain: Some(client),
-            ..http
+            tls: OnceLock::new(),
         })
     }
 
