@@ -9,7 +9,8 @@ use crate::config::{OpenConfig, VerifyMode};
 use crate::error::Result;
 use crate::layer::checkpoint::{self, CheckpointIndex, Codec, share};
 use crate::layer::{
-    Entry, Format, Health, Layer, LayerData, LayerDesc, estargz, streamed, tar, zstdchunked,
+    Entry, Format, Health, Layer, LayerData, LayerDesc, chunked, estargz, streamed, tar,
+    zstdchunked,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -28,6 +29,14 @@ pub(super) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// A chunked layer's data, decoding chunks too large for memory into the cache directory.
+    fn chunked(&self, reader: chunked::Reader) -> LayerData {
+        LayerData::Chunked(Box::new(reader.spill_to(chunked::Spill {
+            dir: self.cfg.cache_dir.join("chunks"),
+            max: self.cfg.disk_cache_size,
+        })))
+    }
+
     /// Detects the format of one layer and indexes it.
     pub async fn open_layer(&self, desc: &LayerDesc, raw: Blob) -> Result<(Layer, Vec<Entry>)> {
         let mut format = Format::from_media_type(&desc.media_type)?;
@@ -65,7 +74,7 @@ impl Ctx<'_> {
                         } else {
                             Format::Estargz
                         };
-                        (LayerData::Chunked(reader), entries, initial)
+                        (self.chunked(reader), entries, initial)
                     }
                     None => {
                         let (index, from) = self.index(cached.clone(), Codec::Gzip).await?;
@@ -91,7 +100,7 @@ impl Ctx<'_> {
                     let (reader, entries) =
                         zstdchunked::open(cached, tail_start, tail, checksum).await?;
                     format = Format::ZstdChunked;
-                    (LayerData::Chunked(reader), entries, initial)
+                    (self.chunked(reader), entries, initial)
                 } else {
                     match unpacked {
                         false => match self.index(cached.clone(), Codec::Zstd).await? {

@@ -4,18 +4,24 @@
 //! checks each one's digest before a byte is returned. A small cache of decoded chunks
 //! (bounded in bytes) lets sequential kernel reads inside one chunk decode it once.
 //!
-//! A chunk is decoded whole (its digest covers all of it), so its size bounds the memory one
-//! read takes: chunks larger than [`MAX_CHUNK`] are refused. Encoders write 4 MiB or smaller
-//! (eStargz's default; `ocifs convert --chunk-size` keeps to the limit); a TOC that says more
-//! is refused at read time with an error naming the chunk, never by exhausting memory.
+//! A chunk is decoded whole before a byte of it is served (its digest covers all of it).
+//! Chunks up to [`MAX_CHUNK`] are decoded in memory; eStargz writes 4 MiB or smaller ones. A
+//! larger chunk (zstd:chunked cuts files where a rolling checksum says, so a file of one
+//! repeated byte is one chunk however long it is) is decoded once into an unnamed file in the
+//! cache directory, checked as it is written, and read from there. A zstd:chunked `zeros`
+//! chunk (a hole) is served as zeros without fetching anything. What a TOC claims bounds the
+//! work it can cause: compressed bytes read per chunk are bounded by its decoded length, and
+//! a chunk longer than the disk cache bound is refused with an error naming it.
 
 use crate::blob::{Blob, BytesLru};
 use crate::error::{Error, Result};
 use bytes::{Bytes, BytesMut};
-use std::io::Read;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Seek, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
-/// The largest chunk decoded (its uncompressed length).
+/// The largest chunk decoded in memory (decoded bytes up to its end, `inner + len`).
 pub const MAX_CHUNK: u64 = 64 << 20;
 /// Decoded chunks kept per layer, in bytes.
 const DECODED_BYTES: u64 = 16 << 20;
@@ -43,6 +49,39 @@ pub struct Chunk {
     pub inner: u64,
     /// `sha256:...` of the uncompressed chunk, if the TOC has one.
     pub digest: Option<String>,
+    /// A run of zero bytes (zstd:chunked `chunkType: "zeros"`): served without a fetch.
+    pub zeros: bool,
+}
+
+impl Chunk {
+    /// Decoded bytes of its member or frame up to the chunk's end.
+    fn decoded_end(&self) -> u64 {
+        self.inner.saturating_add(self.len)
+    }
+
+    /// Compressed bytes worth reading to decode it: its extent, but never more than a
+    /// generous bound of what `decoded_end` bytes can take (deflate and zstd expand
+    /// incompressible data by well under 1%; a zstd block is decoded whole, 128 KiB at most),
+    /// so a TOC claiming a huge extent cannot make one read huge.
+    fn compressed_len(&self) -> u64 {
+        let bound = self
+            .decoded_end()
+            .saturating_mul(2)
+            .saturating_add(256 << 10);
+        (self.end - self.start).min(bound)
+    }
+}
+
+/// A large chunk's decoded file, once its first reader has written and checked it.
+type Decoded = Arc<tokio::sync::OnceCell<Arc<std::fs::File>>>;
+
+/// Where chunks too large for memory are decoded to.
+#[derive(Debug, Clone)]
+pub struct Spill {
+    /// Directory of the unnamed files (the cache directory's `chunks`).
+    pub dir: PathBuf,
+    /// The longest chunk decoded there (the disk cache bound).
+    pub max: u64,
 }
 
 /// Reads chunks of one blob.
@@ -54,6 +93,12 @@ pub struct Reader {
     /// Compressed bytes at the start of the blob worth prefetching (eStargz: everything before
     /// `.prefetch.landmark`, the prioritized files).
     pub prefetch_len: u64,
+    /// Where chunks over [`MAX_CHUNK`] are decoded (without it they are refused).
+    spill: Option<Spill>,
+    /// Chunks decoded into files, by key; each is decoded once, by its first reader.
+    spilled: Mutex<HashMap<(u64, u64), Decoded>>,
+    /// Zero chunks whose digest has been checked.
+    zeros_checked: Mutex<HashSet<(u64, u64)>>,
 }
 
 impl Reader {
@@ -64,7 +109,16 @@ impl Reader {
             codec,
             decoded: Mutex::new(BytesLru::new(DECODED_BYTES)),
             prefetch_len,
+            spill: None,
+            spilled: Mutex::default(),
+            zeros_checked: Mutex::default(),
         }
+    }
+
+    /// Lets chunks over [`MAX_CHUNK`] be decoded into files under `spill.dir`.
+    pub fn spill_to(mut self, spill: Spill) -> Reader {
+        self.spill = Some(spill);
+        self
     }
 
     /// Fetches the first `prefetch_len` compressed bytes into the block cache in large
@@ -119,10 +173,17 @@ impl Reader {
             if c.file_offset >= end {
                 break;
             }
-            let data = self.chunk(c, until, now).await?;
             let s = offset.max(c.file_offset) - c.file_offset;
             let e = end.min(c.file_offset + c.len) - c.file_offset;
-            out.extend_from_slice(&data[s as usize..e as usize]);
+            if c.zeros {
+                self.check_zeros(c).await?;
+                out.resize(out.len() + (e - s) as usize, 0);
+            } else if c.decoded_end() > MAX_CHUNK {
+                out.extend_from_slice(&self.read_spilled(c, s, e - s).await?);
+            } else {
+                let data = self.chunk(c, until, now).await?;
+                out.extend_from_slice(&data[s as usize..e as usize]);
+            }
         }
         Ok(out.freeze())
     }
@@ -134,35 +195,18 @@ impl Reader {
         if let Some(b) = self.decoded.lock().unwrap().get(&key) {
             return Ok(b);
         }
-        let what = || format!("chunk at {} of {}", c.start, self.blob.id());
-        if c.len > MAX_CHUNK {
-            return Err(Error::format(
-                what(),
-                format!(
-                    "{} bytes long, more than the {MAX_CHUNK} a chunk may be",
-                    c.len
-                ),
-            ));
-        }
-        if c.end <= c.start || c.end > self.blob.size() {
-            return Err(Error::format(
-                what(),
-                format!("bad extent {}..{}", c.start, c.end),
-            ));
-        }
+        let what = || self.what(c);
+        self.check_extent(c)?;
         let compressed = if now {
-            self.blob.read_now(c.start, c.end - c.start).await?
+            self.blob.read_now(c.start, c.compressed_len()).await?
         } else {
             self.blob
-                .read_within(c.start, c.end - c.start, until)
+                .read_within(c.start, c.compressed_len(), until)
                 .await?
         };
         let (inner, len, codec) = (c.inner, c.len, self.codec);
         let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            let mut dec: Box<dyn Read> = match codec {
-                Codec::Gzip => Box::new(flate2::read::GzDecoder::new(&compressed[..])),
-                Codec::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(&compressed[..])?),
-            };
+            let mut dec = decoder(codec, std::io::Cursor::new(compressed))?;
             std::io::copy(&mut (&mut dec).take(inner), &mut std::io::sink())?;
             let mut out = Vec::with_capacity(len.min(1 << 20) as usize);
             dec.take(len).read_to_end(&mut out)?;
@@ -190,6 +234,184 @@ impl Reader {
         let data = Bytes::from(data);
         self.decoded.lock().unwrap().put(key, data.clone());
         Ok(data)
+    }
+
+    fn what(&self, c: &Chunk) -> String {
+        format!("chunk at {} of {}", c.start, self.blob.id())
+    }
+
+    fn check_extent(&self, c: &Chunk) -> Result<()> {
+        if c.end <= c.start || c.end > self.blob.size() {
+            return Err(Error::format(
+                self.what(c),
+                format!("bad extent {}..{}", c.start, c.end),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks once that a zero chunk's digest is that of its zeros, so every byte served from
+    /// a chunk matches the (authenticated) TOC's digest for it, holes included.
+    async fn check_zeros(&self, c: &Chunk) -> Result<()> {
+        let key = (c.start, c.inner);
+        let Some(expected) = c.digest.clone() else {
+            return Ok(());
+        };
+        if self.zeros_checked.lock().unwrap().contains(&key) {
+            return Ok(());
+        }
+        let len = c.len;
+        let actual = tokio::task::spawn_blocking(move || {
+            let zeros = [0u8; 64 << 10];
+            let mut h = crate::digest::Hasher::default();
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64);
+                h.update(&zeros[..n as usize]);
+                left -= n;
+            }
+            h.finish()
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        if actual != expected {
+            return Err(Error::Digest {
+                what: format!("zero {}", self.what(c)),
+                expected,
+                actual,
+            });
+        }
+        self.zeros_checked.lock().unwrap().insert(key);
+        Ok(())
+    }
+
+    /// `len` bytes at `offset` of a chunk too large for memory, from its decoded file.
+    async fn read_spilled(&self, c: &Chunk, offset: u64, len: u64) -> Result<Bytes> {
+        let cell = self
+            .spilled
+            .lock()
+            .unwrap()
+            .entry((c.start, c.inner))
+            .or_default()
+            .clone();
+        let file = cell.get_or_try_init(|| self.spill(c)).await?.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+    }
+
+    /// Decodes a large chunk into an unnamed file, checking its length and digest; the file
+    /// is served only once both match, and disappears with the mount.
+    async fn spill(&self, c: &Chunk) -> Result<Arc<std::fs::File>> {
+        let what = self.what(c);
+        let Some(spill) = self.spill.clone() else {
+            return Err(Error::format(
+                what,
+                format!(
+                    "{} bytes long, more than the {MAX_CHUNK} decoded in memory, and no cache directory to decode it into",
+                    c.len
+                ),
+            ));
+        };
+        if c.len > spill.max {
+            return Err(Error::format(
+                what,
+                format!(
+                    "{} bytes long, more than the {} the cache directory may hold",
+                    c.len, spill.max
+                ),
+            ));
+        }
+        self.check_extent(c)?;
+        tracing::info!(
+            "decoding {what} ({} bytes) into {}",
+            c.len,
+            spill.dir.display()
+        );
+        let (blob, codec, c) = (self.blob.clone(), self.codec, c.clone());
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
+            let file = unnamed_file(&spill.dir)?;
+            let mut src = super::tar::BlobReader::new(blob, handle);
+            src.seek(std::io::SeekFrom::Start(c.start))?;
+            let mut dec = decoder(codec, src.take(c.compressed_len()))?;
+            std::io::copy(&mut (&mut dec).take(c.inner), &mut std::io::sink())?;
+            let mut out = HashingWriter {
+                out: std::io::BufWriter::with_capacity(1 << 20, file.try_clone()?),
+                hasher: crate::digest::Hasher::default(),
+                written: 0,
+            };
+            std::io::copy(&mut dec.take(c.len), &mut out)
+                .map_err(|e| Error::format(&what, e.to_string()))?;
+            out.out.flush()?;
+            let HashingWriter {
+                hasher, written, ..
+            } = out;
+            if written != c.len {
+                return Err(Error::format(
+                    &what,
+                    format!("decodes to {written} bytes, the TOC says {}", c.len),
+                ));
+            }
+            let actual = hasher.finish();
+            if let Some(expected) = c.digest
+                && actual != expected
+            {
+                return Err(Error::Digest {
+                    what,
+                    expected,
+                    actual,
+                });
+            }
+            Ok(file)
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+        .map(Arc::new)
+    }
+}
+
+/// A decoder of one gzip member or zstd frame read from `src`.
+fn decoder(codec: Codec, src: impl Read + Send + 'static) -> std::io::Result<Box<dyn Read + Send>> {
+    Ok(match codec {
+        Codec::Gzip => Box::new(flate2::read::GzDecoder::new(src)),
+        Codec::Zstd => Box::new(zstd::stream::read::Decoder::new(src)?),
+    })
+}
+
+/// A file in `dir` with no name: it takes disk space only while open.
+fn unnamed_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+}
+
+/// Writes through, hashing and counting what passes.
+struct HashingWriter<W> {
+    out: W,
+    hasher: crate::digest::Hasher,
+    written: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
     }
 }
 
@@ -259,7 +481,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn decoded_chunks_are_bounded_in_bytes_and_oversized_ones_refused() {
+    async fn decoded_chunks_are_bounded_in_bytes() {
         // Eighty 256 KiB chunks (20 MiB), each its own gzip member, one after another.
         const LEN: u64 = 256 << 10;
         let mut blob = Vec::new();
@@ -274,6 +496,7 @@ mod tests {
                 end: (blob.len() + member.len()) as u64,
                 inner: 0,
                 digest: Some(crate::digest::sha256(&data)),
+                zeros: false,
             });
             blob.extend_from_slice(&member);
         }
@@ -290,11 +513,118 @@ mod tests {
             assert!(decoded.used() <= DECODED_BYTES && decoded.len() as u64 == DECODED_BYTES / LEN);
             assert_eq!(decoded.used(), decoded.len() as u64 * LEN);
         }
+    }
 
-        // A TOC claiming a chunk past the limit gets an error naming it, not an allocation.
-        let mut huge = chunks[0].clone();
-        huge.len = MAX_CHUNK + 1;
-        let err = reader.read(&[huge], 0, 4096).await.unwrap_err().to_string();
-        assert!(err.contains("more than"), "{err}");
+    fn one_chunk(data: &[u8], member: &[u8]) -> Chunk {
+        Chunk {
+            file_offset: 0,
+            len: data.len() as u64,
+            start: 0,
+            end: member.len() as u64,
+            inner: 0,
+            digest: Some(crate::digest::sha256(data)),
+            zeros: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn chunks_too_large_for_memory_are_decoded_to_a_file_and_checked() {
+        // 80 MiB of a repeated pattern: one gzip member, as a rolling-checksum cutter leaves it.
+        let data: Vec<u8> = (0..80u64 << 20).map(|i| (i % 251) as u8).collect();
+        let member = gzip(&data);
+        let chunk = one_chunk(&data, &member);
+        let blob: Blob = Arc::new(MemBlob::new("b", member));
+
+        let bare = Reader::new(blob.clone(), Codec::Gzip, 0);
+        let err = bare
+            .read(std::slice::from_ref(&chunk), 0, 10)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no cache directory"), "{err}");
+
+        let dir = std::env::temp_dir().join(format!("ocifs-spill-{}", std::process::id()));
+        let spill = Spill {
+            dir: dir.clone(),
+            max: 1 << 30,
+        };
+        let reader = Reader::new(blob.clone(), Codec::Gzip, 0).spill_to(spill.clone());
+        let at = (70 << 20) + 7;
+        let got = reader
+            .read(std::slice::from_ref(&chunk), at, 100_000)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &data[at as usize..at as usize + 100_000]);
+        assert_eq!(
+            reader
+                .read(std::slice::from_ref(&chunk), 3, 5)
+                .await
+                .unwrap(),
+            &data[3..8]
+        );
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "the decoded file has no name"
+        );
+
+        // A digest that does not match fails the read; so does a chunk past the disk bound.
+        let mut wrong = chunk.clone();
+        wrong.digest = Some(crate::digest::sha256(b"other"));
+        let reader = Reader::new(blob.clone(), Codec::Gzip, 0).spill_to(spill.clone());
+        let err = reader.read(&[wrong], 0, 10).await.unwrap_err();
+        assert!(matches!(err, Error::Digest { .. }), "{err}");
+        let small = Spill {
+            max: 1 << 20,
+            ..spill
+        };
+        let reader = Reader::new(blob, Codec::Gzip, 0).spill_to(small);
+        let err = reader.read(&[chunk], 0, 10).await.unwrap_err();
+        assert!(err.to_string().contains("may hold"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn zero_chunks_are_served_without_reading_the_blob() {
+        // The blob holds no valid frame at all: only a zero chunk can be served from it.
+        let blob: Blob = Arc::new(MemBlob::new("z", vec![0xEEu8; 100]));
+        let hole = vec![0u8; 3 << 20];
+        let mut chunk = one_chunk(&hole, &[0u8; 10]);
+        chunk.zeros = true;
+        let reader = Reader::new(blob.clone(), Codec::Zstd, 0);
+        let got = reader.read(&[chunk.clone()], 1 << 20, 4096).await.unwrap();
+        assert!(got.len() == 4096 && got.iter().all(|&b| b == 0));
+
+        chunk.digest = Some(crate::digest::sha256(b"not zeros"));
+        let reader = Reader::new(blob, Codec::Zstd, 0);
+        let err = reader.read(&[chunk], 0, 1).await.unwrap_err();
+        assert!(matches!(err, Error::Digest { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_huge_claimed_extent_reads_only_what_the_chunk_can_take() {
+        struct Largest(MemBlob, std::sync::atomic::AtomicU64);
+        #[async_trait::async_trait]
+        impl crate::blob::BlobSource for Largest {
+            fn id(&self) -> &str {
+                self.0.id()
+            }
+            fn size(&self) -> u64 {
+                self.0.size()
+            }
+            async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+                self.1.fetch_max(len, std::sync::atomic::Ordering::Relaxed);
+                self.0.read_at(offset, len).await
+            }
+        }
+        let data = b"hello".to_vec();
+        let mut blob = gzip(&data);
+        let mut chunk = one_chunk(&data, &blob);
+        blob.resize(64 << 20, 0);
+        chunk.end = blob.len() as u64;
+        let src = Arc::new(Largest(MemBlob::new("x", blob), Default::default()));
+        let reader = Reader::new(src.clone(), Codec::Gzip, 0);
+        assert_eq!(reader.read(&[chunk], 0, 5).await.unwrap(), &data[..]);
+        let largest = src.1.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(largest <= 300 << 10, "read {largest} bytes");
     }
 }

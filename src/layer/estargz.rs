@@ -279,6 +279,7 @@ fn chunk(t: &TocEntry, len: u64, end: u64) -> Chunk {
         end,
         inner: t.inner_offset,
         digest: (!t.chunk_digest.is_empty()).then(|| t.chunk_digest.clone()),
+        zeros: false,
     }
 }
 

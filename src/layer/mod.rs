@@ -155,8 +155,9 @@ pub enum Health {
 pub enum LayerData {
     /// An uncompressed tar stream: the blob itself, or a local copy made by streaming.
     Tar(Blob),
-    /// eStargz chunks of the (cached) compressed blob.
-    Chunked(chunked::Reader),
+    /// eStargz or zstd:chunked chunks of the (cached) compressed blob (boxed: the reader
+    /// holds its caches inline).
+    Chunked(Box<chunked::Reader>),
 }
 
 /// One opened layer: its data, its health, and what it was made from.

@@ -77,6 +77,8 @@ struct TocEntry {
     chunk_size: u64,
     chunk_offset: u64,
     chunk_digest: String,
+    /// `"zeros"` for a hole (a run of zeros), empty for data.
+    chunk_type: String,
 }
 
 impl TocEntry {
@@ -166,7 +168,9 @@ fn entries_from_toc(toc: Vec<TocEntry>, size: u64, what: &str) -> Result<Vec<Ent
             };
         }
         let covered: u64 = chunks.iter().map(|c| c.len).sum();
-        if covered != last.size || chunks.iter().any(|c| c.end <= c.start || c.end > size) {
+        // A hole needs no bytes of the blob (containers/storage still writes a small frame).
+        let bad_extent = |c: &Chunk| (c.end <= c.start && !c.zeros) || c.end > size;
+        if covered != last.size || chunks.iter().any(bad_extent) {
             return Err(Error::format(
                 what,
                 format!(
@@ -177,6 +181,11 @@ fn entries_from_toc(toc: Vec<TocEntry>, size: u64, what: &str) -> Result<Vec<Ent
         }
         last.data = Locator::Chunks(std::mem::take(chunks).into());
         Ok(())
+    };
+    let zeros = |chunk_type: &str| match chunk_type {
+        "" => Ok(false),
+        "zeros" => Ok(true),
+        other => Err(Error::format(what, format!("unknown chunk type {other:?}"))),
     };
     for t in toc {
         let path = clean_path(&t.name)?;
@@ -198,6 +207,7 @@ fn entries_from_toc(toc: Vec<TocEntry>, size: u64, what: &str) -> Result<Vec<Ent
                 end: 0,
                 inner: 0,
                 digest: digest(&t.chunk_digest),
+                zeros: zeros(&t.chunk_type)?,
             });
             continue;
         }
@@ -207,10 +217,10 @@ fn entries_from_toc(toc: Vec<TocEntry>, size: u64, what: &str) -> Result<Vec<Ent
         if kind == Kind::File && t.size > 0 {
             e.size = t.size;
             file_end = t.end_offset;
-            let (len, d) = if t.chunk_size > 0 {
-                (t.chunk_size, digest(&t.chunk_digest))
+            let (len, d, z) = if t.chunk_size > 0 {
+                (t.chunk_size, digest(&t.chunk_digest), zeros(&t.chunk_type)?)
             } else {
-                (t.size, digest(&t.digest))
+                (t.size, digest(&t.digest), false)
             };
             chunks.push(Chunk {
                 file_offset: 0,
@@ -219,6 +229,7 @@ fn entries_from_toc(toc: Vec<TocEntry>, size: u64, what: &str) -> Result<Vec<Ent
                 end: 0,
                 inner: 0,
                 digest: d,
+                zeros: z,
             });
         }
         out.push(e);
