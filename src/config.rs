@@ -80,7 +80,8 @@ pub struct OpenConfig {
     pub block_size: u64,
     /// Bytes one miss fetches in one streamed request.
     pub fetch_size: u64,
-    /// Bound of the blocks kept in `cache_dir` (oldest blobs removed when a mount ends).
+    /// Bound of the blocks and local tars kept in `cache_dir` (oldest removed when a mount
+    /// ends); also the largest chunk decoded to disk.
     pub disk_cache_size: u64,
     /// Directory for persistent blocks, local tars and logs.
     pub cache_dir: PathBuf,

@@ -786,6 +786,7 @@ mod tests {
         let blob = again.wrap(Arc::new(MemBlob::new("sha256:y", data)));
         blob.read_at(0, 65536).await.unwrap();
         assert_eq!(again.stats.misses.load(Ordering::Relaxed), 0);
-        std::fs::remove_dir_all(dir).unwrap();
+        // Cleanup only: a block write still under way must not fail the test.
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

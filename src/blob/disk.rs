@@ -1,43 +1,67 @@
-//! Keeping the on-disk block cache within a size bound.
+//! Keeping the cache directory's bulk within a size bound.
 //!
-//! Blocks are stored per blob (`DIR/<blob>/<block size>-<index>`). When a mount ends, the
-//! blob directories are summed and the least recently written ones are removed until the
-//! total fits the bound again, so the cache directory does not grow without end across mounts.
+//! Two things there grow with every image mounted: blocks, stored per blob
+//! (`blocks/<blob>/<block size>-<index>`), and the uncompressed tars of layers that cannot be
+//! read lazily (`tars/<layer>.tar`). When a mount ends, each blob directory and each tar counts
+//! as one unit; the least recently written units are removed until the total fits the bound
+//! again, so the cache directory does not grow without end across mounts. A tar still being
+//! written (`*.tmp<pid>`) is neither counted nor removed. (Checkpoint indexes are small and
+//! kept; decoded large chunks live in unnamed files that vanish with their mount.)
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-/// Removes the least recently written blob directories under `dir` until the blocks in it
+/// Removes the least recently written units (blob directories, tars) under `dirs` until they
 /// take at most `max_bytes`; returns the bytes removed.
-pub fn prune(dir: &Path, max_bytes: u64) -> std::io::Result<u64> {
-    let mut blobs = Vec::new();
+pub fn prune(dirs: &[PathBuf], max_bytes: u64) -> std::io::Result<u64> {
+    let mut units = Vec::new();
     let mut total = 0;
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    for blob in entries.flatten() {
-        let (mut size, mut newest) = (0, SystemTime::UNIX_EPOCH);
-        for block in std::fs::read_dir(blob.path())?.flatten() {
-            if let Ok(m) = block.metadata() {
-                size += m.len();
-                newest = newest.max(m.modified().unwrap_or(SystemTime::UNIX_EPOCH));
+    for dir in dirs {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().contains(".tmp") {
+                continue;
             }
+            let (size, newest) = unit_size(&entry.path())?;
+            total += size;
+            units.push((newest, size, entry.path()));
         }
-        total += size;
-        blobs.push((newest, size, blob.path()));
     }
-    blobs.sort();
+    units.sort();
     let mut removed = 0;
-    for (_, size, path) in blobs {
+    for (_, size, path) in units {
         if total - removed <= max_bytes {
             break;
         }
-        std::fs::remove_dir_all(&path)?;
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
         removed += size;
     }
     Ok(removed)
+}
+
+/// Bytes in a file, or in the files of a directory, and when the newest was written.
+fn unit_size(path: &Path) -> std::io::Result<(u64, SystemTime)> {
+    let stamp = |m: &std::fs::Metadata| m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_dir() {
+        return Ok((meta.len(), stamp(&meta)));
+    }
+    let (mut size, mut newest) = (0, SystemTime::UNIX_EPOCH);
+    for file in std::fs::read_dir(path)?.flatten() {
+        if let Ok(m) = file.metadata() {
+            size += m.len();
+            newest = newest.max(stamp(&m));
+        }
+    }
+    Ok((size, newest))
 }
 
 #[cfg(test)]
@@ -45,23 +69,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn removes_the_oldest_blobs_until_the_rest_fits() {
+    fn removes_the_oldest_units_until_the_rest_fits() {
         let dir = std::env::temp_dir().join(format!("ocifs-prune-{}", std::process::id()));
-        for (i, name) in ["old", "mid", "new"].iter().enumerate() {
-            std::fs::create_dir_all(dir.join(name)).unwrap();
-            std::fs::write(dir.join(name).join("65536-0"), vec![0u8; 1000]).unwrap();
-            let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 * (i as u64 + 1));
-            let f = std::fs::File::options()
-                .write(true)
-                .open(dir.join(name).join("65536-0"))
-                .unwrap();
+        let (blocks, tars) = (dir.join("blocks"), dir.join("tars"));
+        let stamp = |path: &Path, i: u64| {
+            let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 * (i + 1));
+            let f = std::fs::File::options().write(true).open(path).unwrap();
             f.set_modified(t).unwrap();
+        };
+        for (i, name) in ["old", "mid", "new"].iter().enumerate() {
+            std::fs::create_dir_all(blocks.join(name)).unwrap();
+            let block = blocks.join(name).join("65536-0");
+            std::fs::write(&block, vec![0u8; 1000]).unwrap();
+            stamp(&block, 2 * i as u64);
         }
-        assert_eq!(prune(&dir, 2500).unwrap(), 1000);
-        assert!(!dir.join("old").exists() && dir.join("mid").exists());
-        assert_eq!(prune(&dir, 5000).unwrap(), 0);
-        assert_eq!(prune(&dir, 0).unwrap(), 2000);
-        assert_eq!(prune(&dir.join("missing"), 0).unwrap(), 0);
+        // A tar between "old" and "mid", and one being written (never counted or removed).
+        std::fs::create_dir_all(&tars).unwrap();
+        std::fs::write(tars.join("a.tar"), vec![0u8; 500]).unwrap();
+        stamp(&tars.join("a.tar"), 1);
+        std::fs::write(tars.join("b.tmp42"), vec![0u8; 9000]).unwrap();
+        stamp(&tars.join("b.tmp42"), 0);
+
+        let both = [blocks.clone(), tars.clone()];
+        assert_eq!(prune(&both, 2500).unwrap(), 1000);
+        assert!(!blocks.join("old").exists() && tars.join("a.tar").exists());
+        assert_eq!(prune(&both, 2000).unwrap(), 500);
+        assert!(!tars.join("a.tar").exists() && blocks.join("mid").exists());
+        assert_eq!(prune(&both, 5000).unwrap(), 0);
+        assert_eq!(prune(&both, 0).unwrap(), 2000);
+        assert!(tars.join("b.tmp42").exists());
+        assert_eq!(prune(&[dir.join("missing")], 0).unwrap(), 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -54,8 +54,9 @@ pub struct Common {
     /// Bytes one miss fetches (its block and the following ones, streamed in one request).
     #[arg(long, default_value_t = ByteSize(DEFAULT_FETCH_SIZE))]
     fetch_size: ByteSize,
-    /// Bound of the blocks kept in the cache directory; the least recently written blobs'
-    /// blocks are removed when a mount ends.
+    /// Bound of the blocks and local tars kept in the cache directory; the least recently
+    /// written blobs' blocks and tars are removed when a mount ends. Also the largest chunk
+    /// decoded to disk.
     #[arg(long, default_value_t = ByteSize(DEFAULT_DISK_CACHE_SIZE))]
     disk_cache_size: ByteSize,
 }

@@ -130,14 +130,15 @@ pub fn mount_here(
         drop((verifier, prefetcher, whole_files));
         // Keep the cache directory bounded, now that this mount's blocks are written (off the
         // start-up path, where it would compete with the first reads).
-        let (dir, max) = (cfg.cache_dir.join("blocks"), cfg.disk_cache_size);
-        let pruned =
-            tokio::task::spawn_blocking(move || (ocifs::blob::disk::prune(&dir, max), dir));
+        let dirs = [cfg.cache_dir.join("blocks"), cfg.cache_dir.join("tars")];
+        let max = cfg.disk_cache_size;
+        let pruned = tokio::task::spawn_blocking(move || ocifs::blob::disk::prune(&dirs, max));
+        let dir = cfg.cache_dir.display();
         match pruned.await {
-            Ok((Ok(n), dir)) if n > 0 => {
-                tracing::info!("removed {n} bytes of old blocks from {}", dir.display())
+            Ok(Ok(n)) if n > 0 => {
+                tracing::info!("removed {n} bytes of old blocks and tars from {dir}")
             }
-            Ok((Err(e), dir)) => tracing::warn!("could not prune {}: {e}", dir.display()),
+            Ok(Err(e)) => tracing::warn!("could not prune {dir}: {e}"),
             _ => {}
         }
         if let Err(e) = &served
