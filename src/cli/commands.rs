@@ -498,8 +498,8 @@ fn print_stats(v: &serde_json::Value, json: bool) -> Result<()> {
     );
     let p = &v["prefetch"];
     println!(
-        "prefetch: {} of {} bytes; fetched whole in the background (scattered reads, libraries): {} bytes",
-        p["doneBytes"], p["totalBytes"], p["wholeFileBytes"]
+        "prefetch: {} of {} bytes; fetched in the background: files whole (scattered reads, libraries) {} bytes, files with their directory {} bytes",
+        p["doneBytes"], p["totalBytes"], p["wholeFileBytes"], p["directoryBytes"]
     );
     Ok(())
 }

@@ -51,9 +51,10 @@ pub struct Image {
     /// Set while a planned prefetch (landmarks, profile) runs; speculation waits for it
     /// (see [`Image::set_prefetching`]).
     pub prefetching: std::sync::atomic::AtomicBool,
-    /// Bytes the whole-file fetches read.
+    /// Sizes of the files fetched whole.
     pub whole_fetched: AtomicU64,
-    /// Layer bytes fetched for directories read together (compressed for chunked layers).
+    /// Sizes of the files fetched with their directory (see [`together`]). Both count file
+    /// bytes, so the figures compare across formats; blob bytes are per layer.
     pub directory_fetched: AtomicU64,
 }
 

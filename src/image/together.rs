@@ -57,7 +57,7 @@ impl Image {
                 continue;
             }
             if let Some(range) = self.together(cousin, &kind) {
-                let len = range.2 - range.1;
+                let len = range.extent.1 - range.extent.0;
                 if len > budget {
                     // Left for its own first read, which fetches it then.
                     break;
@@ -77,12 +77,13 @@ impl Image {
             .await;
     }
 
-    /// Where the files of directory `dir` of `kind` lie, as (layer, start, end) in the layer
-    /// most of them come from, if that range is small and mostly theirs (files written
-    /// together, not interleaved with others').
-    fn together(&self, dir: u64, kind: &str) -> Option<(usize, u64, u64)> {
+    /// Where the files of directory `dir` of `kind` lie in the layer most of them come from,
+    /// if that range is small and mostly theirs (files written together, not interleaved
+    /// with others').
+    fn together(&self, dir: u64, kind: &str) -> Option<Together> {
         let node = self.tree.get(dir)?;
-        let mut per_layer: HashMap<usize, (u64, u64, u64, usize)> = HashMap::new();
+        // layer -> (start, end, sum of extents, files, sum of file sizes)
+        let mut per_layer: HashMap<usize, (u64, u64, u64, usize, u64)> = HashMap::new();
         for (_, &child) in node.children.iter().filter(|(n, _)| name_kind(n) == kind) {
             let Some(c) = self.tree.get(child) else {
                 continue;
@@ -91,18 +92,24 @@ impl Image {
             let Some((a, b)) = self.layers[*li].0.extent(loc, c.size) else {
                 continue;
             };
-            let e = per_layer.entry(*li).or_insert((u64::MAX, 0, 0, 0));
-            *e = (e.0.min(a), e.1.max(b), e.2 + (b - a), e.3 + 1);
+            let e = per_layer.entry(*li).or_insert((u64::MAX, 0, 0, 0, 0));
+            *e = (e.0.min(a), e.1.max(b), e.2 + (b - a), e.3 + 1, e.4 + c.size);
         }
-        let (li, (a, b, sum, _)) = per_layer.into_iter().max_by_key(|(_, e)| e.3)?;
-        (b - a <= DIRECTORY_MAX && sum * 2 >= b - a).then_some((li, a, b))
+        let (layer, (a, b, sum, _, file_bytes)) = per_layer.into_iter().max_by_key(|(_, e)| e.3)?;
+        (b - a <= DIRECTORY_MAX && sum * 2 >= b - a).then_some(Together {
+            layer,
+            extent: (a, b),
+            file_bytes,
+        })
     }
 
-    async fn fetch_together(&self, dir: u64, (li, a, b): (usize, u64, u64)) {
+    async fn fetch_together(&self, dir: u64, t: Together) {
+        let (li, (a, b)) = (t.layer, t.extent);
         tracing::debug!("fetching directory inode {dir} together ({a}..{b} of layer {li})");
         match self.layers[li].0.warm_extent(a, b).await {
             Ok(()) => {
-                self.directory_fetched.fetch_add(b - a, Ordering::Relaxed);
+                self.directory_fetched
+                    .fetch_add(t.file_bytes, Ordering::Relaxed);
             }
             Err(e) => tracing::debug!("fetching directory inode {dir}: {e}"),
         }
@@ -144,6 +151,16 @@ impl Image {
             .filter(|&d| self.tree.get(d).is_some_and(|n| n.kind == Kind::Dir))
             .collect()
     }
+}
+
+/// A directory's files of one kind that lie together.
+struct Together {
+    layer: usize,
+    /// Their range in the layer's data (see [`crate::layer::Layer::extent`]: compressed bytes
+    /// for eStargz, the uncompressed tar for gzip with an index).
+    extent: (u64, u64),
+    /// Their sizes added up: what the statistics count, the same for every format.
+    file_bytes: u64,
 }
 
 /// What kind of file a name suggests, for fetching a directory's files together: shared
