@@ -22,7 +22,9 @@ use crate::layer::Kind;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-/// A directory's files are fetched together only if they span at most this much.
+/// A directory's files are fetched together only if they span at most this much of their
+/// layer's data: compressed bytes for eStargz, the uncompressed tar for gzip with an index
+/// (whose compressed range is smaller still, but for the front of the first span).
 const DIRECTORY_MAX: u64 = 8 << 20;
 /// The rest of a family of directories is fetched only up to this much in all.
 const FAMILY_MAX: u64 = 8 << 20;
