@@ -56,6 +56,13 @@ pub trait BlobSource: Send + Sync {
     async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
         self.read_at(offset, len).await.map(drop)
     }
+    /// For a view decoded from another blob (a gzip layer read through its checkpoint
+    /// index): that blob and the range of it that decoding `[offset, offset+len)` needs, so a
+    /// planned prefetch can fetch many ranges' compressed bytes, merged, without decoding
+    /// them. `None` (the default): the bytes are this blob's own.
+    fn source_range(&self, _offset: u64, _len: u64) -> Option<(Blob, u64, u64)> {
+        None
+    }
 }
 
 /// A shared, dynamically typed blob.

@@ -15,7 +15,7 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-/// Profile ranges fetched at once during prefetch.
+/// Ranges of a profile fetched at once during prefetch.
 const PREFETCH_IN_FLIGHT: usize = 8;
 
 impl Image {
@@ -52,35 +52,88 @@ impl Image {
         }
     }
 
-    /// Prefetches the ranges of a recorded profile, in order, through the normal read path
-    /// (so it works for every format). Entries naming files the image lacks are skipped.
+    /// Prefetches what a recorded profile read, for every format, without decoding it. Each
+    /// access is turned into the blob range it is fetched from (see [`Layer::fetch_range`]:
+    /// for a gzip layer with an index, the compressed bytes from its span's start); ranges of
+    /// one blob that overlap or nearly touch are merged, so the bytes several accesses share
+    /// (a span's front) come once; the merged ranges are fetched into the block cache, a few
+    /// at a time, in the order the workload first needed them. Decoding waits for the reads.
+    /// Entries naming files the image lacks are skipped; a sparse file's are read instead.
+    ///
+    /// [`Layer::fetch_range`]: crate::layer::Layer::fetch_range
     pub async fn prefetch_profile(&self, accesses: &[Access]) {
-        let planned: Vec<(u64, u64, u64, String)> = accesses
-            .iter()
-            .filter_map(|a| Some((self.tree.resolve(&a.path)?, a.offset, a.len, a.path.clone())))
-            .collect();
-        let total: u64 = planned.iter().map(|p| p.2).sum();
+        let mut wanted = Vec::new();
+        let mut reads = Vec::new();
+        for (order, a) in accesses.iter().enumerate() {
+            let Some((ino, node)) = self
+                .tree
+                .resolve(&a.path)
+                .and_then(|i| Some((i, self.tree.get(i)?)))
+            else {
+                continue;
+            };
+            let Some((li, loc)) = &node.data else {
+                continue;
+            };
+            let len = a.len.min(node.size.saturating_sub(a.offset));
+            if len == 0 {
+                continue;
+            }
+            match self.layers[*li].0.fetch_range(loc, a.offset, len) {
+                Some((blob, start, end)) => wanted.push(Wanted {
+                    blob,
+                    start,
+                    end,
+                    order,
+                    bytes: len,
+                }),
+                None => reads.push((ino, a.offset, len, a.path.clone())),
+            }
+        }
+        let plan = merge(wanted);
+        let total: u64 =
+            plan.iter().map(|w| w.bytes).sum::<u64>() + reads.iter().map(|r| r.2).sum::<u64>();
         self.prefetch_total.fetch_add(total, Ordering::Relaxed);
-        // Several ranges in flight, started in profile order, so the prefetch overlaps round
-        // trips and runs ahead of a workload that reads the same ranges one after another.
+        tracing::info!(
+            "profile prefetch: {} accesses in {} ranges, {} bytes to fetch",
+            accesses.len(),
+            plan.len(),
+            plan.iter().map(|w| w.end - w.start).sum::<u64>()
+        );
+        // A few ranges at a time, in plan order (the block cache fetches each in runs of
+        // its fetch size, all at once).
         use futures::StreamExt;
-        let mut pending = planned.into_iter();
+        let mut pending = plan.into_iter();
         let mut in_flight = futures::stream::FuturesOrdered::new();
         loop {
             while in_flight.len() < PREFETCH_IN_FLIGHT
-                && let Some((ino, offset, len, path)) = pending.next()
+                && let Some(w) = pending.next()
             {
                 in_flight.push_back(async move {
-                    let read = self.file_bytes(ino, offset, len).await;
-                    (path, read.map(|b| b.len() as u64))
+                    let r = w.blob.prefetch(w.start, w.end - w.start).await;
+                    (w, r)
                 });
             }
-            let Some((path, result)) = in_flight.next().await else {
+            let Some((w, r)) = in_flight.next().await else {
                 break;
             };
-            match result {
-                Ok(n) => {
-                    self.prefetch_done.fetch_add(n, Ordering::Relaxed);
+            match r {
+                Ok(()) => {
+                    self.prefetch_done.fetch_add(w.bytes, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(
+                    "profile prefetch of {}..{} of {} failed: {e}",
+                    w.start,
+                    w.end,
+                    w.blob.id()
+                ),
+            }
+        }
+        for (ino, offset, len, path) in reads {
+            match self.file_bytes(ino, offset, len).await {
+                Ok(b) => {
+                    self.prefetch_done
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
                 }
                 Err(e) => tracing::warn!("profile prefetch of {path} failed: {e}"),
             }
@@ -174,6 +227,41 @@ impl Image {
     }
 }
 
+/// A blob range a planned prefetch fetches: where it is, when the workload first needed
+/// it (its place in the profile), and how many file bytes of the profile it holds.
+struct Wanted {
+    blob: crate::blob::Blob,
+    start: u64,
+    end: u64,
+    order: usize,
+    bytes: u64,
+}
+
+/// Ranges of one blob closer than this are fetched as one (a block of the cache).
+const MERGE_GAP: u64 = 64 << 10;
+
+/// Merges the ranges of each blob that overlap or lie within [`MERGE_GAP`] of each other;
+/// returns the merged ranges in the order their first access came in the profile.
+fn merge(mut wanted: Vec<Wanted>) -> Vec<Wanted> {
+    wanted.sort_by(|a, b| (a.blob.id(), a.start).cmp(&(b.blob.id(), b.start)));
+    let mut out: Vec<Wanted> = Vec::new();
+    for w in wanted {
+        match out.last_mut() {
+            Some(last)
+                if last.blob.id() == w.blob.id()
+                    && w.start <= last.end.saturating_add(MERGE_GAP) =>
+            {
+                last.end = last.end.max(w.end);
+                last.order = last.order.min(w.order);
+                last.bytes += w.bytes;
+            }
+            _ => out.push(w),
+        }
+    }
+    out.sort_by_key(|w| w.order);
+    out
+}
+
 /// Writes a profile as JSON lines. It is written beside `path` and renamed into place, so
 /// a reader never sees a half-written profile (nor an empty one while it is being written).
 pub fn write_profile(path: &Path, accesses: &[Access]) -> Result<()> {
@@ -212,6 +300,44 @@ pub fn read_profile(path: &Path) -> Result<Vec<Access>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn profile_ranges_merge_per_blob_and_keep_first_access_order() {
+        let a: crate::blob::Blob =
+            std::sync::Arc::new(crate::blob::MemBlob::new("a", vec![0u8; 1 << 24]));
+        let b: crate::blob::Blob =
+            std::sync::Arc::new(crate::blob::MemBlob::new("b", vec![0u8; 1 << 24]));
+        let w = |blob: &crate::blob::Blob, start: u64, end: u64, order: usize| Wanted {
+            blob: blob.clone(),
+            start,
+            end,
+            order,
+            bytes: 10,
+        };
+        let plan = merge(vec![
+            w(&a, 5_000_000, 5_100_000, 0),
+            w(&b, 0, 1000, 1),
+            // The same span front as the first, needed later: merged into it.
+            w(&a, 4_000_000, 5_050_000, 2),
+            // Within a block of the first: merged.
+            w(&a, 5_150_000, 5_200_000, 3),
+            // Far away: its own range.
+            w(&a, 9_000_000, 9_100_000, 4),
+            w(&b, 1000, 2000, 5),
+        ]);
+        let got: Vec<_> = plan
+            .iter()
+            .map(|p| (p.blob.id().to_string(), p.start, p.end, p.order, p.bytes))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a".into(), 4_000_000, 5_200_000, 0, 30),
+                ("b".into(), 0, 2000, 1, 20),
+                ("a".into(), 9_000_000, 9_100_000, 4, 10),
+            ]
+        );
+    }
 
     #[test]
     fn a_profile_reads_back_as_written_and_leaves_no_partial_file() {

@@ -244,6 +244,37 @@ impl Layer {
         }
     }
 
+    /// The blob a planned prefetch fetches `[offset, offset+len)` of a file from, and the
+    /// range of it: the chunks' compressed extent; the tar range; for a gzip layer read
+    /// through its index, the compressed bytes from the span start to the mark past the range.
+    /// `None` for a file without data or a GNU sparse file (read instead).
+    pub fn fetch_range(
+        &self,
+        loc: &Locator,
+        offset: u64,
+        len: u64,
+    ) -> Option<(crate::blob::Blob, u64, u64)> {
+        match (loc, &self.data) {
+            (Locator::Tar { offset: base }, LayerData::Tar(blob)) => {
+                let at = base + offset;
+                Some(
+                    blob.source_range(at, len)
+                        .unwrap_or_else(|| (blob.clone(), at, at + len)),
+                )
+            }
+            (Locator::Chunks(chunks), LayerData::Chunked(r)) => {
+                let end = offset.saturating_add(len);
+                let touched = chunks
+                    .iter()
+                    .filter(|c| c.file_offset < end && c.file_offset + c.len > offset);
+                let (a, b) =
+                    touched.fold((u64::MAX, 0), |(a, b), c| (a.min(c.start), b.max(c.end)));
+                (a < b).then(|| (r.blob().clone(), a, b))
+            }
+            _ => None,
+        }
+    }
+
     /// Where a file's bytes lie in the layer's data: compressed offsets for chunked layers,
     /// tar offsets otherwise. `None` for files without data.
     pub fn extent(&self, loc: &Locator, size: u64) -> Option<(u64, u64)> {

@@ -551,6 +551,11 @@ impl BlobSource for CheckpointBlob {
         let until = offset.saturating_add(len);
         self.read_within(offset, len, until).await.map(drop)
     }
+    fn source_range(&self, offset: u64, len: u64) -> Option<(Blob, u64, u64)> {
+        let end = offset.saturating_add(len.max(1)).min(self.size());
+        let (a, b) = self.index.compressed_extent(offset, end);
+        Some((self.compressed.clone(), a, b))
+    }
     async fn read_within(&self, offset: u64, len: u64, until: u64) -> Result<Bytes> {
         let len = clamp(&self.id, self.size(), offset, len)?;
         let end = offset + len;
