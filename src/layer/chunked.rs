@@ -10,8 +10,9 @@
 //! repeated byte is one chunk however long it is) is decoded once into an unnamed file in the
 //! cache directory, checked as it is written, and read from there. A zstd:chunked `zeros`
 //! chunk (a hole) is served as zeros without fetching anything. What a TOC claims bounds the
-//! work it can cause: compressed bytes read per chunk are bounded by its decoded length, and
-//! a chunk longer than the disk cache bound is refused with an error naming it.
+//! work it can cause: compressed bytes read per chunk are bounded by its decoded length, a
+//! chunk longer than the disk cache bound is refused with an error naming it, and decoded
+//! files past that bound are dropped oldest first.
 
 use crate::blob::{Blob, BytesLru};
 use crate::error::{Error, Result};
@@ -75,6 +76,32 @@ impl Chunk {
 /// A large chunk's decoded file, once its first reader has written and checked it.
 type Decoded = Arc<tokio::sync::OnceCell<Arc<std::fs::File>>>;
 
+/// Large chunks decoded into files, by key: each is decoded once, by its first reader; the
+/// least recently decoded are dropped (and their files with them) when together they take
+/// more than the spill bound, so the disk they take is bounded like the block cache's.
+#[derive(Default)]
+struct Spilled {
+    cells: HashMap<(u64, u64), Decoded>,
+    /// Decoded chunks, oldest first, with their lengths.
+    order: std::collections::VecDeque<((u64, u64), u64)>,
+    bytes: u64,
+}
+
+impl Spilled {
+    /// Counts a newly decoded chunk; drops the oldest others while over `max`.
+    fn decoded(&mut self, key: (u64, u64), len: u64, max: u64) {
+        self.order.push_back((key, len));
+        self.bytes += len;
+        while self.bytes > max && self.order.len() > 1 {
+            let Some((old, n)) = self.order.pop_front() else {
+                break;
+            };
+            self.cells.remove(&old);
+            self.bytes -= n;
+        }
+    }
+}
+
 /// Where chunks too large for memory are decoded to.
 #[derive(Debug, Clone)]
 pub struct Spill {
@@ -95,8 +122,8 @@ pub struct Reader {
     pub prefetch_len: u64,
     /// Where chunks over [`MAX_CHUNK`] are decoded (without it they are refused).
     spill: Option<Spill>,
-    /// Chunks decoded into files, by key; each is decoded once, by its first reader.
-    spilled: Mutex<HashMap<(u64, u64), Decoded>>,
+    /// Chunks decoded into files.
+    spilled: Mutex<Spilled>,
     /// Zero chunks whose digest has been checked.
     zeros_checked: Mutex<HashSet<(u64, u64)>>,
 }
@@ -287,14 +314,22 @@ impl Reader {
 
     /// `len` bytes at `offset` of a chunk too large for memory, from its decoded file.
     async fn read_spilled(&self, c: &Chunk, offset: u64, len: u64) -> Result<Bytes> {
+        let key = (c.start, c.inner);
         let cell = self
             .spilled
             .lock()
             .unwrap()
-            .entry((c.start, c.inner))
+            .cells
+            .entry(key)
             .or_default()
             .clone();
-        let file = cell.get_or_try_init(|| self.spill(c)).await?.clone();
+        let decode = || async {
+            let file = self.spill(c).await?;
+            let max = self.spill.as_ref().map_or(0, |s| s.max);
+            self.spilled.lock().unwrap().decoded(key, c.len, max);
+            Ok::<_, Error>(file)
+        };
+        let file = cell.get_or_try_init(decode).await?.clone();
         tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::FileExt;
             let mut buf = vec![0u8; len as usize];
@@ -581,6 +616,21 @@ mod tests {
         let err = reader.read(&[chunk], 0, 10).await.unwrap_err();
         assert!(err.to_string().contains("may hold"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn decoded_files_are_dropped_oldest_first_past_the_bound() {
+        let mut s = Spilled::default();
+        for k in 0..3u64 {
+            s.cells.insert((k, 0), Decoded::default());
+            s.decoded((k, 0), 100, 250);
+        }
+        assert_eq!(s.bytes, 200);
+        assert!(!s.cells.contains_key(&(0, 0)) && s.cells.contains_key(&(2, 0)));
+        // One chunk over the bound alone is still kept: it is being read.
+        s.cells.insert((9, 0), Decoded::default());
+        s.decoded((9, 0), 1000, 250);
+        assert_eq!((s.bytes, s.cells.len()), (1000, 1));
     }
 
     #[tokio::test]
