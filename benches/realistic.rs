@@ -198,7 +198,7 @@ fn main() {
         "| variant | mount ready s | app run s | total s | vs full pull | blob bytes fetched | % of image | requests |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let variants: [(&str, &str, &[&str], usize); 10] = [
+    let variants: [(&str, &str, &[&str], usize); 11] = [
         (
             "gzip, first mount (index built by the mount)",
             "plain",
@@ -230,6 +230,12 @@ fn main() {
             "gzip",
             &["--prefetch"],
             sizes["gzip"],
+        ),
+        (
+            "eStargz (not reordered), --prefetch with the recorded profile",
+            "estargz",
+            &["--prefetch"],
+            sizes["estargz"],
         ),
         // Ablations: each mechanism switched off once.
         (
