@@ -153,13 +153,17 @@ impl BlobSource for FileBlob {
     }
     async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
         let len = clamp(&self.id, self.size, offset, len)?;
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, offset)?;
-            Ok(Bytes::from(buf))
-        })
-        .await
-        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+        read_file_at(self.file.clone(), offset, len).await
     }
+}
+
+/// Exactly `len` bytes at `offset` of a local file, read on a blocking thread.
+pub async fn read_file_at(file: Arc<std::fs::File>, offset: u64, len: u64) -> Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset)?;
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(|e| Error::Io(std::io::Error::other(e)))?
 }
