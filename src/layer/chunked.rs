@@ -415,15 +415,28 @@ fn decoder(codec: Codec, src: impl Read + Send + 'static) -> std::io::Result<Box
 }
 
 /// A file in `dir` with no name: it takes disk space only while open.
+/// (`O_TMPFILE`; where the file system lacks it, a new file removed as soon as it is open).
 fn unnamed_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir)?;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_TMPFILE)
-        .open(dir)
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true).write(true).mode(0o600);
+    match open.clone().custom_flags(libc::O_TMPFILE).open(dir) {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP)
+                || e.raw_os_error() == Some(libc::EISDIR) =>
+        {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            let path = dir.join(format!(".decoding-{}-{stamp}", std::process::id()));
+            let file = open.create_new(true).open(&path)?;
+            std::fs::remove_file(&path)?;
+            Ok(file)
+        }
+        other => other,
+    }
 }
 
 /// Writes through, hashing and counting what passes.
