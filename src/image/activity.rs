@@ -98,7 +98,9 @@ impl Image {
             "profile prefetch: {} accesses in {} ranges, {} bytes to fetch",
             accesses.len(),
             plan.len(),
-            plan.iter().map(|w| w.end - w.start).sum::<u64>()
+            plan.iter()
+                .map(|w| w.end.saturating_sub(w.start))
+                .sum::<u64>()
         );
         // A few ranges at a time, in plan order (the block cache fetches each in runs of
         // its fetch size, all at once).
@@ -110,7 +112,10 @@ impl Image {
                 && let Some(w) = pending.next()
             {
                 in_flight.push_back(async move {
-                    let r = w.blob.prefetch(w.start, w.end - w.start).await;
+                    let r = w
+                        .blob
+                        .prefetch(w.start, w.end.saturating_sub(w.start))
+                        .await;
                     (w, r)
                 });
             }
