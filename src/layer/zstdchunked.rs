@@ -335,5 +335,23 @@ mod tests {
             ..Default::default()
         }];
         assert!(entries_from_toc(bad, 1000, "t").is_err(), "past the blob");
+        let hole = |chunk_type: &str, offset, end_offset| {
+            vec![TocEntry {
+                kind: "reg".into(),
+                name: "h".into(),
+                size: 10,
+                offset,
+                end_offset,
+                chunk_size: 10,
+                chunk_type: chunk_type.into(),
+                ..Default::default()
+            }]
+        };
+        // A hole needs no compressed bytes; data does; an unknown chunk type is named.
+        let e = entries_from_toc(hole("zeros", 100, 100), 1000, "t").unwrap();
+        assert!(matches!(&e[0].data, Locator::Chunks(c) if c[0].zeros));
+        assert!(entries_from_toc(hole("", 100, 100), 1000, "t").is_err());
+        let err = entries_from_toc(hole("sparkles", 100, 200), 1000, "t").unwrap_err();
+        assert!(err.to_string().contains("sparkles"), "{err}");
     }
 }
