@@ -887,6 +887,14 @@ fn gzip_index_pushed_to_the_registry_is_found_by_a_clean_mount() {
     proxy.reset();
     let m = Mount::new(&r, &["--verify", "off"], &[]);
     assert!(m.ready.contains("index from registry"), "{}", m.ready);
+    // The image manifest, the referrers API (404 here) and its fallback tag, the tail probe,
+    // the config and the index blob, named by the referrer's annotation: the artifact's own
+    // manifest is not fetched.
+    let requests = proxy.requests.load(Ordering::SeqCst);
+    assert!(
+        requests <= 6,
+        "{requests} requests before the mount was ready"
+    );
     assert_eq!(
         std::fs::read_to_string(m.path().join("small.txt")).unwrap(),
         "small\n"

@@ -25,6 +25,12 @@ use std::sync::Arc;
 pub const ARTIFACT_TYPE: &str = "application/vnd.ocifs.checkpoint-index.v1";
 /// Annotation on each index blob naming the layer it indexes.
 pub const LAYER_ANNOTATION: &str = "io.ocifs.checkpoint-index.layer";
+/// Annotation on the artifact (and so on its descriptor in the referrers listing) listing its
+/// index blobs as a JSON array of `[layer, blob digest, size]`: a mount that finds it there
+/// fetches the blobs at once, a round trip sooner than through the artifact's manifest.
+pub const BLOBS_ANNOTATION: &str = "io.ocifs.checkpoint-index.blobs";
+/// Longest such annotation read (a few hundred layers).
+const MAX_BLOBS_ANNOTATION: usize = 64 << 10;
 const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 const EMPTY_CONFIG: &[u8] = b"{}";
@@ -103,8 +109,14 @@ pub async fn discover(
                 _ => return None,
             };
             let digest = m["digest"].as_str()?;
+            let listed = (origin == Origin::Ocifs)
+                .then(|| listed_blobs(&m["annotations"][BLOBS_ANNOTATION]))
+                .flatten();
             Some(async move {
-                let layers = artifact_layers(source, digest, Some(manifest_digest)).await;
+                let layers = match listed {
+                    Some(layers) => Ok(layers),
+                    None => artifact_layers(source, digest, Some(manifest_digest)).await,
+                };
                 (digest, origin, layers)
             })
         });
@@ -129,6 +141,16 @@ fn add(found: &mut HashMap<String, Published>, layers: Vec<(String, String, u64)
             found.insert(layer, p);
         }
     }
+}
+
+/// The (layer, index blob digest, size) list a referrer's [`BLOBS_ANNOTATION`] carries, if it
+/// has a well-formed one. (What it names is checked like any published index when fetched:
+/// blob digest, the file's checksum, the layer digest inside.)
+fn listed_blobs(annotation: &Value) -> Option<Vec<(String, String, u64)>> {
+    let text = annotation
+        .as_str()
+        .filter(|t| t.len() <= MAX_BLOBS_ANNOTATION)?;
+    serde_json::from_str(text).ok()
 }
 
 /// The (layer, index blob digest, size) list of an index artifact manifest; with `subject`,
@@ -206,11 +228,14 @@ pub async fn push(
         .push_blob(repo, &config_digest, Bytes::from_static(EMPTY_CONFIG))
         .await?;
     let mut layers = Vec::new();
+    let mut listed = Vec::new();
     for (layer, data) in indexes {
         let digest = crate::digest::sha256(data);
         registry.push_blob(repo, &digest, data.clone()).await?;
         layers.push(json!({"mediaType": ARTIFACT_TYPE, "digest": digest, "size": data.len(), "annotations": {LAYER_ANNOTATION: layer}}));
+        listed.push(json!([layer, digest, data.len()]));
     }
+    let annotations = json!({BLOBS_ANNOTATION: Value::Array(listed).to_string()});
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": MANIFEST_MEDIA_TYPE,
@@ -218,6 +243,7 @@ pub async fn push(
         "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config_digest, "size": EMPTY_CONFIG.len()},
         "layers": layers,
         "subject": {"mediaType": subject.1, "digest": subject.0, "size": subject.2},
+        "annotations": annotations,
     });
     let bytes = Bytes::from(serde_json::to_vec(&manifest).expect("JSON of JSON values"));
     let digest = crate::digest::sha256(&bytes);
@@ -234,7 +260,8 @@ pub async fn push(
         };
         let mut manifests: Vec<Value> = index["manifests"].as_array().cloned().unwrap_or_default();
         manifests.retain(|m| m["artifactType"] != ARTIFACT_TYPE);
-        manifests.push(json!({"mediaType": MANIFEST_MEDIA_TYPE, "artifactType": ARTIFACT_TYPE, "digest": digest, "size": size}));
+        // With the manifest's annotations, as a registry's referrers API lists them.
+        manifests.push(json!({"mediaType": MANIFEST_MEDIA_TYPE, "artifactType": ARTIFACT_TYPE, "digest": digest, "size": size, "annotations": annotations}));
         index = json!({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": manifests});
         let body = Bytes::from(serde_json::to_vec(&index).expect("JSON of JSON values"));
         registry
@@ -247,6 +274,25 @@ pub async fn push(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_referrers_blob_list_is_read_only_when_well_formed() {
+        let good = json!(json!([["sha256:l", "sha256:i", 42]]).to_string());
+        assert_eq!(
+            listed_blobs(&good),
+            Some(vec![("sha256:l".into(), "sha256:i".into(), 42)])
+        );
+        for bad in [
+            json!(null),
+            json!("[1, 2]"),
+            json!("not json"),
+            json!(["sha256:l"]),
+        ] {
+            assert_eq!(listed_blobs(&bad), None, "{bad}");
+        }
+        let long = json!(format!("[{}]", vec!["[\"a\",\"b\",1]"; 10_000].join(",")));
+        assert_eq!(listed_blobs(&long), None, "too long");
+    }
 
     #[test]
     fn ours_beats_soci_v2_beats_soci_v1_in_any_order() {
