@@ -17,7 +17,7 @@ mod harness;
 
 use builder::{Enc, encode, push};
 use common::{BenchMount, drop_caches, env_u64, full_pull, record_and_convert};
-use harness::{Proxy, Registry, TempDir, ocifs};
+use harness::{Proxy, Registry, TempDir, push_index};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
@@ -162,18 +162,7 @@ fn main() {
         conv.path(),
     );
     // The gzip image's indexes, published next to it (not timed).
-    let ic = TempDir::new("ridx");
-    let (ok, _, err) = ocifs(
-        &[
-            "index",
-            "--push",
-            "--cache-dir",
-            ic.path().to_str().unwrap(),
-            &format!("{}/real/gzip:v1", reg.addr),
-        ],
-        &[],
-    );
-    assert!(ok, "{err}");
+    push_index(&format!("{}/real/gzip:v1", reg.addr), &[]);
     // For experiments by hand: keep the registry and the link up for a while.
     let hold = env_u64("OCIFS_BENCH_HOLD_S", 0);
     if hold > 0 {

@@ -16,7 +16,7 @@ mod harness;
 
 use builder::{Enc, Item, encode, file, layout, noise, push};
 use common::{BenchMount, drop_caches, env_u64, full_pull, mbps, record_and_convert};
-use harness::{Proxy, Registry, TempDir, ocifs};
+use harness::{Proxy, Registry, TempDir, ocifs, push_index};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::Ordering;
@@ -175,18 +175,7 @@ fn main() {
         &[],
     )];
     // Publish the gzip index (not timed), then a clean mount finds it.
-    let idx_cache = TempDir::new("idx");
-    let (ok, _, err) = ocifs(
-        &[
-            "index",
-            "--push",
-            "--cache-dir",
-            idx_cache.path().to_str().unwrap(),
-            &format!("{}/bench/gzip:v1", reg.addr),
-        ],
-        &[],
-    );
-    assert!(ok, "{err}");
+    push_index(&format!("{}/bench/gzip:v1", reg.addr), &[]);
     rows.push(run(
         &proxy,
         "gzip, index from registry",
@@ -511,18 +500,7 @@ fn loopback_vs_inflate(reg: &Registry, work: &TempDir) {
         let reference = format!("{}/loopback/{name}:v1", reg.addr);
         push(&dir, "v1", &reg.addr, &format!("loopback/{name}"), None);
         if name == "gzip" {
-            let ic = TempDir::new("lbidx");
-            let (ok, _, err) = ocifs(
-                &[
-                    "index",
-                    "--push",
-                    "--cache-dir",
-                    ic.path().to_str().unwrap(),
-                    &reference,
-                ],
-                &[],
-            );
-            assert!(ok, "{err}");
+            push_index(&reference, &[]);
             // Single-core inflate of the same blob, as the reference.
             let blob = work.path().join("lb-gzip.blob");
             std::fs::write(&blob, &layers[0].blob).unwrap();

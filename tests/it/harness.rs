@@ -544,6 +544,23 @@ pub fn write_docker_config(path: &Path, host: &str, user_pass: &str) {
 }
 
 /// Runs the `ocifs` binary with `args`; returns (success, stdout, stderr).
+/// Builds and publishes the checkpoint indexes of `reference` (`ocifs index --push FLAGS`,
+/// in a cache directory of its own); returns what it printed.
+pub fn push_index(reference: &str, flags: &[&str]) -> String {
+    let cache = TempDir::new("push-index");
+    let mut args = vec![
+        "index",
+        "--push",
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+    ];
+    args.extend_from_slice(flags);
+    args.push(reference);
+    let (ok, out, err) = ocifs(&args, &[]);
+    assert!(ok, "index --push: {err}");
+    String::from_utf8(out).unwrap()
+}
+
 pub fn ocifs(args: &[&str], env: &[(&str, &str)]) -> (bool, Vec<u8>, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocifs"));
     cmd.args(args)

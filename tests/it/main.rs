@@ -6,7 +6,7 @@ mod harness;
 mod oracle;
 
 use builder::{Enc, Item, encode, file, layout, noise, push};
-use harness::{Mount, Proxy, Registry, TempDir, ocifs, require};
+use harness::{Mount, Proxy, Registry, TempDir, ocifs, push_index, require};
 use std::sync::atomic::Ordering;
 
 const TOOLS: &[&str] = &[
@@ -712,23 +712,8 @@ fn multi_frame_zstd_is_lazy_through_a_frame_index() {
     let blob_size = layers[0].blob.len() as u64;
     builder::push_one(work.path(), &layers, &reg.addr, "zl/image");
     let r = format!("{}/zl/image:v1", proxy.addr);
-    let builder_cache = TempDir::new("zl-builder");
-    let (ok, out, err) = ocifs(
-        &[
-            "index",
-            "--push",
-            "--span",
-            "256KiB",
-            "--cache-dir",
-            builder_cache.path().to_str().unwrap(),
-            &r,
-        ],
-        &[],
-    );
-    assert!(
-        ok && String::from_utf8_lossy(&out).contains("pushed 1 index"),
-        "{err}"
-    );
+    let out = push_index(&r, &["--span", "256KiB"]);
+    assert!(out.contains("pushed 1 index"), "{out}");
     proxy.reset();
     let m = Mount::new(&r, &["--verify", "off"], &[]);
     assert!(
@@ -856,21 +841,7 @@ fn gzip_index_pushed_to_the_registry_is_found_by_a_clean_mount() {
     builder::push_one(work.path(), &layers, &reg.addr, "gzpush/image");
     let r = format!("{}/gzpush/image:v1", proxy.addr);
 
-    let builder_cache = TempDir::new("gzpush-builder");
-    let (ok, out, err) = ocifs(
-        &[
-            "index",
-            "--push",
-            "--span",
-            "512KiB",
-            "--cache-dir",
-            builder_cache.path().to_str().unwrap(),
-            &r,
-        ],
-        &[],
-    );
-    assert!(ok, "index --push: {err}");
-    let out = String::from_utf8(out).unwrap();
+    let out = push_index(&r, &["--span", "512KiB"]);
     assert!(
         out.contains("index built") && out.contains("pushed 1 index"),
         "{out}"
@@ -930,6 +901,28 @@ fn poll_stats(
 }
 
 /// Polls `ocifs stats --json` until background prefetch has finished.
+/// Waits (20 s at most) for a profile, written, renamed into place whole, when the daemon
+/// that recorded it unmounts.
+fn wait_for_profile(profile: &std::path::Path) {
+    for _ in 0..400 {
+        if profile.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Mounts `reference` with `--prefetch profile` and waits for the prefetch; returns the mount
+/// and the blob bytes fetched until then (the proxy's counters are reset after).
+fn mount_prefetched(proxy: &Proxy, reference: &str, profile: &str) -> (Mount, u64) {
+    proxy.reset();
+    let m = Mount::new(reference, &["--verify", "off", "--prefetch", profile], &[]);
+    wait_for_prefetch(m.path());
+    let fetched = proxy.blob_bytes.load(Ordering::SeqCst);
+    proxy.reset();
+    (m, fetched)
+}
+
 fn wait_for_prefetch(mountpoint: &std::path::Path) -> serde_json::Value {
     let finished = |v: &serde_json::Value| {
         let total = v["prefetch"]["totalBytes"].as_u64().unwrap();
@@ -1021,13 +1014,7 @@ fn recorded_profile_prefetches_a_second_start() {
         std::fs::read(m.path().join("needed/b.txt")).unwrap();
         std::fs::read(m.path().join("needed/a.txt")).unwrap();
     }
-    // The profile is written (renamed into place whole) when the daemon unmounts.
-    for _ in 0..400 {
-        if profile.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for_profile(&profile);
     let text = std::fs::read_to_string(&profile).expect("profile written at unmount");
     let lines: Vec<serde_json::Value> = text
         .lines()
@@ -1041,17 +1028,13 @@ fn recorded_profile_prefetches_a_second_start() {
     );
     assert_eq!(lines[1]["len"], 200_000);
 
-    proxy.reset();
-    let m = Mount::new(&r, &["--verify", "off", "--prefetch", p], &[]);
-    wait_for_prefetch(m.path());
+    let (m, planned) = mount_prefetched(&proxy, &r, p);
     // The mount's tail read (512 KiB: footer and TOC) and the two files' chunks, merged into
     // one range; nothing of the 6 MiB after them (the read path fetched a 2 MiB run).
-    let planned = proxy.blob_bytes.load(Ordering::SeqCst);
     assert!(
         planned < 1_000_000,
         "mount and prefetch fetched {planned} bytes"
     );
-    proxy.reset();
     assert_eq!(
         builder::sha(&std::fs::read(m.path().join("needed/a.txt")).unwrap()),
         builder::sha(&noise(200_000, 3))
@@ -1081,20 +1064,7 @@ fn a_profile_prefetch_of_a_gzip_layer_fetches_each_span_front_once() {
     let layers = vec![encode(tar, Enc::Gzip)];
     builder::push_one(work.path(), &layers, &reg.addr, "gzprofile/image");
     let r = format!("{}/gzprofile/image:v1", proxy.addr);
-    let ic = TempDir::new("gzprofile-idx");
-    let (ok, _, err) = ocifs(
-        &[
-            "index",
-            "--push",
-            "--span",
-            "1MiB",
-            "--cache-dir",
-            ic.path().to_str().unwrap(),
-            &r,
-        ],
-        &[],
-    );
-    assert!(ok, "{err}");
+    push_index(&r, &["--span", "1MiB"]);
     let profile = work.path().join("p.profile");
     let p = profile.to_str().unwrap();
     {
@@ -1107,24 +1077,15 @@ fn a_profile_prefetch_of_a_gzip_layer_fetches_each_span_front_once() {
             std::fs::read(m.path().join(f)).unwrap();
         }
     }
-    for _ in 0..400 {
-        if profile.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    proxy.reset();
-    let m = Mount::new(&r, &["--verify", "off", "--prefetch", p], &[]);
-    wait_for_prefetch(m.path());
+    wait_for_profile(&profile);
+    let (m, planned) = mount_prefetched(&proxy, &r, p);
     // The tail probe, the index, and two compressed ranges from a span start to the mark past
     // the files (needed1 and needed2 share theirs): 2.4 MB of this 11 MB blob. Reading each
     // file through the read path, as before, fetched 3.3 MB (runs past the files).
-    let planned = proxy.blob_bytes.load(Ordering::SeqCst);
     assert!(
         planned < 2_800_000,
         "mount and prefetch fetched {planned} bytes"
     );
-    proxy.reset();
     for (f, seed) in [
         ("needed1.txt", 22),
         ("needed2.txt", 23),
