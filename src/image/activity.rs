@@ -102,8 +102,8 @@ impl Image {
                 .map(|w| w.end.saturating_sub(w.start))
                 .sum::<u64>()
         );
-        // A few ranges at a time, in plan order (the block cache fetches each in runs of
-        // its fetch size, all at once).
+        // A few ranges at a time, in plan order; the block cache streams each in one request
+        // per stretch of it that it does not hold yet.
         use futures::StreamExt;
         let mut pending = plan.into_iter();
         let mut in_flight = futures::stream::FuturesOrdered::new();
