@@ -514,7 +514,7 @@ async fn convert(
     let max = ocifs::layer::chunked::MAX_CHUNK;
     if chunk_size > max {
         bail!(
-            "--chunk-size {chunk_size} is larger than {max} bytes, the most a reader decodes at once"
+            "--chunk-size {chunk_size} is larger than {max} bytes, the most a reader decodes in memory (larger chunks are decoded to disk, slowly)"
         );
     }
     let (source, what, display) = common.source(src)?;

@@ -178,7 +178,7 @@ impl Reader {
         self.read_chunks(chunks, offset, len, false).await
     }
 
-    /// [`ChunkedReader::read`] without waiting behind fetches under way (see
+    /// [`Reader::read`] without waiting behind fetches under way (see
     /// [`crate::blob::BlobSource::read_now`]).
     pub async fn read_now(&self, chunks: &[Chunk], offset: u64, len: u64) -> Result<Bytes> {
         self.read_chunks(chunks, offset, len, true).await
