@@ -5,11 +5,18 @@
 //! and a mismatch marks the layer bad, failing its reads with EIO. The blob is read through the
 //! block cache, so verification also fetches the whole layer in the background: once it is
 //! done, reads are served locally.
+//!
+//! A layer served through a checkpoint index fetched from the registry is checked once more:
+//! the index is not named by the image's digests, and its windows and tar entries shape every
+//! byte served (see [`crate::layer::IndexCheck`]). The layer is decoded through the index, as
+//! reads decode it, and the result must hash to the config's `diff_id`, while the tar entries
+//! read from that stream must be the ones the index gave the tree.
 
 use crate::blob::Blob;
 use crate::digest::Hasher;
 use crate::error::{Error, Result};
-use crate::layer::{Health, Layer};
+use crate::layer::checkpoint::file::entries_digest;
+use crate::layer::{Health, IndexCheck, Layer, LayerData};
 use std::sync::Arc;
 
 /// Read size while hashing: small enough that a foreground read arriving meanwhile waits
@@ -19,24 +26,7 @@ const PIECE: u64 = 1 << 20;
 /// Hashes the whole blob and compares it with its id (its digest). Before each piece it
 /// waits until `idle()` says the foreground has no reads going.
 pub async fn verify_blob(raw: &Blob, idle: &(dyn Fn() -> bool + Sync)) -> Result<()> {
-    let mut h = Hasher::default();
-    let size = raw.size();
-    let mut off = 0;
-    while off < size {
-        while !idle() {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        let piece = raw.read_at(off, PIECE.min(size - off)).await?;
-        if piece.is_empty() {
-            return Err(Error::Registry(format!(
-                "blob {} ended early at {off}",
-                raw.id()
-            )));
-        }
-        h.update(&piece);
-        off += piece.len() as u64;
-    }
-    let actual = h.finish();
+    let actual = read_whole(raw, idle, &mut |_| true).await?;
     if actual != raw.id() {
         return Err(Error::Digest {
             what: format!("layer blob {}", raw.id()),
@@ -47,14 +37,111 @@ pub async fn verify_blob(raw: &Blob, idle: &(dyn Fn() -> bool + Sync)) -> Result
     Ok(())
 }
 
+/// Reads `blob` front to back in pieces, yielding to the foreground (see [`verify_blob`]),
+/// handing each piece to `each` (which says whether to go on); returns the sha256 digest.
+async fn read_whole(
+    blob: &Blob,
+    idle: &(dyn Fn() -> bool + Sync),
+    each: &mut (dyn FnMut(&bytes::Bytes) -> bool + Send),
+) -> Result<String> {
+    let mut h = Hasher::default();
+    let size = blob.size();
+    let mut off = 0;
+    while off < size {
+        while !idle() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let piece = blob.read_at(off, PIECE.min(size - off)).await?;
+        if piece.is_empty() {
+            return Err(Error::Registry(format!(
+                "blob {} ended early at {off}",
+                blob.id()
+            )));
+        }
+        h.update(&piece);
+        off += piece.len() as u64;
+        if !each(&piece) {
+            break;
+        }
+    }
+    Ok(h.finish())
+}
+
+/// Decodes a layer through the index it was fetched with and compares the result with
+/// `diff_id` and the index's entries (see the module doc). Once it matches, the cached
+/// index file is moved to where later mounts trust it.
+async fn check_index(
+    layer: &Layer,
+    check: &IndexCheck,
+    diff_id: Option<&str>,
+    idle: &(dyn Fn() -> bool + Sync),
+) -> Result<()> {
+    let bad = |why: String| Error::format("published index", why);
+    let LayerData::Tar(decoded) = &layer.data else {
+        return Err(bad("the layer is not served through it".into()));
+    };
+    let diff_id =
+        diff_id.ok_or_else(|| bad("the image config names no diff_id for this layer".into()))?;
+    // The tar entries come from the same stream, read by a parser on its own thread.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    let what = format!("layer {} decoded through its published index", layer.digest);
+    let parser = {
+        let what = what.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::layer::tar::index_stream(crate::layer::streamed::ChannelReader::new(rx), &what)
+        })
+    };
+    // The sender lives in the closure: dropping it ends the parser's stream.
+    let mut send = move |piece: &bytes::Bytes| tx.send(piece.to_vec()).is_ok();
+    let actual = read_whole(decoded, idle, &mut send).await;
+    drop(send);
+    let entries = parser
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+    let actual = actual?;
+    let entries = entries?;
+    if actual != diff_id {
+        return Err(Error::Digest {
+            what,
+            expected: diff_id.into(),
+            actual,
+        });
+    }
+    if entries_digest(&entries) != check.entries {
+        return Err(bad(format!(
+            "its tar entries differ from those of layer {}",
+            layer.digest
+        )));
+    }
+    if let Some((waiting, trusted)) = &check.kept
+        && let Err(e) = tokio::fs::rename(waiting, trusted).await
+    {
+        tracing::warn!(
+            "could not keep the checked index at {}: {e}",
+            trusted.display()
+        );
+    }
+    Ok(())
+}
+
 /// Verifies each still-pending layer and records the verdict in its health, yielding to
-/// foreground reads (see [`verify_blob`]).
-pub async fn verify_layers(layers: &[(Arc<Layer>, Blob)], idle: &(dyn Fn() -> bool + Sync)) {
-    for (layer, raw) in layers {
+/// foreground reads (see [`verify_blob`]). `diff_ids` are the config's, in layer order.
+pub async fn verify_layers(
+    layers: &[(Arc<Layer>, Blob)],
+    diff_ids: &[String],
+    idle: &(dyn Fn() -> bool + Sync),
+) {
+    for (i, (layer, raw)) in layers.iter().enumerate() {
         if *layer.health.read().unwrap() != Health::Pending {
             continue;
         }
-        match verify_blob(raw, idle).await {
+        let mut verdict = verify_blob(raw, idle).await;
+        if verdict.is_ok()
+            && let Some(check) = &layer.index_check
+        {
+            verdict = check_index(layer, check, diff_ids.get(i).map(String::as_str), idle).await;
+        }
+        match verdict {
             Ok(()) => {
                 tracing::info!("layer {} verified", layer.digest);
                 *layer.health.write().unwrap() = Health::Verified;

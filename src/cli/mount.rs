@@ -75,7 +75,8 @@ pub fn mount_here(
             TaskGuard::spawn(async move {
                 // Yield the link to the reads of a starting workload.
                 let idle = || image.reads.idle_for(std::time::Duration::from_millis(30));
-                ocifs::verify::verify_layers(&image.layers, &idle).await
+                let diff_ids = ocifs::image::manifest::diff_ids(&image.resolved.config);
+                ocifs::verify::verify_layers(&image.layers, &diff_ids, &idle).await
             })
         });
         let whole_files =

@@ -190,6 +190,21 @@ pub async fn resolve_manifest(
     })
 }
 
+/// The `rootfs.diff_ids` of an image config (the digests of its uncompressed layers), in
+/// layer order; empty when the config lists none or is not JSON.
+pub fn diff_ids(config: &[u8]) -> Vec<String> {
+    serde_json::from_slice::<serde_json::Value>(config)
+        .ok()
+        .and_then(|v| {
+            v["rootfs"]["diff_ids"].as_array().map(|a| {
+                a.iter()
+                    .map(|d| d.as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

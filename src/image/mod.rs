@@ -101,7 +101,8 @@ impl Image {
         let (layers, rest): (Vec<_>, Vec<_>) = opened.into_iter().unzip();
         let (entries, counters): (Vec<Vec<Entry>>, Vec<_>) = rest.into_iter().unzip();
         if cfg.verify == VerifyMode::Strict {
-            crate::verify::verify_layers(&layers, &|| true).await;
+            let diff_ids = manifest::diff_ids(&resolved.config);
+            crate::verify::verify_layers(&layers, &diff_ids, &|| true).await;
             for (l, _) in &layers {
                 if let Health::Bad(reason) = &*l.health.read().unwrap() {
                     return Err(Error::BadLayer {

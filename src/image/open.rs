@@ -9,8 +9,8 @@ use crate::config::{OpenConfig, VerifyMode};
 use crate::error::Result;
 use crate::layer::checkpoint::{self, CheckpointIndex, Codec, share};
 use crate::layer::{
-    Entry, Format, Health, Layer, LayerData, LayerDesc, chunked, estargz, streamed, tar,
-    zstdchunked,
+    Entry, Format, Health, IndexCheck, Layer, LayerData, LayerDesc, chunked, estargz, streamed,
+    tar, zstdchunked,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -47,6 +47,7 @@ impl Ctx<'_> {
             Health::Pending
         };
         let mut index_source = None;
+        let mut index_check = None;
         let (data, entries, health) = match format {
             Format::Tar => (
                 LayerData::Tar(cached.clone()),
@@ -77,9 +78,12 @@ impl Ctx<'_> {
                         (self.chunked(reader), entries, initial)
                     }
                     None => {
-                        let (index, from) = self.index(cached.clone(), Codec::Gzip).await?;
+                        let (index, from, trust) = self.index(cached.clone(), Codec::Gzip).await?;
                         index_source = Some(from);
-                        indexed_layer(index, cached)
+                        let (data, entries, health, check) =
+                            indexed_layer(index, cached, trust, initial);
+                        index_check = check;
+                        (data, entries, health)
                     }
                 }
             }
@@ -104,9 +108,12 @@ impl Ctx<'_> {
                 } else {
                     match unpacked {
                         false => match self.index(cached.clone(), Codec::Zstd).await? {
-                            (index, from) if index.checkpoints.len() > 1 => {
+                            (index, from, trust) if index.checkpoints.len() > 1 => {
                                 index_source = Some(from);
-                                indexed_layer(index, cached)
+                                let (data, entries, health, check) =
+                                    indexed_layer(index, cached, trust, initial);
+                                index_check = check;
+                                (data, entries, health)
                             }
                             _ => self.streamed(cached, format).await?,
                         },
@@ -124,6 +131,7 @@ impl Ctx<'_> {
             data,
             health: RwLock::new(health),
             index_source,
+            index_check,
         };
         Ok((layer, entries))
     }
@@ -160,22 +168,38 @@ impl Ctx<'_> {
             .await
     }
 
-    /// The checkpoint index of a gzip or zstd layer and where it came from.
-    async fn index(&self, cached: Blob, codec: Codec) -> Result<(CheckpointIndex, &'static str)> {
+    /// The checkpoint index of a gzip or zstd layer, where it came from, and whether it is
+    /// still to be checked against the layer: `Unchecked` for one from the registry (see
+    /// [`crate::layer::IndexCheck`]), `Trusted` for one built here from the verified blob.
+    async fn index(
+        &self,
+        cached: Blob,
+        codec: Codec,
+    ) -> Result<(CheckpointIndex, &'static str, Trust)> {
         let digest = cached.id().to_string();
         let path = checkpoint::file::path(&self.cfg.cache_dir, &digest);
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => match checkpoint::file::decode(&bytes, &digest) {
-                Ok(index) => return Ok((index, "cached")),
-                Err(e) => tracing::warn!("rejected {}: {e}; looking for another", path.display()),
-            },
-            Err(_) => tracing::debug!("no cached index for {digest}"),
+        let waiting = checkpoint::file::unverified_path(&self.cfg.cache_dir, &digest);
+        let unchecked = || Trust::Unchecked(Some((waiting.clone(), path.clone())));
+        for (file, trust, from) in [
+            (&path, Trust::Trusted, "cached"),
+            (&waiting, unchecked(), "cached, from the registry"),
+        ] {
+            match tokio::fs::read(file).await {
+                Ok(bytes) => match checkpoint::file::decode(&bytes, &digest) {
+                    Ok(index) => return Ok((index, from, trust)),
+                    Err(e) => {
+                        tracing::warn!("rejected {}: {e}; looking for another", file.display())
+                    }
+                },
+                Err(_) => tracing::debug!("no index for {digest} at {}", file.display()),
+            }
         }
         if let Some(p) = self.published().await.get(&digest) {
             match share::fetch(self.source, p, &digest, cached.size()).await {
                 Ok((index, bytes)) => {
-                    keep(&path, &bytes).await;
-                    return Ok((index, p.origin.label()));
+                    let kept = keep(&waiting, &bytes).await;
+                    let trust = Trust::Unchecked(kept.then(|| (waiting.clone(), path.clone())));
+                    return Ok((index, p.origin.label(), trust));
                 }
                 Err(e) => tracing::warn!(
                     "rejected the published index {} of {digest}: {e}; building one",
@@ -188,7 +212,7 @@ impl Ctx<'_> {
         let report = move |done: u64, total: u64| progress(&d, done, total);
         let index = CheckpointIndex::build(cached, codec, self.cfg.span, &report).await?;
         keep(&path, &checkpoint::file::encode(&index)).await;
-        Ok((index, "built"))
+        Ok((index, "built", Trust::Trusted))
     }
 
     async fn streamed(&self, raw: Blob, format: Format) -> Result<(LayerData, Vec<Entry>, Health)> {
@@ -202,23 +226,51 @@ impl Ctx<'_> {
     }
 }
 
-/// Serves a layer through its index. The index came from a pass that checked the whole
-/// blob's digest, and every read checks its span's digest: nothing is served unverified.
-fn indexed_layer(mut index: CheckpointIndex, cached: Blob) -> (LayerData, Vec<Entry>, Health) {
-    let entries = std::mem::take(&mut index.entries);
-    let blob = Arc::new(checkpoint::CheckpointBlob::new(Arc::new(index), cached));
-    (LayerData::Tar(blob), entries, Health::Verified)
+/// Whether an index is trusted as it is, or must still be checked against the layer (with
+/// the cached file that waits for that check and where it goes after).
+enum Trust {
+    Trusted,
+    Unchecked(Option<(std::path::PathBuf, std::path::PathBuf)>),
 }
 
-/// Writes an index file atomically; failing only costs a rebuild later.
-async fn keep(path: &std::path::Path, bytes: &[u8]) {
+/// Serves a layer through its index: its data, entries, health (`initial` until checked) and
+/// what is left to check. Every read checks its span's digest; a trusted index came from a
+/// pass that checked the whole blob's digest, so nothing is served unverified. One from the
+/// registry is checked by verification (see [`IndexCheck`]).
+fn indexed_layer(
+    mut index: CheckpointIndex,
+    cached: Blob,
+    trust: Trust,
+    initial: Health,
+) -> (LayerData, Vec<Entry>, Health, Option<IndexCheck>) {
+    let entries = std::mem::take(&mut index.entries);
+    let (health, check) = match trust {
+        Trust::Trusted => (Health::Verified, None),
+        Trust::Unchecked(kept) => (
+            initial,
+            Some(IndexCheck {
+                entries: checkpoint::file::entries_digest(&entries),
+                kept,
+            }),
+        ),
+    };
+    let blob = Arc::new(checkpoint::CheckpointBlob::new(Arc::new(index), cached));
+    (LayerData::Tar(blob), entries, health, check)
+}
+
+/// Writes an index file atomically; failing only costs a rebuild later. Whether it was kept.
+async fn keep(path: &std::path::Path, bytes: &[u8]) -> bool {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let saved = async {
         tokio::fs::create_dir_all(path.parent().unwrap()).await?;
         tokio::fs::write(&tmp, bytes).await?;
         tokio::fs::rename(&tmp, path).await
     };
-    if let Err(e) = saved.await {
-        tracing::warn!("could not keep an index at {}: {e}", path.display());
+    match saved.await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("could not keep an index at {}: {e}", path.display());
+            false
+        }
     }
 }

@@ -168,6 +168,22 @@ pub struct Layer {
     pub health: RwLock<Health>,
     /// For gzip layers: where the checkpoint index came from (built, cached, from registry).
     pub index_source: Option<&'static str>,
+    /// For a layer served through an index fetched from the registry: what verification
+    /// must still check (the index, unlike the blob, is not named by the image's digests).
+    pub index_check: Option<IndexCheck>,
+}
+
+/// What remains to check about an index that came from the registry: anyone who can push a
+/// referrer can publish one, and its windows and tar entries are trusted by every read (span
+/// digests only vouch for compressed bytes). [`crate::verify`] decodes the layer through it
+/// and compares the result with the config's `diff_id` and these entries.
+#[derive(Debug)]
+pub struct IndexCheck {
+    /// [`checkpoint::file::entries_digest`] of the entries the index gave the tree.
+    pub entries: [u8; 32],
+    /// The index file waiting in the cache directory as unverified, and where it goes once
+    /// checked (so later mounts trust it).
+    pub kept: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Layer {

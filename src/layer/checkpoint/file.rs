@@ -28,6 +28,25 @@ pub fn path(cache_dir: &Path, digest: &str) -> PathBuf {
         .join(format!("{}.idx", digest.replace(':', "-")))
 }
 
+/// Where an index fetched from the registry waits in the cache directory until the layer has
+/// been checked against it (see [`crate::verify`]); a later mount loads it as unverified.
+pub fn unverified_path(cache_dir: &Path, digest: &str) -> PathBuf {
+    path(cache_dir, digest).with_extension("idx.unverified")
+}
+
+/// A digest of tar entries as this file stores them: what an index says about a layer's
+/// tree, compared with what its decoded tar says.
+pub fn entries_digest(entries: &[Entry]) -> [u8; 32] {
+    let mut p = Vec::new();
+    let mut h = Sha256::new();
+    for e in entries {
+        p.clear();
+        put_entry(&mut p, e);
+        h.update(&p);
+    }
+    h.finalize().into()
+}
+
 /// Serialises `index`.
 pub fn encode(index: &CheckpointIndex) -> Vec<u8> {
     let mut p = Vec::new();
@@ -71,7 +90,7 @@ pub fn encode(index: &CheckpointIndex) -> Vec<u8> {
 }
 
 /// The file around a raw payload: header, checksum, compressed payload.
-fn frame(version: u32, raw: &[u8]) -> Vec<u8> {
+pub(super) fn frame(version: u32, raw: &[u8]) -> Vec<u8> {
     let payload = zstd::bulk::compress(raw, 3).expect("zstd compression of an in-memory buffer");
     let mut out = Vec::with_capacity(payload.len() + 52);
     out.extend_from_slice(MAGIC);

@@ -1,11 +1,17 @@
 use super::*;
 use crate::blob::MemBlob;
 use std::io::Write;
+use std::time::Duration;
 
 fn sample_tar() -> Vec<u8> {
+    sample_tar_of(40)
+}
+
+/// `n` files of 50-90 KB, part random and part repetitive (so deflate uses back references).
+fn sample_tar_of(n: usize) -> Vec<u8> {
     let mut b = ::tar::Builder::new(Vec::new());
     let mut x = 1u64;
-    for i in 0..40 {
+    for i in 0..n {
         let data: Vec<u8> = (0..(50_000 + i * 1000))
             .map(|j| {
                 x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -240,4 +246,112 @@ async fn a_files_compressed_extent_ends_at_the_mark_past_it() {
     assert_eq!(a, start);
     assert!(b > s1 && b <= e1, "{b} within span 1 ({s1}..{e1})");
     assert!(end <= s1);
+}
+
+/// A hostile index (any values, with a valid checksum, as anyone publishing one can make) is
+/// refused at once, or verification finds out exactly when it lies: when decoding the layer
+/// through it does not give the layer's bytes, or its entries are not the layer's. Never a
+/// panic or a hang. Values in the decoded payload are changed at random, many times.
+#[tokio::test]
+async fn a_hostile_index_is_refused_or_found_out() {
+    use crate::layer::{Format, Health, IndexCheck, Layer, LayerData};
+    let tar = sample_tar_of(10);
+    let blob_bytes = gzip(&tar, 6);
+    let digest = crate::digest::sha256(&blob_bytes);
+    let diff_ids = [crate::digest::sha256(&tar)];
+    let blob: Blob = Arc::new(MemBlob::new(digest.clone(), blob_bytes));
+    let index = CheckpointIndex::build(blob.clone(), Codec::Gzip, 64 << 10, &|_, _| {})
+        .await
+        .unwrap();
+    let encoded = file::encode(&index);
+    let raw = ::zstd::bulk::decompress(&encoded[52..], 64 << 20).unwrap();
+    let mut state = 0x5eed_u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        state >> 11
+    };
+    let (mut accepted, mut lying) = (0, 0);
+    for _ in 0..80 {
+        let mut r = raw.clone();
+        for _ in 0..1 + next() % 3 {
+            let at = (next() as usize) % r.len();
+            let end = (at + 8).min(r.len());
+            let value = match next() % 4 {
+                0 => next() % 300_000,
+                1 => u64::MAX - next() % 3,
+                2 => u64::from(r[at] ^ (1 << (next() % 8))),
+                _ => next(),
+            };
+            r[at..end].copy_from_slice(&value.to_le_bytes()[..end - at]);
+        }
+        let Ok(mut hostile) = file::decode(&file::frame(3, &r), &digest) else {
+            continue;
+        };
+        accepted += 1;
+        let entries = std::mem::take(&mut hostile.entries);
+        let gz: Blob = Arc::new(CheckpointBlob::new(Arc::new(hostile), blob.clone()));
+        let whole = tokio::time::timeout(Duration::from_secs(20), gz.read_at(0, tar.len() as u64))
+            .await
+            .expect("a read through a hostile index hung");
+        let lies = entries != index.entries || whole.is_ok_and(|got| got[..] != tar[..]);
+        let layer = Arc::new(Layer {
+            digest: digest.clone(),
+            format: Format::Gzip,
+            data: LayerData::Tar(gz),
+            health: std::sync::RwLock::new(Health::Pending),
+            index_source: Some("test"),
+            index_check: Some(IndexCheck {
+                entries: file::entries_digest(&entries),
+                kept: None,
+            }),
+        });
+        let layers = [(layer.clone(), blob.clone())];
+        let verified = crate::verify::verify_layers(&layers, &diff_ids, &|| true);
+        tokio::time::timeout(Duration::from_secs(60), verified)
+            .await
+            .expect("verifying through a hostile index hung");
+        let health = layer.health.read().unwrap().clone();
+        if lies {
+            assert!(matches!(health, Health::Bad(_)), "a lying index passed");
+        }
+        lying += usize::from(lies);
+    }
+    // The mutations must reach the read path and verification, not only the parser.
+    assert!(
+        accepted > 20 && lying > 10,
+        "{accepted} accepted, {lying} lying"
+    );
+}
+
+#[tokio::test]
+async fn the_honest_index_passes_verification() {
+    use crate::layer::{Format, Health, IndexCheck, Layer, LayerData};
+    let tar = sample_tar();
+    let blob_bytes = gzip(&tar, 6);
+    let digest = crate::digest::sha256(&blob_bytes);
+    let blob: Blob = Arc::new(MemBlob::new(digest.clone(), blob_bytes));
+    let mut index = CheckpointIndex::build(blob.clone(), Codec::Gzip, 128 << 10, &|_, _| {})
+        .await
+        .unwrap();
+    let entries = std::mem::take(&mut index.entries);
+    let layer = Arc::new(Layer {
+        digest,
+        format: Format::Gzip,
+        data: LayerData::Tar(Arc::new(CheckpointBlob::new(Arc::new(index), blob.clone()))),
+        health: std::sync::RwLock::new(Health::Pending),
+        index_source: Some("test"),
+        index_check: Some(IndexCheck {
+            entries: file::entries_digest(&entries),
+            kept: None,
+        }),
+    });
+    let layers = [(layer.clone(), blob)];
+    crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true).await;
+    assert_eq!(*layer.health.read().unwrap(), Health::Verified);
+    // A config naming another diff_id fails it.
+    *layer.health.write().unwrap() = Health::Pending;
+    crate::verify::verify_layers(&layers, &["sha256:00".into()], &|| true).await;
+    assert!(matches!(*layer.health.read().unwrap(), Health::Bad(_)));
 }
