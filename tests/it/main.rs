@@ -1482,9 +1482,16 @@ fn soci_ztocs_v1_and_v2_are_used_instead_of_building_an_index() {
     let proxy = Proxy::start(&reg.addr, None);
     let work = TempDir::new("soci");
     let mut tars = base_layers();
+    // Text past the first span, so its deflate stream refers back across span starts.
+    // (Numbered lines: repeated text alone makes a few huge deflate blocks, with no checkpoint
+    // inside.)
+    let log: String = (0..60_000u64)
+        .map(|i| format!("{i:>8} record {} of a log line\n", i * 7919 % 10007))
+        .collect();
     tars.push(builder::tar(&[
         file("small.txt", "small\n"),
         file("big.bin", noise(8 << 20, 5)),
+        file("log.txt", log.clone()),
     ]));
     let layers: Vec<_> = tars.into_iter().map(|t| encode(t, Enc::Gzip9)).collect();
     let total: u64 = layers.iter().map(|l| l.blob.len() as u64).sum();
@@ -1542,7 +1549,10 @@ fn soci_ztocs_v1_and_v2_are_used_instead_of_building_an_index() {
         &[],
     );
     assert!(m.ready.contains("SOCI v1 zTOC"), "{}", m.ready);
-    let err = std::fs::read(m.path().join("big.bin")).unwrap_err();
+    // (The last span, whose digest is wrong, holds the end of log.txt.)
+    let err = std::fs::read(m.path().join("log.txt"))
+        .map(|b| b.len())
+        .unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     drop(m);
     push(&dir, "v1", &reg.addr, "soci/truncated", None);
@@ -1554,6 +1564,74 @@ fn soci_ztocs_v1_and_v2_are_used_instead_of_building_an_index() {
     );
     assert_eq!(m.ready.matches("index built").count(), 3, "{}", m.ready);
     oracle::assert_same(&expected, &oracle::snapshot(m.path()));
+    drop(m);
+
+    // A zTOC is not named by the image's digests: one whose windows were altered has span
+    // digests that match, but decodes to other bytes. Verification decodes the layer through
+    // it and compares with the config's diff_id: a strict mount is refused, a background one
+    // fails the layer's reads once it finds out. An honest one passes and is kept as trusted.
+    push(&dir, "v1", &reg.addr, "soci/bad-window", None);
+    publish_soci(&reg.addr, "soci/bad-window", "v1", "window");
+    let r = format!("{}/soci/bad-window:v1", reg.addr);
+    let mp = TempDir::new("mp");
+    let (ok, _, err) = ocifs(
+        &[
+            "mount",
+            "--cache-dir",
+            work.path().join("strict").to_str().unwrap(),
+        ]
+        .into_iter()
+        .chain(["--verify", "strict", &r, mp.path().to_str().unwrap()])
+        .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(
+        !ok && err.contains("decoded through its published index"),
+        "strict mount through an altered zTOC: {err}"
+    );
+    let m = Mount::new(&r, &["--verify", "background"], &[]);
+    let verdicts = wait_for_verification(&m, 3);
+    assert!(verdicts[2].starts_with("bad:"), "{verdicts:?}");
+    let err = std::fs::read(m.path().join("log.txt"))
+        .map(|b| b.len())
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(m);
+    let cache = TempDir::new("soci-trusted");
+    let cd = cache.path().to_str().unwrap();
+    let honest = format!("{}/soci/v1:v1", reg.addr);
+    let m = Mount::new(&honest, &["--verify", "background", "--cache-dir", cd], &[]);
+    let verdicts = wait_for_verification(&m, 3);
+    assert!(verdicts.iter().all(|v| v == "verified"), "{verdicts:?}");
+    assert_eq!(
+        std::fs::read_to_string(m.path().join("log.txt")).unwrap(),
+        log
+    );
+    drop(m);
+    let m = Mount::new(&honest, &["--verify", "background", "--cache-dir", cd], &[]);
+    assert_eq!(m.ready.matches("(index cached)").count(), 3, "{}", m.ready);
+}
+
+/// Each layer's verification state from `ocifs stats` once none is pending (up to 20 s).
+fn wait_for_verification(m: &Mount, layers: usize) -> Vec<String> {
+    for _ in 0..400 {
+        let (ok, out, _) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
+        assert!(ok);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let states: Vec<String> = (0..layers)
+            .map(|i| {
+                v["layers"][i]["verification"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        if states.iter().all(|s| s != "pending") {
+            return states;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("verification still pending after 20 s");
 }
 
 #[test]

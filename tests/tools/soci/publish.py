@@ -6,7 +6,7 @@ zran.c algorithm SOCI's own C builder uses), the file list from Python's tarfile
 from hashlib, and the FlatBuffers encoding from Google's flatc with the zTOC schema beside this
 script. Only 127.0.0.1 registries over plain HTTP are supported (it is a test tool).
 
-usage: publish.py REGISTRY REPO TAG --soci v1|v2 [--span N] [--damage none|span-digest|truncate]
+usage: publish.py REGISTRY REPO TAG --soci v1|v2 [--span N] [--damage none|span-digest|truncate|window]
   v1: a SOCI index manifest with `subject`, listed under the referrers tag sha256-<hex>.
   v2: the image manifest gains the com.amazon.soci.index-digest annotation and is pushed, with
       the SOCI index next to it in an image index, as TAG-soci.
@@ -117,6 +117,10 @@ def ztoc(blob, span, damage):
         digests.append("sha256:" + hashlib.sha256(blob[start:end]).hexdigest())
     if damage == "span-digest":
         digests[-1] = "sha256:" + "0" * 64
+    if damage == "window":
+        # Every window past the first altered: span digests still match the compressed
+        # bytes, but back references across a span start now decode to other bytes.
+        points = points[:1] + [(i, o, b, bytes(x ^ 0x55 for x in w)) for i, o, b, w in points[1:]]
     zinfo = len(points).to_bytes(4, "little") + span.to_bytes(8, "little")
     for inp, out, bits, w in points:
         zinfo += inp.to_bytes(8, "little") + out.to_bytes(8, "little") + bytes([bits]) + w
@@ -179,7 +183,7 @@ def main():
     p.add_argument("tag")
     p.add_argument("--soci", choices=["v1", "v2"], required=True)
     p.add_argument("--span", type=int, default=1 << 22)
-    p.add_argument("--damage", choices=["none", "span-digest", "truncate"], default="none")
+    p.add_argument("--damage", choices=["none", "span-digest", "truncate", "window"], default="none")
     a = p.parse_args()
     reg = Registry(a.registry, a.repo)
     raw = reg.get("/manifests/" + a.tag, OCI_MANIFEST)
