@@ -1,6 +1,6 @@
 //! ocifs: container images from a registry as a lazily loaded, read-only file system.
 //!
-//! Data flow, one module each: [`reference`] -> [`registry`] (HTTP, auth) -> [`blob`] (the byte
+//! Data flow, one module each: [`reference`](mod@reference) -> [`registry`] (HTTP, auth) -> [`blob`] (the byte
 //! seam and its block cache) -> [`layer`] (one module per format, one index type) ->
 //! [`tree`] (layers merged with whiteouts) -> [`image`] (the FUSE-free core that serves reads)
 //! -> [`fuse`] (the thin kernel adapter) -> [`daemon`] (mount lifecycle). [`verify`] gates

@@ -3,7 +3,7 @@
 //! A runtime starting a container from a lazily mounted image runs the command its config
 //! names (`Entrypoint` + `Cmd`, found on the config's `PATH`, relative to `WorkingDir`). Its
 //! first reads are known before the process exists: the program, what the loader reads for
-//! it (see [`super::elf`]) or a script's interpreter, and the files its arguments name (a
+//! it (see `image::elf`) or a script's interpreter, and the files its arguments name (a
 //! Python script, a configuration file). A mount queues them for the background fetcher as
 //! soon as it is ready, so the first round trips of the start are already under way.
 

@@ -53,7 +53,7 @@ pub struct Image {
     pub prefetching: std::sync::atomic::AtomicBool,
     /// Sizes of the files fetched whole.
     pub whole_fetched: AtomicU64,
-    /// Sizes of the files fetched with their directory (see [`together`]). Both count file
+    /// Sizes of the files fetched with their directory (see `image::together`). Both count file
     /// bytes, so the figures compare across formats; blob bytes are per layer.
     pub directory_fetched: AtomicU64,
 }

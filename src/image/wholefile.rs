@@ -7,11 +7,11 @@
 //! large requests; the faults that follow find their bytes arriving or already cached.
 //! Sequential readers never trigger it (the block cache's read-ahead serves them).
 //!
-//! The same queue fetches what a program will load (see [`super::elf`]): when an ELF file's
+//! The same queue fetches what a program will load (see `image::elf`): when an ELF file's
 //! first bytes are read, the file itself is fetched whole (its pages are mapped and mostly
 //! touched), and so are its dynamic loader, `/etc/ld.so.cache` and its `DT_NEEDED` libraries
 //! (looked up in the image's library directories), and theirs in turn. The same queue fetches
-//! files read together (see [`super::together`]).
+//! files read together (see `image::together`).
 //!
 //! Order matters as much as choice, because everything fetched shares one link. A file
 //! fetched whole comes head and tail first, in requests of their own, then its middle: a

@@ -494,7 +494,7 @@ pub struct TocMeta<'a> {
 }
 
 impl TocMeta<'_> {
-    /// The [`Entry`] (without size or data) for `path`; `what` names the layer in errors.
+    /// The [`super::Entry`] (without size or data) for `path`; `what` names the layer in errors.
     pub fn entry(&self, path: String, what: &str) -> Result<super::Entry> {
         use super::Kind;
         use base64::Engine;

@@ -61,7 +61,7 @@ pub fn bounded<R>(reader: R) -> (Bounded<R>, HeaderLimit) {
 }
 
 /// A tar stream reader that refuses to read past a limit: the end of the current entry's data
-/// plus [`MAX_HEADERS`] for the next entry's headers and extension records. Streams start at
+/// plus `MAX_HEADERS` (16 MiB) for the next entry's headers and extension records. Streams start at
 /// position 0; a seek moves the position with it.
 pub struct Bounded<R> {
     inner: R,

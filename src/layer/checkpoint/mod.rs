@@ -2,7 +2,7 @@
 //!
 //! Neither stream can be entered at an arbitrary offset, but both can be resumed at known
 //! points: gzip at a deflate block boundary given the bit offset and the 32 KiB of output
-//! before it (zlib's zran.c, in [`gzip`]); zstd at the start of any frame (in [`zstd`]). One
+//! before it (zlib's zran.c, in `gzip.rs`); zstd at the start of any frame (in `zstd.rs`). One
 //! streaming pass over the blob records such a checkpoint every `span` bytes of output, the
 //! sha256 of each span's compressed bytes, every tar entry's offset, and checks the whole
 //! blob's digest. Afterwards a read fetches only the compressed span(s) covering it, checks
