@@ -113,12 +113,12 @@ async fn check_index(
             layer.digest
         )));
     }
-    if let Some((waiting, trusted)) = &check.kept
-        && let Err(e) = tokio::fs::rename(waiting, trusted).await
+    if let Some(waiting) = &check.kept
+        && let Err(e) = crate::layer::checkpoint::file::mark_checked(waiting)
     {
         tracing::warn!(
-            "could not keep the checked index at {}: {e}",
-            trusted.display()
+            "could not keep the checked index {}: {e}",
+            waiting.display()
         );
     }
     Ok(())

@@ -179,10 +179,13 @@ impl Ctx<'_> {
         let digest = cached.id().to_string();
         let path = checkpoint::file::path(&self.cfg.cache_dir, &digest);
         let waiting = checkpoint::file::unverified_path(&self.cfg.cache_dir, &digest);
-        let unchecked = || Trust::Unchecked(Some((waiting.clone(), path.clone())));
         for (file, trust, from) in [
             (&path, Trust::Trusted, "cached"),
-            (&waiting, unchecked(), "cached, from the registry"),
+            (
+                &waiting,
+                Trust::Unchecked(Some(waiting.clone())),
+                "cached, from the registry",
+            ),
         ] {
             match tokio::fs::read(file).await {
                 Ok(bytes) => match checkpoint::file::decode(&bytes, &digest) {
@@ -198,7 +201,7 @@ impl Ctx<'_> {
             match share::fetch(self.source, p, &digest, cached.size()).await {
                 Ok((index, bytes)) => {
                     let kept = keep(&waiting, &bytes).await;
-                    let trust = Trust::Unchecked(kept.then(|| (waiting.clone(), path.clone())));
+                    let trust = Trust::Unchecked(kept.then(|| waiting.clone()));
                     return Ok((index, p.origin.label(), trust));
                 }
                 Err(e) => tracing::warn!(
@@ -227,10 +230,10 @@ impl Ctx<'_> {
 }
 
 /// Whether an index is trusted as it is, or must still be checked against the layer (with
-/// the cached file that waits for that check and where it goes after).
+/// the cached file that waits for that check).
 enum Trust {
     Trusted,
-    Unchecked(Option<(std::path::PathBuf, std::path::PathBuf)>),
+    Unchecked(Option<std::path::PathBuf>),
 }
 
 /// Serves a layer through its index: its data, entries, health (`initial` until checked) and

@@ -181,9 +181,9 @@ pub struct Layer {
 pub struct IndexCheck {
     /// [`checkpoint::file::entries_digest`] of the entries the index gave the tree.
     pub entries: [u8; 32],
-    /// The index file waiting in the cache directory as unverified, and where it goes once
-    /// checked (so later mounts trust it).
-    pub kept: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// The index file waiting in the cache directory as unverified, to be marked checked
+    /// (so later mounts trust it).
+    pub kept: Option<std::path::PathBuf>,
 }
 
 impl Layer {

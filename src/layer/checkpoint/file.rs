@@ -34,6 +34,12 @@ pub fn unverified_path(cache_dir: &Path, digest: &str) -> PathBuf {
     path(cache_dir, digest).with_extension("idx.unverified")
 }
 
+/// Moves an index file from its [`unverified_path`] to its [`path`], once the layer has been
+/// checked against it.
+pub fn mark_checked(unverified: &Path) -> std::io::Result<()> {
+    std::fs::rename(unverified, unverified.with_extension(""))
+}
+
 /// A digest of tar entries as this file stores them: what an index says about a layer's
 /// tree, compared with what its decoded tar says.
 pub fn entries_digest(entries: &[Entry]) -> [u8; 32] {

@@ -248,13 +248,30 @@ async fn a_files_compressed_extent_ends_at_the_mark_past_it() {
     assert!(end <= s1);
 }
 
+/// A pending gzip layer served through `decoded`, whose index (with `entries`) came from the
+/// registry and is still to be checked.
+fn unchecked_layer(digest: &str, decoded: Blob, entries: &[Entry]) -> Arc<crate::layer::Layer> {
+    use crate::layer::{Format, Health, IndexCheck, Layer, LayerData};
+    Arc::new(Layer {
+        digest: digest.to_string(),
+        format: Format::Gzip,
+        data: LayerData::Tar(decoded),
+        health: std::sync::RwLock::new(Health::Pending),
+        index_source: Some("test"),
+        index_check: Some(IndexCheck {
+            entries: file::entries_digest(entries),
+            kept: None,
+        }),
+    })
+}
+
 /// A hostile index (any values, with a valid checksum, as anyone publishing one can make) is
 /// refused at once, or verification finds out exactly when it lies: when decoding the layer
 /// through it does not give the layer's bytes, or its entries are not the layer's. Never a
 /// panic or a hang. Values in the decoded payload are changed at random, many times.
 #[tokio::test]
 async fn a_hostile_index_is_refused_or_found_out() {
-    use crate::layer::{Format, Health, IndexCheck, Layer, LayerData};
+    use crate::layer::Health;
     let tar = sample_tar_of(10);
     let blob_bytes = gzip(&tar, 6);
     let digest = crate::digest::sha256(&blob_bytes);
@@ -296,17 +313,7 @@ async fn a_hostile_index_is_refused_or_found_out() {
             .await
             .expect("a read through a hostile index hung");
         let lies = entries != index.entries || whole.is_ok_and(|got| got[..] != tar[..]);
-        let layer = Arc::new(Layer {
-            digest: digest.clone(),
-            format: Format::Gzip,
-            data: LayerData::Tar(gz),
-            health: std::sync::RwLock::new(Health::Pending),
-            index_source: Some("test"),
-            index_check: Some(IndexCheck {
-                entries: file::entries_digest(&entries),
-                kept: None,
-            }),
-        });
+        let layer = unchecked_layer(&digest, gz, &entries);
         let layers = [(layer.clone(), blob.clone())];
         let verified = crate::verify::verify_layers(&layers, &diff_ids, &|| true);
         tokio::time::timeout(Duration::from_secs(60), verified)
@@ -327,7 +334,7 @@ async fn a_hostile_index_is_refused_or_found_out() {
 
 #[tokio::test]
 async fn the_honest_index_passes_verification() {
-    use crate::layer::{Format, Health, IndexCheck, Layer, LayerData};
+    use crate::layer::Health;
     let tar = sample_tar();
     let blob_bytes = gzip(&tar, 6);
     let digest = crate::digest::sha256(&blob_bytes);
@@ -336,17 +343,8 @@ async fn the_honest_index_passes_verification() {
         .await
         .unwrap();
     let entries = std::mem::take(&mut index.entries);
-    let layer = Arc::new(Layer {
-        digest,
-        format: Format::Gzip,
-        data: LayerData::Tar(Arc::new(CheckpointBlob::new(Arc::new(index), blob.clone()))),
-        health: std::sync::RwLock::new(Health::Pending),
-        index_source: Some("test"),
-        index_check: Some(IndexCheck {
-            entries: file::entries_digest(&entries),
-            kept: None,
-        }),
-    });
+    let gz = Arc::new(CheckpointBlob::new(Arc::new(index), blob.clone()));
+    let layer = unchecked_layer(&digest, gz, &entries);
     let layers = [(layer.clone(), blob)];
     crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true).await;
     assert_eq!(*layer.health.read().unwrap(), Health::Verified);
