@@ -6,7 +6,8 @@
 //! as one unit; the least recently written units are removed until the total fits the bound
 //! again, so the cache directory does not grow without end across mounts. A tar still being
 //! written (`*.tmp<pid>`) is neither counted nor removed. (Checkpoint indexes are small and
-//! kept; decoded large chunks live in unnamed files that vanish with their mount.)
+//! kept; decoded large chunks and local copies of layers live in unnamed files (see
+//! [`unnamed_file`]) that vanish with their mount.)
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -64,6 +65,54 @@ fn unit_size(path: &Path) -> std::io::Result<(u64, SystemTime)> {
     Ok((size, newest))
 }
 
+/// A file in `dir` with no name: it takes disk space only while open.
+/// (`O_TMPFILE`; where the file system lacks it, a new file removed as soon as it is open).
+pub fn unnamed_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir)?;
+    match read_write()
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(dir)
+    {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP)
+                || e.raw_os_error() == Some(libc::EISDIR) =>
+        {
+            created_and_removed(dir)
+        }
+        other => other,
+    }
+}
+
+fn read_write() -> std::fs::OpenOptions {
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true).write(true);
+    open
+}
+
+/// [`unnamed_file`] where `O_TMPFILE` is not supported: a new file, removed at once. Names
+/// carry the process and the time; a name already taken is tried again with a later time.
+fn created_and_removed(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tries = 0;
+    loop {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let path = dir.join(format!(".decoding-{}-{stamp}", std::process::id()));
+        match read_write().create_new(true).mode(0o600).open(&path) {
+            Ok(file) => {
+                std::fs::remove_file(&path)?;
+                return Ok(file);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 16 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +149,25 @@ mod tests {
         assert!(tars.join("b.tmp42").exists());
         assert_eq!(prune(&[dir.join("missing")], 0).unwrap(), 0);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unnamed_files_leave_no_name_behind() {
+        use std::io::{Read, Seek, Write};
+        let spill = std::env::temp_dir().join(format!("ocifs-unnamed-{}", std::process::id()));
+        // O_TMPFILE where the file system has it, and the fallback on the same directory.
+        for mut f in [
+            unnamed_file(&spill).unwrap(),
+            created_and_removed(&spill).unwrap(),
+            created_and_removed(&spill).unwrap(),
+        ] {
+            f.write_all(b"decoded").unwrap();
+            f.rewind().unwrap();
+            let mut back = String::new();
+            f.read_to_string(&mut back).unwrap();
+            assert_eq!(back, "decoded");
+        }
+        assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0);
+        std::fs::remove_dir_all(&spill).unwrap();
     }
 }

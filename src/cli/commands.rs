@@ -22,6 +22,7 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             prefetch,
             no_prefetch,
             no_whole_files,
+            no_local_copy,
             reference,
             mountpoint,
         } => {
@@ -31,6 +32,7 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
                     prefetch,
                     no_prefetch,
                     no_whole_files,
+                    no_local_copy,
                 };
                 mount_here(&common, &reference, &mountpoint, daemon_child, extras)
             } else {
@@ -474,7 +476,7 @@ fn print_stats(v: &serde_json::Value, json: bool) -> Result<()> {
     );
     for l in v["layers"].as_array().into_iter().flatten() {
         println!(
-            "  {} {:8} fetched {} bytes in {} requests; {}{}",
+            "  {} {:8} fetched {} bytes in {} requests; {}{}{}",
             l["digest"].as_str().unwrap_or(""),
             l["format"].as_str().unwrap_or(""),
             l["fetchedBytes"],
@@ -483,7 +485,12 @@ fn print_stats(v: &serde_json::Value, json: bool) -> Result<()> {
             l["index"]
                 .as_str()
                 .map(|s| format!("; index {s}"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            if l["localCopy"] == true {
+                "; served from a local copy"
+            } else {
+                ""
+            }
         );
     }
     let c = &v["cache"];
@@ -500,6 +507,11 @@ fn print_stats(v: &serde_json::Value, json: bool) -> Result<()> {
     println!(
         "prefetch: {} of {} bytes; fetched in the background: files whole (scattered reads, libraries) {} bytes, files with their directory {} bytes",
         p["doneBytes"], p["totalBytes"], p["wholeFileBytes"], p["directoryBytes"]
+    );
+    let c = &v["localCopies"];
+    println!(
+        "local copies of verified layers: {} bytes written, {} reads served from them",
+        c["bytes"], c["reads"]
     );
     Ok(())
 }

@@ -88,6 +88,11 @@ enum Cmd {
         /// planned prefetch) the files of the image's configured command at mount.
         #[arg(long)]
         no_whole_files: bool,
+        /// Do not copy a verified layer's files into a local file (in the cache directory,
+        /// for as long as the mount lasts) to serve their reads from; without the copy, cold
+        /// reads decode the layer's compressed blocks again.
+        #[arg(long)]
+        no_local_copy: bool,
         reference: String,
         mountpoint: PathBuf,
     },
@@ -175,6 +180,13 @@ enum Cmd {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let daemonish = matches!(cli.cmd, Cmd::Mount { .. });
+    if !daemonish {
+        // Output piped into `head` ends the command quietly when the reader goes, as with
+        // coreutils (Rust ignores SIGPIPE, and `println!` then panics). Sockets are not
+        // affected: the standard library sends with MSG_NOSIGNAL.
+        // SAFETY: restoring a signal's default disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let filter = std::env::var("OCIFS_LOG").unwrap_or_else(|_| {
         if daemonish {
             "info".into()

@@ -18,6 +18,7 @@ pub struct MountExtras {
     pub prefetch: Option<PathBuf>,
     pub no_prefetch: bool,
     pub no_whole_files: bool,
+    pub no_local_copy: bool,
 }
 
 /// Tells the waiting parent (daemon child) or the user (foreground) that the mount is ready.
@@ -70,13 +71,23 @@ pub fn mount_here(
                 return Err(e);
             }
         };
-        let verifier = (cfg.verify == ocifs::config::VerifyMode::Background).then(|| {
+        // Verification (unless done before the mount, or off), then local copies of the
+        // verified layers, so that reads converge to local speed.
+        let verifier = (cfg.verify != ocifs::config::VerifyMode::Off).then(|| {
             let image = image.clone();
+            let background = cfg.verify == ocifs::config::VerifyMode::Background;
+            let copies = (!extras.no_local_copy)
+                .then(|| (cfg.cache_dir.join("copies"), cfg.disk_cache_size));
             TaskGuard::spawn(async move {
                 // Yield the link to the reads of a starting workload.
                 let idle = || image.reads.idle_for(std::time::Duration::from_millis(30));
-                let diff_ids = ocifs::image::manifest::diff_ids(&image.resolved.config);
-                ocifs::verify::verify_layers(&image.layers, &diff_ids, &idle).await
+                if background {
+                    let diff_ids = ocifs::image::manifest::diff_ids(&image.resolved.config);
+                    ocifs::verify::verify_layers(&image.layers, &diff_ids, &idle).await
+                }
+                if let Some((dir, budget)) = copies {
+                    image.copy_layers_locally(&dir, budget, &idle).await
+                }
             })
         });
         let whole_files =

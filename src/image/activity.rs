@@ -203,7 +203,8 @@ impl Image {
             .layers
             .iter()
             .zip(&self.counters)
-            .map(|((l, _), c)| {
+            .enumerate()
+            .map(|(i, ((l, _), c))| {
                 let health = match &*l.health.read().unwrap() {
                     Health::Pending => "pending".to_string(),
                     Health::Verified => "verified".to_string(),
@@ -212,7 +213,7 @@ impl Image {
                 };
                 json!({"digest": l.digest, "format": l.format.name(), "index": l.index_source,
                        "fetchedBytes": c.bytes.load(Ordering::Relaxed), "requests": c.requests.load(Ordering::Relaxed),
-                       "verification": health})
+                       "verification": health, "localCopy": self.local.is_complete(i)})
             })
             .collect();
         let s = &self.cache.stats;
@@ -228,6 +229,7 @@ impl Image {
             "prefetch": {"totalBytes": self.prefetch_total.load(Ordering::Relaxed), "doneBytes": self.prefetch_done.load(Ordering::Relaxed),
                          "wholeFileBytes": self.whole_fetched.load(Ordering::Relaxed),
                          "directoryBytes": self.directory_fetched.load(Ordering::Relaxed)},
+            "localCopies": {"bytes": self.local.bytes.load(Ordering::Relaxed), "reads": self.local.reads.load(Ordering::Relaxed)},
         })
     }
 }

@@ -4,6 +4,7 @@
 pub mod activity;
 pub mod command;
 mod elf;
+pub mod local;
 pub mod manifest;
 mod open;
 pub mod source;
@@ -56,6 +57,9 @@ pub struct Image {
     /// Sizes of the files fetched with their directory (see `image::together`). Both count file
     /// bytes, so the figures compare across formats; blob bytes are per layer.
     pub directory_fetched: AtomicU64,
+    /// Verified layers' files copied to local files, which then serve their reads (see
+    /// `image::local`).
+    pub local: local::LocalCopies,
 }
 
 impl Image {
@@ -113,6 +117,7 @@ impl Image {
             }
         }
         let tree = Tree::build(&entries);
+        let local = local::LocalCopies::new(layers.len());
         Ok(Image {
             resolved,
             layers,
@@ -128,6 +133,7 @@ impl Image {
             prefetching: Default::default(),
             whole_fetched: AtomicU64::new(0),
             directory_fetched: AtomicU64::new(0),
+            local,
         })
     }
 
@@ -150,7 +156,10 @@ impl Image {
         self.reads.begin();
         let result = match &node.data {
             None => Ok(Bytes::new()),
-            Some((li, loc)) => self.layers[*li].0.read(loc, node.size, offset, len).await,
+            Some((li, loc)) => match self.read_local(*li, ino, node.size, offset, len).await {
+                Some(local) => local,
+                None => self.layers[*li].0.read(loc, node.size, offset, len).await,
+            },
         };
         self.reads.end();
         if start.elapsed() > std::time::Duration::from_millis(10) {

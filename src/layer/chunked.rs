@@ -366,7 +366,7 @@ impl Reader {
         let (blob, codec, c) = (self.blob.clone(), self.codec, c.clone());
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
-            let file = unnamed_file(&spill.dir)?;
+            let file = crate::blob::disk::unnamed_file(&spill.dir)?;
             let mut src = super::tar::BlobReader::new(blob, handle);
             src.seek(std::io::SeekFrom::Start(c.start))?;
             let mut dec = decoder(codec, src.take(c.compressed_len()))?;
@@ -412,54 +412,6 @@ fn decoder(codec: Codec, src: impl Read + Send + 'static) -> std::io::Result<Box
         Codec::Gzip => Box::new(flate2::read::GzDecoder::new(src)),
         Codec::Zstd => Box::new(zstd::stream::read::Decoder::new(src)?),
     })
-}
-
-/// A file in `dir` with no name: it takes disk space only while open.
-/// (`O_TMPFILE`; where the file system lacks it, a new file removed as soon as it is open).
-fn unnamed_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(dir)?;
-    match read_write()
-        .custom_flags(libc::O_TMPFILE)
-        .mode(0o600)
-        .open(dir)
-    {
-        Err(e)
-            if e.raw_os_error() == Some(libc::EOPNOTSUPP)
-                || e.raw_os_error() == Some(libc::EISDIR) =>
-        {
-            created_and_removed(dir)
-        }
-        other => other,
-    }
-}
-
-fn read_write() -> std::fs::OpenOptions {
-    let mut open = std::fs::OpenOptions::new();
-    open.read(true).write(true);
-    open
-}
-
-/// [`unnamed_file`] where `O_TMPFILE` is not supported: a new file, removed at once. Names
-/// carry the process and the time; a name already taken is tried again with a later time.
-fn created_and_removed(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut tries = 0;
-    loop {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        let path = dir.join(format!(".decoding-{}-{stamp}", std::process::id()));
-        match read_write().create_new(true).mode(0o600).open(&path) {
-            Ok(file) => {
-                std::fs::remove_file(&path)?;
-                return Ok(file);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 16 => tries += 1,
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// Writes through, hashing and counting what passes.
@@ -707,25 +659,5 @@ mod tests {
         assert_eq!(reader.read(&[chunk], 0, 5).await.unwrap(), &data[..]);
         let largest = src.1.load(std::sync::atomic::Ordering::Relaxed);
         assert!(largest <= 300 << 10, "read {largest} bytes");
-    }
-
-    #[test]
-    fn unnamed_files_leave_no_name_behind() {
-        use std::io::{Read, Seek, Write};
-        let spill = std::env::temp_dir().join(format!("ocifs-unnamed-{}", std::process::id()));
-        // O_TMPFILE where the file system has it, and the fallback on the same directory.
-        for mut f in [
-            unnamed_file(&spill).unwrap(),
-            created_and_removed(&spill).unwrap(),
-            created_and_removed(&spill).unwrap(),
-        ] {
-            f.write_all(b"decoded").unwrap();
-            f.rewind().unwrap();
-            let mut back = String::new();
-            f.read_to_string(&mut back).unwrap();
-            assert_eq!(back, "decoded");
-        }
-        assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0);
-        std::fs::remove_dir_all(&spill).unwrap();
     }
 }

@@ -287,6 +287,15 @@ impl Tree {
         Some(parts.join("/"))
     }
 
+    /// The reachable nodes whose bytes live in layer `layer`, with their inode numbers.
+    pub fn files_in(&self, layer: usize) -> impl Iterator<Item = (u64, &Node)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(move |(_, n)| n.nlink > 0 && n.data.as_ref().is_some_and(|d| d.0 == layer))
+            .map(|(i, n)| (i as u64 + 1, n))
+    }
+
     /// Number of reachable names (for statfs) and total file bytes.
     pub fn totals(&self) -> (u64, u64) {
         let live = self.nodes.iter().filter(|n| n.nlink > 0);

@@ -1456,6 +1456,82 @@ fn background_verification_fetches_the_layer_so_later_reads_are_local() {
     );
 }
 
+#[test]
+fn verified_layers_are_copied_locally_and_serve_every_byte() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    // Every entry kind, whiteouts and hard links (base layers), a file of several MiB, and a
+    // GNU sparse file (left out of copies), in four formats.
+    let mut tars = base_layers();
+    tars.push(builder::tar(&[
+        Item::Dir("bin", 0o755),
+        file("bin/big", noise(3 << 20, 71)),
+    ]));
+    tars.push(gnu_sparse_layer());
+    let layers: Vec<_> = tars
+        .into_iter()
+        .zip([Enc::Estargz, Enc::Gzip, Enc::ZstdFrames, Enc::Tar])
+        .map(|(t, e)| encode(t, e))
+        .collect();
+    let reg = Registry::start(None);
+    let proxy = Proxy::start(&reg.addr, None);
+    let work = TempDir::new("copies");
+    let dir = layout(
+        &work.path().join("layout"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+    );
+    push(&dir, "v1", &reg.addr, "copies/image", None);
+    let expected_root = work.path().join("expected");
+    let tar_refs: Vec<&[u8]> = layers.iter().map(|l| l.tar.as_slice()).collect();
+    oracle::extract(&tar_refs, &expected_root);
+    let expected = oracle::snapshot(&expected_root);
+
+    let reference = format!("{}/copies/image:v1", proxy.addr);
+    let flags = ["--platform", "linux/amd64", "--verify", "background"];
+    let m = Mount::new(&reference, &flags, &[]);
+    let copied = |v: &serde_json::Value| (0..4).all(|i| v["layers"][i]["localCopy"] == true);
+    let v = poll_stats(m.path(), copied);
+    assert!(copied(&v), "every verified layer is copied: {v}");
+    // Now every read of a copied file is a read of the local copy, and nothing is fetched.
+    proxy.reset();
+    oracle::assert_same(&expected, &oracle::snapshot(m.path()));
+    let v = poll_stats(m.path(), |_| true);
+    assert!(v["localCopies"]["reads"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(proxy.blob_bytes.load(Ordering::SeqCst), 0);
+    drop(m);
+
+    // Switched off, nothing is copied (and the tree still reads back exactly).
+    let m = Mount::new(
+        &reference,
+        &[&flags[..], &["--no-local-copy"]].concat(),
+        &[],
+    );
+    wait_for_verification(&m, 4);
+    oracle::assert_same(&expected, &oracle::snapshot(m.path()));
+    let v = poll_stats(m.path(), |_| true);
+    assert_eq!(v["localCopies"]["bytes"], 0, "{v}");
+    assert_eq!(v["localCopies"]["reads"], 0, "{v}");
+
+    // A listing piped into a reader that has gone (here before the listing is ready) ends
+    // quietly, as `ls | head` does: no panic on EPIPE.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' ls -R --cache-dir '{}' --platform linux/amd64 '{reference}' | true",
+            env!("CARGO_BIN_EXE_ocifs"),
+            work.path().join("ls-cache").display()
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+}
+
 /// Runs tests/tools/soci/publish.py (zlib + tarfile + flatc, independent of ocifs): publishes
 /// SOCI zTOCs for `repo:tag`; returns the digest the script printed.
 fn publish_soci(registry: &str, repo: &str, version: &str, damage: &str) -> String {

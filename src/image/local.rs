@@ -1,0 +1,183 @@
+//! Converging to local speed: once a layer has been verified, the files the tree serves from
+//! it are decoded once, in the background, into one local file, and from then on their reads
+//! are reads of that file — no decoding, no digest checks, no block cache. Bulk reads of a
+//! converged mount then run at about local-disk speed, as from an unpacked snapshot (see
+//! docs/BENCHMARKS.md); before, every cold read inflated its chunk or span again.
+//!
+//! Only verified layers are copied, and their files are read through the layer as any read
+//! is (chunk digests checked, spans decoded through a checked index): the copy holds the
+//! image's bytes. It is an unnamed file in the cache directory (it vanishes with the mount),
+//! all copies of a mount together at most the disk cache bound; copying yields to
+//! foreground reads as verification does, and a layer's copy is used only once complete.
+//! Files hidden by upper layers are not copied, nor GNU sparse files (their holes would be
+//! written out).
+
+use super::Image;
+use crate::error::{Error, Result};
+use crate::layer::{Health, Locator};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// Bytes read from the layer and written at a time: small enough that a foreground read
+/// arriving meanwhile waits little behind it.
+const PIECE: u64 = 1 << 20;
+
+/// The local copies of an image's layers: one slot per layer, filled once its copy is
+/// complete.
+pub struct LocalCopies {
+    layers: Vec<OnceLock<LocalCopy>>,
+    /// Bytes written to local copies so far (complete or under way).
+    pub bytes: AtomicU64,
+    /// Reads served from local copies.
+    pub reads: AtomicU64,
+}
+
+/// One layer's copy: the file, and where each inode's bytes start in it.
+struct LocalCopy {
+    file: Arc<std::fs::File>,
+    at: HashMap<u64, u64>,
+}
+
+impl LocalCopies {
+    /// No copies yet, for an image of `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        LocalCopies {
+            layers: (0..layers).map(|_| OnceLock::new()).collect(),
+            bytes: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether layer `layer`'s copy is complete (and serving its reads).
+    pub fn is_complete(&self, layer: usize) -> bool {
+        self.layers.get(layer).is_some_and(|l| l.get().is_some())
+    }
+
+    /// Where inode `ino`'s bytes start in layer `layer`'s copy, once that copy is complete.
+    fn find(&self, layer: usize, ino: u64) -> Option<(Arc<std::fs::File>, u64)> {
+        let copy = self.layers.get(layer)?.get()?;
+        Some((copy.file.clone(), *copy.at.get(&ino)?))
+    }
+}
+
+impl Image {
+    /// `len` bytes at `offset` of inode `ino` (`size` bytes, data in layer `layer`) from the
+    /// layer's local copy; `None` when it has none (yet) or the file is not in it.
+    pub(super) async fn read_local(
+        &self,
+        layer: usize,
+        ino: u64,
+        size: u64,
+        offset: u64,
+        len: u64,
+    ) -> Option<Result<Bytes>> {
+        let (file, at) = self.local.find(layer, ino)?;
+        self.local.reads.fetch_add(1, Ordering::Relaxed);
+        let len = len.min(size.saturating_sub(offset));
+        Some(crate::blob::read_file_at(file, at + offset, len).await)
+    }
+
+    /// Copies the files of each verified layer into a local file in `dir` (see the module
+    /// doc), while `idle()` says the foreground has no reads going, at most `budget` bytes in
+    /// all. A layer that does not fit, or whose copy fails, keeps being served as before.
+    pub async fn copy_layers_locally(
+        &self,
+        dir: &Path,
+        budget: u64,
+        idle: &(dyn Fn() -> bool + Sync),
+    ) {
+        let mut left = budget;
+        for li in 0..self.layers.len() {
+            let digest = &self.layers[li].0.digest;
+            if *self.layers[li].0.health.read().unwrap() != Health::Verified {
+                continue;
+            }
+            let start = std::time::Instant::now();
+            match self.copy_layer(li, dir, &mut left, idle).await {
+                Ok(Some(copy)) => {
+                    tracing::info!(
+                        "layer {digest}: {} files copied locally in {:.2?}; reads are local now",
+                        copy.at.len(),
+                        start.elapsed()
+                    );
+                    let _ = self.local.layers[li].set(copy);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("layer {digest} not copied locally: {e}"),
+            }
+        }
+    }
+
+    async fn copy_layer(
+        &self,
+        li: usize,
+        dir: &Path,
+        left: &mut u64,
+        idle: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Option<LocalCopy>> {
+        let layer = &self.layers[li].0;
+        // In layer order, so the layer's blob is read front to back.
+        let mut files: Vec<_> = self
+            .tree
+            .files_in(li)
+            .filter_map(|(ino, n)| match &n.data {
+                Some((_, Locator::Sparse { .. })) => None,
+                Some((_, loc)) if n.size > 0 => Some((layer.extent(loc, n.size)?.0, ino, n)),
+                _ => None,
+            })
+            .collect();
+        files.sort_by_key(|&(start, ino, _)| (start, ino));
+        let total: u64 = files.iter().map(|(_, _, n)| n.size).sum();
+        if total > *left {
+            tracing::info!(
+                "layer {} not copied locally: its files take {total} bytes, {} are left of the disk cache bound",
+                layer.digest,
+                *left
+            );
+            return Ok(None);
+        }
+        *left -= total;
+        let file = {
+            let dir = dir.to_path_buf();
+            let made = tokio::task::spawn_blocking(move || crate::blob::disk::unnamed_file(&dir));
+            Arc::new(
+                made.await
+                    .map_err(|e| Error::Io(std::io::Error::other(e)))??,
+            )
+        };
+        let mut at = HashMap::with_capacity(files.len());
+        let mut end = 0;
+        for (_, ino, node) in files {
+            let Some((_, loc)) = &node.data else {
+                continue;
+            };
+            at.insert(ino, end);
+            let mut off = 0;
+            while off < node.size {
+                while !idle() {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                let piece = layer.read(loc, node.size, off, PIECE).await?;
+                if piece.is_empty() {
+                    return Err(Error::format(
+                        format!("layer {}", layer.digest),
+                        format!("inode {ino} ended at {off} of {} bytes", node.size),
+                    ));
+                }
+                let n = piece.len() as u64;
+                let (f, pos) = (file.clone(), end + off);
+                tokio::task::spawn_blocking(move || f.write_all_at(&piece, pos))
+                    .await
+                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+                off += n;
+                self.local.bytes.fetch_add(n, Ordering::Relaxed);
+            }
+            end += node.size;
+        }
+        Ok(Some(LocalCopy { file, at }))
+    }
+}
