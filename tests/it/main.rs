@@ -1502,6 +1502,23 @@ fn verified_layers_are_copied_locally_and_serve_every_byte() {
     assert_eq!(proxy.blob_bytes.load(Ordering::SeqCst), 0);
     drop(m);
 
+    // A layer whose files do not fit the disk cache bound is not copied; the others are.
+    let small = [&flags[..], &["--disk-cache-size", "100KiB"]].concat();
+    let m = Mount::new(&reference, &small, &[]);
+    // Layers are copied in order: once the last one (its sparse file left out: nothing to
+    // copy) is done, the others have been decided.
+    let decided = |v: &serde_json::Value| v["layers"][3]["localCopy"] == true;
+    let v = poll_stats(m.path(), decided);
+    assert!(decided(&v), "{v}");
+    assert_eq!(
+        v["layers"][1]["localCopy"], true,
+        "a few bytes of files: {v}"
+    );
+    assert_eq!(v["layers"][0]["localCopy"], false, "300 KB of files: {v}");
+    assert_eq!(v["layers"][2]["localCopy"], false, "3 MiB of files: {v}");
+    oracle::assert_same(&expected, &oracle::snapshot(m.path()));
+    drop(m);
+
     // Switched off, nothing is copied (and the tree still reads back exactly).
     let m = Mount::new(
         &reference,
