@@ -91,6 +91,22 @@ fn conformance_with(encs: &[Enc], tars: Vec<Vec<u8>>, flags: &[&str], go_gzip: b
     conformance_layers(layers, flags, go_gzip, None);
 }
 
+/// The oracle: `layers` extracted in order (whiteouts applied) under `work/expected`; its
+/// root and snapshot.
+fn expected_tree(
+    work: &TempDir,
+    layers: &[builder::EncodedLayer],
+) -> (
+    std::path::PathBuf,
+    std::collections::BTreeMap<String, oracle::Info>,
+) {
+    let root = work.path().join("expected");
+    let tar_refs: Vec<&[u8]> = layers.iter().map(|l| l.tar.as_slice()).collect();
+    oracle::extract(&tar_refs, &root);
+    let snapshot = oracle::snapshot(&root);
+    (root, snapshot)
+}
+
 /// [`conformance`] of encoded layers; `formats`, if given, must appear in the ready line.
 fn conformance_layers(
     layers: Vec<builder::EncodedLayer>,
@@ -110,10 +126,7 @@ fn conformance_layers(
     } else {
         push(&dir, "v1", &reg.addr, "conf/image", None);
     }
-    let expected_root = work.path().join("expected");
-    let tar_refs: Vec<&[u8]> = layers.iter().map(|l| l.tar.as_slice()).collect();
-    oracle::extract(&tar_refs, &expected_root);
-    let expected = oracle::snapshot(&expected_root);
+    let (expected_root, expected) = expected_tree(&work, &layers);
 
     let reference = format!("{}/conf/image:v1", reg.addr);
     let mut mount_flags = vec!["--platform", "linux/amd64"];
@@ -1483,10 +1496,7 @@ fn verified_layers_are_copied_locally_and_serve_every_byte() {
         &[("linux", "amd64", None, &layers)],
     );
     push(&dir, "v1", &reg.addr, "copies/image", None);
-    let expected_root = work.path().join("expected");
-    let tar_refs: Vec<&[u8]> = layers.iter().map(|l| l.tar.as_slice()).collect();
-    oracle::extract(&tar_refs, &expected_root);
-    let expected = oracle::snapshot(&expected_root);
+    let (_, expected) = expected_tree(&work, &layers);
 
     let reference = format!("{}/copies/image:v1", proxy.addr);
     let flags = ["--platform", "linux/amd64", "--verify", "background"];
