@@ -227,18 +227,16 @@ pub fn encode_prioritized(tar: Vec<u8>, enc: Enc, first: &[&str]) -> EncodedLaye
             (out, "application/vnd.oci.image.layer.v1.tar+zstd")
         }
         Enc::Estargz => {
-            let tmp = std::env::temp_dir().join(format!(
-                "ocifs-estargz-{}-{}.tar",
-                std::process::id(),
-                sha(&tar)
-            ));
+            // A directory of its own: tests running at once may encode the same tar.
+            let dir = crate::harness::TempDir::new("estargz");
+            let tmp = dir.path().join("layer.tar");
             std::fs::write(&tmp, &tar).unwrap();
             let out = Command::new(estargz_tool())
                 .arg(&tmp)
                 .arg(first.join(","))
                 .output()
                 .unwrap();
-            std::fs::remove_file(&tmp).unwrap();
+            drop(dir);
             assert!(
                 out.status.success(),
                 "estargz-build: {}",
