@@ -91,6 +91,55 @@ pub async fn serve(
     Ok(())
 }
 
+/// The read-ahead a mount gets once every layer is served from a local copy (see
+/// `image::local`): the kernel starts a FUSE mount at 128 KiB whatever the daemon asks for,
+/// which keeps about one read of the copy under way at a time. Cold 1 MiB reads of a 200 MiB
+/// file from a converged mount, six alternating rounds: 0.84-1.2 GB/s with 8 MiB against
+/// 0.59-0.97 GB/s with 128 KiB (local disk, itself at 8 MiB here: 0.5-1.7 GB/s). Raised
+/// only once nothing is fetched any more: on a lazy mount a larger window would fetch bytes
+/// that no one reads.
+pub const CONVERGED_READAHEAD_KIB: u64 = 8 << 10;
+
+/// The Linux FUSE file system magic (`statfs` `f_type`).
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// Raises the kernel's read-ahead of the FUSE mount at `mountpoint` to `kib` KiB (its backing
+/// device info, `/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`) if it is lower; returns the
+/// value before. Needs root; refuses a path that is not a FUSE mount, so that the read-ahead
+/// of the disk under it is never touched.
+pub fn raise_readahead(mountpoint: &Path, kib: u64) -> Result<u64> {
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::format("mountpoint", "contains NUL"))?;
+    // SAFETY: statfs writes into a zeroed struct of the right type; c is NUL-terminated.
+    let fs = unsafe {
+        let mut fs: libc::statfs = std::mem::zeroed();
+        if libc::statfs(c.as_ptr(), &mut fs) != 0 {
+            return Err(Error::Io(std::io::Error::last_os_error()));
+        }
+        fs
+    };
+    if fs.f_type as i64 != FUSE_SUPER_MAGIC {
+        return Err(Error::Io(std::io::Error::other(format!(
+            "{} is not a FUSE mount",
+            mountpoint.display()
+        ))));
+    }
+    let dev = std::fs::metadata(mountpoint)?.dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    let before: u64 = std::fs::read_to_string(&knob)?
+        .trim()
+        .parse()
+        .map_err(|_| Error::format(knob.clone(), "not a number"))?;
+    if before < kib {
+        std::fs::write(&knob, kib.to_string())?;
+    }
+    Ok(before)
+}
+
 /// Answers each connection to `path` with the image's statistics as JSON; the socket is
 /// removed when the returned guard drops.
 fn stats_socket(image: Arc<Image>, path: &Path) -> Result<SocketGuard> {

@@ -72,12 +72,15 @@ pub fn mount_here(
             }
         };
         // Verification (unless done before the mount, or off), then local copies of the
-        // verified layers, so that reads converge to local speed.
+        // verified layers, so that reads converge to local speed; once every layer is served
+        // from its copy (and the mount is up), a larger kernel read-ahead.
+        let (mounted, is_mounted) = tokio::sync::oneshot::channel::<()>();
         let verifier = (cfg.verify != ocifs::config::VerifyMode::Off).then(|| {
             let image = image.clone();
             let background = cfg.verify == ocifs::config::VerifyMode::Background;
             let copies = (!extras.no_local_copy)
                 .then(|| (cfg.cache_dir.join("copies"), cfg.disk_cache_size));
+            let mountpoint = mountpoint.to_path_buf();
             TaskGuard::spawn(async move {
                 // Yield the link to the reads of a starting workload.
                 let idle = || image.reads.idle_for(std::time::Duration::from_millis(30));
@@ -85,8 +88,19 @@ pub fn mount_here(
                     let diff_ids = ocifs::image::manifest::diff_ids(&image.resolved.config);
                     ocifs::verify::verify_layers(&image.layers, &diff_ids, &idle).await
                 }
-                if let Some((dir, budget)) = copies {
-                    image.copy_layers_locally(&dir, budget, &idle).await
+                let Some((dir, budget)) = copies else {
+                    return;
+                };
+                if image.copy_layers_locally(&dir, budget, &idle).await && is_mounted.await.is_ok()
+                {
+                    let kib = ocifs::daemon::CONVERGED_READAHEAD_KIB;
+                    match ocifs::daemon::raise_readahead(&mountpoint, kib) {
+                        Ok(before) if before < kib => {
+                            tracing::info!("every layer is local: read-ahead {before} -> {kib} KiB")
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::info!("read-ahead left as it was: {e}"),
+                    }
                 }
             })
         });
@@ -136,7 +150,10 @@ pub fn mount_here(
             &fsname,
             Some(&control),
             shutdown,
-            || announce(child, &line),
+            || {
+                announce(child, &line);
+                let _ = mounted.send(());
+            },
         )
         .await;
         drop((verifier, prefetcher, whole_files));

@@ -1504,6 +1504,16 @@ fn verified_layers_are_copied_locally_and_serve_every_byte() {
     let copied = |v: &serde_json::Value| (0..4).all(|i| v["layers"][i]["localCopy"] == true);
     let v = poll_stats(m.path(), copied);
     assert!(copied(&v), "every verified layer is copied: {v}");
+    // With nothing left to fetch, the mount's kernel read-ahead is raised (from FUSE's 128 KiB).
+    let mut readahead = 0;
+    for _ in 0..100 {
+        readahead = readahead_kib(m.path());
+        if readahead == 8192 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(readahead, 8192);
     // Now every read of a copied file is a read of the local copy, and nothing is fetched.
     proxy.reset();
     oracle::assert_same(&expected, &oracle::snapshot(m.path()));
@@ -1514,6 +1524,7 @@ fn verified_layers_are_copied_locally_and_serve_every_byte() {
 
     // A layer whose files do not fit the disk cache bound is not copied; the others are.
     let small = [&flags[..], &["--disk-cache-size", "100KiB"]].concat();
+    // (Not every layer is copied: the read-ahead stays as the kernel set it.)
     let m = Mount::new(&reference, &small, &[]);
     // Layers are copied in order: once the last one (its sparse file left out: nothing to
     // copy) is done, the others have been decided.
@@ -1526,6 +1537,7 @@ fn verified_layers_are_copied_locally_and_serve_every_byte() {
     );
     assert_eq!(v["layers"][0]["localCopy"], false, "300 KB of files: {v}");
     assert_eq!(v["layers"][2]["localCopy"], false, "3 MiB of files: {v}");
+    assert!(readahead_kib(m.path()) < 8192);
     oracle::assert_same(&expected, &oracle::snapshot(m.path()));
     drop(m);
 
@@ -1557,6 +1569,22 @@ fn verified_layers_are_copied_locally_and_serve_every_byte() {
         !err.contains("panicked") && !err.contains("Broken pipe"),
         "{err}"
     );
+}
+
+/// The kernel read-ahead of the mount at `path`, in KiB (`/sys/class/bdi/MAJ:MIN`).
+fn readahead_kib(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("mountpoint")
+        .arg("-d")
+        .arg(path)
+        .output()
+        .unwrap();
+    let dev = String::from_utf8(out.stdout).unwrap();
+    let knob = format!("/sys/class/bdi/{}/read_ahead_kb", dev.trim());
+    std::fs::read_to_string(&knob)
+        .unwrap_or_else(|e| panic!("{knob}: {e}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// Runs tests/tools/soci/publish.py (zlib + tarfile + flatc, independent of ocifs): publishes
