@@ -154,11 +154,14 @@ impl Image {
             .get(ino)
             .ok_or_else(|| Error::NotFound(format!("inode {ino}")))?;
         self.reads.begin();
-        let result = match &node.data {
-            None => Ok(Bytes::new()),
+        let (result, local) = match &node.data {
+            None => (Ok(Bytes::new()), false),
             Some((li, loc)) => match self.read_local(*li, ino, node.size, offset, len).await {
-                Some(local) => local,
-                None => self.layers[*li].0.read(loc, node.size, offset, len).await,
+                Some(local) => (local, true),
+                None => (
+                    self.layers[*li].0.read(loc, node.size, offset, len).await,
+                    false,
+                ),
             },
         };
         self.reads.end();
@@ -177,6 +180,11 @@ impl Image {
         let len = len.min(node.size.saturating_sub(offset));
         if let Some(r) = &self.recorder {
             r.note(ino, offset, len);
+        }
+        // Guesses bring what the next reads will need; a file served from a local copy needs
+        // nothing brought (they would only decode blocks again).
+        if local {
+            return result;
         }
         self.whole_files.note(ino, node.size, offset, len);
         if offset == 0
