@@ -71,9 +71,9 @@ pub fn mount_here(
                 return Err(e);
             }
         };
-        // Verification (unless done before the mount, or off), then local copies of the
-        // verified layers, so that reads converge to local speed; once every layer is served
-        // from its copy (and the mount is up), a larger kernel read-ahead.
+        // Verification (unless done before the mount, or off) and, alongside, local copies of
+        // the layers as they are verified, so that reads converge to local speed; once every
+        // layer is served from its copy (and the mount is up), a larger kernel read-ahead.
         let (mounted, is_mounted) = tokio::sync::oneshot::channel::<()>();
         let verifier = (cfg.verify != ocifs::config::VerifyMode::Off).then(|| {
             let image = image.clone();
@@ -84,15 +84,21 @@ pub fn mount_here(
             TaskGuard::spawn(async move {
                 // Yield the link to the reads of a starting workload.
                 let idle = || image.reads.idle_for(std::time::Duration::from_millis(30));
-                if background {
-                    let diff_ids = ocifs::image::manifest::diff_ids(&image.resolved.config);
-                    ocifs::verify::verify_layers(&image.layers, &diff_ids, &idle).await
-                }
-                let Some((dir, budget)) = copies else {
-                    return;
+                let verified = async {
+                    if background {
+                        let diff_ids = ocifs::image::manifest::diff_ids(&image.resolved.config);
+                        ocifs::verify::verify_layers(&image.layers, &diff_ids, &idle).await
+                    }
                 };
-                if image.copy_layers_locally(&dir, budget, &idle).await && is_mounted.await.is_ok()
-                {
+                // Each layer is copied once verified, while the next ones are verified.
+                let copied = async {
+                    match &copies {
+                        Some((dir, budget)) => image.copy_layers_locally(dir, *budget, &idle).await,
+                        None => false,
+                    }
+                };
+                let ((), all_copied) = tokio::join!(verified, copied);
+                if all_copied && is_mounted.await.is_ok() {
                     let kib = ocifs::daemon::CONVERGED_READAHEAD_KIB;
                     match ocifs::daemon::raise_readahead(&mountpoint, kib) {
                         Ok(before) if before < kib => {

@@ -83,8 +83,9 @@ impl Image {
 
     /// Copies the files of each verified layer into a local file in `dir` (see the module
     /// doc), while `idle()` says the foreground has no reads going, at most `budget` bytes in
-    /// all. A layer that does not fit, or whose copy fails, keeps being served as before.
-    /// Returns whether every layer is now served from its copy.
+    /// all; a layer still pending verification is waited for (run it alongside
+    /// [`crate::verify::verify_layers`]). A layer that does not fit, or whose copy fails,
+    /// keeps being served as before. Returns whether every layer is now served from its copy.
     pub async fn copy_layers_locally(
         &self,
         dir: &Path,
@@ -94,6 +95,11 @@ impl Image {
         let mut left = budget;
         for li in 0..self.layers.len() {
             let digest = &self.layers[li].0.digest;
+            // Verification may be under way: each layer is copied as soon as it is verified,
+            // so copying (CPU, local disk) overlaps the fetching of the next layers.
+            while *self.layers[li].0.health.read().unwrap() == Health::Pending {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
             if *self.layers[li].0.health.read().unwrap() != Health::Verified {
                 continue;
             }
