@@ -20,8 +20,8 @@ mod common;
 mod harness;
 
 use builder::{Enc, encode, file, layout, push};
-use common::{BenchMount, drop_caches, env_u64, mbps};
-use harness::{Registry, TempDir, ocifs, push_index};
+use common::{BenchMount, drop_caches, env_u64, mbps, wait_converged};
+use harness::{Registry, TempDir, push_index};
 use std::io::Read;
 use std::path::Path;
 use std::time::Instant;
@@ -78,24 +78,6 @@ fn warm_1m(path: &Path) -> f64 {
     let mut v = [read_1m(path), read_1m(path), read_1m(path)];
     v.sort_by(f64::total_cmp);
     v[1]
-}
-
-/// Polls `ocifs stats --json` (60 s at most) until layer 0 is copied locally (`copied`) or
-/// verified.
-fn wait_converged(m: &BenchMount, copied: bool) {
-    for _ in 0..600 {
-        let (ok, out, err) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
-        assert!(ok, "stats: {err}");
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        let layer = &v["layers"][0];
-        if (copied && layer["localCopy"] == true)
-            || (!copied && layer["verification"] == "verified")
-        {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    panic!("the mount did not converge within 60 s");
 }
 
 fn main() {
@@ -155,7 +137,7 @@ fn main() {
                 false => &["--verify", "background", "--no-local-copy"],
             };
             let (m, _) = BenchMount::new(reference, flags);
-            wait_converged(&m, *copied);
+            wait_converged(&m, 1, *copied);
             // The copy was just written: drop it from the page cache too.
             let _ = std::process::Command::new("sync").status();
             drop_caches();

@@ -140,3 +140,22 @@ pub fn record_and_convert(
     );
     assert!(ok, "{err}");
 }
+
+/// Polls `ocifs stats --json` (60 s at most) until each of the mount's first `layers` layers
+/// is copied locally (`copied`) or verified.
+pub fn wait_converged(m: &BenchMount, layers: usize, copied: bool) {
+    for _ in 0..600 {
+        let (ok, out, err) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
+        assert!(ok, "stats: {err}");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let done = |l: &serde_json::Value| match copied {
+            true => l["localCopy"] == true,
+            false => l["verification"] == "verified",
+        };
+        if (0..layers).all(|i| done(&v["layers"][i])) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the mount did not converge within 60 s");
+}
