@@ -209,3 +209,17 @@ pub fn unmount(path: &Path) -> Result<()> {
         format!("unmount {}: {err}", path.display()),
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_ahead_is_never_raised_outside_a_fuse_mount() {
+        // The temporary directory lives on a disk (or tmpfs): its read-ahead must stay as is.
+        let dir = std::env::temp_dir();
+        let err = raise_readahead(&dir, u64::MAX).unwrap_err();
+        assert!(err.to_string().contains("not a FUSE mount"), "{err}");
+        assert!(raise_readahead(Path::new("/nonexistent/ocifs"), 1).is_err());
+    }
+}
