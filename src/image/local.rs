@@ -166,6 +166,9 @@ impl Image {
             )
         };
         let mut at = HashMap::with_capacity(files.len());
+        // Files lie back to back in the copy; what is read is written in pieces of about
+        // PIECE (one blocking write each, not one per small file).
+        let mut pending = Vec::with_capacity(PIECE as usize);
         let mut end = 0;
         for (_, ino, node) in files {
             let Some((_, loc)) = &node.data else {
@@ -184,16 +187,29 @@ impl Image {
                         format!("inode {ino} ended at {off} of {} bytes", node.size),
                     ));
                 }
-                let n = piece.len() as u64;
-                let (f, pos) = (file.clone(), end + off);
-                tokio::task::spawn_blocking(move || f.write_all_at(&piece, pos))
-                    .await
-                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-                off += n;
-                self.local.bytes.fetch_add(n, Ordering::Relaxed);
+                pending.extend_from_slice(&piece);
+                off += piece.len() as u64;
+                if pending.len() as u64 >= PIECE {
+                    write_at(&file, &mut pending, end + off).await?;
+                }
             }
             end += node.size;
+            self.local.bytes.fetch_add(node.size, Ordering::Relaxed);
         }
+        write_at(&file, &mut pending, end).await?;
         Ok(Some(LocalCopy { file, at }))
     }
+}
+
+/// Writes `pending` so that it ends at `end` of `file` (on a blocking thread), and empties it.
+async fn write_at(file: &Arc<std::fs::File>, pending: &mut Vec<u8>, end: u64) -> Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let bytes = std::mem::replace(pending, Vec::with_capacity(PIECE as usize));
+    let (f, pos) = (file.clone(), end - bytes.len() as u64);
+    tokio::task::spawn_blocking(move || f.write_all_at(&bytes, pos))
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+    Ok(())
 }
