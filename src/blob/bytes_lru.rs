@@ -47,6 +47,24 @@ impl<K: Hash + Eq> BytesLru<K> {
         }
     }
 
+    /// Drops the buffers whose key `keep` refuses.
+    pub fn retain(&mut self, keep: impl Fn(&K) -> bool)
+    where
+        K: Clone,
+    {
+        let gone: Vec<K> = self
+            .map
+            .iter()
+            .filter(|(k, _)| !keep(k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            if let Some(b) = self.map.pop(&k) {
+                self.used -= b.len() as u64;
+            }
+        }
+    }
+
     /// Bytes held.
     pub fn used(&self) -> u64 {
         self.used

@@ -407,6 +407,11 @@ impl BlobSource for CachedBlob {
     fn size(&self) -> u64 {
         self.inner.size()
     }
+    /// Drops this blob's blocks from memory (those on disk stay, for later mounts).
+    fn release_memory(&self) {
+        let id = self.inner.id();
+        self.cache.state.lock().unwrap().lru.retain(|k| k.0 != id);
+    }
     async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
         self.cache.prefetch(&self.inner, offset, len).await
     }
@@ -528,6 +533,24 @@ fn assemble(blocks: &[Bytes], start: u64, offset: u64, len: u64) -> Bytes {
 mod tests {
     use super::*;
     use crate::blob::MemBlob;
+
+    #[tokio::test]
+    async fn releasing_a_blob_drops_its_blocks_from_memory_only() {
+        let cache = BlockCache::new(4096, 4096, 1 << 20, None);
+        let a = cache.wrap(Arc::new(MemBlob::new("sha256:a", vec![1u8; 20_000])));
+        let b = cache.wrap(Arc::new(MemBlob::new("sha256:b", vec![2u8; 20_000])));
+        a.read_at(0, 20_000).await.unwrap();
+        b.read_at(0, 8192).await.unwrap();
+        let used = cache.state.lock().unwrap().lru.used();
+        assert_eq!(used, 20_000 + 8192);
+        a.release_memory();
+        assert_eq!(cache.state.lock().unwrap().lru.used(), 8192);
+        // Still readable (fetched again), and the other blob's blocks were kept.
+        assert_eq!(a.read_at(4096, 4).await.unwrap(), &[1u8; 4][..]);
+        let hits = cache.stats.mem_hits.load(Ordering::Relaxed);
+        b.read_at(0, 4096).await.unwrap();
+        assert_eq!(cache.stats.mem_hits.load(Ordering::Relaxed), hits + 1);
+    }
 
     #[tokio::test]
     async fn reads_across_blocks_match_source_and_hit_cache() {

@@ -63,6 +63,10 @@ pub trait BlobSource: Send + Sync {
     fn source_range(&self, _offset: u64, _len: u64) -> Option<(Blob, u64, u64)> {
         None
     }
+    /// Drops what this blob holds in memory to make later reads fast (decoded spans, cached
+    /// blocks), for a blob no one reads any more: its layer is served from a local copy
+    /// (see `image::local`). Later reads still work, fetching or decoding again.
+    fn release_memory(&self) {}
 }
 
 /// A shared, dynamically typed blob.

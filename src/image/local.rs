@@ -112,6 +112,15 @@ impl Image {
                         start.elapsed()
                     );
                     let _ = self.local.layers[li].set(copy);
+                    // Its reads are local now: what was held to make them fast is not needed.
+                    self.layers[li].0.release_memory();
+                    self.layers[li].1.release_memory();
+                    // Hand the freed pieces back to the system (glibc keeps small frees).
+                    #[cfg(target_env = "gnu")]
+                    // SAFETY: malloc_trim only returns free heap memory to the system.
+                    unsafe {
+                        libc::malloc_trim(0);
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!("layer {digest} not copied locally: {e}"),

@@ -157,6 +157,13 @@ impl Reader {
         Ok(())
     }
 
+    /// Drops the decoded chunks and the blob's cached blocks held in memory (see
+    /// [`crate::blob::BlobSource::release_memory`]).
+    pub fn release_memory(&self) {
+        *self.decoded.lock().unwrap() = BytesLru::new(DECODED_BYTES);
+        self.blob.release_memory();
+    }
+
     /// The (block-cached) compressed blob.
     pub fn blob(&self) -> &Blob {
         &self.blob

@@ -313,6 +313,15 @@ impl Layer {
         blob.prefetch(start, end.saturating_sub(start)).await
     }
 
+    /// Drops what the layer holds in memory to make reads fast: once it is served from a
+    /// local copy, no one reads it any more (see [`crate::blob::BlobSource::release_memory`]).
+    pub fn release_memory(&self) {
+        match &self.data {
+            LayerData::Tar(blob) => blob.release_memory(),
+            LayerData::Chunked(r) => r.release_memory(),
+        }
+    }
+
     /// Marks the layer bad: later reads fail with EIO.
     pub fn mark_bad(&self, reason: String) {
         tracing::error!("layer {} marked bad: {reason}", self.digest);

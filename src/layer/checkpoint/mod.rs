@@ -539,6 +539,10 @@ impl BlobSource for CheckpointBlob {
     fn size(&self) -> u64 {
         self.index.uncomp_size
     }
+    fn release_memory(&self) {
+        self.spans.lock().unwrap().clear();
+        self.compressed.release_memory();
+    }
     async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
         self.read_within(offset, len, self.size()).await
     }
