@@ -108,8 +108,7 @@ const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 /// value before. Needs root; refuses a path that is not a FUSE mount, so that the read-ahead
 /// of the disk under it is never touched.
 pub fn raise_readahead(mountpoint: &Path, kib: u64) -> Result<u64> {
-    let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::format("mountpoint", "contains NUL"))?;
+    let c = c_path(mountpoint)?;
     // SAFETY: statfs writes into a zeroed struct of the right type; c is NUL-terminated.
     let fs = unsafe {
         let mut fs: libc::statfs = std::mem::zeroed();
@@ -186,10 +185,15 @@ pub async fn fetch_stats(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_slice(&body).map_err(|e| Error::format("stats", e.to_string()))
 }
 
+/// A mountpoint as a C string for the system calls that take one.
+fn c_path(path: &Path) -> Result<std::ffi::CString> {
+    std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::format("mountpoint", "contains NUL"))
+}
+
 /// Unmounts an ocifs mount (lazily, so open files do not block shutdown).
 pub fn unmount(path: &Path) -> Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::format("mountpoint", "contains NUL"))?;
+    let c = c_path(path)?;
     // SAFETY: c is a valid NUL-terminated path for the duration of the call.
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
         return Ok(());

@@ -143,12 +143,14 @@ impl Image {
             .files_in(li)
             .filter_map(|(ino, n)| match &n.data {
                 Some((_, Locator::Sparse { .. })) => None,
-                Some((_, loc)) if n.size > 0 => Some((layer.extent(loc, n.size)?.0, ino, n)),
+                Some((_, loc)) if n.size > 0 => {
+                    Some((layer.extent(loc, n.size)?.0, ino, n.size, loc))
+                }
                 _ => None,
             })
             .collect();
-        files.sort_by_key(|&(start, ino, _)| (start, ino));
-        let total: u64 = files.iter().map(|(_, _, n)| n.size).sum();
+        files.sort_by_key(|&(start, ino, _, _)| (start, ino));
+        let total: u64 = files.iter().map(|&(_, _, size, _)| size).sum();
         if total > *left {
             tracing::info!(
                 "layer {} not copied locally: its files take {total} bytes, {} are left of the disk cache bound",
@@ -179,21 +181,18 @@ impl Image {
         // PIECE (one blocking write each, not one per small file).
         let mut pending = Vec::with_capacity(PIECE as usize);
         let mut end = 0;
-        for (_, ino, node) in files {
-            let Some((_, loc)) = &node.data else {
-                continue;
-            };
+        for (_, ino, size, loc) in files {
             at.insert(ino, end);
             let mut off = 0;
-            while off < node.size {
+            while off < size {
                 while !idle() {
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
-                let piece = layer.read(loc, node.size, off, PIECE).await?;
+                let piece = layer.read(loc, size, off, PIECE).await?;
                 if piece.is_empty() {
                     return Err(Error::format(
                         format!("layer {}", layer.digest),
-                        format!("inode {ino} ended at {off} of {} bytes", node.size),
+                        format!("inode {ino} ended at {off} of {size} bytes"),
                     ));
                 }
                 pending.extend_from_slice(&piece);
@@ -202,8 +201,8 @@ impl Image {
                     write_at(&file, &mut pending, end + off).await?;
                 }
             }
-            end += node.size;
-            self.local.bytes.fetch_add(node.size, Ordering::Relaxed);
+            end += size;
+            self.local.bytes.fetch_add(size, Ordering::Relaxed);
         }
         write_at(&file, &mut pending, end).await?;
         Ok(Some(LocalCopy { file, at }))
