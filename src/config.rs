@@ -89,6 +89,9 @@ pub struct OpenConfig {
     pub verify: VerifyMode,
     /// Uncompressed bytes between checkpoints of gzip indexes.
     pub span: u64,
+    /// Whether reads of a gzip layer may resume at a mark with its window (fetched from the
+    /// index's windows blob) instead of decoding from the span's start.
+    pub mark_windows: bool,
 }
 
 #[cfg(test)]

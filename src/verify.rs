@@ -17,6 +17,7 @@ use crate::digest::Hasher;
 use crate::error::{Error, Result};
 use crate::layer::checkpoint::file::entries_digest;
 use crate::layer::{Health, IndexCheck, Layer, LayerData};
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
 /// Read size while hashing: small enough that a foreground read arriving meanwhile waits
@@ -91,10 +92,15 @@ async fn check_index(
             crate::layer::tar::index_stream(crate::layer::streamed::ChannelReader::new(rx), &what)
         })
     };
-    // The sender lives in the closure: dropping it ends the parser's stream.
-    let mut send = move |piece: &bytes::Bytes| tx.send(piece.to_vec()).is_ok();
+    // The stretches a read may resume into at a gzip mark must match their digests too.
+    let mut stretches = Stretches::new(&check.stretches);
+    let mut send = |piece: &bytes::Bytes| {
+        stretches.feed(piece);
+        tx.send(piece.to_vec()).is_ok()
+    };
     let actual = read_whole(decoded, idle, &mut send).await;
-    drop(send);
+    // Dropping the sender ends the parser's stream.
+    drop(tx);
     let entries = parser
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))?;
@@ -106,6 +112,12 @@ async fn check_index(
             expected: diff_id.into(),
             actual,
         });
+    }
+    if let Some(at) = stretches.mismatch() {
+        return Err(bad(format!(
+            "its digest of the output from offset {at} of layer {} is wrong",
+            layer.digest
+        )));
     }
     if entries_digest(&entries) != check.entries {
         return Err(bad(format!(
@@ -122,6 +134,55 @@ async fn check_index(
         );
     }
     Ok(())
+}
+
+/// Checks a stream's stretches `(start, end, sha256)` (in order, not overlapping) as its
+/// pieces go past.
+struct Stretches<'a> {
+    list: &'a [(u64, u64, [u8; 32])],
+    next: usize,
+    pos: u64,
+    hasher: Sha256,
+    bad: Option<u64>,
+}
+
+impl<'a> Stretches<'a> {
+    fn new(list: &'a [(u64, u64, [u8; 32])]) -> Self {
+        Stretches {
+            list,
+            next: 0,
+            pos: 0,
+            hasher: Sha256::new(),
+            bad: None,
+        }
+    }
+
+    fn feed(&mut self, piece: &[u8]) {
+        let end = self.pos + piece.len() as u64;
+        while let Some(&(s, e, digest)) = self.list.get(self.next) {
+            if s > end || (s == end && e > s) {
+                break; // starts in a later piece
+            }
+            let from = s.max(self.pos);
+            let to = e.min(end).max(from);
+            let at = |o: u64| (o - self.pos) as usize;
+            self.hasher.update(&piece[at(from)..at(to)]);
+            if e > end {
+                break; // goes on in a later piece
+            }
+            let actual: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
+            if actual != digest && self.bad.is_none() {
+                self.bad = Some(s);
+            }
+            self.next += 1;
+        }
+        self.pos = end;
+    }
+
+    /// Where the first stretch that did not match (or was never reached) starts.
+    fn mismatch(&self) -> Option<u64> {
+        self.bad.or_else(|| self.list.get(self.next).map(|s| s.0))
+    }
 }
 
 /// Verifies each still-pending layer and records the verdict in its health, yielding to

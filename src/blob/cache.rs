@@ -135,6 +135,21 @@ impl BlockCache {
         )
     }
 
+    /// Whether block `index` of `blob` is in memory, on disk or being fetched.
+    fn at_hand(&self, blob: &Blob, index: u64) -> bool {
+        let key = (blob.id().to_string(), index);
+        {
+            let st = self.state.lock().unwrap();
+            if st.lru.contains(&key) || st.inflight.contains_key(&key) {
+                return true;
+            }
+        }
+        let want = self.block_len(blob.size(), index);
+        self.disk_path(&key)
+            .and_then(|p| std::fs::metadata(p).ok())
+            .is_some_and(|m| m.len() == want)
+    }
+
     /// Length of block `index` of a blob of `size` bytes.
     fn block_len(&self, size: u64, index: u64) -> u64 {
         self.block_size.min(size - index * self.block_size)
@@ -414,6 +429,13 @@ impl BlobSource for CachedBlob {
     }
     async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
         self.cache.prefetch(&self.inner, offset, len).await
+    }
+    fn at_hand(&self, offset: u64, len: u64) -> bool {
+        let Ok(len) = clamp(self.id(), self.size(), offset, len) else {
+            return false;
+        };
+        let bs = self.cache.block_size;
+        (offset / bs..(offset + len).div_ceil(bs)).all(|i| self.cache.at_hand(&self.inner, i))
     }
     async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
         self.read_within(offset, len, self.size()).await

@@ -63,6 +63,12 @@ pub trait BlobSource: Send + Sync {
     fn source_range(&self, _offset: u64, _len: u64) -> Option<(Blob, u64, u64)> {
         None
     }
+    /// Whether every byte of `[offset, offset+len)` is held or already on its way (a cache's
+    /// blocks in memory or on disk, or being fetched), so reading it waits for no new request.
+    /// The default: no.
+    fn at_hand(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
     /// Drops what this blob holds in memory to make later reads fast (decoded spans, cached
     /// blocks), for a blob no one reads any more: its layer is served from a local copy
     /// (see `image::local`). Later reads still work, fetching or decoding again.

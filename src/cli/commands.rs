@@ -419,6 +419,7 @@ async fn fetch(common: &Common, reference: &str, digest: Option<&str>) -> Result
 
 /// `ocifs index`: opening the image builds, loads or fetches each gzip layer's index.
 async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
+    use ocifs::layer::checkpoint;
     let image = open(common, reference).await?;
     let cache_dir = common.open_config()?.cache_dir;
     let mut indexes = Vec::new();
@@ -427,16 +428,41 @@ async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
             println!("{} {}: no index needed", layer.digest, layer.format.name());
             continue;
         };
-        let path = ocifs::layer::checkpoint::file::path(&cache_dir, &layer.digest);
+        let path = checkpoint::file::path(&cache_dir, &layer.digest);
         let bytes = std::fs::read(&path)
             .with_context(|| format!("reading the index {}", path.display()))?;
+        let named = checkpoint::file::decode(&bytes, &layer.digest)
+            .with_context(|| format!("reading the index {}", path.display()))?
+            .windows;
+        let windows = match named {
+            Some(w) => {
+                let path = checkpoint::file::windows_path(&cache_dir, &w.digest);
+                match std::fs::read(&path) {
+                    Ok(b) if ocifs::digest::sha256(&b) == w.digest => Some(bytes::Bytes::from(b)),
+                    _ => {
+                        // Published with the index this one came from: the registry has it.
+                        tracing::info!("the windows blob {} is not kept here", w.digest);
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         println!(
-            "{} gzip: index {src}, {} bytes, {}",
+            "{} gzip: index {src}, {} bytes, {}{}",
             layer.digest,
             bytes.len(),
-            path.display()
+            path.display(),
+            windows
+                .as_ref()
+                .map(|w| format!(", mark windows {} bytes", w.len()))
+                .unwrap_or_default()
         );
-        indexes.push((layer.digest.clone(), bytes::Bytes::from(bytes)));
+        indexes.push(checkpoint::share::Pushed {
+            layer: layer.digest.clone(),
+            index: bytes::Bytes::from(bytes),
+            windows,
+        });
     }
     if !push {
         return Ok(());
@@ -455,7 +481,7 @@ async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
         r.manifest_media_type.as_str(),
         r.manifest.len() as u64,
     );
-    let digest = ocifs::layer::checkpoint::share::push(registry, repo, subject, &indexes).await?;
+    let digest = checkpoint::share::push(registry, repo, subject, &indexes).await?;
     println!(
         "pushed {} index(es) as {digest}, referring to {}",
         indexes.len(),

@@ -59,6 +59,10 @@ pub struct Common {
     /// decoded to disk.
     #[arg(long, default_value_t = ByteSize(DEFAULT_DISK_CACHE_SIZE))]
     disk_cache_size: ByteSize,
+    /// Decode gzip layers from span starts only, never resuming at an index mark with its
+    /// window (to measure what mark windows buy).
+    #[arg(long)]
+    no_mark_windows: bool,
 }
 
 #[derive(Subcommand)]
@@ -232,6 +236,7 @@ impl Common {
             cache_dir: self.cache_dir()?,
             verify: self.verify,
             span: self.span.0.max(64 * 1024),
+            mark_windows: !self.no_mark_windows,
         })
     }
 

@@ -80,8 +80,11 @@ impl Ctx<'_> {
                     None => {
                         let (index, from, trust) = self.index(cached.clone(), Codec::Gzip).await?;
                         index_source = Some(from);
+                        let windows = (index.windows.as_ref())
+                            .filter(|_| self.cfg.mark_windows)
+                            .and_then(|w| self.windows(w));
                         let (data, entries, health, check) =
-                            indexed_layer(index, cached, trust, initial);
+                            indexed_layer(index, cached, windows, trust, initial);
                         index_check = check;
                         (data, entries, health)
                     }
@@ -111,7 +114,7 @@ impl Ctx<'_> {
                             (index, from, trust) if index.checkpoints.len() > 1 => {
                                 index_source = Some(from);
                                 let (data, entries, health, check) =
-                                    indexed_layer(index, cached, trust, initial);
+                                    indexed_layer(index, cached, None, trust, initial);
                                 index_check = check;
                                 (data, entries, health)
                             }
@@ -213,9 +216,35 @@ impl Ctx<'_> {
         let d = digest.clone();
         let progress = self.progress.clone();
         let report = move |done: u64, total: u64| progress(&d, done, total);
-        let index = CheckpointIndex::build(cached, codec, self.cfg.span, &report).await?;
+        let (index, windows) =
+            CheckpointIndex::build(cached, codec, self.cfg.span, &report).await?;
+        if let Some(w) = &index.windows {
+            keep(
+                &checkpoint::file::windows_path(&self.cfg.cache_dir, &w.digest),
+                &windows,
+            )
+            .await;
+        }
         keep(&path, &checkpoint::file::encode(&index)).await;
         Ok((index, "built", Trust::Trusted))
+    }
+
+    /// The blob of a gzip index's mark windows (see [`checkpoint`]'s `windows` module): the
+    /// file kept when the index was built here, else the blob published with the index,
+    /// through the block cache. `None` (reads then decode from span starts) when neither can
+    /// be opened.
+    fn windows(&self, w: &checkpoint::WindowsRef) -> Option<Blob> {
+        let path = checkpoint::file::windows_path(&self.cfg.cache_dir, &w.digest);
+        if let Ok(file) = crate::blob::FileBlob::open(w.digest.clone(), &path) {
+            return Some(Arc::new(file));
+        }
+        match self.source.blob(&w.digest, w.size) {
+            Ok(blob) => Some(self.cache.wrap(blob)),
+            Err(e) => {
+                tracing::warn!("no windows blob {}: {e}", w.digest);
+                None
+            }
+        }
     }
 
     async fn streamed(&self, raw: Blob, format: Format) -> Result<(LayerData, Vec<Entry>, Health)> {
@@ -243,6 +272,7 @@ enum Trust {
 fn indexed_layer(
     mut index: CheckpointIndex,
     cached: Blob,
+    windows: Option<Blob>,
     trust: Trust,
     initial: Health,
 ) -> (LayerData, Vec<Entry>, Health, Option<IndexCheck>) {
@@ -254,10 +284,15 @@ fn indexed_layer(
             Some(IndexCheck {
                 entries: checkpoint::file::entries_digest(&entries),
                 kept,
+                stretches: index.mark_stretches(),
             }),
         ),
     };
-    let blob = Arc::new(checkpoint::CheckpointBlob::new(Arc::new(index), cached));
+    let mut blob = checkpoint::CheckpointBlob::new(Arc::new(index), cached);
+    if let Some(windows) = windows {
+        blob = blob.with_windows(windows);
+    }
+    let blob = Arc::new(blob);
     (LayerData::Tar(blob), entries, health, check)
 }
 

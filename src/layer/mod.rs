@@ -184,6 +184,9 @@ pub struct IndexCheck {
     /// The index file waiting in the cache directory as unverified, to be marked checked
     /// (so later mounts trust it).
     pub kept: Option<std::path::PathBuf>,
+    /// The output stretches the index vouches for by digest (from each gzip mark to the
+    /// next, for resuming there): `(start, end, sha256)`, in order.
+    pub stretches: Vec<(u64, u64, [u8; 32])>,
 }
 
 impl Layer {

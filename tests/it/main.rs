@@ -895,6 +895,56 @@ fn gzip_index_pushed_to_the_registry_is_found_by_a_clean_mount() {
     );
 }
 
+/// A published gzip index carries its marks' windows in a blob of their own: a clean mount
+/// reading a small file deep inside a span fetches from the mark before it (and that mark's
+/// window), not the span's front, and serves exact bytes.
+#[test]
+fn a_published_index_resumes_a_mid_span_read_at_the_mark_before_it() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let proxy = Proxy::start(&reg.addr, None);
+    let work = TempDir::new("gzwin");
+    let target = noise(1000, 7);
+    let tar = builder::tar(&[
+        file("front.bin", noise(1536 << 10, 5)),
+        file("target.bin", target.clone()),
+        file("after.bin", noise(1 << 20, 6)),
+    ]);
+    let layers = vec![encode(tar, Enc::Gzip)];
+    builder::push_one(work.path(), &layers, &reg.addr, "gzwin/image");
+    let r = format!("{}/gzwin/image:v1", proxy.addr);
+    let out = push_index(&r, &["--span", "2MiB"]);
+    assert!(out.contains("mark windows"), "{out}");
+
+    let m = Mount::new(
+        &r,
+        &[
+            "--verify",
+            "off",
+            "--fetch-size",
+            "64KiB",
+            "--no-whole-files",
+        ],
+        &[],
+    );
+    assert!(m.ready.contains("index from registry"), "{}", m.ready);
+    proxy.reset();
+    assert_eq!(std::fs::read(m.path().join("target.bin")).unwrap(), target);
+    // From span 0's start, target.bin lies 1.5 MiB (of noise: as much compressed) in; marks
+    // are at most 128 KiB of compressed input apart, a window at most 32 KiB.
+    let fetched = proxy.blob_bytes.load(Ordering::SeqCst);
+    assert!(
+        fetched < 768 << 10,
+        "reading 1000 bytes 1.5 MiB into a span fetched {fetched} bytes"
+    );
+    assert_eq!(
+        builder::sha(&std::fs::read(m.path().join("front.bin")).unwrap()),
+        builder::sha(&noise(1536 << 10, 5))
+    );
+}
+
 /// Polls `ocifs stats --json` (for up to 10 s) until `done` says so; returns the last answer.
 fn poll_stats(
     mountpoint: &std::path::Path,

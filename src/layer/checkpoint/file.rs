@@ -1,21 +1,25 @@
 //! The on-disk form of a [`CheckpointIndex`]: a compact, versioned, self-checking binary file.
 //!
-//! Layout: magic `OCIFSGZI`, format version (u32 LE; 2 added the codec, 3 the marks),
+//! Layout: magic `OCIFSGZI`, format version (u32 LE; 2 added the codec, 3 the marks, 4 the
+//! marks' resume states and the name of their windows blob),
 //! payload length (u64 LE), sha256 of the payload, then the payload: zstd-compressed
 //! little-endian fields (layer digest, span, sizes, checkpoints with their windows, span
-//! digests, tar entries, and in version 3 each span's marks). Version 2 files still load
-//! (without marks: their reads fetch whole spans). Loading checks every length
+//! digests, tar entries, since version 3 each span's marks, since version 4 each mark's
+//! windows-blob entry length and output digest, then the windows blob's digest and size).
+//! Versions 2 and 3 still load (without marks or windows: their reads decode from span
+//! starts). Loading checks every length
 //! against what is left, so a corrupt or hostile file is an error, never a panic or a huge
 //! allocation; the caller also checks the layer digest before trusting it.
 
-use super::{Checkpoint, CheckpointIndex, Codec, Mark};
+use super::{Checkpoint, CheckpointIndex, Codec, Mark, Resume, WindowsRef};
 use crate::error::{Error, Result};
 use crate::layer::{Entry, Kind, Locator};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"OCIFSGZI";
-const VERSION: u32 = 3;
+/// The version written.
+pub(super) const VERSION: u32 = 4;
 /// The oldest version still read.
 const OLDEST: u32 = 2;
 /// Decompressed payloads larger than this are refused.
@@ -26,6 +30,14 @@ pub fn path(cache_dir: &Path, digest: &str) -> PathBuf {
     cache_dir
         .join("indexes")
         .join(format!("{}.idx", digest.replace(':', "-")))
+}
+
+/// Where the windows blob of an index built here is kept (named by its digest, as when
+/// published).
+pub fn windows_path(cache_dir: &Path, digest: &str) -> PathBuf {
+    cache_dir
+        .join("indexes")
+        .join(format!("{}.win", digest.replace(':', "-")))
 }
 
 /// Where an index fetched from the registry waits in the cache directory until the layer has
@@ -90,6 +102,22 @@ pub fn encode(index: &CheckpointIndex) -> Vec<u8> {
             put_u64(&mut p, m.inp);
             put_u64(&mut p, m.out);
             p.extend_from_slice(&m.digest);
+            match &m.resume {
+                None => p.push(0),
+                Some(r) => {
+                    p.push(1);
+                    put_u64(&mut p, u64::from(r.len));
+                    p.extend_from_slice(&r.out_digest);
+                }
+            }
+        }
+    }
+    match &index.windows {
+        None => p.push(0),
+        Some(w) => {
+            p.push(1);
+            put_bytes(&mut p, w.digest.as_bytes());
+            put_u64(&mut p, w.size);
         }
     }
     frame(VERSION, &p)
@@ -167,16 +195,40 @@ pub fn decode(data: &[u8], digest: &str) -> Result<CheckpointIndex> {
     if version >= 3 {
         let nm = r.count(8)?;
         for _ in 0..nm {
-            let n = r.count(48)?;
+            let n = r.count(48 + usize::from(version >= 4))?;
             let mut span = Vec::with_capacity(n);
             for _ in 0..n {
                 let (inp, out) = (r.u64()?, r.u64()?);
                 let digest = r.take(32)?.try_into().unwrap();
-                span.push(Mark { inp, out, digest });
+                let resume = match version >= 4 && r.flag()? {
+                    false => None,
+                    true => Some(Resume {
+                        len: r.u32()?,
+                        out_digest: r.take(32)?.try_into().unwrap(),
+                    }),
+                };
+                span.push(Mark {
+                    inp,
+                    out,
+                    digest,
+                    resume,
+                });
             }
             marks.push(span);
         }
     }
+    let windows = match version >= 4 && r.flag()? {
+        false => None,
+        true => {
+            let digest = r.string()?;
+            crate::reference::validate_digest(&digest)
+                .map_err(|e| bad(&format!("windows blob digest: {e}")))?;
+            Some(WindowsRef {
+                digest,
+                size: r.u64()?,
+            })
+        }
+    };
     if !r.b.is_empty() {
         return Err(bad("trailing bytes"));
     }
@@ -190,6 +242,7 @@ pub fn decode(data: &[u8], digest: &str) -> Result<CheckpointIndex> {
         span_digests,
         entries,
         marks,
+        windows,
     };
     index.check_shape().map_err(bad)?;
     Ok(index)
@@ -267,6 +320,13 @@ impl<'a> Reader<'a> {
     }
     fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
+    }
+    fn flag(&mut self) -> Result<bool> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(Error::format("gzip index", "a flag is neither 0 nor 1")),
+        }
     }
     fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
@@ -359,6 +419,10 @@ mod tests {
             inp,
             out,
             digest: [d; 32],
+            resume: (d == 3).then_some(Resume {
+                len: 77,
+                out_digest: [9; 32],
+            }),
         };
         CheckpointIndex {
             digest: "sha256:abc".into(),
@@ -386,17 +450,28 @@ mod tests {
                 Codec::Gzip => vec![vec![mark(30, 900, 3)], vec![mark(70, 3000, 4)]],
                 Codec::Zstd => Vec::new(),
             },
+            windows: (codec == Codec::Gzip).then(|| WindowsRef {
+                digest: format!("sha256:{}", "ab".repeat(32)),
+                size: 77,
+            }),
         }
     }
 
     #[test]
-    fn marks_round_trip_and_version_2_files_still_load() {
+    fn marks_and_windows_round_trip_and_versions_2_and_3_still_load() {
         let idx = sample(Codec::Gzip);
         let back = decode(&encode(&idx), "sha256:abc").unwrap();
         assert_eq!(back, idx);
-        // A version 2 file: the same payload without the marks at its end.
+        assert!(back.marks[0][0].resume.is_some() && back.windows.is_some());
+        // Versions 2 and 3: the same payload without the marks, or the windows, at its end.
         let raw = zstd::bulk::decompress(&encode(&sample(Codec::Zstd))[52..], 1 << 20).unwrap();
-        let v2 = frame(2, &raw[..raw.len() - 8]);
+        let v3 = decode(&frame(3, &raw[..raw.len() - 1]), "sha256:abc").unwrap();
+        assert_eq!(v3.windows, None);
+        assert!(
+            decode(&frame(3, &raw), "sha256:abc").is_err(),
+            "trailing byte"
+        );
+        let v2 = frame(2, &raw[..raw.len() - 9]);
         let old = decode(&v2, "sha256:abc").unwrap();
         assert!(old.marks.is_empty());
         assert_eq!(old.checkpoints, idx.checkpoints);
@@ -406,6 +481,11 @@ mod tests {
         let err = decode(&encode(&bad), "sha256:abc").unwrap_err().to_string();
         assert!(err.contains("marks"), "{err}");
         assert!(decode(&frame(1, &raw), "sha256:abc").is_err());
+        // A windows blob named by something that is not a digest is refused.
+        let mut bad = sample(Codec::Gzip);
+        bad.windows.as_mut().unwrap().digest = "../../etc".into();
+        let err = decode(&encode(&bad), "sha256:abc").unwrap_err().to_string();
+        assert!(err.contains("windows"), "{err}");
     }
 
     #[test]

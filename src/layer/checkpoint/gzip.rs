@@ -73,7 +73,7 @@ pub(super) fn pass(input: impl Iterator<Item = Bytes>, span: u64) -> Result<Buil
                     window: window.clone(),
                 });
             } else if boundary && pass.mark_due(totin, super::mark_every(span)) {
-                pass.mark(totin, totout);
+                pass.mark(totin, totout, (dt & 7) as u8, &window);
             }
         }
     }

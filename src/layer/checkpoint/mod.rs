@@ -19,22 +19,23 @@
 //! of the whole span (~1.5 MB for 4 MiB of output): on a slow link a cold read waits for a
 //! fraction of a span, while windows (32 KiB each) stay one per span and the index small.
 
+mod blob;
 pub mod file;
 mod gzip;
 mod inflate;
 pub mod share;
 pub mod soci;
+mod windows;
 mod zstd;
 
+pub use blob::{CheckpointBlob, read_prefix, read_span};
+
 use super::Entry;
-use crate::blob::{Blob, BlobSource, clamp};
+use crate::blob::Blob;
 use crate::digest::Hasher;
 use crate::error::{Error, Result};
-use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
 
 /// Default uncompressed distance between checkpoints.
 pub const DEFAULT_SPAN: u64 = 4 << 20;
@@ -69,13 +70,34 @@ pub struct Checkpoint {
 }
 
 /// A verifiable prefix of a gzip span: decoding the span's compressed bytes up to `inp`
-/// yields its output up to at least `out`; `digest` is the sha256 of the compressed bytes from
-/// the previous mark (or the span's start) to `inp`.
+/// yields its output up to exactly `out` (a deflate block boundary); `digest` is the sha256 of
+/// the compressed bytes from the previous mark (or the span's start) to `inp`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mark {
     pub inp: u64,
     pub out: u64,
     pub digest: [u8; 32],
+    /// How to resume decoding here without the span's front (format 4), if the index has it.
+    pub resume: Option<Resume>,
+}
+
+/// A mark's resume state, kept outside the index (see [`windows`]): its entry in the
+/// windows blob, and the sha256 of the output from the mark to the next one (or the span's
+/// end), which vouches for whatever a resume there decodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// Length of the mark's entry in the windows blob (entries follow each other in mark
+    /// order, so their offsets are the running sum).
+    pub len: u32,
+    pub out_digest: [u8; 32],
+}
+
+/// The blob holding a gzip index's mark windows, named by digest: a file in the cache
+/// directory when the index was built here, a blob of the index artifact when published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowsRef {
+    pub digest: String,
+    pub size: u64,
 }
 
 impl Checkpoint {
@@ -102,6 +124,8 @@ pub struct CheckpointIndex {
     /// Per span, the marks strictly inside it, in order; empty when the index has none
     /// (zstd, SOCI zTOCs, format 2 files): then a read fetches and verifies whole spans.
     pub marks: Vec<Vec<Mark>>,
+    /// Where the marks' windows are, when they have any (format 4).
+    pub windows: Option<WindowsRef>,
 }
 
 impl CheckpointIndex {
@@ -113,6 +137,22 @@ impl CheckpointIndex {
             .get(k + 1)
             .map_or(self.comp_size, |c| c.inp);
         (start, end)
+    }
+
+    /// The output stretches from each mark with a resume state to the next mark (or its
+    /// span's end), with the digest the index gives them: `(start, end, sha256)`, in order.
+    pub fn mark_stretches(&self) -> Vec<(u64, u64, [u8; 32])> {
+        let mut out = Vec::new();
+        for (k, marks) in self.marks.iter().enumerate() {
+            let span_end = self.span_output(k).1;
+            for (t, m) in marks.iter().enumerate() {
+                if let Some(r) = &m.resume {
+                    let end = marks.get(t + 1).map_or(span_end, |n| n.out);
+                    out.push((m.out, end, r.out_digest));
+                }
+            }
+        }
+        out
     }
 
     /// The marks inside span `k` (none when the index has no marks).
@@ -191,14 +231,14 @@ impl CheckpointIndex {
         Ok(())
     }
 
-    /// Builds the index of `blob` (a layer whose id is its digest) in one pass.
-    /// `progress` gets (bytes done, total).
+    /// Builds the index of `blob` (a layer whose id is its digest) in one pass, with its
+    /// marks' windows blob (empty for zstd). `progress` gets (bytes done, total).
     pub async fn build(
         blob: Blob,
         codec: Codec,
         span: u64,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
-    ) -> Result<CheckpointIndex> {
+    ) -> Result<(CheckpointIndex, Vec<u8>)> {
         let digest = blob.id().to_string();
         let size = blob.size();
         // The pass runs on a blocking thread; pieces reach it through a bounded channel that
@@ -238,13 +278,12 @@ impl CheckpointIndex {
         let built = builder
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))?;
-        let (checkpoints, span_digests, uncomp_size, entries, marks) =
-            built.map_err(|e| match e {
-                Error::Format { reason, .. } => {
-                    Error::format(format!("{codec:?} layer {digest}"), reason)
-                }
-                e => e,
-            })?;
+        let built = built.map_err(|e| match e {
+            Error::Format { reason, .. } => {
+                Error::format(format!("{codec:?} layer {digest}"), reason)
+            }
+            e => e,
+        })?;
         let actual = hasher.finish();
         if actual != digest {
             return Err(Error::Digest {
@@ -253,30 +292,39 @@ impl CheckpointIndex {
                 actual,
             });
         }
-        Ok(CheckpointIndex {
+        let windows = (!built.windows.is_empty()).then(|| WindowsRef {
+            digest: crate::digest::sha256(&built.windows),
+            size: built.windows.len() as u64,
+        });
+        let index = CheckpointIndex {
             digest,
             codec,
             span,
             comp_size: size,
-            uncomp_size,
-            checkpoints,
-            span_digests,
-            entries,
-            marks,
-        })
+            uncomp_size: built.uncomp_size,
+            checkpoints: built.checkpoints,
+            span_digests: built.span_digests,
+            entries: built.entries,
+            marks: built.marks,
+            windows,
+        };
+        Ok((index, built.windows))
     }
 }
 
-type Built = (
-    Vec<Checkpoint>,
-    Vec<[u8; 32]>,
-    u64,
-    Vec<Entry>,
-    Vec<Vec<Mark>>,
-);
+/// What an indexing pass found.
+struct Built {
+    checkpoints: Vec<Checkpoint>,
+    span_digests: Vec<[u8; 32]>,
+    uncomp_size: u64,
+    entries: Vec<Entry>,
+    marks: Vec<Vec<Mark>>,
+    /// The marks' windows blob (gzip; empty otherwise).
+    windows: Vec<u8>,
+}
 
 /// What both codecs' passes share: the tar parser fed with the output on its own thread, and
-/// the bookkeeping of checkpoints and span digests.
+/// the bookkeeping of checkpoints, span digests and marks.
 struct Pass {
     tar_tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     tar: std::thread::JoinHandle<Result<Vec<Entry>>>,
@@ -285,8 +333,11 @@ struct Pass {
     /// Compressed bytes from the current span's start onwards, and where that start is.
     pending: Vec<u8>,
     pending_start: u64,
-    /// Marks of each span so far (gzip only).
+    /// Output of the current span so far (for the digests of its marks' segments).
+    span_out: Vec<u8>,
+    /// Marks of each span so far (gzip only), and their windows blob.
     marks: Vec<Vec<Mark>>,
+    windows: Vec<u8>,
 }
 
 impl Pass {
@@ -303,7 +354,9 @@ impl Pass {
             digests: Vec::new(),
             pending: Vec::new(),
             pending_start: 0,
+            span_out: Vec::new(),
             marks: Vec::new(),
+            windows: Vec::new(),
         }
     }
 
@@ -313,7 +366,10 @@ impl Pass {
     }
 
     /// Uncompressed bytes as they are produced (a dead tar parser reports at `finish`).
-    fn output(&self, data: &[u8]) {
+    fn output(&mut self, data: &[u8]) {
+        if !self.checkpoints.is_empty() {
+            self.span_out.extend_from_slice(data);
+        }
         if let Some(tx) = &self.tar_tx {
             let _ = tx.send(data.to_vec());
         }
@@ -324,22 +380,44 @@ impl Pass {
         self.checkpoints.last().is_none_or(|c| out - c.out > span)
     }
 
-    /// Records a checkpoint and closes the previous span's digest.
+    /// Records a checkpoint and closes the previous span's digests.
     fn checkpoint(&mut self, cp: Checkpoint) {
         if let Some(marks) = self.marks.last_mut() {
-            // Marks lie strictly inside their span (a boundary can repeat a byte offset).
-            marks.retain(|m| m.inp < cp.inp);
+            // Marks lie strictly inside their span (a boundary can repeat a byte offset);
+            // a dropped mark's window was the last one written.
+            while marks.last().is_some_and(|m| m.inp >= cp.inp) {
+                let gone = marks.pop().and_then(|m| m.resume).map_or(0, |r| r.len);
+                self.windows.truncate(self.windows.len() - gone as usize);
+            }
         }
         if !self.checkpoints.is_empty() {
             let upto = (cp.inp - self.pending_start) as usize;
             self.digests
                 .push(Sha256::digest(&self.pending[..upto]).into());
+            self.close_span(cp.out);
         }
         let keep_from = (cp.start() - self.pending_start) as usize;
         self.pending.drain(..keep_from);
         self.pending_start = cp.start();
         self.checkpoints.push(cp);
         self.marks.push(Vec::new());
+    }
+
+    /// Gives the current span's marks the digests of their output segments, the last one
+    /// ending at `end` (the span's end).
+    fn close_span(&mut self, end: u64) {
+        let (Some(cp), Some(marks)) = (self.checkpoints.last(), self.marks.last_mut()) else {
+            return;
+        };
+        let o0 = cp.out;
+        let ends: Vec<u64> = marks.iter().skip(1).map(|m| m.out).chain([end]).collect();
+        for (m, e) in marks.iter_mut().zip(ends) {
+            let seg = &self.span_out[(m.out - o0) as usize..(e - o0) as usize];
+            if let Some(r) = &mut m.resume {
+                r.out_digest = Sha256::digest(seg).into();
+            }
+        }
+        self.span_out.clear();
     }
 
     /// Whether a mark is due at compressed offset `inp` (`every` bytes since the last one).
@@ -349,18 +427,26 @@ impl Pass {
         !self.checkpoints.is_empty() && inp >= since + every
     }
 
-    /// Records a mark in the current span: its prefix up to `inp` yields `out` bytes.
-    fn mark(&mut self, inp: u64, out: u64) {
+    /// Records a mark in the current span: its prefix up to `inp` yields `out` bytes; a
+    /// decoder resumes there from the `bits` (0-7) left of the byte before `inp` and the
+    /// `window` of output before `out`, written to the windows blob.
+    fn mark(&mut self, inp: u64, out: u64, bits: u8, window: &[u8]) {
         let Some(marks) = self.marks.last_mut() else {
             return;
         };
         let from = marks.last().map_or(self.pending_start, |m| m.inp);
         let piece = &self.pending
             [(from - self.pending_start) as usize..(inp - self.pending_start) as usize];
+        let entry = windows::entry(bits, window);
+        self.windows.extend_from_slice(&entry);
         marks.push(Mark {
             inp,
             out,
             digest: Sha256::digest(piece).into(),
+            resume: Some(Resume {
+                len: entry.len() as u32,
+                out_digest: [0; 32], // set when the span closes
+            }),
         });
     }
 
@@ -370,6 +456,7 @@ impl Pass {
             return Err(Error::format("compressed stream", "no data"));
         }
         self.digests.push(Sha256::digest(&self.pending).into());
+        self.close_span(uncompressed);
         let entries = self
             .tar
             .join()
@@ -380,208 +467,14 @@ impl Pass {
         } else {
             Vec::new()
         };
-        Ok((self.checkpoints, self.digests, uncompressed, entries, marks))
-    }
-}
-
-/// Decodes span `k` of `index` from its compressed bytes, after checking their digest.
-pub fn read_span(index: &CheckpointIndex, k: usize, compressed: &[u8]) -> Result<Vec<u8>> {
-    let what = || format!("span {k} of layer {}", index.digest);
-    let (start, end) = index.span_extent(k);
-    if compressed.len() as u64 != end - start {
-        return Err(Error::format(
-            what(),
-            "compressed extent has the wrong length",
-        ));
-    }
-    let expected = index
-        .span_digests
-        .get(k)
-        .ok_or_else(|| Error::format(what(), "no digest"))?;
-    check_digest(&what, compressed, expected)?;
-    let (o0, o1) = index.span_output(k);
-    decode(index, k, compressed, (o1 - o0) as usize, &what)
-}
-
-/// Decodes the start of span `k` up to its mark `j` from the compressed bytes up to that
-/// mark, after checking the digest of every piece between marks: at least the mark's output.
-pub fn read_prefix(
-    index: &CheckpointIndex,
-    k: usize,
-    j: usize,
-    compressed: &[u8],
-) -> Result<Vec<u8>> {
-    let what = || format!("span {k} of layer {} up to mark {j}", index.digest);
-    let (start, _) = index.span_extent(k);
-    let marks = index.marks_of(k);
-    let mark = marks
-        .get(j)
-        .ok_or_else(|| Error::format(what(), "no such mark"))?;
-    if compressed.len() as u64 != mark.inp - start {
-        return Err(Error::format(
-            what(),
-            "compressed prefix has the wrong length",
-        ));
-    }
-    let mut from = start;
-    for m in &marks[..=j] {
-        let piece = &compressed[(from - start) as usize..(m.inp - start) as usize];
-        check_digest(&what, piece, &m.digest)?;
-        from = m.inp;
-    }
-    let (o0, _) = index.span_output(k);
-    decode(index, k, compressed, (mark.out - o0) as usize, &what)
-}
-
-fn check_digest(what: &dyn Fn() -> String, bytes: &[u8], expected: &[u8; 32]) -> Result<()> {
-    let actual: [u8; 32] = Sha256::digest(bytes).into();
-    if &actual != expected {
-        return Err(Error::Digest {
-            what: what(),
-            expected: hex::encode(expected),
-            actual: hex::encode(actual),
-        });
-    }
-    Ok(())
-}
-
-/// Decodes `want` bytes of span `k` from (verified) compressed bytes starting at the span.
-fn decode(
-    index: &CheckpointIndex,
-    k: usize,
-    compressed: &[u8],
-    want: usize,
-    what: &dyn Fn() -> String,
-) -> Result<Vec<u8>> {
-    let out = match index.codec {
-        Codec::Gzip => gzip::inflate_span(&index.checkpoints[k], compressed, want),
-        Codec::Zstd => zstd::decode_span(compressed, want),
-    }
-    .map_err(|e| match e {
-        Error::Format { reason, .. } => Error::format(what(), reason),
-        e => e,
-    })?;
-    if out.len() != want {
-        return Err(Error::format(
-            what(),
-            format!("decoded {} of {want} bytes", out.len()),
-        ));
-    }
-    Ok(out)
-}
-
-/// The uncompressed tar of a layer, served lazily through its checkpoint index.
-pub struct CheckpointBlob {
-    id: String,
-    index: Arc<CheckpointIndex>,
-    compressed: Blob,
-    /// Decoded spans, or their starts (up to a mark) when only those were needed.
-    spans: Mutex<lru::LruCache<usize, Bytes>>,
-}
-
-impl CheckpointBlob {
-    /// Serves `index` from `compressed` (normally the block-cached layer blob).
-    pub fn new(index: Arc<CheckpointIndex>, compressed: Blob) -> CheckpointBlob {
-        CheckpointBlob {
-            id: format!("{}/checkpoint", index.digest),
-            index,
-            compressed,
-            spans: Mutex::new(lru::LruCache::new(NonZeroUsize::new(8).unwrap())),
-        }
-    }
-
-    /// At least the first `need` decoded bytes of span `k`: on its first read, its start up
-    /// to the first mark that covers `need`; otherwise the whole span.
-    /// Read-ahead of the compressed blob stays before `until`.
-    async fn span(&self, k: usize, need: u64, until: u64) -> Result<Bytes> {
-        let cached = self.spans.lock().unwrap().get(&k).cloned();
-        if let Some(b) = &cached
-            && b.len() as u64 >= need
-        {
-            return Ok(b.clone());
-        }
-        let (o0, _) = self.index.span_output(k);
-        // Only a span's first read stops at a mark: a reader that comes back for more is
-        // usually moving through the span, and decoding it whole now inflates and hashes it
-        // about once, where growing prefix after prefix would redo the front each time.
-        let marks = match cached {
-            None => self.index.marks_of(k),
-            Some(_) => &[][..],
-        };
-        let mark = marks.iter().position(|m| m.out - o0 >= need);
-        let (start, end) = self.index.span_extent(k);
-        let upto = mark.map_or(end, |j| marks[j].inp);
-        let compressed = self
-            .compressed
-            .read_within(start, upto - start, until)
-            .await?;
-        let index = self.index.clone();
-        let data = tokio::task::spawn_blocking(move || match mark {
-            Some(j) => read_prefix(&index, k, j, &compressed),
-            None => read_span(&index, k, &compressed),
+        Ok(Built {
+            checkpoints: self.checkpoints,
+            span_digests: self.digests,
+            uncomp_size: uncompressed,
+            entries,
+            marks,
+            windows: self.windows,
         })
-        .await
-        .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-        let data = Bytes::from(data);
-        let mut spans = self.spans.lock().unwrap();
-        if spans.peek(&k).is_none_or(|b| b.len() < data.len()) {
-            spans.put(k, data.clone());
-        }
-        Ok(data)
-    }
-}
-
-#[async_trait]
-impl BlobSource for CheckpointBlob {
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn size(&self) -> u64 {
-        self.index.uncomp_size
-    }
-    fn release_memory(&self) {
-        self.spans.lock().unwrap().clear();
-        self.compressed.release_memory();
-    }
-    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
-        self.read_within(offset, len, self.size()).await
-    }
-    /// Decodes the range, so that a later read finds it decoded or its compressed bytes
-    /// cached. The range is what is wanted (a whole file, a directory's files), not the start
-    /// of a stream: what a miss fetches past the mark after it is a guess, limited like any
-    /// other (see [`crate::blob::cache`]); `read_at` would count the rest of the blob as the
-    /// file and fetch a full run after it.
-    async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
-        let until = offset.saturating_add(len);
-        self.read_within(offset, len, until).await.map(drop)
-    }
-    fn source_range(&self, offset: u64, len: u64) -> Option<(Blob, u64, u64)> {
-        let end = offset.saturating_add(len.max(1)).min(self.size());
-        let (a, b) = self.index.compressed_extent(offset, end);
-        Some((self.compressed.clone(), a, b))
-    }
-    async fn read_within(&self, offset: u64, len: u64, until: u64) -> Result<Bytes> {
-        let len = clamp(&self.id, self.size(), offset, len)?;
-        let end = offset + len;
-        let cps = &self.index.checkpoints;
-        // The compressed end of the file being read.
-        let comp_until = self
-            .index
-            .compressed_extent(offset, until.max(offset + 1))
-            .1;
-        let mut k = cps.partition_point(|c| c.out <= offset).saturating_sub(1);
-        let mut out = BytesMut::with_capacity(len as usize);
-        while k < cps.len() && (out.len() as u64) < len {
-            let (o0, o1) = self.index.span_output(k);
-            let data = self.span(k, end.min(o1) - o0, comp_until).await?;
-            let s = offset.max(o0) - o0;
-            let e = end.min(o1) - o0;
-            if s < e {
-                out.extend_from_slice(&data[s as usize..e as usize]);
-            }
-            k += 1;
-        }
-        Ok(out.freeze())
     }
 }
 

@@ -29,6 +29,11 @@ pub const LAYER_ANNOTATION: &str = "io.ocifs.checkpoint-index.layer";
 /// index blobs as a JSON array of `[layer, blob digest, size]`: a mount that finds it there
 /// fetches the blobs at once, a round trip sooner than through the artifact's manifest.
 pub const BLOBS_ANNOTATION: &str = "io.ocifs.checkpoint-index.blobs";
+/// Media type of a mark windows blob pushed with an index (see the `windows` module), and the
+/// annotation naming the layer whose index names it. The index file carries the blob's
+/// digest; the artifact lists it so that the registry keeps it with the index.
+pub const WINDOWS_MEDIA_TYPE: &str = "application/vnd.ocifs.checkpoint-windows.v1";
+pub const WINDOWS_ANNOTATION: &str = "io.ocifs.checkpoint-windows.layer";
 /// Longest such annotation read (a few hundred layers).
 const MAX_BLOBS_ANNOTATION: usize = 64 << 10;
 const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
@@ -215,13 +220,20 @@ pub async fn fetch(
     }
 }
 
-/// Pushes encoded indexes (layer digest, file bytes) as one artifact referring to the image
+/// One index to push: the layer it describes, its file, and its marks' windows blob if any.
+pub struct Pushed {
+    pub layer: String,
+    pub index: Bytes,
+    pub windows: Option<Bytes>,
+}
+
+/// Pushes encoded indexes (and their windows blobs) as one artifact referring to the image
 /// manifest `subject` (digest, media type, size). Returns the artifact manifest's digest.
 pub async fn push(
     registry: &Arc<Registry>,
     repo: &str,
     subject: (&str, &str, u64),
-    indexes: &[(String, Bytes)],
+    indexes: &[Pushed],
 ) -> Result<String> {
     let config_digest = crate::digest::sha256(EMPTY_CONFIG);
     registry
@@ -229,7 +241,17 @@ pub async fn push(
         .await?;
     let mut layers = Vec::new();
     let mut listed = Vec::new();
-    for (layer, data) in indexes {
+    for Pushed {
+        layer,
+        index: data,
+        windows,
+    } in indexes
+    {
+        if let Some(w) = windows {
+            let digest = crate::digest::sha256(w);
+            registry.push_blob(repo, &digest, w.clone()).await?;
+            layers.push(json!({"mediaType": WINDOWS_MEDIA_TYPE, "digest": digest, "size": w.len(), "annotations": {WINDOWS_ANNOTATION: layer}}));
+        }
         let digest = crate::digest::sha256(data);
         registry.push_blob(repo, &digest, data.clone()).await?;
         layers.push(json!({"mediaType": ARTIFACT_TYPE, "digest": digest, "size": data.len(), "annotations": {LAYER_ANNOTATION: layer}}));

@@ -103,6 +103,7 @@ pub fn parse(bytes: &[u8], layer: &str, layer_size: u64) -> Result<CheckpointInd
         span_digests,
         entries: entries.into_iter().map(|(_, e)| e).collect(),
         marks: Vec::new(),
+        windows: None,
     };
     index.check_shape().map_err(|why| bad(why.to_string()))?;
     tracing::debug!(

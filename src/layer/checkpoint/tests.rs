@@ -1,6 +1,7 @@
 use super::*;
-use crate::blob::MemBlob;
+use crate::blob::{BlobSource, MemBlob};
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 fn sample_tar() -> Vec<u8> {
@@ -46,7 +47,7 @@ async fn check_all_reads(blob_bytes: Vec<u8>, tar: &[u8], span: u64) -> Checkpoi
 async fn check_reads(blob_bytes: Vec<u8>, tar: &[u8], span: u64, codec: Codec) -> CheckpointIndex {
     let digest = crate::digest::sha256(&blob_bytes);
     let blob: Blob = Arc::new(MemBlob::new(digest, blob_bytes));
-    let index = CheckpointIndex::build(blob.clone(), codec, span, &|_, _| {})
+    let (index, windows) = CheckpointIndex::build(blob.clone(), codec, span, &|_, _| {})
         .await
         .unwrap();
     assert!(
@@ -57,7 +58,7 @@ async fn check_reads(blob_bytes: Vec<u8>, tar: &[u8], span: u64, codec: Codec) -
     assert_eq!(index.uncomp_size, tar.len() as u64);
     assert_eq!(index.entries.len(), 40);
     let index = Arc::new(index);
-    let gz = CheckpointBlob::new(index.clone(), blob);
+    let gz = CheckpointBlob::new(index.clone(), blob.clone());
     for (off, len) in [
         (0u64, 10u64),
         (12_345, 200_000),
@@ -71,6 +72,22 @@ async fn check_reads(blob_bytes: Vec<u8>, tar: &[u8], span: u64, codec: Codec) -
             &tar[off as usize..(off + len) as usize],
             "read at {off}"
         );
+    }
+    // Resuming at marks: each read a span's first (a new reader each time), across the layer.
+    let has_marks = index.marks.iter().any(|m| !m.is_empty());
+    assert_eq!(index.windows.is_some(), has_marks);
+    if let Some(w) = &index.windows {
+        let windows: Blob = Arc::new(MemBlob::new(w.digest.clone(), windows));
+        for off in (0..tar.len() as u64).step_by(7919) {
+            let gz = CheckpointBlob::new(index.clone(), blob.clone()).with_windows(windows.clone());
+            let len = 3000.min(tar.len() as u64 - off);
+            let got = gz.read_at(off, len).await.unwrap();
+            assert_eq!(
+                &got[..],
+                &tar[off as usize..(off + len) as usize],
+                "at {off}"
+            );
+        }
     }
     (*index).clone()
 }
@@ -120,6 +137,7 @@ async fn corrupt_spans_and_blobs_are_refused() {
     let blob: Blob = Arc::new(MemBlob::new(crate::digest::sha256(&cut), cut));
     let err = CheckpointIndex::build(blob, Codec::Gzip, 64 * 1024, &|_, _| {})
         .await
+        .map(drop)
         .unwrap_err();
     assert!(
         err.to_string().contains("truncated") || err.to_string().contains("tar"),
@@ -158,7 +176,7 @@ async fn single_frame_zstd_is_one_span_and_truncation_is_an_error() {
     let tar = sample_tar();
     let one = ::zstd::bulk::compress(&tar, 3).unwrap();
     let blob: Blob = Arc::new(MemBlob::new(crate::digest::sha256(&one), one.clone()));
-    let index = CheckpointIndex::build(blob, Codec::Zstd, 64 * 1024, &|_, _| {})
+    let (index, _) = CheckpointIndex::build(blob, Codec::Zstd, 64 * 1024, &|_, _| {})
         .await
         .unwrap();
     assert_eq!(index.checkpoints.len(), 1);
@@ -250,7 +268,12 @@ async fn a_files_compressed_extent_ends_at_the_mark_past_it() {
 
 /// A pending gzip layer served through `decoded`, whose index (with `entries`) came from the
 /// registry and is still to be checked.
-fn unchecked_layer(digest: &str, decoded: Blob, entries: &[Entry]) -> Arc<crate::layer::Layer> {
+fn unchecked_layer(
+    digest: &str,
+    decoded: Blob,
+    entries: &[Entry],
+    index: &CheckpointIndex,
+) -> Arc<crate::layer::Layer> {
     use crate::layer::{Format, Health, IndexCheck, Layer, LayerData};
     Arc::new(Layer {
         digest: digest.to_string(),
@@ -261,6 +284,7 @@ fn unchecked_layer(digest: &str, decoded: Blob, entries: &[Entry]) -> Arc<crate:
         index_check: Some(IndexCheck {
             entries: file::entries_digest(entries),
             kept: None,
+            stretches: index.mark_stretches(),
         }),
     })
 }
@@ -277,9 +301,10 @@ async fn a_hostile_index_is_refused_or_found_out() {
     let digest = crate::digest::sha256(&blob_bytes);
     let diff_ids = [crate::digest::sha256(&tar)];
     let blob: Blob = Arc::new(MemBlob::new(digest.clone(), blob_bytes));
-    let index = CheckpointIndex::build(blob.clone(), Codec::Gzip, 64 << 10, &|_, _| {})
+    let (index, windows) = CheckpointIndex::build(blob.clone(), Codec::Gzip, 64 << 10, &|_, _| {})
         .await
         .unwrap();
+    let windows: Blob = Arc::new(MemBlob::new("windows", windows));
     let encoded = file::encode(&index);
     let raw = ::zstd::bulk::decompress(&encoded[52..], 64 << 20).unwrap();
     let mut state = 0x5eed_u64;
@@ -303,17 +328,28 @@ async fn a_hostile_index_is_refused_or_found_out() {
             };
             r[at..end].copy_from_slice(&value.to_le_bytes()[..end - at]);
         }
-        let Ok(mut hostile) = file::decode(&file::frame(3, &r), &digest) else {
+        let Ok(mut hostile) = file::decode(&file::frame(file::VERSION, &r), &digest) else {
             continue;
         };
         accepted += 1;
         let entries = std::mem::take(&mut hostile.entries);
-        let gz: Blob = Arc::new(CheckpointBlob::new(Arc::new(hostile), blob.clone()));
+        let hostile = Arc::new(hostile);
+        let mut resumed_lies = false;
+        for at in hostile.mark_stretches().iter().map(|s| s.0 + 10) {
+            let Some(len) = (tar.len() as u64).checked_sub(at).map(|l| l.min(2000)) else {
+                continue;
+            };
+            let gz = CheckpointBlob::new(hostile.clone(), blob.clone());
+            let got = gz.with_windows(windows.clone()).read_at(at, len).await;
+            resumed_lies |= got.is_ok_and(|got| got[..] != tar[at as usize..(at + len) as usize]);
+        }
+        let gz: Blob = Arc::new(CheckpointBlob::new(hostile.clone(), blob.clone()));
         let whole = tokio::time::timeout(Duration::from_secs(20), gz.read_at(0, tar.len() as u64))
             .await
             .expect("a read through a hostile index hung");
-        let lies = entries != index.entries || whole.is_ok_and(|got| got[..] != tar[..]);
-        let layer = unchecked_layer(&digest, gz, &entries);
+        let lies =
+            entries != index.entries || whole.is_ok_and(|got| got[..] != tar[..]) || resumed_lies;
+        let layer = unchecked_layer(&digest, gz, &entries, &hostile);
         let layers = [(layer.clone(), blob.clone())];
         let verified = crate::verify::verify_layers(&layers, &diff_ids, &|| true);
         tokio::time::timeout(Duration::from_secs(60), verified)
@@ -339,12 +375,13 @@ async fn the_honest_index_passes_verification() {
     let blob_bytes = gzip(&tar, 6);
     let digest = crate::digest::sha256(&blob_bytes);
     let blob: Blob = Arc::new(MemBlob::new(digest.clone(), blob_bytes));
-    let mut index = CheckpointIndex::build(blob.clone(), Codec::Gzip, 128 << 10, &|_, _| {})
+    let (mut index, _) = CheckpointIndex::build(blob.clone(), Codec::Gzip, 128 << 10, &|_, _| {})
         .await
         .unwrap();
     let entries = std::mem::take(&mut index.entries);
-    let gz = Arc::new(CheckpointBlob::new(Arc::new(index), blob.clone()));
-    let layer = unchecked_layer(&digest, gz, &entries);
+    let index = Arc::new(index);
+    let gz = Arc::new(CheckpointBlob::new(index.clone(), blob.clone()));
+    let layer = unchecked_layer(&digest, gz, &entries, &index);
     let layers = [(layer.clone(), blob)];
     crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true).await;
     assert_eq!(*layer.health.read().unwrap(), Health::Verified);
@@ -352,4 +389,85 @@ async fn the_honest_index_passes_verification() {
     *layer.health.write().unwrap() = Health::Pending;
     crate::verify::verify_layers(&layers, &["sha256:00".into()], &|| true).await;
     assert!(matches!(*layer.health.read().unwrap(), Health::Bad(_)));
+    // An index whose digest of the output after one mark is not the layer's (as a window
+    // crafted to decode to other bytes would need) fails it, though every span is right.
+    let mut lying = (*index).clone();
+    let m = lying.marks.iter_mut().flatten().nth(3).expect("marks");
+    m.resume.as_mut().unwrap().out_digest[0] ^= 1;
+    let lying = Arc::new(lying);
+    let gz = Arc::new(CheckpointBlob::new(lying.clone(), layers[0].1.clone()));
+    let layer = unchecked_layer(&digest, gz, &entries, &lying);
+    let layers = [(layer.clone(), layers[0].1.clone())];
+    crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true).await;
+    let health = layer.health.read().unwrap().clone();
+    assert!(
+        matches!(&health, Health::Bad(why) if why.contains("output from offset")),
+        "{health:?}"
+    );
+}
+
+/// With its marks' windows at hand, a read in the middle of a span fetches and decodes from
+/// the mark before it, not from the span's start; a reader moving on decodes the rest of the
+/// span from that mark; a damaged window costs only the attempt, never a wrong byte.
+#[tokio::test]
+async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let tar = sample_tar();
+    let good = gzip(&tar, 6);
+    let digest = crate::digest::sha256(&good);
+    let blob: Blob = Arc::new(MemBlob::new(digest.clone(), good.clone()));
+    let (index, windows) = CheckpointIndex::build(blob, Codec::Gzip, 1 << 20, &|_, _| {})
+        .await
+        .unwrap();
+    let marks = index.marks[0].clone();
+    assert!(marks.len() >= 5, "{} marks in span 0", marks.len());
+    let (start, end) = index.span_extent(0);
+    let index = Arc::new(index);
+    let counted = || {
+        Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
+            digest.clone(),
+            good.clone(),
+        ))))
+    };
+    let windows_id = index.windows.as_ref().unwrap().digest.clone();
+    let windows_of = |bytes: Vec<u8>| -> Blob { Arc::new(MemBlob::new(windows_id.clone(), bytes)) };
+    let at = marks[2].out + 100;
+    let want = &tar[at as usize..at as usize + 1000];
+
+    let c = counted();
+    let gz =
+        CheckpointBlob::new(index.clone(), c.clone()).with_windows(windows_of(windows.clone()));
+    assert_eq!(&gz.read_at(at, 1000).await.unwrap()[..], want);
+    let stretch = marks[3].inp - (marks[2].inp - 1);
+    assert_eq!(c.bytes.load(Relaxed), stretch, "from mark 2 to mark 3 only");
+    // Reading on to the span's end: the rest of the span from mark 2, once.
+    let span_end = index.span_output(0).1;
+    let mut off = at + 1000;
+    while off < span_end {
+        let n = (64 << 10).min(span_end - off);
+        let got = gz.read_at(off, n).await.unwrap();
+        assert_eq!(&got[..], &tar[off as usize..(off + n) as usize]);
+        off += n;
+    }
+    assert_eq!(c.bytes.load(Relaxed), stretch + (end - (marks[2].inp - 1)));
+    assert!(c.bytes.load(Relaxed) < stretch + (end - start));
+
+    // Mark 2's entry damaged (its bits to prime): the resume fails its digest, the read
+    // decodes from the span's start instead and is still exact.
+    let entry_at: u64 = marks[..2]
+        .iter()
+        .map(|m| u64::from(m.resume.as_ref().unwrap().len))
+        .sum();
+    let mut bad = windows.clone();
+    bad[entry_at as usize] = (bad[entry_at as usize] + 1) % 8;
+    let c = counted();
+    let gz = CheckpointBlob::new(index.clone(), c.clone()).with_windows(windows_of(bad));
+    assert_eq!(&gz.read_at(at, 1000).await.unwrap()[..], want);
+    assert_eq!(c.bytes.load(Relaxed), stretch + (marks[3].inp - start));
+    // A windows blob of another size than the index says is not used at all.
+    let c = counted();
+    let gz = CheckpointBlob::new(index.clone(), c.clone())
+        .with_windows(windows_of(windows[..windows.len() - 1].to_vec()));
+    assert_eq!(&gz.read_at(at, 1000).await.unwrap()[..], want);
+    assert_eq!(c.bytes.load(Relaxed), marks[3].inp - start);
 }

@@ -1,0 +1,340 @@
+//! Reading through a checkpoint index: [`CheckpointBlob`] serves a layer's uncompressed tar
+//! by decoding only the spans, span fronts or mark-to-mark stretches a read needs, each
+//! checked against the index's digests before its bytes are served.
+
+use super::{CheckpointIndex, Codec, gzip, windows, zstd};
+use crate::blob::{Blob, BlobSource, BytesLru, clamp};
+use crate::error::{Error, Result};
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Decoded output kept per layer (whole spans are 4 MiB by default).
+const KEPT: u64 = 32 << 20;
+
+/// Decodes span `k` of `index` from its compressed bytes, after checking their digest.
+pub fn read_span(index: &CheckpointIndex, k: usize, compressed: &[u8]) -> Result<Vec<u8>> {
+    let what = || format!("span {k} of layer {}", index.digest);
+    let (start, end) = index.span_extent(k);
+    if compressed.len() as u64 != end - start {
+        return Err(Error::format(
+            what(),
+            "compressed extent has the wrong length",
+        ));
+    }
+    let expected = index
+        .span_digests
+        .get(k)
+        .ok_or_else(|| Error::format(what(), "no digest"))?;
+    check_digest(&what, compressed, expected)?;
+    let (o0, o1) = index.span_output(k);
+    decode(index, k, compressed, (o1 - o0) as usize, &what)
+}
+
+/// Decodes the start of span `k` up to its mark `j` from the compressed bytes up to that
+/// mark, after checking the digest of every piece between marks: at least the mark's output.
+pub fn read_prefix(
+    index: &CheckpointIndex,
+    k: usize,
+    j: usize,
+    compressed: &[u8],
+) -> Result<Vec<u8>> {
+    let what = || format!("span {k} of layer {} up to mark {j}", index.digest);
+    let (start, _) = index.span_extent(k);
+    let marks = index.marks_of(k);
+    let mark = marks
+        .get(j)
+        .ok_or_else(|| Error::format(what(), "no such mark"))?;
+    if compressed.len() as u64 != mark.inp - start {
+        return Err(Error::format(
+            what(),
+            "compressed prefix has the wrong length",
+        ));
+    }
+    let mut from = start;
+    for m in &marks[..=j] {
+        let piece = &compressed[(from - start) as usize..(m.inp - start) as usize];
+        check_digest(&what, piece, &m.digest)?;
+        from = m.inp;
+    }
+    let (o0, _) = index.span_output(k);
+    decode(index, k, compressed, (mark.out - o0) as usize, &what)
+}
+
+fn check_digest(what: &dyn Fn() -> String, bytes: &[u8], expected: &[u8; 32]) -> Result<()> {
+    let actual: [u8; 32] = Sha256::digest(bytes).into();
+    if &actual != expected {
+        return Err(Error::Digest {
+            what: what(),
+            expected: hex::encode(expected),
+            actual: hex::encode(actual),
+        });
+    }
+    Ok(())
+}
+
+/// Decodes `want` bytes of span `k` from (verified) compressed bytes starting at the span.
+fn decode(
+    index: &CheckpointIndex,
+    k: usize,
+    compressed: &[u8],
+    want: usize,
+    what: &dyn Fn() -> String,
+) -> Result<Vec<u8>> {
+    let out = match index.codec {
+        Codec::Gzip => gzip::inflate_span(&index.checkpoints[k], compressed, want),
+        Codec::Zstd => zstd::decode_span(compressed, want),
+    }
+    .map_err(|e| match e {
+        Error::Format { reason, .. } => Error::format(what(), reason),
+        e => e,
+    })?;
+    if out.len() != want {
+        return Err(Error::format(
+            what(),
+            format!("decoded {} of {want} bytes", out.len()),
+        ));
+    }
+    Ok(out)
+}
+
+/// The uncompressed tar of a layer, served lazily through its checkpoint index.
+pub struct CheckpointBlob {
+    id: String,
+    index: Arc<CheckpointIndex>,
+    compressed: Blob,
+    /// The marks' windows blob and where each mark's entry starts in it, when reads may
+    /// resume at marks (see [`windows`]).
+    windows: Option<(Blob, Vec<Vec<u64>>)>,
+    /// Set when a resume at a mark failed: later reads decode from span starts only.
+    windows_failed: AtomicBool,
+    /// Decoded output by (span, where it starts: the span's start or a mark's output).
+    pieces: Mutex<BytesLru<(usize, u64)>>,
+}
+
+/// Which stretch of a span a read decodes.
+#[derive(Debug, Clone, Copy)]
+enum Plan {
+    /// The whole span, from its checkpoint.
+    Span,
+    /// The span's front up to its mark `j`.
+    Prefix(usize),
+    /// From mark `j` to mark `stop` (or the span's end), with the mark's window.
+    FromMark(usize, Option<usize>),
+}
+
+impl CheckpointBlob {
+    /// Serves `index` from `compressed` (normally the block-cached layer blob).
+    pub fn new(index: Arc<CheckpointIndex>, compressed: Blob) -> CheckpointBlob {
+        CheckpointBlob {
+            id: format!("{}/checkpoint", index.digest),
+            index,
+            compressed,
+            windows: None,
+            windows_failed: AtomicBool::new(false),
+            pieces: Mutex::new(BytesLru::new(KEPT)),
+        }
+    }
+
+    /// Lets reads resume at marks, with their windows from `blob` (normally block-cached),
+    /// if the index's marks have windows and `blob` is the size the index says.
+    pub fn with_windows(mut self, blob: Blob) -> CheckpointBlob {
+        let offsets = windows::offsets(&self.index);
+        self.windows = offsets
+            .filter(|_| self.index.windows.as_ref().map(|w| w.size) == Some(blob.size()))
+            .map(|o| (blob, o));
+        self
+    }
+
+    /// Decoded output of span `k` covering `[s, e)` (absolute offsets), and where it starts.
+    /// Read-ahead of the compressed blob stays before `until`.
+    async fn piece(&self, k: usize, s: u64, e: u64, until: u64) -> Result<(u64, Bytes)> {
+        let (o0, _) = self.index.span_output(k);
+        let marks = self.index.marks_of(k);
+        let before = marks.partition_point(|m| m.out <= s);
+        let mut continuing = None;
+        let mut front_seen = false;
+        {
+            let mut pieces = self.pieces.lock().unwrap();
+            let starts = std::iter::once(o0).chain(marks[..before].iter().map(|m| m.out));
+            for from in starts {
+                let Some(b) = pieces.get(&(k, from)) else {
+                    continue;
+                };
+                let end = from + b.len() as u64;
+                if end >= e {
+                    return Ok((from, b));
+                }
+                front_seen |= from == o0;
+                if end >= s && continuing.is_none() {
+                    continuing = Some(from);
+                }
+            }
+        }
+        let mark_at = |from: u64| marks.iter().position(|m| m.out == from);
+        let stop = marks.iter().position(|m| m.out >= e);
+        let resumable = self.windows.is_some() && !self.windows_failed.load(Ordering::Relaxed);
+        // A reader coming back for more is usually moving through the span: decoding the
+        // rest of it now inflates and hashes it about once, where growing piece after piece
+        // would redo the front each time. A new reader decodes only its stretch: from the
+        // mark before it when windows are at hand, else from the span's start (the whole
+        // span once its front has been read).
+        let plan = match continuing {
+            Some(from) => match mark_at(from) {
+                Some(j) if from > o0 => Plan::FromMark(j, None),
+                _ => Plan::Span,
+            },
+            // When the span's front is cached (or coming: a planned prefetch, a verified
+            // layer) decoding from the start costs no request; a window might.
+            None if resumable && before > 0 && !self.front_at_hand(k, before - 1) => {
+                Plan::FromMark(before - 1, stop)
+            }
+            None if front_seen => Plan::Span,
+            None => stop.map_or(Plan::Span, Plan::Prefix),
+        };
+        let data = match plan {
+            Plan::FromMark(j, stop) => match self.decode_from_mark(k, j, stop, until).await {
+                Ok(data) => data,
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: resuming at a mark failed ({e}); decoding from span starts",
+                        self.index.digest
+                    );
+                    self.windows_failed.store(true, Ordering::Relaxed);
+                    self.decode_front(k, stop.map_or(Plan::Span, Plan::Prefix), until)
+                        .await?
+                }
+            },
+            plan => self.decode_front(k, plan, until).await?,
+        };
+        let from = match plan {
+            Plan::FromMark(j, _) if !self.windows_failed.load(Ordering::Relaxed) => marks[j].out,
+            _ => o0,
+        };
+        let mut pieces = self.pieces.lock().unwrap();
+        if pieces.get(&(k, from)).is_none_or(|b| b.len() < data.len()) {
+            pieces.put((k, from), data.clone());
+        }
+        Ok((from, data))
+    }
+
+    /// Whether span `k`'s compressed bytes from its start to its mark `j` are at hand.
+    fn front_at_hand(&self, k: usize, j: usize) -> bool {
+        let start = self.index.span_extent(k).0;
+        let mark = &self.index.marks_of(k)[j];
+        self.compressed.at_hand(start, mark.inp - start)
+    }
+
+    /// Decodes span `k` (whole, or its front up to a mark) from its checkpoint.
+    async fn decode_front(&self, k: usize, plan: Plan, until: u64) -> Result<Bytes> {
+        let (start, end) = self.index.span_extent(k);
+        let marks = self.index.marks_of(k);
+        let mark = match plan {
+            Plan::Prefix(j) => Some(j),
+            _ => None,
+        };
+        let upto = mark.map_or(end, |j| marks[j].inp);
+        let compressed = self
+            .compressed
+            .read_within(start, upto - start, until)
+            .await?;
+        let index = self.index.clone();
+        let data = tokio::task::spawn_blocking(move || match mark {
+            Some(j) => read_prefix(&index, k, j, &compressed),
+            None => read_span(&index, k, &compressed),
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        Ok(Bytes::from(data))
+    }
+
+    /// Decodes span `k` from its mark `j` to mark `stop` (or the span's end): the mark's
+    /// window and the compressed bytes are fetched together.
+    async fn decode_from_mark(
+        &self,
+        k: usize,
+        j: usize,
+        stop: Option<usize>,
+        until: u64,
+    ) -> Result<Bytes> {
+        let Some((blob, offsets)) = &self.windows else {
+            return Err(Error::format("gzip marks", "no windows"));
+        };
+        let marks = self.index.marks_of(k);
+        let mark = &marks[j];
+        let len = mark.resume.as_ref().map_or(0, |r| u64::from(r.len));
+        let from = mark.inp - 1;
+        let upto = stop.map_or(self.index.span_extent(k).1, |t| marks[t].inp);
+        let (entry, compressed) = tokio::join!(
+            // Only the entry: neighbouring windows are for other reads' stretches.
+            blob.read_within(offsets[k][j], len, offsets[k][j] + len),
+            self.compressed.read_within(from, upto - from, until)
+        );
+        let (entry, compressed) = (entry?, compressed?);
+        let index = self.index.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            windows::read_from_mark(&index, k, j, stop, &entry, &compressed)
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        Ok(Bytes::from(data))
+    }
+}
+
+#[async_trait]
+impl BlobSource for CheckpointBlob {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn size(&self) -> u64 {
+        self.index.uncomp_size
+    }
+    fn release_memory(&self) {
+        self.pieces.lock().unwrap().retain(|_| false);
+        self.compressed.release_memory();
+        if let Some((blob, _)) = &self.windows {
+            blob.release_memory();
+        }
+    }
+    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_within(offset, len, self.size()).await
+    }
+    /// Decodes the range, so that a later read finds it decoded or its compressed bytes
+    /// cached. The range is what is wanted (a whole file, a directory's files), not the start
+    /// of a stream: what a miss fetches past the mark after it is a guess, limited like any
+    /// other (see [`crate::blob::cache`]); `read_at` would count the rest of the blob as the
+    /// file and fetch a full run after it.
+    async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        let until = offset.saturating_add(len);
+        self.read_within(offset, len, until).await.map(drop)
+    }
+    fn source_range(&self, offset: u64, len: u64) -> Option<(Blob, u64, u64)> {
+        let end = offset.saturating_add(len.max(1)).min(self.size());
+        let (a, b) = self.index.compressed_extent(offset, end);
+        Some((self.compressed.clone(), a, b))
+    }
+    async fn read_within(&self, offset: u64, len: u64, until: u64) -> Result<Bytes> {
+        let len = clamp(&self.id, self.size(), offset, len)?;
+        let end = offset + len;
+        let cps = &self.index.checkpoints;
+        // The compressed end of the file being read.
+        let comp_until = self
+            .index
+            .compressed_extent(offset, until.max(offset + 1))
+            .1;
+        let mut k = cps.partition_point(|c| c.out <= offset).saturating_sub(1);
+        let mut out = BytesMut::with_capacity(len as usize);
+        while k < cps.len() && (out.len() as u64) < len {
+            let (o0, o1) = self.index.span_output(k);
+            let (s, e) = (offset.max(o0), end.min(o1));
+            if s < e {
+                let (from, data) = self.piece(k, s, e, comp_until).await?;
+                out.extend_from_slice(&data[(s - from) as usize..(e - from) as usize]);
+            }
+            k += 1;
+        }
+        Ok(out.freeze())
+    }
+}
