@@ -6,8 +6,8 @@ use crate::blob::{Blob, BlobSource};
 use crate::error::Result;
 use async_trait::async_trait;
 use bytes::Bytes;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A blob that counts the bytes and requests that pass through it.
@@ -55,6 +55,39 @@ impl BlobSource for CountingBlob {
                 sink(piece)
             })
             .await
+    }
+}
+
+impl CountingBlob {
+    /// `other`, whose reads this blob counts as its own: a blob fetched on behalf of this
+    /// one (a gzip index's mark windows, counted with their layer).
+    pub fn counting(self: &Arc<Self>, other: Blob) -> Blob {
+        Arc::new(CountedBy {
+            inner: other,
+            counter: self.clone(),
+        })
+    }
+}
+
+/// A blob whose reads another [`CountingBlob`] counts (see [`CountingBlob::counting`]).
+struct CountedBy {
+    inner: Blob,
+    counter: Arc<CountingBlob>,
+}
+
+#[async_trait]
+impl BlobSource for CountedBy {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let data = self.inner.read_at(offset, len).await?;
+        self.counter.requests.fetch_add(1, Ordering::Relaxed);
+        (self.counter.bytes).fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data)
     }
 }
 

@@ -93,7 +93,7 @@ impl Image {
             async move {
                 let counter = Arc::new(CountingBlob::new(source.blob(&desc.digest, desc.size)?));
                 let raw: Blob = counter.clone();
-                let (layer, entries) = ctx.open_layer(desc, raw.clone()).await?;
+                let (layer, entries) = ctx.open_layer(desc, &counter).await?;
                 // Verification reads through the block cache: it checks the bytes we serve,
                 // and doubles as the background fetch that makes later reads local.
                 let verified_through = ctx.cache.wrap(raw);

@@ -12,6 +12,7 @@ use crate::layer::{
     Entry, Format, Health, IndexCheck, Layer, LayerData, LayerDesc, chunked, estargz, streamed,
     tar, zstdchunked,
 };
+use crate::stats::CountingBlob;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -38,7 +39,13 @@ impl Ctx<'_> {
     }
 
     /// Detects the format of one layer and indexes it.
-    pub async fn open_layer(&self, desc: &LayerDesc, raw: Blob) -> Result<(Layer, Vec<Entry>)> {
+    /// `counter` is the layer's blob, counting what is fetched for it.
+    pub async fn open_layer(
+        &self,
+        desc: &LayerDesc,
+        counter: &Arc<CountingBlob>,
+    ) -> Result<(Layer, Vec<Entry>)> {
+        let raw: Blob = counter.clone();
         let mut format = Format::from_media_type(&desc.media_type)?;
         let cached = self.cache.wrap(raw.clone());
         let initial = if self.cfg.verify == VerifyMode::Off {
@@ -82,7 +89,7 @@ impl Ctx<'_> {
                         index_source = Some(from);
                         let windows = (index.windows.as_ref())
                             .filter(|_| self.cfg.mark_windows)
-                            .and_then(|w| self.windows(w));
+                            .and_then(|w| self.windows(w, counter));
                         let (data, entries, health, check) =
                             indexed_layer(index, cached, windows, trust, initial);
                         index_check = check;
@@ -230,16 +237,18 @@ impl Ctx<'_> {
     }
 
     /// The blob of a gzip index's mark windows (see [`checkpoint`]'s `windows` module): the
-    /// file kept when the index was built here, else the blob published with the index,
-    /// through the block cache. `None` (reads then decode from span starts) when neither can
+    /// file kept when the index was built here, else the blob published with the index.
+    /// `None` (reads then decode from span starts) when neither can
     /// be opened.
-    fn windows(&self, w: &checkpoint::WindowsRef) -> Option<Blob> {
+    fn windows(&self, w: &checkpoint::WindowsRef, counter: &Arc<CountingBlob>) -> Option<Blob> {
         let path = checkpoint::file::windows_path(&self.cfg.cache_dir, &w.digest);
         if let Ok(file) = crate::blob::FileBlob::open(w.digest.clone(), &path) {
             return Some(Arc::new(file));
         }
+        // Not through the block cache: a read fetches one entry, a few KB, exactly (the
+        // layer keeps the entries it fetched).
         match self.source.blob(&w.digest, w.size) {
-            Ok(blob) => Some(self.cache.wrap(blob)),
+            Ok(blob) => Some(counter.counting(blob)),
             Err(e) => {
                 tracing::warn!("no windows blob {}: {e}", w.digest);
                 None

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 
 /// Decoded output kept per layer (whole spans are 4 MiB by default).
 const KEPT: u64 = 32 << 20;
+/// Mark window entries kept per layer (each a few KB compressed).
+const ENTRIES_KEPT: u64 = 4 << 20;
 
 /// Decodes span `k` of `index` from its compressed bytes, after checking their digest.
 pub fn read_span(index: &CheckpointIndex, k: usize, compressed: &[u8]) -> Result<Vec<u8>> {
@@ -108,6 +110,9 @@ pub struct CheckpointBlob {
     /// The marks' windows blob and where each mark's entry starts in it, when reads may
     /// resume at marks (see [`windows`]).
     windows: Option<(Blob, Vec<Vec<u64>>)>,
+    /// Window entries fetched so far, by (span, mark): each is fetched exactly (a few KB), not
+    /// in cache blocks that would bring its neighbours over the link too.
+    entries: Mutex<BytesLru<(usize, usize)>>,
     /// Set when a resume at a mark failed: later reads decode from span starts only.
     windows_failed: AtomicBool,
     /// Decoded output by (span, where it starts: the span's start or a mark's output).
@@ -133,6 +138,7 @@ impl CheckpointBlob {
             index,
             compressed,
             windows: None,
+            entries: Mutex::new(BytesLru::new(ENTRIES_KEPT)),
             windows_failed: AtomicBool::new(false),
             pieces: Mutex::new(BytesLru::new(KEPT)),
         }
@@ -186,11 +192,11 @@ impl CheckpointBlob {
                 Some(j) if from > o0 => Plan::FromMark(j, None),
                 _ => Plan::Span,
             },
-            // When the span's front is cached (or coming: a planned prefetch, a verified
-            // layer) decoding from the start costs no request; a window might.
-            None if resumable && before > 0 && !self.front_at_hand(k, before - 1) => {
-                Plan::FromMark(before - 1, stop)
-            }
+            None if resumable && before > 0 => match self.local_start(k, before - 1) {
+                Some(Some(t)) => Plan::FromMark(t, stop),
+                Some(None) => stop.map_or(Plan::Span, Plan::Prefix),
+                None => Plan::FromMark(before - 1, stop),
+            },
             None if front_seen => Plan::Span,
             None => stop.map_or(Plan::Span, Plan::Prefix),
         };
@@ -220,11 +226,27 @@ impl CheckpointBlob {
         Ok((from, data))
     }
 
-    /// Whether span `k`'s compressed bytes from its start to its mark `j` are at hand.
-    fn front_at_hand(&self, k: usize, j: usize) -> bool {
-        let start = self.index.span_extent(k).0;
-        let mark = &self.index.marks_of(k)[j];
-        self.compressed.at_hand(start, mark.inp - start)
+    /// The latest point of span `k` from which decoding up to its mark `j` needs no request:
+    /// a mark whose window entry and compressed bytes up to mark `j` are cached or coming
+    /// (`Some(Some(mark))`), or the span's start when its front is (`Some(None)`: a planned
+    /// prefetch, an earlier read's run, a verified layer). Decoding a little more here is
+    /// cheaper than a round trip for a window.
+    fn local_start(&self, k: usize, j: usize) -> Option<Option<usize>> {
+        let (windows, offsets) = self.windows.as_ref()?;
+        let marks = self.index.marks_of(k);
+        let upto = marks[j].inp;
+        let local = |from: u64| self.compressed.at_hand(from, upto - from);
+        let window_local = |t: usize| {
+            let len = marks[t].resume.as_ref().map_or(0, |r| u64::from(r.len));
+            self.entries.lock().unwrap().contains(&(k, t)) || windows.at_hand(offsets[k][t], len)
+        };
+        if let Some(t) = (0..=j)
+            .rev()
+            .find(|&t| window_local(t) && local(marks[t].inp - 1))
+        {
+            return Some(Some(t));
+        }
+        local(self.index.span_extent(k).0).then_some(None)
     }
 
     /// Decodes span `k` (whole, or its front up to a mark) from its checkpoint.
@@ -267,11 +289,19 @@ impl CheckpointBlob {
         let len = mark.resume.as_ref().map_or(0, |r| u64::from(r.len));
         let from = mark.inp - 1;
         let upto = stop.map_or(self.index.span_extent(k).1, |t| marks[t].inp);
-        let (entry, compressed) = tokio::join!(
-            // Only the entry: neighbouring windows are for other reads' stretches.
-            blob.read_within(offsets[k][j], len, offsets[k][j] + len),
-            self.compressed.read_within(from, upto - from, until)
-        );
+        let kept = self.entries.lock().unwrap().get(&(k, j));
+        let entry = async {
+            match kept {
+                Some(entry) => Ok::<Bytes, Error>(entry),
+                None => {
+                    let entry = blob.read_at(offsets[k][j], len).await?;
+                    self.entries.lock().unwrap().put((k, j), entry.clone());
+                    Ok(entry)
+                }
+            }
+        };
+        let (entry, compressed) =
+            tokio::join!(entry, self.compressed.read_within(from, upto - from, until));
         let (entry, compressed) = (entry?, compressed?);
         let index = self.index.clone();
         let data = tokio::task::spawn_blocking(move || {
@@ -293,6 +323,7 @@ impl BlobSource for CheckpointBlob {
     }
     fn release_memory(&self) {
         self.pieces.lock().unwrap().retain(|_| false);
+        self.entries.lock().unwrap().retain(|_| false);
         self.compressed.release_memory();
         if let Some((blob, _)) = &self.windows {
             blob.release_memory();
