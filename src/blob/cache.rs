@@ -574,6 +574,32 @@ mod tests {
         assert_eq!(cache.stats.mem_hits.load(Ordering::Relaxed), hits + 1);
     }
 
+    /// What a gzip read asks before choosing where to resume: are these bytes here (memory
+    /// or disk) or coming, so that reading them sends no request?
+    #[tokio::test]
+    async fn at_hand_means_in_memory_or_on_disk() {
+        let dir = std::env::temp_dir().join(format!("ocifs-athand-{}", std::process::id()));
+        let cache = BlockCache::new(4096, 4096, 1 << 20, Some(dir.clone()));
+        let blob = cache.wrap(Arc::new(MemBlob::new("sha256:h", vec![3u8; 20_000])));
+        assert!(!blob.at_hand(0, 10));
+        blob.read_at(4096, 4096).await.unwrap();
+        assert!(blob.at_hand(4096, 4096) && blob.at_hand(5000, 100));
+        assert!(!blob.at_hand(4000, 200), "the block before is not here");
+        assert!(!blob.at_hand(8192, 1));
+        // Dropped from memory, still on disk (once the background write has landed).
+        blob.release_memory();
+        for _ in 0..200 {
+            if blob.at_hand(4096, 4096) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(blob.at_hand(4096, 4096));
+        assert!(!blob.at_hand(0, 10));
+        assert!(!blob.at_hand(19_000, 5000), "past the end");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[tokio::test]
     async fn reads_across_blocks_match_source_and_hit_cache() {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
