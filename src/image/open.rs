@@ -236,7 +236,7 @@ impl Ctx<'_> {
         Ok((index, "built", Trust::Trusted))
     }
 
-    /// The blob of a gzip index's mark windows (see [`checkpoint`]'s `windows` module): the
+    /// The blob of a gzip index's mark windows (see the `layer::checkpoint::windows` module): the
     /// file kept when the index was built here, else the blob published with the index.
     /// `None` (reads then decode from span starts) when neither can
     /// be opened.

@@ -81,7 +81,7 @@ pub struct Mark {
     pub resume: Option<Resume>,
 }
 
-/// A mark's resume state, kept outside the index (see [`windows`]): its entry in the
+/// A mark's resume state, kept outside the index (see the `windows` module): its entry in the
 /// windows blob, and the sha256 of the output from the mark to the next one (or the span's
 /// end), which vouches for whatever a resume there decodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
