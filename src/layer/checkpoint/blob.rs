@@ -144,7 +144,7 @@ impl CheckpointBlob {
         }
     }
 
-    /// Lets reads resume at marks, with their windows from `blob` (normally block-cached),
+    /// Lets reads resume at marks, with their windows from `blob` (read by exact ranges),
     /// if the index's marks have windows and `blob` is the size the index says.
     pub fn with_windows(mut self, blob: Blob) -> CheckpointBlob {
         let offsets = windows::offsets(&self.index);
@@ -200,24 +200,26 @@ impl CheckpointBlob {
             None if front_seen => Plan::Span,
             None => stop.map_or(Plan::Span, Plan::Prefix),
         };
-        let data = match plan {
+        let (from, data) = match plan {
             Plan::FromMark(j, stop) => match self.decode_from_mark(k, j, stop, until).await {
-                Ok(data) => data,
+                Ok(data) => (marks[j].out, data),
                 Err(e) => {
+                    // A bad window or digest will not mend: stop using windows. A failed
+                    // request may: only this read goes without.
+                    let lasting = !matches!(e, Error::Http(_) | Error::Io(_));
                     tracing::warn!(
-                        "{}: resuming at a mark failed ({e}); decoding from span starts",
-                        self.index.digest
+                        "{}: resuming at a mark failed ({e}); decoding from the span's start{}",
+                        self.index.digest,
+                        if lasting { " from now on" } else { "" }
                     );
-                    self.windows_failed.store(true, Ordering::Relaxed);
-                    self.decode_front(k, stop.map_or(Plan::Span, Plan::Prefix), until)
-                        .await?
+                    if lasting {
+                        self.windows_failed.store(true, Ordering::Relaxed);
+                    }
+                    let plan = stop.map_or(Plan::Span, Plan::Prefix);
+                    (o0, self.decode_front(k, plan, until).await?)
                 }
             },
-            plan => self.decode_front(k, plan, until).await?,
-        };
-        let from = match plan {
-            Plan::FromMark(j, _) if !self.windows_failed.load(Ordering::Relaxed) => marks[j].out,
-            _ => o0,
+            plan => (o0, self.decode_front(k, plan, until).await?),
         };
         let mut pieces = self.pieces.lock().unwrap();
         if pieces.get(&(k, from)).is_none_or(|b| b.len() < data.len()) {
