@@ -38,8 +38,7 @@ impl BlobSource for CountingBlob {
     }
     async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
         let data = self.inner.read_at(offset, len).await?;
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.count(&data);
         Ok(data)
     }
     async fn stream_at(
@@ -59,6 +58,12 @@ impl BlobSource for CountingBlob {
 }
 
 impl CountingBlob {
+    /// Counts one request that brought `data`.
+    fn count(&self, data: &Bytes) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+    }
+
     /// `other`, whose reads this blob counts as its own: a blob fetched on behalf of this
     /// one (a gzip index's mark windows, counted with their layer).
     pub fn counting(self: &Arc<Self>, other: Blob) -> Blob {
@@ -85,8 +90,7 @@ impl BlobSource for CountedBy {
     }
     async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
         let data = self.inner.read_at(offset, len).await?;
-        self.counter.requests.fetch_add(1, Ordering::Relaxed);
-        (self.counter.bytes).fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.counter.count(&data);
         Ok(data)
     }
 }
