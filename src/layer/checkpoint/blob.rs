@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex};
 
 /// Decoded output kept per layer (whole spans are 4 MiB by default).
 const KEPT: u64 = 32 << 20;
+/// Least compressed front a read skips by fetching a mark's window (a request of its own)
+/// instead of the front.
+pub(super) const SKIP_MIN: u64 = 512 << 10;
 /// Mark window entries kept per layer (each a few KB compressed).
 const ENTRIES_KEPT: u64 = 4 << 20;
 
@@ -195,7 +198,11 @@ impl CheckpointBlob {
             None if resumable && before > 0 => match self.local_start(k, before - 1) {
                 Some(Some(t)) => Plan::FromMark(t, stop),
                 Some(None) => stop.map_or(Plan::Span, Plan::Prefix),
-                None => Plan::FromMark(before - 1, stop),
+                // A window is a request of its own: worth it only to skip a long front.
+                None if marks[before - 1].inp - self.index.span_extent(k).0 >= SKIP_MIN => {
+                    Plan::FromMark(before - 1, stop)
+                }
+                None => stop.map_or(Plan::Span, Plan::Prefix),
             },
             None if front_seen => Plan::Span,
             None => stop.map_or(Plan::Span, Plan::Prefix),

@@ -407,21 +407,27 @@ async fn the_honest_index_passes_verification() {
 }
 
 /// With its marks' windows at hand, a read in the middle of a span fetches and decodes from
-/// the mark before it, not from the span's start; a reader moving on decodes the rest of the
-/// span from that mark; a damaged window costs only the attempt, never a wrong byte.
+/// the mark before it, not from the span's start, when that front is long; a reader moving on
+/// decodes the rest of the span from that mark; a damaged window costs only the attempt,
+/// never a wrong byte.
 #[tokio::test]
 async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
     use std::sync::atomic::Ordering::Relaxed;
-    let tar = sample_tar();
+    let tar = sample_tar_of(80);
     let good = gzip(&tar, 6);
     let digest = crate::digest::sha256(&good);
     let blob: Blob = Arc::new(MemBlob::new(digest.clone(), good.clone()));
-    let (index, windows) = CheckpointIndex::build(blob, Codec::Gzip, 1 << 20, &|_, _| {})
+    let (index, windows) = CheckpointIndex::build(blob, Codec::Gzip, 4 << 20, &|_, _| {})
         .await
         .unwrap();
     let marks = index.marks[0].clone();
-    assert!(marks.len() >= 5, "{} marks in span 0", marks.len());
     let (start, end) = index.span_extent(0);
+    // The first mark whose front is long enough to be worth a window's request.
+    let j = marks
+        .iter()
+        .position(|m| m.inp - start >= super::blob::SKIP_MIN)
+        .expect("a mark far enough into span 0");
+    assert!(j + 1 < marks.len(), "{} marks in span 0", marks.len());
     let index = Arc::new(index);
     let counted = || {
         Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
@@ -431,16 +437,20 @@ async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
     };
     let windows_id = index.windows.as_ref().unwrap().digest.clone();
     let windows_of = |bytes: Vec<u8>| -> Blob { Arc::new(MemBlob::new(windows_id.clone(), bytes)) };
-    let at = marks[2].out + 100;
+    let at = marks[j].out + 100;
     let want = &tar[at as usize..at as usize + 1000];
 
     let c = counted();
     let gz =
         CheckpointBlob::new(index.clone(), c.clone()).with_windows(windows_of(windows.clone()));
     assert_eq!(&gz.read_at(at, 1000).await.unwrap()[..], want);
-    let stretch = marks[3].inp - (marks[2].inp - 1);
-    assert_eq!(c.bytes.load(Relaxed), stretch, "from mark 2 to mark 3 only");
-    // Reading on to the span's end: the rest of the span from mark 2, once.
+    let stretch = marks[j + 1].inp - (marks[j].inp - 1);
+    assert_eq!(
+        c.bytes.load(Relaxed),
+        stretch,
+        "from mark j to the next only"
+    );
+    // Reading on to the span's end: the rest of the span from mark j, once.
     let span_end = index.span_output(0).1;
     let mut off = at + 1000;
     while off < span_end {
@@ -449,12 +459,12 @@ async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
         assert_eq!(&got[..], &tar[off as usize..(off + n) as usize]);
         off += n;
     }
-    assert_eq!(c.bytes.load(Relaxed), stretch + (end - (marks[2].inp - 1)));
+    assert_eq!(c.bytes.load(Relaxed), stretch + (end - (marks[j].inp - 1)));
     assert!(c.bytes.load(Relaxed) < stretch + (end - start));
 
-    // Mark 2's entry damaged (its bits to prime): the resume fails its digest, the read
+    // Mark j's entry damaged (its bits to prime): the resume fails its digest, the read
     // decodes from the span's start instead and is still exact.
-    let entry_at: u64 = marks[..2]
+    let entry_at: u64 = marks[..j]
         .iter()
         .map(|m| u64::from(m.resume.as_ref().unwrap().len))
         .sum();
@@ -463,11 +473,18 @@ async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
     let c = counted();
     let gz = CheckpointBlob::new(index.clone(), c.clone()).with_windows(windows_of(bad));
     assert_eq!(&gz.read_at(at, 1000).await.unwrap()[..], want);
-    assert_eq!(c.bytes.load(Relaxed), stretch + (marks[3].inp - start));
+    assert_eq!(c.bytes.load(Relaxed), stretch + (marks[j + 1].inp - start));
     // A windows blob of another size than the index says is not used at all.
     let c = counted();
     let gz = CheckpointBlob::new(index.clone(), c.clone())
         .with_windows(windows_of(windows[..windows.len() - 1].to_vec()));
     assert_eq!(&gz.read_at(at, 1000).await.unwrap()[..], want);
-    assert_eq!(c.bytes.load(Relaxed), marks[3].inp - start);
+    assert_eq!(c.bytes.load(Relaxed), marks[j + 1].inp - start);
+    // A short front is fetched rather than a window (a request of its own).
+    let c = counted();
+    let gz = CheckpointBlob::new(index.clone(), c.clone()).with_windows(windows_of(windows));
+    let near = marks[0].out + 10;
+    let got = gz.read_at(near, 100).await.unwrap();
+    assert_eq!(&got[..], &tar[near as usize..near as usize + 100]);
+    assert_eq!(c.bytes.load(Relaxed), marks[1].inp - start);
 }
