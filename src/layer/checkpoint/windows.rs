@@ -6,7 +6,8 @@
 //! of compressed input) could be a checkpoint too, but 32 KiB of window per mark would grow
 //! the index, which a mount fetches before it is ready, about twelvefold. So the marks'
 //! windows live in a blob of their own, fetched by range only when a read resumes at a mark:
-//! one small ranged read beside the compressed bytes, in the same round trip.
+//! one small ranged read beside the compressed bytes, in the same round trip (a request of
+//! its own all the same, so `CheckpointBlob` asks for one only to skip a long front).
 //!
 //! Each entry is one byte of bits (0-7: how many bits of the byte before the mark are still
 //! to be decoded) followed by the window, zstd-compressed. Entries follow each other in mark
