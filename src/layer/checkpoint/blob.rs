@@ -188,8 +188,9 @@ impl CheckpointBlob {
         // A reader coming back for more is usually moving through the span: decoding the
         // rest of it now inflates and hashes it about once, where growing piece after piece
         // would redo the front each time. A new reader decodes only its stretch: from the
-        // mark before it when windows are at hand, else from the span's start (the whole
-        // span once its front has been read).
+        // latest point already at hand, else from the mark before it when windows exist and
+        // that skips a long front, else from the span's start (the whole span once its front
+        // has been read).
         let plan = match continuing {
             Some(from) => match mark_at(from) {
                 Some(j) if from > o0 => Plan::FromMark(j, None),
@@ -241,14 +242,12 @@ impl CheckpointBlob {
     /// prefetch, an earlier read's run, a verified layer). Decoding a little more here is
     /// cheaper than a round trip for a window.
     fn local_start(&self, k: usize, j: usize) -> Option<Option<usize>> {
-        let (windows, offsets) = self.windows.as_ref()?;
+        self.windows.as_ref()?;
         let marks = self.index.marks_of(k);
         let upto = marks[j].inp;
         let local = |from: u64| self.compressed.at_hand(from, upto - from);
-        let window_local = |t: usize| {
-            let len = marks[t].resume.as_ref().map_or(0, |r| u64::from(r.len));
-            self.entries.lock().unwrap().contains(&(k, t)) || windows.at_hand(offsets[k][t], len)
-        };
+        // The windows blob is read uncached: an entry is at hand once this layer fetched it.
+        let window_local = |t: usize| self.entries.lock().unwrap().contains(&(k, t));
         if let Some(t) = (0..=j)
             .rev()
             .find(|&t| window_local(t) && local(marks[t].inp - 1))
