@@ -303,11 +303,12 @@ impl BlockCache {
         let last = run[run.len() - 1].0.1;
         let end = start + (last - run[0].0.1) * self.block_size + self.block_len(size, last);
         tracing::debug!(
-            "fetching {}+{} of {} ({})",
+            "fetching {}+{} of {} ({}, guesses from {})",
             start,
             end - start,
             blob.id(),
-            if first.is_some() { "miss" } else { "ahead" }
+            if first.is_some() { "miss" } else { "ahead" },
+            guess_from.saturating_mul(self.block_size)
         );
         let mut first = first;
         let settled = |key: &Key| {
@@ -466,6 +467,11 @@ impl BlobSource for CachedBlob {
             && self.cache.readahead > 0
             && !self.cache.readahead_paused.load(Ordering::Relaxed)
         {
+            tracing::trace!(
+                "read-ahead after {}+{len} of {} (until {until})",
+                offset,
+                self.id()
+            );
             self.read_ahead(last, until);
         }
         if last > first {

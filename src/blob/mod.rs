@@ -6,8 +6,10 @@
 mod bytes_lru;
 pub mod cache;
 pub mod disk;
+mod flight;
 
 pub use bytes_lru::BytesLru;
+pub use flight::Flights;
 
 use crate::error::{Error, Result};
 use async_trait::async_trait;

@@ -3,7 +3,7 @@
 //! checked against the index's digests before its bytes are served.
 
 use super::{CheckpointIndex, Codec, gzip, windows, zstd};
-use crate::blob::{Blob, BlobSource, BytesLru, clamp};
+use crate::blob::{Blob, BlobSource, BytesLru, Flights, clamp};
 use crate::error::{Error, Result};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -120,6 +120,18 @@ pub struct CheckpointBlob {
     windows_failed: AtomicBool,
     /// Decoded output by (span, where it starts: the span's start or a mark's output).
     pieces: Mutex<BytesLru<(usize, u64)>>,
+    /// Decodes under way, by (span, compressed range).
+    decoding: Flights<(usize, (u64, u64))>,
+    /// Window entries being fetched, by (span, mark).
+    fetching: Flights<(usize, usize)>,
+}
+
+/// What [`CheckpointBlob::lookup`] found for a read.
+enum Lookup {
+    /// Kept decoded output covering the read, and where it starts.
+    Kept(u64, Bytes),
+    /// What to decode.
+    Decode(Plan),
 }
 
 /// Which stretch of a span a read decodes.
@@ -144,6 +156,8 @@ impl CheckpointBlob {
             entries: Mutex::new(BytesLru::new(ENTRIES_KEPT)),
             windows_failed: AtomicBool::new(false),
             pieces: Mutex::new(BytesLru::new(KEPT)),
+            decoding: Flights::default(),
+            fetching: Flights::default(),
         }
     }
 
@@ -160,54 +174,27 @@ impl CheckpointBlob {
     /// Decoded output of span `k` covering `[s, e)` (absolute offsets), and where it starts.
     /// Read-ahead of the compressed blob stays before `until`.
     async fn piece(&self, k: usize, s: u64, e: u64, until: u64) -> Result<(u64, Bytes)> {
-        let (o0, _) = self.index.span_output(k);
-        let marks = self.index.marks_of(k);
-        let before = marks.partition_point(|m| m.out <= s);
-        let mut continuing = None;
-        let mut front_seen = false;
-        {
-            let mut pieces = self.pieces.lock().unwrap();
-            let starts = std::iter::once(o0).chain(marks[..before].iter().map(|m| m.out));
-            for from in starts {
-                let Some(b) = pieces.get(&(k, from)) else {
-                    continue;
-                };
-                let end = from + b.len() as u64;
-                if end >= e {
-                    return Ok((from, b));
-                }
-                front_seen |= from == o0;
-                if end >= s && continuing.is_none() {
-                    continuing = Some(from);
-                }
-            }
-        }
-        let mark_at = |from: u64| marks.iter().position(|m| m.out == from);
-        let stop = marks.iter().position(|m| m.out >= e);
-        let resumable = self.windows.is_some() && !self.windows_failed.load(Ordering::Relaxed);
-        // A reader coming back for more is usually moving through the span: decoding the
-        // rest of it now inflates and hashes it about once, where growing piece after piece
-        // would redo the front each time. A new reader decodes only its stretch: from the
-        // latest point already at hand, else from the mark before it when windows exist and
-        // that skips a long front, else from the span's start (the whole span once its front
-        // has been read).
-        let plan = match continuing {
-            Some(from) => match mark_at(from) {
-                Some(j) if from > o0 => Plan::FromMark(j, None),
-                _ => Plan::Span,
-            },
-            None if resumable && before > 0 => match self.local_start(k, before - 1) {
-                Some(Some(t)) => Plan::FromMark(t, stop),
-                Some(None) => stop.map_or(Plan::Span, Plan::Prefix),
-                // A window is a request of its own: worth it only to skip a long front.
-                None if marks[before - 1].inp - self.index.span_extent(k).0 >= SKIP_MIN => {
-                    Plan::FromMark(before - 1, stop)
-                }
-                None => stop.map_or(Plan::Span, Plan::Prefix),
-            },
-            None if front_seen => Plan::Span,
-            None => stop.map_or(Plan::Span, Plan::Prefix),
+        let plan = match self.lookup(k, s, e) {
+            Lookup::Kept(from, data) => return Ok((from, data)),
+            Lookup::Decode(plan) => plan,
         };
+        // The kernel asks for several pages at once: reads that need the same stretch wait for
+        // the first to decode it (one window request, one inflate) and then find it kept.
+        let _pass = self
+            .decoding
+            .enter((k, self.compressed_range(k, plan)))
+            .await;
+        let plan = match self.lookup(k, s, e) {
+            Lookup::Kept(from, data) => return Ok((from, data)),
+            Lookup::Decode(plan) => plan,
+        };
+        let marks = self.index.marks_of(k);
+        let (o0, _) = self.index.span_output(k);
+        tracing::trace!(
+            "{}: span {k}, read {s}..{e}: {plan:?}, compressed {:?}",
+            self.index.digest,
+            self.compressed_range(k, plan)
+        );
         let (from, data) = match plan {
             Plan::FromMark(j, stop) => match self.decode_from_mark(k, j, stop, until).await {
                 Ok(data) => (marks[j].out, data),
@@ -234,6 +221,69 @@ impl CheckpointBlob {
             pieces.put((k, from), data.clone());
         }
         Ok((from, data))
+    }
+
+    /// Decoded output of span `k` already kept that covers `[s, e)`, or the stretch to decode.
+    fn lookup(&self, k: usize, s: u64, e: u64) -> Lookup {
+        let (o0, _) = self.index.span_output(k);
+        let marks = self.index.marks_of(k);
+        let before = marks.partition_point(|m| m.out <= s);
+        let mut continuing = None;
+        let mut front_seen = false;
+        {
+            let mut pieces = self.pieces.lock().unwrap();
+            let starts = std::iter::once(o0).chain(marks[..before].iter().map(|m| m.out));
+            for from in starts {
+                let Some(b) = pieces.get(&(k, from)) else {
+                    continue;
+                };
+                let end = from + b.len() as u64;
+                if end >= e {
+                    return Lookup::Kept(from, b);
+                }
+                front_seen |= from == o0;
+                if end >= s && continuing.is_none() {
+                    continuing = Some(from);
+                }
+            }
+        }
+        let mark_at = |from: u64| marks.iter().position(|m| m.out == from);
+        let stop = marks.iter().position(|m| m.out >= e);
+        let resumable = self.windows.is_some() && !self.windows_failed.load(Ordering::Relaxed);
+        // A reader coming back for more is usually moving through the span: decoding the
+        // rest of it now inflates and hashes it about once, where growing piece after piece
+        // would redo the front each time. A new reader decodes only its stretch: from the
+        // latest point already at hand, else from the mark before it when windows exist and
+        // that skips a long front, else from the span's start (the whole span once its front
+        // has been read).
+        Lookup::Decode(match continuing {
+            Some(from) => match mark_at(from) {
+                Some(j) if from > o0 => Plan::FromMark(j, None),
+                _ => Plan::Span,
+            },
+            None if resumable && before > 0 => match self.local_start(k, before - 1) {
+                Some(Some(t)) => Plan::FromMark(t, stop),
+                Some(None) => stop.map_or(Plan::Span, Plan::Prefix),
+                // A window is a request of its own: worth it only to skip a long front.
+                None if marks[before - 1].inp - self.index.span_extent(k).0 >= SKIP_MIN => {
+                    Plan::FromMark(before - 1, stop)
+                }
+                None => stop.map_or(Plan::Span, Plan::Prefix),
+            },
+            None if front_seen => Plan::Span,
+            None => stop.map_or(Plan::Span, Plan::Prefix),
+        })
+    }
+
+    /// The compressed bytes `plan` decodes in span `k`.
+    fn compressed_range(&self, k: usize, plan: Plan) -> (u64, u64) {
+        let marks = self.index.marks_of(k);
+        let (start, end) = self.index.span_extent(k);
+        match plan {
+            Plan::Span => (start, end),
+            Plan::Prefix(j) => (start, marks[j].inp),
+            Plan::FromMark(j, stop) => (marks[j].inp, stop.map_or(end, |t| marks[t].inp)),
+        }
     }
 
     /// The latest point of span `k` from which decoding up to its mark `j` needs no request:
@@ -297,16 +347,19 @@ impl CheckpointBlob {
         let len = mark.resume.as_ref().map_or(0, |r| u64::from(r.len));
         let from = mark.inp - 1;
         let upto = stop.map_or(self.index.span_extent(k).1, |t| marks[t].inp);
-        let kept = self.entries.lock().unwrap().get(&(k, j));
         let entry = async {
-            match kept {
-                Some(entry) => Ok::<Bytes, Error>(entry),
-                None => {
-                    let entry = blob.read_at(offsets[k][j], len).await?;
-                    self.entries.lock().unwrap().put((k, j), entry.clone());
-                    Ok(entry)
-                }
+            let kept = || self.entries.lock().unwrap().get(&(k, j));
+            if let Some(entry) = kept() {
+                return Ok::<Bytes, Error>(entry);
             }
+            // Reads of other stretches from this mark fetch its entry once.
+            let _pass = self.fetching.enter((k, j)).await;
+            if let Some(entry) = kept() {
+                return Ok(entry);
+            }
+            let entry = blob.read_at(offsets[k][j], len).await?;
+            self.entries.lock().unwrap().put((k, j), entry.clone());
+            Ok(entry)
         };
         let (entry, compressed) =
             tokio::join!(entry, self.compressed.read_within(from, upto - from, until));
@@ -339,6 +392,14 @@ impl BlobSource for CheckpointBlob {
     }
     async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
         self.read_within(offset, len, self.size()).await
+    }
+    /// A small read whose answer decides what to fetch next (a program's dynamic section):
+    /// what follows it is a guess like any other, not the rest of a file being read. (The
+    /// default, `read_at`, counted the whole layer as the file being read, so each such read
+    /// fetched a full run past it that nothing limited.)
+    async fn read_now(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_within(offset, len, offset.saturating_add(len))
+            .await
     }
     /// Decodes the range, so that a later read finds it decoded or its compressed bytes
     /// cached. The range is what is wanted (a whole file, a directory's files), not the start

@@ -488,3 +488,116 @@ async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
     assert_eq!(&got[..], &tar[near as usize..near as usize + 100]);
     assert_eq!(c.bytes.load(Relaxed), marks[1].inp - start);
 }
+
+/// A blob that records what each read asked for (offset, length, and the end of the file
+/// being read) and takes `delay` to answer, so that concurrent readers overlap.
+struct Probe {
+    inner: MemBlob,
+    delay: Duration,
+    calls: std::sync::Mutex<Vec<(u64, u64, u64)>>,
+}
+
+impl Probe {
+    fn new(id: String, bytes: Vec<u8>, delay: Duration) -> Arc<Probe> {
+        Arc::new(Probe {
+            inner: MemBlob::new(id, bytes),
+            delay,
+            calls: Default::default(),
+        })
+    }
+    fn calls(&self) -> Vec<(u64, u64, u64)> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobSource for Probe {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read_at(&self, offset: u64, len: u64) -> Result<bytes::Bytes> {
+        self.read_within(offset, len, self.size()).await
+    }
+    async fn read_within(&self, offset: u64, len: u64, until: u64) -> Result<bytes::Bytes> {
+        self.calls.lock().unwrap().push((offset, len, until));
+        tokio::time::sleep(self.delay).await;
+        self.inner.read_at(offset, len).await
+    }
+}
+
+/// A read whose answer decides what to fetch next (`read_now`: a program's dynamic section)
+/// tells the compressed blob that its file ends with it, so what a cache fetches past the
+/// mark after it is counted and limited as a guess. It used to pass on the end of the layer
+/// as the end of the file being read.
+#[tokio::test]
+async fn a_read_now_marks_only_its_own_range_as_the_file_being_read() {
+    let tar = sample_tar_of(80);
+    let good = gzip(&tar, 6);
+    let digest = crate::digest::sha256(&good);
+    let blob: Blob = Arc::new(MemBlob::new(digest.clone(), good.clone()));
+    let (index, _) = CheckpointIndex::build(blob, Codec::Gzip, 4 << 20, &|_, _| {})
+        .await
+        .unwrap();
+    let index = Arc::new(index);
+    let at = index.marks[0][0].out + 100;
+    let probe = Probe::new(digest, good, Duration::ZERO);
+    let gz = CheckpointBlob::new(index.clone(), probe.clone());
+    assert_eq!(
+        &gz.read_now(at, 512).await.unwrap()[..],
+        &tar[at as usize..at as usize + 512]
+    );
+    let (_, mark_past) = index.compressed_extent(at, at + 512);
+    let calls = probe.calls();
+    assert!(!calls.is_empty());
+    for (offset, len, until) in calls {
+        assert_eq!(
+            until, mark_past,
+            "read {offset}+{len} was told the file ends at {until}, not at the mark past the read"
+        );
+    }
+}
+
+/// Reads that need the same stretch at once (the kernel asks for several pages together)
+/// fetch the mark's window once and the stretch's compressed bytes once (and decode it once).
+#[tokio::test]
+async fn concurrent_reads_of_one_stretch_fetch_its_window_and_bytes_once() {
+    let tar = sample_tar_of(80);
+    let good = gzip(&tar, 6);
+    let digest = crate::digest::sha256(&good);
+    let blob: Blob = Arc::new(MemBlob::new(digest.clone(), good.clone()));
+    let (index, windows) = CheckpointIndex::build(blob, Codec::Gzip, 4 << 20, &|_, _| {})
+        .await
+        .unwrap();
+    let marks = index.marks[0].clone();
+    let start = index.span_extent(0).0;
+    let j = marks
+        .iter()
+        .position(|m| m.inp - start >= super::blob::SKIP_MIN)
+        .expect("a mark far enough into span 0");
+    assert!(j + 1 < marks.len(), "{} marks in span 0", marks.len());
+    let index = Arc::new(index);
+    let delay = Duration::from_millis(30);
+    let compressed = Probe::new(digest, good, delay);
+    let windows_id = index.windows.as_ref().unwrap().digest.clone();
+    let window_blob = Probe::new(windows_id, windows, delay);
+    let gz = Arc::new(
+        CheckpointBlob::new(index.clone(), compressed.clone()).with_windows(window_blob.clone()),
+    );
+    let at = marks[j].out + 100;
+    let reads: Vec<_> = (0..8u64)
+        .map(|i| {
+            let gz = gz.clone();
+            tokio::spawn(async move { (i, gz.read_at(at + i * 4096, 4096).await.unwrap()) })
+        })
+        .collect();
+    for r in reads {
+        let (i, got) = r.await.unwrap();
+        let o = (at + i * 4096) as usize;
+        assert_eq!(&got[..], &tar[o..o + 4096]);
+    }
+    assert_eq!(window_blob.calls().len(), 1, "{:?}", window_blob.calls());
+    assert_eq!(compressed.calls().len(), 1, "{:?}", compressed.calls());
+}
