@@ -406,13 +406,18 @@ async fn the_honest_index_passes_verification() {
     );
 }
 
-/// With its marks' windows at hand, a read in the middle of a span fetches and decodes from
-/// the mark before it, not from the span's start, when that front is long; a reader moving on
-/// decodes the rest of the span from that mark; a damaged window costs only the attempt,
-/// never a wrong byte.
-#[tokio::test]
-async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
-    use std::sync::atomic::Ordering::Relaxed;
+/// A layer of 80 sample files (gzip, level 6), its index with 4 MiB spans and its windows,
+/// and the first mark of span 0 whose front is long enough to be worth a window's request.
+struct Indexed {
+    tar: Vec<u8>,
+    good: Vec<u8>,
+    digest: String,
+    index: CheckpointIndex,
+    windows: Vec<u8>,
+    j: usize,
+}
+
+async fn indexed_sample() -> Indexed {
     let tar = sample_tar_of(80);
     let good = gzip(&tar, 6);
     let digest = crate::digest::sha256(&good);
@@ -420,14 +425,40 @@ async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
     let (index, windows) = CheckpointIndex::build(blob, Codec::Gzip, 4 << 20, &|_, _| {})
         .await
         .unwrap();
-    let marks = index.marks[0].clone();
-    let (start, end) = index.span_extent(0);
-    // The first mark whose front is long enough to be worth a window's request.
+    let marks = &index.marks[0];
+    let start = index.span_extent(0).0;
     let j = marks
         .iter()
         .position(|m| m.inp - start >= super::blob::SKIP_MIN)
         .expect("a mark far enough into span 0");
     assert!(j + 1 < marks.len(), "{} marks in span 0", marks.len());
+    Indexed {
+        tar,
+        good,
+        digest,
+        index,
+        windows,
+        j,
+    }
+}
+
+/// With its marks' windows at hand, a read in the middle of a span fetches and decodes from
+/// the mark before it, not from the span's start, when that front is long; a reader moving on
+/// decodes the rest of the span from that mark; a damaged window costs only the attempt,
+/// never a wrong byte.
+#[tokio::test]
+async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Indexed {
+        tar,
+        good,
+        digest,
+        index,
+        windows,
+        j,
+    } = indexed_sample().await;
+    let marks = index.marks[0].clone();
+    let (start, end) = index.span_extent(0);
     let index = Arc::new(index);
     let counted = || {
         Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
@@ -534,13 +565,13 @@ impl BlobSource for Probe {
 /// as the end of the file being read.
 #[tokio::test]
 async fn a_read_now_marks_only_its_own_range_as_the_file_being_read() {
-    let tar = sample_tar_of(80);
-    let good = gzip(&tar, 6);
-    let digest = crate::digest::sha256(&good);
-    let blob: Blob = Arc::new(MemBlob::new(digest.clone(), good.clone()));
-    let (index, _) = CheckpointIndex::build(blob, Codec::Gzip, 4 << 20, &|_, _| {})
-        .await
-        .unwrap();
+    let Indexed {
+        tar,
+        good,
+        digest,
+        index,
+        ..
+    } = indexed_sample().await;
     let index = Arc::new(index);
     let at = index.marks[0][0].out + 100;
     let probe = Probe::new(digest, good, Duration::ZERO);
@@ -564,20 +595,15 @@ async fn a_read_now_marks_only_its_own_range_as_the_file_being_read() {
 /// fetch the mark's window once and the stretch's compressed bytes once (and decode it once).
 #[tokio::test]
 async fn concurrent_reads_of_one_stretch_fetch_its_window_and_bytes_once() {
-    let tar = sample_tar_of(80);
-    let good = gzip(&tar, 6);
-    let digest = crate::digest::sha256(&good);
-    let blob: Blob = Arc::new(MemBlob::new(digest.clone(), good.clone()));
-    let (index, windows) = CheckpointIndex::build(blob, Codec::Gzip, 4 << 20, &|_, _| {})
-        .await
-        .unwrap();
+    let Indexed {
+        tar,
+        good,
+        digest,
+        index,
+        windows,
+        j,
+    } = indexed_sample().await;
     let marks = index.marks[0].clone();
-    let start = index.span_extent(0).0;
-    let j = marks
-        .iter()
-        .position(|m| m.inp - start >= super::blob::SKIP_MIN)
-        .expect("a mark far enough into span 0");
-    assert!(j + 1 < marks.len(), "{} marks in span 0", marks.len());
     let index = Arc::new(index);
     let delay = Duration::from_millis(30);
     let compressed = Probe::new(digest, good, delay);
