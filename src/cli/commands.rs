@@ -22,6 +22,7 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             prefetch,
             no_prefetch,
             no_whole_files,
+            small_layers,
             no_local_copy,
             reference,
             mountpoint,
@@ -32,6 +33,7 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
                     prefetch,
                     no_prefetch,
                     no_whole_files,
+                    small_layers: small_layers.0,
                     no_local_copy,
                 };
                 mount_here(&common, &reference, &mountpoint, daemon_child, extras)
@@ -531,8 +533,12 @@ fn print_stats(v: &serde_json::Value, json: bool) -> Result<()> {
     );
     let p = &v["prefetch"];
     println!(
-        "prefetch: {} of {} bytes; fetched in the background: files whole (scattered reads, libraries) {} bytes, files with their directory {} bytes",
-        p["doneBytes"], p["totalBytes"], p["wholeFileBytes"], p["directoryBytes"]
+        "prefetch: {} of {} bytes; fetched in the background: small layers whole {} bytes, files whole (scattered reads, libraries) {} bytes, files with their directory {} bytes",
+        p["doneBytes"],
+        p["totalBytes"],
+        p["smallLayerBytes"],
+        p["wholeFileBytes"],
+        p["directoryBytes"]
     );
     let c = &v["localCopies"];
     println!(

@@ -92,6 +92,11 @@ enum Cmd {
         /// planned prefetch) the files of the image's configured command at mount.
         #[arg(long)]
         no_whole_files: bool,
+        /// Fetch the image's layers of at most this many compressed bytes whole as soon as the
+        /// mount is ready, smallest first and at most this much in all (not with a planned
+        /// prefetch: a profile or eStargz prioritized files); 0 turns it off.
+        #[arg(long, default_value = "16MiB")]
+        small_layers: ByteSize,
         /// Do not copy a verified layer's files into a local file (in the cache directory,
         /// for as long as the mount lasts) to serve their reads from; without the copy, cold
         /// reads decode the layer's compressed blocks again.

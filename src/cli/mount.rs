@@ -18,6 +18,8 @@ pub struct MountExtras {
     pub prefetch: Option<PathBuf>,
     pub no_prefetch: bool,
     pub no_whole_files: bool,
+    /// Layers of at most this many compressed bytes are fetched whole at mount (0: none).
+    pub small_layers: u64,
     pub no_local_copy: bool,
 }
 
@@ -131,6 +133,13 @@ pub fn mount_here(
         if prefetcher.is_none() && whole_files.is_some() {
             image.predict_command();
         }
+        // Like the other guesses, not while a planned prefetch brings what the workload reads.
+        let small_layers = (prefetcher.is_none() && extras.small_layers > 0).then(|| {
+            let image = image.clone();
+            TaskGuard::spawn(async move {
+                image.fetch_small_layers(extras.small_layers).await;
+            })
+        });
         let line = format!(
             "OK mounted {display} ({}) at {}: {}, {} files, ready in {:.2}s",
             image.resolved.manifest_digest,
@@ -162,7 +171,7 @@ pub fn mount_here(
             },
         )
         .await;
-        drop((verifier, prefetcher, whole_files));
+        drop((verifier, prefetcher, whole_files, small_layers));
         // Keep the cache directory bounded, now that this mount's blocks are written (off the
         // start-up path, where it would compete with the first reads).
         let dirs = [cfg.cache_dir.join("blocks"), cfg.cache_dir.join("tars")];

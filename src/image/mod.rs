@@ -57,6 +57,9 @@ pub struct Image {
     /// Sizes of the files fetched with their directory (see `image::together`). Both count file
     /// bytes, so the figures compare across formats; blob bytes are per layer.
     pub directory_fetched: AtomicU64,
+    /// Compressed bytes of the small layers fetched whole at mount (see
+    /// [`Image::fetch_small_layers`]).
+    pub small_layers: AtomicU64,
     /// Verified layers' files copied to local files, which then serve their reads (see
     /// `image::local`).
     pub local: local::LocalCopies,
@@ -133,6 +136,7 @@ impl Image {
             prefetching: Default::default(),
             whole_fetched: AtomicU64::new(0),
             directory_fetched: AtomicU64::new(0),
+            small_layers: AtomicU64::new(0),
             local,
         })
     }

@@ -598,6 +598,12 @@ impl Mount {
         if !extra.contains(&"--cache-dir") {
             args.extend(["--cache-dir", &cd]);
         }
+        // The tests' images are small: each of their layers would be fetched whole at
+        // mount, and the lazy paths are what most tests check. The test of that fetch asks
+        // for it.
+        if !extra.contains(&"--small-layers") {
+            args.extend(["--small-layers", "0"]);
+        }
         args.extend_from_slice(extra);
         args.push(reference);
         args.push(&mp);

@@ -8,6 +8,7 @@ mod oracle;
 use builder::{Enc, Item, encode, file, layout, noise, push};
 use harness::{Mount, Proxy, Registry, TempDir, ocifs, push_index, require};
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 const TOOLS: &[&str] = &[
     "docker-registry",
@@ -373,6 +374,67 @@ fn estargz_reads_are_lazy() {
     assert_eq!(
         builder::sha(&std::fs::read(m.path().join("big.bin")).unwrap()),
         builder::sha(&noise(16 << 20, 7))
+    );
+}
+
+/// A small layer is fetched whole as soon as the mount is ready (one streamed request), so
+/// every read of it is then local; a large layer beside it stays lazy; `--small-layers 0`
+/// fetches nothing ahead.
+#[test]
+fn small_layers_are_fetched_whole_at_mount_and_large_ones_stay_lazy() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let reg = Registry::start(None);
+    let proxy = Proxy::start(&reg.addr, None);
+    let work = TempDir::new("small");
+    let modules: Vec<_> = (0..40u64)
+        .map(|i| (format!("lib/m{i}.py"), noise(50_000, i)))
+        .collect();
+    let mut items = vec![Item::Dir("lib", 0o755)];
+    items.extend(modules.iter().map(|(p, d)| file(p, d.clone())));
+    let small = encode(builder::tar(&items), Enc::Estargz);
+    let big = encode(
+        builder::tar(&[file("big.bin", noise(16 << 20, 7))]),
+        Enc::Estargz,
+    );
+    let (small_size, big_size) = (small.blob.len() as u64, big.blob.len() as u64);
+    let layers = vec![big, small];
+    let dir = layout(work.path(), "v1", &[("linux", "amd64", None, &layers)]);
+    push(&dir, "v1", &reg.addr, "small/image", None);
+    let r = format!("{}/small/image:v1", proxy.addr);
+
+    let m = Mount::new(&r, &["--verify", "off", "--small-layers", "4MiB"], &[]);
+    let fetched_whole =
+        |v: &serde_json::Value| v["layers"][1]["fetchedBytes"].as_u64().unwrap() >= small_size;
+    let v = poll_stats(m.path(), fetched_whole);
+    assert!(fetched_whole(&v), "the small layer was not fetched: {v}");
+    assert_eq!(v["prefetch"]["smallLayerBytes"], small_size, "{v}");
+    let big_fetched = v["layers"][0]["fetchedBytes"].as_u64().unwrap();
+    assert!(
+        big_fetched * 5 < big_size,
+        "the large layer was fetched too: {big_fetched} of {big_size}"
+    );
+    proxy.reset();
+    for (p, d) in &modules {
+        assert_eq!(std::fs::read(m.path().join(p)).unwrap(), *d, "{p}");
+    }
+    assert_eq!(
+        proxy.blob_bytes.load(Ordering::SeqCst),
+        0,
+        "reads of the small layer went to the registry"
+    );
+    drop(m);
+
+    let m = Mount::new(&r, &["--verify", "off", "--small-layers", "0"], &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, out, err) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["prefetch"]["smallLayerBytes"], 0, "{v}");
+    assert!(
+        v["layers"][1]["fetchedBytes"].as_u64().unwrap() < small_size,
+        "fetched ahead with --small-layers 0: {v}"
     );
 }
 
@@ -783,6 +845,8 @@ fn gzip_index_is_kept_reused_lazily_and_rebuilt_when_corrupt() {
             "mount",
             "--verify",
             "off",
+            "--small-layers",
+            "0",
             "--cache-dir",
             fresh.path().to_str().unwrap(),
             &r,
