@@ -187,7 +187,7 @@ fn main() {
         "| variant | mount ready s | app run s | total s | vs full pull | blob bytes fetched | % of image | requests |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let variants: [(&str, &str, &[&str], usize); 12] = [
+    let variants: [(&str, &str, &[&str], usize); 14] = [
         (
             "gzip, first mount (index built by the mount)",
             "plain",
@@ -233,6 +233,18 @@ fn main() {
             sizes["estargz"],
         ),
         // Ablations: each mechanism switched off once.
+        (
+            "gzip, index from registry, small layers not fetched whole (--small-layers 0)",
+            "gzip",
+            &["--small-layers", "0"],
+            sizes["gzip"],
+        ),
+        (
+            "eStargz, small layers not fetched whole (--small-layers 0)",
+            "estargz",
+            &["--small-layers", "0"],
+            sizes["estargz"],
+        ),
         (
             "eStargz without streamed runs (1 MiB blocks, one block per request)",
             "estargz",
