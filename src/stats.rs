@@ -41,6 +41,9 @@ impl BlobSource for CountingBlob {
         self.count(&data);
         Ok(data)
     }
+    fn at_hand(&self, offset: u64, len: u64) -> bool {
+        self.inner.at_hand(offset, len)
+    }
     async fn stream_at(
         &self,
         offset: u64,

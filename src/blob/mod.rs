@@ -167,6 +167,10 @@ impl BlobSource for FileBlob {
         let len = clamp(&self.id, self.size, offset, len)?;
         read_file_at(self.file.clone(), offset, len).await
     }
+    /// A local file holds every byte: reading any range waits for no request.
+    fn at_hand(&self, offset: u64, len: u64) -> bool {
+        clamp(&self.id, self.size, offset, len).is_ok()
+    }
 }
 
 /// Exactly `len` bytes at `offset` of a local file, read on a blocking thread.

@@ -47,7 +47,12 @@ impl Ctx<'_> {
     ) -> Result<(Layer, Vec<Entry>)> {
         let raw: Blob = counter.clone();
         let mut format = Format::from_media_type(&desc.media_type)?;
-        let cached = self.cache.wrap(raw.clone());
+        // A local layout's blob is a file already: reads of it go to the file (and the page
+        // cache), not into the block cache, whose directory would only hold a second copy.
+        let cached = match self.source {
+            Source::Layout { .. } => raw.clone(),
+            Source::Registry { .. } => self.cache.wrap(raw.clone()),
+        };
         let initial = if self.cfg.verify == VerifyMode::Off {
             Health::Unverified
         } else {

@@ -1336,6 +1336,23 @@ fn convert_to_estargz_is_correct_lazy_and_readable_by_stargz_snapshotter() {
     let (ok, out, err) = ocifs(&["cat", "--cache-dir", cd, &dest, "etc/hostname"], &[]);
     assert!(ok, "{err}");
     assert_eq!(out, b"changed\n");
+    // A layout's blobs are files already: reading them keeps no second copy in blocks.
+    let fresh = TempDir::new("layout-cache");
+    let fresh_dir = fresh.path().to_str().unwrap();
+    let (ok, out, err) = ocifs(&["cat", "--cache-dir", fresh_dir, &dest, "big.bin"], &[]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        builder::sha(&out),
+        builder::sha(&std::fs::read(expected_root.join("big.bin")).unwrap())
+    );
+    let blocks = fresh.path().join("blocks");
+    let kept = std::fs::read_dir(&blocks).map_or(0, |d| d.count());
+    assert_eq!(
+        kept,
+        0,
+        "blocks of a local layout kept in {}",
+        blocks.display()
+    );
 }
 
 #[test]
