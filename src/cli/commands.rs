@@ -99,7 +99,7 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             common,
             push,
             reference,
-        } => block_on(index(&common, &reference, push))?.map(|_| ExitCode::SUCCESS),
+        } => block_on(super::index::index(&common, &reference, push))?.map(|_| ExitCode::SUCCESS),
         Cmd::Convert {
             common,
             estargz: _,
@@ -146,7 +146,7 @@ pub(super) fn progress() -> Progress {
     })
 }
 
-async fn open(common: &Common, reference: &str) -> Result<Image> {
+pub(super) async fn open(common: &Common, reference: &str) -> Result<Image> {
     let (source, what, _) = common.source(reference)?;
     let cfg = common.open_config()?;
     Image::open(&source, &what, &cfg, progress())
@@ -415,79 +415,6 @@ async fn fetch(common: &Common, reference: &str, digest: Option<&str>) -> Result
     tracing::info!(
         "fetched {size} bytes in {:.2}s",
         start.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-/// `ocifs index`: opening the image builds, loads or fetches each gzip layer's index.
-async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
-    use ocifs::layer::checkpoint;
-    let image = open(common, reference).await?;
-    let cache_dir = common.open_config()?.cache_dir;
-    let mut indexes = Vec::new();
-    for (layer, _) in &image.layers {
-        let Some(src) = layer.index_source else {
-            println!("{} {}: no index needed", layer.digest, layer.format.name());
-            continue;
-        };
-        let path = checkpoint::file::path(&cache_dir, &layer.digest);
-        let bytes = std::fs::read(&path)
-            .with_context(|| format!("reading the index {}", path.display()))?;
-        let named = checkpoint::file::decode(&bytes, &layer.digest)
-            .with_context(|| format!("reading the index {}", path.display()))?
-            .windows;
-        let windows = match named {
-            Some(w) => {
-                let path = checkpoint::file::windows_path(&cache_dir, &w.digest);
-                match std::fs::read(&path) {
-                    Ok(b) if ocifs::digest::sha256(&b) == w.digest => Some(bytes::Bytes::from(b)),
-                    _ => {
-                        // Published with the index this one came from: the registry has it.
-                        tracing::info!("the windows blob {} is not kept here", w.digest);
-                        None
-                    }
-                }
-            }
-            None => None,
-        };
-        println!(
-            "{} gzip: index {src}, {} bytes, {}{}",
-            layer.digest,
-            bytes.len(),
-            path.display(),
-            windows
-                .as_ref()
-                .map(|w| format!(", mark windows {} bytes", w.len()))
-                .unwrap_or_default()
-        );
-        indexes.push(checkpoint::share::Pushed {
-            layer: layer.digest.clone(),
-            index: bytes::Bytes::from(bytes),
-            windows,
-        });
-    }
-    if !push {
-        return Ok(());
-    }
-    let (source, _, _) = common.source(reference)?;
-    let Source::Registry { registry, repo } = &source else {
-        bail!("--push needs a registry reference")
-    };
-    if indexes.is_empty() {
-        println!("nothing to push: the image has no plain gzip layers");
-        return Ok(());
-    }
-    let r = &image.resolved;
-    let subject = (
-        r.manifest_digest.as_str(),
-        r.manifest_media_type.as_str(),
-        r.manifest.len() as u64,
-    );
-    let digest = checkpoint::share::push(registry, repo, subject, &indexes).await?;
-    println!(
-        "pushed {} index(es) as {digest}, referring to {}",
-        indexes.len(),
-        r.manifest_digest
     );
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! detached daemon and waits for its "ready" line, like other FUSE mounters.
 
 mod commands;
+mod index;
 mod mount;
 
 use anyhow::{Context, Result};

@@ -1007,6 +1007,44 @@ fn a_published_index_resumes_a_mid_span_read_at_the_mark_before_it() {
         builder::sha(&std::fs::read(m.path().join("front.bin")).unwrap()),
         builder::sha(&noise(1536 << 10, 5))
     );
+    drop(m);
+
+    // An index fetched from the registry and checked here is kept, but its windows blob
+    // stays in the registry; publishing it for the same image in another repository must
+    // publish windows with it, or that repository's mounts decode from span starts.
+    let kept = TempDir::new("gzwin-kept");
+    let kept_dir = kept.path().to_str().unwrap();
+    let m = Mount::new(&r, &["--verify", "strict", "--cache-dir", kept_dir], &[]);
+    assert!(m.ready.contains("index from registry"), "{}", m.ready);
+    drop(m);
+    builder::push_one(work.path(), &layers, &reg.addr, "gzwin/copy");
+    let copy = format!("{}/gzwin/copy:v1", reg.addr);
+    let (ok, out, err) = ocifs(&["index", "--push", "--cache-dir", kept_dir, &copy], &[]);
+    let out = String::from_utf8_lossy(&out);
+    assert!(ok, "index --push: {err}");
+    assert!(
+        out.contains("mark windows"),
+        "pushed without windows: {out}"
+    );
+    let m = Mount::new(
+        &format!("{}/gzwin/copy:v1", proxy.addr),
+        &[
+            "--verify",
+            "off",
+            "--fetch-size",
+            "64KiB",
+            "--no-whole-files",
+        ],
+        &[],
+    );
+    assert!(m.ready.contains("index from registry"), "{}", m.ready);
+    proxy.reset();
+    assert_eq!(std::fs::read(m.path().join("target.bin")).unwrap(), target);
+    let fetched = proxy.blob_bytes.load(Ordering::SeqCst);
+    assert!(
+        fetched < 768 << 10,
+        "without windows in the copy's repository: {fetched} bytes for 1000"
+    );
 }
 
 /// Polls `ocifs stats --json` (for up to 10 s) until `done` says so; returns the last answer.

@@ -1,0 +1,124 @@
+//! `ocifs index`: each plain gzip (or multi-frame zstd) layer's checkpoint index, as opening
+//! the image builds, loads or fetches it, printed and, with `--push`, published next to the
+//! image (see `ocifs::layer::checkpoint::share`).
+
+use super::Common;
+use super::commands::{open, progress};
+use anyhow::{Context, Result, bail};
+use ocifs::image::Source;
+use ocifs::layer::checkpoint::{self, CheckpointIndex};
+use std::path::Path;
+
+/// Prints each indexed layer's index; with `push`, publishes them as a referrer.
+pub async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
+    let image = open(common, reference).await?;
+    let cache_dir = common.open_config()?.cache_dir;
+    let mut indexes = Vec::new();
+    for (layer, blob) in &image.layers {
+        let Some(src) = layer.index_source else {
+            println!("{} {}: no index needed", layer.digest, layer.format.name());
+            continue;
+        };
+        let path = checkpoint::file::path(&cache_dir, &layer.digest);
+        let mut bytes = std::fs::read(&path)
+            .with_context(|| format!("reading the index {}", path.display()))?;
+        let kept = checkpoint::file::decode(&bytes, &layer.digest)
+            .with_context(|| format!("reading the index {}", path.display()))?;
+        let windows = match &kept.windows {
+            Some(w) => match kept_windows(&cache_dir, &w.digest) {
+                Some(windows) => Some(windows),
+                None => {
+                    // An index fetched from the registry leaves its windows there, perhaps
+                    // in another repository: publishing it without them would leave this
+                    // one's mounts decoding from span starts. The pass that made it makes
+                    // them again (and both are kept for next time).
+                    let (index, windows) = rebuild(&kept, blob.clone(), &cache_dir)
+                        .await
+                        .with_context(|| format!("rebuilding the index of {}", layer.digest))?;
+                    bytes = checkpoint::file::encode(&index);
+                    Some(windows)
+                }
+            },
+            None => None,
+        };
+        println!(
+            "{} gzip: index {src}, {} bytes, {}{}",
+            layer.digest,
+            bytes.len(),
+            path.display(),
+            windows
+                .as_ref()
+                .map(|w| format!(", mark windows {} bytes", w.len()))
+                .unwrap_or_default()
+        );
+        indexes.push(checkpoint::share::Pushed {
+            layer: layer.digest.clone(),
+            index: bytes::Bytes::from(bytes),
+            windows,
+        });
+    }
+    if !push {
+        return Ok(());
+    }
+    let (source, _, _) = common.source(reference)?;
+    let Source::Registry { registry, repo } = &source else {
+        bail!("--push needs a registry reference")
+    };
+    if indexes.is_empty() {
+        println!("nothing to push: the image has no plain gzip layers");
+        return Ok(());
+    }
+    let r = &image.resolved;
+    let subject = (
+        r.manifest_digest.as_str(),
+        r.manifest_media_type.as_str(),
+        r.manifest.len() as u64,
+    );
+    let digest = checkpoint::share::push(registry, repo, subject, &indexes).await?;
+    println!(
+        "pushed {} index(es) as {digest}, referring to {}",
+        indexes.len(),
+        r.manifest_digest
+    );
+    Ok(())
+}
+
+/// The windows blob named `digest`, if it is kept in the cache directory and intact.
+fn kept_windows(cache_dir: &Path, digest: &str) -> Option<bytes::Bytes> {
+    let path = checkpoint::file::windows_path(cache_dir, digest);
+    let b = std::fs::read(path).ok()?;
+    (ocifs::digest::sha256(&b) == digest).then(|| bytes::Bytes::from(b))
+}
+
+/// Builds `kept`'s index again from the layer blob (same codec and span: one pass, which
+/// checks the blob's digest), keeps the index and its windows in the cache directory, and
+/// returns them.
+async fn rebuild(
+    kept: &CheckpointIndex,
+    blob: ocifs::blob::Blob,
+    cache_dir: &Path,
+) -> Result<(CheckpointIndex, bytes::Bytes)> {
+    let report = progress();
+    let digest = kept.digest.clone();
+    let progress = move |done: u64, total: u64| report(&digest, done, total);
+    let (index, windows) = CheckpointIndex::build(blob, kept.codec, kept.span, &progress).await?;
+    if let Some(w) = &index.windows {
+        write_kept(
+            &checkpoint::file::windows_path(cache_dir, &w.digest),
+            &windows,
+        )?;
+    }
+    write_kept(
+        &checkpoint::file::path(cache_dir, &index.digest),
+        &checkpoint::file::encode(&index),
+    )?;
+    Ok((index, bytes::Bytes::from(windows)))
+}
+
+/// Writes `bytes` to `path` whole or not at all (a temporary file renamed into place).
+fn write_kept(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("keeping {}", path.display()))
+}
