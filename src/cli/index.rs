@@ -91,8 +91,7 @@ fn kept_windows(cache_dir: &Path, digest: &str) -> Option<bytes::Bytes> {
 }
 
 /// Builds `kept`'s index again from the layer blob (same codec and span: one pass, which
-/// checks the blob's digest), keeps the index and its windows in the cache directory, and
-/// returns them.
+/// checks the blob's digest); the index and its windows are kept in the cache directory.
 async fn rebuild(
     kept: &CheckpointIndex,
     blob: ocifs::blob::Blob,
@@ -101,24 +100,7 @@ async fn rebuild(
     let report = progress();
     let digest = kept.digest.clone();
     let progress = move |done: u64, total: u64| report(&digest, done, total);
-    let (index, windows) = CheckpointIndex::build(blob, kept.codec, kept.span, &progress).await?;
-    if let Some(w) = &index.windows {
-        write_kept(
-            &checkpoint::file::windows_path(cache_dir, &w.digest),
-            &windows,
-        )?;
-    }
-    write_kept(
-        &checkpoint::file::path(cache_dir, &index.digest),
-        &checkpoint::file::encode(&index),
-    )?;
+    let (index, windows) =
+        checkpoint::file::build_and_keep(blob, kept.codec, kept.span, cache_dir, &progress).await?;
     Ok((index, bytes::Bytes::from(windows)))
-}
-
-/// Writes `bytes` to `path` whole or not at all (a temporary file renamed into place).
-fn write_kept(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("keeping {}", path.display()))
 }

@@ -228,16 +228,14 @@ impl Ctx<'_> {
         let d = digest.clone();
         let progress = self.progress.clone();
         let report = move |done: u64, total: u64| progress(&d, done, total);
-        let (index, windows) =
-            CheckpointIndex::build(cached, codec, self.cfg.span, &report).await?;
-        if let Some(w) = &index.windows {
-            keep(
-                &checkpoint::file::windows_path(&self.cfg.cache_dir, &w.digest),
-                &windows,
-            )
-            .await;
-        }
-        keep(&path, &checkpoint::file::encode(&index)).await;
+        let (index, _) = checkpoint::file::build_and_keep(
+            cached,
+            codec,
+            self.cfg.span,
+            &self.cfg.cache_dir,
+            &report,
+        )
+        .await?;
         Ok((index, "built", Trust::Trusted))
     }
 
@@ -312,13 +310,7 @@ fn indexed_layer(
 
 /// Writes an index file atomically; failing only costs a rebuild later. Whether it was kept.
 async fn keep(path: &std::path::Path, bytes: &[u8]) -> bool {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let saved = async {
-        tokio::fs::create_dir_all(path.parent().unwrap()).await?;
-        tokio::fs::write(&tmp, bytes).await?;
-        tokio::fs::rename(&tmp, path).await
-    };
-    match saved.await {
+    match checkpoint::file::keep(path, bytes).await {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!("could not keep an index at {}: {e}", path.display());

@@ -982,23 +982,27 @@ fn a_published_index_resumes_a_mid_span_read_at_the_mark_before_it() {
     let out = push_index(&r, &["--span", "2MiB"]);
     assert!(out.contains("mark windows"), "{out}");
 
-    let m = Mount::new(
-        &r,
-        &[
-            "--verify",
-            "off",
-            "--fetch-size",
-            "64KiB",
-            "--no-whole-files",
-        ],
-        &[],
-    );
-    assert!(m.ready.contains("index from registry"), "{}", m.ready);
-    proxy.reset();
-    assert_eq!(std::fs::read(m.path().join("target.bin")).unwrap(), target);
+    // Mounts `reference` with a clean cache and reads target.bin: the blob bytes that took.
+    let read_target = |reference: &str| {
+        let m = Mount::new(
+            reference,
+            &[
+                "--verify",
+                "off",
+                "--fetch-size",
+                "64KiB",
+                "--no-whole-files",
+            ],
+            &[],
+        );
+        assert!(m.ready.contains("index from registry"), "{}", m.ready);
+        proxy.reset();
+        assert_eq!(std::fs::read(m.path().join("target.bin")).unwrap(), target);
+        (m, proxy.blob_bytes.load(Ordering::SeqCst))
+    };
+    let (m, fetched) = read_target(&r);
     // From span 0's start, target.bin lies 1.5 MiB (of noise: as much compressed) in; marks
     // are at most 128 KiB of compressed input apart, a window at most 32 KiB.
-    let fetched = proxy.blob_bytes.load(Ordering::SeqCst);
     assert!(
         fetched < 768 << 10,
         "reading 1000 bytes 1.5 MiB into a span fetched {fetched} bytes"
@@ -1026,21 +1030,7 @@ fn a_published_index_resumes_a_mid_span_read_at_the_mark_before_it() {
         out.contains("mark windows"),
         "pushed without windows: {out}"
     );
-    let m = Mount::new(
-        &format!("{}/gzwin/copy:v1", proxy.addr),
-        &[
-            "--verify",
-            "off",
-            "--fetch-size",
-            "64KiB",
-            "--no-whole-files",
-        ],
-        &[],
-    );
-    assert!(m.ready.contains("index from registry"), "{}", m.ready);
-    proxy.reset();
-    assert_eq!(std::fs::read(m.path().join("target.bin")).unwrap(), target);
-    let fetched = proxy.blob_bytes.load(Ordering::SeqCst);
+    let (_m, fetched) = read_target(&format!("{}/gzwin/copy:v1", proxy.addr));
     assert!(
         fetched < 768 << 10,
         "without windows in the copy's repository: {fetched} bytes for 1000"

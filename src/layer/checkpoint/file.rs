@@ -52,6 +52,40 @@ pub fn mark_checked(unverified: &Path) -> std::io::Result<()> {
     std::fs::rename(unverified, unverified.with_extension(""))
 }
 
+/// Writes `bytes` to `path` whole or not at all (a temporary file renamed into place), so a
+/// reader never loads half an index.
+pub async fn keep(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    tokio::fs::write(&tmp, bytes).await?;
+    tokio::fs::rename(&tmp, path).await
+}
+
+/// Builds the index of `blob` in one pass (which checks the blob's digest) and keeps it and
+/// its windows blob in `cache_dir`, where later mounts trust them. A failure to keep them
+/// is logged, not returned: the index built is good either way.
+pub async fn build_and_keep(
+    blob: crate::blob::Blob,
+    codec: Codec,
+    span: u64,
+    cache_dir: &Path,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<(CheckpointIndex, Vec<u8>)> {
+    let (index, windows) = CheckpointIndex::build(blob, codec, span, progress).await?;
+    let mut files = vec![(path(cache_dir, &index.digest), encode(&index))];
+    if let Some(w) = &index.windows {
+        files.insert(0, (windows_path(cache_dir, &w.digest), windows.clone()));
+    }
+    for (file, bytes) in files {
+        if let Err(e) = keep(&file, &bytes).await {
+            tracing::warn!("could not keep an index at {}: {e}", file.display());
+        }
+    }
+    Ok((index, windows))
+}
+
 /// A digest of tar entries as this file stores them: what an index says about a layer's
 /// tree, compared with what its decoded tar says.
 pub fn entries_digest(entries: &[Entry]) -> [u8; 32] {
