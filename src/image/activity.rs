@@ -1,6 +1,6 @@
 //! What a mounted image does besides answering reads: background prefetch (eStargz
-//! prioritized files, a recorded access profile, or the image's small layers whole), writing the profile `--record` asked
-//! for, and the statistics `ocifs stats` shows.
+//! prioritized files, a recorded access profile, or the image's small layers whole),
+//! writing the profile `--record` asked for, and the statistics `ocifs stats` shows.
 //!
 //! Prefetch runs as one background task reading in order; foreground reads run concurrently
 //! on the same runtime, and whatever prefetch has already fetched they find in the caches.
@@ -54,29 +54,28 @@ impl Image {
 
     /// Fetches the image's small layers whole, right after the mount is ready: each layer of
     /// at most `max` compressed bytes, smallest first, while their total stays within `max`,
-    /// all at once, one streamed request each, into the block cache (undecoded). Returns the
-    /// bytes planned.
+    /// all at once, one streamed request each, into the block cache (undecoded); the bytes
+    /// planned go to the statistics.
     ///
     /// A start reads a small layer it touches at all nearly whole (the Python start fetched
     /// 7.7 of the standard library layer's 8 MB, one dependent miss after another, as each
     /// import found the next module); the same bytes in one stream cost one round trip. Large
     /// layers are left to reads and guesses, and `max` bounds what this fetches in all, so an
     /// image of many layers does not flood the link the reads share.
-    pub async fn fetch_small_layers(&self, max: u64) -> u64 {
+    pub async fn fetch_small_layers(&self, max: u64) {
         let sizes: Vec<u64> = self.layers.iter().map(|(_, b)| b.size()).collect();
         let small: Vec<_> = small_layers(&sizes, max)
             .into_iter()
             .map(|i| &self.layers[i].1)
             .collect();
         let planned = small.iter().map(|b| b.size()).sum();
-        self.small_layers.fetch_add(planned, Ordering::Relaxed);
+        self.small_layers.store(planned, Ordering::Relaxed);
         let fetches = small.iter().map(|b| async move {
             if let Err(e) = b.prefetch(0, b.size()).await {
                 tracing::debug!("fetching small layer {} whole: {e}", b.id());
             }
         });
         futures::future::join_all(fetches).await;
-        planned
     }
 
     /// Prefetches what a recorded profile read, for every format, without decoding it. Each

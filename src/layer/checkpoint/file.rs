@@ -74,12 +74,14 @@ pub async fn build_and_keep(
     progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<(CheckpointIndex, Vec<u8>)> {
     let (index, windows) = CheckpointIndex::build(blob, codec, span, progress).await?;
-    let mut files = vec![(path(cache_dir, &index.digest), encode(&index))];
+    // The windows first, then the index that names them.
+    let mut files = Vec::new();
     if let Some(w) = &index.windows {
-        files.insert(0, (windows_path(cache_dir, &w.digest), windows.clone()));
+        files.push((windows_path(cache_dir, &w.digest), None));
     }
-    for (file, bytes) in files {
-        if let Err(e) = keep(&file, &bytes).await {
+    files.push((path(cache_dir, &index.digest), Some(encode(&index))));
+    for (file, encoded) in files {
+        if let Err(e) = keep(&file, encoded.as_deref().unwrap_or(&windows)).await {
             tracing::warn!("could not keep an index at {}: {e}", file.display());
         }
     }
