@@ -1,12 +1,12 @@
-//! The thin FUSE adapter: each handler converts arguments, asks the core ([`Image`] and its
-//! [`crate::tree::Tree`]), replies, and maps errors to errno (logging them once, here).
+//! The thin FUSE adapter: each handler converts arguments, asks the core ([`ServedImage`] and
+//! its image's [`crate::tree::Tree`]), replies, and maps errors to errno (logging them once, here).
 //!
 //! Reads that may touch the network are answered from a task on the tokio runtime, so the
 //! kernel request loop never waits for a registry. The image is immutable, so attributes,
 //! entries and page cache are kept for a long time.
 
-use crate::image::Image;
 use crate::layer::Kind;
+use crate::serve::ServedImage;
 use crate::tree::{Node, ROOT};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -23,7 +23,7 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The FUSE view of one opened image.
 pub struct OcifsFs {
-    image: Arc<Image>,
+    served: Arc<ServedImage>,
     runtime: tokio::runtime::Handle,
     /// The kernel opens files (directories) without asking us once we answer an open
     /// (opendir) with `ENOSYS`, keeping their page cache as if we had said `FOPEN_KEEP_CACHE`
@@ -34,10 +34,10 @@ pub struct OcifsFs {
 }
 
 impl OcifsFs {
-    /// Serves `image`, running network reads on `runtime`.
-    pub fn new(image: Arc<Image>, runtime: tokio::runtime::Handle) -> Self {
+    /// Serves `served`, running network reads on `runtime`.
+    pub fn new(served: Arc<ServedImage>, runtime: tokio::runtime::Handle) -> Self {
         OcifsFs {
-            image,
+            served,
             runtime,
             no_open: false,
             no_opendir: false,
@@ -45,7 +45,8 @@ impl OcifsFs {
     }
 
     fn node(&self, ino: INodeNo) -> Result<&Node, Errno> {
-        self.image
+        self.served
+            .image
             .tree
             .get(u64::from(ino))
             .filter(|n| n.nlink > 0 || u64::from(ino) == ROOT)
@@ -131,8 +132,8 @@ impl Filesystem for OcifsFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let found = name
             .to_str()
-            .and_then(|n| self.image.tree.lookup(u64::from(parent), n))
-            .and_then(|i| Some((i, self.image.tree.get(i)?)));
+            .and_then(|n| self.served.image.tree.lookup(u64::from(parent), n))
+            .and_then(|i| Some((i, self.served.image.tree.get(i)?)));
         match found {
             Some((ino, n)) => reply.entry(&TTL, &attr(ino, n), Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -155,7 +156,7 @@ impl Filesystem for OcifsFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.image.reads.opens.fetch_add(1, Ordering::Relaxed);
+        self.served.reads.opens.fetch_add(1, Ordering::Relaxed);
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -178,9 +179,9 @@ impl Filesystem for OcifsFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let image = self.image.clone();
+        let served = self.served.clone();
         self.runtime.spawn(async move {
-            match image.read(ino.into(), offset, size as u64).await {
+            match served.read(ino.into(), offset, size as u64).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => {
                     tracing::error!("read of inode {ino} at {offset} failed: {e}");
@@ -191,7 +192,7 @@ impl Filesystem for OcifsFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.image.reads.opens.fetch_add(1, Ordering::Relaxed);
+        self.served.reads.opens.fetch_add(1, Ordering::Relaxed);
         match self.node(ino) {
             Ok(n) if n.kind == Kind::Dir && self.no_opendir => reply.error(Errno::ENOSYS),
             Ok(n) if n.kind == Kind::Dir => reply.opened(
@@ -217,6 +218,7 @@ impl Filesystem for OcifsFs {
         };
         for (i, (child, name)) in entries.iter().enumerate().skip(offset as usize) {
             let kind = self
+                .served
                 .image
                 .tree
                 .get(*child)
@@ -241,7 +243,7 @@ impl Filesystem for OcifsFs {
             Err(e) => return reply.error(e),
         };
         for (i, (child, name)) in entries.iter().enumerate().skip(offset as usize) {
-            let Some(n) = self.image.tree.get(*child) else {
+            let Some(n) = self.served.image.tree.get(*child) else {
                 continue;
             };
             if reply.add(
@@ -259,7 +261,7 @@ impl Filesystem for OcifsFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let (files, bytes) = self.image.tree.totals();
+        let (files, bytes) = self.served.image.tree.totals();
         reply.statfs(bytes.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
     }
 

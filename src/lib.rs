@@ -2,9 +2,10 @@
 //!
 //! Data flow, one module each: [`reference`](mod@reference) -> [`registry`] (HTTP, auth) -> [`blob`] (the byte
 //! seam and its block cache) -> [`layer`] (one module per format, one index type) ->
-//! [`tree`] (layers merged with whiteouts) -> [`image`] (the FUSE-free core that serves reads)
-//! -> [`fuse`] (the thin kernel adapter) -> [`daemon`] (mount lifecycle). [`verify`] gates
-//! trust; [`config`] and [`error`] are the typed edges.
+//! [`tree`] (layers merged with whiteouts) -> [`image`] (resolved manifest, opened layers,
+//! tree) -> [`serve`] (the FUSE-free read path of a mount, beside [`speculate`], which fetches
+//! what the next reads will need) -> [`fuse`] (the thin kernel adapter) -> [`daemon`] (starting
+//! a mount, as a library). [`verify`] gates trust; [`config`] and [`error`] are the typed edges.
 
 pub mod blob;
 pub mod config;
@@ -17,6 +18,8 @@ pub mod image;
 pub mod layer;
 pub mod reference;
 pub mod registry;
+pub mod serve;
+pub mod speculate;
 pub mod stats;
 pub mod tree;
 pub mod verify;

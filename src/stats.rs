@@ -213,6 +213,83 @@ impl Recorder {
     }
 }
 
+/// What `ocifs stats` shows of a mount (its JSON form, field names in camelCase, is what
+/// `ocifs stats --json` prints and what the tests read).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MountStats {
+    /// The image's manifest digest.
+    pub digest: String,
+    /// Time from start to a ready mount.
+    pub ready_ms: u64,
+    pub layers: Vec<LayerFigures>,
+    pub cache: CacheFigures,
+    pub reads: ReadFigures,
+    pub prefetch: PrefetchFigures,
+    pub local_copies: LocalFigures,
+}
+
+/// One layer's figures.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerFigures {
+    pub digest: String,
+    pub format: String,
+    /// Where a gzip layer's index came from.
+    pub index: Option<String>,
+    /// Network bytes and requests of its blob.
+    pub fetched_bytes: u64,
+    pub requests: u64,
+    /// Its health: pending, verified, unverified or bad (with the reason).
+    pub verification: String,
+    /// Whether its reads are served from a local copy.
+    pub local_copy: bool,
+}
+
+/// The block cache's counters.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheFigures {
+    pub mem_hits: u64,
+    pub disk_hits: u64,
+    pub misses: u64,
+    pub fetched_bytes: u64,
+}
+
+/// Reads served: count, bytes, errors, opens asked, latency percentiles.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadFigures {
+    pub count: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub opens: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+/// What speculation brought (see [`crate::speculate`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefetchFigures {
+    /// File bytes a planned prefetch set out to bring, and has brought.
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    /// Sizes of the files fetched whole, and with their directory.
+    pub whole_file_bytes: u64,
+    pub directory_bytes: u64,
+    /// Compressed bytes of the small layers fetched whole at mount.
+    pub small_layer_bytes: u64,
+}
+
+/// Local copies of verified layers: bytes written, reads served from them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalFigures {
+    pub bytes: u64,
+    pub reads: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

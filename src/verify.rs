@@ -18,7 +18,6 @@ use crate::error::{Error, Result};
 use crate::layer::checkpoint::file::entries_digest;
 use crate::layer::{Health, IndexCheck, Layer, LayerData};
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
 
 /// Read size while hashing: small enough that a foreground read arriving meanwhile waits
 /// little behind it on the link.
@@ -188,11 +187,11 @@ impl<'a> Stretches<'a> {
 /// Verifies each still-pending layer and records the verdict in its health, yielding to
 /// foreground reads (see [`verify_blob`]). `diff_ids` are the config's, in layer order.
 pub async fn verify_layers(
-    layers: &[(Arc<Layer>, Blob)],
+    layers: &[(&Layer, &Blob)],
     diff_ids: &[String],
     idle: &(dyn Fn() -> bool + Sync),
 ) {
-    for (i, (layer, raw)) in layers.iter().enumerate() {
+    for (i, &(layer, raw)) in layers.iter().enumerate() {
         if *layer.health.read().unwrap() != Health::Pending {
             continue;
         }

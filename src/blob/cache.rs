@@ -35,10 +35,15 @@ use tokio::sync::OwnedMutexGuard;
 type Key = (String, u64);
 type Gate = Arc<tokio::sync::Mutex<()>>;
 
-/// How far ahead of a sequential reader blocks are fetched.
-const READAHEAD_BYTES: u64 = 4 << 20;
-/// How long a sequential run must be before read-ahead starts.
-const SEQUENTIAL_BYTES: u64 = 1 << 20;
+/// Read-ahead of sequential readers (its values are speculation's, see
+/// [`crate::speculate::SpeculateConfig`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadAhead {
+    /// How far ahead of a sequential reader blocks are fetched.
+    pub bytes: u64,
+    /// How long a sequential run must be before read-ahead starts.
+    pub after: u64,
+}
 
 /// Counters an experimenter reads to explain a run.
 #[derive(Debug, Default)]
@@ -82,13 +87,20 @@ struct State {
 
 impl BlockCache {
     /// A cache of `capacity` bytes in memory, in blocks of `block_size`, fetching up to
-    /// `fetch_size` bytes per miss, optionally persisted under `dir`.
-    pub fn new(block_size: u64, fetch_size: u64, capacity: u64, dir: Option<PathBuf>) -> Arc<Self> {
+    /// `fetch_size` bytes per miss, optionally persisted under `dir`, reading `ahead` of
+    /// sequential readers.
+    pub fn new(
+        block_size: u64,
+        fetch_size: u64,
+        capacity: u64,
+        dir: Option<PathBuf>,
+        ahead: ReadAhead,
+    ) -> Arc<Self> {
         let block_size = block_size.max(4096);
         Arc::new(BlockCache {
             block_size,
-            readahead: (READAHEAD_BYTES / block_size).clamp(1, 64),
-            sequential: (SEQUENTIAL_BYTES / block_size).max(2),
+            readahead: (ahead.bytes / block_size).clamp(1, 64),
+            sequential: (ahead.after / block_size).max(2),
             run_blocks: (fetch_size / block_size).clamp(1, 64),
             speculating: AtomicU64::new(0),
             dir,
@@ -560,11 +572,16 @@ fn assemble(blocks: &[Bytes], start: u64, offset: u64, len: u64) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const RA: ReadAhead = ReadAhead {
+        bytes: 4 << 20,
+        after: 1 << 20,
+    };
     use crate::blob::MemBlob;
 
     #[tokio::test]
     async fn releasing_a_blob_drops_its_blocks_from_memory_only() {
-        let cache = BlockCache::new(4096, 4096, 1 << 20, None);
+        let cache = BlockCache::new(4096, 4096, 1 << 20, None, RA);
         let a = cache.wrap(Arc::new(MemBlob::new("sha256:a", vec![1u8; 20_000])));
         let b = cache.wrap(Arc::new(MemBlob::new("sha256:b", vec![2u8; 20_000])));
         a.read_at(0, 20_000).await.unwrap();
@@ -585,7 +602,7 @@ mod tests {
     #[tokio::test]
     async fn at_hand_means_in_memory_or_on_disk() {
         let dir = std::env::temp_dir().join(format!("ocifs-athand-{}", std::process::id()));
-        let cache = BlockCache::new(4096, 4096, 1 << 20, Some(dir.clone()));
+        let cache = BlockCache::new(4096, 4096, 1 << 20, Some(dir.clone()), RA);
         let blob = cache.wrap(Arc::new(MemBlob::new("sha256:h", vec![3u8; 20_000])));
         assert!(!blob.at_hand(0, 10));
         blob.read_at(4096, 4096).await.unwrap();
@@ -609,7 +626,7 @@ mod tests {
     #[tokio::test]
     async fn reads_across_blocks_match_source_and_hit_cache() {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let cache = BlockCache::new(4096, 4096, 1 << 20, None);
+        let cache = BlockCache::new(4096, 4096, 1 << 20, None, RA);
         let blob = cache.wrap(Arc::new(MemBlob::new("sha256:x", data.clone())));
         for (off, len) in [(0u64, 10u64), (4000, 9000), (99_990, 100), (12_288, 4096)] {
             let got = blob.read_at(off, len).await.unwrap();
@@ -624,7 +641,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_now_does_not_wait_behind_a_fetch_under_way() {
         let data: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
-        let cache = BlockCache::new(4096, 4096, 1 << 20, None);
+        let cache = BlockCache::new(4096, 4096, 1 << 20, None, RA);
         let inner: Blob = Arc::new(MemBlob::new("sha256:n", data.clone()));
         let blob = cache.wrap(inner.clone());
         // Another request is bringing blocks 1..=3 and has not finished.
@@ -689,7 +706,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_miss_fetches_past_its_file_only_while_no_other_guess_is_under_way() {
         const B: u64 = 4096;
-        let cache = BlockCache::new(B, 8 * B, 1 << 20, None);
+        let cache = BlockCache::new(B, 8 * B, 1 << 20, None, RA);
         let held = Arc::new(Held {
             data: Bytes::from(vec![7u8; 64 * B as usize]),
             requests: Mutex::new(Vec::new()),
@@ -719,7 +736,7 @@ mod tests {
             "sha256:sf",
             vec![3u8; 1 << 20],
         ))));
-        let cache = BlockCache::new(1 << 20, 1 << 20, 4 << 20, None);
+        let cache = BlockCache::new(1 << 20, 1 << 20, 4 << 20, None, RA);
         let blob = cache.wrap(counter.clone());
         let reads = (0..16).map(|i| {
             let blob = blob.clone();
@@ -734,7 +751,7 @@ mod tests {
     #[tokio::test]
     async fn read_ahead_stays_within_the_file_being_read() {
         const B: u64 = 64 << 10;
-        let cache = BlockCache::new(B, B, 64 << 20, None);
+        let cache = BlockCache::new(B, B, 64 << 20, None, RA);
         let blob = cache.wrap(Arc::new(MemBlob::new(
             "sha256:f",
             vec![2u8; 200 * B as usize],
@@ -761,7 +778,7 @@ mod tests {
         // 64 KiB blocks: read-ahead starts after 16 boundaries (1 MiB), 64 blocks (4 MiB) ahead.
         const B: u64 = 64 << 10;
         let data = vec![1u8; 200 * B as usize];
-        let cache = BlockCache::new(B, B, 64 << 20, None);
+        let cache = BlockCache::new(B, B, 64 << 20, None, RA);
         let blob = cache.wrap(Arc::new(MemBlob::new("sha256:z", data)));
         let misses = || cache.stats.misses.load(Ordering::Relaxed);
         let settle = || tokio::time::sleep(std::time::Duration::from_millis(50));
@@ -798,7 +815,7 @@ mod tests {
             "sha256:run",
             data.clone(),
         ))));
-        let cache = BlockCache::new(4096, 16384, 1 << 20, None);
+        let cache = BlockCache::new(4096, 16384, 1 << 20, None, RA);
         let blob = cache.wrap(counter.clone());
         // Block 6 first; then a miss at block 3 runs to block 5 only (6 is cached).
         assert_eq!(
@@ -830,7 +847,7 @@ mod tests {
             "sha256:cached",
             vec![9u8; 16 * 4096],
         ))));
-        let cache = BlockCache::new(4096, 16384, 1 << 20, None);
+        let cache = BlockCache::new(4096, 16384, 1 << 20, None, RA);
         let blob = cache.wrap(counter.clone());
         blob.read_at(0, 2 * 4096).await.unwrap(); // misses: blocks 0..=3 in one run
         blob.read_at(2 * 4096, 2 * 4096).await.unwrap(); // all cached
@@ -843,7 +860,7 @@ mod tests {
     async fn memory_stays_bounded_and_disk_survives() {
         let dir = std::env::temp_dir().join(format!("ocifs-cache-test-{}", std::process::id()));
         let data = vec![7u8; 64 * 1024];
-        let cache = BlockCache::new(4096, 4096, 8192, Some(dir.clone()));
+        let cache = BlockCache::new(4096, 4096, 8192, Some(dir.clone()), RA);
         let blob = cache.wrap(Arc::new(MemBlob::new("sha256:y", data.clone())));
         blob.read_at(0, 65536).await.unwrap();
         assert!(cache.state.lock().unwrap().lru.used() <= 8192);
@@ -859,7 +876,7 @@ mod tests {
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let again = BlockCache::new(4096, 4096, 8192, Some(dir.clone()));
+        let again = BlockCache::new(4096, 4096, 8192, Some(dir.clone()), RA);
         let blob = again.wrap(Arc::new(MemBlob::new("sha256:y", data)));
         blob.read_at(0, 65536).await.unwrap();
         assert_eq!(again.stats.misses.load(Ordering::Relaxed), 0);

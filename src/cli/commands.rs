@@ -1,157 +1,56 @@
 //! The commands themselves: each builds what it needs and calls the library.
 
-use super::mount::{MountExtras, mount_here, spawn_daemon};
-use super::{Cmd, Common, block_on};
+use super::common::{Common, control_socket, open};
 use anyhow::{Context, Result, bail};
-use ocifs::image::{Image, Progress, Source};
+use ocifs::image::Source;
 use ocifs::layer::{Format, Kind};
+use ocifs::stats::MountStats;
 use ocifs::tree::{Node, ROOT, Tree};
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub fn run(cmd: Cmd) -> Result<ExitCode> {
-    match cmd {
-        Cmd::Mount {
-            common,
-            foreground,
-            daemon_child,
-            record,
-            prefetch,
-            no_prefetch,
-            no_whole_files,
-            small_layers,
-            no_local_copy,
-            reference,
-            mountpoint,
-        } => {
-            if foreground || daemon_child {
-                let extras = MountExtras {
-                    record,
-                    prefetch,
-                    no_prefetch,
-                    no_whole_files,
-                    small_layers: small_layers.0,
-                    no_local_copy,
-                };
-                mount_here(&common, &reference, &mountpoint, daemon_child, extras)
-            } else {
-                spawn_daemon(&common, &mountpoint)
-            }
-        }
-        Cmd::Stats { json, mountpoint } => block_on(async {
-            let v = ocifs::daemon::fetch_stats(&super::control_socket(&mountpoint)?).await?;
-            print_stats(&v, json)?;
-            Ok(ExitCode::SUCCESS)
-        })?,
-        Cmd::Umount { mountpoint } => {
-            ocifs::daemon::unmount(&mountpoint)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Inspect {
-            common,
-            json,
-            reference,
-        } => block_on(inspect(&common, &reference, json))?.map(|_| ExitCode::SUCCESS),
-        Cmd::Ls {
-            common,
-            long,
-            recursive,
-            reference,
-            path,
-        } => block_on(async {
-            let image = open(&common, &reference).await?;
-            let path = path.unwrap_or_default();
-            let ino = follow(&image.tree, &path)?;
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            list(&image.tree, ino, &clean(&path), long, recursive, &mut out)?;
-            out.flush()?;
-            Ok(ExitCode::SUCCESS)
-        })?,
-        Cmd::Cat {
-            common,
-            reference,
-            path,
-        } => block_on(async {
-            let image = open(&common, &reference).await?;
-            let ino = follow(&image.tree, &path)?;
-            let node = image.tree.get(ino).unwrap();
-            if node.kind != Kind::File {
-                bail!("{path} is not a regular file");
-            }
-            let mut out = std::io::stdout().lock();
-            let mut off = 0;
-            while off < node.size {
-                let data = image.read(ino, off, (4 << 20).min(node.size - off)).await?;
-                out.write_all(&data)?;
-                off += data.len() as u64;
-            }
-            Ok(ExitCode::SUCCESS)
-        })?,
-        Cmd::Fetch {
-            common,
-            reference,
-            digest,
-        } => block_on(fetch(&common, &reference, digest.as_deref()))?.map(|_| ExitCode::SUCCESS),
-        Cmd::Index {
-            common,
-            push,
-            reference,
-        } => block_on(super::index::index(&common, &reference, push))?.map(|_| ExitCode::SUCCESS),
-        Cmd::Convert {
-            common,
-            estargz: _,
-            profile,
-            chunk_size,
-            source,
-            destination,
-        } => block_on(convert(
-            &common,
-            &source,
-            &destination,
-            profile,
-            chunk_size.0,
-        ))?
-        .map(|_| ExitCode::SUCCESS),
-        Cmd::Tags { common, repository } => block_on(async {
-            let (source, _, _) = common.source(&repository)?;
-            for t in source.tags().await? {
-                println!("{t}");
-            }
-            Ok(ExitCode::SUCCESS)
-        })?,
+/// `ocifs ls`: lists `path` (default: the root) of an image without mounting it.
+pub async fn ls(
+    common: &Common,
+    reference: &str,
+    path: Option<String>,
+    long: bool,
+    recursive: bool,
+) -> Result<()> {
+    let image = open(common, reference).await?;
+    let path = path.unwrap_or_default();
+    let ino = follow(&image.tree, &path)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    list(&image.tree, ino, &clean(&path), long, recursive, &mut out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// `ocifs cat`: one file's bytes to stdout.
+pub async fn cat(common: &Common, reference: &str, path: &str) -> Result<()> {
+    let image = open(common, reference).await?;
+    let ino = follow(&image.tree, path)?;
+    let node = image.tree.get(ino).unwrap();
+    if node.kind != Kind::File {
+        bail!("{path} is not a regular file");
     }
+    let mut out = std::io::stdout().lock();
+    let mut off = 0;
+    while off < node.size {
+        let len = (4 << 20).min(node.size - off);
+        let data = image.read_file(ino, off, len).await?;
+        out.write_all(&data)?;
+        off += data.len() as u64;
+    }
+    Ok(())
 }
 
-/// Prints a progress line per streamed layer, at most once per 10%.
-pub(super) fn progress() -> Progress {
-    let last = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
-        String,
-        u64,
-    >::new()));
-    Arc::new(move |digest: &str, done: u64, total: u64| {
-        let pct = (done * 100).checked_div(total).unwrap_or(100);
-        let mut last = last.lock().unwrap();
-        let prev = last.entry(digest.to_string()).or_insert(u64::MAX);
-        if *prev == u64::MAX || pct / 10 > *prev / 10 {
-            *prev = pct;
-            eprintln!(
-                "ocifs: reading layer {} once (indexing or unpacking): {pct}% of {} MiB",
-                &digest[..digest.len().min(19)],
-                total >> 20
-            );
-        }
-    })
-}
-
-pub(super) async fn open(common: &Common, reference: &str) -> Result<Image> {
-    let (source, what, _) = common.source(reference)?;
-    let cfg = common.open_config()?;
-    Image::open(&source, &what, &cfg, progress())
-        .await
-        .with_context(|| format!("opening {reference}"))
+/// `ocifs stats`: a mount's figures, as text or JSON.
+pub async fn stats(mountpoint: &std::path::Path, json: bool) -> Result<()> {
+    let stats = ocifs::daemon::fetch_stats(&control_socket(mountpoint)?).await?;
+    print_stats(&stats, json)
 }
 
 fn clean(path: &str) -> String {
@@ -281,7 +180,7 @@ fn line(out: &mut impl Write, n: &Node, name: &str, long: bool) -> Result<()> {
     Ok(())
 }
 
-async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
+pub async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
     let (source, what, display) = common.source(reference)?;
     let cfg = common.open_config()?;
     let r = ocifs::image::resolve(&source, &what, &cfg.platform).await?;
@@ -373,7 +272,7 @@ async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn fetch(common: &Common, reference: &str, digest: Option<&str>) -> Result<()> {
+pub async fn fetch(common: &Common, reference: &str, digest: Option<&str>) -> Result<()> {
     let (source, what, _) = common.source(reference)?;
     let mut out = std::io::stdout().lock();
     let Some(digest) = digest else {
@@ -419,63 +318,55 @@ async fn fetch(common: &Common, reference: &str, digest: Option<&str>) -> Result
     Ok(())
 }
 
-fn print_stats(v: &serde_json::Value, json: bool) -> Result<()> {
+fn print_stats(v: &MountStats, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(v)?);
         return Ok(());
     }
-    println!(
-        "image {} (ready in {} ms)",
-        v["digest"].as_str().unwrap_or(""),
-        v["readyMs"]
-    );
-    for l in v["layers"].as_array().into_iter().flatten() {
+    println!("image {} (ready in {} ms)", v.digest, v.ready_ms);
+    for l in &v.layers {
         println!(
             "  {} {:8} fetched {} bytes in {} requests; {}{}{}",
-            l["digest"].as_str().unwrap_or(""),
-            l["format"].as_str().unwrap_or(""),
-            l["fetchedBytes"],
-            l["requests"],
-            l["verification"].as_str().unwrap_or(""),
-            l["index"]
-                .as_str()
+            l.digest,
+            l.format,
+            l.fetched_bytes,
+            l.requests,
+            l.verification,
+            l.index
+                .as_deref()
                 .map(|s| format!("; index {s}"))
                 .unwrap_or_default(),
-            if l["localCopy"] == true {
+            if l.local_copy {
                 "; served from a local copy"
             } else {
                 ""
             }
         );
     }
-    let c = &v["cache"];
+    let c = &v.cache;
     println!(
         "cache: {} memory hits, {} disk hits, {} misses ({} bytes fetched)",
-        c["memHits"], c["diskHits"], c["misses"], c["fetchedBytes"]
+        c.mem_hits, c.disk_hits, c.misses, c.fetched_bytes
     );
-    let r = &v["reads"];
+    let r = &v.reads;
     println!(
         "reads: {} ({} bytes, {} errors), latency p50 {} us, p99 {} us; opens asked of the daemon: {}",
-        r["count"], r["bytes"], r["errors"], r["p50Us"], r["p99Us"], r["opens"]
+        r.count, r.bytes, r.errors, r.p50_us, r.p99_us, r.opens
     );
-    let p = &v["prefetch"];
+    let p = &v.prefetch;
     println!(
         "prefetch: {} of {} bytes; fetched in the background: small layers whole {} bytes, files whole (scattered reads, libraries) {} bytes, files with their directory {} bytes",
-        p["doneBytes"],
-        p["totalBytes"],
-        p["smallLayerBytes"],
-        p["wholeFileBytes"],
-        p["directoryBytes"]
+        p.done_bytes, p.total_bytes, p.small_layer_bytes, p.whole_file_bytes, p.directory_bytes
     );
-    let c = &v["localCopies"];
+    let c = &v.local_copies;
     println!(
         "local copies of verified layers: {} bytes written, {} reads served from them",
-        c["bytes"], c["reads"]
+        c.bytes, c.reads
     );
     Ok(())
 }
 
-async fn convert(
+pub async fn convert(
     common: &Common,
     src: &str,
     dst: &str,
@@ -518,7 +409,7 @@ async fn convert(
         }
     };
     let profile = match profile {
-        Some(p) => ocifs::image::activity::read_profile(&p)?,
+        Some(p) => ocifs::speculate::read_profile(&p)?,
         None => Vec::new(),
     };
     let work_dir = common.cache_dir()?.join("convert");

@@ -2,8 +2,7 @@
 //! the image builds, loads or fetches it, printed and, with `--push`, published next to the
 //! image (see `ocifs::layer::checkpoint::share`).
 
-use super::Common;
-use super::commands::{open, progress};
+use super::common::{Common, open, progress};
 use anyhow::{Context, Result, bail};
 use ocifs::image::Source;
 use ocifs::layer::checkpoint::{self, CheckpointIndex};
@@ -14,7 +13,8 @@ pub async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
     let image = open(common, reference).await?;
     let cache_dir = common.open_config()?.cache_dir;
     let mut indexes = Vec::new();
-    for (layer, blob) in &image.layers {
+    for opened in &image.layers {
+        let (layer, blob) = (&opened.layer, &opened.blob);
         let Some(src) = layer.index_source else {
             println!("{} {}: no index needed", layer.digest, layer.format.name());
             continue;

@@ -1,19 +1,20 @@
 //! Argument parsing and the commands. `mount` without `--foreground` re-executes itself as a
 //! detached daemon and waits for its "ready" line, like other FUSE mounters.
 
+//!
+//! `mod.rs` parses and dispatches; `common.rs` holds what every command shares (options,
+//! configuration, credentials); the commands themselves are in `commands.rs`, `mount.rs` and
+//! `index.rs`, which use `common.rs` and nothing else of the CLI.
+
 mod commands;
+mod common;
 mod index;
 mod mount;
 
-use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
-use ocifs::config::{
-    ByteSize, DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, DEFAULT_DISK_CACHE_SIZE, DEFAULT_FETCH_SIZE,
-    OpenConfig, VerifyMode,
-};
-use ocifs::image::{Platform, Source};
-use ocifs::reference::Reference;
-use ocifs::registry::{Registry, RegistryOptions, auth::Credentials};
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use common::{Common, block_on};
+use ocifs::config::ByteSize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,44 +27,6 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-/// Options every image-reading command shares.
-#[derive(Args, Clone)]
-pub struct Common {
-    /// Platform to choose from an image index (default: this machine's).
-    #[arg(long)]
-    platform: Option<String>,
-    /// Allow plain HTTP to the registry (always allowed for localhost/127.0.0.1).
-    #[arg(long)]
-    insecure: bool,
-    /// In-memory block cache size.
-    #[arg(long, default_value_t = ByteSize(DEFAULT_CACHE_SIZE))]
-    cache_size: ByteSize,
-    /// Cache directory: blocks, unpacked layers, daemon logs (default ~/.cache/ocifs).
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
-    /// When to check whole layer blobs against their digests.
-    #[arg(long, value_enum, default_value_t = VerifyMode::Background)]
-    verify: VerifyMode,
-    /// Uncompressed bytes between checkpoints when building a gzip layer's index.
-    #[arg(long, default_value = "4MiB")]
-    span: ByteSize,
-    /// Block cache granularity: what a read that misses waits for.
-    #[arg(long, default_value_t = ByteSize(DEFAULT_BLOCK_SIZE))]
-    block_size: ByteSize,
-    /// Bytes one miss fetches (its block and the following ones, streamed in one request).
-    #[arg(long, default_value_t = ByteSize(DEFAULT_FETCH_SIZE))]
-    fetch_size: ByteSize,
-    /// Bound of the blocks and local tars kept in the cache directory; the least recently
-    /// written blobs' blocks and tars are removed when a mount ends. Also the largest chunk
-    /// decoded to disk.
-    #[arg(long, default_value_t = ByteSize(DEFAULT_DISK_CACHE_SIZE))]
-    disk_cache_size: ByteSize,
-    /// Decode gzip layers from span starts only, never resuming at an index mark with its
-    /// window (to measure what mark windows buy).
-    #[arg(long)]
-    no_mark_windows: bool,
 }
 
 #[derive(Subcommand)]
@@ -208,132 +171,102 @@ pub fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
-    match commands::run(cli.cmd) {
+    match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ocifs: {}", chain(&e));
+            eprintln!("ocifs: {}", common::chain(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-fn chain(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
-}
-
-impl Common {
-    /// The typed configuration for opening images.
-    fn open_config(&self) -> Result<OpenConfig> {
-        let platform = match &self.platform {
-            Some(p) => Platform::parse(p)?,
-            None => Platform::host(),
-        };
-        let block_size = self.block_size.0.clamp(4096, 64 << 20);
-        Ok(OpenConfig {
-            platform,
-            // At least a few blocks, so one read's blocks fit at once.
-            cache_size: self.cache_size.0.max(block_size * 4),
-            block_size,
-            fetch_size: self.fetch_size.0.max(block_size),
-            disk_cache_size: self.disk_cache_size.0,
-            cache_dir: self.cache_dir()?,
-            verify: self.verify,
-            span: self.span.0.max(64 * 1024),
-            mark_windows: !self.no_mark_windows,
-        })
-    }
-
-    fn cache_dir(&self) -> Result<PathBuf> {
-        if let Some(d) = &self.cache_dir {
-            return Ok(d.clone());
+/// Runs one command.
+fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Mount {
+            common,
+            foreground,
+            daemon_child,
+            record,
+            prefetch,
+            no_prefetch,
+            no_whole_files,
+            small_layers,
+            no_local_copy,
+            reference,
+            mountpoint,
+        } => {
+            if foreground || daemon_child {
+                let extras = mount::MountExtras {
+                    record,
+                    prefetch,
+                    no_prefetch,
+                    no_whole_files,
+                    small_layers: small_layers.0,
+                    no_local_copy,
+                };
+                mount::mount_here(&common, &reference, &mountpoint, daemon_child, extras)
+            } else {
+                mount::spawn_daemon(&common, &mountpoint)
+            }
         }
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .context("no --cache-dir, XDG_CACHE_HOME or HOME to put the cache in")?;
-        Ok(base.join("ocifs"))
-    }
-
-    /// Turns `REF` into a source and the tag or digest to resolve in it.
-    fn source(&self, reference: &str) -> Result<(Source, String, String)> {
-        if let Some(rest) = reference.strip_prefix("oci:") {
-            let slash = rest.rfind('/').map_or(0, |i| i + 1);
-            let (dir, tag) = match rest[slash..].rfind(':') {
-                Some(i) => (&rest[..slash + i], &rest[slash + i + 1..]),
-                None => (rest, "latest"),
-            };
-            let source = Source::Layout {
-                dir: PathBuf::from(dir),
-            };
-            return Ok((source, tag.to_string(), reference.to_string()));
+        Cmd::Stats { json, mountpoint } => {
+            block_on(commands::stats(&mountpoint, json))?.map(|_| ExitCode::SUCCESS)
         }
-        let r = Reference::parse(reference)?;
-        let registry = Registry::new(
-            &r.registry,
-            RegistryOptions {
-                insecure: self.insecure,
-                credentials: credentials(&r.registry)?,
-            },
-        )?;
-        let what = r.manifest_reference().to_string();
-        Ok((
-            Source::Registry {
-                registry,
-                repo: r.repository.clone(),
-            },
-            what,
-            r.to_string(),
-        ))
-    }
-}
-
-/// Credentials for `registry` from `REGISTRY_AUTH_FILE`, `$DOCKER_CONFIG/config.json` or
-/// `~/.docker/config.json`, first file that has an entry.
-fn credentials(registry: &str) -> Result<Option<Credentials>> {
-    let mut files = Vec::new();
-    if let Some(f) = std::env::var_os("REGISTRY_AUTH_FILE") {
-        files.push(PathBuf::from(f));
-    }
-    if let Some(d) = std::env::var_os("DOCKER_CONFIG") {
-        files.push(PathBuf::from(d).join("config.json"));
-    }
-    if let Some(h) = std::env::var_os("HOME") {
-        files.push(PathBuf::from(h).join(".docker/config.json"));
-    }
-    for f in files {
-        if let Some(c) = Credentials::from_docker_config(&f, registry)? {
-            return Ok(Some(c));
+        Cmd::Umount { mountpoint } => {
+            ocifs::daemon::unmount(&mountpoint)?;
+            Ok(ExitCode::SUCCESS)
         }
+        Cmd::Inspect {
+            common,
+            json,
+            reference,
+        } => block_on(commands::inspect(&common, &reference, json))?.map(|_| ExitCode::SUCCESS),
+        Cmd::Ls {
+            common,
+            long,
+            recursive,
+            reference,
+            path,
+        } => block_on(commands::ls(&common, &reference, path, long, recursive))?
+            .map(|_| ExitCode::SUCCESS),
+        Cmd::Cat {
+            common,
+            reference,
+            path,
+        } => block_on(commands::cat(&common, &reference, &path))?.map(|_| ExitCode::SUCCESS),
+        Cmd::Fetch {
+            common,
+            reference,
+            digest,
+        } => block_on(commands::fetch(&common, &reference, digest.as_deref()))?
+            .map(|_| ExitCode::SUCCESS),
+        Cmd::Index {
+            common,
+            push,
+            reference,
+        } => block_on(index::index(&common, &reference, push))?.map(|_| ExitCode::SUCCESS),
+        Cmd::Convert {
+            common,
+            estargz: _,
+            profile,
+            chunk_size,
+            source,
+            destination,
+        } => block_on(commands::convert(
+            &common,
+            &source,
+            &destination,
+            profile,
+            chunk_size.0,
+        ))?
+        .map(|_| ExitCode::SUCCESS),
+        Cmd::Tags { common, repository } => block_on(async {
+            let (source, _, _) = common.source(&repository)?;
+            for t in source.tags().await? {
+                println!("{t}");
+            }
+            Ok(ExitCode::SUCCESS)
+        })?,
     }
-    Ok(None)
-}
-
-/// The control socket of the mount at `mountpoint`: named after its canonical path, in
-/// `/run/ocifs` for root, else `$XDG_RUNTIME_DIR/ocifs` or `/tmp/ocifs-<uid>`.
-fn control_socket(mountpoint: &std::path::Path) -> Result<PathBuf> {
-    let canonical = mountpoint
-        .canonicalize()
-        .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
-    let dir = if uid == 0 {
-        PathBuf::from("/run/ocifs")
-    } else if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        PathBuf::from(d).join("ocifs")
-    } else {
-        PathBuf::from(format!("/tmp/ocifs-{uid}"))
-    };
-    let id = ocifs::digest::sha256(canonical.as_os_str().as_encoded_bytes());
-    Ok(dir.join(format!("{}.sock", &id[7..23])))
-}
-
-/// Runs `fut` on a fresh multi-threaded runtime.
-fn block_on<T>(fut: impl std::future::Future<Output = T>) -> Result<T> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    Ok(rt.block_on(fut))
 }

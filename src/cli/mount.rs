@@ -2,15 +2,13 @@
 //! the background work (verification, prefetch), serve until unmounted, write the profile.
 //! Without `--foreground`, re-execute as a detached daemon and wait for its ready line.
 
-use super::Common;
-use super::commands::progress;
+use super::common::{Common, block_on, chain, control_socket, progress};
 use anyhow::{Context, Result, bail};
-use ocifs::image::Image;
-use ocifs::verify::TaskGuard;
+use ocifs::daemon::MountOptions;
+use ocifs::speculate::SpeculateConfig;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::sync::Arc;
 
 /// Mount options beyond opening the image.
 pub struct MountExtras {
@@ -39,6 +37,9 @@ fn announce(child: bool, line: &str) {
     }
 }
 
+/// Serves a mount from this process (`--foreground`, or the detached daemon child): opens the
+/// image, starts the mount and its background work, announces it, serves until unmounted or
+/// signalled, then prunes the cache directory and writes the profile.
 pub fn mount_here(
     common: &Common,
     reference: &str,
@@ -46,108 +47,60 @@ pub fn mount_here(
     child: bool,
     extras: MountExtras,
 ) -> Result<ExitCode> {
-    super::block_on(async {
+    block_on(async {
+        let cfg = common.open_config()?;
+        let spec = SpeculateConfig {
+            guesses: !extras.no_whole_files,
+            landmarks: !extras.no_prefetch,
+            small_layers: extras.small_layers,
+            ..SpeculateConfig::default()
+        };
+        let opts = MountOptions {
+            mountpoint: mountpoint.to_path_buf(),
+            fsname: String::new(),
+            control: Some(control_socket(mountpoint)?),
+            local_copies: (!extras.no_local_copy)
+                .then(|| (cfg.cache_dir.join("copies"), cfg.disk_cache_size)),
+        };
         let opened = async {
             ocifs::daemon::check_mountpoint(mountpoint)?;
             let (source, what, display) = common.source(reference)?;
-            let cfg = common.open_config()?;
             let profile = match &extras.prefetch {
-                Some(p) => Some(ocifs::image::activity::read_profile(p)?),
+                Some(p) => Some(ocifs::speculate::read_profile(p)?),
                 None => None,
             };
-            let mut image = Image::open(&source, &what, &cfg, progress())
-                .await
-                .with_context(|| format!("opening {reference}"))?;
-            if extras.record.is_some() {
-                image.recorder = Some(Default::default());
-            }
-            Ok::<_, anyhow::Error>((Arc::new(image), display, cfg, profile))
+            let record = extras.record.is_some();
+            let served =
+                ocifs::daemon::open(&source, &what, &cfg, spec, profile, record, progress())
+                    .await
+                    .with_context(|| format!("opening {reference}"))?;
+            let opts = MountOptions {
+                fsname: format!("ocifs:{display}"),
+                ..opts
+            };
+            let line = format!(
+                "OK mounted {display} ({}) at {}: {}, {} files, ready in {:.2}s",
+                served.image.resolved.manifest_digest,
+                mountpoint.display(),
+                served.image.layer_summary(),
+                served.image.tree.totals().0,
+                served.open_time.as_secs_f64()
+            );
+            let mount = ocifs::daemon::start(served, cfg.verify, opts).await?;
+            Ok::<_, anyhow::Error>((mount, line))
         }
         .await;
-        let (image, display, cfg, profile) = match opened {
+        let (mount, line) = match opened {
             Ok(v) => v,
             Err(e) => {
                 if child {
-                    println!("ERR {}", super::chain(&e));
+                    println!("ERR {}", chain(&e));
                 }
                 return Err(e);
             }
         };
-        // Verification (unless done before the mount, or off) and, alongside, local copies of
-        // the layers as they are verified, so that reads converge to local speed; once every
-        // layer is served from its copy (and the mount is up), a larger kernel read-ahead.
-        let (mounted, is_mounted) = tokio::sync::oneshot::channel::<()>();
-        let verifier = (cfg.verify != ocifs::config::VerifyMode::Off).then(|| {
-            let image = image.clone();
-            let background = cfg.verify == ocifs::config::VerifyMode::Background;
-            let copies = (!extras.no_local_copy)
-                .then(|| (cfg.cache_dir.join("copies"), cfg.disk_cache_size));
-            let mountpoint = mountpoint.to_path_buf();
-            TaskGuard::spawn(async move {
-                // Yield the link to the reads of a starting workload.
-                let idle = || image.reads.idle_for(std::time::Duration::from_millis(30));
-                let verified = async {
-                    if background {
-                        let diff_ids = ocifs::image::manifest::diff_ids(&image.resolved.config);
-                        ocifs::verify::verify_layers(&image.layers, &diff_ids, &idle).await
-                    }
-                };
-                // Each layer is copied once verified, while the next ones are verified.
-                let copied = async {
-                    match &copies {
-                        Some((dir, budget)) => image.copy_layers_locally(dir, *budget, &idle).await,
-                        None => false,
-                    }
-                };
-                let ((), all_copied) = tokio::join!(verified, copied);
-                if all_copied && is_mounted.await.is_ok() {
-                    let kib = ocifs::daemon::CONVERGED_READAHEAD_KIB;
-                    match ocifs::daemon::raise_readahead(&mountpoint, kib) {
-                        Ok(before) if before < kib => {
-                            tracing::info!("every layer is local: read-ahead {before} -> {kib} KiB")
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::info!("read-ahead left as it was: {e}"),
-                    }
-                }
-            })
-        });
-        let whole_files =
-            (!extras.no_whole_files).then(|| TaskGuard::spawn(image.clone().fetch_whole_files()));
-        // A planned prefetch (a profile, eStargz prioritized files) brings what the workload
-        // reads; without one, the configured command's first reads are guessed instead.
-        let landmarks = !extras.no_prefetch && image.landmark_bytes() > 0;
-        let prefetcher = (profile.is_some() || landmarks).then(|| {
-            let image = image.clone();
-            image.set_prefetching(true);
-            TaskGuard::spawn(async move {
-                if let Some(p) = profile {
-                    image.prefetch_profile(&p).await;
-                }
-                if landmarks {
-                    image.prefetch_landmarks().await;
-                }
-                image.set_prefetching(false);
-            })
-        });
-        if prefetcher.is_none() && whole_files.is_some() {
-            image.predict_command();
-        }
-        // Like the other guesses, not while a planned prefetch brings what the workload reads.
-        let small_layers = (prefetcher.is_none() && extras.small_layers > 0).then(|| {
-            let image = image.clone();
-            TaskGuard::spawn(async move {
-                image.fetch_small_layers(extras.small_layers).await;
-            })
-        });
-        let line = format!(
-            "OK mounted {display} ({}) at {}: {}, {} files, ready in {:.2}s",
-            image.resolved.manifest_digest,
-            mountpoint.display(),
-            image.layer_summary(),
-            image.tree.totals().0,
-            image.open_time.as_secs_f64()
-        );
+        announce(child, &line);
+        let served = mount.served().clone();
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -157,21 +110,7 @@ pub fn mount_here(
                 _ = term.recv() => {}
             }
         };
-        let fsname = format!("ocifs:{display}");
-        let control = super::control_socket(mountpoint)?;
-        let served = ocifs::daemon::serve(
-            image.clone(),
-            mountpoint,
-            &fsname,
-            Some(&control),
-            shutdown,
-            || {
-                announce(child, &line);
-                let _ = mounted.send(());
-            },
-        )
-        .await;
-        drop((verifier, prefetcher, whole_files, small_layers));
+        let served_result = mount.run(shutdown).await;
         // Keep the cache directory bounded, now that this mount's blocks are written (off the
         // start-up path, where it would compete with the first reads).
         let dirs = [cfg.cache_dir.join("blocks"), cfg.cache_dir.join("tars")];
@@ -185,15 +124,10 @@ pub fn mount_here(
             Ok(Err(e)) => tracing::warn!("could not prune {dir}: {e}"),
             _ => {}
         }
-        if let Err(e) = &served
-            && child
-        {
-            println!("ERR {e}");
-        }
-        served?;
+        served_result?;
         if let Some(path) = &extras.record {
-            let profile = image.profile();
-            ocifs::image::activity::write_profile(path, &profile)
+            let profile = served.profile();
+            ocifs::speculate::write_profile(path, &profile)
                 .with_context(|| format!("writing the profile {}", path.display()))?;
             tracing::info!("recorded {} accesses to {}", profile.len(), path.display());
         }

@@ -350,7 +350,7 @@ async fn a_hostile_index_is_refused_or_found_out() {
         let lies =
             entries != index.entries || whole.is_ok_and(|got| got[..] != tar[..]) || resumed_lies;
         let layer = unchecked_layer(&digest, gz, &entries, &hostile);
-        let layers = [(layer.clone(), blob.clone())];
+        let layers = [(&*layer, &blob)];
         let verified = crate::verify::verify_layers(&layers, &diff_ids, &|| true);
         tokio::time::timeout(Duration::from_secs(60), verified)
             .await
@@ -382,7 +382,7 @@ async fn the_honest_index_passes_verification() {
     let index = Arc::new(index);
     let gz = Arc::new(CheckpointBlob::new(index.clone(), blob.clone()));
     let layer = unchecked_layer(&digest, gz, &entries, &index);
-    let layers = [(layer.clone(), blob)];
+    let layers = [(&*layer, &blob)];
     crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true).await;
     assert_eq!(*layer.health.read().unwrap(), Health::Verified);
     // A config naming another diff_id fails it.
@@ -397,7 +397,8 @@ async fn the_honest_index_passes_verification() {
     let lying = Arc::new(lying);
     let gz = Arc::new(CheckpointBlob::new(lying.clone(), layers[0].1.clone()));
     let layer = unchecked_layer(&digest, gz, &entries, &lying);
-    let layers = [(layer.clone(), layers[0].1.clone())];
+    let blob = layers[0].1.clone();
+    let layers = [(&*layer, &blob)];
     crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true).await;
     let health = layer.health.read().unwrap().clone();
     assert!(

@@ -1,17 +1,9 @@
-//! Mount lifecycle: check the mountpoint, hand the image to FUSE, serve until unmounted or
-//! signalled, and unmount cleanly. Takes its dependencies (image, runtime, shutdown future)
-//! so tests and the CLI drive it the same way.
+//! What a mount asks of the kernel: a usable mountpoint, unmounting, and the read-ahead
+//! of a converged mount.
 
 use crate::error::{Error, Result};
-use crate::fuse::OcifsFs;
-use crate::image::Image;
-use fuser::{Config, MountOption, SessionACL};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::Arc;
-
-/// FUSE session threads; reads are handed to tokio, so a few suffice.
-const SESSION_THREADS: usize = 4;
 
 /// Refuses a mountpoint that is missing, not a directory, not empty, or already a mount.
 pub fn check_mountpoint(path: &Path) -> Result<()> {
@@ -42,52 +34,6 @@ pub fn check_mountpoint(path: &Path) -> Result<()> {
             path.display()
         ))));
     }
-    Ok(())
-}
-
-/// Mounts `image` at `mountpoint` and serves it until the file system is unmounted
-/// (by `ocifs umount`, `umount`, or `shutdown` resolving, which unmounts it).
-/// `control`, when given, is a unix socket path where `ocifs stats` gets a JSON snapshot.
-pub async fn serve(
-    image: Arc<Image>,
-    mountpoint: &Path,
-    fsname: &str,
-    control: Option<&Path>,
-    shutdown: impl std::future::Future<Output = ()>,
-    on_ready: impl FnOnce(),
-) -> Result<()> {
-    check_mountpoint(mountpoint)?;
-    let _stats = match control {
-        Some(path) => Some(stats_socket(image.clone(), path)?),
-        None => None,
-    };
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        MountOption::FSName(fsname.to_string()),
-        MountOption::Subtype("ocifs".into()),
-        MountOption::DefaultPermissions,
-    ];
-    config.acl = SessionACL::All;
-    config.n_threads = Some(SESSION_THREADS);
-    config.clone_fd = true;
-    let fs = OcifsFs::new(image, tokio::runtime::Handle::current());
-    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
-    let (tx, mut rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(session.join());
-    });
-    on_ready();
-    tokio::select! {
-        ended = &mut rx => {
-            tracing::info!("file system at {} was unmounted", mountpoint.display());
-            return ended.map_err(|_| Error::Io(std::io::Error::other("FUSE session thread vanished")))?.map_err(Error::Io);
-        }
-        _ = shutdown => {}
-    }
-    tracing::info!("unmounting {}", mountpoint.display());
-    unmount(mountpoint)?;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await;
     Ok(())
 }
 
@@ -137,52 +83,6 @@ pub fn raise_readahead(mountpoint: &Path, kib: u64) -> Result<u64> {
         std::fs::write(&knob, kib.to_string())?;
     }
     Ok(before)
-}
-
-/// Answers each connection to `path` with the image's statistics as JSON; the socket is
-/// removed when the returned guard drops.
-fn stats_socket(image: Arc<Image>, path: &Path) -> Result<SocketGuard> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)?;
-    let task = crate::verify::TaskGuard::spawn(async move {
-        use tokio::io::AsyncWriteExt;
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let body = serde_json::to_vec(&image.stats_json()).unwrap_or_default();
-            let _ = conn.write_all(&body).await;
-        }
-    });
-    Ok(SocketGuard {
-        path: path.to_path_buf(),
-        _task: task,
-    })
-}
-
-struct SocketGuard {
-    path: std::path::PathBuf,
-    _task: crate::verify::TaskGuard,
-}
-
-impl Drop for SocketGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Reads the statistics of the mount whose control socket is `path`.
-pub async fn fetch_stats(path: &Path) -> Result<serde_json::Value> {
-    use tokio::io::AsyncReadExt;
-    let mut conn = tokio::net::UnixStream::connect(path).await.map_err(|e| {
-        Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("no ocifs daemon answers at {}: {e}", path.display()),
-        ))
-    })?;
-    let mut body = Vec::new();
-    conn.read_to_end(&mut body).await?;
-    serde_json::from_slice(&body).map_err(|e| Error::format("stats", e.to_string()))
 }
 
 /// A mountpoint as a C string for the system calls that take one.

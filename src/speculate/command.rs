@@ -7,12 +7,10 @@
 //! Python script, a configuration file). A mount queues them for the background fetcher as
 //! soon as it is ready, so the first round trips of the start are already under way.
 
-use super::Image;
+use crate::image::Image;
 use crate::layer::Kind;
 use serde_json::Value;
 
-/// Arguments looked at (a config is untrusted; a long command line is not worth more).
-const MAX_ARGS: usize = 32;
 /// The search path when the config sets none (what Docker and containerd use).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -81,35 +79,29 @@ impl Command {
     }
 }
 
-impl Image {
-    /// Queues the configured command's program (and through it its loader, libraries or
-    /// interpreter) and the regular files its arguments name, for the background fetcher.
-    /// Returns how many files were queued.
-    pub fn predict_command(&self) -> usize {
-        let Some(cmd) = from_config(&self.resolved.config) else {
-            return 0;
-        };
-        let file = |p: &str| regular_file(&self.tree, p);
-        let program = if cmd.argv[0].contains('/') {
-            file(&cmd.absolute(&cmd.argv[0]))
-        } else {
-            find_on_path(&self.tree, &cmd.argv[0], Some(&cmd.path))
-        };
-        let Some(program) = program else {
-            return 0;
-        };
-        let mut queued = usize::from(self.whole_files.queue_program(program));
-        for arg in cmd.argv.iter().skip(1).take(MAX_ARGS) {
-            // Arguments that are files of the image: a script, a configuration file.
-            if !arg.starts_with('-')
-                && let Some(ino) = file(&cmd.absolute(arg))
-            {
-                queued += usize::from(self.whole_files.queue_file(ino));
-            }
-        }
-        tracing::debug!("command {:?}: {queued} files queued", cmd.argv);
-        queued
-    }
+/// The configured command's program and the regular files its arguments name (at most
+/// `max_args` arguments are looked at: a config is untrusted, and a long command line is not
+/// worth more); `None` when the config names no command the image has.
+pub fn predict(image: &Image, max_args: usize) -> Option<(u64, Vec<u64>)> {
+    let cmd = from_config(&image.resolved.config)?;
+    let tree = &image.tree;
+    let file = |p: &str| regular_file(tree, p);
+    let program = if cmd.argv[0].contains('/') {
+        file(&cmd.absolute(&cmd.argv[0]))
+    } else {
+        find_on_path(tree, &cmd.argv[0], Some(&cmd.path))
+    }?;
+    // Arguments that are files of the image: a script, a configuration file.
+    let files = cmd
+        .argv
+        .iter()
+        .skip(1)
+        .take(max_args)
+        .filter(|a| !a.starts_with('-'))
+        .filter_map(|a| file(&cmd.absolute(a)))
+        .collect();
+    tracing::debug!("command {:?}", cmd.argv);
+    Some((program, files))
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@
 //! Files hidden by upper layers are not copied, nor GNU sparse files (their holes would be
 //! written out).
 
-use super::Image;
 use crate::error::{Error, Result};
 use crate::layer::{Health, Locator};
 use bytes::Bytes;
@@ -64,10 +63,10 @@ impl LocalCopies {
     }
 }
 
-impl Image {
+impl LocalCopies {
     /// `len` bytes at `offset` of inode `ino` (`size` bytes, data in layer `layer`) from the
     /// layer's local copy; `None` when it has none (yet) or the file is not in it.
-    pub(super) async fn read_local(
+    pub async fn read(
         &self,
         layer: usize,
         ino: u64,
@@ -75,12 +74,14 @@ impl Image {
         offset: u64,
         len: u64,
     ) -> Option<Result<Bytes>> {
-        let (file, at) = self.local.find(layer, ino)?;
-        self.local.reads.fetch_add(1, Ordering::Relaxed);
+        let (file, at) = self.find(layer, ino)?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let len = len.min(size.saturating_sub(offset));
         Some(crate::blob::read_file_at(file, at + offset, len).await)
     }
+}
 
+impl super::ServedImage {
     /// Copies the files of each verified layer into a local file in `dir` (see the module
     /// doc), while `idle()` says the foreground has no reads going, at most `budget` bytes in
     /// all; a layer still pending verification is waited for (run it alongside
@@ -93,14 +94,15 @@ impl Image {
         idle: &(dyn Fn() -> bool + Sync),
     ) -> bool {
         let mut left = budget;
-        for li in 0..self.layers.len() {
-            let digest = &self.layers[li].0.digest;
+        let layers = &self.image.layers;
+        for (li, opened) in layers.iter().enumerate() {
+            let digest = &opened.layer.digest;
             // Verification may be under way: each layer is copied as soon as it is verified,
             // so copying (CPU, local disk) overlaps the fetching of the next layers.
-            while *self.layers[li].0.health.read().unwrap() == Health::Pending {
+            while *opened.layer.health.read().unwrap() == Health::Pending {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-            if *self.layers[li].0.health.read().unwrap() != Health::Verified {
+            if *opened.layer.health.read().unwrap() != Health::Verified {
                 continue;
             }
             let start = std::time::Instant::now();
@@ -113,8 +115,8 @@ impl Image {
                     );
                     let _ = self.local.layers[li].set(copy);
                     // Its reads are local now: what was held to make them fast is not needed.
-                    self.layers[li].0.release_memory();
-                    self.layers[li].1.release_memory();
+                    opened.layer.release_memory();
+                    opened.blob.release_memory();
                     // Hand the freed pieces back to the system (glibc keeps small frees).
                     #[cfg(target_env = "gnu")]
                     // SAFETY: malloc_trim only returns free heap memory to the system.
@@ -126,7 +128,7 @@ impl Image {
                 Err(e) => tracing::warn!("layer {digest} not copied locally: {e}"),
             }
         }
-        (0..self.layers.len()).all(|li| self.local.is_complete(li))
+        (0..layers.len()).all(|li| self.local.is_complete(li))
     }
 
     async fn copy_layer(
@@ -136,9 +138,10 @@ impl Image {
         left: &mut u64,
         idle: &(dyn Fn() -> bool + Sync),
     ) -> Result<Option<LocalCopy>> {
-        let layer = &self.layers[li].0;
+        let layer = &self.image.layers[li].layer;
         // In layer order, so the layer's blob is read front to back.
         let mut files: Vec<_> = self
+            .image
             .tree
             .files_in(li)
             .filter_map(|(ino, n)| match &n.data {

@@ -1,0 +1,53 @@
+//! The control socket: `ocifs stats` asks a running mount for its figures.
+
+use crate::error::{Error, Result};
+use crate::serve::ServedImage;
+use crate::stats::MountStats;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Answers each connection to `path` with the mount's statistics as JSON; the socket is
+/// removed when the returned guard drops.
+pub fn stats_socket(served: Arc<ServedImage>, path: &Path) -> Result<SocketGuard> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    let task = crate::verify::TaskGuard::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let body = serde_json::to_vec(&served.stats()).unwrap_or_default();
+            let _ = conn.write_all(&body).await;
+        }
+    });
+    Ok(SocketGuard {
+        path: path.to_path_buf(),
+        _task: task,
+    })
+}
+
+pub struct SocketGuard {
+    path: std::path::PathBuf,
+    _task: crate::verify::TaskGuard,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Reads the statistics of the mount whose control socket is `path`.
+pub async fn fetch_stats(path: &Path) -> Result<MountStats> {
+    use tokio::io::AsyncReadExt;
+    let mut conn = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("no ocifs daemon answers at {}: {e}", path.display()),
+        ))
+    })?;
+    let mut body = Vec::new();
+    conn.read_to_end(&mut body).await?;
+    serde_json::from_slice(&body).map_err(|e| Error::format("stats", e.to_string()))
+}
