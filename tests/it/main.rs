@@ -6,22 +6,9 @@ mod harness;
 mod oracle;
 
 use builder::{Enc, Item, encode, file, layout, noise, push};
-use harness::{Mount, Proxy, Registry, TempDir, ocifs, push_index, require};
+use harness::{Env, Mount, Proxy, Registry, TempDir, ocifs, push_index};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-const TOOLS: &[&str] = &[
-    "docker-registry",
-    "skopeo",
-    "tar",
-    "gzip",
-    "pigz",
-    "zstd",
-    "go",
-    "htpasswd",
-    "python3",
-    "flatc",
-];
 
 fn long_name() -> String {
     format!("deep/{}", "n".repeat(120))
@@ -81,15 +68,15 @@ fn conformance(encs: &[Enc], tars: Vec<Vec<u8>>) {
 
 /// [`conformance`] with extra mount flags, optionally letting skopeo (Go) gzip the layers.
 fn conformance_with(encs: &[Enc], tars: Vec<Vec<u8>>, flags: &[&str], go_gzip: bool) {
-    if !require(TOOLS, true) {
+    let Some(env) = Env::new("conf") else {
         return;
-    }
+    };
     let layers: Vec<_> = tars
         .into_iter()
         .zip(encs.iter().cycle())
         .map(|(t, e)| encode(t, *e))
         .collect();
-    conformance_layers(layers, flags, go_gzip, None);
+    conformance_layers(&env, layers, flags, go_gzip, None);
 }
 
 /// The oracle: `layers` extracted in order (whiteouts applied) under `work/expected`; its
@@ -108,15 +95,16 @@ fn expected_tree(
     (root, snapshot)
 }
 
-/// [`conformance`] of encoded layers; `formats`, if given, must appear in the ready line.
+/// [`conformance`] of encoded layers in `env`; `formats`, if given, must appear in the ready
+/// line.
 fn conformance_layers(
+    env: &Env,
     layers: Vec<builder::EncodedLayer>,
     flags: &[&str],
     go_gzip: bool,
     formats: Option<&str>,
 ) {
-    let reg = Registry::start(None);
-    let work = TempDir::new("conf");
+    let Env { reg, work } = env;
     let dir = layout(
         &work.path().join("layout"),
         "v1",
@@ -127,7 +115,7 @@ fn conformance_layers(
     } else {
         push(&dir, "v1", &reg.addr, "conf/image", None);
     }
-    let (expected_root, expected) = expected_tree(&work, &layers);
+    let (expected_root, expected) = expected_tree(work, &layers);
 
     let reference = format!("{}/conf/image:v1", reg.addr);
     let mut mount_flags = vec!["--platform", "linux/amd64"];
@@ -244,21 +232,19 @@ fn ten_thousand_files_estargz_and_gzip() {
     conformance(&[Enc::Estargz], tars.clone());
     // Without its TOC annotation an eStargz layer is found by its footer; its TOC (larger
     // than the small tail read made then) is fetched after it.
-    if require(TOOLS, true) {
+    if let Some(env) = Env::new("conf") {
         let mut bare = encode(tars[0].clone(), Enc::Estargz);
         bare.annotations.clear();
-        conformance_layers(vec![bare], &[], false, Some("(estargz)"));
+        conformance_layers(&env, vec![bare], &[], false, Some("(estargz)"));
     }
     conformance(&[Enc::Gzip], tars);
 }
 
 #[test]
 fn multi_platform_index_chooses_and_explains() {
-    if !require(TOOLS, false) {
+    let Some(Env { reg, work }) = Env::without_fuse("multi") else {
         return;
-    }
-    let reg = Registry::start(None);
-    let work = TempDir::new("multi");
+    };
     let amd = vec![encode(builder::tar(&[file("arch", "amd64\n")]), Enc::Gzip)];
     let arm = vec![encode(builder::tar(&[file("arch", "arm64\n")]), Enc::Gzip)];
     let dir = layout(
@@ -337,12 +323,10 @@ fn multi_platform_index_chooses_and_explains() {
 
 #[test]
 fn estargz_reads_are_lazy() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("lazy") else {
         return;
-    }
-    let reg = Registry::start(None);
+    };
     let proxy = Proxy::start(&reg.addr, None);
-    let work = TempDir::new("lazy");
     let big = noise(16 << 20, 7);
     let layers = vec![encode(
         builder::tar(&[file("small.txt", "just this\n"), file("big.bin", big)]),
@@ -382,12 +366,10 @@ fn estargz_reads_are_lazy() {
 /// fetches nothing ahead.
 #[test]
 fn small_layers_are_fetched_whole_at_mount_and_large_ones_stay_lazy() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("small") else {
         return;
-    }
-    let reg = Registry::start(None);
+    };
     let proxy = Proxy::start(&reg.addr, None);
-    let work = TempDir::new("small");
     let modules: Vec<_> = (0..40u64)
         .map(|i| (format!("lib/m{i}.py"), noise(50_000, i)))
         .collect();
@@ -440,10 +422,9 @@ fn small_layers_are_fetched_whole_at_mount_and_large_ones_stay_lazy() {
 
 #[test]
 fn bearer_token_and_basic_auth() {
-    if !require(TOOLS, false) {
+    let Some(Env { reg: open, work }) = Env::without_fuse("auth") else {
         return;
-    }
-    let work = TempDir::new("auth");
+    };
     let layers = vec![encode(
         builder::tar(&[file("secret", "s3cret\n")]),
         Enc::Gzip,
@@ -528,7 +509,6 @@ fn bearer_token_and_basic_auth() {
     assert!(!ok && err.contains("unauthorized"), "{err}");
 
     // Bearer tokens from a token endpoint in front of an open registry.
-    let open = Registry::start(None);
     push(&dir, "v1", &open.addr, "private/image", None);
     let proxy = Proxy::start(&open.addr, Some(("bob", "builder")));
     let r = format!("{}/private/image:v1", proxy.addr);
@@ -557,11 +537,9 @@ fn bearer_token_and_basic_auth() {
 
 #[test]
 fn blob_redirects_are_followed_without_credentials_reused_and_renewed() {
-    if !require(TOOLS, false) {
+    let Some(Env { reg, work }) = Env::without_fuse("redirect") else {
         return;
-    }
-    let reg = Registry::start(None);
-    let work = TempDir::new("redirect");
+    };
     // A filler between the two files keeps read-ahead of a.bin away from b.bin's blocks.
     let tar = builder::tar(&[
         file("a.bin", noise(3 << 20, 21)),
@@ -612,11 +590,9 @@ fn blob_redirects_are_followed_without_credentials_reused_and_renewed() {
 
 #[test]
 fn clear_errors_before_the_mount_is_ready() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("errors") else {
         return;
-    }
-    let reg = Registry::start(None);
-    let work = TempDir::new("errors");
+    };
     let layers = vec![encode(builder::tar(&[file("a", "a")]), Enc::Tar)];
     builder::push_one(work.path(), &layers, &reg.addr, "err/image");
     let mp = TempDir::new("mp");
@@ -668,11 +644,9 @@ fn clear_errors_before_the_mount_is_ready() {
 
 #[test]
 fn corrupted_blobs_fail_with_eio_or_refuse_to_mount() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("corrupt") else {
         return;
-    }
-    let reg = Registry::start(None);
-    let work = TempDir::new("corrupt");
+    };
     let tar_layers = vec![encode(
         builder::tar(&[file("data", noise(200_000, 3))]),
         Enc::Tar,
@@ -771,13 +745,11 @@ fn multi_frame_zstd_is_lazy_through_a_frame_index() {
         &["--span", "64KiB"],
         false,
     );
-    if !require(TOOLS, true) {
-        return;
-    }
     // Lazy: one small file costs a fraction of the blob once the index exists.
-    let reg = Registry::start(None);
+    let Some(Env { reg, work }) = Env::new("zstdlazy") else {
+        return;
+    };
     let proxy = Proxy::start(&reg.addr, None);
-    let work = TempDir::new("zstdlazy");
     let tar = builder::tar(&[
         file("small.txt", "small\n"),
         file("big.bin", noise(8 << 20, 12)),
@@ -806,12 +778,10 @@ fn multi_frame_zstd_is_lazy_through_a_frame_index() {
 
 #[test]
 fn gzip_index_is_kept_reused_lazily_and_rebuilt_when_corrupt() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("gzi") else {
         return;
-    }
-    let reg = Registry::start(None);
+    };
     let proxy = Proxy::start(&reg.addr, None);
-    let work = TempDir::new("gzi");
     let tar = builder::tar(&[
         file("small.txt", "small\n"),
         file("big.bin", noise(12 << 20, 5)),
@@ -903,12 +873,10 @@ fn gzip_index_is_kept_reused_lazily_and_rebuilt_when_corrupt() {
 
 #[test]
 fn gzip_index_pushed_to_the_registry_is_found_by_a_clean_mount() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("gzpush") else {
         return;
-    }
-    let reg = Registry::start(None);
+    };
     let proxy = Proxy::start(&reg.addr, None);
-    let work = TempDir::new("gzpush");
     let tar = builder::tar(&[
         file("small.txt", "small\n"),
         file("big.bin", noise(12 << 20, 9)),
@@ -964,12 +932,10 @@ fn gzip_index_pushed_to_the_registry_is_found_by_a_clean_mount() {
 /// window), not the span's front, and serves exact bytes.
 #[test]
 fn a_published_index_resumes_a_mid_span_read_at_the_mark_before_it() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("gzwin") else {
         return;
-    }
-    let reg = Registry::start(None);
+    };
     let proxy = Proxy::start(&reg.addr, None);
-    let work = TempDir::new("gzwin");
     let target = noise(1000, 7);
     let tar = builder::tar(&[
         file("front.bin", noise(1536 << 10, 5)),
@@ -1090,12 +1056,10 @@ fn wait_for_prefetch(mountpoint: &std::path::Path) -> serde_json::Value {
 
 #[test]
 fn estargz_prioritized_files_are_prefetched_and_stats_explain_it() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("prio") else {
         return;
-    }
-    let reg = Registry::start(None);
+    };
     let proxy = Proxy::start(&reg.addr, None);
-    let work = TempDir::new("prio");
     let tar = builder::tar(&[
         Item::Dir("app", 0o755),
         file("app/start.py", noise(300_000, 1)),
@@ -1147,12 +1111,10 @@ fn estargz_prioritized_files_are_prefetched_and_stats_explain_it() {
 
 #[test]
 fn recorded_profile_prefetches_a_second_start() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("profile") else {
         return;
-    }
-    let reg = Registry::start(None);
+    };
     let proxy = Proxy::start(&reg.addr, None);
-    let work = TempDir::new("profile");
     let mut items = vec![
         file("needed/a.txt", noise(200_000, 3)),
         file("needed/b.txt", "bee\n"),
@@ -1203,12 +1165,10 @@ fn recorded_profile_prefetches_a_second_start() {
 
 #[test]
 fn a_profile_prefetch_of_a_gzip_layer_fetches_each_span_front_once() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("gzprofile") else {
         return;
-    }
-    let reg = Registry::start(None);
+    };
     let proxy = Proxy::start(&reg.addr, None);
-    let work = TempDir::new("gzprofile");
     let tar = builder::tar(&[
         file("a.bin", noise(3 << 20, 21)),
         file("needed1.txt", noise(30_000, 22)),
@@ -1256,11 +1216,9 @@ fn a_profile_prefetch_of_a_gzip_layer_fetches_each_span_front_once() {
 
 #[test]
 fn convert_to_estargz_is_correct_lazy_and_readable_by_stargz_snapshotter() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("convert") else {
         return;
-    }
-    let reg = Registry::start(None);
-    let work = TempDir::new("convert");
+    };
     let mut tars = base_layers();
     // Larger than one upload chunk (8 MiB): the converted layer goes up in several PATCHes.
     tars.push(builder::tar(&[file("big.bin", noise(18 << 20, 11))]));
@@ -1385,12 +1343,10 @@ fn convert_to_estargz_is_correct_lazy_and_readable_by_stargz_snapshotter() {
 
 #[test]
 fn zstd_chunked_from_containers_image_is_lazy_through_its_toc() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("zchunked") else {
         return;
-    }
-    let reg = Registry::start(None);
+    };
     let proxy = Proxy::start(&reg.addr, None);
-    let work = TempDir::new("zchunked");
     let mut tars = base_layers();
     // containers/storage cuts a run of zeros out of a file as a `zeros` chunk, and leaves a
     // file with no cut point (all zeros) as one chunk: both here are larger than a chunk
@@ -1461,11 +1417,9 @@ fn zstd_chunked_from_containers_image_is_lazy_through_its_toc() {
 
 #[test]
 fn foreground_mount_unmounts_cleanly_on_sigterm() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("fg") else {
         return;
-    }
-    let reg = Registry::start(None);
-    let work = TempDir::new("fg");
+    };
     let layers = vec![encode(builder::tar(&[file("hello", "hi\n")]), Enc::Gzip)];
     builder::push_one(work.path(), &layers, &reg.addr, "fg/image");
     let mp = TempDir::new("fg-mp");
@@ -1500,11 +1454,9 @@ fn foreground_mount_unmounts_cleanly_on_sigterm() {
 
 #[test]
 fn bearer_tokens_are_refreshed_before_they_lapse() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("refresh") else {
         return;
-    }
-    let reg = Registry::start(None);
-    let work = TempDir::new("refresh");
+    };
     let tar = builder::tar(&[
         file("a", noise(3 << 20, 41)),
         file("pad", vec![0u8; 8 << 20]),
@@ -1586,12 +1538,10 @@ fn gnu_sparse_files_read_back_with_their_holes() {
 
 #[test]
 fn background_verification_fetches_the_layer_so_later_reads_are_local() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("bgfetch") else {
         return;
-    }
-    let reg = Registry::start(None);
+    };
     let proxy = Proxy::start(&reg.addr, None);
-    let work = TempDir::new("bgfetch");
     let tar = builder::tar(&[file("big.bin", noise(6 << 20, 61)), file("small", "s\n")]);
     builder::push_one(
         work.path(),
@@ -1630,9 +1580,9 @@ fn background_verification_fetches_the_layer_so_later_reads_are_local() {
 
 #[test]
 fn verified_layers_are_copied_locally_and_serve_every_byte() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("copies") else {
         return;
-    }
+    };
     // Every entry kind, whiteouts and hard links (base layers), a file of several MiB, and a
     // GNU sparse file (left out of copies), in four formats.
     let mut tars = base_layers();
@@ -1646,9 +1596,7 @@ fn verified_layers_are_copied_locally_and_serve_every_byte() {
         .zip([Enc::Estargz, Enc::Gzip, Enc::ZstdFrames, Enc::Tar])
         .map(|(t, e)| encode(t, e))
         .collect();
-    let reg = Registry::start(None);
     let proxy = Proxy::start(&reg.addr, None);
-    let work = TempDir::new("copies");
     let dir = layout(
         &work.path().join("layout"),
         "v1",
@@ -1765,12 +1713,10 @@ fn publish_soci(registry: &str, repo: &str, version: &str, damage: &str) -> Stri
 
 #[test]
 fn soci_ztocs_v1_and_v2_are_used_instead_of_building_an_index() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("soci") else {
         return;
-    }
-    let reg = Registry::start(None);
+    };
     let proxy = Proxy::start(&reg.addr, None);
-    let work = TempDir::new("soci");
     let mut tars = base_layers();
     // Text past the first span, so its deflate stream refers back across span starts.
     // (Numbered lines: repeated text alone makes a few huge deflate blocks, with no checkpoint
@@ -1926,9 +1872,9 @@ fn wait_for_verification(m: &Mount, layers: usize) -> Vec<String> {
 
 #[test]
 fn a_programs_libraries_are_fetched_before_the_loader_asks() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("elf") else {
         return;
-    }
+    };
     // A real dynamically linked program and the libc it names, from this (Debian x86_64)
     // machine, with 4 MiB between them so no fetch run carries one along with the other.
     let tool = std::fs::read("/usr/bin/true").unwrap();
@@ -1955,8 +1901,6 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
         file("conf/c", noise(20_000, 7)),
         file("conf/plugin.so", noise(300_000, 8)),
     ]);
-    let reg = Registry::start(None);
-    let work = TempDir::new("elf");
     let layers = vec![encode(tar, Enc::Estargz)];
     builder::push_one(work.path(), &layers, &reg.addr, "elf/image");
     let m = Mount::new(
@@ -2058,12 +2002,10 @@ fn module_caches(sizes: [usize; 4]) -> Vec<Item> {
 
 #[test]
 fn a_second_directory_of_a_family_brings_the_rest_of_it() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("family") else {
         return;
-    }
+    };
     let items = module_caches([30_000; 4]);
-    let reg = Registry::start(None);
-    let work = TempDir::new("family");
     builder::push_one(
         work.path(),
         &[encode(builder::tar(&items), Enc::Estargz)],
@@ -2097,14 +2039,12 @@ fn a_second_directory_of_a_family_brings_the_rest_of_it() {
 
 #[test]
 fn a_family_member_over_the_budget_is_fetched_on_its_own_first_read() {
-    if !require(TOOLS, true) {
+    let Some(Env { reg, work }) = Env::new("budget") else {
         return;
-    }
+    };
     // Two small module caches (a, b) and two of 5 MiB (c, d): the family's rest (8 MiB at
     // most) has room for c but not d, which is left for its own first read.
     let items = module_caches([30_000, 30_000, 1_700_000, 1_700_000]);
-    let reg = Registry::start(None);
-    let work = TempDir::new("budget");
     builder::push_one(
         work.path(),
         &[encode(builder::tar(&items), Enc::Estargz)],
