@@ -586,7 +586,6 @@ pub fn write_docker_config(path: &Path, host: &str, user_pass: &str) {
     .unwrap();
 }
 
-/// Runs the `ocifs` binary with `args`; returns (success, stdout, stderr).
 /// Builds and publishes the checkpoint indexes of `reference` (`ocifs index --push FLAGS`,
 /// in a cache directory of its own); returns what it printed.
 pub fn push_index(reference: &str, flags: &[&str]) -> String {
@@ -604,6 +603,7 @@ pub fn push_index(reference: &str, flags: &[&str]) -> String {
     String::from_utf8(out).unwrap()
 }
 
+/// Runs the `ocifs` binary with `args`; returns (success, stdout, stderr).
 pub fn ocifs(args: &[&str], env: &[(&str, &str)]) -> (bool, Vec<u8>, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocifs"));
     cmd.args(args)
