@@ -11,6 +11,49 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// The tools the integration tests use (scripts/test installs them).
+pub const TOOLS: &[&str] = &[
+    "docker-registry",
+    "skopeo",
+    "tar",
+    "gzip",
+    "pigz",
+    "zstd",
+    "go",
+    "htpasswd",
+    "python3",
+    "flatc",
+];
+
+/// What a test starts from: [`TOOLS`] checked (see [`require`]), a running registry and a
+/// scratch directory.
+pub struct Env {
+    pub reg: Registry,
+    pub work: TempDir,
+}
+
+impl Env {
+    /// For a test that mounts: [`TOOLS`] and /dev/fuse. `None` (the reason printed) when one
+    /// is missing outside CI; a panic under CI.
+    pub fn new(tag: &str) -> Option<Env> {
+        Env::start(tag, true)
+    }
+
+    /// For a test that only runs `ocifs` commands: [`TOOLS`], no FUSE device.
+    pub fn without_fuse(tag: &str) -> Option<Env> {
+        Env::start(tag, false)
+    }
+
+    fn start(tag: &str, fuse: bool) -> Option<Env> {
+        if !require(TOOLS, fuse) {
+            return None;
+        }
+        let reg = Registry::start(None);
+        let work = TempDir::new(tag);
+        Some(Env { reg, work })
+    }
+}
+
 /// Whether the test environment has what a test needs; panics under CI when it does not.
 pub fn require(tools: &[&str], fuse: bool) -> bool {
     let mut missing: Vec<String> = tools
@@ -543,7 +586,6 @@ pub fn write_docker_config(path: &Path, host: &str, user_pass: &str) {
     .unwrap();
 }
 
-/// Runs the `ocifs` binary with `args`; returns (success, stdout, stderr).
 /// Builds and publishes the checkpoint indexes of `reference` (`ocifs index --push FLAGS`,
 /// in a cache directory of its own); returns what it printed.
 pub fn push_index(reference: &str, flags: &[&str]) -> String {
@@ -561,6 +603,7 @@ pub fn push_index(reference: &str, flags: &[&str]) -> String {
     String::from_utf8(out).unwrap()
 }
 
+/// Runs the `ocifs` binary with `args`; returns (success, stdout, stderr).
 pub fn ocifs(args: &[&str], env: &[(&str, &str)]) -> (bool, Vec<u8>, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocifs"));
     cmd.args(args)
