@@ -2,7 +2,7 @@
 //! [`BlobSource`] decorator), a read-latency histogram, and the access recorder behind
 //! `--record`. All lock-free counters or short mutex sections; nothing global.
 
-use crate::blob::{Blob, BlobSource};
+use crate::blob::{Blob, BlobSource, ReadHints};
 use crate::error::Result;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -41,9 +41,6 @@ impl BlobSource for CountingBlob {
         self.count(&data);
         Ok(data)
     }
-    fn at_hand(&self, offset: u64, len: u64) -> bool {
-        self.inner.at_hand(offset, len)
-    }
     async fn stream_at(
         &self,
         offset: u64,
@@ -57,6 +54,13 @@ impl BlobSource for CountingBlob {
                 sink(piece)
             })
             .await
+    }
+}
+
+/// Counting is invisible to readers: what is at hand below (a local file) is at hand here.
+impl ReadHints for CountingBlob {
+    fn at_hand(&self, offset: u64, len: u64) -> bool {
+        self.inner.at_hand(offset, len)
     }
 }
 
@@ -97,6 +101,8 @@ impl BlobSource for CountedBy {
         Ok(data)
     }
 }
+
+impl ReadHints for CountedBy {}
 
 /// Read latencies in power-of-two microsecond buckets, plus totals.
 pub struct ReadStats {

@@ -1,5 +1,5 @@
 //! The byte seam: [`BlobSource`] is all that format parsers and readers ever see of the
-//! network or disk. Implementations: a registry blob over HTTP Range ([`crate::registry`]),
+//! network or disk, and [`ReadHints`] what a reader may tell the decorators in between. Implementations: a registry blob over HTTP Range ([`crate::registry`]),
 //! a local file ([`FileBlob`]), bytes in memory ([`MemBlob`]); the block cache
 //! ([`cache::CachedBlob`]) wraps any of them behind the same trait.
 
@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Random access to one immutable blob.
+/// Random access to one immutable blob: what every source must answer.
 #[async_trait]
 pub trait BlobSource: Send + Sync {
     /// A stable identity for caching: the blob's digest, or a derived name.
@@ -39,6 +39,14 @@ pub trait BlobSource: Send + Sync {
         sink(self.read_at(offset, len).await?);
         Ok(())
     }
+}
+
+/// What a layer reader may tell a blob beyond what to read, and ask of it. Every method has
+/// a default that ignores the hint; the decorators that act on them override them: the block
+/// cache ([`cache::CachedBlob`]), a gzip layer's decoded view (`CheckpointBlob`), a local
+/// file ([`FileBlob`]).
+#[async_trait]
+pub trait ReadHints: BlobSource {
     /// `read_at` for a reader moving through a range that ends at `until` (the end of the
     /// file being read): read-ahead, where a source does it, stays before `until`, and what a
     /// miss fetches past `until` is a guess (the block cache limits how many are under way),
@@ -73,12 +81,12 @@ pub trait BlobSource: Send + Sync {
     }
     /// Drops what this blob holds in memory to make later reads fast (decoded spans, cached
     /// blocks), for a blob no one reads any more: its layer is served from a local copy
-    /// (see `image::local`). Later reads still work, fetching or decoding again.
+    /// (see `serve::local`). Later reads still work, fetching or decoding again.
     fn release_memory(&self) {}
 }
 
-/// A shared, dynamically typed blob.
-pub type Blob = Arc<dyn BlobSource>;
+/// A shared, dynamically typed blob, as layers read it.
+pub type Blob = Arc<dyn ReadHints>;
 
 /// The byte range `[offset, offset+len)` clamped to a blob of `size`, or an error past the end.
 pub fn clamp(id: &str, size: u64, offset: u64, len: u64) -> Result<u64> {
@@ -135,6 +143,8 @@ impl BlobSource for MemBlob {
     }
 }
 
+impl ReadHints for MemBlob {}
+
 /// A blob in a local file (OCI layouts, uncompressed tars kept in the cache directory).
 pub struct FileBlob {
     id: String,
@@ -167,6 +177,9 @@ impl BlobSource for FileBlob {
         let len = clamp(&self.id, self.size, offset, len)?;
         read_file_at(self.file.clone(), offset, len).await
     }
+}
+
+impl ReadHints for FileBlob {
     /// A local file holds every byte: reading any range waits for no request.
     fn at_hand(&self, offset: u64, len: u64) -> bool {
         clamp(&self.id, self.size, offset, len).is_ok()

@@ -656,6 +656,7 @@ mod tests {
                 self.0.read_at(offset, len).await
             }
         }
+        impl crate::blob::ReadHints for Largest {}
         let data = b"hello".to_vec();
         let mut blob = gzip(&data);
         let mut chunk = one_chunk(&data, &blob);

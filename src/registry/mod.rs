@@ -521,3 +521,6 @@ impl BlobSource for RegistryBlob {
             .await
     }
 }
+
+/// Hints are for the decorators above a registry blob (the block cache); it ignores them.
+impl crate::blob::ReadHints for RegistryBlob {}

@@ -3,7 +3,7 @@
 //! checked against the index's digests before its bytes are served.
 
 use super::{CheckpointIndex, Codec, gzip, windows, zstd};
-use crate::blob::{Blob, BlobSource, BytesLru, Flights, clamp};
+use crate::blob::{Blob, BlobSource, BytesLru, Flights, ReadHints, clamp};
 use crate::error::{Error, Result};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -384,6 +384,13 @@ impl BlobSource for CheckpointBlob {
     fn size(&self) -> u64 {
         self.index.uncomp_size
     }
+    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_within(offset, len, self.size()).await
+    }
+}
+
+#[async_trait]
+impl ReadHints for CheckpointBlob {
     fn release_memory(&self) {
         self.pieces.lock().unwrap().retain(|_| false);
         self.entries.lock().unwrap().retain(|_| false);
@@ -391,9 +398,6 @@ impl BlobSource for CheckpointBlob {
         if let Some((blob, _)) = &self.windows {
             blob.release_memory();
         }
-    }
-    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
-        self.read_within(offset, len, self.size()).await
     }
     /// A small read whose answer decides what to fetch next (a program's dynamic section):
     /// what follows it is a guess like any other, not the rest of a file being read. (The

@@ -1,5 +1,5 @@
 use super::*;
-use crate::blob::{BlobSource, MemBlob};
+use crate::blob::{BlobSource, MemBlob, ReadHints};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -553,6 +553,10 @@ impl BlobSource for Probe {
     async fn read_at(&self, offset: u64, len: u64) -> Result<bytes::Bytes> {
         self.read_within(offset, len, self.size()).await
     }
+}
+
+#[async_trait::async_trait]
+impl ReadHints for Probe {
     async fn read_within(&self, offset: u64, len: u64, until: u64) -> Result<bytes::Bytes> {
         self.calls.lock().unwrap().push((offset, len, until));
         tokio::time::sleep(self.delay).await;

@@ -1,39 +1,41 @@
-//! The block cache: a [`BlobSource`] decorator keyed by (blob id, block number).
+//! The block cache: a [`BlobSource`](super::BlobSource) decorator keyed by (blob id, block number).
 //!
-//! Blobs are named by digest and immutable, so a cached block is never invalidated. Memory is
-//! an LRU bounded in bytes; an optional directory keeps blocks across remounts. A block that
-//! several readers want at once is fetched once (single flight, via a per-block async lock).
+//! Blobs are named by digest and immutable, so a cached block is never invalidated. One home
+//! per job:
+//! - [`store`]: where blocks live (memory LRU bounded in bytes, optional directory kept
+//!   across remounts);
+//! - [`gates`]: single flight, a block several readers want at once is fetched once;
+//! - [`guesses`]: how far a fetch runs past what is being read (the guess budget) and
+//!   read-ahead for streaks of sequential reads;
+//! - [`blob`]: [`CachedBlob`], the per-blob view readers hold;
+//! - this module: [`BlockCache`], which turns a miss into one request.
 //!
-//! A miss fetches a *run*: the missing block and the blocks after it that nobody has or is
-//! fetching, up to the fetch size, in one streamed request. Each block is handed out as soon as
-//! its bytes have arrived, so the reader that missed waits one round trip plus one block, not
-//! the whole run, while its neighbours keep arriving for the reads that usually follow (small
-//! files read one after another, a binary's pages). On a link where a round trip costs more
-//! than a block, this is what keeps a chain of dependent reads short.
-//!
-//! The part of a run past the end of the file being read is a guess, and guesses share the
-//! link with the reads that wait: at most one fetch size of them is under way at a time,
-//! across every blob of the cache. A reader that misses alone (a chain of dependent reads)
-//! gets its whole run; when many miss at once (sixteen threads opening sixteen files), the
-//! first carries on and the others fetch only their own files, so nobody's bytes queue behind
-//! guesses. The rest of the file being read is never held back: it is what comes next.
-//!
-//! Reads that touch or follow the previous read's last block form a sequential run; once a run
-//! has crossed two block boundaries, the next few blocks are fetched in the background
-//! (read-ahead), so a streaming reader waits for the network once per window.
+//! A miss fetches a *stretch*: the missing block and the blocks after it that nobody has or
+//! is fetching, up to the fetch size, in one streamed request. Each block is handed out as
+//! soon as its bytes have arrived, so the reader that missed waits one round trip plus one
+//! block, not the whole stretch, while its neighbours keep arriving for the reads that usually
+//! follow (small files read one after another, a binary's pages). On a link where a round trip
+//! costs more than a block, this is what keeps a chain of dependent reads short.
 
-use super::{Blob, BlobSource, BytesLru, clamp};
+mod blob;
+mod gates;
+mod guesses;
+mod store;
+
+pub use blob::CachedBlob;
+
+use super::{Blob, clamp};
 use crate::error::{Error, Result};
-use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use std::collections::HashMap;
+use gates::{Claim, Gates};
+use guesses::Guesses;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::OwnedMutexGuard;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use store::Store;
 
+/// A block's name: (blob id, block index).
 type Key = (String, u64);
-type Gate = Arc<tokio::sync::Mutex<()>>;
 
 /// Read-ahead of sequential readers (its values are speculation's, see
 /// [`crate::speculate::SpeculateConfig`]).
@@ -41,7 +43,7 @@ type Gate = Arc<tokio::sync::Mutex<()>>;
 pub struct ReadAhead {
     /// How far ahead of a sequential reader blocks are fetched.
     pub bytes: u64,
-    /// How long a sequential run must be before read-ahead starts.
+    /// How long a streak of sequential reads must be before read-ahead starts.
     pub after: u64,
 }
 
@@ -63,26 +65,20 @@ pub struct BlockCache {
     block_size: u64,
     /// Blocks fetched ahead of a sequential reader.
     readahead: u64,
-    /// Block boundaries a sequential run crosses before read-ahead starts.
+    /// Block boundaries a streak crosses before read-ahead starts.
     sequential: u64,
-    /// Most blocks one miss fetches (the run).
-    run_blocks: u64,
-    /// Bytes of miss runs past the end of the file being read that have not arrived yet (at
-    /// most one run's worth is allowed, see the module doc).
-    speculating: AtomicU64,
-    dir: Option<PathBuf>,
+    /// Most blocks one miss fetches (its stretch).
+    stretch_blocks: u64,
+    store: Store,
+    gates: Gates,
+    /// Blocks fetched past the end of the file being read, not arrived yet (see `guesses`).
+    guesses: Guesses,
     /// Set while a planned prefetch brings what readers need: read-ahead would only fetch
     /// past it (in a profile-ordered eStargz layer, files read one after another look
     /// sequential up to the landmark, and what follows it is what the workload skips).
-    readahead_paused: std::sync::atomic::AtomicBool,
-    state: Mutex<State>,
+    readahead_paused: AtomicBool,
     /// Hit and miss counters.
     pub stats: CacheStats,
-}
-
-struct State {
-    lru: BytesLru<Key>,
-    inflight: HashMap<Key, Gate>,
 }
 
 impl BlockCache {
@@ -97,18 +93,16 @@ impl BlockCache {
         ahead: ReadAhead,
     ) -> Arc<Self> {
         let block_size = block_size.max(4096);
+        let stretch_blocks = (fetch_size / block_size).clamp(1, 64);
         Arc::new(BlockCache {
             block_size,
             readahead: (ahead.bytes / block_size).clamp(1, 64),
             sequential: (ahead.after / block_size).max(2),
-            run_blocks: (fetch_size / block_size).clamp(1, 64),
-            speculating: AtomicU64::new(0),
-            dir,
+            stretch_blocks,
+            store: Store::new(block_size, capacity, dir),
+            gates: Gates::default(),
+            guesses: Guesses::new(stretch_blocks.saturating_sub(1) * block_size),
             readahead_paused: Default::default(),
-            state: Mutex::new(State {
-                lru: BytesLru::new(capacity),
-                inflight: HashMap::new(),
-            }),
             stats: CacheStats::default(),
         })
     }
@@ -120,46 +114,21 @@ impl BlockCache {
 
     /// Wraps `inner` so its reads go through this cache.
     pub fn wrap(self: &Arc<Self>, inner: Blob) -> Blob {
-        Arc::new(CachedBlob {
-            inner,
-            cache: self.clone(),
-            last_block: AtomicU64::new(u64::MAX),
-            run: AtomicU64::new(0),
-            ahead_until: AtomicU64::new(0),
-        })
+        Arc::new(CachedBlob::new(inner, self.clone()))
     }
 
-    fn mem_get(&self, key: &Key) -> Option<Bytes> {
-        self.state.lock().unwrap().lru.get(key)
-    }
-
-    fn mem_put(&self, key: Key, data: Bytes) {
-        self.state.lock().unwrap().lru.put(key, data);
-    }
-
-    /// `DIR/<blob>/<block size>-<index>`: blocks cut with another `--block-size` never match.
-    fn disk_path(&self, key: &Key) -> Option<PathBuf> {
-        let dir = self.dir.as_ref()?;
-        let name = key.0.replace(':', "-").replace('/', "_");
-        Some(
-            dir.join(name)
-                .join(format!("{}-{}", self.block_size, key.1)),
-        )
+    fn key(blob: &Blob, index: u64) -> Key {
+        (blob.id().to_string(), index)
     }
 
     /// Whether block `index` of `blob` is in memory, on disk or being fetched.
     fn at_hand(&self, blob: &Blob, index: u64) -> bool {
-        let key = (blob.id().to_string(), index);
-        {
-            let st = self.state.lock().unwrap();
-            if st.lru.contains(&key) || st.inflight.contains_key(&key) {
-                return true;
-            }
-        }
-        let want = self.block_len(blob.size(), index);
-        self.disk_path(&key)
-            .and_then(|p| std::fs::metadata(p).ok())
-            .is_some_and(|m| m.len() == want)
+        let key = Self::key(blob, index);
+        self.store.in_memory(&key)
+            || self.gates.in_flight(&key)
+            || self
+                .store
+                .on_disk_whole(&key, self.block_len(blob.size(), index))
     }
 
     /// Length of block `index` of a blob of `size` bytes.
@@ -167,67 +136,46 @@ impl BlockCache {
         self.block_size.min(size - index * self.block_size)
     }
 
-    /// The single-flight gate of `key`.
-    fn gate(&self, key: &Key) -> Gate {
-        let mut st = self.state.lock().unwrap();
-        st.inflight.entry(key.clone()).or_default().clone()
-    }
-
-    /// Lets the waiters of `key` in (the block is stored, or its fetch failed).
-    fn release(&self, key: &Key, guard: OwnedMutexGuard<()>) {
-        let mut st = self.state.lock().unwrap();
-        if st
-            .inflight
-            .get(key)
-            .is_some_and(|g| Arc::ptr_eq(g, OwnedMutexGuard::mutex(&guard)))
-        {
-            st.inflight.remove(key);
-        }
-        drop(guard);
-    }
-
-    /// Block `index` of `blob`, fetched on a miss with a run after it; blocks from `guess_from`
-    /// on are past the file being read (see [`BlockCache::run_end`]).
+    /// Block `index` of `blob`, fetched on a miss with a stretch after it; blocks from
+    /// `guess_from` on are past the file being read (see [`BlockCache::stretch_end`]).
     async fn block(self: &Arc<Self>, blob: &Blob, index: u64, guess_from: u64) -> Result<Bytes> {
-        let key = (blob.id().to_string(), index);
-        if let Some(b) = self.mem_get(&key) {
+        let key = Self::key(blob, index);
+        if let Some(b) = self.store.memory(&key) {
             self.stats.mem_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(b);
         }
-        let guard = self.gate(&key).lock_owned().await;
-        // Second look: another reader or a run may have stored it while we waited.
-        if let Some(b) = self.mem_get(&key) {
+        let guard = self.gates.wait(&key).await;
+        // Second look: another reader or a stretch may have stored it while we waited.
+        if let Some(b) = self.store.memory(&key) {
             self.stats.mem_hits.fetch_add(1, Ordering::Relaxed);
-            self.release(&key, guard);
+            self.gates.release(&key, guard);
             return Ok(b);
         }
-        let want = self.block_len(blob.size(), index);
-        if let Some(path) = self.disk_path(&key)
-            && let Ok(data) = tokio::fs::read(&path).await
-            && data.len() as u64 == want
+        if let Some(data) = self
+            .store
+            .disk(&key, self.block_len(blob.size(), index))
+            .await
         {
             self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-            let data = Bytes::from(data);
-            self.mem_put(key.clone(), data.clone());
-            self.release(&key, guard);
+            self.store.remember(key.clone(), data.clone());
+            self.gates.release(&key, guard);
             return Ok(data);
         }
         // The network: this block and the following ones nobody has or is fetching, as far as
-        // the run goes.
-        let mut run = vec![(key, guard)];
+        // the stretch goes.
+        let mut stretch = vec![(key, guard)];
         let guess_from = guess_from.max(index + 1);
-        for i in index + 1..self.run_end(blob, index, guess_from) {
-            let k = (blob.id().to_string(), i);
-            match self.try_claim(&k) {
-                Some(g) => run.push((k, g)),
+        for i in index + 1..self.stretch_end(blob, index, guess_from) {
+            match self.try_claim(&Self::key(blob, i)) {
+                Some(claim) => stretch.push(claim),
                 None => break,
             }
         }
-        self.speculate(blob, &run, guess_from);
+        self.count_guesses(blob, &stretch, guess_from);
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(
             self.clone()
-                .fetch_run(blob.clone(), run, guess_from, Some(tx)),
+                .fetch_stretch(blob.clone(), stretch, guess_from, Some(tx)),
         );
         rx.await
             .unwrap_or_else(|_| Err(Error::Io(std::io::Error::other("block fetch ended early"))))
@@ -241,10 +189,10 @@ impl BlockCache {
             return Ok(());
         }
         let bs = self.block_size;
-        let runs = self.claim(blob, offset / bs, (offset + len - 1) / bs);
-        let fetches = runs
+        let stretches = self.claim(blob, offset / bs, (offset + len - 1) / bs);
+        let fetches = stretches
             .into_iter()
-            .map(|r| self.clone().fetch_run(blob.clone(), r, u64::MAX, None));
+            .map(|s| self.clone().fetch_stretch(blob.clone(), s, u64::MAX, None));
         futures::future::join_all(fetches)
             .await
             .into_iter()
@@ -252,68 +200,64 @@ impl BlockCache {
     }
 
     /// Claims the blocks `first..=last` that nobody has or is fetching (holding their gates),
-    /// grouped into runs of consecutive blocks.
-    fn claim(&self, blob: &Blob, first: u64, last: u64) -> Vec<Vec<(Key, OwnedMutexGuard<()>)>> {
-        let mut runs = Vec::new();
-        let mut run = Vec::new();
+    /// grouped into stretches of consecutive blocks.
+    fn claim(&self, blob: &Blob, first: u64, last: u64) -> Vec<Vec<Claim>> {
+        let mut stretches = Vec::new();
+        let mut stretch = Vec::new();
         for i in first..=last {
-            let k = (blob.id().to_string(), i);
-            match self.try_claim(&k) {
-                Some(g) => run.push((k, g)),
-                None if !run.is_empty() => runs.push(std::mem::take(&mut run)),
+            match self.try_claim(&Self::key(blob, i)) {
+                Some(claim) => stretch.push(claim),
+                None if !stretch.is_empty() => stretches.push(std::mem::take(&mut stretch)),
                 None => {}
             }
         }
-        if !run.is_empty() {
-            runs.push(run);
+        if !stretch.is_empty() {
+            stretches.push(stretch);
         }
-        runs
+        stretches
     }
 
-    /// The gate of block `k` if nobody has the block (memory or disk) or is fetching it.
-    fn try_claim(&self, k: &Key) -> Option<OwnedMutexGuard<()>> {
-        let have = self.disk_path(k).is_some_and(|p| p.exists())
-            || self.state.lock().unwrap().lru.contains(k);
-        if have {
+    /// Block `k`'s gate if nobody has the block (memory or disk) or is fetching it.
+    fn try_claim(&self, k: &Key) -> Option<Claim> {
+        if self.store.on_disk(k) || self.store.in_memory(k) {
             return None;
         }
-        self.gate(k).try_lock_owned().ok()
+        self.gates.try_claim(k).map(|g| (k.clone(), g))
     }
 
-    /// Where the run of a miss at block `first` ends (exclusive): a run's length on, but past
-    /// `guess_from` (the first block after the file being read) only as far as what is left
-    /// of one run's worth of guesses under way.
-    fn run_end(&self, blob: &Blob, first: u64, guess_from: u64) -> u64 {
-        let full = (first + self.run_blocks).min(blob.size().div_ceil(self.block_size));
-        let limit = self.run_blocks.saturating_sub(1) * self.block_size;
-        let room = limit.saturating_sub(self.speculating.load(Ordering::Relaxed)) / self.block_size;
+    /// Where the stretch of a miss at block `first` ends (exclusive): a stretch's length on,
+    /// but past `guess_from` (the first block after the file being read) only as far as the
+    /// guess budget has room.
+    fn stretch_end(&self, blob: &Blob, first: u64, guess_from: u64) -> u64 {
+        let full = (first + self.stretch_blocks).min(blob.size().div_ceil(self.block_size));
+        let room = self.guesses.room() / self.block_size;
         guess_from.saturating_add(room).min(full)
     }
 
-    /// Counts the blocks of `run` from `guess_from` on as guesses under way.
-    fn speculate(&self, blob: &Blob, run: &[(Key, OwnedMutexGuard<()>)], guess_from: u64) {
-        let bytes = run
+    /// Counts the blocks of `stretch` from `guess_from` on as guesses under way.
+    fn count_guesses(&self, blob: &Blob, stretch: &[Claim], guess_from: u64) {
+        let bytes = stretch
             .iter()
             .filter(|(k, _)| k.1 >= guess_from)
             .map(|(k, _)| self.block_len(blob.size(), k.1))
             .sum();
-        self.speculating.fetch_add(bytes, Ordering::Relaxed);
+        self.guesses.start(bytes);
     }
 
-    /// Fetches a run of consecutive blocks in one streamed request, storing and releasing each
-    /// as it completes; the first block (the one a reader is waiting for) goes to `first`.
-    /// Blocks from `guess_from` on were counted as guesses (see [`BlockCache::speculate`]).
-    async fn fetch_run(
+    /// Fetches a stretch of consecutive blocks in one streamed request, storing and releasing
+    /// each as it completes; the first block (the one a reader is waiting for) goes to
+    /// `first`. Blocks from `guess_from` on were counted as guesses.
+    async fn fetch_stretch(
         self: Arc<Self>,
         blob: Blob,
-        run: Vec<(Key, OwnedMutexGuard<()>)>,
+        stretch: Vec<Claim>,
         guess_from: u64,
         first: Option<tokio::sync::oneshot::Sender<Result<Bytes>>>,
     ) -> Result<()> {
         let size = blob.size();
-        let start = run[0].0.1 * self.block_size;
-        let last = run[run.len() - 1].0.1;
-        let end = start + (last - run[0].0.1) * self.block_size + self.block_len(size, last);
+        let start = stretch[0].0.1 * self.block_size;
+        let last = stretch[stretch.len() - 1].0.1;
+        let end = start + (last - stretch[0].0.1) * self.block_size + self.block_len(size, last);
         tracing::debug!(
             "fetching {}+{} of {} ({}, guesses from {})",
             start,
@@ -325,11 +269,10 @@ impl BlockCache {
         let mut first = first;
         let settled = |key: &Key| {
             if key.1 >= guess_from {
-                let n = self.block_len(size, key.1);
-                self.speculating.fetch_sub(n, Ordering::Relaxed);
+                self.guesses.settle(self.block_len(size, key.1));
             }
         };
-        let mut blocks = run.into_iter();
+        let mut blocks = stretch.into_iter();
         let mut current = blocks.next();
         let mut pending = BytesMut::new();
         let mut sink = |piece: Bytes| {
@@ -341,12 +284,12 @@ impl BlockCache {
                 }
                 let data = pending.split_to(want).freeze();
                 let (key, guard) = current.take().unwrap();
-                self.store(&key, data.clone());
+                self.keep(&key, data.clone());
                 if let Some(tx) = first.take() {
                     let _ = tx.send(Ok(data));
                 }
                 settled(&key);
-                self.release(&key, guard);
+                self.gates.release(&key, guard);
                 current = blocks.next();
             }
         };
@@ -354,7 +297,7 @@ impl BlockCache {
         // The waiters of blocks not stored fetch them again themselves.
         for (key, guard) in current.into_iter().chain(blocks) {
             settled(&key);
-            self.release(&key, guard);
+            self.gates.release(&key, guard);
         }
         match (result, first.take()) {
             (Err(e), Some(tx)) => {
@@ -365,188 +308,13 @@ impl BlockCache {
         }
     }
 
-    /// Keeps a fetched block in memory and (written in the background) on disk.
-    fn store(&self, key: &Key, data: Bytes) {
+    /// Counts and keeps a fetched block.
+    fn keep(&self, key: &Key, data: Bytes) {
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         self.stats
             .fetched_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        if let Some(path) = self.disk_path(key) {
-            let data = data.clone();
-            // A failed disk write only costs a later refetch; never fail the read for it.
-            tokio::spawn(async move {
-                let tmp = path.with_extension("tmp");
-                let ok = async {
-                    tokio::fs::create_dir_all(path.parent().unwrap()).await?;
-                    tokio::fs::write(&tmp, &data).await?;
-                    tokio::fs::rename(&tmp, &path).await
-                }
-                .await;
-                if let Err(e) = ok {
-                    tracing::warn!("cache directory write {} failed: {e}", path.display());
-                }
-            });
-        }
-        self.mem_put(key.clone(), data);
-    }
-}
-
-/// A blob whose reads go through a [`BlockCache`].
-pub struct CachedBlob {
-    inner: Blob,
-    cache: Arc<BlockCache>,
-    /// The last block of the previous read, to recognise sequential reading.
-    last_block: AtomicU64,
-    /// Block boundaries crossed in the current sequential run.
-    run: AtomicU64,
-    /// Read-ahead has been requested up to (excluding) this block.
-    ahead_until: AtomicU64,
-}
-
-impl CachedBlob {
-    /// Starts background fetches of the blocks after `last`, up to the one holding byte
-    /// `until - 1` (errors are left to the reader that later needs the block).
-    fn read_ahead(&self, last: u64, until: u64) {
-        let blocks = self.inner.size().min(until).div_ceil(self.cache.block_size);
-        let end = (last + 1 + self.cache.readahead).min(blocks);
-        // Top the window up only once half of it has been consumed, so it is requested in
-        // a few large pieces rather than a block at a time.
-        let until = self.ahead_until.load(Ordering::Relaxed);
-        let from = (last + 1).max(until);
-        if from >= end || until > last + 1 + self.cache.readahead / 2 {
-            return;
-        }
-        self.ahead_until.store(end, Ordering::Relaxed);
-        for r in self.cache.claim(&self.inner, from, end - 1) {
-            let run = self
-                .cache
-                .clone()
-                .fetch_run(self.inner.clone(), r, u64::MAX, None);
-            tokio::spawn(run);
-        }
-    }
-}
-
-#[async_trait]
-impl BlobSource for CachedBlob {
-    fn id(&self) -> &str {
-        self.inner.id()
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    /// Drops this blob's blocks from memory (those on disk stay, for later mounts).
-    fn release_memory(&self) {
-        let id = self.inner.id();
-        self.cache.state.lock().unwrap().lru.retain(|k| k.0 != id);
-    }
-    async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
-        self.cache.prefetch(&self.inner, offset, len).await
-    }
-    fn at_hand(&self, offset: u64, len: u64) -> bool {
-        let Ok(len) = clamp(self.id(), self.size(), offset, len) else {
-            return false;
-        };
-        let bs = self.cache.block_size;
-        (offset / bs..(offset + len).div_ceil(bs)).all(|i| self.cache.at_hand(&self.inner, i))
-    }
-    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
-        self.read_within(offset, len, self.size()).await
-    }
-    async fn read_within(&self, offset: u64, len: u64, until: u64) -> Result<Bytes> {
-        let len = clamp(self.id(), self.size(), offset, len)?;
-        if len == 0 {
-            return Ok(Bytes::new());
-        }
-        let bs = self.cache.block_size;
-        let (first, last) = (offset / bs, (offset + len - 1) / bs);
-        // Blocks from here on lie past the file being read: fetching them is a guess.
-        let guess_from = until.min(self.size()).div_ceil(bs).max(last + 1);
-        // Sequential: this read touches or follows the previous read's last block (the kernel
-        // may deliver its read-ahead requests slightly out of order). The run counts the
-        // block boundaries crossed moving forward.
-        let prev = self.last_block.swap(last, Ordering::Relaxed);
-        let sequential = prev != u64::MAX && first <= prev + 1 && last + 1 >= prev;
-        let run = match (sequential, last > prev) {
-            (true, true) => self.run.fetch_add(last - prev, Ordering::Relaxed) + (last - prev),
-            (true, false) => self.run.load(Ordering::Relaxed),
-            (false, _) => {
-                self.run.store(0, Ordering::Relaxed);
-                0
-            }
-        };
-        if run >= self.cache.sequential
-            && self.cache.readahead > 0
-            && !self.cache.readahead_paused.load(Ordering::Relaxed)
-        {
-            tracing::trace!(
-                "read-ahead after {}+{len} of {} (until {until})",
-                offset,
-                self.id()
-            );
-            self.read_ahead(last, until);
-        }
-        if last > first {
-            // Several blocks: one streamed request per stretch of missing ones instead of a
-            // request per block. Only a read that misses carries on past its end, like a single
-            // miss's run; a read served from the cache fetches nothing.
-            let cache = &self.cache;
-            let mut runs = cache.claim(&self.inner, first, last);
-            if !runs.is_empty() {
-                let end = cache.run_end(&self.inner, first, guess_from);
-                for r in cache.claim(&self.inner, last + 1, end.max(last + 1) - 1) {
-                    match runs.last_mut() {
-                        // Contiguous with the read's last stretch: one request.
-                        Some(prev) if prev[prev.len() - 1].0.1 + 1 == r[0].0.1 => prev.extend(r),
-                        _ => runs.push(r),
-                    }
-                }
-            }
-            for r in runs {
-                cache.speculate(&self.inner, &r, guess_from);
-                let run = cache
-                    .clone()
-                    .fetch_run(self.inner.clone(), r, guess_from, None);
-                tokio::spawn(run);
-            }
-        }
-        let blocks = futures::future::try_join_all(
-            (first..=last).map(|i| self.cache.block(&self.inner, i, guess_from)),
-        )
-        .await?;
-        Ok(assemble(&blocks, first * bs, offset, len))
-    }
-    async fn read_now(&self, offset: u64, len: u64) -> Result<Bytes> {
-        let len = clamp(self.id(), self.size(), offset, len)?;
-        if len == 0 {
-            return Ok(Bytes::new());
-        }
-        let bs = self.cache.block_size;
-        let (first, last) = (offset / bs, (offset + len - 1) / bs);
-        let key = |i: u64| (self.id().to_string(), i);
-        let held: Option<Vec<Bytes>> = (first..=last)
-            .map(|i| self.cache.mem_get(&key(i)))
-            .collect();
-        if let Some(blocks) = held {
-            return Ok(assemble(&blocks, first * bs, offset, len));
-        }
-        // These blocks, fetched here and now in one request, whoever else is fetching them.
-        let start = first * bs;
-        let end = ((last + 1) * bs).min(self.size());
-        let data = self.inner.read_at(start, end - start).await?;
-        let stats = &self.cache.stats;
-        stats
-            .fetched_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let mut blocks = Vec::new();
-        for i in first..=last {
-            let s = ((i - first) * bs) as usize;
-            let block = data.slice(s..(s + bs as usize).min(data.len()));
-            stats.misses.fetch_add(1, Ordering::Relaxed);
-            self.cache.mem_put(key(i), block.clone());
-            blocks.push(block);
-        }
-        Ok(assemble(&blocks, start, offset, len))
+        self.store.keep(key, data);
     }
 }
 
@@ -577,7 +345,9 @@ mod tests {
         bytes: 4 << 20,
         after: 1 << 20,
     };
-    use crate::blob::MemBlob;
+    use crate::blob::{BlobSource, MemBlob, ReadHints};
+    use async_trait::async_trait;
+    use std::sync::Mutex;
 
     #[tokio::test]
     async fn releasing_a_blob_drops_its_blocks_from_memory_only() {
@@ -586,10 +356,10 @@ mod tests {
         let b = cache.wrap(Arc::new(MemBlob::new("sha256:b", vec![2u8; 20_000])));
         a.read_at(0, 20_000).await.unwrap();
         b.read_at(0, 8192).await.unwrap();
-        let used = cache.state.lock().unwrap().lru.used();
+        let used = cache.store.used();
         assert_eq!(used, 20_000 + 8192);
         a.release_memory();
-        assert_eq!(cache.state.lock().unwrap().lru.used(), 8192);
+        assert_eq!(cache.store.used(), 8192);
         // Still readable (fetched again), and the other blob's blocks were kept.
         assert_eq!(a.read_at(4096, 4).await.unwrap(), &[1u8; 4][..]);
         let hits = cache.stats.mem_hits.load(Ordering::Relaxed);
@@ -702,6 +472,7 @@ mod tests {
             Ok(())
         }
     }
+    impl ReadHints for Held {}
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_miss_fetches_past_its_file_only_while_no_other_guess_is_under_way() {
@@ -863,7 +634,7 @@ mod tests {
         let cache = BlockCache::new(4096, 4096, 8192, Some(dir.clone()), RA);
         let blob = cache.wrap(Arc::new(MemBlob::new("sha256:y", data.clone())));
         blob.read_at(0, 65536).await.unwrap();
-        assert!(cache.state.lock().unwrap().lru.used() <= 8192);
+        assert!(cache.store.used() <= 8192);
         // Blocks are written to disk in the background.
         let blocks = dir.join("sha256-y");
         for _ in 0..1000 {
