@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use crate::harness::{TempDir, ocifs};
+use ocifs::stats::{LayerFigures, MountStats};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -147,12 +148,12 @@ pub fn wait_converged(m: &BenchMount, layers: usize, copied: bool) {
     for _ in 0..600 {
         let (ok, out, err) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
         assert!(ok, "stats: {err}");
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        let done = |l: &serde_json::Value| match copied {
-            true => l["localCopy"] == true,
-            false => l["verification"] == "verified",
+        let v: MountStats = serde_json::from_slice(&out).unwrap();
+        let done = |l: &LayerFigures| match copied {
+            true => l.local_copy,
+            false => l.verification == "verified",
         };
-        if (0..layers).all(|i| done(&v["layers"][i])) {
+        if (0..layers).all(|i| v.layers.get(i).is_some_and(done)) {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -5,6 +5,7 @@ use crate::builder::{self, Enc, Item, encode, file, layout, push};
 use crate::fixtures::{base_layers, gnu_sparse_layer};
 use crate::harness::{Env, Mount, TempDir, ocifs};
 use crate::oracle;
+use crate::stats::stats;
 
 /// Builds, pushes, mounts and compares one image whose layers use `encs`.
 fn conformance(encs: &[Enc], tars: Vec<Vec<u8>>) {
@@ -69,10 +70,8 @@ fn conformance_layers(
     oracle::assert_same(&expected, &oracle::snapshot(m.path()));
     // Every file and directory was opened; the kernel asked the daemon once of each kind and
     // then opened the rest without a round trip.
-    let (ok, out, err) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
-    assert!(ok, "stats: {err}");
-    let stats: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    assert!(stats["reads"]["opens"].as_u64().unwrap() <= 2, "{stats}");
+    let v = stats(m.path());
+    assert!(v.reads.opens <= 2, "{v:?}");
     if let Some(f) = formats {
         assert!(m.ready.contains(f), "{f} expected: {}", m.ready);
     }

@@ -6,7 +6,8 @@ use crate::conformance::conformance_with;
 use crate::fixtures::{base_layers, span_layers};
 use crate::harness::{Env, Mount, Proxy, ocifs, push_index};
 use crate::oracle;
-use crate::stats::poll_stats;
+use crate::stats::{poll_stats, stats};
+use ocifs::stats::MountStats;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -76,12 +77,11 @@ fn small_layers_are_fetched_whole_at_mount_and_large_ones_stay_lazy() {
     let r = format!("{}/small/image:v1", proxy.addr);
 
     let m = Mount::new(&r, &["--verify", "off", "--small-layers", "4MiB"], &[]);
-    let fetched_whole =
-        |v: &serde_json::Value| v["layers"][1]["fetchedBytes"].as_u64().unwrap() >= small_size;
+    let fetched_whole = |v: &MountStats| v.layers[1].fetched_bytes >= small_size;
     let v = poll_stats(m.path(), fetched_whole);
-    assert!(fetched_whole(&v), "the small layer was not fetched: {v}");
-    assert_eq!(v["prefetch"]["smallLayerBytes"], small_size, "{v}");
-    let big_fetched = v["layers"][0]["fetchedBytes"].as_u64().unwrap();
+    assert!(fetched_whole(&v), "the small layer was not fetched: {v:?}");
+    assert_eq!(v.prefetch.small_layer_bytes, small_size, "{v:?}");
+    let big_fetched = v.layers[0].fetched_bytes;
     assert!(
         big_fetched * 5 < big_size,
         "the large layer was fetched too: {big_fetched} of {big_size}"
@@ -99,13 +99,11 @@ fn small_layers_are_fetched_whole_at_mount_and_large_ones_stay_lazy() {
 
     let m = Mount::new(&r, &["--verify", "off", "--small-layers", "0"], &[]);
     std::thread::sleep(Duration::from_millis(500));
-    let (ok, out, err) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    assert_eq!(v["prefetch"]["smallLayerBytes"], 0, "{v}");
+    let v = stats(m.path());
+    assert_eq!(v.prefetch.small_layer_bytes, 0, "{v:?}");
     assert!(
-        v["layers"][1]["fetchedBytes"].as_u64().unwrap() < small_size,
-        "fetched ahead with --small-layers 0: {v}"
+        v.layers[1].fetched_bytes < small_size,
+        "fetched ahead with --small-layers 0: {v:?}"
     );
 }
 

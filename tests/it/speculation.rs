@@ -3,7 +3,8 @@
 
 use crate::builder::{self, Enc, Item, encode, file, layout, noise, push};
 use crate::harness::{Env, Mount, Proxy, ocifs, push_index};
-use crate::stats::poll_stats;
+use crate::stats::{poll_stats, stats};
+use ocifs::stats::MountStats;
 use std::sync::atomic::Ordering;
 
 /// Waits (20 s at most) for a profile, written, renamed into place whole, when the daemon
@@ -29,10 +30,10 @@ fn mount_prefetched(proxy: &Proxy, reference: &str, profile: &str) -> (Mount, u6
 }
 
 /// Polls `ocifs stats --json` until background prefetch has finished.
-fn wait_for_prefetch(mountpoint: &std::path::Path) -> serde_json::Value {
-    let finished = |v: &serde_json::Value| {
-        let total = v["prefetch"]["totalBytes"].as_u64().unwrap();
-        total > 0 && v["prefetch"]["doneBytes"].as_u64().unwrap() >= total
+fn wait_for_prefetch(mountpoint: &std::path::Path) -> MountStats {
+    let finished = |v: &MountStats| {
+        let total = v.prefetch.total_bytes;
+        total > 0 && v.prefetch.done_bytes >= total
     };
     let v = poll_stats(mountpoint, finished);
     assert!(finished(&v), "prefetch did not finish");
@@ -63,11 +64,8 @@ fn estargz_prioritized_files_are_prefetched_and_stats_explain_it() {
         &["--verify", "off"],
         &[],
     );
-    let stats = wait_for_prefetch(m.path());
-    assert!(
-        stats["layers"][0]["fetchedBytes"].as_u64().unwrap() > 0,
-        "{stats}"
-    );
+    let v = wait_for_prefetch(m.path());
+    assert!(v.layers[0].fetched_bytes > 0, "{v:?}");
     proxy.reset();
     assert_eq!(
         builder::sha(&std::fs::read(m.path().join("app/start.py")).unwrap()),
@@ -84,14 +82,8 @@ fn estargz_prioritized_files_are_prefetched_and_stats_explain_it() {
         ok && text.contains("estargz") && text.contains("latency p50"),
         "{text}"
     );
-    let v: serde_json::Value =
-        serde_json::from_slice(&ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]).1)
-            .unwrap();
-    assert!(
-        v["reads"]["count"].as_u64().unwrap() > 0
-            && v["reads"]["bytes"].as_u64().unwrap() >= 300_000,
-        "{v}"
-    );
+    let v = stats(m.path());
+    assert!(v.reads.count > 0 && v.reads.bytes >= 300_000, "{v:?}");
 }
 
 #[test]
@@ -244,7 +236,7 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
         &mut head,
     )
     .unwrap();
-    let whole = |v: &serde_json::Value| v["prefetch"]["wholeFileBytes"].as_u64().unwrap();
+    let whole = |v: &MountStats| v.prefetch.whole_file_bytes;
     let whole = whole(&poll_stats(m.path(), |v| whole(v) > 0));
     // libc (found through the lib -> usr/lib link) and nothing else was fetched whole.
     assert_eq!(whole, libc.len() as u64);
@@ -252,7 +244,7 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
     // same kind too (not the shared object among them); a program does not bring its bin
     // directory.
     std::fs::read(m.path().join("conf/a")).unwrap();
-    let together = |v: &serde_json::Value| v["prefetch"]["directoryBytes"].as_u64().unwrap();
+    let together = |v: &MountStats| v.prefetch.directory_bytes;
     let together = together(&poll_stats(m.path(), |v| together(v) >= 60_000));
     // Counted in file bytes (the same for every format), not the compressed range fetched.
     assert_eq!(together, 60_000, "conf/ fetched together");
@@ -278,7 +270,7 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
         &[],
     );
     let expected = (tool_len + libc.len() + 20_000) as u64;
-    let whole = |v: &serde_json::Value| v["prefetch"]["wholeFileBytes"].as_u64().unwrap();
+    let whole = |v: &MountStats| v.prefetch.whole_file_bytes;
     let got = whole(&poll_stats(m.path(), |v| whole(v) >= expected));
     assert_eq!(got, expected, "tool, libc and conf/b, nothing else");
     drop(m);
@@ -346,7 +338,7 @@ fn a_second_directory_of_a_family_brings_the_rest_of_it() {
         &["--verify", "off", "--no-prefetch"],
         &[],
     );
-    let together = |v: &serde_json::Value| v["prefetch"]["directoryBytes"].as_u64().unwrap();
+    let together = |v: &MountStats| v.prefetch.directory_bytes;
     // One directory of the family read: its own files come together, and nothing else.
     std::fs::read(m.path().join("lib/a/cache/m0.pyc")).unwrap();
     let one = together(&poll_stats(m.path(), |v| together(v) >= 90_000));
@@ -385,7 +377,7 @@ fn a_family_member_over_the_budget_is_fetched_on_its_own_first_read() {
         &["--verify", "off", "--no-prefetch"],
         &[],
     );
-    let together = |v: &serde_json::Value| v["prefetch"]["directoryBytes"].as_u64().unwrap();
+    let together = |v: &MountStats| v.prefetch.directory_bytes;
     std::fs::read(m.path().join("lib/a/cache/m0.pyc")).unwrap();
     poll_stats(m.path(), |v| together(v) >= 90_000);
     std::fs::read(m.path().join("lib/b/cache/m1.pyc")).unwrap();

@@ -1,21 +1,25 @@
-//! Reading a mount's `ocifs stats --json` while its background work settles.
+//! Reading a mount's `ocifs stats --json` (an [`ocifs::stats::MountStats`]) while its
+//! background work settles.
 
 use crate::harness::{Mount, ocifs};
+use ocifs::stats::MountStats;
+
+/// One reading of `ocifs stats --json`.
+pub fn stats(mountpoint: &std::path::Path) -> MountStats {
+    let (ok, out, err) = ocifs(&["stats", "--json", mountpoint.to_str().unwrap()], &[]);
+    assert!(ok, "stats: {err}");
+    serde_json::from_slice(&out).unwrap()
+}
 
 /// Polls `ocifs stats --json` (for up to 10 s) until `done` says so; returns the last answer.
-pub fn poll_stats(
-    mountpoint: &std::path::Path,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let mut v = serde_json::Value::Null;
-    for _ in 0..200 {
-        let (ok, out, err) = ocifs(&["stats", "--json", mountpoint.to_str().unwrap()], &[]);
-        assert!(ok, "stats: {err}");
-        v = serde_json::from_slice(&out).unwrap();
+pub fn poll_stats(mountpoint: &std::path::Path, done: impl Fn(&MountStats) -> bool) -> MountStats {
+    let mut v = stats(mountpoint);
+    for _ in 1..200 {
         if done(&v) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
+        v = stats(mountpoint);
     }
     v
 }
@@ -23,15 +27,13 @@ pub fn poll_stats(
 /// Each layer's verification state from `ocifs stats` once none is pending (up to 20 s).
 pub fn wait_for_verification(m: &Mount, layers: usize) -> Vec<String> {
     for _ in 0..400 {
-        let (ok, out, _) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
-        assert!(ok);
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let v = stats(m.path());
         let states: Vec<String> = (0..layers)
             .map(|i| {
-                v["layers"][i]["verification"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string()
+                v.layers
+                    .get(i)
+                    .map(|l| l.verification.clone())
+                    .unwrap_or_default()
             })
             .collect();
         if states.iter().all(|s| s != "pending") {

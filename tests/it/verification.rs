@@ -6,7 +6,8 @@ use crate::conformance::expected_tree;
 use crate::fixtures::{base_layers, gnu_sparse_layer};
 use crate::harness::{Env, Mount, Proxy, TempDir, ocifs};
 use crate::oracle;
-use crate::stats::{poll_stats, wait_for_verification};
+use crate::stats::{poll_stats, stats, wait_for_verification};
+use ocifs::stats::MountStats;
 use std::sync::atomic::Ordering;
 
 #[test]
@@ -90,10 +91,11 @@ fn background_verification_fetches_the_layer_so_later_reads_are_local() {
     );
     let mut verified = false;
     for _ in 0..200 {
-        let (ok, out, _) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
-        assert!(ok);
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        if v["layers"][0]["verification"] == "verified" {
+        let v = stats(m.path());
+        if v.layers
+            .first()
+            .is_some_and(|l| l.verification == "verified")
+        {
             verified = true;
             break;
         }
@@ -142,9 +144,9 @@ fn verified_layers_are_copied_locally_and_serve_every_byte() {
     let reference = format!("{}/copies/image:v1", proxy.addr);
     let flags = ["--platform", "linux/amd64", "--verify", "background"];
     let m = Mount::new(&reference, &flags, &[]);
-    let copied = |v: &serde_json::Value| (0..4).all(|i| v["layers"][i]["localCopy"] == true);
+    let copied = |v: &MountStats| (0..4).all(|i| v.layers.get(i).is_some_and(|l| l.local_copy));
     let v = poll_stats(m.path(), copied);
-    assert!(copied(&v), "every verified layer is copied: {v}");
+    assert!(copied(&v), "every verified layer is copied: {v:?}");
     // With nothing left to fetch, the mount's kernel read-ahead is raised (from FUSE's 128 KiB).
     let mut readahead = 0;
     for _ in 0..100 {
@@ -159,7 +161,7 @@ fn verified_layers_are_copied_locally_and_serve_every_byte() {
     proxy.reset();
     oracle::assert_same(&expected, &oracle::snapshot(m.path()));
     let v = poll_stats(m.path(), |_| true);
-    assert!(v["localCopies"]["reads"].as_u64().unwrap() > 0, "{v}");
+    assert!(v.local_copies.reads > 0, "{v:?}");
     assert_eq!(proxy.blob_bytes.load(Ordering::SeqCst), 0);
     drop(m);
 
@@ -169,15 +171,12 @@ fn verified_layers_are_copied_locally_and_serve_every_byte() {
     let m = Mount::new(&reference, &small, &[]);
     // Layers are copied in order: once the last one (its sparse file left out: nothing to
     // copy) is done, the others have been decided.
-    let decided = |v: &serde_json::Value| v["layers"][3]["localCopy"] == true;
+    let decided = |v: &MountStats| v.layers.get(3).is_some_and(|l| l.local_copy);
     let v = poll_stats(m.path(), decided);
-    assert!(decided(&v), "{v}");
-    assert_eq!(
-        v["layers"][1]["localCopy"], true,
-        "a few bytes of files: {v}"
-    );
-    assert_eq!(v["layers"][0]["localCopy"], false, "300 KB of files: {v}");
-    assert_eq!(v["layers"][2]["localCopy"], false, "3 MiB of files: {v}");
+    assert!(decided(&v), "{v:?}");
+    assert!(v.layers[1].local_copy, "a few bytes of files: {v:?}");
+    assert!(!v.layers[0].local_copy, "300 KB of files: {v:?}");
+    assert!(!v.layers[2].local_copy, "3 MiB of files: {v:?}");
     assert!(readahead_kib(m.path()) < 8192);
     oracle::assert_same(&expected, &oracle::snapshot(m.path()));
     drop(m);
@@ -191,8 +190,8 @@ fn verified_layers_are_copied_locally_and_serve_every_byte() {
     wait_for_verification(&m, 4);
     oracle::assert_same(&expected, &oracle::snapshot(m.path()));
     let v = poll_stats(m.path(), |_| true);
-    assert_eq!(v["localCopies"]["bytes"], 0, "{v}");
-    assert_eq!(v["localCopies"]["reads"], 0, "{v}");
+    assert_eq!(v.local_copies.bytes, 0, "{v:?}");
+    assert_eq!(v.local_copies.reads, 0, "{v:?}");
 
     // A listing piped into a reader that has gone (here before the listing is ready) ends
     // quietly, as `ls | head` does: no panic on EPIPE.
