@@ -289,13 +289,10 @@ async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
     let soci_v2 = r
         .annotations
         .get(ocifs::layer::checkpoint::soci::INDEX_ANNOTATION);
-    let published = ocifs::layer::checkpoint::share::discover(
-        &source,
-        &r.manifest_digest,
-        soci_v2.map(String::as_str),
-    )
-    .await
-    .unwrap_or_default();
+    let published =
+        ocifs::image::share::discover(&source, &r.manifest_digest, soci_v2.map(String::as_str))
+            .await
+            .unwrap_or_default();
     let mut layers = Vec::new();
     for l in &r.layers {
         let format = ocifs::image::probe_format(&source, l).await?;

@@ -7,6 +7,7 @@ mod elf;
 pub mod local;
 pub mod manifest;
 mod open;
+pub mod share;
 pub mod source;
 mod together;
 pub mod wholefile;

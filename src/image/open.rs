@@ -2,12 +2,12 @@
 //! For plain gzip layers the checkpoint index comes from, in order: the cache directory, an
 //! index published next to the image in the registry, or a build pass over the blob.
 
-use super::{Progress, Source};
+use super::{Progress, Source, share};
 use crate::blob::Blob;
 use crate::blob::cache::BlockCache;
 use crate::config::{OpenConfig, VerifyMode};
 use crate::error::Result;
-use crate::layer::checkpoint::{self, CheckpointIndex, Codec, share};
+use crate::layer::checkpoint::{self, CheckpointIndex, Codec};
 use crate::layer::{
     Entry, Format, Health, IndexCheck, Layer, LayerData, LayerDesc, chunked, estargz, streamed,
     tar, zstdchunked,
