@@ -440,58 +440,6 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// The file metadata that eStargz and zstd:chunked TOC entries spell the same way.
-pub struct TocMeta<'a> {
-    pub kind: &'a str,
-    pub mode: i64,
-    pub uid: u32,
-    pub gid: u32,
-    pub modtime: &'a str,
-    pub rdev: (u32, u32),
-    pub link_name: &'a str,
-    pub xattrs: &'a std::collections::HashMap<String, String>,
-}
-
-impl TocMeta<'_> {
-    /// The [`super::Entry`] (without size or data) for `path`; `what` names the layer in errors.
-    pub fn entry(&self, path: String, what: &str) -> Result<super::Entry> {
-        use super::Kind;
-        use base64::Engine;
-        let kind = match self.kind {
-            "dir" => Kind::Dir,
-            "reg" => Kind::File,
-            "symlink" => Kind::Symlink,
-            "hardlink" => Kind::Hardlink,
-            "char" => Kind::Char,
-            "block" => Kind::Block,
-            "fifo" => Kind::Fifo,
-            other => {
-                return Err(Error::format(
-                    what,
-                    format!("entry {path:?} has unknown type {other:?}"),
-                ));
-            }
-        };
-        let mut e = super::Entry::new(path, kind);
-        e.mode = (self.mode & 0o7777) as u32;
-        e.uid = self.uid;
-        e.gid = self.gid;
-        e.mtime = (super::estargz::parse_rfc3339(self.modtime).unwrap_or(0), 0);
-        e.rdev = self.rdev;
-        if matches!(kind, Kind::Symlink | Kind::Hardlink) {
-            e.link = Some(self.link_name.to_string());
-        }
-        for (k, v) in self.xattrs {
-            let val = base64::engine::general_purpose::STANDARD
-                .decode(v)
-                .map_err(|err| Error::format(what, format!("xattr {k} of {:?}: {err}", e.path)))?;
-            e.xattrs.push((k.clone(), val));
-        }
-        e.xattrs.sort();
-        Ok(e)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@ pub mod chunked;
 pub mod estargz;
 pub mod streamed;
 pub mod tar;
+pub(crate) mod toc;
 pub mod zstdchunked;
 
 use crate::blob::Blob;
