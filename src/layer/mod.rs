@@ -2,7 +2,8 @@
 //!
 //! Every format module turns a blob into the same [`Entry`] list; an entry's [`Locator`] says
 //! where its bytes live, and [`Layer::read`] is the one reader that dispatches on it. The merged
-//! tree never knows which format a file came from.
+//! tree never knows which format a file came from. [`detect`] decides a layer's format
+//! (media type, then footer).
 //!
 //! | format | module | lazy? |
 //! |---|---|---|
@@ -15,6 +16,7 @@
 
 pub mod checkpoint;
 pub mod chunked;
+pub mod detect;
 pub mod estargz;
 pub mod streamed;
 pub mod tar;
