@@ -21,3 +21,19 @@ impl Hasher {
         format!("sha256:{}", hex::encode(self.0.finalize()))
     }
 }
+
+/// Checks `sha256:<64 lowercase hex>` (the only algorithm ocifs verifies).
+pub fn validate_digest(d: &str) -> std::result::Result<(), String> {
+    let (alg, hex) = d.split_once(':').ok_or("must look like sha256:<hex>")?;
+    if alg != "sha256" {
+        return Err(format!("algorithm {alg:?} is not supported (only sha256)"));
+    }
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err("sha256 needs 64 lowercase hex digits".into());
+    }
+    Ok(())
+}

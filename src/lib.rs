@@ -21,6 +21,7 @@ pub mod registry;
 pub mod serve;
 pub mod speculate;
 pub mod stats;
+pub mod task;
 pub mod tree;
 pub mod verify;
 

@@ -4,6 +4,8 @@
 //! tag and digest together (the digest wins for resolution, the tag is kept for display).
 //! Each rejection names the part that is wrong.
 
+// The digest form is `digest`'s; `reference::validate_digest` names it too.
+pub use crate::digest::validate_digest;
 use crate::error::{Error, Result};
 use std::fmt;
 
@@ -106,22 +108,6 @@ impl fmt::Display for Reference {
         }
         Ok(())
     }
-}
-
-/// Checks `sha256:<64 lowercase hex>` (the only algorithm ocifs verifies).
-pub fn validate_digest(d: &str) -> std::result::Result<(), String> {
-    let (alg, hex) = d.split_once(':').ok_or("must look like sha256:<hex>")?;
-    if alg != "sha256" {
-        return Err(format!("algorithm {alg:?} is not supported (only sha256)"));
-    }
-    if hex.len() != 64
-        || !hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return Err("sha256 needs 64 lowercase hex digits".into());
-    }
-    Ok(())
 }
 
 fn validate_tag(t: &str) -> std::result::Result<(), String> {

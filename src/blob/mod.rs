@@ -5,6 +5,7 @@
 
 mod bytes_lru;
 pub mod cache;
+pub mod counting;
 pub mod disk;
 mod flight;
 

@@ -1,11 +1,11 @@
 //! The commands themselves: each builds what it needs and calls the library.
 
 use super::common::{Common, control_socket, open};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use ocifs::image::Source;
 use ocifs::layer::{Format, Kind};
 use ocifs::stats::MountStats;
-use ocifs::tree::{Node, ROOT, Tree};
+use ocifs::tree::{Node, Tree};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,49 +60,9 @@ fn clean(path: &str) -> String {
         .join("/")
 }
 
-/// Resolves a path inside the image, following symlinks (at most 40), never leaving the image.
+/// Resolves a path inside the image, following symlinks, never leaving the image.
 fn follow(tree: &Tree, path: &str) -> Result<u64> {
-    let mut todo: Vec<String> = clean(path)
-        .split('/')
-        .filter(|c| !c.is_empty())
-        .rev()
-        .map(str::to_string)
-        .collect();
-    let mut stack = vec![ROOT];
-    let mut hops = 0;
-    while let Some(comp) = todo.pop() {
-        let cur = *stack.last().unwrap();
-        if comp == ".." {
-            if stack.len() > 1 {
-                stack.pop();
-            }
-            continue;
-        }
-        let ino = tree
-            .lookup(cur, &comp)
-            .with_context(|| format!("{path}: no such file or directory"))?;
-        let node = tree.get(ino).unwrap();
-        if node.kind == Kind::Symlink {
-            hops += 1;
-            if hops > 40 {
-                bail!("{path}: too many levels of symbolic links");
-            }
-            let target = node.link.clone().unwrap_or_default();
-            if target.starts_with('/') {
-                stack.truncate(1);
-            }
-            todo.extend(
-                target
-                    .split('/')
-                    .filter(|c| !c.is_empty() && *c != ".")
-                    .rev()
-                    .map(str::to_string),
-            );
-            continue;
-        }
-        stack.push(ino);
-    }
-    Ok(*stack.last().unwrap())
+    tree.follow(path).map_err(|e| anyhow!("{path}: {e}"))
 }
 
 /// `ls` output; with `-l`: `mode uid gid size mtime path [-> target]`.
@@ -188,13 +148,10 @@ pub async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()>
     let soci_v2 = r
         .annotations
         .get(ocifs::layer::checkpoint::soci::INDEX_ANNOTATION);
-    let published = ocifs::layer::checkpoint::share::discover(
-        &source,
-        &r.manifest_digest,
-        soci_v2.map(String::as_str),
-    )
-    .await
-    .unwrap_or_default();
+    let published =
+        ocifs::image::share::discover(&source, &r.manifest_digest, soci_v2.map(String::as_str))
+            .await
+            .unwrap_or_default();
     let mut layers = Vec::new();
     for l in &r.layers {
         let format = ocifs::image::probe_format(&source, l).await?;

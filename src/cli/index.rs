@@ -1,10 +1,10 @@
 //! `ocifs index`: each plain gzip (or multi-frame zstd) layer's checkpoint index, as opening
 //! the image builds, loads or fetches it, printed and, with `--push`, published next to the
-//! image (see `ocifs::layer::checkpoint::share`).
+//! image (see `ocifs::image::share`).
 
 use super::common::{Common, open, progress};
 use anyhow::{Context, Result, bail};
-use ocifs::image::Source;
+use ocifs::image::{Source, share};
 use ocifs::layer::checkpoint::{self, CheckpointIndex};
 use std::path::Path;
 
@@ -51,7 +51,7 @@ pub async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
                 .map(|w| format!(", mark windows {} bytes", w.len()))
                 .unwrap_or_default()
         );
-        indexes.push(checkpoint::share::Pushed {
+        indexes.push(share::Pushed {
             layer: layer.digest.clone(),
             index: bytes::Bytes::from(bytes),
             windows,
@@ -74,7 +74,7 @@ pub async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
         r.manifest_media_type.as_str(),
         r.manifest.len() as u64,
     );
-    let digest = checkpoint::share::push(registry, repo, subject, &indexes).await?;
+    let digest = share::push(registry, repo, subject, &indexes).await?;
     println!(
         "pushed {} index(es) as {digest}, referring to {}",
         indexes.len(),

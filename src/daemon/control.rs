@@ -14,7 +14,7 @@ pub fn stats_socket(served: Arc<ServedImage>, path: &Path) -> Result<SocketGuard
     }
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path)?;
-    let task = crate::verify::TaskGuard::spawn(async move {
+    let task = crate::task::TaskGuard::spawn(async move {
         use tokio::io::AsyncWriteExt;
         while let Ok((mut conn, _)) = listener.accept().await {
             let body = serde_json::to_vec(&served.stats()).unwrap_or_default();
@@ -29,7 +29,7 @@ pub fn stats_socket(served: Arc<ServedImage>, path: &Path) -> Result<SocketGuard
 
 pub struct SocketGuard {
     path: std::path::PathBuf,
-    _task: crate::verify::TaskGuard,
+    _task: crate::task::TaskGuard,
 }
 
 impl Drop for SocketGuard {

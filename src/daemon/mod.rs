@@ -18,7 +18,7 @@ use crate::image::{Image, Progress, Source};
 use crate::serve::ServedImage;
 use crate::speculate::{SpeculateConfig, Speculator};
 use crate::stats::Access;
-use crate::verify::TaskGuard;
+use crate::task::TaskGuard;
 use fuser::{Config, MountOption, SessionACL};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

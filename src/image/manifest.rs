@@ -2,73 +2,13 @@
 //! index (OCI index or Docker manifest list) the manifest for the wanted platform.
 
 use super::source::Source;
+// The platform to choose is configuration (`config` owns it); `image::Platform` names it too.
+pub use crate::config::Platform;
 use crate::error::{Error, Result};
 use crate::layer::LayerDesc;
 use bytes::Bytes;
 use oci_spec::image::{ImageIndex, ImageManifest};
 use std::collections::HashMap;
-use std::fmt;
-
-/// `os/arch[/variant]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Platform {
-    pub os: String,
-    pub arch: String,
-    pub variant: Option<String>,
-}
-
-impl Platform {
-    /// Parses `linux/arm64/v8`.
-    pub fn parse(s: &str) -> Result<Platform> {
-        let parts: Vec<&str> = s.split('/').collect();
-        let bad = || Error::format("platform", format!("{s:?} is not os/arch[/variant]"));
-        if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
-            return Err(bad());
-        }
-        Ok(Platform {
-            os: parts[0].into(),
-            arch: parts[1].into(),
-            variant: parts.get(2).map(|v| v.to_string()),
-        })
-    }
-
-    /// The platform of this machine, as Go spells it.
-    pub fn host() -> Platform {
-        let (arch, variant) = match std::env::consts::ARCH {
-            "x86_64" => ("amd64", None),
-            "aarch64" => ("arm64", Some("v8")),
-            "arm" => ("arm", Some("v7")),
-            "x86" => ("386", None),
-            other => (other, None),
-        };
-        Platform {
-            os: "linux".into(),
-            arch: arch.into(),
-            variant: variant.map(str::to_string),
-        }
-    }
-
-    /// Whether an index entry's platform satisfies this one (arm64's default variant is v8).
-    fn matches(&self, os: &str, arch: &str, variant: Option<&str>) -> bool {
-        let norm = |v: Option<&str>| match (arch, v) {
-            ("arm64", None) => Some("v8".to_string()),
-            (_, v) => v.map(str::to_string),
-        };
-        self.os == os
-            && self.arch == arch
-            && (self.variant.is_none() || norm(self.variant.as_deref()) == norm(variant))
-    }
-}
-
-impl fmt::Display for Platform {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.os, self.arch)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
-    }
-}
 
 /// One image, resolved: the manifest, its config, and where it came from.
 #[derive(Debug, Clone)]
@@ -203,24 +143,4 @@ pub fn diff_ids(config: &[u8]) -> Vec<String> {
             })
         })
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn platform_matching_is_variant_aware() {
-        let p = Platform::parse("linux/arm64/v8").unwrap();
-        assert!(p.matches("linux", "arm64", None));
-        assert!(!p.matches("linux", "arm", Some("v8")));
-        let p = Platform::parse("linux/arm/v6").unwrap();
-        assert!(!p.matches("linux", "arm", Some("v7")));
-        assert!(
-            Platform::parse("linux/amd64")
-                .unwrap()
-                .matches("linux", "amd64", None)
-        );
-        assert!(Platform::parse("linux").is_err());
-    }
 }

@@ -4,6 +4,7 @@
 
 pub mod manifest;
 mod open;
+pub mod share;
 pub mod source;
 
 pub use manifest::{Platform, Resolved, resolve};
@@ -11,10 +12,10 @@ pub use source::Source;
 
 use crate::blob::Blob;
 use crate::blob::cache::{BlockCache, ReadAhead};
+use crate::blob::counting::CountingBlob;
 use crate::config::{OpenConfig, VerifyMode};
 use crate::error::{Error, Result};
-use crate::layer::{Entry, Format, Health, Layer, LayerDesc, estargz};
-use crate::stats::CountingBlob;
+use crate::layer::{Entry, Format, Health, Layer, LayerDesc};
 use crate::tree::Tree;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -123,7 +124,7 @@ impl Image {
     }
 
     /// [`Image::read_file`] without waiting behind fetches under way (see
-    /// [`crate::blob::BlobSource::read_now`]): for the few small reads whose answer decides
+    /// [`crate::blob::ReadHints::read_now`]): for the few small reads whose answer decides
     /// what to fetch next.
     pub async fn read_file_now(&self, ino: u64, offset: u64, len: u64) -> Result<Bytes> {
         self.read_file_as(ino, offset, len, true).await
@@ -158,28 +159,7 @@ impl Image {
     }
 }
 
-/// A layer's format as `inspect` reports it: media type, then (for gzip) the eStargz footer,
-/// read with one small ranged request. `None` for media types ocifs cannot read.
+/// A layer's format as `inspect` reports it (see [`crate::layer::detect::probe`]).
 pub async fn probe_format(source: &Source, desc: &LayerDesc) -> Result<Option<Format>> {
-    let Ok(format) = Format::from_media_type(&desc.media_type) else {
-        return Ok(None);
-    };
-    // Enough for either footer: eStargz (51 bytes) or zstd:chunked (up to 72).
-    const TAIL: u64 = 72;
-    if !matches!(format, Format::Gzip | Format::Zstd) || desc.size < TAIL {
-        return Ok(Some(format));
-    }
-    let blob = source.blob(&desc.digest, desc.size)?;
-    let tail = blob.read_at(desc.size - TAIL, TAIL).await?;
-    Ok(Some(match format {
-        Format::Zstd if crate::layer::zstdchunked::parse_footer(&tail).is_some() => {
-            Format::ZstdChunked
-        }
-        Format::Gzip => match estargz::parse_footer(&tail) {
-            Some((_, true)) => Format::LegacyStargz,
-            Some((_, false)) => Format::Estargz,
-            None => Format::Gzip,
-        },
-        f => f,
-    }))
+    crate::layer::detect::probe(desc, || source.blob(&desc.digest, desc.size)).await
 }

@@ -1,18 +1,20 @@
-//! Opening one layer: decide its format (media type, then the eStargz footer) and index it.
+//! Opening one layer: decide its format (`layer::detect`: media type, then the footer) and
+//! index it.
 //! For plain gzip layers the checkpoint index comes from, in order: the cache directory, an
 //! index published next to the image in the registry, or a build pass over the blob.
 
-use super::{Progress, Source};
+use super::{Progress, Source, share};
 use crate::blob::Blob;
 use crate::blob::cache::BlockCache;
+use crate::blob::counting::CountingBlob;
 use crate::config::{OpenConfig, VerifyMode};
 use crate::error::Result;
-use crate::layer::checkpoint::{self, CheckpointIndex, Codec, share};
+use crate::layer::checkpoint::{self, CheckpointIndex, Codec};
 use crate::layer::{
-    Entry, Format, Health, IndexCheck, Layer, LayerData, LayerDesc, chunked, estargz, streamed,
-    tar, zstdchunked,
+    Entry, Format, Health, IndexCheck, Layer, LayerData, LayerDesc, chunked, detect, estargz,
+    streamed, tar, zstdchunked,
 };
-use crate::stats::CountingBlob;
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -46,7 +48,7 @@ impl Ctx<'_> {
         counter: &Arc<CountingBlob>,
     ) -> Result<(Layer, Vec<Entry>)> {
         let raw: Blob = counter.clone();
-        let mut format = Format::from_media_type(&desc.media_type)?;
+        let media = Format::from_media_type(&desc.media_type)?;
         // A local layout's blob is a file already: reads of it go to the file (and the page
         // cache), not into the block cache, whose directory would only hold a second copy.
         let cached = match self.source {
@@ -58,6 +60,17 @@ impl Ctx<'_> {
         } else {
             Health::Pending
         };
+        // Every gzip layer may be eStargz, every zstd one zstd:chunked: the footer tells (one
+        // tail read, reused for the TOC). Without an annotation announcing the TOC the layer is
+        // most likely plain: the tail read is small, and the registry is asked for published
+        // indexes meanwhile.
+        let (tail_start, tail) = if detect::may_have_footer(media) {
+            self.tail(&cached, detect::announces_toc(media, desc))
+                .await?
+        } else {
+            (0, Bytes::new())
+        };
+        let format = detect::from_tail(media, &tail);
         let mut index_source = None;
         let mut index_check = None;
         let (data, entries, health) = match format {
@@ -66,78 +79,52 @@ impl Ctx<'_> {
                 tar::index(cached).await?,
                 initial,
             ),
-            Format::Gzip => {
-                // Every gzip layer may be eStargz: the footer tells (one tail read, reused for
-                // the TOC). Without the TOC annotation it is most likely plain gzip: the tail
-                // read is small, and the registry is asked for published indexes meanwhile.
-                let announced = desc
+            Format::Estargz | Format::LegacyStargz => {
+                let toc_digest = desc
                     .annotations
-                    .contains_key(estargz::TOC_DIGEST_ANNOTATION);
-                let (tail_start, tail) = self.tail(&cached, announced).await?;
-                match estargz::parse_footer(&tail) {
-                    Some((_, legacy)) => {
-                        let toc_digest = desc
-                            .annotations
-                            .get(estargz::TOC_DIGEST_ANNOTATION)
-                            .map(String::as_str);
-                        let (reader, entries, _) =
-                            estargz::open(cached, tail_start, tail, toc_digest).await?;
-                        format = if legacy {
-                            Format::LegacyStargz
-                        } else {
-                            Format::Estargz
-                        };
-                        (self.chunked(reader), entries, initial)
-                    }
-                    None => {
-                        let (index, from, trust) = self.index(cached.clone(), Codec::Gzip).await?;
-                        index_source = Some(from);
-                        let windows = (index.windows.as_ref())
-                            .filter(|_| self.cfg.mark_windows)
-                            .and_then(|w| self.windows(w, counter));
-                        let (data, entries, health, check) =
-                            indexed_layer(index, cached, windows, trust, initial);
-                        index_check = check;
-                        (data, entries, health)
-                    }
-                }
+                    .get(estargz::TOC_DIGEST_ANNOTATION)
+                    .map(String::as_str);
+                let (reader, entries, _) =
+                    estargz::open(cached, tail_start, tail, toc_digest).await?;
+                (self.chunked(reader), entries, initial)
+            }
+            Format::ZstdChunked => {
+                let checksum = zstdchunked::CHECKSUM_ANNOTATIONS
+                    .iter()
+                    .find_map(|a| desc.annotations.get(*a))
+                    .map(String::as_str);
+                let (reader, entries) =
+                    zstdchunked::open(cached, tail_start, tail, checksum).await?;
+                (self.chunked(reader), entries, initial)
+            }
+            Format::Gzip => {
+                let (index, from, trust) = self.index(cached.clone(), Codec::Gzip).await?;
+                index_source = Some(from);
+                let windows = (index.windows.as_ref())
+                    .filter(|_| self.cfg.mark_windows)
+                    .and_then(|w| self.windows(w, counter));
+                let (data, entries, health, check) =
+                    indexed_layer(index, cached, windows, trust, initial);
+                index_check = check;
+                (data, entries, health)
             }
             Format::Zstd => {
-                // zstd:chunked carries a TOC (its footer tells); other multi-frame zstd is lazy
-                // through a frame index; a single frame is not seekable, so it is unpacked once
-                // (from the blocks the pass already cached).
-                let announced = zstdchunked::CHECKSUM_ANNOTATIONS
-                    .iter()
-                    .any(|a| desc.annotations.contains_key(*a));
-                let (tail_start, tail) = self.tail(&cached, announced).await?;
+                // Multi-frame zstd is lazy through a frame index; a single frame is not
+                // seekable, so it is unpacked once (from the blocks the pass already cached).
                 let unpacked = streamed::tar_path(&self.cfg.cache_dir, &desc.digest).exists();
-                if zstdchunked::parse_footer(&tail).is_some() {
-                    let checksum = zstdchunked::CHECKSUM_ANNOTATIONS
-                        .iter()
-                        .find_map(|a| desc.annotations.get(*a))
-                        .map(String::as_str);
-                    let (reader, entries) =
-                        zstdchunked::open(cached, tail_start, tail, checksum).await?;
-                    format = Format::ZstdChunked;
-                    (self.chunked(reader), entries, initial)
-                } else {
-                    match unpacked {
-                        false => match self.index(cached.clone(), Codec::Zstd).await? {
-                            (index, from, trust) if index.checkpoints.len() > 1 => {
-                                index_source = Some(from);
-                                let (data, entries, health, check) =
-                                    indexed_layer(index, cached, None, trust, initial);
-                                index_check = check;
-                                (data, entries, health)
-                            }
-                            _ => self.streamed(cached, format).await?,
-                        },
-                        true => self.streamed(cached, format).await?,
-                    }
+                match unpacked {
+                    false => match self.index(cached.clone(), Codec::Zstd).await? {
+                        (index, from, trust) if index.checkpoints.len() > 1 => {
+                            index_source = Some(from);
+                            let (data, entries, health, check) =
+                                indexed_layer(index, cached, None, trust, initial);
+                            index_check = check;
+                            (data, entries, health)
+                        }
+                        _ => self.streamed(cached, format).await?,
+                    },
+                    true => self.streamed(cached, format).await?,
                 }
-            }
-            Format::Estargz | Format::LegacyStargz | Format::ZstdChunked => {
-                self.streamed(raw, format).await?
             }
         };
         let layer = Layer {
@@ -154,7 +141,7 @@ impl Ctx<'_> {
     /// Reads a layer's tail for its footer: a large read when a TOC is `announced` (it
     /// usually arrives whole), else a small one, while the registry is asked for published
     /// indexes (the layer is most likely plain and will need one) unless one is cached here.
-    async fn tail(&self, cached: &Blob, announced: bool) -> Result<(u64, bytes::Bytes)> {
+    async fn tail(&self, cached: &Blob, announced: bool) -> Result<(u64, Bytes)> {
         if announced {
             return crate::blob::read_tail(cached, crate::blob::TAIL_READ).await;
         }

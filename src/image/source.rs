@@ -76,7 +76,7 @@ impl Source {
 
     /// A blob by digest; `size` comes from the descriptor that named it.
     pub fn blob(&self, digest: &str, size: u64) -> Result<Blob> {
-        crate::reference::validate_digest(digest)
+        crate::digest::validate_digest(digest)
             .map_err(|e| Error::format(format!("descriptor digest {digest:?}"), e))?;
         match self {
             Source::Registry { registry, repo } => Ok(Arc::new(RegistryBlob::new(
@@ -182,7 +182,7 @@ impl Source {
         let Source::Layout { dir } = self else {
             unreachable!()
         };
-        crate::reference::validate_digest(digest)
+        crate::digest::validate_digest(digest)
             .map_err(|e| Error::format(format!("digest {digest:?}"), e))?;
         let (alg, hex) = digest.split_once(':').unwrap();
         Ok(dir.join("blobs").join(alg).join(hex))

@@ -158,7 +158,7 @@ impl Reader {
     }
 
     /// Drops the decoded chunks and the blob's cached blocks held in memory (see
-    /// [`crate::blob::BlobSource::release_memory`]).
+    /// [`crate::blob::ReadHints::release_memory`]).
     pub fn release_memory(&self) {
         *self.decoded.lock().unwrap() = BytesLru::new(DECODED_BYTES);
         self.blob.release_memory();
@@ -186,7 +186,7 @@ impl Reader {
     }
 
     /// [`Reader::read`] without waiting behind fetches under way (see
-    /// [`crate::blob::BlobSource::read_now`]).
+    /// [`crate::blob::ReadHints::read_now`]).
     pub async fn read_now(&self, chunks: &[Chunk], offset: u64, len: u64) -> Result<Bytes> {
         self.read_chunks(chunks, offset, len, true).await
     }
@@ -223,7 +223,7 @@ impl Reader {
     }
 
     /// One chunk, decoded and checked against its digest (its compressed bytes read `now`
-    /// if asked, see [`crate::blob::BlobSource::read_now`]).
+    /// if asked, see [`crate::blob::ReadHints::read_now`]).
     async fn chunk(&self, c: &Chunk, until: u64, now: bool) -> Result<Bytes> {
         let key = (c.start, c.inner);
         if let Some(b) = self.decoded.lock().unwrap().get(&key) {
@@ -437,58 +437,6 @@ impl<W: Write> Write for HashingWriter<W> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
-    }
-}
-
-/// The file metadata that eStargz and zstd:chunked TOC entries spell the same way.
-pub struct TocMeta<'a> {
-    pub kind: &'a str,
-    pub mode: i64,
-    pub uid: u32,
-    pub gid: u32,
-    pub modtime: &'a str,
-    pub rdev: (u32, u32),
-    pub link_name: &'a str,
-    pub xattrs: &'a std::collections::HashMap<String, String>,
-}
-
-impl TocMeta<'_> {
-    /// The [`super::Entry`] (without size or data) for `path`; `what` names the layer in errors.
-    pub fn entry(&self, path: String, what: &str) -> Result<super::Entry> {
-        use super::Kind;
-        use base64::Engine;
-        let kind = match self.kind {
-            "dir" => Kind::Dir,
-            "reg" => Kind::File,
-            "symlink" => Kind::Symlink,
-            "hardlink" => Kind::Hardlink,
-            "char" => Kind::Char,
-            "block" => Kind::Block,
-            "fifo" => Kind::Fifo,
-            other => {
-                return Err(Error::format(
-                    what,
-                    format!("entry {path:?} has unknown type {other:?}"),
-                ));
-            }
-        };
-        let mut e = super::Entry::new(path, kind);
-        e.mode = (self.mode & 0o7777) as u32;
-        e.uid = self.uid;
-        e.gid = self.gid;
-        e.mtime = (super::estargz::parse_rfc3339(self.modtime).unwrap_or(0), 0);
-        e.rdev = self.rdev;
-        if matches!(kind, Kind::Symlink | Kind::Hardlink) {
-            e.link = Some(self.link_name.to_string());
-        }
-        for (k, v) in self.xattrs {
-            let val = base64::engine::general_purpose::STANDARD
-                .decode(v)
-                .map_err(|err| Error::format(what, format!("xattr {k} of {:?}: {err}", e.path)))?;
-            e.xattrs.push((k.clone(), val));
-        }
-        e.xattrs.sort();
-        Ok(e)
     }
 }
 

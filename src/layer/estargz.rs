@@ -7,12 +7,12 @@
 //! only the compressed extents of the chunks it touches, inflates them and checks each
 //! chunk's `chunkDigest` before a byte is returned.
 
-use super::chunked::{Chunk, Codec, Reader, TocMeta};
+use super::chunked::{Chunk, Codec, Reader};
+use super::toc::{self, TocEntry};
 use super::{Entry, Kind, Locator, clean_path};
 use crate::blob::Blob;
 use crate::error::{Error, Result};
 use bytes::Bytes;
-use std::collections::HashMap;
 use std::io::Read;
 
 /// Annotation carrying the sha256 of the uncompressed TOC JSON.
@@ -68,49 +68,6 @@ pub fn parse_footer(tail: &[u8]) -> Option<(u64, bool)> {
     None
 }
 
-#[derive(serde::Deserialize)]
-struct Toc {
-    version: i64,
-    entries: Vec<TocEntry>,
-}
-
-#[derive(serde::Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
-struct TocEntry {
-    name: String,
-    #[serde(rename = "type")]
-    kind: String,
-    size: u64,
-    modtime: String,
-    link_name: String,
-    mode: i64,
-    uid: u32,
-    gid: u32,
-    offset: u64,
-    inner_offset: u64,
-    dev_major: u32,
-    dev_minor: u32,
-    xattrs: HashMap<String, String>,
-    chunk_offset: u64,
-    chunk_size: u64,
-    chunk_digest: String,
-}
-
-impl TocEntry {
-    fn meta(&self) -> TocMeta<'_> {
-        TocMeta {
-            kind: &self.kind,
-            mode: self.mode,
-            uid: self.uid,
-            gid: self.gid,
-            modtime: &self.modtime,
-            rdev: (self.dev_major, self.dev_minor),
-            link_name: &self.link_name,
-            xattrs: &self.xattrs,
-        }
-    }
-}
-
 /// Opens an eStargz blob whose tail (at `tail_start`) was already read: fetches and checks the
 /// TOC, returns the entries and a reader for their chunks, and whether it is legacy stargz.
 pub async fn open(
@@ -150,22 +107,14 @@ pub async fn open(
             actual,
         });
     }
-    let toc: Toc = serde_json::from_slice(&json)
-        .map_err(|e| Error::format(&what, format!("TOC JSON: {e}")))?;
-    if toc.version != 1 {
-        return Err(Error::format(
-            &what,
-            format!("TOC version {} (want 1)", toc.version),
-        ));
-    }
+    let toc = toc::parse(&json, &what)?;
     // Everything before the landmark's payload is what the image author marked as needed at
     // startup; `.no.prefetch.landmark` (or no landmark) means nothing is.
     let prefetch_len = toc
-        .entries
         .iter()
         .find(|e| clean_path(&e.name).is_ok_and(|p| p == ".prefetch.landmark"))
         .map_or(0, |e| e.offset.min(toc_off));
-    let entries = entries_from_toc(toc.entries, toc_off, &what)?;
+    let entries = entries_from_toc(toc, toc_off, &what)?;
     let reader = Reader::new(blob, Codec::Gzip, prefetch_len);
     Ok((reader, entries, legacy))
 }
@@ -252,7 +201,7 @@ fn entries_from_toc(toc: Vec<TocEntry>, toc_off: u64, what: &str) -> Result<Vec<
         if HIDDEN.contains(&path.as_str()) {
             continue;
         }
-        let mut e = t.meta().entry(path, what)?;
+        let mut e = t.entry(path, what)?;
         let kind = e.kind;
         if kind == Kind::File {
             e.size = t.size;
@@ -283,52 +232,9 @@ fn chunk(t: &TocEntry, len: u64, end: u64) -> Chunk {
     }
 }
 
-/// Parses the RFC 3339 timestamps Go writes (`2006-01-02T15:04:05Z`, optional fraction and
-/// offset) into seconds since the epoch.
-pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || (b[10] != b'T' && b[10] != b't') {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let mut rest = &s[19..];
-    if let Some(r) = rest.strip_prefix('.') {
-        rest = r.trim_start_matches(|c: char| c.is_ascii_digit());
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        r if r.len() == 6 => {
-            let sign = if r.starts_with('-') { -1 } else { 1 };
-            sign * (r[1..3].parse::<i64>().ok()? * 3600 + r[4..6].parse::<i64>().ok()? * 60)
-        }
-        _ => return None,
-    };
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if mo <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if mo > 2 { mo - 3 } else { mo + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146097 + doe - 719468;
-    Some(days * 86400 + h * 3600 + mi * 60 + se - offset)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339() {
-        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339("2023-11-14T22:13:20Z"), Some(1_700_000_000));
-        assert_eq!(
-            parse_rfc3339("2023-11-14T23:13:20.5+01:00"),
-            Some(1_700_000_000)
-        );
-        assert_eq!(parse_rfc3339("garbage"), None);
-    }
 
     #[test]
     fn footers() {

@@ -2,7 +2,8 @@
 //!
 //! Every format module turns a blob into the same [`Entry`] list; an entry's [`Locator`] says
 //! where its bytes live, and [`Layer::read`] is the one reader that dispatches on it. The merged
-//! tree never knows which format a file came from.
+//! tree never knows which format a file came from. [`detect`] decides a layer's format
+//! (media type, then footer).
 //!
 //! | format | module | lazy? |
 //! |---|---|---|
@@ -15,9 +16,11 @@
 
 pub mod checkpoint;
 pub mod chunked;
+pub mod detect;
 pub mod estargz;
 pub mod streamed;
 pub mod tar;
+pub(crate) mod toc;
 pub mod zstdchunked;
 
 use crate::blob::Blob;
@@ -196,7 +199,7 @@ impl Layer {
     }
 
     /// [`Layer::read`] without waiting behind fetches under way (see
-    /// [`crate::blob::BlobSource::read_now`]).
+    /// [`crate::blob::ReadHints::read_now`]).
     pub async fn read_now(&self, loc: &Locator, size: u64, offset: u64, len: u64) -> Result<Bytes> {
         self.read_as(loc, size, offset, len, true).await
     }
@@ -317,7 +320,7 @@ impl Layer {
     }
 
     /// Drops what the layer holds in memory to make reads fast: once it is served from a
-    /// local copy, no one reads it any more (see [`crate::blob::BlobSource::release_memory`]).
+    /// local copy, no one reads it any more (see [`crate::blob::ReadHints::release_memory`]).
     pub fn release_memory(&self) {
         match &self.data {
             LayerData::Tar(blob) => blob.release_memory(),

@@ -9,12 +9,12 @@
 //! the tar-split position; magic `GNUlInUx`) and `io.github.containers.zstd-chunked.*`
 //! annotations. The `manifest-checksum` annotation is the sha256 of the compressed TOC.
 
-use super::chunked::{Chunk, Codec, Reader, TocMeta};
+use super::chunked::{Chunk, Codec, Reader};
+use super::toc::{self, TocEntry};
 use super::{Entry, Kind, Locator, clean_path};
 use crate::blob::Blob;
 use crate::error::{Error, Result};
 use bytes::Bytes;
-use std::collections::HashMap;
 
 /// Annotations carrying the sha256 of the compressed TOC (older and current generation).
 pub const CHECKSUM_ANNOTATIONS: [&str; 2] = [
@@ -48,52 +48,6 @@ pub fn parse_footer(tail: &[u8]) -> Option<TocPosition> {
         })
     };
     try_one(64, b"GNUlInUx").or_else(|| try_one(40, b"GnUlInUx"))
-}
-
-#[derive(serde::Deserialize)]
-struct Toc {
-    version: i64,
-    entries: Vec<TocEntry>,
-}
-
-#[derive(serde::Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
-struct TocEntry {
-    #[serde(rename = "type")]
-    kind: String,
-    name: String,
-    link_name: String,
-    mode: i64,
-    size: u64,
-    uid: u32,
-    gid: u32,
-    modtime: String,
-    dev_major: u32,
-    dev_minor: u32,
-    xattrs: HashMap<String, String>,
-    digest: String,
-    offset: u64,
-    end_offset: u64,
-    chunk_size: u64,
-    chunk_offset: u64,
-    chunk_digest: String,
-    /// `"zeros"` for a hole (a run of zeros), empty for data.
-    chunk_type: String,
-}
-
-impl TocEntry {
-    fn meta(&self) -> TocMeta<'_> {
-        TocMeta {
-            kind: &self.kind,
-            mode: self.mode,
-            uid: self.uid,
-            gid: self.gid,
-            modtime: &self.modtime,
-            rdev: (self.dev_major, self.dev_minor),
-            link_name: &self.link_name,
-            xattrs: &self.xattrs,
-        }
-    }
 }
 
 /// Opens a zstd:chunked blob whose tail (at `tail_start`) was already read.
@@ -135,15 +89,8 @@ pub async fn open(
     }
     let json = zstd::bulk::decompress(&compressed, pos.uncompressed as usize)
         .map_err(|e| Error::format(&what, format!("TOC: {e}")))?;
-    let toc: Toc = serde_json::from_slice(&json)
-        .map_err(|e| Error::format(&what, format!("TOC JSON: {e}")))?;
-    if toc.version != 1 {
-        return Err(Error::format(
-            &what,
-            format!("TOC version {} (want 1)", toc.version),
-        ));
-    }
-    let entries = entries_from_toc(toc.entries, blob.size(), &what)?;
+    let toc = toc::parse(&json, &what)?;
+    let entries = entries_from_toc(toc, blob.size(), &what)?;
     Ok((Reader::new(blob, Codec::Zstd, 0), entries))
 }
 
@@ -212,7 +159,7 @@ fn entries_from_toc(toc: Vec<TocEntry>, size: u64, what: &str) -> Result<Vec<Ent
             continue;
         }
         flush(&mut out, &mut chunks, file_end)?;
-        let mut e = t.meta().entry(path, what)?;
+        let mut e = t.entry(path, what)?;
         let kind = e.kind;
         if kind == Kind::File && t.size > 0 {
             e.size = t.size;

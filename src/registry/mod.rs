@@ -2,12 +2,15 @@
 //!
 //! Manifests are resolved with HEAD and fetched with GET under the OCI + Docker Accept list;
 //! blobs are read with single-range GETs checked against Content-Range (a 200 with the whole
-//! body is accepted and sliced). Blob redirects to storage are followed without our
-//! Authorization header and the redirected URL is reused until it stops working.
+//! body is accepted and sliced: `range.rs`). Blob redirects to storage are followed without
+//! our Authorization header and the redirected URL is reused until it stops working. Failed
+//! requests are retried as `retry.rs` decides.
 
 pub mod auth;
 mod http;
 mod push;
+mod range;
+mod retry;
 pub use push::{UPLOAD_CHUNK, referrers_tag};
 
 use crate::blob::{BlobSource, clamp};
@@ -16,10 +19,11 @@ use async_trait::async_trait;
 use auth::{Authenticator, Credentials};
 use bytes::{Bytes, BytesMut};
 use http::Http;
+use range::ranged_body;
 use reqwest::{Method, StatusCode, header};
+use retry::{Outcome, Retries};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 /// Media types we accept for manifests, most specific first.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -93,7 +97,7 @@ impl Registry {
 
     /// Sends a request to the registry with auth: a cached header up front, one retry after
     /// answering a 401 challenge, one more if a cached token was refused. Transport errors,
-    /// 429 and 5xx are retried with backoff (this is the single retry policy).
+    /// 429 and 5xx are retried with backoff, as [`retry::Retries`] decides.
     async fn send(
         &self,
         repo: &str,
@@ -118,7 +122,7 @@ impl Registry {
         let scope = format!("repository:{repo}:{actions}");
         let mut auth = self.auth.header(&self.http, &scope).await?;
         let mut challenged = false;
-        let mut attempt = 0;
+        let mut retries = Retries::default();
         loop {
             let mut req = self.http.for_url(url)?.request(method.clone(), url);
             for (k, v) in headers {
@@ -132,12 +136,13 @@ impl Registry {
             }
             let resp = match req.send().await {
                 Ok(r) => r,
-                Err(e) if attempt < 3 && (e.is_connect() || e.is_timeout() || e.is_request()) => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+                Err(e) => match retries.wait(Outcome::of(&e)) {
+                    Some(wait) => {
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    None => return Err(e.into()),
+                },
             };
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED {
@@ -160,13 +165,10 @@ impl Registry {
                 );
                 continue;
             }
-            if (status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()) && attempt < 3
-            {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                continue;
+            match retries.wait(Outcome::Status(status)) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return Ok(resp),
             }
-            return Ok(resp);
         }
     }
 
@@ -422,57 +424,6 @@ async fn read_limited(mut resp: reqwest::Response, limit: usize, what: &str) -> 
         out.extend_from_slice(&chunk);
     }
     Ok(out.freeze())
-}
-
-/// The body of a ranged GET, handed to `sink` as it arrives: a 206 must start where we asked;
-/// a 200 carries the whole blob and we keep only our slice, reading no further than needed.
-async fn ranged_body(
-    mut resp: reqwest::Response,
-    offset: u64,
-    len: u64,
-    what: &str,
-    sink: &mut (dyn FnMut(Bytes) + Send),
-) -> Result<()> {
-    let skip = if resp.status() == StatusCode::PARTIAL_CONTENT {
-        let cr = resp
-            .headers()
-            .get(header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let start = cr
-            .strip_prefix("bytes ")
-            .and_then(|r| r.split_once('-'))
-            .and_then(|(s, _)| s.parse::<u64>().ok());
-        if start != Some(offset) {
-            return Err(Error::Registry(format!(
-                "{what}: asked for bytes from {offset}, got Content-Range {cr:?}"
-            )));
-        }
-        0
-    } else {
-        offset
-    };
-    let mut seen = 0u64;
-    let mut delivered = 0u64;
-    while let Some(chunk) = resp.chunk().await? {
-        let (cs, ce) = (seen, seen + chunk.len() as u64);
-        seen = ce;
-        let s = skip.max(cs);
-        let e = (skip + len).min(ce);
-        if s < e {
-            delivered += e - s;
-            sink(chunk.slice((s - cs) as usize..(e - cs) as usize));
-        }
-        if seen >= skip + len {
-            break;
-        }
-    }
-    if delivered != len {
-        return Err(Error::Registry(format!(
-            "{what}: short read at {offset}: wanted {len} bytes, got {delivered}"
-        )));
-    }
-    Ok(())
 }
 
 /// One registry blob as a [`BlobSource`].

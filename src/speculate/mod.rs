@@ -11,11 +11,11 @@
 //! was read and the tree; this module decides *when*:
 //! - [`plan`]: a planned prefetch — a recorded profile, or eStargz prioritized files
 //!   (landmarks) — and small layers fetched whole at mount;
-//! - [`scattered`]: a file read at scattered places is fetched whole;
-//! - [`program`] (with `elf`): what a starting program will load next (its loader, libraries,
+//! - `scattered`: a file read at scattered places is fetched whole;
+//! - `program` (with `elf`): what a starting program will load next (its loader, libraries,
 //!   a script's interpreter);
-//! - [`together`]: a directory's files of one kind, and families of same-named directories;
-//! - [`command`]: the image config's command, known before the process exists.
+//! - `together`: a directory's files of one kind, and families of same-named directories;
+//! - `command`: the image config's command, known before the process exists.
 //!
 //! Order matters as much as choice, because everything fetched shares one link. A planned
 //! prefetch names what the workload reads: while it runs, guesses are dropped and the block
@@ -36,8 +36,8 @@ pub use plan::{read_profile, write_profile};
 use crate::blob::cache::{BlockCache, ReadAhead};
 use crate::image::Image;
 use crate::stats::Access;
+use crate::task::TaskGuard;
 use crate::tree::Node;
-use crate::verify::TaskGuard;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

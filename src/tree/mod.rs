@@ -14,6 +14,18 @@ use std::collections::BTreeMap;
 /// The root directory's inode number (FUSE's fixed root).
 pub const ROOT: u64 = 1;
 
+/// Symlinks [`Tree::follow`] follows in one path at most (Linux's `MAXSYMLINKS`).
+pub const MAX_SYMLINKS: u32 = 40;
+
+/// Why [`Tree::follow`] found no inode at a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unresolved {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("too many levels of symbolic links")]
+    TooManyLinks,
+}
+
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
 
@@ -222,47 +234,48 @@ impl Tree {
             .try_fold(ROOT, |cur, comp| self.lookup(cur, comp))
     }
 
-    /// The inode at a clean relative path, following symlinks in every component (absolute
-    /// targets from the image root); `None` past 16 links or a missing name.
-    pub fn resolve_links(&self, path: &str) -> Option<u64> {
-        let mut pending: Vec<String> = path
-            .split('/')
-            .rev()
-            .filter(|c| !c.is_empty())
-            .map(str::to_string)
-            .collect();
-        let (mut cur, mut hops) = (ROOT, 0);
+    /// The inode at a relative path, following symlinks in every component (absolute targets
+    /// from the image root; `..` never leaves it, and goes back along the path walked), at
+    /// most [`MAX_SYMLINKS`] of them. Empty and `.` components are skipped.
+    pub fn follow(&self, path: &str) -> Result<u64, Unresolved> {
+        let mut pending: Vec<&str> = path.split('/').rev().collect();
+        // The directories walked, from the root to the current one.
+        let mut walked = vec![ROOT];
+        let mut links = 0;
         while let Some(comp) = pending.pop() {
-            if comp == "." {
-                continue;
-            }
-            if comp == ".." {
-                cur = self.get(cur)?.parent;
-                continue;
-            }
-            let next = self.lookup(cur, &comp)?;
-            let node = self.get(next)?;
-            match (&node.kind, &node.link) {
-                (Kind::Symlink, Some(target)) => {
-                    hops += 1;
-                    if hops > 16 {
-                        return None;
+            match comp {
+                "" | "." => {}
+                ".." => {
+                    if walked.len() > 1 {
+                        walked.pop();
                     }
-                    if target.starts_with('/') {
-                        cur = ROOT;
-                    }
-                    pending.extend(
-                        target
-                            .split('/')
-                            .rev()
-                            .filter(|c| !c.is_empty())
-                            .map(str::to_string),
-                    );
                 }
-                _ => cur = next,
+                name => {
+                    let cur = *walked.last().expect("the root is never popped");
+                    let next = self.lookup(cur, name).ok_or(Unresolved::NotFound)?;
+                    let node = self.get(next).ok_or(Unresolved::NotFound)?;
+                    match (&node.kind, &node.link) {
+                        (Kind::Symlink, Some(target)) => {
+                            links += 1;
+                            if links > MAX_SYMLINKS {
+                                return Err(Unresolved::TooManyLinks);
+                            }
+                            if target.starts_with('/') {
+                                walked.truncate(1);
+                            }
+                            pending.extend(target.split('/').rev());
+                        }
+                        _ => walked.push(next),
+                    }
+                }
             }
         }
-        Some(cur)
+        Ok(*walked.last().expect("the root is never popped"))
+    }
+
+    /// [`Tree::follow`], without the reason when the path does not resolve.
+    pub fn resolve_links(&self, path: &str) -> Option<u64> {
+        self.follow(path).ok()
     }
 
     /// A path of `ino` (its first name), for profiles and messages.
@@ -324,6 +337,56 @@ mod tests {
         let mut e = Entry::new(p.into(), Kind::Hardlink);
         e.link = Some(to.into());
         e
+    }
+
+    fn symlink(p: &str, to: &str) -> Entry {
+        let mut e = Entry::new(p.into(), Kind::Symlink);
+        e.link = Some(to.into());
+        e
+    }
+
+    #[test]
+    fn paths_follow_symlinks_inside_the_image() {
+        let mut layer = vec![
+            dir("usr"),
+            dir("usr/lib"),
+            file("usr/lib/libc.so", 1),
+            symlink("lib", "usr/lib"),
+            symlink("usr/lib/abs", "/usr/lib/libc.so"),
+            symlink("usr/lib/up", "../../../../usr"),
+            symlink("loop", "loop"),
+            symlink("dangling", "nowhere"),
+        ];
+        // A chain of exactly MAX_SYMLINKS links resolves; one more is too many.
+        for i in 1..=MAX_SYMLINKS {
+            layer.push(symlink(&format!("c{i}"), &format!("c{}", i - 1)));
+        }
+        layer.push(file("c0", 2));
+        layer.push(symlink("c41", "c40"));
+        let t = Tree::build(&[layer]);
+        let libc = t.resolve("usr/lib/libc.so").unwrap();
+        for p in [
+            "lib/libc.so",
+            "./lib//./libc.so",
+            "lib/abs",
+            "usr/lib/up/lib/libc.so",
+        ] {
+            assert_eq!(t.follow(p), Ok(libc), "{p}");
+        }
+        assert_eq!(
+            t.follow("lib/../lib/libc.so"),
+            Ok(libc),
+            "back along the walk"
+        );
+        assert_eq!(t.follow(""), Ok(ROOT));
+        assert_eq!(t.follow("lib"), t.follow("usr/lib"));
+        assert_eq!(t.follow("c40"), Ok(t.resolve("c0").unwrap()));
+        assert_eq!(t.follow("c41"), Err(Unresolved::TooManyLinks));
+        assert_eq!(t.follow("loop"), Err(Unresolved::TooManyLinks));
+        assert_eq!(t.follow("dangling"), Err(Unresolved::NotFound));
+        assert_eq!(t.follow("lib/missing"), Err(Unresolved::NotFound));
+        assert_eq!(t.resolve_links("lib/missing"), None);
+        assert_eq!(t.resolve_links("lib/abs"), Some(libc));
     }
 
     #[test]

@@ -2,12 +2,12 @@
 //!
 //! Blobs are named by digest and immutable, so a cached block is never invalidated. One home
 //! per job:
-//! - [`store`]: where blocks live (memory LRU bounded in bytes, optional directory kept
+//! - `store`: where blocks live (memory LRU bounded in bytes, optional directory kept
 //!   across remounts);
-//! - [`gates`]: single flight, a block several readers want at once is fetched once;
-//! - [`guesses`]: how far a fetch runs past what is being read (the guess budget) and
+//! - `gates`: single flight, a block several readers want at once is fetched once;
+//! - `guesses`: how far a fetch runs past what is being read (the guess budget) and
 //!   read-ahead for streaks of sequential reads;
-//! - [`blob`]: [`CachedBlob`], the per-blob view readers hold;
+//! - `blob`: [`CachedBlob`], the per-blob view readers hold;
 //! - this module: [`BlockCache`], which turns a miss into one request.
 //!
 //! A miss fetches a *stretch*: the missing block and the blocks after it that nobody has or
@@ -503,10 +503,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_readers_of_one_block_fetch_it_once() {
-        let counter = Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
-            "sha256:sf",
-            vec![3u8; 1 << 20],
-        ))));
+        let counter = Arc::new(crate::blob::counting::CountingBlob::new(Arc::new(
+            MemBlob::new("sha256:sf", vec![3u8; 1 << 20]),
+        )));
         let cache = BlockCache::new(1 << 20, 1 << 20, 4 << 20, None, RA);
         let blob = cache.wrap(counter.clone());
         let reads = (0..16).map(|i| {
@@ -582,10 +581,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_miss_fetches_a_run_in_one_request_and_stops_at_cached_blocks() {
         let data: Vec<u8> = (0..40_000u32).map(|i| (i % 241) as u8).collect();
-        let counter = Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
-            "sha256:run",
-            data.clone(),
-        ))));
+        let counter = Arc::new(crate::blob::counting::CountingBlob::new(Arc::new(
+            MemBlob::new("sha256:run", data.clone()),
+        )));
         let cache = BlockCache::new(4096, 16384, 1 << 20, None, RA);
         let blob = cache.wrap(counter.clone());
         // Block 6 first; then a miss at block 3 runs to block 5 only (6 is cached).
@@ -614,10 +612,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_read_served_from_cache_fetches_no_neighbours() {
-        let counter = Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
-            "sha256:cached",
-            vec![9u8; 16 * 4096],
-        ))));
+        let counter = Arc::new(crate::blob::counting::CountingBlob::new(Arc::new(
+            MemBlob::new("sha256:cached", vec![9u8; 16 * 4096]),
+        )));
         let cache = BlockCache::new(4096, 16384, 1 << 20, None, RA);
         let blob = cache.wrap(counter.clone());
         blob.read_at(0, 2 * 4096).await.unwrap(); // misses: blocks 0..=3 in one run

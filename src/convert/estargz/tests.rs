@@ -111,6 +111,6 @@ async fn written_blob_reads_back_identically_and_is_a_plain_tar_gz() {
 #[test]
 fn rfc3339_matches_the_parser() {
     for t in [0i64, 1_700_000_000, 951_782_400, 4_102_444_800] {
-        assert_eq!(crate::layer::estargz::parse_rfc3339(&rfc3339(t)), Some(t));
+        assert_eq!(crate::layer::toc::parse_rfc3339(&rfc3339(t)), Some(t));
     }
 }

@@ -257,7 +257,7 @@ pub fn decode(data: &[u8], digest: &str) -> Result<CheckpointIndex> {
         false => None,
         true => {
             let digest = r.string()?;
-            crate::reference::validate_digest(&digest)
+            crate::digest::validate_digest(&digest)
                 .map_err(|e| bad(&format!("windows blob digest: {e}")))?;
             Some(WindowsRef {
                 digest,

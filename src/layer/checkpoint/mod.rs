@@ -23,7 +23,6 @@ mod blob;
 pub mod file;
 mod gzip;
 mod inflate;
-pub mod share;
 pub mod soci;
 mod windows;
 mod zstd;

@@ -200,10 +200,9 @@ async fn marks_let_a_read_fetch_and_verify_only_a_span_prefix() {
     assert!(marks.len() >= 4, "{} marks in span 0", marks.len());
     let index = Arc::new(index);
     // A read at the start of span 0 fetches only up to the first mark past it.
-    let counted = Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
-        index.digest.clone(),
-        good.clone(),
-    ))));
+    let counted = Arc::new(crate::blob::counting::CountingBlob::new(Arc::new(
+        MemBlob::new(index.digest.clone(), good.clone()),
+    )));
     let gz = CheckpointBlob::new(index.clone(), counted.clone());
     let got = gz.read_at(100, 1000).await.unwrap();
     assert_eq!(&got[..], &tar[100..1100]);
@@ -221,10 +220,9 @@ async fn marks_let_a_read_fetch_and_verify_only_a_span_prefix() {
     let err = gz.read_at(past, 5).await.unwrap_err();
     assert!(matches!(err, Error::Digest { .. }), "{err}");
     // Reads moving forward through a span: a prefix first, then the whole span.
-    let counted = Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
-        index.digest.clone(),
-        good,
-    ))));
+    let counted = Arc::new(crate::blob::counting::CountingBlob::new(Arc::new(
+        MemBlob::new(index.digest.clone(), good),
+    )));
     let gz = CheckpointBlob::new(index.clone(), counted.clone());
     let (_, o1) = index.span_output(0);
     for off in (0..o1).step_by(64 << 10) {
@@ -462,10 +460,9 @@ async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
     let (start, end) = index.span_extent(0);
     let index = Arc::new(index);
     let counted = || {
-        Arc::new(crate::stats::CountingBlob::new(Arc::new(MemBlob::new(
-            digest.clone(),
-            good.clone(),
-        ))))
+        Arc::new(crate::blob::counting::CountingBlob::new(Arc::new(
+            MemBlob::new(digest.clone(), good.clone()),
+        )))
     };
     let windows_id = index.windows.as_ref().unwrap().digest.clone();
     let windows_of = |bytes: Vec<u8>| -> Blob { Arc::new(MemBlob::new(windows_id.clone(), bytes)) };

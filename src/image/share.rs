@@ -12,9 +12,9 @@
 //! `com.amazon.soci.index-digest` annotation (so it is covered by the manifest digest), a v1
 //! index is a referrer of the image manifest. Our own published index wins over a SOCI one.
 
-use super::CheckpointIndex;
+use super::Source;
 use crate::error::{Error, Result};
-use crate::image::Source;
+use crate::layer::checkpoint::{CheckpointIndex, file, soci};
 use crate::registry::Registry;
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -29,9 +29,9 @@ pub const LAYER_ANNOTATION: &str = "io.ocifs.checkpoint-index.layer";
 /// index blobs as a JSON array of `[layer, blob digest, size]`: a mount that finds it there
 /// fetches the blobs at once, a round trip sooner than through the artifact's manifest.
 pub const BLOBS_ANNOTATION: &str = "io.ocifs.checkpoint-index.blobs";
-/// Media type of a mark windows blob pushed with an index (see the `windows` module), and the
-/// annotation naming the layer whose index names it. The index file carries the blob's
-/// digest; the artifact lists it so that the registry keeps it with the index.
+/// Media type of a mark windows blob pushed with an index (see `layer::checkpoint::windows`),
+/// and the annotation naming the layer whose index names it. The index file carries the
+/// blob's digest; the artifact lists it so that the registry keeps it with the index.
 pub const WINDOWS_MEDIA_TYPE: &str = "application/vnd.ocifs.checkpoint-windows.v1";
 pub const WINDOWS_ANNOTATION: &str = "io.ocifs.checkpoint-windows.layer";
 /// Longest such annotation read (a few hundred layers).
@@ -110,7 +110,7 @@ pub async fn discover(
         .filter_map(|m| {
             let origin = match m["artifactType"].as_str() {
                 Some(ARTIFACT_TYPE) => Origin::Ocifs,
-                Some(super::soci::INDEX_V1) => Origin::SociV1,
+                Some(soci::INDEX_V1) => Origin::SociV1,
                 _ => return None,
             };
             let digest = m["digest"].as_str()?;
@@ -177,7 +177,7 @@ async fn artifact_layers(
     for l in manifest["layers"].as_array().into_iter().flatten() {
         let layer = l["annotations"][LAYER_ANNOTATION]
             .as_str()
-            .or_else(|| l["annotations"][super::soci::LAYER_ANNOTATION].as_str());
+            .or_else(|| l["annotations"][soci::LAYER_ANNOTATION].as_str());
         if let (Some(layer), Some(d), Some(size)) =
             (layer, l["digest"].as_str(), l["size"].as_u64())
         {
@@ -211,10 +211,10 @@ pub async fn fetch(
         });
     }
     match p.origin {
-        Origin::Ocifs => Ok((super::file::decode(&data, layer)?, data)),
+        Origin::Ocifs => Ok((file::decode(&data, layer)?, data)),
         Origin::SociV1 | Origin::SociV2 => {
-            let index = super::soci::parse(&data, layer, layer_size)?;
-            let encoded = Bytes::from(super::file::encode(&index));
+            let index = soci::parse(&data, layer, layer_size)?;
+            let encoded = Bytes::from(file::encode(&index));
             Ok((index, encoded))
         }
     }
