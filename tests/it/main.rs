@@ -4,6 +4,7 @@
 
 mod builder;
 mod harness;
+mod link;
 mod oracle;
 
 mod fixtures;
@@ -15,5 +16,6 @@ mod conformance;
 mod convert;
 mod indexes;
 mod laziness;
+mod packet_link;
 mod speculation;
 mod verification;
