@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! root namespace (ocifs, skopeo)      router namespace                  server namespace
-//!   oclPID-K 10.250.N.1/30  ── veth ── cli 10.250.N.2  srv 10.250.N.5 ── veth ── 10.250.N.6:5000
+//!   oclPID-K 198.18.N.1/30 ── veth ── cli 198.18.N.2  srv 198.18.N.5 ── veth ── 198.18.N.6:5000
 //!                                        FORWARD: NFQUEUE -> wan-delay (RTT/2 each way)
 //!                                        tbf on cli and srv (the rate, a BDP of buffer)
 //! ```
@@ -17,8 +17,9 @@
 //! end (slow start, the window collapsing after idle, the server's congestion control), which
 //! the HTTP-level emulator ([`crate::harness::Proxy::with_link`]) cannot show.
 //!
-//! Everything lives in namespaces this module creates, except the root end of one veth (and
-//! its route to the server's /30); deleting the namespaces removes the veths, qdiscs and
+//! Addresses come from 198.18.0.0/15, the range set aside for benchmarking network devices
+//! (RFC 2544): nothing on a real network answers there. Everything lives in namespaces this
+//! module creates, except the root end of one veth (and its route to the server's /30); deleting the namespaces removes the veths, qdiscs and
 //! iptables rules. [`PacketLink`] tears down on drop (also while a panic unwinds); its
 //! processes die with the process that started them (`setpriv --pdeathsig`, and the delay
 //! program also when its standard input closes), and [`sweep_stale`] removes namespaces
@@ -124,7 +125,7 @@ pub fn sweep_stale() {
     }
 }
 
-/// A /24 under 10.250.0.0/16 that nothing in the root namespace uses.
+/// A /24 under 198.18.0.0/16 that nothing in the root namespace uses.
 fn free_subnet(start: u32) -> u32 {
     let out = Command::new("ip")
         .args(["-4", "-o", "addr"])
@@ -139,10 +140,10 @@ fn free_subnet(start: u32) -> u32 {
     (0..250)
         .map(|i| (start + i) % 250)
         .find(|n| {
-            let net = format!("10.250.{n}.");
+            let net = format!("198.18.{n}.");
             !out.contains(&net) && !routes.contains(&net)
         })
-        .expect("no free 10.250.N.0/24 for the link")
+        .expect("no free 198.18.N.0/24 for the link")
 }
 
 impl PacketLink {
@@ -157,7 +158,7 @@ impl PacketLink {
         let server = format!("{PREFIX}{pid}-{k}-s");
         let root_veth = format!("ocl{pid}-{k}");
         let n = free_subnet(pid + k as u32);
-        let net = |host: u32| format!("10.250.{n}.{host}");
+        let net = |host: u32| format!("198.18.{n}.{host}");
         let mut link = PacketLink {
             addr: format!("{}:5000", net(6)),
             namespaces: Vec::new(),
