@@ -181,12 +181,14 @@ pub struct Proxy {
     /// Set by [`Proxy::with_storage`]: blob GETs are redirected to a storage path.
     pub storage: Option<Arc<Storage>>,
     pub requests: Arc<AtomicU64>,
+    /// `GET /v2/` requests (a client opening connections ahead, or checking the API).
+    pub pings: Arc<AtomicU64>,
     pub blob_bytes: Arc<AtomicU64>,
     pub blob_requests: Arc<AtomicU64>,
     pub tokens_issued: Arc<AtomicU64>,
     /// Lifetime (`expires_in`) of the tokens the token endpoint issues (default 300 s).
     pub token_ttl: Arc<AtomicU64>,
-    /// 401 challenges sent to registry requests.
+    /// 401 challenges sent to registry requests (other than `GET /v2/`).
     pub challenges: Arc<AtomicU64>,
 }
 
@@ -240,6 +242,7 @@ impl Proxy {
         let token_ttl = Arc::new(AtomicU64::new(300));
         let challenges = Arc::new(AtomicU64::new(0));
         let requests = Arc::new(AtomicU64::new(0));
+        let pings = Arc::new(AtomicU64::new(0));
         let ctx = Arc::new(ProxyCtx {
             client: reqwest::blocking::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
@@ -249,6 +252,7 @@ impl Proxy {
             link,
             link_free: std::sync::Mutex::new(std::time::Instant::now()),
             requests: requests.clone(),
+            pings: pings.clone(),
             upstream: upstream.to_string(),
             addr: addr.clone(),
             creds: token_auth.map(|(u, p)| format!("{u}:{p}")),
@@ -270,6 +274,7 @@ impl Proxy {
             addr,
             storage,
             requests,
+            pings,
             blob_bytes,
             blob_requests,
             tokens_issued,
@@ -280,6 +285,7 @@ impl Proxy {
 
     pub fn reset(&self) {
         self.requests.store(0, Ordering::SeqCst);
+        self.pings.store(0, Ordering::SeqCst);
         self.blob_bytes.store(0, Ordering::SeqCst);
         self.blob_requests.store(0, Ordering::SeqCst);
     }
@@ -294,6 +300,7 @@ struct ProxyCtx {
     /// When the emulated link is next free to carry bytes.
     link_free: std::sync::Mutex<std::time::Instant>,
     requests: Arc<AtomicU64>,
+    pings: Arc<AtomicU64>,
     upstream: String,
     addr: String,
     creds: Option<String>,
@@ -332,6 +339,10 @@ impl ProxyCtx {
                     .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
             })
             .collect();
+        let ping = method == "GET" && target == "/v2/";
+        if ping {
+            self.pings.fetch_add(1, Ordering::SeqCst);
+        }
         let header = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
         let mut body_in = vec![
             0u8;
@@ -384,7 +395,9 @@ impl ProxyCtx {
             }
             let ok = header("authorization").is_some_and(|a| a.starts_with("Bearer tok-"));
             if !ok {
-                self.challenges.fetch_add(1, Ordering::SeqCst);
+                if !ping {
+                    self.challenges.fetch_add(1, Ordering::SeqCst);
+                }
                 let challenge = format!(
                     "Bearer realm=\"http://{}/token\",service=\"test\",scope=\"repository:x:pull\"",
                     self.addr

@@ -13,6 +13,7 @@ mod stats;
 mod auth;
 mod cli;
 mod conformance;
+mod connections;
 mod convert;
 mod indexes;
 mod laziness;
