@@ -185,6 +185,9 @@ pub struct Proxy {
     pub pings: Arc<AtomicU64>,
     pub blob_bytes: Arc<AtomicU64>,
     pub blob_requests: Arc<AtomicU64>,
+    /// The most blob GETs under way at once since the last reset.
+    pub blob_in_flight_max: Arc<AtomicU64>,
+    blob_in_flight: Arc<AtomicU64>,
     pub tokens_issued: Arc<AtomicU64>,
     /// Lifetime (`expires_in`) of the tokens the token endpoint issues (default 300 s).
     pub token_ttl: Arc<AtomicU64>,
@@ -238,6 +241,8 @@ impl Proxy {
         let addr = listener.local_addr().unwrap().to_string();
         let blob_bytes = Arc::new(AtomicU64::new(0));
         let blob_requests = Arc::new(AtomicU64::new(0));
+        let blob_in_flight = Arc::new(AtomicU64::new(0));
+        let blob_in_flight_max = Arc::new(AtomicU64::new(0));
         let tokens_issued = Arc::new(AtomicU64::new(0));
         let token_ttl = Arc::new(AtomicU64::new(300));
         let challenges = Arc::new(AtomicU64::new(0));
@@ -258,6 +263,8 @@ impl Proxy {
             creds: token_auth.map(|(u, p)| format!("{u}:{p}")),
             blob_bytes: blob_bytes.clone(),
             blob_requests: blob_requests.clone(),
+            blob_in_flight: blob_in_flight.clone(),
+            blob_in_flight_max: blob_in_flight_max.clone(),
             tokens_issued: tokens_issued.clone(),
             token_ttl: token_ttl.clone(),
             challenges: challenges.clone(),
@@ -277,6 +284,8 @@ impl Proxy {
             pings,
             blob_bytes,
             blob_requests,
+            blob_in_flight_max,
+            blob_in_flight,
             tokens_issued,
             token_ttl,
             challenges,
@@ -288,6 +297,8 @@ impl Proxy {
         self.pings.store(0, Ordering::SeqCst);
         self.blob_bytes.store(0, Ordering::SeqCst);
         self.blob_requests.store(0, Ordering::SeqCst);
+        let now = self.blob_in_flight.load(Ordering::SeqCst);
+        self.blob_in_flight_max.store(now, Ordering::SeqCst);
     }
 }
 
@@ -306,9 +317,20 @@ struct ProxyCtx {
     creds: Option<String>,
     blob_bytes: Arc<AtomicU64>,
     blob_requests: Arc<AtomicU64>,
+    blob_in_flight: Arc<AtomicU64>,
+    blob_in_flight_max: Arc<AtomicU64>,
     tokens_issued: Arc<AtomicU64>,
     token_ttl: Arc<AtomicU64>,
     challenges: Arc<AtomicU64>,
+}
+
+/// Counts a blob GET as under way while it lives.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl ProxyCtx {
@@ -479,6 +501,11 @@ impl ProxyCtx {
         );
         let head = method == "HEAD";
         let blob_get = method == "GET" && target.contains("/blobs/");
+        let _in_flight = blob_get.then(|| {
+            let now = self.blob_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.blob_in_flight_max.fetch_max(now, Ordering::SeqCst);
+            InFlight(&self.blob_in_flight)
+        });
         if blob_get {
             self.blob_requests.fetch_add(1, Ordering::SeqCst);
         }

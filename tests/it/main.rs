@@ -18,5 +18,6 @@ mod convert;
 mod indexes;
 mod laziness;
 mod packet_link;
+mod scheduling;
 mod speculation;
 mod verification;
