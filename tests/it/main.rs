@@ -3,6 +3,7 @@
 
 mod builder;
 mod harness;
+mod hostile;
 mod oracle;
 
 use builder::{Enc, Item, encode, file, layout, noise, push};

@@ -1,0 +1,98 @@
+//! Layers as real producers write them, where they differ from what our own encoders make:
+//! files sized only by a PAX `size` record (Go's archive/tar and Python's tarfile past
+//! 8 GiB). Each image is pushed to the registry, mounted and compared with GNU tar's
+//! extraction of the same tars.
+
+use crate::builder::{self, Enc, EncodedLayer, encode, noise};
+use crate::harness::{Mount, Registry, TempDir, require};
+use crate::oracle;
+
+const TOOLS: &[&str] = &["docker-registry", "skopeo", "tar", "zstd"];
+
+/// Pushes `layers` as one image, mounts it with `flags` and checks it against the oracle.
+/// Returns the mount (and what must outlive it).
+fn mount_and_compare(layers: &[EncodedLayer], flags: &[&str]) -> (Mount, Registry, TempDir) {
+    let reg = Registry::start(None);
+    let work = TempDir::new("hostile");
+    let dir = builder::layout(
+        &work.path().join("layout"),
+        "v1",
+        &[("linux", "amd64", None, layers)],
+    );
+    builder::push(&dir, "v1", &reg.addr, "hostile/image", None);
+    let expected_root = work.path().join("expected");
+    let tars: Vec<&[u8]> = layers.iter().map(|l| l.tar.as_slice()).collect();
+    oracle::extract(&tars, &expected_root);
+    let m = Mount::new(&format!("{}/hostile/image:v1", reg.addr), flags, &[]);
+    oracle::assert_same(
+        &oracle::snapshot(&expected_root),
+        &oracle::snapshot(m.path()),
+    );
+    (m, reg, work)
+}
+
+/// A tar whose file `name` is sized only by a PAX `size` record, as Go writes a file past
+/// 8 GiB: a PAX header, then a ustar header whose size field is 0. A file follows it.
+fn pax_sized_tar(dir: &str, name: &str, data: &[u8]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut d = tar::Header::new_ustar();
+    d.set_entry_type(tar::EntryType::Directory);
+    d.set_size(0);
+    d.set_mode(0o755);
+    d.set_mtime(1_700_000_000);
+    d.set_uid(0);
+    d.set_gid(0);
+    b.append_data(&mut d, dir, &[][..]).unwrap();
+    let size = data.len().to_string();
+    b.append_pax_extensions([("size", size.as_bytes())])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_path(format!("{dir}/{name}")).unwrap();
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_mtime(1_700_000_000);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_cksum();
+    let mut tar = b.into_inner().unwrap();
+    tar.truncate(tar.len() - 1024); // the end-of-archive blocks
+    tar.extend_from_slice(h.as_bytes());
+    tar.extend_from_slice(data);
+    tar.resize(tar.len().div_ceil(512) * 512, 0);
+    let mut b = tar::Builder::new(tar);
+    let mut f = tar::Header::new_ustar();
+    f.set_size(6);
+    f.set_mode(0o644);
+    f.set_mtime(1_700_000_000);
+    f.set_uid(0);
+    f.set_gid(0);
+    b.append_data(&mut f, format!("{dir}/after"), &b"after\n"[..])
+        .unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn files_sized_only_by_a_pax_record_read_back_from_tar_gzip_and_zstd() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    // 20 MiB: more than the 16 MiB an entry's headers may take, which is what the data
+    // was once counted against. One layer per tar walk: a blob's headers read by range
+    // (tar), a stream indexed in one pass (gzip), a stream unpacked to a local tar (zstd).
+    let data = noise(20 << 20, 41);
+    let layers: Vec<_> = [("t", Enc::Tar), ("g", Enc::Gzip), ("z", Enc::Zstd)]
+        .into_iter()
+        .map(|(dir, enc)| encode(pax_sized_tar(dir, "big", &data), enc))
+        .collect();
+    let (m, _reg, _work) = mount_and_compare(&layers, &[]);
+    for dir in ["t", "g", "z"] {
+        let f = std::fs::File::open(m.path().join(dir).join("big")).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 20 << 20);
+        let mut end = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut end, (20 << 20) - 4096).unwrap();
+        assert!(
+            end == data[data.len() - 4096..],
+            "{dir}/big: its last bytes"
+        );
+    }
+}
