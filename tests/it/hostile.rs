@@ -1,13 +1,15 @@
 //! Layers as real producers write them, where they differ from what our own encoders make:
 //! files sized only by a PAX `size` record (Go's archive/tar and Python's tarfile past
-//! 8 GiB). Each image is pushed to the registry, mounted and compared with GNU tar's
-//! extraction of the same tars.
+//! 8 GiB), and zstd:chunked from stargz-snapshotter's compressor (no `endOffset`, no size on
+//! a file's last chunk, eStargz landmarks). Each image is pushed to the registry, mounted and
+//! compared with GNU tar's extraction of the same tars.
 
-use crate::builder::{self, Enc, EncodedLayer, encode, noise};
-use crate::harness::{Mount, Registry, TempDir, require};
+use crate::builder::{self, Enc, EncodedLayer, Item, encode, file, noise};
+use crate::harness::{Mount, Registry, TempDir, ocifs, require};
 use crate::oracle;
+use std::process::Command;
 
-const TOOLS: &[&str] = &["docker-registry", "skopeo", "tar", "zstd"];
+const TOOLS: &[&str] = &["docker-registry", "skopeo", "tar", "zstd", "go"];
 
 /// Pushes `layers` as one image, mounts it with `flags` and checks it against the oracle.
 /// Returns the mount (and what must outlive it).
@@ -95,4 +97,82 @@ fn files_sized_only_by_a_pax_record_read_back_from_tar_gzip_and_zstd() {
             "{dir}/big: its last bytes"
         );
     }
+}
+
+/// `tar` encoded by stargz-snapshotter's own zstd:chunked compressor (estargz.Build with
+/// zstdchunked.Compressor, 64 KiB chunks), annotated as it annotates the layer.
+fn stargz_zstd_chunked(tar: Vec<u8>, first: &[&str]) -> EncodedLayer {
+    let dir = TempDir::new("zstd-chunked");
+    let path = dir.path().join("layer.tar");
+    std::fs::write(&path, &tar).unwrap();
+    let out = Command::new(builder::estargz_tool())
+        .arg("--zstd-chunked")
+        .arg(&path)
+        .arg(first.join(","))
+        .output()
+        .unwrap();
+    let meta = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "estargz-build --zstd-chunked: {meta}");
+    // "<toc digest> <diff id> <manifest checksum> <manifest position>"
+    let meta: Vec<&str> = meta.split_whitespace().collect();
+    assert_eq!(meta.len(), 4, "{meta:?}");
+    let key = |k: &str| format!("io.containers.zstd-chunked.{k}");
+    EncodedLayer {
+        blob: out.stdout,
+        media_type: "application/vnd.oci.image.layer.v1.tar+zstd",
+        annotations: vec![
+            (key("manifest-checksum"), meta[2].to_string()),
+            (key("manifest-position"), meta[3].to_string()),
+        ],
+        tar,
+    }
+}
+
+#[test]
+fn zstd_chunked_from_stargz_snapshotters_compressor_mounts_like_its_tar() {
+    if !require(TOOLS, true) {
+        return;
+    }
+    let lower = builder::tar(&[
+        Item::Dir("bin", 0o755),
+        // Several chunks, the last one short; exactly two chunks (the last one sized); one.
+        Item::File("bin/tool".into(), noise(300_000, 1), 0o4755),
+        file("bin/exact", noise(128 << 10, 2)),
+        file("bin/small", "small\n"),
+        Item::Symlink("bin/sh", "tool"),
+        Item::Hardlink("bin/tool-link", "bin/tool"),
+        file("empty", ""),
+        Item::Fifo("fifo"),
+        Item::Owned(
+            "owned",
+            b"x".to_vec(),
+            1234,
+            5678,
+            vec![("user.comment", b"hello\0bin")],
+        ),
+        Item::Dir("gone", 0o755),
+        file("gone/x", "x"),
+        file("last", noise(70_000, 3)),
+    ]);
+    let upper = builder::tar(&[
+        file(".wh.gone", ""),
+        // (The directory too: GNU tar would leave it the extraction's time.)
+        Item::Dir("bin", 0o755),
+        file("bin/small", "replaced\n"),
+        file("app.py", noise(90_000, 4)),
+    ]);
+    let layers = [
+        stargz_zstd_chunked(lower, &[]),
+        stargz_zstd_chunked(upper, &["app.py"]),
+    ];
+    let (m, _reg, _work) = mount_and_compare(&layers, &["--verify", "strict"]);
+    assert!(m.ready.contains("zstd:chunked"), "{}", m.ready);
+    // The upper layer's prioritized file (before `.prefetch.landmark`) is prefetched.
+    let (ok, out, err) = ocifs(&["stats", "--json", m.path().to_str().unwrap()], &[]);
+    assert!(ok, "stats: {err}");
+    let stats: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert!(
+        stats["prefetch"]["totalBytes"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
 }
