@@ -100,15 +100,15 @@ fn errno(e: &crate::Error) -> Errno {
     Errno::from_i32(e.errno())
 }
 
-/// Directory listing with `.` and `..` first; offsets are positions in this list.
-fn dir_entries(fs: &OcifsFs, ino: u64) -> Result<Vec<(u64, String)>, Errno> {
-    let n = fs.node(INodeNo(ino))?;
-    if n.kind != Kind::Dir {
-        return Err(Errno::ENOTDIR);
-    }
-    let mut out = vec![(ino, ".".to_string()), (n.parent, "..".to_string())];
-    out.extend(n.children.iter().map(|(name, &c)| (c, name.clone())));
-    Ok(out)
+/// Directory `ino` listed from `offset` on (see [`crate::tree::Tree::list`]): entries with
+/// the offset to resume after each.
+fn listing(
+    fs: &OcifsFs,
+    ino: INodeNo,
+    offset: u64,
+) -> Result<impl Iterator<Item = (u64, &str, u64)>, Errno> {
+    fs.node(ino)?;
+    fs.image.tree.list(ino.into(), offset).ok_or(Errno::ENOTDIR)
 }
 
 impl Filesystem for OcifsFs {
@@ -212,18 +212,18 @@ impl Filesystem for OcifsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match dir_entries(self, ino.into()) {
+        let entries = match listing(self, ino, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
         };
-        for (i, (child, name)) in entries.iter().enumerate().skip(offset as usize) {
+        for (child, name, next) in entries {
             let kind = self
                 .served
                 .image
                 .tree
-                .get(*child)
+                .get(child)
                 .map_or(FileType::Directory, |n| file_type(n.kind));
-            if reply.add(INodeNo(*child), (i + 1) as u64, kind, name) {
+            if reply.add(INodeNo(child), next, kind, name) {
                 break;
             }
         }
@@ -238,20 +238,20 @@ impl Filesystem for OcifsFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match dir_entries(self, ino.into()) {
+        let entries = match listing(self, ino, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
         };
-        for (i, (child, name)) in entries.iter().enumerate().skip(offset as usize) {
-            let Some(n) = self.served.image.tree.get(*child) else {
+        for (child, name, next) in entries {
+            let Some(n) = self.served.image.tree.get(child) else {
                 continue;
             };
             if reply.add(
-                INodeNo(*child),
-                (i + 1) as u64,
+                INodeNo(child),
+                next,
                 name,
                 &TTL,
-                &attr(*child, n),
+                &attr(child, n),
                 Generation(0),
             ) {
                 break;

@@ -22,7 +22,8 @@ pub const FOOTER_SIZE: u64 = 51;
 const LEGACY_FOOTER_SIZE: u64 = 47;
 /// TOCs larger than this (uncompressed) are refused.
 const MAX_TOC: u64 = 256 << 20;
-const HIDDEN: [&str; 3] = [
+/// Names eStargz writers add that readers hide (stargz-snapshotter's zstd:chunked too).
+pub(super) const HIDDEN: [&str; 3] = [
     "stargz.index.json",
     ".prefetch.landmark",
     ".no.prefetch.landmark",

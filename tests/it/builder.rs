@@ -151,11 +151,12 @@ fn pipe(cmd: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
 }
 
 /// The Go helper built from tests/tools/estargz-build (scripts/test builds it; we build it
-/// here too when missing).
+/// here too when missing or older than its source).
 pub fn estargz_tool() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tools/estargz-build");
     let bin = dir.join("estargz-build");
-    if !bin.exists() {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if modified(&bin) < modified(&dir.join("main.go")) {
         let st = Command::new("go")
             .args(["build", "-o", "estargz-build", "."])
             .current_dir(&dir)

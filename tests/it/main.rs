@@ -4,6 +4,7 @@
 
 mod builder;
 mod harness;
+mod hostile;
 mod oracle;
 
 mod fixtures;
