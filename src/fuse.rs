@@ -108,7 +108,11 @@ fn listing(
     offset: u64,
 ) -> Result<impl Iterator<Item = (u64, &str, u64)>, Errno> {
     fs.node(ino)?;
-    fs.image.tree.list(ino.into(), offset).ok_or(Errno::ENOTDIR)
+    fs.served
+        .image
+        .tree
+        .list(ino.into(), offset)
+        .ok_or(Errno::ENOTDIR)
 }
 
 impl Filesystem for OcifsFs {

@@ -299,7 +299,9 @@ impl Speculator {
 
     /// Queues the configured command's program and the files its arguments name.
     fn predict_command(&self, image: &Image) {
-        let Some((program, files)) = command::predict(image, self.cfg.command_args) else {
+        let predicted =
+            command::predict(&image.resolved.config, &image.tree, self.cfg.command_args);
+        let Some((program, files)) = predicted else {
             return;
         };
         let mut queued = usize::from(self.queue_program(program));

@@ -1,9 +1,9 @@
 //! Verification of a layer served through an index from the registry: a hostile index is
 //! refused or found out, an honest one passes.
 
-use crate::blob::{Blob, BlobSource, MemBlob, ReadHints};
+use crate::blob::{Blob, BlobSource, MemBlob};
 use crate::layer::Entry;
-use crate::layer::checkpoint::tests::{gzip, sample_tar};
+use crate::layer::checkpoint::tests::{gzip, sample_tar, sample_tar_of};
 use crate::layer::checkpoint::{CheckpointBlob, CheckpointIndex, Codec, file};
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,4 +146,3 @@ async fn the_honest_index_passes_verification() {
         "{health:?}"
     );
 }
-

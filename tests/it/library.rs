@@ -24,7 +24,11 @@ fn the_library_mounts_serves_and_unmounts_an_image() {
         .map(|(t, e)| encode(t, e))
         .collect();
     let work = env.work.path();
-    let dir = layout(&work.join("layout"), "v1", &[("linux", "amd64", None, &layers)]);
+    let dir = layout(
+        &work.join("layout"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+    );
     let (_, expected) = expected_tree(&env.work, &layers);
     let mountpoint = work.join("mnt");
     std::fs::create_dir_all(&mountpoint).unwrap();

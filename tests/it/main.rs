@@ -16,5 +16,6 @@ mod conformance;
 mod convert;
 mod indexes;
 mod laziness;
+mod library;
 mod speculation;
 mod verification;

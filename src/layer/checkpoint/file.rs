@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"OCIFSGZI";
 /// The version written.
-pub(super) const VERSION: u32 = 4;
+pub(crate) const VERSION: u32 = 4;
 /// The oldest version still read.
 const OLDEST: u32 = 2;
 /// Decompressed payloads larger than this are refused.
@@ -160,7 +160,7 @@ pub fn encode(index: &CheckpointIndex) -> Vec<u8> {
 }
 
 /// The file around a raw payload: header, checksum, compressed payload.
-pub(super) fn frame(version: u32, raw: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(version: u32, raw: &[u8]) -> Vec<u8> {
     let payload = zstd::bulk::compress(raw, 3).expect("zstd compression of an in-memory buffer");
     let mut out = Vec::with_capacity(payload.len() + 52);
     out.extend_from_slice(MAGIC);

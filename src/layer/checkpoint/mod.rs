@@ -478,4 +478,4 @@ impl Pass {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -210,3 +210,6 @@ pub async fn verify_layers(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
