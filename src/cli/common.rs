@@ -203,3 +203,26 @@ pub fn chain(e: &anyhow::Error) -> String {
         .collect::<Vec<_>>()
         .join(": ")
 }
+
+/// Mount options beyond opening the image.
+pub struct MountExtras {
+    pub record: Option<PathBuf>,
+    pub prefetch: Option<PathBuf>,
+    pub no_prefetch: bool,
+    pub no_whole_files: bool,
+    /// Layers of at most this many compressed bytes are fetched whole at mount (0: none).
+    pub small_layers: u64,
+    pub no_local_copy: bool,
+}
+
+impl MountExtras {
+    /// The speculation these options ask for (every other limit at its default).
+    pub fn speculate_config(&self) -> ocifs::speculate::SpeculateConfig {
+        ocifs::speculate::SpeculateConfig {
+            guesses: !self.no_whole_files,
+            landmarks: !self.no_prefetch,
+            small_layers: self.small_layers,
+            ..Default::default()
+        }
+    }
+}

@@ -10,6 +10,7 @@ mod commands;
 mod common;
 mod index;
 mod mount;
+mod run;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -147,6 +148,40 @@ enum Cmd {
         common: Common,
         repository: String,
     },
+    /// Run the image's command (or ARGS in place of its Cmd) from a lazy mount, as a runtime
+    /// would (its root, Env, WorkingDir and User; /proc, /dev, /sys and /etc/resolv.conf of
+    /// the host bound in), pass its input, output and exit status through, unmount, and
+    /// print one summary of the start on stderr. Needs root.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Write the ordered list of file ranges read to FILE (for --prefetch or
+        /// `ocifs convert --profile`).
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
+        /// Prefetch the ranges of a recorded profile in the background, in order.
+        #[arg(long, value_name = "FILE")]
+        prefetch: Option<PathBuf>,
+        /// Do not prefetch eStargz prioritized files.
+        #[arg(long)]
+        no_prefetch: bool,
+        /// Do not fetch files whole, what programs load, or directories together.
+        #[arg(long)]
+        no_whole_files: bool,
+        /// Fetch layers of at most this many compressed bytes whole at mount (0: none).
+        #[arg(long, default_value = "16MiB")]
+        small_layers: ByteSize,
+        /// Do not copy verified layers' files locally.
+        #[arg(long)]
+        no_local_copy: bool,
+        /// Print the summary as one JSON object (on stderr; stdout is the command's).
+        #[arg(long)]
+        json: bool,
+        reference: String,
+        /// The command line to run instead of the image's Cmd (after the Entrypoint).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Entry point: runs the command, prints one clear error line on failure.
@@ -197,7 +232,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             mountpoint,
         } => {
             if foreground || daemon_child {
-                let extras = mount::MountExtras {
+                let extras = common::MountExtras {
                     record,
                     prefetch,
                     no_prefetch,
@@ -261,6 +296,28 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             chunk_size.0,
         ))?
         .map(|_| ExitCode::SUCCESS),
+        Cmd::Run {
+            common,
+            record,
+            prefetch,
+            no_prefetch,
+            no_whole_files,
+            small_layers,
+            no_local_copy,
+            json,
+            reference,
+            args,
+        } => {
+            let extras = common::MountExtras {
+                record,
+                prefetch,
+                no_prefetch,
+                no_whole_files,
+                small_layers: small_layers.0,
+                no_local_copy,
+            };
+            run::run(&common, &reference, &args, extras, json)
+        }
         Cmd::Tags { common, repository } => block_on(async {
             let (source, _, _) = common.source(&repository)?;
             for t in source.tags().await? {

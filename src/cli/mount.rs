@@ -2,24 +2,12 @@
 //! the background work (verification, prefetch), serve until unmounted, write the profile.
 //! Without `--foreground`, re-execute as a detached daemon and wait for its ready line.
 
-use super::common::{Common, block_on, chain, control_socket, progress};
+use super::common::{Common, MountExtras, block_on, chain, control_socket, progress};
 use anyhow::{Context, Result, bail};
 use ocifs::daemon::MountOptions;
-use ocifs::speculate::SpeculateConfig;
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitCode, Stdio};
-
-/// Mount options beyond opening the image.
-pub struct MountExtras {
-    pub record: Option<PathBuf>,
-    pub prefetch: Option<PathBuf>,
-    pub no_prefetch: bool,
-    pub no_whole_files: bool,
-    /// Layers of at most this many compressed bytes are fetched whole at mount (0: none).
-    pub small_layers: u64,
-    pub no_local_copy: bool,
-}
 
 /// Tells the waiting parent (daemon child) or the user (foreground) that the mount is ready.
 fn announce(child: bool, line: &str) {
@@ -49,12 +37,7 @@ pub fn mount_here(
 ) -> Result<ExitCode> {
     block_on(async {
         let cfg = common.open_config()?;
-        let spec = SpeculateConfig {
-            guesses: !extras.no_whole_files,
-            landmarks: !extras.no_prefetch,
-            small_layers: extras.small_layers,
-            ..SpeculateConfig::default()
-        };
+        let spec = extras.speculate_config();
         let opts = MountOptions {
             mountpoint: mountpoint.to_path_buf(),
             fsname: String::new(),

@@ -7,6 +7,7 @@
 
 pub mod control;
 pub mod kernel;
+pub mod run;
 
 pub use control::fetch_stats;
 pub use kernel::{CONVERGED_READAHEAD_KIB, check_mountpoint, raise_readahead, unmount};

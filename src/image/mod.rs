@@ -4,6 +4,7 @@
 
 pub mod manifest;
 mod open;
+pub mod runconfig;
 pub mod share;
 pub mod source;
 

@@ -7,12 +7,9 @@
 //! Python script, a configuration file). A mount queues them for the background fetcher as
 //! soon as it is ready, so the first round trips of the start are already under way.
 
+use crate::image::runconfig::{DEFAULT_PATH, RunConfig};
 use crate::layer::Kind;
 use crate::tree::Tree;
-use serde_json::Value;
-
-/// The search path when the config sets none (what Docker and containerd use).
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The command an image config names: program, arguments, search path, working directory.
 #[derive(Debug, PartialEq, Eq)]
@@ -22,35 +19,17 @@ pub struct Command {
     pub workdir: String,
 }
 
-/// Reads `Entrypoint`, `Cmd`, `Env` (`PATH`) and `WorkingDir` from an image config; `None`
-/// when it names no command or is not JSON.
+/// The command an image config names (see [`RunConfig`]); `None` when it names none.
 pub fn from_config(config: &[u8]) -> Option<Command> {
-    let v: Value = serde_json::from_slice(config).ok()?;
-    let c = &v["config"];
-    let strings = |key: &str| -> Vec<String> {
-        c[key]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let mut argv = strings("Entrypoint");
-    argv.extend(strings("Cmd"));
+    let run = RunConfig::parse(config);
+    let argv = run.argv(&[]);
     if argv.first().is_none_or(|p| p.is_empty()) {
         return None;
     }
-    let path = strings("Env")
-        .iter()
-        .find_map(|e| e.strip_prefix("PATH=").map(str::to_string))
-        .unwrap_or_else(|| DEFAULT_PATH.to_string());
-    let workdir = c["WorkingDir"].as_str().unwrap_or("/").to_string();
     Some(Command {
         argv,
-        path,
-        workdir,
+        path: run.path().to_string(),
+        workdir: run.working_dir.clone(),
     })
 }
 

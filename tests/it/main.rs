@@ -17,5 +17,6 @@ mod convert;
 mod indexes;
 mod laziness;
 mod library;
+mod run;
 mod speculation;
 mod verification;
