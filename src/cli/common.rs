@@ -53,6 +53,11 @@ pub struct Common {
 
 impl Common {
     /// The typed configuration for opening images.
+    /// Whether `--platform` was given (else the host's platform is chosen).
+    pub fn platform_given(&self) -> bool {
+        self.platform.is_some()
+    }
+
     pub fn open_config(&self) -> Result<OpenConfig> {
         let platform = match &self.platform {
             Some(p) => Platform::parse(p)?,

@@ -6,6 +6,7 @@
 //! configuration, credentials); the commands themselves are in `commands.rs`, `mount.rs` and
 //! `index.rs`, which use `common.rs` and nothing else of the CLI.
 
+mod browse;
 mod commands;
 mod common;
 mod index;
@@ -147,6 +148,59 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
         repository: String,
+    },
+    /// Write the raw manifest REF names (an image index for a multi-platform image, unless
+    /// --platform picks one of its images), like `crane manifest`.
+    Manifest {
+        #[command(flatten)]
+        common: Common,
+        reference: String,
+    },
+    /// Write the raw config of the image (for the chosen platform), like `crane config`.
+    Config {
+        #[command(flatten)]
+        common: Common,
+        reference: String,
+    },
+    /// Print the digest of what REF names (the index of a multi-platform image, or with
+    /// --platform the chosen image's manifest), like `crane digest`.
+    Digest {
+        #[command(flatten)]
+        common: Common,
+        reference: String,
+    },
+    /// Write the image's merged file system (layers applied, whiteouts removed) as one tar
+    /// stream, like `crane export`. Example: `ocifs export alpine -o alpine.tar`.
+    Export {
+        #[command(flatten)]
+        common: Common,
+        /// Write to FILE instead of stdout.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+        reference: String,
+    },
+    /// Verify every layer of the image against its digest, then extract the merged file
+    /// system into DIR (created if missing, must be empty). Example: `ocifs pull alpine ./root`.
+    Pull {
+        #[command(flatten)]
+        common: Common,
+        reference: String,
+        dir: PathBuf,
+    },
+    /// List the paths added (A), removed (D) and changed (M, with the attributes that changed)
+    /// from REF1's merged file system to REF2's, reading only indexes and TOCs unless
+    /// --content. Example: `ocifs diff app:v1 app:v2`.
+    Diff {
+        #[command(flatten)]
+        common: Common,
+        /// Also compare the bytes of files whose metadata match (fetches them).
+        #[arg(long)]
+        content: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        reference1: String,
+        reference2: String,
     },
     /// Run the image's command (or ARGS in place of its Cmd) from a lazy mount, as a runtime
     /// would (its root, Env, WorkingDir and User; /proc, /dev, /sys and /etc/resolv.conf of
@@ -318,6 +372,40 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             };
             run::run(&common, &reference, &args, extras, json)
         }
+        Cmd::Manifest { common, reference } => {
+            block_on(browse::manifest(&common, &reference))?.map(|_| ExitCode::SUCCESS)
+        }
+        Cmd::Config { common, reference } => {
+            block_on(browse::config(&common, &reference))?.map(|_| ExitCode::SUCCESS)
+        }
+        Cmd::Digest { common, reference } => {
+            block_on(browse::digest(&common, &reference))?.map(|_| ExitCode::SUCCESS)
+        }
+        Cmd::Export {
+            common,
+            output,
+            reference,
+        } => block_on(browse::export(&common, &reference, output.as_deref()))?
+            .map(|_| ExitCode::SUCCESS),
+        Cmd::Pull {
+            common,
+            reference,
+            dir,
+        } => block_on(browse::pull(&common, &reference, &dir))?.map(|_| ExitCode::SUCCESS),
+        Cmd::Diff {
+            common,
+            content,
+            json,
+            reference1,
+            reference2,
+        } => block_on(browse::diff(
+            &common,
+            &reference1,
+            &reference2,
+            content,
+            json,
+        ))?
+        .map(|_| ExitCode::SUCCESS),
         Cmd::Tags { common, repository } => block_on(async {
             let (source, _, _) = common.source(&repository)?;
             for t in source.tags().await? {

@@ -2,6 +2,7 @@
 //! that `mount`, `ls` and `cat` all read through. What a mount adds on top (statistics, local
 //! copies, speculation) is in [`crate::serve`] and [`crate::speculate`].
 
+pub mod export;
 pub mod manifest;
 mod open;
 pub mod runconfig;

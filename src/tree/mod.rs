@@ -11,6 +11,7 @@
 //! a directory takes time linear in its size however many calls the kernel splits it into.
 
 mod build;
+pub mod diff;
 
 use crate::layer::{Entry, Kind, Locator};
 

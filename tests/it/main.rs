@@ -11,6 +11,7 @@ mod fixtures;
 mod stats;
 
 mod auth;
+mod browse;
 mod cli;
 mod conformance;
 mod convert;
