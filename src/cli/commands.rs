@@ -5,28 +5,11 @@ use anyhow::{Context, Result, anyhow, bail};
 use ocifs::image::Source;
 use ocifs::layer::{Format, Kind};
 use ocifs::stats::MountStats;
-use ocifs::tree::{Node, Tree};
+use ocifs::tree::Tree;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// `ocifs ls`: lists `path` (default: the root) of an image without mounting it.
-pub async fn ls(
-    common: &Common,
-    reference: &str,
-    path: Option<String>,
-    long: bool,
-    recursive: bool,
-) -> Result<()> {
-    let image = open(common, reference).await?;
-    let path = path.unwrap_or_default();
-    let ino = follow(&image.tree, &path)?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    list(&image.tree, ino, &clean(&path), long, recursive, &mut out)?;
-    out.flush()?;
-    Ok(())
-}
 
 /// `ocifs cat`: one file's bytes to stdout.
 pub async fn cat(common: &Common, reference: &str, path: &str) -> Result<()> {
@@ -53,93 +36,12 @@ pub async fn stats(mountpoint: &std::path::Path, json: bool) -> Result<()> {
     print_stats(&stats, json)
 }
 
-fn clean(path: &str) -> String {
-    path.split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
 /// Resolves a path inside the image, following symlinks, never leaving the image.
 fn follow(tree: &Tree, path: &str) -> Result<u64> {
     tree.follow(path).map_err(|e| anyhow!("{path}: {e}"))
 }
 
 /// `ls` output; with `-l`: `mode uid gid size mtime path [-> target]`.
-fn list(
-    tree: &Tree,
-    ino: u64,
-    path: &str,
-    long: bool,
-    recursive: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    let node = tree.get(ino).unwrap();
-    if node.kind != Kind::Dir {
-        return line(out, node, path, long);
-    }
-    for (name, &child) in &node.children {
-        let p = if path.is_empty() {
-            name.clone()
-        } else {
-            format!("{path}/{name}")
-        };
-        let c = tree.get(child).unwrap();
-        line(out, c, if recursive { &p } else { name }, long)?;
-        if recursive && c.kind == Kind::Dir {
-            list_children(tree, child, &p, long, out)?;
-        }
-    }
-    Ok(())
-}
-
-fn list_children(
-    tree: &Tree,
-    ino: u64,
-    path: &str,
-    long: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    for (name, &child) in &tree.get(ino).unwrap().children {
-        let p = format!("{path}/{name}");
-        let c = tree.get(child).unwrap();
-        line(out, c, &p, long)?;
-        if c.kind == Kind::Dir {
-            list_children(tree, child, &p, long, out)?;
-        }
-    }
-    Ok(())
-}
-
-fn line(out: &mut impl Write, n: &Node, name: &str, long: bool) -> Result<()> {
-    if !long {
-        writeln!(out, "{name}")?;
-        return Ok(());
-    }
-    let t = match n.kind {
-        Kind::Dir => 'd',
-        Kind::Symlink => 'l',
-        Kind::Char => 'c',
-        Kind::Block => 'b',
-        Kind::Fifo => 'p',
-        Kind::File | Kind::Hardlink => '-',
-    };
-    write!(
-        out,
-        "{t}{:04o} {} {} {} {} {name}",
-        n.mode & 0o7777,
-        n.uid,
-        n.gid,
-        n.size,
-        n.mtime.0
-    )?;
-    if let Some(l) = &n.link {
-        write!(out, " -> {l}")?;
-    }
-    writeln!(out)?;
-    Ok(())
-}
-
 pub async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
     let (source, what, display) = common.source(reference)?;
     let cfg = common.open_config()?;

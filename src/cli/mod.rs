@@ -10,6 +10,7 @@ mod browse;
 mod commands;
 mod common;
 mod index;
+mod ls;
 mod mount;
 mod run;
 
@@ -90,17 +91,28 @@ enum Cmd {
         reference: String,
     },
     /// List files of an image without mounting it.
+    ///
+    /// Paths are absolute, in name order. Examples: `ocifs ls -l alpine /etc`,
+    /// `ocifs ls -R --json alpine /usr/lib`.
     Ls {
         #[command(flatten)]
         common: Common,
-        /// Long format: mode, owner, size, mtime, link target.
+        /// Long format, as `tar -tv`: mode, owner/group, size, mtime (UTC), path, link target.
         #[arg(short = 'l')]
         long: bool,
         /// Recurse into directories.
         #[arg(short = 'R')]
         recursive: bool,
+        /// List a directory itself, not its contents.
+        #[arg(short = 'd')]
+        directory: bool,
+        /// Machine-readable output: one object per path.
+        #[arg(long)]
+        json: bool,
         reference: String,
-        path: Option<String>,
+        /// Paths in the image (default: its root). A symlink given last is listed, not
+        /// followed, unless the path ends with `/`.
+        paths: Vec<String>,
     },
     /// Write one file of an image to stdout.
     Cat {
@@ -315,10 +327,19 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             common,
             long,
             recursive,
+            directory,
+            json,
             reference,
-            path,
-        } => block_on(commands::ls(&common, &reference, path, long, recursive))?
-            .map(|_| ExitCode::SUCCESS),
+            paths,
+        } => {
+            let o = ls::LsOptions {
+                long,
+                recursive,
+                directory,
+                json,
+            };
+            block_on(ls::ls(&common, &reference, &paths, &o))?.map(|_| ExitCode::SUCCESS)
+        }
         Cmd::Cat {
             common,
             reference,

@@ -41,6 +41,35 @@ fn export_pull_and_the_raw_verbs_agree_with_the_oracle() {
         out
     };
 
+    // `ls -l` as `tar -tv` prints it; `-d`; a symlink given last is not followed; JSON.
+    let ls = |extra: &[&str]| String::from_utf8(run("ls", extra)).unwrap();
+    let long = ls(&["-l", &r, "/bin"]);
+    assert!(
+        long.lines()
+            .any(|l| l == "-rwsr-xr-x 0/0 300000 2023-11-14 22:13 /bin/tool"),
+        "{long}"
+    );
+    assert!(
+        long.lines()
+            .any(|l| l.starts_with("lrwxrwxrwx 0/0 ") && l.ends_with(" /bin/sh -> tool")),
+        "{long}"
+    );
+    let root = ls(&["-l", &r]);
+    assert!(
+        root.lines()
+            .any(|l| l.starts_with("c") && l.contains(" 1,3 ") && l.ends_with(" /null")),
+        "{root}"
+    );
+    let dir = ls(&["-ld", &r, "bin"]);
+    assert!(
+        dir.starts_with("drwxr-xr-x 0/0 ") && dir.trim_end().ends_with(" /bin"),
+        "{dir}"
+    );
+    assert_eq!(ls(&[&r, "/bin/sh"]), "/bin/sh\n", "not followed");
+    let json: serde_json::Value = serde_json::from_str(&ls(&["--json", &r, "/abs"])).unwrap();
+    assert_eq!(json[0]["type"], "symlink", "{json}");
+    assert_eq!(json[0]["target"], "/etc/hostname", "{json}");
+
     let manifest = run("manifest", &[&r]);
     let digest = String::from_utf8(run("digest", &[&r])).unwrap();
     assert_eq!(
