@@ -21,10 +21,22 @@ use ocifs::config::ByteSize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// `--version`: the version, the commit, and what is compiled in.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("OCIFS_COMMIT"),
+    ")\nlayer formats: eStargz, legacy stargz, zstd:chunked, gzip and multi-frame zstd through \
+     checkpoint indexes (ours, SOCI zTOC v1/v2), single-frame zstd, uncompressed tar\n\
+     features: FUSE mount, ocifs run, convert to eStargz, \
+     verification (background/strict), block cache, prefetch profiles"
+);
+
 #[derive(Parser)]
 #[command(
     name = "ocifs",
     version,
+    long_version = LONG_VERSION,
     about = "Container images from a registry as a lazily loaded read-only file system"
 )]
 struct Cli {
@@ -213,6 +225,18 @@ enum Cmd {
         json: bool,
         reference1: String,
         reference2: String,
+    },
+    /// Write a shell completion script to stdout. Example: `ocifs completions bash >
+    /// /etc/bash_completion.d/ocifs`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (ocifs.1 and one per subcommand) into DIR.
+    Man {
+        /// Where to write them.
+        dir: PathBuf,
     },
     /// Run the image's command (or ARGS in place of its Cmd) from a lazy mount, as a runtime
     /// would (its root, Env, WorkingDir and User; /proc, /dev, /sys and /etc/resolv.conf of
@@ -427,6 +451,17 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             json,
         ))?
         .map(|_| ExitCode::SUCCESS),
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "ocifs", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, &dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Tags { common, repository } => block_on(async {
             let (source, _, _) = common.source(&repository)?;
             for t in source.tags().await? {

@@ -15,6 +15,7 @@ mod browse;
 mod cli;
 mod conformance;
 mod convert;
+mod help;
 mod indexes;
 mod laziness;
 mod library;
