@@ -171,6 +171,9 @@ enum Cmd {
     Tags {
         #[command(flatten)]
         common: Common,
+        /// Machine-readable output: a JSON array of strings.
+        #[arg(long)]
+        json: bool,
         repository: String,
     },
     /// Write the raw manifest REF names (an image index for a multi-platform image, unless
@@ -462,10 +465,16 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             clap_mangen::generate_to(cmd, &dir)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Tags { common, repository } => block_on(async {
+        Cmd::Tags {
+            common,
+            json,
+            repository,
+        } => block_on(async {
             let (source, _, _) = common.source(&repository)?;
-            for t in source.tags().await? {
-                println!("{t}");
+            let tags = source.tags().await?;
+            match json {
+                true => println!("{}", serde_json::to_string(&tags)?),
+                false => tags.iter().for_each(|t| println!("{t}")),
             }
             Ok(ExitCode::SUCCESS)
         })?,

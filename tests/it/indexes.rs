@@ -146,6 +146,12 @@ fn gzip_index_pushed_to_the_registry_is_found_by_a_clean_mount() {
             .lines()
             .any(|t| t.starts_with("sha256-"))
     );
+    let (ok, json, _) = ocifs(
+        &["tags", "--json", &format!("{}/gzpush/image", reg.addr)],
+        &[],
+    );
+    let tags: Vec<String> = serde_json::from_slice(&json).unwrap();
+    assert!(ok && tags.contains(&"v1".to_string()), "{tags:?}");
 
     proxy.reset();
     let m = Mount::new(&r, &["--verify", "off"], &[]);
