@@ -184,11 +184,13 @@ fn print_stats(v: &MountStats, json: bool) -> Result<()> {
     }
     println!("image {} (ready in {} ms)", v.digest, v.ready_ms);
     for l in &v.layers {
+        let pct = (l.fetched_bytes as f64 * 100.0) / (l.size.max(1) as f64);
         println!(
-            "  {} {:8} fetched {} bytes in {} requests; {}{}{}",
+            "  {} {:8} fetched {} of {} bytes ({pct:.1}%) in {} requests; {}{}{}",
             l.digest,
             l.format,
             l.fetched_bytes,
+            l.size,
             l.requests,
             l.verification,
             l.index
