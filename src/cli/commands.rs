@@ -1,6 +1,6 @@
 //! The commands themselves: each builds what it needs and calls the library.
 
-use super::common::{Common, control_socket, open};
+use super::common::{Common, Tuning, control_socket, open_tuned};
 use anyhow::{Context, Result, anyhow, bail};
 use ocifs::image::Source;
 use ocifs::layer::{Format, Kind};
@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// `ocifs cat`: one file's bytes to stdout.
-pub async fn cat(common: &Common, reference: &str, path: &str) -> Result<()> {
-    let image = open(common, reference).await?;
+pub async fn cat(common: &Common, tuning: &Tuning, reference: &str, path: &str) -> Result<()> {
+    let image = open_tuned(common, tuning, reference).await?;
     let ino = follow(&image.tree, path)?;
     let node = image.tree.get(ino).unwrap();
     if node.kind != Kind::File {

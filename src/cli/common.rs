@@ -22,15 +22,21 @@ pub struct Common {
     /// Allow plain HTTP to the registry (always allowed for localhost/127.0.0.1).
     #[arg(long)]
     insecure: bool,
-    /// In-memory block cache size.
-    #[arg(long, default_value_t = ByteSize(DEFAULT_CACHE_SIZE))]
-    cache_size: ByteSize,
-    /// Cache directory: blocks, unpacked layers, daemon logs (default ~/.cache/ocifs).
+    /// Cache directory: blocks, indexes, unpacked layers, daemon logs (default ~/.cache/ocifs).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
     /// When to check whole layer blobs against their digests.
     #[arg(long, value_enum, default_value_t = VerifyMode::Background)]
     verify: VerifyMode,
+}
+
+/// How a mount (or `run`, `index`) fetches and keeps bytes: on the commands that serve
+/// reads for long, not on every command's `--help`.
+#[derive(Args, Clone, Debug)]
+pub struct Tuning {
+    /// In-memory block cache size.
+    #[arg(long, default_value_t = ByteSize(DEFAULT_CACHE_SIZE))]
+    cache_size: ByteSize,
     /// Uncompressed bytes between checkpoints when building a gzip layer's index.
     #[arg(long, default_value = "4MiB")]
     span: ByteSize,
@@ -51,30 +57,50 @@ pub struct Common {
     no_mark_windows: bool,
 }
 
+impl Default for Tuning {
+    /// The defaults the flags have.
+    fn default() -> Self {
+        Tuning {
+            cache_size: ByteSize(DEFAULT_CACHE_SIZE),
+            span: ByteSize(4 << 20),
+            block_size: ByteSize(DEFAULT_BLOCK_SIZE),
+            fetch_size: ByteSize(DEFAULT_FETCH_SIZE),
+            disk_cache_size: ByteSize(DEFAULT_DISK_CACHE_SIZE),
+            no_mark_windows: false,
+        }
+    }
+}
+
 impl Common {
-    /// The typed configuration for opening images.
     /// Whether `--platform` was given (else the host's platform is chosen).
     pub fn platform_given(&self) -> bool {
         self.platform.is_some()
     }
 
+    /// The typed configuration for opening images, with the default tuning.
     pub fn open_config(&self) -> Result<OpenConfig> {
+        self.open_config_tuned(&Tuning::default())
+    }
+
+    /// The typed configuration for opening images with `tuning`.
+    pub fn open_config_tuned(&self, tuning: &Tuning) -> Result<OpenConfig> {
         let platform = match &self.platform {
             Some(p) => Platform::parse(p)?,
             None => Platform::host(),
         };
-        let block_size = self.block_size.0.clamp(4096, 64 << 20);
+        let t = tuning;
+        let block_size = t.block_size.0.clamp(4096, 64 << 20);
         Ok(OpenConfig {
             platform,
             // At least a few blocks, so one read's blocks fit at once.
-            cache_size: self.cache_size.0.max(block_size * 4),
+            cache_size: t.cache_size.0.max(block_size * 4),
             block_size,
-            fetch_size: self.fetch_size.0.max(block_size),
-            disk_cache_size: self.disk_cache_size.0,
+            fetch_size: t.fetch_size.0.max(block_size),
+            disk_cache_size: t.disk_cache_size.0,
             cache_dir: self.cache_dir()?,
             verify: self.verify,
-            span: self.span.0.max(64 * 1024),
-            mark_windows: !self.no_mark_windows,
+            span: t.span.0.max(64 * 1024),
+            mark_windows: !t.no_mark_windows,
         })
     }
 
@@ -192,8 +218,13 @@ pub fn progress() -> Progress {
 }
 
 pub async fn open(common: &Common, reference: &str) -> Result<Image> {
+    open_tuned(common, &Tuning::default(), reference).await
+}
+
+/// [`open`] with `tuning`.
+pub async fn open_tuned(common: &Common, tuning: &Tuning, reference: &str) -> Result<Image> {
     let (source, what, _) = common.source(reference)?;
-    let cfg = common.open_config()?;
+    let cfg = common.open_config_tuned(tuning)?;
     let readahead = ocifs::speculate::SpeculateConfig::default().readahead;
     let cache = ocifs::image::block_cache(&cfg, readahead);
     Image::open(&source, &what, &cfg, &cache, progress())
@@ -218,6 +249,7 @@ pub struct MountExtras {
     /// Layers of at most this many compressed bytes are fetched whole at mount (0: none).
     pub small_layers: u64,
     pub no_local_copy: bool,
+    pub tuning: Tuning,
 }
 
 impl MountExtras {

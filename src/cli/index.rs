@@ -2,16 +2,16 @@
 //! the image builds, loads or fetches it, printed and, with `--push`, published next to the
 //! image (see `ocifs::image::share`).
 
-use super::common::{Common, open, progress};
+use super::common::{Common, Tuning, open_tuned, progress};
 use anyhow::{Context, Result, bail};
 use ocifs::image::{Source, share};
 use ocifs::layer::checkpoint::{self, CheckpointIndex};
 use std::path::Path;
 
 /// Prints each indexed layer's index; with `push`, publishes them as a referrer.
-pub async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
-    let image = open(common, reference).await?;
-    let cache_dir = common.open_config()?.cache_dir;
+pub async fn index(common: &Common, tuning: &Tuning, reference: &str, push: bool) -> Result<()> {
+    let image = open_tuned(common, tuning, reference).await?;
+    let cache_dir = common.open_config_tuned(tuning)?.cache_dir;
     let mut indexes = Vec::new();
     for opened in &image.layers {
         let (layer, blob) = (&opened.layer, &opened.blob);

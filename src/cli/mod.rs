@@ -50,6 +50,8 @@ enum Cmd {
     Mount {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        tuning: common::Tuning,
         /// Stay attached, log to stderr; Ctrl-C unmounts.
         #[arg(long)]
         foreground: bool,
@@ -130,6 +132,8 @@ enum Cmd {
     Cat {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        tuning: common::Tuning,
         reference: String,
         path: String,
     },
@@ -145,6 +149,8 @@ enum Cmd {
     Index {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        tuning: common::Tuning,
         /// Upload the indexes next to the image (referrers API, or the sha256-<hex> tag).
         #[arg(long)]
         push: bool,
@@ -248,6 +254,8 @@ enum Cmd {
     Run {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        tuning: common::Tuning,
         /// Write the ordered list of file ranges read to FILE (for --prefetch or
         /// `ocifs convert --profile`).
         #[arg(long, value_name = "FILE")]
@@ -313,6 +321,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
         Cmd::Mount {
             common,
+            tuning,
             foreground,
             daemon_child,
             record,
@@ -332,6 +341,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                     no_whole_files,
                     small_layers: small_layers.0,
                     no_local_copy,
+                    tuning,
                 };
                 mount::mount_here(&common, &reference, &mountpoint, daemon_child, extras)
             } else {
@@ -369,9 +379,12 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Cat {
             common,
+            tuning,
             reference,
             path,
-        } => block_on(commands::cat(&common, &reference, &path))?.map(|_| ExitCode::SUCCESS),
+        } => {
+            block_on(commands::cat(&common, &tuning, &reference, &path))?.map(|_| ExitCode::SUCCESS)
+        }
         Cmd::Fetch {
             common,
             reference,
@@ -380,9 +393,10 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             .map(|_| ExitCode::SUCCESS),
         Cmd::Index {
             common,
+            tuning,
             push,
             reference,
-        } => block_on(index::index(&common, &reference, push))?.map(|_| ExitCode::SUCCESS),
+        } => block_on(index::index(&common, &tuning, &reference, push))?.map(|_| ExitCode::SUCCESS),
         Cmd::Convert {
             common,
             estargz: _,
@@ -400,6 +414,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         .map(|_| ExitCode::SUCCESS),
         Cmd::Run {
             common,
+            tuning,
             record,
             prefetch,
             no_prefetch,
@@ -417,6 +432,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 no_whole_files,
                 small_layers: small_layers.0,
                 no_local_copy,
+                tuning,
             };
             run::run(&common, &reference, &args, extras, json)
         }

@@ -36,7 +36,7 @@ pub fn mount_here(
     extras: MountExtras,
 ) -> Result<ExitCode> {
     block_on(async {
-        let cfg = common.open_config()?;
+        let cfg = common.open_config_tuned(&extras.tuning)?;
         let spec = extras.speculate_config();
         let opts = MountOptions {
             mountpoint: mountpoint.to_path_buf(),

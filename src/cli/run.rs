@@ -46,7 +46,7 @@ pub fn run(
         bail!("ocifs run needs root (it mounts, and enters a mount namespace)");
     }
     let start = Instant::now();
-    let cfg = common.open_config()?;
+    let cfg = common.open_config_tuned(&extras.tuning)?;
     let dir = cfg
         .cache_dir
         .join("run")
@@ -66,7 +66,7 @@ async fn run_in(
     dir: &std::path::Path,
     start: Instant,
 ) -> Result<ExitCode> {
-    let cfg = common.open_config()?;
+    let cfg = common.open_config_tuned(&extras.tuning)?;
     let (source, what, display) = common.source(reference)?;
     let profile = match &extras.prefetch {
         Some(p) => Some(ocifs::speculate::read_profile(p)?),
