@@ -7,11 +7,18 @@
 //! requests are retried as `retry.rs` decides.
 
 pub mod auth;
+mod conf;
+pub mod endpoint;
+pub mod hosts;
 mod http;
 mod push;
 mod range;
+pub mod registries_conf;
 mod retry;
+pub mod routes;
+pub use endpoint::{Capabilities, Endpoint, Route};
 pub use push::{UPLOAD_CHUNK, referrers_tag};
+pub use routes::MirrorConfig;
 
 use crate::blob::{BlobSource, clamp};
 use crate::error::{Error, Result};
