@@ -64,7 +64,14 @@ pub struct ManifestMeta {
 /// A client for one registry host.
 pub struct Registry {
     host: String,
-    base: String,
+    /// `scheme://host[:port]`, for the relative URLs a registry answers with.
+    origin: String,
+    /// The API root (`origin` + `/v2`, or the configured path).
+    api: String,
+    /// `?ns=<registry>` for a mirror standing in for another registry, else empty.
+    query: String,
+    /// Configured headers sent with every request to the registry.
+    headers: header::HeaderMap,
     http: Http,
     auth: Authenticator,
     /// Blob digest -> storage URL the registry last redirected us to.
@@ -74,27 +81,59 @@ pub struct Registry {
 impl Registry {
     /// A client for `host` (`docker.io` means Docker Hub's API host).
     pub fn new(host: &str, opts: RegistryOptions) -> Result<Arc<Self>> {
-        let api_host = if host == crate::reference::DOCKER_HUB {
-            "registry-1.docker.io"
-        } else {
-            host
-        };
-        let local = ["localhost", "127.0.0.1", "[::1]"]
-            .iter()
-            .any(|h| api_host == *h || api_host.starts_with(&format!("{h}:")));
-        let scheme = if opts.insecure || local {
-            "http"
-        } else {
-            "https"
-        };
-        let http = Http::new(scheme == "http")?;
-        Ok(Arc::new(Registry {
-            host: host.to_string(),
-            base: format!("{scheme}://{api_host}"),
-            http,
-            auth: Authenticator::new(opts.credentials),
+        let endpoint = Endpoint::direct(host, opts.insecure);
+        let mut r = Registry::build(&endpoint, None, opts.credentials)?;
+        r.host = host.to_string();
+        Ok(Arc::new(r))
+    }
+
+    /// A client for a configured host: its endpoint (API root, TLS, headers), the registry
+    /// it stands in for when it is a mirror (`namespace`), and its credentials.
+    pub fn at(
+        endpoint: &Endpoint,
+        namespace: Option<&str>,
+        credentials: Option<Credentials>,
+    ) -> Result<Arc<Self>> {
+        Ok(Arc::new(Registry::build(endpoint, namespace, credentials)?))
+    }
+
+    fn build(
+        endpoint: &Endpoint,
+        namespace: Option<&str>,
+        credentials: Option<Credentials>,
+    ) -> Result<Self> {
+        let mut headers = header::HeaderMap::new();
+        for (k, v) in &endpoint.headers {
+            let bad =
+                |e: String| Error::Registry(format!("header {k:?} for {}: {e}", endpoint.host));
+            headers.append(
+                header::HeaderName::from_bytes(k.as_bytes()).map_err(|e| bad(e.to_string()))?,
+                header::HeaderValue::from_str(v).map_err(|e| bad(e.to_string()))?,
+            );
+        }
+        Ok(Registry {
+            host: endpoint.name(),
+            origin: endpoint.origin(),
+            api: endpoint.api(),
+            query: namespace.map(|ns| format!("ns={ns}")).unwrap_or_default(),
+            headers,
+            http: Http::new(
+                endpoint.scheme == "http",
+                &endpoint.tls,
+                endpoint.dial_timeout,
+            )?,
+            auth: Authenticator::new(credentials),
             redirects: Mutex::new(HashMap::new()),
-        }))
+        })
+    }
+
+    /// The URL of API path `path` (`<repo>/manifests/<ref>`, may carry a query).
+    fn url(&self, path: &str) -> String {
+        match (self.query.is_empty(), path.contains('?')) {
+            (true, _) => format!("{}/{path}", self.api),
+            (false, false) => format!("{}/{path}?{}", self.api, self.query),
+            (false, true) => format!("{}/{path}&{}", self.api, self.query),
+        }
     }
 
     /// The registry host this client talks to.
@@ -132,6 +171,7 @@ impl Registry {
         let mut retries = Retries::default();
         loop {
             let mut req = self.http.for_url(url)?.request(method.clone(), url);
+            req = req.headers(self.headers.clone());
             for (k, v) in headers {
                 req = req.header(k, v);
             }
@@ -196,7 +236,7 @@ impl Registry {
         method: Method,
         reference: &str,
     ) -> Result<reqwest::Response> {
-        let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
+        let url = self.url(&format!("{repo}/manifests/{reference}"));
         self.send(
             repo,
             method,
@@ -304,6 +344,20 @@ impl Registry {
         if len == 0 {
             return Ok(());
         }
+        let resp = self.open_blob(repo, digest, offset, len).await?;
+        ranged_body(resp, offset, len, &format!("blob {digest}"), sink).await
+    }
+
+    /// The successful answer to a GET of `[offset, offset+len)` of a blob (`len` > 0), its
+    /// body unread: from the registry, or from the storage it redirects to. Its status tells
+    /// a range (206) from the whole blob (200; see `range::RangeAnswer`).
+    pub(crate) async fn open_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<reqwest::Response> {
         let range = (
             header::RANGE,
             format!("bytes={}-{}", offset, offset + len - 1),
@@ -321,16 +375,14 @@ impl Registry {
                 .send()
                 .await;
             match resp {
-                Ok(r) if r.status().is_success() => {
-                    return ranged_body(r, offset, len, &what, sink).await;
-                }
+                Ok(r) if r.status().is_success() => return Ok(r),
                 _ => {
                     // Expired presigned URL (403) or storage hiccup: ask the registry again.
                     self.redirects.lock().unwrap().remove(digest);
                 }
             }
         }
-        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
+        let url = self.url(&format!("{repo}/blobs/{digest}"));
         let resp = self
             .send(repo, Method::GET, &url, &[range.clone(), identity.clone()])
             .await?;
@@ -364,17 +416,17 @@ impl Registry {
                 .lock()
                 .unwrap()
                 .insert(digest.to_string(), target.to_string());
-            return ranged_body(r, offset, len, &what, sink).await;
+            return Ok(r);
         }
         if !status.is_success() {
             return Err(self.error_for(&what, status));
         }
-        ranged_body(resp, offset, len, &what, sink).await
+        Ok(resp)
     }
 
     /// A blob's size, from HEAD.
     pub async fn blob_size(&self, repo: &str, digest: &str) -> Result<u64> {
-        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
+        let url = self.url(&format!("{repo}/blobs/{digest}"));
         let resp = self.send(repo, Method::HEAD, &url, &[]).await?;
         if !resp.status().is_success() && !resp.status().is_redirection() {
             return Err(self.error_for(&format!("blob {digest}"), resp.status()));
@@ -387,7 +439,7 @@ impl Registry {
 
     /// All tags of a repository, following `Link: <...>; rel="next"` pagination.
     pub async fn tags(&self, repo: &str) -> Result<Vec<String>> {
-        let mut url = format!("{}/v2/{repo}/tags/list?n=1000", self.base);
+        let mut url = self.url(&format!("{repo}/tags/list?n=1000"));
         let mut tags = Vec::new();
         for _ in 0..1000 {
             let resp = self.send(repo, Method::GET, &url, &[]).await?;
@@ -412,7 +464,7 @@ impl Registry {
                 .map_err(|e| Error::format("tag list", e.to_string()))?;
             tags.extend(list.tags.unwrap_or_default());
             match next {
-                Some(n) if n.starts_with('/') => url = format!("{}{n}", self.base),
+                Some(n) if n.starts_with('/') => url = format!("{}{n}", self.origin),
                 Some(n) => url = n,
                 None => return Ok(tags),
             }
