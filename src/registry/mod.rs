@@ -5,24 +5,30 @@
 //! body is accepted and sliced: `range.rs`). Blob redirects to storage are followed without
 //! our Authorization header and the redirected URL is reused until it stops working. Failed
 //! requests are retried as `retry.rs` decides.
+//!
+//! [`Registry`] talks to one host. Above it, [`Repo`] (`pull.rs`) pulls a repository from its
+//! hosts in order — mirrors, then the registry — as the mirror configuration (`routes.rs`:
+//! containerd's `hosts.rs`, containers' `registries_conf.rs`) says, falling back from one to
+//! the next, and streams once (`whole.rs`) a blob that a host sends whole for a ranged read.
 
 pub mod auth;
 mod conf;
 pub mod endpoint;
 pub mod hosts;
 mod http;
+mod pull;
 mod push;
 mod range;
 pub mod registries_conf;
 mod retry;
 pub mod routes;
+mod whole;
 pub use endpoint::{Capabilities, Endpoint, Route};
+pub use pull::{Repo, RepoBlob, RepoOptions};
 pub use push::{UPLOAD_CHUNK, referrers_tag};
 pub use routes::MirrorConfig;
 
-use crate::blob::{BlobSource, clamp};
 use crate::error::{Error, Result};
-use async_trait::async_trait;
 use auth::{Authenticator, Credentials};
 use bytes::{Bytes, BytesMut};
 use http::Http;
@@ -484,53 +490,3 @@ async fn read_limited(mut resp: reqwest::Response, limit: usize, what: &str) -> 
     }
     Ok(out.freeze())
 }
-
-/// One registry blob as a [`BlobSource`].
-pub struct RegistryBlob {
-    registry: Arc<Registry>,
-    repo: String,
-    digest: String,
-    size: u64,
-}
-
-impl RegistryBlob {
-    /// The blob `digest` of `repo`, whose size the manifest gave.
-    pub fn new(registry: Arc<Registry>, repo: &str, digest: &str, size: u64) -> Self {
-        RegistryBlob {
-            registry,
-            repo: repo.into(),
-            digest: digest.into(),
-            size,
-        }
-    }
-}
-
-#[async_trait]
-impl BlobSource for RegistryBlob {
-    fn id(&self) -> &str {
-        &self.digest
-    }
-    fn size(&self) -> u64 {
-        self.size
-    }
-    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
-        let len = clamp(&self.digest, self.size, offset, len)?;
-        self.registry
-            .read_blob(&self.repo, &self.digest, offset, len)
-            .await
-    }
-    async fn stream_at(
-        &self,
-        offset: u64,
-        len: u64,
-        sink: &mut (dyn FnMut(Bytes) + Send),
-    ) -> Result<()> {
-        let len = clamp(&self.digest, self.size, offset, len)?;
-        self.registry
-            .stream_blob(&self.repo, &self.digest, offset, len, sink)
-            .await
-    }
-}
-
-/// Hints are for the decorators above a registry blob (the block cache); it ignores them.
-impl crate::blob::ReadHints for RegistryBlob {}
