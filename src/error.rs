@@ -36,6 +36,10 @@ pub enum Error {
     /// No manifest in an index matches the requested platform.
     #[error("no image for platform {wanted}; available: {available}")]
     Platform { wanted: String, available: String },
+    /// A configuration file (a containerd `hosts.toml`, a containers `registries.conf`) is
+    /// malformed; `at` names the file and, where known, the line.
+    #[error("{at}: {reason}")]
+    Config { at: String, reason: String },
     /// Something the request is valid for but ocifs does not do.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -72,6 +76,7 @@ impl Error {
             | Error::Format { .. }
             | Error::BadLayer { .. }
             | Error::Platform { .. }
+            | Error::Config { .. }
             | Error::Http(_) => libc::EIO,
         }
     }

@@ -136,6 +136,33 @@ pub struct MountStats {
     pub reads: ReadFigures,
     pub prefetch: PrefetchFigures,
     pub local_copies: LocalFigures,
+    /// The hosts the image is pulled from, in the order they are tried (empty for a local
+    /// layout).
+    #[serde(default)]
+    pub hosts: Vec<HostFigures>,
+}
+
+/// What one host of the image's repository served (see `registry::Repo`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostFigures {
+    /// `host[:port]` (with its API root when not `/v2`).
+    pub host: String,
+    /// `mirror` or `registry`.
+    pub role: String,
+    /// The repository's name at this host.
+    pub repository: String,
+    /// What it may be asked: `pull, resolve, push`.
+    pub capabilities: String,
+    /// Requests sent, bytes received, requests that failed (and the last failure).
+    pub requests: u64,
+    pub bytes: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
+    /// Blobs it sent whole for a ranged read, each streamed once.
+    pub whole_streams: u64,
+    /// Bytes received per object: a manifest's or a blob's digest.
+    pub served: std::collections::BTreeMap<String, u64>,
 }
 
 /// One layer's figures.

@@ -4,7 +4,7 @@ use super::common::{Common, Tuning, control_socket, open_tuned};
 use anyhow::{Context, Result, anyhow, bail};
 use ocifs::image::Source;
 use ocifs::layer::{Format, Kind};
-use ocifs::stats::MountStats;
+use ocifs::stats::{HostFigures, MountStats};
 use ocifs::tree::Tree;
 use std::io::Write;
 use std::path::PathBuf;
@@ -101,6 +101,7 @@ pub async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()>
                     "created": config.get("created"), "env": config.pointer("/config/Env"), "cmd": config.pointer("/config/Cmd"),
                     "entrypoint": config.pointer("/config/Entrypoint") },
         "layers": layers,
+        "hosts": hosts(&source),
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -128,7 +129,44 @@ pub async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()>
             l["why"].as_str().unwrap_or("")
         );
     }
+    print_hosts(&hosts(&source));
     Ok(())
+}
+
+/// What each host of a registry source served so far (none for a layout).
+fn hosts(source: &Source) -> Vec<HostFigures> {
+    match source {
+        Source::Registry { repo } => repo.figures(),
+        Source::Layout { .. } => Vec::new(),
+    }
+}
+
+/// One line per host, in the order they are tried, and one per object it served.
+fn print_hosts(hosts: &[HostFigures]) {
+    for h in hosts {
+        println!(
+            "host {} ({}: {}; repository {}): {} requests, {} bytes, {} failed{}{}",
+            h.host,
+            h.role,
+            h.capabilities,
+            h.repository,
+            h.requests,
+            h.bytes,
+            h.failures,
+            if h.whole_streams > 0 {
+                format!(", {} blobs streamed whole", h.whole_streams)
+            } else {
+                String::new()
+            },
+            h.last_error
+                .as_deref()
+                .map(|e| format!(" (last: {e})"))
+                .unwrap_or_default()
+        );
+        for (object, bytes) in &h.served {
+            println!("  served {object}: {bytes} bytes");
+        }
+    }
 }
 
 pub async fn fetch(common: &Common, reference: &str, digest: Option<&str>) -> Result<()> {
@@ -142,7 +180,7 @@ pub async fn fetch(common: &Common, reference: &str, digest: Option<&str>) -> Re
     ocifs::reference::validate_digest(digest)
         .map_err(|e| anyhow::anyhow!("digest {digest:?}: {e}"))?;
     let size = match &source {
-        Source::Registry { registry, repo } => match registry.blob_size(repo, digest).await {
+        Source::Registry { repo } => match repo.blob_size(digest).await {
             Ok(s) => s,
             Err(ocifs::Error::NotFound(_)) => {
                 let (body, _) = source.manifest(digest).await?;
@@ -224,6 +262,7 @@ fn print_stats(v: &MountStats, json: bool) -> Result<()> {
         "local copies of verified layers: {} bytes written, {} reads served from them",
         c.bytes, c.reads
     );
+    print_hosts(&v.hosts);
     Ok(())
 }
 
@@ -259,8 +298,11 @@ pub async fn convert(
             let Some(tag) = r.tag.filter(|_| r.digest.is_none()) else {
                 bail!("the destination {dst} needs a tag, not a digest")
             };
-            let Source::Registry { registry, repo } = dsource else {
+            let Source::Registry { repo } = dsource else {
                 unreachable!("a registry reference")
+            };
+            let Some((registry, repo)) = repo.push_target() else {
+                bail!("no host of {dst} takes uploads (its mirror configuration gives none push)")
             };
             ocifs::convert::Destination::Registry {
                 registry,

@@ -9,7 +9,9 @@ use ocifs::config::{
 };
 use ocifs::image::{Image, Platform, Progress, Source};
 use ocifs::reference::Reference;
-use ocifs::registry::{Registry, RegistryOptions, auth::Credentials};
+use ocifs::registry::hosts::{DEFAULT_HOSTS_DIR, HostsDir};
+use ocifs::registry::registries_conf::RegistriesConf;
+use ocifs::registry::{MirrorConfig, Repo, RepoOptions, auth::Credentials};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -22,6 +24,13 @@ pub struct Common {
     /// Allow plain HTTP to the registry (always allowed for localhost/127.0.0.1).
     #[arg(long)]
     insecure: bool,
+    /// containerd's hosts directory: mirrors per registry in HOST/hosts.toml (`none`: ignore).
+    #[arg(long, default_value = DEFAULT_HOSTS_DIR)]
+    hosts_dir: PathBuf,
+    /// A containers registries.conf to read instead of /etc/containers/registries.conf and
+    /// its registries.conf.d/ (`none`: ignore both).
+    #[arg(long)]
+    registries_conf: Option<PathBuf>,
     /// Cache directory: blocks, indexes, unpacked layers, daemon logs (default ~/.cache/ocifs).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -129,28 +138,41 @@ impl Common {
             return Ok((source, tag.to_string(), reference.to_string()));
         }
         let r = Reference::parse(reference)?;
-        let registry = Registry::new(
-            &r.registry,
-            RegistryOptions {
-                insecure: self.insecure,
-                credentials: credentials(&r.registry)?,
-            },
-        )?;
+        let routes = self.mirrors()?.routes(&r, self.insecure)?;
+        let opts = RepoOptions {
+            spool_dir: Some(self.cache_dir()?.join("spool")),
+        };
+        let name = format!("{}/{}", r.registry, r.repository);
+        let find = |e: &ocifs::registry::Endpoint| credentials(e.credential_key());
+        let repo = Repo::connect(&name, &routes, &find, opts)?;
         let what = r.manifest_reference().to_string();
-        Ok((
-            Source::Registry {
-                registry,
-                repo: r.repository.clone(),
-            },
-            what,
-            r.to_string(),
-        ))
+        Ok((Source::Registry { repo }, what, r.to_string()))
+    }
+
+    /// The mirror configuration: `--hosts-dir` and `--registries-conf` (or the system's).
+    fn mirrors(&self) -> Result<MirrorConfig> {
+        let none = |p: &PathBuf| p.as_os_str() == "none";
+        let hosts_dir = (!none(&self.hosts_dir)).then(|| HostsDir(self.hosts_dir.clone()));
+        let registries = match &self.registries_conf {
+            Some(p) if none(p) => RegistriesConf::default(),
+            Some(p) => {
+                if !p.exists() {
+                    anyhow::bail!("--registries-conf {}: no such file", p.display());
+                }
+                RegistriesConf::load(std::slice::from_ref(p))?
+            }
+            None => RegistriesConf::system()?,
+        };
+        Ok(MirrorConfig {
+            hosts_dir,
+            registries,
+        })
     }
 }
 
 /// Credentials for `registry` from `REGISTRY_AUTH_FILE`, `$DOCKER_CONFIG/config.json` or
 /// `~/.docker/config.json`, first file that has an entry.
-fn credentials(registry: &str) -> Result<Option<Credentials>> {
+fn credentials(registry: &str) -> ocifs::Result<Option<Credentials>> {
     let mut files = Vec::new();
     if let Some(f) = std::env::var_os("REGISTRY_AUTH_FILE") {
         files.push(PathBuf::from(f));

@@ -61,9 +61,13 @@ pub async fn index(common: &Common, tuning: &Tuning, reference: &str, push: bool
         return Ok(());
     }
     let (source, _, _) = common.source(reference)?;
-    let Source::Registry { registry, repo } = &source else {
+    let Source::Registry { repo } = &source else {
         bail!("--push needs a registry reference")
     };
+    let Some((registry, repo)) = repo.push_target() else {
+        bail!("no host of {reference} takes uploads (its mirror configuration gives none push)")
+    };
+    let (registry, repo) = (&registry, repo.as_str());
     if indexes.is_empty() {
         println!("nothing to push: the image has no plain gzip layers");
         return Ok(());

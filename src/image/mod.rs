@@ -28,6 +28,8 @@ pub type Progress = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
 /// An image ready to be read.
 pub struct Image {
     pub resolved: Resolved,
+    /// Where it is read from (for a registry: the hosts, and what each served).
+    pub source: Source,
     /// Opened layers, lowest first.
     pub layers: Vec<OpenedLayer>,
     pub tree: Tree,
@@ -114,6 +116,7 @@ impl Image {
         let tree = Tree::build(&entries);
         Ok(Image {
             resolved,
+            source: source.clone(),
             layers,
             tree,
         })

@@ -5,17 +5,30 @@
 //! body is accepted and sliced: `range.rs`). Blob redirects to storage are followed without
 //! our Authorization header and the redirected URL is reused until it stops working. Failed
 //! requests are retried as `retry.rs` decides.
+//!
+//! [`Registry`] talks to one host. Above it, [`Repo`] (`pull.rs`) pulls a repository from its
+//! hosts in order — mirrors, then the registry — as the mirror configuration (`routes.rs`:
+//! containerd's `hosts.rs`, containers' `registries_conf.rs`) says, falling back from one to
+//! the next, and streams once (`whole.rs`) a blob that a host sends whole for a ranged read.
 
 pub mod auth;
+mod conf;
+pub mod endpoint;
+pub mod hosts;
 mod http;
+mod pull;
 mod push;
 mod range;
+pub mod registries_conf;
 mod retry;
+pub mod routes;
+mod whole;
+pub use endpoint::{Capabilities, Endpoint, Route};
+pub use pull::{Repo, RepoBlob, RepoOptions};
 pub use push::{UPLOAD_CHUNK, referrers_tag};
+pub use routes::MirrorConfig;
 
-use crate::blob::{BlobSource, clamp};
 use crate::error::{Error, Result};
-use async_trait::async_trait;
 use auth::{Authenticator, Credentials};
 use bytes::{Bytes, BytesMut};
 use http::Http;
@@ -57,7 +70,14 @@ pub struct ManifestMeta {
 /// A client for one registry host.
 pub struct Registry {
     host: String,
-    base: String,
+    /// `scheme://host[:port]`, for the relative URLs a registry answers with.
+    origin: String,
+    /// The API root (`origin` + `/v2`, or the configured path).
+    api: String,
+    /// `?ns=<registry>` for a mirror standing in for another registry, else empty.
+    query: String,
+    /// Configured headers sent with every request to the registry.
+    headers: header::HeaderMap,
     http: Http,
     auth: Authenticator,
     /// Blob digest -> storage URL the registry last redirected us to.
@@ -67,27 +87,59 @@ pub struct Registry {
 impl Registry {
     /// A client for `host` (`docker.io` means Docker Hub's API host).
     pub fn new(host: &str, opts: RegistryOptions) -> Result<Arc<Self>> {
-        let api_host = if host == crate::reference::DOCKER_HUB {
-            "registry-1.docker.io"
-        } else {
-            host
-        };
-        let local = ["localhost", "127.0.0.1", "[::1]"]
-            .iter()
-            .any(|h| api_host == *h || api_host.starts_with(&format!("{h}:")));
-        let scheme = if opts.insecure || local {
-            "http"
-        } else {
-            "https"
-        };
-        let http = Http::new(scheme == "http")?;
-        Ok(Arc::new(Registry {
-            host: host.to_string(),
-            base: format!("{scheme}://{api_host}"),
-            http,
-            auth: Authenticator::new(opts.credentials),
+        let endpoint = Endpoint::direct(host, opts.insecure);
+        let mut r = Registry::build(&endpoint, None, opts.credentials)?;
+        r.host = host.to_string();
+        Ok(Arc::new(r))
+    }
+
+    /// A client for a configured host: its endpoint (API root, TLS, headers), the registry
+    /// it stands in for when it is a mirror (`namespace`), and its credentials.
+    pub fn at(
+        endpoint: &Endpoint,
+        namespace: Option<&str>,
+        credentials: Option<Credentials>,
+    ) -> Result<Arc<Self>> {
+        Ok(Arc::new(Registry::build(endpoint, namespace, credentials)?))
+    }
+
+    fn build(
+        endpoint: &Endpoint,
+        namespace: Option<&str>,
+        credentials: Option<Credentials>,
+    ) -> Result<Self> {
+        let mut headers = header::HeaderMap::new();
+        for (k, v) in &endpoint.headers {
+            let bad =
+                |e: String| Error::Registry(format!("header {k:?} for {}: {e}", endpoint.host));
+            headers.append(
+                header::HeaderName::from_bytes(k.as_bytes()).map_err(|e| bad(e.to_string()))?,
+                header::HeaderValue::from_str(v).map_err(|e| bad(e.to_string()))?,
+            );
+        }
+        Ok(Registry {
+            host: endpoint.name(),
+            origin: endpoint.origin(),
+            api: endpoint.api(),
+            query: namespace.map(|ns| format!("ns={ns}")).unwrap_or_default(),
+            headers,
+            http: Http::new(
+                endpoint.scheme == "http",
+                &endpoint.tls,
+                endpoint.dial_timeout,
+            )?,
+            auth: Authenticator::new(credentials),
             redirects: Mutex::new(HashMap::new()),
-        }))
+        })
+    }
+
+    /// The URL of API path `path` (`<repo>/manifests/<ref>`, may carry a query).
+    fn url(&self, path: &str) -> String {
+        match (self.query.is_empty(), path.contains('?')) {
+            (true, _) => format!("{}/{path}", self.api),
+            (false, false) => format!("{}/{path}?{}", self.api, self.query),
+            (false, true) => format!("{}/{path}&{}", self.api, self.query),
+        }
     }
 
     /// The registry host this client talks to.
@@ -125,6 +177,7 @@ impl Registry {
         let mut retries = Retries::default();
         loop {
             let mut req = self.http.for_url(url)?.request(method.clone(), url);
+            req = req.headers(self.headers.clone());
             for (k, v) in headers {
                 req = req.header(k, v);
             }
@@ -189,7 +242,7 @@ impl Registry {
         method: Method,
         reference: &str,
     ) -> Result<reqwest::Response> {
-        let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
+        let url = self.url(&format!("{repo}/manifests/{reference}"));
         self.send(
             repo,
             method,
@@ -297,6 +350,20 @@ impl Registry {
         if len == 0 {
             return Ok(());
         }
+        let resp = self.open_blob(repo, digest, offset, len).await?;
+        ranged_body(resp, offset, len, &format!("blob {digest}"), sink).await
+    }
+
+    /// The successful answer to a GET of `[offset, offset+len)` of a blob (`len` > 0), its
+    /// body unread: from the registry, or from the storage it redirects to. Its status tells
+    /// a range (206) from the whole blob (200; see `range::RangeAnswer`).
+    pub(crate) async fn open_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<reqwest::Response> {
         let range = (
             header::RANGE,
             format!("bytes={}-{}", offset, offset + len - 1),
@@ -314,16 +381,14 @@ impl Registry {
                 .send()
                 .await;
             match resp {
-                Ok(r) if r.status().is_success() => {
-                    return ranged_body(r, offset, len, &what, sink).await;
-                }
+                Ok(r) if r.status().is_success() => return Ok(r),
                 _ => {
                     // Expired presigned URL (403) or storage hiccup: ask the registry again.
                     self.redirects.lock().unwrap().remove(digest);
                 }
             }
         }
-        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
+        let url = self.url(&format!("{repo}/blobs/{digest}"));
         let resp = self
             .send(repo, Method::GET, &url, &[range.clone(), identity.clone()])
             .await?;
@@ -357,17 +422,17 @@ impl Registry {
                 .lock()
                 .unwrap()
                 .insert(digest.to_string(), target.to_string());
-            return ranged_body(r, offset, len, &what, sink).await;
+            return Ok(r);
         }
         if !status.is_success() {
             return Err(self.error_for(&what, status));
         }
-        ranged_body(resp, offset, len, &what, sink).await
+        Ok(resp)
     }
 
     /// A blob's size, from HEAD.
     pub async fn blob_size(&self, repo: &str, digest: &str) -> Result<u64> {
-        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
+        let url = self.url(&format!("{repo}/blobs/{digest}"));
         let resp = self.send(repo, Method::HEAD, &url, &[]).await?;
         if !resp.status().is_success() && !resp.status().is_redirection() {
             return Err(self.error_for(&format!("blob {digest}"), resp.status()));
@@ -380,7 +445,7 @@ impl Registry {
 
     /// All tags of a repository, following `Link: <...>; rel="next"` pagination.
     pub async fn tags(&self, repo: &str) -> Result<Vec<String>> {
-        let mut url = format!("{}/v2/{repo}/tags/list?n=1000", self.base);
+        let mut url = self.url(&format!("{repo}/tags/list?n=1000"));
         let mut tags = Vec::new();
         for _ in 0..1000 {
             let resp = self.send(repo, Method::GET, &url, &[]).await?;
@@ -405,7 +470,7 @@ impl Registry {
                 .map_err(|e| Error::format("tag list", e.to_string()))?;
             tags.extend(list.tags.unwrap_or_default());
             match next {
-                Some(n) if n.starts_with('/') => url = format!("{}{n}", self.base),
+                Some(n) if n.starts_with('/') => url = format!("{}{n}", self.origin),
                 Some(n) => url = n,
                 None => return Ok(tags),
             }
@@ -425,53 +490,3 @@ async fn read_limited(mut resp: reqwest::Response, limit: usize, what: &str) -> 
     }
     Ok(out.freeze())
 }
-
-/// One registry blob as a [`BlobSource`].
-pub struct RegistryBlob {
-    registry: Arc<Registry>,
-    repo: String,
-    digest: String,
-    size: u64,
-}
-
-impl RegistryBlob {
-    /// The blob `digest` of `repo`, whose size the manifest gave.
-    pub fn new(registry: Arc<Registry>, repo: &str, digest: &str, size: u64) -> Self {
-        RegistryBlob {
-            registry,
-            repo: repo.into(),
-            digest: digest.into(),
-            size,
-        }
-    }
-}
-
-#[async_trait]
-impl BlobSource for RegistryBlob {
-    fn id(&self) -> &str {
-        &self.digest
-    }
-    fn size(&self) -> u64 {
-        self.size
-    }
-    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
-        let len = clamp(&self.digest, self.size, offset, len)?;
-        self.registry
-            .read_blob(&self.repo, &self.digest, offset, len)
-            .await
-    }
-    async fn stream_at(
-        &self,
-        offset: u64,
-        len: u64,
-        sink: &mut (dyn FnMut(Bytes) + Send),
-    ) -> Result<()> {
-        let len = clamp(&self.digest, self.size, offset, len)?;
-        self.registry
-            .stream_blob(&self.repo, &self.digest, offset, len, sink)
-            .await
-    }
-}
-
-/// Hints are for the decorators above a registry blob (the block cache); it ignores them.
-impl crate::blob::ReadHints for RegistryBlob {}

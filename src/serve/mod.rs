@@ -188,6 +188,10 @@ impl ServedImage {
                 bytes: load(&self.local.bytes),
                 reads: load(&self.local.reads),
             },
+            hosts: match &self.image.source {
+                crate::image::Source::Registry { repo } => repo.figures(),
+                crate::image::Source::Layout { .. } => Vec::new(),
+            },
         }
     }
 }

@@ -127,6 +127,17 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry; with `htpasswd = Some((user, pass))` it requires Basic auth.
     pub fn start(htpasswd: Option<(&str, &str)>) -> Registry {
+        Registry::start_with(htpasswd, "")
+    }
+
+    /// A pull-through cache (distribution's `proxy:` mode) of the registry at `upstream`
+    /// (`host:port`, plain HTTP), which must be up already.
+    pub fn pull_through(upstream: &str) -> Registry {
+        Registry::start_with(None, &format!("proxy:\n  remoteurl: http://{upstream}\n"))
+    }
+
+    /// [`Registry::start`] with `extra` appended to its configuration.
+    fn start_with(htpasswd: Option<(&str, &str)>, extra: &str) -> Registry {
         let dir = TempDir::new("registry");
         let port = free_port();
         let mut cfg = format!(
@@ -144,6 +155,7 @@ impl Registry {
                 dir.path().display()
             );
         }
+        cfg += extra;
         std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
         let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
         let child = Command::new("docker-registry")

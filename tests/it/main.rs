@@ -19,6 +19,7 @@ mod help;
 mod indexes;
 mod laziness;
 mod library;
+mod mirrors;
 mod run;
 mod speculation;
 mod verification;
