@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ocifs::config::{
     ByteSize, DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, DEFAULT_DISK_CACHE_SIZE, DEFAULT_FETCH_SIZE,
-    OpenConfig, VerifyMode,
+    DEFAULT_READ_TIMEOUT, OpenConfig, TimeLimit, Transfer, VerifyMode,
 };
 use ocifs::image::{Image, Platform, Progress, Source};
 use ocifs::reference::Reference;
@@ -49,6 +49,16 @@ pub struct Common {
     /// window (to measure what mark windows buy).
     #[arg(long)]
     no_mark_windows: bool,
+    /// A read of a mounted file not answered within this fails with EIO (and a log line).
+    #[arg(long, default_value_t = TimeLimit(DEFAULT_READ_TIMEOUT))]
+    read_timeout: TimeLimit,
+    /// A registry answer with no headers, or too few body bytes (see --min-rate), for this
+    /// long is abandoned and asked for again from the last byte received.
+    #[arg(long, default_value_t = TimeLimit(Transfer::DEFAULT.idle_timeout))]
+    idle_timeout: TimeLimit,
+    /// The least rate of a registry answer's body, per second, over each --idle-timeout.
+    #[arg(long, default_value_t = ByteSize(Transfer::DEFAULT.min_rate))]
+    min_rate: ByteSize,
 }
 
 impl Common {
@@ -70,6 +80,10 @@ impl Common {
             verify: self.verify,
             span: self.span.0.max(64 * 1024),
             mark_windows: !self.no_mark_windows,
+            read_timeout: self
+                .read_timeout
+                .0
+                .max(std::time::Duration::from_millis(100)),
         })
     }
 
@@ -103,6 +117,13 @@ impl Common {
             RegistryOptions {
                 insecure: self.insecure,
                 credentials: credentials(&r.registry)?,
+                transfer: Transfer {
+                    idle_timeout: self
+                        .idle_timeout
+                        .0
+                        .max(std::time::Duration::from_millis(100)),
+                    min_rate: self.min_rate.0,
+                },
             },
         )?;
         let what = r.manifest_reference().to_string();

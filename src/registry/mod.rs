@@ -4,22 +4,24 @@
 //! blobs are read with single-range GETs checked against Content-Range (a 200 with the whole
 //! body is accepted and sliced: `range.rs`). Blob redirects to storage are followed without
 //! our Authorization header and the redirected URL is reused until it stops working. Failed
-//! requests are retried as `retry.rs` decides.
+//! requests are retried as `retry.rs` decides; a blob body that breaks off, stalls or crawls
+//! (see [`Transfer`]) is asked for again from the last byte received.
 
 pub mod auth;
+mod blob;
 mod http;
 mod push;
 mod range;
 mod retry;
+pub use blob::RegistryBlob;
 pub use push::{UPLOAD_CHUNK, referrers_tag};
 
-use crate::blob::{BlobSource, clamp};
+use crate::config::Transfer;
 use crate::error::{Error, Result};
-use async_trait::async_trait;
 use auth::{Authenticator, Credentials};
 use bytes::{Bytes, BytesMut};
 use http::Http;
-use range::ranged_body;
+use range::{Broke, ranged_body};
 use reqwest::{Method, StatusCode, header};
 use retry::{Outcome, Retries};
 use std::collections::HashMap;
@@ -41,6 +43,8 @@ pub struct RegistryOptions {
     pub insecure: bool,
     /// Credentials for Basic auth or the token server.
     pub credentials: Option<Credentials>,
+    /// How long an answer may dawdle before it is abandoned and asked for again.
+    pub transfer: Transfer,
 }
 
 /// What a HEAD or GET of a manifest told us.
@@ -62,6 +66,15 @@ pub struct Registry {
     auth: Authenticator,
     /// Blob digest -> storage URL the registry last redirected us to.
     redirects: Mutex<HashMap<String, String>>,
+    transfer: Transfer,
+}
+
+/// How one try of a blob read ended, when it did not deliver the range.
+enum Try {
+    /// Not worth trying again (the error is the read's).
+    Final(Error),
+    /// Worth trying again from the last byte received, as the retry policy allows.
+    Again(Outcome, Error),
 }
 
 impl Registry {
@@ -87,6 +100,7 @@ impl Registry {
             http,
             auth: Authenticator::new(opts.credentials),
             redirects: Mutex::new(HashMap::new()),
+            transfer: opts.transfer,
         }))
     }
 
@@ -119,10 +133,29 @@ impl Registry {
         headers: &[(header::HeaderName, String)],
         body: Option<Bytes>,
     ) -> Result<reqwest::Response> {
+        let mut retries = Retries::default();
+        self.send_tries(repo, actions, method, url, headers, body, &mut retries)
+            .await
+    }
+
+    /// [`Registry::send_with`], counting its retries in `retries` (a blob read shares them
+    /// between its requests and the resumes of their bodies). Without a body to upload,
+    /// an answer whose headers take longer than the idle timeout is a timeout.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_tries(
+        &self,
+        repo: &str,
+        actions: &str,
+        method: Method,
+        url: &str,
+        headers: &[(header::HeaderName, String)],
+        body: Option<Bytes>,
+        retries: &mut Retries,
+    ) -> Result<reqwest::Response> {
         let scope = format!("repository:{repo}:{actions}");
         let mut auth = self.auth.header(&self.http, &scope).await?;
         let mut challenged = false;
-        let mut retries = Retries::default();
+        let idle = self.transfer.idle_timeout;
         loop {
             let mut req = self.http.for_url(url)?.request(method.clone(), url);
             for (k, v) in headers {
@@ -134,14 +167,27 @@ impl Registry {
             if let Some(b) = &body {
                 req = req.body(b.clone());
             }
-            let resp = match req.send().await {
+            let sent = match &body {
+                Some(_) => Ok(req.send().await),
+                None => tokio::time::timeout(idle, req.send()).await,
+            };
+            let tried = match sent {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err((Outcome::of(&e), Error::from(e))),
+                Err(_) => Err((
+                    Outcome::Timeout,
+                    Error::Timeout(format!("{method} {url}: no answer within {idle:?}")),
+                )),
+            };
+            let resp = match tried {
                 Ok(r) => r,
-                Err(e) => match retries.wait(Outcome::of(&e)) {
+                Err((outcome, e)) => match retries.wait(outcome, None) {
                     Some(wait) => {
+                        tracing::warn!("{e}; trying again in {wait:?}");
                         tokio::time::sleep(wait).await;
                         continue;
                     }
-                    None => return Err(e.into()),
+                    None => return Err(e),
                 },
             };
             let status = resp.status();
@@ -165,8 +211,20 @@ impl Registry {
                 );
                 continue;
             }
-            match retries.wait(Outcome::Status(status)) {
-                Some(wait) => tokio::time::sleep(wait).await,
+            let asked = resp
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok());
+            let asked = retry::retry_after(asked, std::time::SystemTime::now());
+            match retries.wait(Outcome::Status(status), asked) {
+                Some(wait) => {
+                    tracing::warn!(
+                        "{method} {url}: {} answered HTTP {status}{}; trying again in {wait:?}",
+                        self.host,
+                        asked.map_or(String::new(), |a| format!(" (Retry-After {a:?})"))
+                    );
+                    tokio::time::sleep(wait).await
+                }
                 None => return Ok(resp),
             }
         }
@@ -285,7 +343,9 @@ impl Registry {
         Ok(out.freeze())
     }
 
-    /// [`Registry::read_blob`], handing the bytes to `sink` in order as they arrive.
+    /// [`Registry::read_blob`], handing the bytes to `sink` in order as they arrive. A try
+    /// that breaks off, stalls, crawls or gets an answer that does not fit is tried again
+    /// from the last byte received, as the retry policy (`retry.rs`) allows.
     pub async fn stream_blob(
         &self,
         repo: &str,
@@ -297,26 +357,85 @@ impl Registry {
         if len == 0 {
             return Ok(());
         }
+        let what = format!("blob {digest}");
+        let mut retries = Retries::default();
+        let mut got = 0u64;
+        loop {
+            let before = got;
+            let mut counted = |piece: Bytes| {
+                got += piece.len() as u64;
+                sink(piece)
+            };
+            let at = offset + before;
+            let tried = self
+                .try_blob(
+                    repo,
+                    digest,
+                    at,
+                    len - before,
+                    &what,
+                    &mut retries,
+                    &mut counted,
+                )
+                .await;
+            let (outcome, e) = match tried {
+                Ok(()) => return Ok(()),
+                Err(Try::Final(e)) => return Err(e),
+                Err(Try::Again(Outcome::Body { .. }, e)) => (
+                    Outcome::Body {
+                        progressed: got > before,
+                    },
+                    e,
+                ),
+                Err(Try::Again(outcome, e)) => (outcome, e),
+            };
+            match retries.wait(outcome, None) {
+                Some(wait) => {
+                    tracing::warn!("{e}; asking again from byte {} in {wait:?}", offset + got);
+                    tokio::time::sleep(wait).await;
+                }
+                None => return Err(e),
+            }
+        }
+    }
+
+    /// One try of a blob read: through the storage URL the registry last redirected to,
+    /// else the registry (and the storage it redirects to now).
+    #[allow(clippy::too_many_arguments)]
+    async fn try_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        what: &str,
+        retries: &mut Retries,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> std::result::Result<(), Try> {
         let range = (
             header::RANGE,
             format!("bytes={}-{}", offset, offset + len - 1),
         );
         let identity = (header::ACCEPT_ENCODING, "identity".to_string());
-        let what = format!("blob {digest}");
+        let body = |r| async move {
+            ranged_body(r, offset, len, what, self.transfer, sink)
+                .await
+                .map_err(|b| match b {
+                    Broke::Misfit(e) => Try::Again(Outcome::Misfit, e),
+                    Broke::Body(e) => Try::Again(Outcome::Body { progressed: false }, e),
+                })
+        };
+        let idle = self.transfer.idle_timeout;
         let cached = self.redirects.lock().unwrap().get(digest).cloned();
         if let Some(url) = cached {
-            let resp = self
-                .http
-                .for_url(&url)?
+            let client = self.http.for_url(&url).map_err(Try::Final)?;
+            let resp = client
                 .get(&url)
                 .header(range.0.clone(), &range.1)
                 .header(identity.0.clone(), &identity.1)
-                .send()
-                .await;
-            match resp {
-                Ok(r) if r.status().is_success() => {
-                    return ranged_body(r, offset, len, &what, sink).await;
-                }
+                .send();
+            match tokio::time::timeout(idle, resp).await {
+                Ok(Ok(r)) if r.status().is_success() => return body(r).await,
                 _ => {
                     // Expired presigned URL (403) or storage hiccup: ask the registry again.
                     self.redirects.lock().unwrap().remove(digest);
@@ -324,45 +443,61 @@ impl Registry {
             }
         }
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
+        let headers = [range.clone(), identity.clone()];
         let resp = self
-            .send(repo, Method::GET, &url, &[range.clone(), identity.clone()])
-            .await?;
+            .send_tries(repo, "pull", Method::GET, &url, &headers, None, retries)
+            .await
+            .map_err(Try::Final)?;
         let status = resp.status();
         if status.is_redirection() {
             let loc = resp
                 .headers()
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| Error::Registry(format!("{what}: redirect without Location")))?;
-            let target = resp
-                .url()
-                .join(loc)
-                .map_err(|e| Error::Registry(format!("{what}: bad redirect {loc:?}: {e}")))?;
+                .ok_or_else(|| {
+                    Try::Final(Error::Registry(format!(
+                        "{what}: redirect without Location"
+                    )))
+                })?;
+            let target = resp.url().join(loc).map_err(|e| {
+                Try::Final(Error::Registry(format!(
+                    "{what}: bad redirect {loc:?}: {e}"
+                )))
+            })?;
             // No Authorization header: the storage host is not the registry.
-            let r = self
-                .http
-                .for_url(target.as_str())?
+            let client = self.http.for_url(target.as_str()).map_err(Try::Final)?;
+            let sent = client
                 .get(target.clone())
                 .header(range.0, range.1)
                 .header(identity.0, identity.1)
-                .send()
-                .await?;
+                .send();
+            let r = match tokio::time::timeout(idle, sent).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return Err(Try::Again(Outcome::of(&e), e.into())),
+                Err(_) => {
+                    return Err(Try::Again(
+                        Outcome::Timeout,
+                        Error::Timeout(format!("{what}: no answer from storage within {idle:?}")),
+                    ));
+                }
+            };
             if !r.status().is_success() {
-                return Err(self.error_for(
+                let e = self.error_for(
                     &format!("{what} at storage {}", target.host_str().unwrap_or("?")),
                     r.status(),
-                ));
+                );
+                return Err(Try::Again(Outcome::Status(r.status()), e));
             }
             self.redirects
                 .lock()
                 .unwrap()
                 .insert(digest.to_string(), target.to_string());
-            return ranged_body(r, offset, len, &what, sink).await;
+            return body(r).await;
         }
         if !status.is_success() {
-            return Err(self.error_for(&what, status));
+            return Err(Try::Final(self.error_for(what, status)));
         }
-        ranged_body(resp, offset, len, &what, sink).await
+        body(resp).await
     }
 
     /// A blob's size, from HEAD.
@@ -425,53 +560,3 @@ async fn read_limited(mut resp: reqwest::Response, limit: usize, what: &str) -> 
     }
     Ok(out.freeze())
 }
-
-/// One registry blob as a [`BlobSource`].
-pub struct RegistryBlob {
-    registry: Arc<Registry>,
-    repo: String,
-    digest: String,
-    size: u64,
-}
-
-impl RegistryBlob {
-    /// The blob `digest` of `repo`, whose size the manifest gave.
-    pub fn new(registry: Arc<Registry>, repo: &str, digest: &str, size: u64) -> Self {
-        RegistryBlob {
-            registry,
-            repo: repo.into(),
-            digest: digest.into(),
-            size,
-        }
-    }
-}
-
-#[async_trait]
-impl BlobSource for RegistryBlob {
-    fn id(&self) -> &str {
-        &self.digest
-    }
-    fn size(&self) -> u64 {
-        self.size
-    }
-    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
-        let len = clamp(&self.digest, self.size, offset, len)?;
-        self.registry
-            .read_blob(&self.repo, &self.digest, offset, len)
-            .await
-    }
-    async fn stream_at(
-        &self,
-        offset: u64,
-        len: u64,
-        sink: &mut (dyn FnMut(Bytes) + Send),
-    ) -> Result<()> {
-        let len = clamp(&self.digest, self.size, offset, len)?;
-        self.registry
-            .stream_blob(&self.repo, &self.digest, offset, len, sink)
-            .await
-    }
-}
-
-/// Hints are for the decorators above a registry blob (the block cache); it ignores them.
-impl crate::blob::ReadHints for RegistryBlob {}

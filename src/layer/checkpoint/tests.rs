@@ -352,7 +352,8 @@ async fn a_hostile_index_is_refused_or_found_out() {
         let verified = crate::verify::verify_layers(&layers, &diff_ids, &|| true);
         tokio::time::timeout(Duration::from_secs(60), verified)
             .await
-            .expect("verifying through a hostile index hung");
+            .expect("verifying through a hostile index hung")
+            .unwrap();
         let health = layer.health.read().unwrap().clone();
         if lies {
             assert!(matches!(health, Health::Bad(_)), "a lying index passed");
@@ -381,11 +382,15 @@ async fn the_honest_index_passes_verification() {
     let gz = Arc::new(CheckpointBlob::new(index.clone(), blob.clone()));
     let layer = unchecked_layer(&digest, gz, &entries, &index);
     let layers = [(&*layer, &blob)];
-    crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true).await;
+    crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true)
+        .await
+        .unwrap();
     assert_eq!(*layer.health.read().unwrap(), Health::Verified);
     // A config naming another diff_id fails it.
     *layer.health.write().unwrap() = Health::Pending;
-    crate::verify::verify_layers(&layers, &["sha256:00".into()], &|| true).await;
+    crate::verify::verify_layers(&layers, &["sha256:00".into()], &|| true)
+        .await
+        .unwrap();
     assert!(matches!(*layer.health.read().unwrap(), Health::Bad(_)));
     // An index whose digest of the output after one mark is not the layer's (as a window
     // crafted to decode to other bytes would need) fails it, though every span is right.
@@ -397,7 +402,9 @@ async fn the_honest_index_passes_verification() {
     let layer = unchecked_layer(&digest, gz, &entries, &lying);
     let blob = layers[0].1.clone();
     let layers = [(&*layer, &blob)];
-    crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true).await;
+    crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true)
+        .await
+        .unwrap();
     let health = layer.health.read().unwrap().clone();
     assert!(
         matches!(&health, Health::Bad(why) if why.contains("output from offset")),
@@ -491,8 +498,9 @@ async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
     assert_eq!(c.bytes.load(Relaxed), stretch + (end - (marks[j].inp - 1)));
     assert!(c.bytes.load(Relaxed) < stretch + (end - start));
 
-    // Mark j's entry damaged (its bits to prime): the resume fails its digest, the read
-    // decodes from the span's start instead and is still exact.
+    // Mark j's entry damaged (its bits to prime): the resume fails its digest, is tried once
+    // more from fresh bytes (they might have arrived damaged), then the read decodes from the
+    // span's start instead and is still exact.
     let entry_at: u64 = marks[..j]
         .iter()
         .map(|m| u64::from(m.resume.as_ref().unwrap().len))
@@ -502,7 +510,10 @@ async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
     let c = counted();
     let gz = CheckpointBlob::new(index.clone(), c.clone()).with_windows(windows_of(bad));
     assert_eq!(&gz.read_at(at, 1000).await.unwrap()[..], want);
-    assert_eq!(c.bytes.load(Relaxed), stretch + (marks[j + 1].inp - start));
+    assert_eq!(
+        c.bytes.load(Relaxed),
+        2 * stretch + (marks[j + 1].inp - start)
+    );
     // A windows blob of another size than the index says is not used at all.
     let c = counted();
     let gz = CheckpointBlob::new(index.clone(), c.clone())
@@ -628,4 +639,52 @@ async fn concurrent_reads_of_one_stretch_fetch_its_window_and_bytes_once() {
     }
     assert_eq!(window_blob.calls().len(), 1, "{:?}", window_blob.calls());
     assert_eq!(compressed.calls().len(), 1, "{:?}", compressed.calls());
+}
+
+use crate::blob::damaging::Damaging;
+
+/// Damaged bytes cached by the block cache are dropped and fetched again, once: a span read
+/// and the index pass of a first mount mend a damaged answer; a second one fails them.
+#[tokio::test]
+async fn damaged_answers_are_fetched_again_not_kept() {
+    let tar = sample_tar();
+    let good = gzip(&tar, 6);
+    let ra = crate::blob::cache::ReadAhead {
+        bytes: 1 << 20,
+        after: 1 << 40, // no read-ahead: it would take the damaged answers
+    };
+    let cache = || crate::blob::cache::BlockCache::new(4096, 4096, 64 << 20, None, ra);
+    // The index pass: one damaged answer is mended, two are not.
+    let (index, _) = CheckpointIndex::build(
+        cache().wrap(Damaging::new(good.clone(), 1)),
+        Codec::Gzip,
+        64 * 1024,
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
+    let err = CheckpointIndex::build(
+        cache().wrap(Damaging::new(good.clone(), 2)),
+        Codec::Gzip,
+        64 * 1024,
+        &|_, _| {},
+    )
+    .await
+    .map(drop)
+    .unwrap_err();
+    assert!(err.is_check(), "{err}");
+    // A span read through the block cache: the same.
+    let index = Arc::new(index);
+    let (o0, o1) = index.span_output(3);
+    for (damaged, mended) in [(1, true), (2, false)] {
+        let gz = CheckpointBlob::new(
+            index.clone(),
+            cache().wrap(Damaging::new(good.clone(), damaged)),
+        );
+        let got = gz.read_at(o0, o1 - o0).await;
+        match mended {
+            true => assert_eq!(&got.unwrap()[..], &tar[o0 as usize..o1 as usize]),
+            false => assert!(got.unwrap_err().is_check()),
+        }
+    }
 }
