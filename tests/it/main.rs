@@ -3,6 +3,7 @@
 //! CI=true requires.
 
 mod builder;
+mod faults;
 mod harness;
 mod oracle;
 
@@ -13,6 +14,8 @@ mod auth;
 mod cli;
 mod conformance;
 mod convert;
+mod healing;
+mod hostile;
 mod indexes;
 mod laziness;
 mod speculation;
