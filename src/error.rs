@@ -43,6 +43,10 @@ pub enum Error {
     /// Something the request is valid for but ocifs does not do.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// Something took longer than its deadline: a read of a mounted file, or a registry
+    /// answer that stalled or crawled (see [`crate::config::Transfer`]).
+    #[error("timed out: {0}")]
+    Timeout(String),
     /// Transport-level failure talking to a registry.
     #[error("http: {0}")]
     Http(#[from] reqwest::Error),
@@ -63,6 +67,12 @@ impl Error {
         }
     }
 
+    /// Whether this is bytes failing a check (a digest, or data that does not decode as its
+    /// index says): what was read may have arrived damaged, and fetching it again may mend it.
+    pub fn is_check(&self) -> bool {
+        matches!(self, Error::Digest { .. } | Error::Format { .. })
+    }
+
     /// The errno a FUSE request answers with when it fails with this error.
     pub fn errno(&self) -> i32 {
         match self {
@@ -77,6 +87,7 @@ impl Error {
             | Error::BadLayer { .. }
             | Error::Platform { .. }
             | Error::Config { .. }
+            | Error::Timeout(_)
             | Error::Http(_) => libc::EIO,
         }
     }

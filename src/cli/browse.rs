@@ -86,7 +86,7 @@ pub async fn pull(common: &Common, reference: &str, dir: &Path) -> Result<()> {
     // fetches them, in the background of a mount it would be the same work).
     let diff_ids = manifest::diff_ids(&image.resolved.config);
     let pairs: Vec<_> = image.layers.iter().map(|l| (&*l.layer, &l.blob)).collect();
-    ocifs::verify::verify_layers(&pairs, &diff_ids, &|| true).await;
+    ocifs::verify::verify_layers(&pairs, &diff_ids, &|| true).await?;
     for l in &image.layers {
         if let ocifs::layer::Health::Bad(why) = &*l.layer.health.read().unwrap() {
             bail!("layer {} failed verification: {why}", l.layer.digest);

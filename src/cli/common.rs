@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ocifs::config::{
     ByteSize, DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, DEFAULT_DISK_CACHE_SIZE, DEFAULT_FETCH_SIZE,
-    OpenConfig, VerifyMode,
+    DEFAULT_READ_TIMEOUT, OpenConfig, TimeLimit, Transfer, VerifyMode,
 };
 use ocifs::image::{Image, Platform, Progress, Source};
 use ocifs::reference::Reference;
@@ -37,6 +37,13 @@ pub struct Common {
     /// When to check whole layer blobs against their digests.
     #[arg(long, value_enum, default_value_t = VerifyMode::Background)]
     verify: VerifyMode,
+    /// A registry answer with no headers, or too few body bytes (see --min-rate), for this
+    /// long is abandoned and asked for again from the last byte received.
+    #[arg(long, default_value_t = TimeLimit(Transfer::DEFAULT.idle_timeout))]
+    idle_timeout: TimeLimit,
+    /// The least rate of a registry answer's body, per second, over each --idle-timeout.
+    #[arg(long, default_value_t = ByteSize(Transfer::DEFAULT.min_rate))]
+    min_rate: ByteSize,
 }
 
 /// How a mount (or `run`, `index`) fetches and keeps bytes: on the commands that serve
@@ -64,6 +71,9 @@ pub struct Tuning {
     /// window (to measure what mark windows buy).
     #[arg(long)]
     no_mark_windows: bool,
+    /// A read of a mounted file not answered within this fails with EIO (and a log line).
+    #[arg(long, default_value_t = TimeLimit(DEFAULT_READ_TIMEOUT))]
+    read_timeout: TimeLimit,
 }
 
 impl Default for Tuning {
@@ -76,6 +86,7 @@ impl Default for Tuning {
             fetch_size: ByteSize(DEFAULT_FETCH_SIZE),
             disk_cache_size: ByteSize(DEFAULT_DISK_CACHE_SIZE),
             no_mark_windows: false,
+            read_timeout: TimeLimit(DEFAULT_READ_TIMEOUT),
         }
     }
 }
@@ -110,6 +121,7 @@ impl Common {
             verify: self.verify,
             span: t.span.0.max(64 * 1024),
             mark_windows: !t.no_mark_windows,
+            read_timeout: t.read_timeout.0.max(std::time::Duration::from_millis(100)),
         })
     }
 
@@ -141,6 +153,13 @@ impl Common {
         let routes = self.mirrors()?.routes(&r, self.insecure)?;
         let opts = RepoOptions {
             spool_dir: Some(self.cache_dir()?.join("spool")),
+            transfer: Transfer {
+                idle_timeout: self
+                    .idle_timeout
+                    .0
+                    .max(std::time::Duration::from_millis(100)),
+                min_rate: self.min_rate.0,
+            },
         };
         let name = format!("{}/{}", r.registry, r.repository);
         let find = |e: &ocifs::registry::Endpoint| credentials(e.credential_key());

@@ -103,7 +103,8 @@ impl Image {
         if cfg.verify == VerifyMode::Strict {
             let diff_ids = manifest::diff_ids(&resolved.config);
             let pairs: Vec<_> = layers.iter().map(|l| (&*l.layer, &l.blob)).collect();
-            crate::verify::verify_layers(&pairs, &diff_ids, &|| true).await;
+            // Strict: a layer the network kept from being verified fails the mount too.
+            crate::verify::verify_layers(&pairs, &diff_ids, &|| true).await?;
             for l in &layers {
                 if let Health::Bad(reason) = &*l.layer.health.read().unwrap() {
                     return Err(Error::BadLayer {

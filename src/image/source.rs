@@ -104,16 +104,22 @@ impl Source {
             // Checked at each host, so that a mirror serving it wrong is passed over.
             return repo.read_whole(digest, size).await;
         }
-        let data = self.blob(digest, size)?.read_at(0, size).await?;
-        let actual = crate::digest::sha256(&data);
-        if actual != digest {
-            return Err(Error::Digest {
-                what: format!("blob {digest}"),
-                expected: digest.into(),
-                actual,
-            });
-        }
-        Ok(data)
+        // A damaged answer is fetched once more (see `blob::healing`).
+        let blob = self.blob(digest, size)?;
+        let what = format!("blob {digest}");
+        crate::blob::healing(&blob, (0, size), &what, || async {
+            let data = blob.read_at(0, size).await?;
+            let actual = crate::digest::sha256(&data);
+            if actual != digest {
+                return Err(Error::Digest {
+                    what: what.clone(),
+                    expected: digest.into(),
+                    actual,
+                });
+            }
+            Ok(data)
+        })
+        .await
     }
 
     /// Tags of the repository.

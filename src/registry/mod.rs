@@ -4,7 +4,8 @@
 //! blobs are read with single-range GETs checked against Content-Range (a 200 with the whole
 //! body is accepted and sliced: `range.rs`). Blob redirects to storage are followed without
 //! our Authorization header and the redirected URL is reused until it stops working. Failed
-//! requests are retried as `retry.rs` decides.
+//! requests are retried as `retry.rs` decides; a blob body that breaks off, stalls or crawls
+//! (see [`Transfer`]) is asked for again from the last byte received.
 //!
 //! [`Registry`] talks to one host. Above it, [`Repo`] (`pull.rs`) pulls a repository from its
 //! hosts in order — mirrors, then the registry — as the mirror configuration (`routes.rs`:
@@ -28,11 +29,12 @@ pub use pull::{Repo, RepoBlob, RepoOptions};
 pub use push::{UPLOAD_CHUNK, referrers_tag};
 pub use routes::MirrorConfig;
 
+use crate::config::Transfer;
 use crate::error::{Error, Result};
 use auth::{Authenticator, Credentials};
 use bytes::{Bytes, BytesMut};
 use http::Http;
-use range::ranged_body;
+use range::{Broke, ranged_body};
 use reqwest::{Method, StatusCode, header};
 use retry::{Outcome, Retries};
 use std::collections::HashMap;
@@ -54,6 +56,8 @@ pub struct RegistryOptions {
     pub insecure: bool,
     /// Credentials for Basic auth or the token server.
     pub credentials: Option<Credentials>,
+    /// How long an answer may dawdle before it is abandoned and asked for again.
+    pub transfer: Transfer,
 }
 
 /// What a HEAD or GET of a manifest told us.
@@ -82,13 +86,22 @@ pub struct Registry {
     auth: Authenticator,
     /// Blob digest -> storage URL the registry last redirected us to.
     redirects: Mutex<HashMap<String, String>>,
+    transfer: Transfer,
+}
+
+/// How one try of a blob read ended, when it did not deliver the range.
+enum Try {
+    /// Not worth trying again (the error is the read's).
+    Final(Error),
+    /// Worth trying again from the last byte received, as the retry policy allows.
+    Again(Outcome, Error),
 }
 
 impl Registry {
     /// A client for `host` (`docker.io` means Docker Hub's API host).
     pub fn new(host: &str, opts: RegistryOptions) -> Result<Arc<Self>> {
         let endpoint = Endpoint::direct(host, opts.insecure);
-        let mut r = Registry::build(&endpoint, None, opts.credentials)?;
+        let mut r = Registry::build(&endpoint, None, opts.credentials, opts.transfer)?;
         r.host = host.to_string();
         Ok(Arc::new(r))
     }
@@ -99,14 +112,21 @@ impl Registry {
         endpoint: &Endpoint,
         namespace: Option<&str>,
         credentials: Option<Credentials>,
+        transfer: Transfer,
     ) -> Result<Arc<Self>> {
-        Ok(Arc::new(Registry::build(endpoint, namespace, credentials)?))
+        Ok(Arc::new(Registry::build(
+            endpoint,
+            namespace,
+            credentials,
+            transfer,
+        )?))
     }
 
     fn build(
         endpoint: &Endpoint,
         namespace: Option<&str>,
         credentials: Option<Credentials>,
+        transfer: Transfer,
     ) -> Result<Self> {
         let mut headers = header::HeaderMap::new();
         for (k, v) in &endpoint.headers {
@@ -130,6 +150,7 @@ impl Registry {
             )?,
             auth: Authenticator::new(credentials),
             redirects: Mutex::new(HashMap::new()),
+            transfer,
         })
     }
 
@@ -140,6 +161,11 @@ impl Registry {
             (false, false) => format!("{}/{path}?{}", self.api, self.query),
             (false, true) => format!("{}/{path}&{}", self.api, self.query),
         }
+    }
+
+    /// How blob bodies are watched (idle timeout, least rate).
+    pub(crate) fn transfer(&self) -> Transfer {
+        self.transfer
     }
 
     /// The registry host this client talks to.
@@ -171,10 +197,29 @@ impl Registry {
         headers: &[(header::HeaderName, String)],
         body: Option<Bytes>,
     ) -> Result<reqwest::Response> {
+        let mut retries = Retries::default();
+        self.send_tries(repo, actions, method, url, headers, body, &mut retries)
+            .await
+    }
+
+    /// [`Registry::send_with`], counting its retries in `retries` (a blob read shares them
+    /// between its requests and the resumes of their bodies). Without a body to upload,
+    /// an answer whose headers take longer than the idle timeout is a timeout.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_tries(
+        &self,
+        repo: &str,
+        actions: &str,
+        method: Method,
+        url: &str,
+        headers: &[(header::HeaderName, String)],
+        body: Option<Bytes>,
+        retries: &mut Retries,
+    ) -> Result<reqwest::Response> {
         let scope = format!("repository:{repo}:{actions}");
         let mut auth = self.auth.header(&self.http, &scope).await?;
         let mut challenged = false;
-        let mut retries = Retries::default();
+        let idle = self.transfer.idle_timeout;
         loop {
             let mut req = self.http.for_url(url)?.request(method.clone(), url);
             req = req.headers(self.headers.clone());
@@ -187,14 +232,27 @@ impl Registry {
             if let Some(b) = &body {
                 req = req.body(b.clone());
             }
-            let resp = match req.send().await {
+            let sent = match &body {
+                Some(_) => Ok(req.send().await),
+                None => tokio::time::timeout(idle, req.send()).await,
+            };
+            let tried = match sent {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err((Outcome::of(&e), Error::from(e))),
+                Err(_) => Err((
+                    Outcome::Timeout,
+                    Error::Timeout(format!("{method} {url}: no answer within {idle:?}")),
+                )),
+            };
+            let resp = match tried {
                 Ok(r) => r,
-                Err(e) => match retries.wait(Outcome::of(&e)) {
+                Err((outcome, e)) => match retries.wait(outcome, None) {
                     Some(wait) => {
+                        tracing::warn!("{e}; trying again in {wait:?}");
                         tokio::time::sleep(wait).await;
                         continue;
                     }
-                    None => return Err(e.into()),
+                    None => return Err(e),
                 },
             };
             let status = resp.status();
@@ -218,8 +276,20 @@ impl Registry {
                 );
                 continue;
             }
-            match retries.wait(Outcome::Status(status)) {
-                Some(wait) => tokio::time::sleep(wait).await,
+            let asked = resp
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok());
+            let asked = retry::retry_after(asked, std::time::SystemTime::now());
+            match retries.wait(Outcome::Status(status), asked) {
+                Some(wait) => {
+                    tracing::warn!(
+                        "{method} {url}: {} answered HTTP {status}{}; trying again in {wait:?}",
+                        self.host,
+                        asked.map_or(String::new(), |a| format!(" (Retry-After {a:?})"))
+                    );
+                    tokio::time::sleep(wait).await
+                }
                 None => return Ok(resp),
             }
         }
@@ -338,7 +408,9 @@ impl Registry {
         Ok(out.freeze())
     }
 
-    /// [`Registry::read_blob`], handing the bytes to `sink` in order as they arrive.
+    /// Streams `[offset, offset+len)` of a blob to `sink` as it arrives. A body that breaks
+    /// off, stalls or crawls is asked for again from the last byte received, as the retry
+    /// policy allows (one count for the requests and the resumes of their bodies).
     pub async fn stream_blob(
         &self,
         repo: &str,
@@ -350,8 +422,70 @@ impl Registry {
         if len == 0 {
             return Ok(());
         }
-        let resp = self.open_blob(repo, digest, offset, len).await?;
-        ranged_body(resp, offset, len, &format!("blob {digest}"), sink).await
+        let what = format!("blob {digest}");
+        let mut retries = Retries::default();
+        let mut got = 0u64;
+        loop {
+            let before = got;
+            let mut counted = |piece: Bytes| {
+                got += piece.len() as u64;
+                sink(piece)
+            };
+            let at = offset + before;
+            let tried = self
+                .try_blob(
+                    repo,
+                    digest,
+                    at,
+                    len - before,
+                    &what,
+                    &mut retries,
+                    &mut counted,
+                )
+                .await;
+            let (outcome, e) = match tried {
+                Ok(()) => return Ok(()),
+                Err(Try::Final(e)) => return Err(e),
+                Err(Try::Again(Outcome::Body { .. }, e)) => (
+                    Outcome::Body {
+                        progressed: got > before,
+                    },
+                    e,
+                ),
+                Err(Try::Again(outcome, e)) => (outcome, e),
+            };
+            match retries.wait(outcome, None) {
+                Some(wait) => {
+                    tracing::warn!("{e}; asking again from byte {} in {wait:?}", offset + got);
+                    tokio::time::sleep(wait).await;
+                }
+                None => return Err(e),
+            }
+        }
+    }
+
+    /// One try of a blob read: open it ([`Registry::open_tries`]), then read the body as the
+    /// transfer limits allow.
+    #[allow(clippy::too_many_arguments)]
+    async fn try_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        what: &str,
+        retries: &mut Retries,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> std::result::Result<(), Try> {
+        let resp = self
+            .open_tries(repo, digest, offset, len, what, retries)
+            .await?;
+        ranged_body(resp, offset, len, what, self.transfer, sink)
+            .await
+            .map_err(|b| match b {
+                Broke::Misfit(e) => Try::Again(Outcome::Misfit, e),
+                Broke::Body(e) => Try::Again(Outcome::Body { progressed: false }, e),
+            })
     }
 
     /// The successful answer to a GET of `[offset, offset+len)` of a blob (`len` > 0), its
@@ -364,24 +498,42 @@ impl Registry {
         offset: u64,
         len: u64,
     ) -> Result<reqwest::Response> {
+        let what = format!("blob {digest}");
+        let mut retries = Retries::default();
+        self.open_tries(repo, digest, offset, len, &what, &mut retries)
+            .await
+            .map_err(|t| match t {
+                Try::Final(e) | Try::Again(_, e) => e,
+            })
+    }
+
+    /// [`Registry::open_blob`] counting its retries in `retries`: through the storage URL the
+    /// registry last redirected to, else the registry (and the storage it redirects to now).
+    async fn open_tries(
+        &self,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        what: &str,
+        retries: &mut Retries,
+    ) -> std::result::Result<reqwest::Response, Try> {
         let range = (
             header::RANGE,
             format!("bytes={}-{}", offset, offset + len - 1),
         );
         let identity = (header::ACCEPT_ENCODING, "identity".to_string());
-        let what = format!("blob {digest}");
+        let idle = self.transfer.idle_timeout;
         let cached = self.redirects.lock().unwrap().get(digest).cloned();
         if let Some(url) = cached {
-            let resp = self
-                .http
-                .for_url(&url)?
+            let client = self.http.for_url(&url).map_err(Try::Final)?;
+            let resp = client
                 .get(&url)
                 .header(range.0.clone(), &range.1)
                 .header(identity.0.clone(), &identity.1)
-                .send()
-                .await;
-            match resp {
-                Ok(r) if r.status().is_success() => return Ok(r),
+                .send();
+            match tokio::time::timeout(idle, resp).await {
+                Ok(Ok(r)) if r.status().is_success() => return Ok(r),
                 _ => {
                     // Expired presigned URL (403) or storage hiccup: ask the registry again.
                     self.redirects.lock().unwrap().remove(digest);
@@ -389,34 +541,50 @@ impl Registry {
             }
         }
         let url = self.url(&format!("{repo}/blobs/{digest}"));
+        let headers = [range.clone(), identity.clone()];
         let resp = self
-            .send(repo, Method::GET, &url, &[range.clone(), identity.clone()])
-            .await?;
+            .send_tries(repo, "pull", Method::GET, &url, &headers, None, retries)
+            .await
+            .map_err(Try::Final)?;
         let status = resp.status();
         if status.is_redirection() {
             let loc = resp
                 .headers()
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| Error::Registry(format!("{what}: redirect without Location")))?;
-            let target = resp
-                .url()
-                .join(loc)
-                .map_err(|e| Error::Registry(format!("{what}: bad redirect {loc:?}: {e}")))?;
+                .ok_or_else(|| {
+                    Try::Final(Error::Registry(format!(
+                        "{what}: redirect without Location"
+                    )))
+                })?;
+            let target = resp.url().join(loc).map_err(|e| {
+                Try::Final(Error::Registry(format!(
+                    "{what}: bad redirect {loc:?}: {e}"
+                )))
+            })?;
             // No Authorization header: the storage host is not the registry.
-            let r = self
-                .http
-                .for_url(target.as_str())?
+            let client = self.http.for_url(target.as_str()).map_err(Try::Final)?;
+            let sent = client
                 .get(target.clone())
                 .header(range.0, range.1)
                 .header(identity.0, identity.1)
-                .send()
-                .await?;
+                .send();
+            let r = match tokio::time::timeout(idle, sent).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return Err(Try::Again(Outcome::of(&e), e.into())),
+                Err(_) => {
+                    return Err(Try::Again(
+                        Outcome::Timeout,
+                        Error::Timeout(format!("{what}: no answer from storage within {idle:?}")),
+                    ));
+                }
+            };
             if !r.status().is_success() {
-                return Err(self.error_for(
+                let e = self.error_for(
                     &format!("{what} at storage {}", target.host_str().unwrap_or("?")),
                     r.status(),
-                ));
+                );
+                return Err(Try::Again(Outcome::Status(r.status()), e));
             }
             self.redirects
                 .lock()
@@ -425,7 +593,7 @@ impl Registry {
             return Ok(r);
         }
         if !status.is_success() {
-            return Err(self.error_for(&what, status));
+            return Err(Try::Final(self.error_for(what, status)));
         }
         Ok(resp)
     }

@@ -37,6 +37,8 @@ pub struct RepoOptions {
     /// Where blobs a host sends whole are spooled (`None`: such answers are sliced, and the
     /// host asked again for each read).
     pub spool_dir: Option<PathBuf>,
+    /// How each host's blob bodies are watched (idle timeout, least rate).
+    pub transfer: crate::config::Transfer,
 }
 
 /// One host of a repository.
@@ -111,6 +113,7 @@ impl Repo {
                 &r.endpoint,
                 r.namespace.as_deref(),
                 credentials(&r.endpoint)?,
+                opts.transfer,
             )?;
             hosts.push(Host::new(registry, &r.repo, r.caps, r.mirror));
         }

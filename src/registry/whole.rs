@@ -11,6 +11,7 @@
 
 use super::range::ranged_body;
 use crate::blob::read_file_at;
+use crate::config::Transfer;
 use crate::digest::Hasher;
 use crate::error::{Error, Result};
 use crate::task::TaskGuard;
@@ -58,6 +59,7 @@ impl Spool {
         dir: &Path,
         digest: &str,
         size: u64,
+        transfer: Transfer,
         counted: Box<dyn Fn(u64) + Send + Sync>,
     ) -> Result<Arc<Spool>> {
         std::fs::create_dir_all(dir)?;
@@ -71,7 +73,7 @@ impl Spool {
             let mut hasher = Hasher::default();
             let mut pos = 0u64;
             let mut write_error = None;
-            let streamed = ranged_body(resp, 0, size, &what, &mut |piece: Bytes| {
+            let streamed = ranged_body(resp, 0, size, &what, transfer, &mut |piece: Bytes| {
                 if write_error.is_some() {
                     return;
                 }
@@ -90,7 +92,7 @@ impl Spool {
             })
             .await;
             let end = match (streamed, write_error) {
-                (Err(e), _) => End::Failed(e.to_string()),
+                (Err(e), _) => End::Failed(crate::error::Error::from(e).to_string()),
                 (_, Some(e)) => End::Failed(format!("writing the spool file: {e}")),
                 _ => match hasher.finish() {
                     actual if actual == expected => End::Complete,

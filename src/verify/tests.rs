@@ -1,11 +1,14 @@
 //! Verification of a layer served through an index from the registry: a hostile index is
 //! refused or found out, an honest one passes.
 
+use crate::blob::cache::{BlockCache, ReadAhead};
+use crate::blob::damaging::Damaging;
 use crate::blob::{Blob, BlobSource, MemBlob};
 use crate::layer::Entry;
+use crate::layer::Format;
 use crate::layer::checkpoint::tests::{gzip, sample_tar, sample_tar_of};
 use crate::layer::checkpoint::{CheckpointBlob, CheckpointIndex, Codec, file};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 fn unchecked_layer(
@@ -94,7 +97,8 @@ async fn a_hostile_index_is_refused_or_found_out() {
         let verified = crate::verify::verify_layers(&layers, &diff_ids, &|| true);
         tokio::time::timeout(Duration::from_secs(60), verified)
             .await
-            .expect("verifying through a hostile index hung");
+            .expect("verifying through a hostile index hung")
+            .unwrap();
         let health = layer.health.read().unwrap().clone();
         if lies {
             assert!(matches!(health, Health::Bad(_)), "a lying index passed");
@@ -123,11 +127,15 @@ async fn the_honest_index_passes_verification() {
     let gz = Arc::new(CheckpointBlob::new(index.clone(), blob.clone()));
     let layer = unchecked_layer(&digest, gz, &entries, &index);
     let layers = [(&*layer, &blob)];
-    crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true).await;
+    crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true)
+        .await
+        .unwrap();
     assert_eq!(*layer.health.read().unwrap(), Health::Verified);
     // A config naming another diff_id fails it.
     *layer.health.write().unwrap() = Health::Pending;
-    crate::verify::verify_layers(&layers, &["sha256:00".into()], &|| true).await;
+    crate::verify::verify_layers(&layers, &["sha256:00".into()], &|| true)
+        .await
+        .unwrap();
     assert!(matches!(*layer.health.read().unwrap(), Health::Bad(_)));
     // An index whose digest of the output after one mark is not the layer's (as a window
     // crafted to decode to other bytes would need) fails it, though every span is right.
@@ -139,10 +147,43 @@ async fn the_honest_index_passes_verification() {
     let layer = unchecked_layer(&digest, gz, &entries, &lying);
     let blob = layers[0].1.clone();
     let layers = [(&*layer, &blob)];
-    crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true).await;
+    crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true)
+        .await
+        .unwrap();
     let health = layer.health.read().unwrap().clone();
     assert!(
         matches!(&health, Health::Bad(why) if why.contains("output from offset")),
         "{health:?}"
     );
+}
+
+/// The issue this answers: one damaged answer, cached, made a layer bad for good.
+#[tokio::test]
+async fn a_mismatch_is_checked_again_from_fresh_bytes_before_the_layer_is_bad() {
+    // One piece (one request) per pass, so that `damaged` counts passes.
+    let bytes: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+    let ra = ReadAhead {
+        bytes: 1 << 20,
+        after: 1 << 40, // no read-ahead: it would take the damaged answers
+    };
+    for (damaged, verified) in [(1, true), (2, false)] {
+        let src = Damaging::new(bytes.clone(), damaged);
+        let raw = BlockCache::new(64 << 10, 1 << 20, 64 << 20, None, ra).wrap(src);
+        let layer = crate::layer::Layer {
+            digest: raw.id().to_string(),
+            format: Format::Tar,
+            data: crate::layer::LayerData::Tar(raw.clone()),
+            health: RwLock::new(crate::layer::Health::Pending),
+            index_source: None,
+            index_check: None,
+        };
+        crate::verify::verify_layers(&[(&layer, &raw)], &[], &|| true)
+            .await
+            .unwrap();
+        let health = layer.health.read().unwrap().clone();
+        match verified {
+            true => assert_eq!(health, crate::layer::Health::Verified),
+            false => assert!(matches!(health, crate::layer::Health::Bad(_)), "{health:?}"),
+        }
+    }
 }

@@ -157,7 +157,18 @@ impl Registry {
         }
         cfg += extra;
         std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Registry::spawn(&dir, &addr);
+        Registry { child, addr, dir }
+    }
+
+    /// Starts docker-registry with the configuration in `dir` and waits until it listens.
+    fn spawn(dir: &TempDir, addr: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("registry.log"))
+            .unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(dir.path().join("config.yml"))
@@ -165,9 +176,8 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("docker-registry");
-        let addr = format!("127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
+        while std::net::TcpStream::connect(addr).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "registry did not start: {}",
@@ -175,7 +185,21 @@ impl Registry {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Registry { child, addr, dir }
+        child
+    }
+
+    /// Kills the registry (`kill -9`: its data stays), as a crash would.
+    #[allow(dead_code)]
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the registry again after [`Registry::kill`], on the same port with the same data.
+    #[allow(dead_code)]
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Registry::spawn(&self.dir, &self.addr);
     }
 }
 

@@ -42,6 +42,7 @@ fn the_library_mounts_serves_and_unmounts_an_image() {
         verify: VerifyMode::Background,
         span: 4 << 20,
         mark_windows: true,
+        read_timeout: std::time::Duration::from_secs(30),
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (actual, stats) = rt.block_on(async {

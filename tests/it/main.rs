@@ -3,6 +3,7 @@
 //! CI=true requires.
 
 mod builder;
+mod faults;
 mod harness;
 mod hostile;
 mod oracle;
@@ -15,11 +16,13 @@ mod browse;
 mod cli;
 mod conformance;
 mod convert;
+mod healing;
 mod help;
 mod indexes;
 mod laziness;
 mod library;
 mod mirrors;
+mod network;
 mod run;
 mod speculation;
 mod verification;

@@ -232,7 +232,27 @@ impl CheckpointIndex {
 
     /// Builds the index of `blob` (a layer whose id is its digest) in one pass, with its
     /// marks' windows blob (empty for zstd). `progress` gets (bytes done, total).
+    ///
+    /// A pass over bytes that do not inflate or do not hash to the blob's digest may have
+    /// read bytes that arrived damaged (and were cached so): they are all dropped from the
+    /// cache and the pass runs once more from fresh ones. Without per-piece digests the
+    /// damaged piece cannot be told from the others, so the whole blob is fetched again; a
+    /// second failure fails the layer.
     pub async fn build(
+        blob: Blob,
+        codec: Codec,
+        span: u64,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<(CheckpointIndex, Vec<u8>)> {
+        let what = format!("the index pass over layer {}", blob.id());
+        crate::blob::healing(&blob, (0, blob.size()), &what, || {
+            Self::build_once(blob.clone(), codec, span, progress)
+        })
+        .await
+    }
+
+    /// One pass of [`CheckpointIndex::build`].
+    async fn build_once(
         blob: Blob,
         codec: Codec,
         span: u64,

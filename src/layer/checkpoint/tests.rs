@@ -352,8 +352,9 @@ async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
     assert_eq!(c.bytes.load(Relaxed), stretch + (end - (marks[j].inp - 1)));
     assert!(c.bytes.load(Relaxed) < stretch + (end - start));
 
-    // Mark j's entry damaged (its bits to prime): the resume fails its digest, the read
-    // decodes from the span's start instead and is still exact.
+    // Mark j's entry damaged (its bits to prime): the resume fails its digest, is tried once
+    // more from fresh bytes (they might have arrived damaged), then the read decodes from the
+    // span's start instead and is still exact.
     let entry_at: u64 = marks[..j]
         .iter()
         .map(|m| u64::from(m.resume.as_ref().unwrap().len))
@@ -363,7 +364,10 @@ async fn mark_windows_let_a_read_mid_span_skip_the_span_front() {
     let c = counted();
     let gz = CheckpointBlob::new(index.clone(), c.clone()).with_windows(windows_of(bad));
     assert_eq!(&gz.read_at(at, 1000).await.unwrap()[..], want);
-    assert_eq!(c.bytes.load(Relaxed), stretch + (marks[j + 1].inp - start));
+    assert_eq!(
+        c.bytes.load(Relaxed),
+        2 * stretch + (marks[j + 1].inp - start)
+    );
     // A windows blob of another size than the index says is not used at all.
     let c = counted();
     let gz = CheckpointBlob::new(index.clone(), c.clone())
@@ -489,4 +493,52 @@ async fn concurrent_reads_of_one_stretch_fetch_its_window_and_bytes_once() {
     }
     assert_eq!(window_blob.calls().len(), 1, "{:?}", window_blob.calls());
     assert_eq!(compressed.calls().len(), 1, "{:?}", compressed.calls());
+}
+
+use crate::blob::damaging::Damaging;
+
+/// Damaged bytes cached by the block cache are dropped and fetched again, once: a span read
+/// and the index pass of a first mount mend a damaged answer; a second one fails them.
+#[tokio::test]
+async fn damaged_answers_are_fetched_again_not_kept() {
+    let tar = sample_tar();
+    let good = gzip(&tar, 6);
+    let ra = crate::blob::cache::ReadAhead {
+        bytes: 1 << 20,
+        after: 1 << 40, // no read-ahead: it would take the damaged answers
+    };
+    let cache = || crate::blob::cache::BlockCache::new(4096, 4096, 64 << 20, None, ra);
+    // The index pass: one damaged answer is mended, two are not.
+    let (index, _) = CheckpointIndex::build(
+        cache().wrap(Damaging::new(good.clone(), 1)),
+        Codec::Gzip,
+        64 * 1024,
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
+    let err = CheckpointIndex::build(
+        cache().wrap(Damaging::new(good.clone(), 2)),
+        Codec::Gzip,
+        64 * 1024,
+        &|_, _| {},
+    )
+    .await
+    .map(drop)
+    .unwrap_err();
+    assert!(err.is_check(), "{err}");
+    // A span read through the block cache: the same.
+    let index = Arc::new(index);
+    let (o0, o1) = index.span_output(3);
+    for (damaged, mended) in [(1, true), (2, false)] {
+        let gz = CheckpointBlob::new(
+            index.clone(),
+            cache().wrap(Damaging::new(good.clone(), damaged)),
+        );
+        let got = gz.read_at(o0, o1 - o0).await;
+        match mended {
+            true => assert_eq!(&got.unwrap()[..], &tar[o0 as usize..o1 as usize]),
+            false => assert!(got.unwrap_err().is_check()),
+        }
+    }
 }

@@ -143,7 +143,8 @@ impl Repo {
             (RangeAnswer::Full { .. }, Some(dir)) => {
                 let (counters, object) = (h.counters.clone(), digest.to_string());
                 let served = Box::new(move |n| counters.served(&object, n));
-                let spool = Spool::start(resp, dir, digest, size, served)?;
+                let transfer = h.registry.transfer();
+                let spool = Spool::start(resp, dir, digest, size, transfer, served)?;
                 h.counters.whole.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     "{} sends blob {digest} whole for a ranged read: streaming it once",
@@ -158,7 +159,8 @@ impl Repo {
                     h.counters.served(digest, p.len() as u64);
                     sink(p)
                 };
-                ranged_body(resp, offset, len, &what, &mut counted).await
+                let transfer = h.registry.transfer();
+                Ok(ranged_body(resp, offset, len, &what, transfer, &mut counted).await?)
             }
         }
     }
