@@ -7,6 +7,8 @@
 
 pub mod control;
 pub mod kernel;
+pub mod relay;
+pub mod wire;
 
 pub use control::fetch_stats;
 pub use kernel::{CONVERGED_READAHEAD_KIB, check_mountpoint, raise_readahead, unmount};
