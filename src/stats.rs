@@ -136,6 +136,9 @@ pub struct MountStats {
     pub reads: ReadFigures,
     pub prefetch: PrefetchFigures,
     pub local_copies: LocalFigures,
+    /// The process serving the mount (absent in the output of older versions).
+    #[serde(default)]
+    pub process: ProcessFigures,
 }
 
 /// One layer's figures.
@@ -197,6 +200,27 @@ pub struct PrefetchFigures {
 pub struct LocalFigures {
     pub bytes: u64,
     pub reads: u64,
+}
+
+/// The process serving a mount: its pid, and under a supervisor (see
+/// `daemon::supervise`), the supervisor's pid and how many processes served it before.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessFigures {
+    pub pid: u32,
+    pub supervisor: Option<u32>,
+    pub restarts: u32,
+}
+
+impl ProcessFigures {
+    /// This process, unsupervised.
+    pub fn this() -> Self {
+        ProcessFigures {
+            pid: std::process::id(),
+            supervisor: None,
+            restarts: 0,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -139,11 +139,19 @@ fn credentials(registry: &str) -> Result<Option<Credentials>> {
 }
 
 /// The control socket of the mount at `mountpoint`: named after its canonical path, in
-/// `/run/ocifs` for root, else `$XDG_RUNTIME_DIR/ocifs` or `/tmp/ocifs-<uid>`.
+/// `/run/ocifs` for root, else `$XDG_RUNTIME_DIR/ocifs` or `/tmp/ocifs-<uid>`. Only the
+/// parent directory is resolved, never the mountpoint itself: a mount whose daemon is
+/// gone (or whose serving process is starting, under a supervisor) would not answer.
 pub fn control_socket(mountpoint: &std::path::Path) -> Result<PathBuf> {
-    let canonical = mountpoint
-        .canonicalize()
-        .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
+    let resolve = |p: &std::path::Path| {
+        p.canonicalize()
+            .with_context(|| format!("mountpoint {}", mountpoint.display()))
+    };
+    let canonical = match (mountpoint.parent(), mountpoint.file_name()) {
+        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => resolve(parent)?.join(name),
+        (Some(_), Some(name)) => resolve(std::path::Path::new("."))?.join(name),
+        _ => resolve(mountpoint)?,
+    };
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
     let dir = if uid == 0 {

@@ -187,6 +187,7 @@ impl ServedImage {
                 bytes: load(&self.local.bytes),
                 reads: load(&self.local.reads),
             },
+            process: crate::stats::ProcessFigures::this(),
         }
     }
 }
