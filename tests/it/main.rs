@@ -15,5 +15,6 @@ mod conformance;
 mod convert;
 mod indexes;
 mod laziness;
+mod restart;
 mod speculation;
 mod verification;
