@@ -144,6 +144,10 @@ pub fn mount_here(
         announce(child, &line);
         let served = mount.served().clone();
         let served_result = mount.run(terminated()).await;
+        if let Ok(ocifs::daemon::Ended::HandedOver) = served_result {
+            // The successor answers what this process has not (see `Ended::HandedOver`).
+            std::process::exit(0);
+        }
         // Keep the cache directory bounded, now that this mount's blocks are written (off the
         // start-up path, where it would compete with the first reads).
         let dirs = [cfg.cache_dir.join("blocks"), cfg.cache_dir.join("tars")];

@@ -211,15 +211,16 @@ impl Mount {
     }
 
     /// Serves until the file system is unmounted (`ocifs umount`, `umount`) or `shutdown`
-    /// resolves (then it unmounts it); stops the background work.
-    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    /// resolves (then it unmounts it, unless it serves for a supervisor: see [`Ended`]);
+    /// stops the background work.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<Ended> {
         let path = self.mountpoint.display().to_string();
         let result = tokio::select! {
             ended = &mut self.ended => {
                 if self.supervised {
                     // The supervisor ended the session, or went away: either way, done.
                     tracing::info!("the supervisor ended the session at {path}");
-                    Ok(())
+                    Ok(Ended::Unmounted)
                 } else {
                     tracing::info!("file system at {path} was unmounted");
                     ended
@@ -227,24 +228,36 @@ impl Mount {
                             Error::Io(std::io::Error::other("FUSE session thread vanished"))
                         })
                         .and_then(|r| r.map_err(Error::Io))
+                        .map(|()| Ended::Unmounted)
                 }
             }
             _ = shutdown => {
                 if self.supervised {
-                    // The supervisor keeps the mount, and starts a successor.
                     tracing::info!("stopping; the supervisor keeps {path} mounted");
-                    Ok(())
+                    Ok(Ended::HandedOver)
                 } else {
                     tracing::info!("unmounting {path}");
                     let unmounted = unmount(&self.mountpoint);
                     let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.ended).await;
-                    unmounted
+                    unmounted.map(|()| Ended::Unmounted)
                 }
             }
         };
         self.tasks.clear();
         result
     }
+}
+
+/// How [`Mount::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The file system was unmounted (or its supervisor ended the session): the mount is over.
+    Unmounted,
+    /// Signalled while serving for a supervisor, which keeps the mount and starts a successor
+    /// (an upgrade). The process should exit at once, before its runtime drops the reads
+    /// under way: a dropped fuser reply answers `EIO`, which the supervisor would pass on;
+    /// unanswered, they are sent again to the successor.
+    HandedOver,
 }
 
 /// Verification (unless done before the mount), and alongside it local copies of the layers

@@ -196,7 +196,8 @@ fn read_direct(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// Kills the serving process twice during the read loop — once while every reader waits on
 /// it (stopped first, so its requests are certainly in flight), once while reads stream —
-/// and requires every read to finish with the right bytes, then a clean unmount.
+/// then stops the next one with SIGTERM (as an upgrade does), and requires every read to
+/// finish with the right bytes, then a clean unmount.
 fn reads_survive_killed_serving_processes(enc: Enc, tag: &str) {
     let Some(env) = Env::new(tag) else {
         return;
@@ -227,11 +228,19 @@ fn reads_survive_killed_serving_processes(enc: Enc, tag: &str) {
     assert_eq!(third.process.restarts, 2);
     readers.progress(2 * THREADS as u64);
 
+    // Stopped as an upgrade stops it: it leaves the mount to a successor and must not fail
+    // the reads it had under way.
+    kill(third.process.pid, libc::SIGTERM);
+    let fourth = served_by_another(m.path(), third.process.pid);
+    assert_eq!(fourth.process.restarts, 3);
+    readers.progress(2 * THREADS as u64);
+    assert!(mount_line(m.path()).is_some(), "still mounted");
+
     let results = readers.finish();
     let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(failures.is_empty(), "reads failed: {failures:?}");
     let total: u64 = results.iter().map(|r| *r.as_ref().unwrap()).sum();
-    assert!(total >= 6 * THREADS as u64, "{total} reads");
+    assert!(total >= 8 * THREADS as u64, "{total} reads");
 
     // The requests the stopped server held were sent to its successor.
     let log = log_of(&m);
@@ -248,7 +257,7 @@ fn reads_survive_killed_serving_processes(enc: Enc, tag: &str) {
     let (ok, _, err) = ocifs(&["umount", m.path().to_str().unwrap()], &[]);
     assert!(ok, "umount: {err}");
     wait_for("the processes to exit", || {
-        (!alive(supervisor) && !alive(third.process.pid)).then_some(())
+        (!alive(supervisor) && !alive(fourth.process.pid)).then_some(())
     });
     assert!(mount_line(m.path()).is_none());
 }
