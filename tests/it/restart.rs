@@ -335,6 +335,11 @@ fn umount_cleans_up_after_a_killed_supervisor() {
     });
     assert!(read_direct(&dir.path().join(name)).is_err());
     assert!(mount_line(dir.path()).is_some(), "the dead mount stays");
+    let (ok, _, err) = ocifs(&args, &[]);
+    assert!(
+        !ok && err.contains("ocifs umount"),
+        "a mount on it is refused: {err}"
+    );
 
     let (ok, _, err) = ocifs(&["umount", mp], &[]);
     assert!(ok, "umount of a dead mount: {err}");
