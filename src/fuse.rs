@@ -31,6 +31,9 @@ pub struct OcifsFs {
     /// the mount opens hundreds of files, each an open and a release round trip otherwise.
     no_open: bool,
     no_opendir: bool,
+    /// The largest read (and write) the kernel may send, when the transport bounds messages
+    /// (a supervisor's socket pair); `None`: fuser's and the kernel's limits.
+    max_request: Option<u32>,
 }
 
 impl OcifsFs {
@@ -41,7 +44,14 @@ impl OcifsFs {
             runtime,
             no_open: false,
             no_opendir: false,
+            max_request: None,
         }
+    }
+
+    /// Asks the kernel for requests (reads) of at most `bytes`.
+    pub fn with_max_request(mut self, bytes: u32) -> Self {
+        self.max_request = Some(bytes);
+        self
     }
 
     fn node(&self, ino: INodeNo) -> Result<&Node, Errno> {
@@ -124,6 +134,11 @@ impl Filesystem for OcifsFs {
                 | InitFlags::FUSE_PARALLEL_DIROPS,
         );
         let _ = config.set_max_readahead(1 << 20);
+        if let Some(max) = self.max_request {
+            // The kernel's largest request follows the larger of the two.
+            let _ = config.set_max_write(max);
+            let _ = config.set_max_readahead(max.min(1 << 20));
+        }
         self.no_open = config
             .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
             .is_ok();

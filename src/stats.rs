@@ -140,6 +140,9 @@ pub struct MountStats {
     /// layout).
     #[serde(default)]
     pub hosts: Vec<HostFigures>,
+    /// The process serving the mount (absent in the output of older versions).
+    #[serde(default)]
+    pub process: ProcessFigures,
 }
 
 /// What one host of the image's repository served (see `registry::Repo`).
@@ -227,6 +230,27 @@ pub struct PrefetchFigures {
 pub struct LocalFigures {
     pub bytes: u64,
     pub reads: u64,
+}
+
+/// The process serving a mount: its pid, and under a supervisor (see
+/// `daemon::supervise`), the supervisor's pid and how many processes served it before.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessFigures {
+    pub pid: u32,
+    pub supervisor: Option<u32>,
+    pub restarts: u32,
+}
+
+impl ProcessFigures {
+    /// This process, unsupervised.
+    pub fn this() -> Self {
+        ProcessFigures {
+            pid: std::process::id(),
+            supervisor: None,
+            restarts: 0,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -221,6 +221,14 @@ fn print_stats(v: &MountStats, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("image {} (ready in {} ms)", v.digest, v.ready_ms);
+    let p = &v.process;
+    match p.supervisor {
+        Some(s) => println!(
+            "served by process {} under supervisor {s} ({} restarts)",
+            p.pid, p.restarts
+        ),
+        None => println!("served by process {}", p.pid),
+    }
     for l in &v.layers {
         let pct = (l.fetched_bytes as f64 * 100.0) / (l.size.max(1) as f64);
         println!(

@@ -213,8 +213,7 @@ fn credentials(registry: &str) -> ocifs::Result<Option<Credentials>> {
 /// The control socket of the mount at `mountpoint`: named after its canonical path, in
 /// `/run/ocifs` for root, else `$XDG_RUNTIME_DIR/ocifs` or `/tmp/ocifs-<uid>`.
 pub fn control_socket(mountpoint: &std::path::Path) -> Result<PathBuf> {
-    let canonical = mountpoint
-        .canonicalize()
+    let canonical = canonical_mountpoint(mountpoint)
         .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
@@ -227,6 +226,31 @@ pub fn control_socket(mountpoint: &std::path::Path) -> Result<PathBuf> {
     };
     let id = ocifs::digest::sha256(canonical.as_os_str().as_encoded_bytes());
     Ok(dir.join(format!("{}.sock", &id[7..23])))
+}
+
+/// The canonical path of a mountpoint, found without looking at the mounted file system
+/// itself (no `stat` of its root): a mount whose daemon is gone, or whose serving process is
+/// still starting under a supervisor (and computes its own control socket), would not
+/// answer. The parent is canonicalized; the last component, if a symbolic link (a mount
+/// goes on its target), is followed with `readlink`, which never asks a mounted file system.
+fn canonical_mountpoint(path: &std::path::Path) -> std::io::Result<PathBuf> {
+    let mut path = path.to_path_buf();
+    for _ in 0..40 {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return path.canonicalize();
+        };
+        let parent = if parent.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            parent
+        };
+        let here = parent.canonicalize()?.join(name);
+        match std::fs::read_link(&here) {
+            Ok(target) => path = here.parent().unwrap_or(&here).join(target),
+            Err(_) => return Ok(here),
+        }
+    }
+    Err(std::io::Error::other("too many levels of symbolic links"))
 }
 
 /// Runs `fut` on a fresh multi-threaded runtime.
@@ -302,5 +326,27 @@ impl MountExtras {
             small_layers: self.small_layers,
             ..Default::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mountpoint_is_named_by_its_target_whichever_way_it_is_spelled() {
+        let base = std::env::temp_dir().join(format!("ocifs-cli-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("real/mnt")).unwrap();
+        std::os::unix::fs::symlink("real", base.join("via")).unwrap();
+        std::os::unix::fs::symlink("real/mnt", base.join("link")).unwrap();
+        let want = base.canonicalize().unwrap().join("real/mnt");
+        for spelling in ["real/mnt", "via/mnt", "link", "real/./mnt"] {
+            let got = canonical_mountpoint(&base.join(spelling)).unwrap();
+            assert_eq!(got, want, "{spelling}");
+        }
+        std::os::unix::fs::symlink("loop", base.join("loop")).unwrap();
+        assert!(canonical_mountpoint(&base.join("loop")).is_err());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

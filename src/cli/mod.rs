@@ -83,6 +83,20 @@ enum Cmd {
         /// reads decode the layer's compressed blocks again.
         #[arg(long)]
         no_local_copy: bool,
+        /// Serve from the mount daemon itself. By default (as root) the daemon only holds
+        /// the mount and a child process serves it, which is restarted if it dies while
+        /// readers wait, so the mount survives a crash or an upgrade.
+        #[arg(long)]
+        no_supervisor: bool,
+        /// Internal: serve for a supervisor over this inherited socket.
+        #[arg(long, hide = true, value_name = "FD")]
+        serve_fd: Option<i32>,
+        /// Internal: the image digest a restarted serving process opens.
+        #[arg(long, hide = true, value_name = "DIGEST")]
+        pin: Option<String>,
+        /// Internal: how many serving processes came before this one.
+        #[arg(long, hide = true, default_value_t = 0)]
+        restarts: u32,
         reference: String,
         mountpoint: PathBuf,
     },
@@ -330,20 +344,38 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             no_whole_files,
             small_layers,
             no_local_copy,
+            no_supervisor,
+            serve_fd,
+            pin,
+            restarts,
             reference,
             mountpoint,
         } => {
-            if foreground || daemon_child {
-                let extras = common::MountExtras {
-                    record,
-                    prefetch,
-                    no_prefetch,
-                    no_whole_files,
-                    small_layers: small_layers.0,
-                    no_local_copy,
-                    tuning,
-                };
-                mount::mount_here(&common, &reference, &mountpoint, daemon_child, extras)
+            let extras = common::MountExtras {
+                record,
+                prefetch,
+                no_prefetch,
+                no_whole_files,
+                small_layers: small_layers.0,
+                no_local_copy,
+                tuning,
+            };
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            if let Some(fd) = serve_fd {
+                let serving = mount::Serving { fd, pin, restarts };
+                mount::mount_here(
+                    &common,
+                    &reference,
+                    &mountpoint,
+                    true,
+                    extras,
+                    Some(serving),
+                )
+            } else if (foreground || daemon_child) && root && !no_supervisor {
+                mount::supervise_here(&mountpoint, daemon_child)
+            } else if foreground || daemon_child {
+                mount::mount_here(&common, &reference, &mountpoint, daemon_child, extras, None)
             } else {
                 mount::spawn_daemon(&common, &mountpoint)
             }
@@ -353,6 +385,10 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Umount { mountpoint } => {
             ocifs::daemon::unmount(&mountpoint)?;
+            // Left behind when the daemon was killed; a daemon that lives removes it itself.
+            if let Ok(socket) = common::control_socket(&mountpoint) {
+                let _ = std::fs::remove_file(socket);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Inspect {

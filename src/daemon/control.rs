@@ -2,13 +2,17 @@
 
 use crate::error::{Error, Result};
 use crate::serve::ServedImage;
-use crate::stats::MountStats;
+use crate::stats::{MountStats, ProcessFigures};
 use std::path::Path;
 use std::sync::Arc;
 
-/// Answers each connection to `path` with the mount's statistics as JSON; the socket is
-/// removed when the returned guard drops.
-pub fn stats_socket(served: Arc<ServedImage>, path: &Path) -> Result<SocketGuard> {
+/// Answers each connection to `path` with the mount's statistics as JSON, `process` saying
+/// which process serves it; the socket is removed when the returned guard drops.
+pub fn stats_socket(
+    served: Arc<ServedImage>,
+    path: &Path,
+    process: ProcessFigures,
+) -> Result<SocketGuard> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -17,7 +21,11 @@ pub fn stats_socket(served: Arc<ServedImage>, path: &Path) -> Result<SocketGuard
     let task = crate::task::TaskGuard::spawn(async move {
         use tokio::io::AsyncWriteExt;
         while let Ok((mut conn, _)) = listener.accept().await {
-            let body = serde_json::to_vec(&served.stats()).unwrap_or_default();
+            let stats = MountStats {
+                process: process.clone(),
+                ..served.stats()
+            };
+            let body = serde_json::to_vec(&stats).unwrap_or_default();
             let _ = conn.write_all(&body).await;
         }
     });

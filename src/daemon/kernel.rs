@@ -8,9 +8,18 @@ use std::path::Path;
 /// Refuses a mountpoint that is missing, not a directory, not empty, or already a mount.
 pub fn check_mountpoint(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|e| {
+        // What a FUSE mount whose daemon died answers.
+        let hint = if e.raw_os_error() == Some(libc::ENOTCONN) {
+            format!(
+                " (a dead mount: `ocifs umount {}` removes it)",
+                path.display()
+            )
+        } else {
+            String::new()
+        };
         Error::Io(std::io::Error::new(
             e.kind(),
-            format!("mountpoint {}: {e}", path.display()),
+            format!("mountpoint {}: {e}{hint}", path.display()),
         ))
     })?;
     if !meta.is_dir() {
@@ -24,7 +33,9 @@ pub fn check_mountpoint(path: &Path) -> Result<()> {
         && std::fs::metadata(&parent)?.dev() != meta.dev()
     {
         return Err(Error::Io(std::io::Error::other(format!(
-            "mountpoint {} is busy: something is mounted there",
+            "mountpoint {} is busy: something is mounted there (if it is an ocifs mount \
+             whose daemon died, `ocifs umount {}` removes it)",
+            path.display(),
             path.display()
         ))));
     }

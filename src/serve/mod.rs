@@ -216,6 +216,7 @@ impl ServedImage {
                 crate::image::Source::Registry { repo } => repo.figures(),
                 crate::image::Source::Layout { .. } => Vec::new(),
             },
+            process: crate::stats::ProcessFigures::this(),
         }
     }
 }

@@ -266,6 +266,51 @@ impl Tree {
             .map(|(i, n)| (i as u64 + 1, n))
     }
 
+    /// A digest of the tree as the kernel sees it: each inode number with its kind, mode,
+    /// owner, size, times, link count, parent, symlink target, extended attributes and named
+    /// children. Two trees with one fingerprint give every file the same inode number (which
+    /// the kernel keeps), so a supervisor checks it before a new serving process takes over
+    /// a mount. Where the bytes live (the locators) is left out: a layer may be opened
+    /// through another index and still serve the same bytes.
+    pub fn fingerprint(&self) -> String {
+        let mut h = crate::digest::Hasher::default();
+        let mut text = |b: &[u8]| {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        };
+        for (i, n) in self.nodes.iter().enumerate() {
+            let numbers = [
+                i as u64 + 1,
+                n.kind as u64,
+                n.mode as u64,
+                n.uid as u64,
+                n.gid as u64,
+                n.size,
+                n.mtime.0 as u64,
+                n.mtime.1 as u64,
+                n.rdev.0 as u64,
+                n.rdev.1 as u64,
+                n.nlink as u64,
+                n.parent,
+                n.xattrs.len() as u64,
+                n.children.len() as u64,
+            ];
+            for v in numbers {
+                text(&v.to_le_bytes());
+            }
+            text(n.link.as_deref().unwrap_or("\0").as_bytes());
+            for (k, v) in &n.xattrs {
+                text(k.as_bytes());
+                text(v);
+            }
+            for (name, ino) in &n.children {
+                text(name.as_bytes());
+                text(&ino.to_le_bytes());
+            }
+        }
+        h.finish()
+    }
+
     /// Number of reachable names (for statfs) and total file bytes.
     pub fn totals(&self) -> (u64, u64) {
         let live = self.nodes.iter().filter(|n| n.nlink > 0);
@@ -344,6 +389,34 @@ mod tests {
         assert_eq!(t.follow("lib/missing"), Err(Unresolved::NotFound));
         assert_eq!(t.resolve_links("lib/missing"), None);
         assert_eq!(t.resolve_links("lib/abs"), Some(libc));
+    }
+
+    #[test]
+    fn the_fingerprint_is_the_same_for_the_same_entries_and_changes_with_any_of_them() {
+        let layer = || vec![dir("a"), file("a/x", 1), symlink("l", "a/x"), file("b", 2)];
+        let base = Tree::build(&[layer()]).fingerprint();
+        assert_eq!(Tree::build(&[layer()]).fingerprint(), base);
+        // Another place for the same bytes keeps it: only the shape counts.
+        let mut moved = layer();
+        moved[1].data = Locator::Tar { offset: 99 };
+        assert_eq!(Tree::build(&[moved]).fingerprint(), base);
+        // Any change the kernel would see changes it: order (inode numbers), size, a name.
+        let mut changes = vec![
+            vec![dir("a"), file("b", 2), file("a/x", 1), symlink("l", "a/x")],
+            vec![dir("a"), file("a/x", 1), symlink("l", "a/x"), file("b", 3)],
+            vec![dir("a"), file("a/y", 1), symlink("l", "a/x"), file("b", 2)],
+            vec![dir("a"), file("a/x", 1), symlink("l", "a/y"), file("b", 2)],
+        ];
+        let mut moded = layer();
+        moded[3].mode = 0o600;
+        changes.push(moded);
+        for c in changes {
+            assert_ne!(
+                Tree::build(std::slice::from_ref(&c)).fingerprint(),
+                base,
+                "{c:?}"
+            );
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod laziness;
 mod library;
 mod mirrors;
 mod network;
+mod restart;
 mod run;
 mod speculation;
 mod verification;
