@@ -8,6 +8,8 @@
 //! share a node and count their names in `nlink`. Children are kept sorted by name, so
 //! directories list in a stable order.
 
+pub mod overlay;
+
 use crate::layer::{Entry, Kind, Locator, clean_path};
 use std::collections::BTreeMap;
 
@@ -307,6 +309,11 @@ impl Tree {
             .enumerate()
             .filter(move |(_, n)| n.nlink > 0 && n.data.as_ref().is_some_and(|d| d.0 == layer))
             .map(|(i, n)| (i as u64 + 1, n))
+    }
+
+    /// How many nodes the tree holds (reachable or not): the highest inode number.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
     }
 
     /// Number of reachable names (for statfs) and total file bytes.
