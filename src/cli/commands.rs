@@ -49,8 +49,11 @@ pub async fn cat(common: &Common, reference: &str, path: &str) -> Result<()> {
 
 /// `ocifs stats`: a mount's figures, as text or JSON.
 pub async fn stats(mountpoint: &std::path::Path, json: bool) -> Result<()> {
-    let stats = ocifs::daemon::fetch_stats(&control_socket(mountpoint)?).await?;
-    print_stats(&stats, json)
+    use ocifs::stats::DaemonStats;
+    match ocifs::daemon::control::fetch_json::<DaemonStats>(&control_socket(mountpoint)?).await? {
+        DaemonStats::Mount(stats) => print_stats(&stats, json),
+        DaemonStats::Store(stats) => super::store::print_store_stats(&stats, json),
+    }
 }
 
 fn clean(path: &str) -> String {

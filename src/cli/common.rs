@@ -117,18 +117,33 @@ impl Common {
     }
 }
 
-/// Credentials for `registry` from `REGISTRY_AUTH_FILE`, `$DOCKER_CONFIG/config.json` or
-/// `~/.docker/config.json`, first file that has an entry.
+/// Credentials for `registry` from the first file with an entry for it, in the order
+/// containers/image (podman, skopeo) reads them: `REGISTRY_AUTH_FILE`, else
+/// `$XDG_RUNTIME_DIR/containers/auth.json` (`/run/containers/UID/auth.json` without it); then
+/// `$XDG_CONFIG_HOME/containers/auth.json` (`~/.config/...`), then the docker config
+/// (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`).
 fn credentials(registry: &str) -> Result<Option<Credentials>> {
+    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
     let mut files = Vec::new();
-    if let Some(f) = std::env::var_os("REGISTRY_AUTH_FILE") {
-        files.push(PathBuf::from(f));
+    match (var("REGISTRY_AUTH_FILE"), var("XDG_RUNTIME_DIR")) {
+        (Some(f), _) => files.push(f),
+        (None, Some(d)) => files.push(d.join("containers/auth.json")),
+        // SAFETY: getuid has no preconditions.
+        (None, None) => files.push(PathBuf::from(format!(
+            "/run/containers/{}/auth.json",
+            unsafe { libc::getuid() }
+        ))),
     }
-    if let Some(d) = std::env::var_os("DOCKER_CONFIG") {
-        files.push(PathBuf::from(d).join("config.json"));
+    let home = var("HOME");
+    match (var("XDG_CONFIG_HOME"), &home) {
+        (Some(d), _) => files.push(d.join("containers/auth.json")),
+        (None, Some(h)) => files.push(h.join(".config/containers/auth.json")),
+        (None, None) => {}
     }
-    if let Some(h) = std::env::var_os("HOME") {
-        files.push(PathBuf::from(h).join(".docker/config.json"));
+    match (var("DOCKER_CONFIG"), &home) {
+        (Some(d), _) => files.push(d.join("config.json")),
+        (None, Some(h)) => files.push(h.join(".docker/config.json")),
+        (None, None) => {}
     }
     for f in files {
         if let Some(c) = Credentials::from_docker_config(&f, registry)? {
