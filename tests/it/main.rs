@@ -15,5 +15,7 @@ mod conformance;
 mod convert;
 mod indexes;
 mod laziness;
+mod podman;
+mod podman_env;
 mod speculation;
 mod verification;
