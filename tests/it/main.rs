@@ -18,4 +18,5 @@ mod laziness;
 mod podman;
 mod podman_env;
 mod speculation;
+mod store;
 mod verification;
