@@ -6,7 +6,8 @@
 //! tree) -> [`serve`] (the FUSE-free read path of a mount, beside [`speculate`], which fetches
 //! what the next reads will need) -> [`fuse`] (the thin kernel adapter) -> [`daemon`] (starting
 //! a mount, as a library). [`store`] serves layers one by one instead, as a containers/storage
-//! additional layer store (podman). [`verify`] gates trust; [`config`] and [`error`] are the
+//! additional layer store (podman); [`run`] starts an image's command on a mount, as a
+//! runtime would. [`verify`] gates trust; [`config`] and [`error`] are the
 //! typed edges.
 
 pub mod blob;
@@ -20,6 +21,7 @@ pub mod image;
 pub mod layer;
 pub mod reference;
 pub mod registry;
+pub mod run;
 pub mod serve;
 pub mod speculate;
 pub mod stats;

@@ -4,13 +4,14 @@
 //!
 //! `mod.rs` parses and dispatches; `common.rs` holds what every command shares (options,
 //! configuration, credentials); the commands themselves are in `commands.rs`, `mount.rs`,
-//! `store.rs` and `index.rs`, which use `common.rs` (and `store.rs` the daemon handshake of
+//! `store.rs`, `run.rs` and `index.rs`, which use `common.rs` (and `store.rs` the daemon handshake of
 //! `mount.rs`).
 
 mod commands;
 mod common;
 mod index;
 mod mount;
+mod run;
 mod store;
 
 use anyhow::Result;
@@ -107,6 +108,38 @@ enum Cmd {
         lookup_timeout: std::time::Duration,
         store_dir: PathBuf,
     },
+    /// Mount an image lazily and run its command (or CMD) on it in a private mount
+    /// namespace, as a runtime would; stdin, stdout and the exit status pass through, and one
+    /// summary line (stderr) tells the figures of the start.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Write the ordered list of file ranges read to FILE.
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
+        /// Prefetch the ranges of a recorded profile in the background, in order.
+        #[arg(long, value_name = "FILE")]
+        prefetch: Option<PathBuf>,
+        /// The summary as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Do not prefetch eStargz prioritized files.
+        #[arg(long)]
+        no_prefetch: bool,
+        /// No background fetches of whole files, what programs load, directories.
+        #[arg(long)]
+        no_whole_files: bool,
+        /// Fetch layers of at most this many compressed bytes whole at mount; 0: none.
+        #[arg(long, default_value = "16MiB")]
+        small_layers: ByteSize,
+        /// Do not copy verified layers' files locally.
+        #[arg(long)]
+        no_local_copy: bool,
+        reference: String,
+        /// The command instead of the image's `Cmd` (its `Entrypoint` stays).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Unmount an ocifs mount or layer store.
     Umount { mountpoint: PathBuf },
     /// Show a mount's (or layer store's) statistics: bytes and requests per layer, cache,
@@ -199,12 +232,13 @@ pub fn main() -> ExitCode {
         // SAFETY: restoring a signal's default disposition before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    let filter = std::env::var("OCIFS_LOG").unwrap_or_else(|_| {
-        if daemonish {
-            "info".into()
-        } else {
-            "warn".into()
-        }
+    // `run` shares the terminal with the command: fuser's notice that the mount it serves
+    // was already unmounted (by us) is not for the user.
+    let running = matches!(cli.cmd, Cmd::Run { .. });
+    let filter = std::env::var("OCIFS_LOG").unwrap_or_else(|_| match (daemonish, running) {
+        (true, _) => "info".into(),
+        (false, true) => "warn,fuser=error".into(),
+        (false, false) => "warn".into(),
     });
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -274,6 +308,29 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             } else {
                 mount::spawn_daemon(&common, &store_dir)
             }
+        }
+        Cmd::Run {
+            common,
+            record,
+            prefetch,
+            json,
+            no_prefetch,
+            no_whole_files,
+            small_layers,
+            no_local_copy,
+            reference,
+            command,
+        } => {
+            let extras = run::RunExtras {
+                record,
+                prefetch,
+                json,
+                no_prefetch,
+                no_whole_files,
+                small_layers: small_layers.0,
+                no_local_copy,
+            };
+            run::run(&common, &reference, &command, extras)
         }
         Cmd::Stats { json, mountpoint } => {
             block_on(commands::stats(&mountpoint, json))?.map(|_| ExitCode::SUCCESS)

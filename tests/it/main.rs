@@ -17,6 +17,7 @@ mod indexes;
 mod laziness;
 mod podman;
 mod podman_env;
+mod run;
 mod speculation;
 mod store;
 mod verification;
