@@ -206,3 +206,68 @@ fn credentials_are_read_where_podman_keeps_them() {
     let (ok, _, err) = cat(&[("XDG_RUNTIME_DIR", rt), ("XDG_CONFIG_HOME", cf)]);
     assert!(!ok && err.contains("unauthorized"), "{err}");
 }
+
+/// Layers are verified as a mount's are: in the background (a bad blob's reads then fail
+/// with EIO), or with `--verify strict` before `diff` is shown (the lookup fails, and
+/// podman pulls the layer itself, and fails on it too).
+#[test]
+fn store_layers_are_verified_in_the_background_or_before_they_are_shown() {
+    let Some(env) = Env::new("store-verify") else {
+        return;
+    };
+    let mut refs = Vec::new();
+    for (name, seed) in [("good", 5), ("bad", 6)] {
+        let layers = vec![encode(
+            builder::tar(&[file("data", crate::builder::noise(300_000, seed))]),
+            Enc::Tar,
+        )];
+        let dir = layout(
+            &env.work.path().join(name),
+            "v1",
+            &[("linux", "amd64", None, &layers)],
+        );
+        push(&dir, "v1", &env.reg.addr, &format!("verify/{name}"), None);
+        let d = builder::sha(&layers[0].blob);
+        if name == "bad" {
+            // One byte flipped in the stored blob.
+            let path = env.reg.dir.path().join(format!(
+                "data/docker/registry/v2/blobs/sha256/{}/{}/data",
+                &d[7..9],
+                &d[7..]
+            ));
+            let mut bytes = std::fs::read(&path).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0xff;
+            std::fs::write(&path, bytes).unwrap();
+        }
+        refs.push((format!("{}/verify/{name}:v1", env.reg.addr), d));
+    }
+    let diff = |store: &LayerStore, (r, d): &(String, String)| {
+        store.path().join(encode_name(r)).join(d).join("diff")
+    };
+    let store = LayerStore::start(&["--small-layers", "0"], &[]);
+    for r in &refs {
+        assert!(std::fs::metadata(diff(&store, r)).unwrap().is_dir());
+    }
+    let settled = store.poll_stats(|s| {
+        s.layers.len() == 2
+            && s.layers
+                .iter()
+                .all(|l| l.layers[0].verification != "pending")
+    });
+    let state = |d: &str| {
+        let l = settled.layers.iter().find(|l| l.digest == d).unwrap();
+        l.layers[0].verification.clone()
+    };
+    assert_eq!(state(&refs[0].1), "verified", "{settled:?}");
+    assert!(state(&refs[1].1).starts_with("bad"), "{settled:?}");
+    let good = std::fs::read(diff(&store, &refs[0]).join("data")).unwrap();
+    assert_eq!(good, crate::builder::noise(300_000, 5));
+    let e = std::fs::read(diff(&store, &refs[1]).join("data")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+
+    let strict = LayerStore::start(&["--verify", "strict", "--small-layers", "0"], &[]);
+    assert!(std::fs::metadata(diff(&strict, &refs[0])).unwrap().is_dir());
+    let e = std::fs::metadata(diff(&strict, &refs[1])).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+}
