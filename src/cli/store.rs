@@ -33,6 +33,10 @@ pub fn store_here(
     extras: StoreExtras,
 ) -> Result<ExitCode> {
     block_on(async {
+        // Registered before the store is mounted: a signal once it is visible unmounts it.
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
         let started = async {
             let open = common.open_config()?;
             let cfg = StoreConfig {
@@ -81,11 +85,8 @@ pub fn store_here(
         );
         super::mount::announce(child, &line);
         let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("signal handler");
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
         };

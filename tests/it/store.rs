@@ -271,3 +271,42 @@ fn store_layers_are_verified_in_the_background_or_before_they_are_shown() {
     let e = std::fs::metadata(diff(&strict, &refs[1])).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
 }
+
+/// `ocifs store --foreground` serves until SIGTERM, then unmounts and exits cleanly; `ocifs
+/// umount` stops the detached daemon (see `LayerStore`'s drop).
+#[test]
+fn a_foreground_store_unmounts_on_sigterm() {
+    let Some(env) = Env::new("store-fg") else {
+        return;
+    };
+    let dir = crate::harness::TempDir::new("store-fg");
+    let cache = env.work.path().join("cache");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ocifs"))
+        .args([
+            "store",
+            "--foreground",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mounted = || {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let d = dir.path().to_str().unwrap();
+        info.lines().any(|l| l.split(' ').nth(4) == Some(d))
+    };
+    for _ in 0..400 {
+        if mounted() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(mounted(), "the store was not mounted");
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(!mounted(), "still mounted");
+}
