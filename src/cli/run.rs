@@ -64,14 +64,15 @@ pub fn run(
             local_copies: (!extras.no_local_copy)
                 .then(|| (cfg.cache_dir.join("copies"), cfg.disk_cache_size)),
         };
+        // From the mount on, SIGINT and SIGTERM go to the command (none yet: the first one
+        // found waiting ends it as soon as it starts), and the mount is always undone.
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
         let mount = ocifs::daemon::start(served, cfg.verify, opts).await?;
         let served = mount.served().clone();
         let ready = start.elapsed();
         let status = async {
-            // Installed before the command starts, so that a signal meanwhile is forwarded.
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut int = signal(SignalKind::interrupt())?;
-            let mut term = signal(SignalKind::terminate())?;
             let mut cmd = ocifs::run::container::command(&mnt, &scratch, &process)?;
             let mut child = cmd
                 .kill_on_drop(true)
