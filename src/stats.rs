@@ -253,6 +253,43 @@ impl ProcessFigures {
     }
 }
 
+/// What `ocifs stats` shows of an additional layer store (see [`crate::store`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreStats {
+    /// The references resolved so far.
+    pub images: Vec<ImageFigures>,
+    /// Each layer open now, in a mount's shape: `digest` is the layer's, `layers` holds it
+    /// alone, `readyMs` is how long it took to open.
+    pub layers: Vec<MountStats>,
+    /// Layers released after being idle.
+    pub released: u64,
+    /// containers/storage's notices: layers it started using, and stopped using.
+    pub uses: u64,
+    pub releases: u64,
+    /// The block cache all layers share.
+    pub cache: CacheFigures,
+}
+
+/// One image reference of a store.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageFigures {
+    pub reference: String,
+    /// Its manifest digest (the latest resolution).
+    pub digest: String,
+    /// Its layer digests, lowest first.
+    pub layers: Vec<String>,
+}
+
+/// What a daemon's control socket answers: a mount's figures or a store's.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum DaemonStats {
+    Store(StoreStats),
+    Mount(MountStats),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,8 +32,11 @@ pub async fn cat(common: &Common, tuning: &Tuning, reference: &str, path: &str) 
 
 /// `ocifs stats`: a mount's figures, as text or JSON.
 pub async fn stats(mountpoint: &std::path::Path, json: bool) -> Result<()> {
-    let stats = ocifs::daemon::fetch_stats(&control_socket(mountpoint)?).await?;
-    print_stats(&stats, json)
+    use ocifs::stats::DaemonStats;
+    match ocifs::daemon::control::fetch_json::<DaemonStats>(&control_socket(mountpoint)?).await? {
+        DaemonStats::Mount(stats) => print_stats(&stats, json),
+        DaemonStats::Store(stats) => super::store::print_store_stats(&stats, json),
+    }
 }
 
 /// Resolves a path inside the image, following symlinks, never leaving the image.

@@ -189,22 +189,46 @@ impl Common {
     }
 }
 
-/// Credentials for `registry` from `REGISTRY_AUTH_FILE`, `$DOCKER_CONFIG/config.json` or
-/// `~/.docker/config.json`, first file that has an entry.
+/// Credentials for `registry` from the first file with an entry for it, in the order
+/// containers/image (podman, skopeo) reads them: `REGISTRY_AUTH_FILE`, else
+/// `$XDG_RUNTIME_DIR/containers/auth.json` (`/run/containers/UID/auth.json` without it); then
+/// `$XDG_CONFIG_HOME/containers/auth.json` (`~/.config/...`), then the docker config
+/// (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`). A default path that cannot
+/// be read (`/run/containers` is root's) counts as absent; a file a variable names must be
+/// readable.
 fn credentials(registry: &str) -> ocifs::Result<Option<Credentials>> {
-    let mut files = Vec::new();
-    if let Some(f) = std::env::var_os("REGISTRY_AUTH_FILE") {
-        files.push(PathBuf::from(f));
+    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
+    // (file, named by a variable)
+    let mut files: Vec<(PathBuf, bool)> = Vec::new();
+    match (var("REGISTRY_AUTH_FILE"), var("XDG_RUNTIME_DIR")) {
+        (Some(f), _) => files.push((f, true)),
+        (None, Some(d)) => files.push((d.join("containers/auth.json"), false)),
+        // SAFETY: getuid has no preconditions.
+        (None, None) => files.push((
+            PathBuf::from(format!("/run/containers/{}/auth.json", unsafe {
+                libc::getuid()
+            })),
+            false,
+        )),
     }
-    if let Some(d) = std::env::var_os("DOCKER_CONFIG") {
-        files.push(PathBuf::from(d).join("config.json"));
+    let home = var("HOME");
+    match (var("XDG_CONFIG_HOME"), &home) {
+        (Some(d), _) => files.push((d.join("containers/auth.json"), false)),
+        (None, Some(h)) => files.push((h.join(".config/containers/auth.json"), false)),
+        (None, None) => {}
     }
-    if let Some(h) = std::env::var_os("HOME") {
-        files.push(PathBuf::from(h).join(".docker/config.json"));
+    match (var("DOCKER_CONFIG"), &home) {
+        (Some(d), _) => files.push((d.join("config.json"), true)),
+        (None, Some(h)) => files.push((h.join(".docker/config.json"), false)),
+        (None, None) => {}
     }
-    for f in files {
-        if let Some(c) = Credentials::from_docker_config(&f, registry)? {
-            return Ok(Some(c));
+    for (f, named) in files {
+        match Credentials::from_docker_config(&f, registry) {
+            Ok(Some(c)) => return Ok(Some(c)),
+            Ok(None) => {}
+            Err(ocifs::Error::Io(e))
+                if !named && e.kind() == std::io::ErrorKind::PermissionDenied => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(None)

@@ -3,8 +3,9 @@
 
 //!
 //! `mod.rs` parses and dispatches; `common.rs` holds what every command shares (options,
-//! configuration, credentials); the commands themselves are in `commands.rs`, `mount.rs` and
-//! `index.rs`, which use `common.rs` and nothing else of the CLI.
+//! configuration, credentials); the commands themselves are in `commands.rs`, `mount.rs`,
+//! `store.rs`, `run.rs` and `index.rs`, which use `common.rs` (and `store.rs` the daemon handshake of
+//! `mount.rs`).
 
 mod browse;
 mod commands;
@@ -13,6 +14,7 @@ mod index;
 mod ls;
 mod mount;
 mod run;
+mod store;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -100,9 +102,46 @@ enum Cmd {
         reference: String,
         mountpoint: PathBuf,
     },
-    /// Unmount an ocifs mount.
+    /// Serve a containers/storage additional layer store at STORE_DIR (podman, CRI-O and
+    /// buildah with `additionallayerstores = ["STORE_DIR:ref"]` in storage.conf start
+    /// containers from it lazily); returns once it is ready.
+    Store {
+        #[command(flatten)]
+        common: Common,
+        /// Stay attached, log to stderr; Ctrl-C unmounts.
+        #[arg(long)]
+        foreground: bool,
+        /// Internal: run as the detached daemon child of `store`.
+        #[arg(long, hide = true)]
+        daemon_child: bool,
+        /// Do not prefetch eStargz prioritized files.
+        #[arg(long)]
+        no_prefetch: bool,
+        /// No background fetches of whole files, what programs load, directories (see
+        /// `mount --no-whole-files`).
+        #[arg(long)]
+        no_whole_files: bool,
+        /// Fetch layers of at most this many compressed bytes whole once opened; 0 turns it
+        /// off.
+        #[arg(long, default_value = "16MiB")]
+        small_layers: ByteSize,
+        /// Do not copy verified layers' files into local files to serve their reads from.
+        #[arg(long)]
+        no_local_copy: bool,
+        /// Release a layer nobody has asked for during this long (10m, 30s, 1h); it is
+        /// opened again, from the cache directory, when next asked for.
+        #[arg(long, default_value = "10m", value_parser = store::parse_duration)]
+        release_after: std::time::Duration,
+        /// The longest a lookup waits for a reference to resolve or a layer to open before
+        /// failing (the runtime then pulls the layer itself).
+        #[arg(long, default_value = "60s", value_parser = store::parse_duration)]
+        lookup_timeout: std::time::Duration,
+        store_dir: PathBuf,
+    },
+    /// Unmount an ocifs mount or layer store.
     Umount { mountpoint: PathBuf },
-    /// Show a mount's statistics: bytes and requests per layer, cache, latency, prefetch.
+    /// Show a mount's (or layer store's) statistics: bytes and requests per layer, cache,
+    /// latency, prefetch.
     Stats {
         /// Machine-readable output.
         #[arg(long)]
@@ -302,7 +341,7 @@ enum Cmd {
 /// Entry point: runs the command, prints one clear error line on failure.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let daemonish = matches!(cli.cmd, Cmd::Mount { .. });
+    let daemonish = matches!(cli.cmd, Cmd::Mount { .. } | Cmd::Store { .. });
     if !daemonish {
         // Output piped into `head` ends the command quietly when the reader goes, as with
         // coreutils (Rust ignores SIGPIPE, and `println!` then panics). Sockets are not
@@ -310,12 +349,13 @@ pub fn main() -> ExitCode {
         // SAFETY: restoring a signal's default disposition before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    let filter = std::env::var("OCIFS_LOG").unwrap_or_else(|_| {
-        if daemonish {
-            "info".into()
-        } else {
-            "warn".into()
-        }
+    // `run` shares the terminal with the command: fuser's notice that the mount it serves
+    // was already unmounted (by us) is not for the user.
+    let running = matches!(cli.cmd, Cmd::Run { .. });
+    let filter = std::env::var("OCIFS_LOG").unwrap_or_else(|_| match (daemonish, running) {
+        (true, _) => "info".into(),
+        (false, true) => "warn,fuser=error".into(),
+        (false, false) => "warn".into(),
     });
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -378,6 +418,32 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 mount::mount_here(&common, &reference, &mountpoint, daemon_child, extras, None)
             } else {
                 mount::spawn_daemon(&common, &mountpoint)
+            }
+        }
+        Cmd::Store {
+            common,
+            foreground,
+            daemon_child,
+            no_prefetch,
+            no_whole_files,
+            small_layers,
+            no_local_copy,
+            release_after,
+            lookup_timeout,
+            store_dir,
+        } => {
+            if foreground || daemon_child {
+                let extras = store::StoreExtras {
+                    no_prefetch,
+                    no_whole_files,
+                    small_layers: small_layers.0,
+                    no_local_copy,
+                    release_after,
+                    lookup_timeout,
+                };
+                store::store_here(&common, &store_dir, daemon_child, extras)
+            } else {
+                mount::spawn_daemon(&common, &store_dir)
             }
         }
         Cmd::Stats { json, mountpoint } => {

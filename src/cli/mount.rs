@@ -23,7 +23,7 @@ pub struct Serving {
 }
 
 /// Tells the waiting parent (daemon child) or the user (foreground) that the mount is ready.
-fn announce(child: bool, line: &str) {
+pub fn announce(child: bool, line: &str) {
     if child {
         println!("{line}");
         let _ = std::io::stdout().flush();

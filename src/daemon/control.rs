@@ -1,4 +1,4 @@
-//! The control socket: `ocifs stats` asks a running mount for its figures.
+//! The control socket: `ocifs stats` asks a running mount (or layer store) for its figures.
 
 use crate::error::{Error, Result};
 use crate::serve::ServedImage;
@@ -13,6 +13,21 @@ pub fn stats_socket(
     path: &Path,
     process: ProcessFigures,
 ) -> Result<SocketGuard> {
+    answer_socket(path, move || {
+        let stats = MountStats {
+            process: process.clone(),
+            ..served.stats()
+        };
+        serde_json::to_vec(&stats).unwrap_or_default()
+    })
+}
+
+/// Answers each connection to `path` with what `answer` gives; the socket is removed when
+/// the returned guard drops.
+pub fn answer_socket(
+    path: &Path,
+    answer: impl Fn() -> Vec<u8> + Send + Sync + 'static,
+) -> Result<SocketGuard> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -21,12 +36,7 @@ pub fn stats_socket(
     let task = crate::task::TaskGuard::spawn(async move {
         use tokio::io::AsyncWriteExt;
         while let Ok((mut conn, _)) = listener.accept().await {
-            let stats = MountStats {
-                process: process.clone(),
-                ..served.stats()
-            };
-            let body = serde_json::to_vec(&stats).unwrap_or_default();
-            let _ = conn.write_all(&body).await;
+            let _ = conn.write_all(&answer()).await;
         }
     });
     Ok(SocketGuard {
@@ -48,6 +58,13 @@ impl Drop for SocketGuard {
 
 /// Reads the statistics of the mount whose control socket is `path`.
 pub async fn fetch_stats(path: &Path) -> Result<MountStats> {
+    fetch_json(path).await
+}
+
+/// Reads the JSON answer of the daemon whose control socket is `path` (a mount's
+/// [`MountStats`], a store's [`crate::stats::StoreStats`]: see
+/// [`crate::stats::DaemonStats`]).
+pub async fn fetch_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     use tokio::io::AsyncReadExt;
     let mut conn = tokio::net::UnixStream::connect(path).await.map_err(|e| {
         Error::Io(std::io::Error::new(

@@ -28,7 +28,7 @@ pub(super) struct Ctx<'a> {
     /// The SOCI v2 index the image manifest names, if any.
     pub soci_index: Option<String>,
     /// Indexes published in the registry, looked up once, on first need.
-    pub published: tokio::sync::OnceCell<HashMap<String, share::Published>>,
+    pub published: &'a tokio::sync::OnceCell<HashMap<String, share::Published>>,
 }
 
 impl Ctx<'_> {

@@ -1,8 +1,10 @@
 //! An image being served: the read path a mount answers with, and what it keeps beside the
 //! image — read statistics, the `--record` recorder, local copies of verified layers, and the
 //! mount's [`Speculator`], told about every read once. FUSE-free: the adapter in
-//! [`crate::fuse`] converts and calls [`ServedImage::read`].
+//! [`crate::fuse`] converts and calls [`ServedImage::read`]. [`layer`] serves one layer on its
+//! own, for a runtime that stacks layers itself (the additional layer store).
 
+pub mod layer;
 pub mod local;
 
 use crate::blob::cache::BlockCache;

@@ -12,6 +12,7 @@
 
 mod build;
 pub mod diff;
+pub mod overlay;
 
 use crate::layer::{Entry, Kind, Locator};
 
@@ -309,6 +310,11 @@ impl Tree {
             }
         }
         h.finish()
+    }
+
+    /// How many nodes the tree holds (reachable or not): the highest inode number.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
     }
 
     /// Number of reachable names (for statfs) and total file bytes.

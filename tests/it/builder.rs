@@ -278,6 +278,16 @@ pub fn layout_with_command(
     images: &[(&str, &str, Option<&str>, &[EncodedLayer])],
     command: &[&str],
 ) -> PathBuf {
+    layout_with_config(dir, tag, images, serde_json::json!({"Cmd": command}))
+}
+
+/// [`layout`] with `config` as the images' config's `config` object (Cmd, Env, User, ...).
+pub fn layout_with_config(
+    dir: &Path,
+    tag: &str,
+    images: &[(&str, &str, Option<&str>, &[EncodedLayer])],
+    config: serde_json::Value,
+) -> PathBuf {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     let put = |data: &[u8]| -> (String, usize) {
@@ -290,7 +300,7 @@ pub fn layout_with_command(
         let diff_ids: Vec<String> = layers.iter().map(|l| sha(&decompress(l))).collect();
         let config = serde_json::json!({
             "architecture": arch, "os": os, "variant": variant,
-            "config": {"Cmd": command},
+            "config": config,
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         });
         let (cd, cs) = put(serde_json::to_vec(&config).unwrap().as_slice());
