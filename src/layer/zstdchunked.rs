@@ -114,10 +114,9 @@ fn entries_from_toc(toc: Vec<TocEntry>, size: u64, what: &str) -> Result<Vec<Ent
                 file_end
             };
         }
-        let covered: u64 = chunks.iter().map(|c| c.len).sum();
         // A hole needs no bytes of the blob (containers/storage still writes a small frame).
         let bad_extent = |c: &Chunk| (c.end <= c.start && !c.zeros) || c.end > size;
-        if covered != last.size || chunks.iter().any(bad_extent) {
+        if !toc::tiles(chunks, last.size) || chunks.iter().any(bad_extent) {
             return Err(Error::format(
                 what,
                 format!(
@@ -300,5 +299,39 @@ mod tests {
         assert!(entries_from_toc(hole("", 100, 100), 1000, "t").is_err());
         let err = entries_from_toc(hole("sparkles", 100, 200), 1000, "t").unwrap_err();
         assert!(err.to_string().contains("sparkles"), "{err}");
+    }
+
+    /// Found by fuzzing (the eStargz TOC, which shares the check): chunks that add up to the
+    /// file's size without tiling it were accepted.
+    #[test]
+    fn chunks_must_tile_their_file() {
+        let toc = |second_offset: u64, second_len: u64| {
+            vec![
+                TocEntry {
+                    kind: "reg".into(),
+                    name: "f".into(),
+                    size: 10,
+                    offset: 100,
+                    end_offset: 300,
+                    chunk_size: 4,
+                    ..Default::default()
+                },
+                TocEntry {
+                    kind: "chunk".into(),
+                    name: "f".into(),
+                    offset: 200,
+                    chunk_offset: second_offset,
+                    chunk_size: second_len,
+                    ..Default::default()
+                },
+            ]
+        };
+        assert!(entries_from_toc(toc(4, 6), 1000, "t").is_ok());
+        assert!(entries_from_toc(toc(3, 6), 1000, "t").is_err(), "overlap");
+        assert!(entries_from_toc(toc(5, 6), 1000, "t").is_err(), "gap");
+        assert!(
+            entries_from_toc(toc(4, u64::MAX - 3), 1000, "t").is_err(),
+            "overflow"
+        );
     }
 }
