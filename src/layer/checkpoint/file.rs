@@ -388,6 +388,13 @@ impl<'a> Reader<'a> {
     }
     fn entry(&mut self) -> Result<Entry> {
         let path = self.string()?;
+        // The tree makes a name of every component: only paths as a tar walk leaves them.
+        if crate::layer::clean_path(&path).ok().as_deref() != Some(path.as_str()) {
+            return Err(Error::format(
+                "gzip index",
+                format!("entry path {path:?} is not clean"),
+            ));
+        }
         let kind = match self.u8()? {
             0 => Kind::File,
             1 => Kind::Dir,
@@ -550,5 +557,20 @@ mod tests {
                 .to_string()
                 .contains("truncated")
         );
+    }
+
+    /// Found by fuzzing: entry paths no tar walk leaves (`..`, NUL, empty components) were
+    /// read from an index file, whose entries become the tree's names.
+    #[test]
+    fn unclean_entry_paths_are_refused() {
+        for path in ["a\0b", "a/../b", "a//b", "/a", "a/", "./a"] {
+            let mut idx = sample(Codec::Zstd);
+            idx.entries[0].path = path.into();
+            let err = decode(&encode(&idx), "sha256:abc").unwrap_err().to_string();
+            assert!(err.contains("not clean"), "{path:?}: {err}");
+        }
+        let mut root = sample(Codec::Zstd);
+        root.entries[0].path = String::new();
+        assert!(decode(&encode(&root), "sha256:abc").is_ok(), "the root");
     }
 }
