@@ -13,6 +13,7 @@ mod auth;
 mod cli;
 mod conformance;
 mod convert;
+mod fuzz_seeds;
 mod indexes;
 mod laziness;
 mod speculation;

@@ -193,7 +193,14 @@ pub fn decode(data: &[u8], digest: &str) -> Result<CheckpointIndex> {
     }
     let raw =
         zstd::bulk::decompress(payload, MAX_PAYLOAD).map_err(|e| bad(&format!("payload: {e}")))?;
-    let mut r = Reader { b: &raw };
+    decode_payload(version, &raw, digest)
+}
+
+/// Parses the decompressed payload of a checked index file of format `version`; `digest` is
+/// the layer it must describe.
+pub(crate) fn decode_payload(version: u32, raw: &[u8], digest: &str) -> Result<CheckpointIndex> {
+    let bad = |why: &str| Error::format("gzip index", why.to_string());
+    let mut r = Reader { b: raw };
     let got =
         String::from_utf8(r.bytes()?.to_vec()).map_err(|_| bad("layer digest is not UTF-8"))?;
     if got != digest {
