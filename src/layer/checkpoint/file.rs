@@ -580,4 +580,18 @@ mod tests {
         root.entries[0].path = String::new();
         assert!(decode(&encode(&root), "sha256:abc").is_ok(), "the root");
     }
+
+    /// Found by fuzzing: a checkpoint after the first one with leftover bits at compressed
+    /// offset 0 passed the shape check, and its span's start (one byte before) underflowed.
+    #[test]
+    fn leftover_bits_at_offset_0_are_refused_for_every_checkpoint() {
+        let mut idx = sample(Codec::Zstd);
+        idx.checkpoints[0].inp = 0;
+        idx.checkpoints[1].inp = 0;
+        idx.checkpoints[1].bits = 0;
+        assert!(decode(&encode(&idx), "sha256:abc").is_ok());
+        idx.checkpoints[1].bits = 3;
+        let err = decode(&encode(&idx), "sha256:abc").unwrap_err().to_string();
+        assert!(err.contains("leftover bits"), "{err}");
+    }
 }
