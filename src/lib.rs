@@ -17,6 +17,9 @@ pub mod daemon;
 pub mod digest;
 pub mod error;
 pub mod fuse;
+// Fuzz targets (`fuzz/`, `scripts/fuzz`): not API, hidden from the docs.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 pub mod layer;
 pub mod reference;

@@ -316,6 +316,12 @@ pub async fn read_sparse(tar: &Blob, header: u64, offset: u64, len: u64) -> Resu
         let s = offset.max(p.offset);
         let e = end.min(p.offset + p.len);
         let data = tar.read_at(p.at + (s - p.offset), e - s).await?;
+        if data.len() as u64 != e - s {
+            return Err(Error::format(
+                format!("GNU sparse file at {header} of {}", tar.id()),
+                format!("the piece at {} lies past the end of the tar", p.offset),
+            ));
+        }
         out[(s - offset) as usize..(e - offset) as usize].copy_from_slice(&data);
     }
     Ok(Bytes::from(out))
@@ -669,6 +675,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sparse"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_sparse_piece_past_the_end_of_the_tar_is_an_error_not_a_panic() {
+        // GNU tar's sparse file: 4 KiB of data at 20 KiB of 64 KiB, stored at 512..4608.
+        let whole = include_bytes!("../../fuzz/corpus/tar/seed-gnu-sparse").to_vec();
+        for (tar, ok) in [(whole[..1536].to_vec(), false), (whole, true)] {
+            let entries = index_reader(io::Cursor::new(&tar), "t").unwrap();
+            let Locator::Sparse { header } = entries[0].data else {
+                panic!("{:?}", entries[0])
+            };
+            let blob: Blob = Arc::new(crate::blob::MemBlob::new("t", tar));
+            let read = read_sparse(&blob, header, 20 << 10, 4096).await;
+            match read {
+                Ok(b) => assert!(ok && b.starts_with(b"data in the middle")),
+                Err(e) => assert!(!ok && e.to_string().contains("past the end"), "{e}"),
+            }
+        }
     }
 
     #[test]

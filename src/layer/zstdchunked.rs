@@ -145,16 +145,9 @@ fn entries_from_toc(
                 next_start(chunks[i].start).unwrap_or(0)
             };
         }
-        // Chunks follow one another from the file's start to its end.
-        let mut covered = 0u64;
-        let mut in_order = true;
-        for c in chunks.iter() {
-            in_order &= c.file_offset == covered;
-            covered = covered.saturating_add(c.len);
-        }
         // A hole needs no bytes of the blob (containers/storage still writes a small frame).
         let bad_extent = |c: &Chunk| (c.end <= c.start && !c.zeros) || c.end > size;
-        if !in_order || covered != last.size || chunks.iter().any(bad_extent) {
+        if !toc::tiles(chunks, last.size) || chunks.iter().any(bad_extent) {
             return Err(Error::format(
                 what,
                 format!(

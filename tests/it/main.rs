@@ -16,6 +16,7 @@ mod browse;
 mod cli;
 mod conformance;
 mod convert;
+mod fuzz_seeds;
 mod healing;
 mod help;
 mod indexes;

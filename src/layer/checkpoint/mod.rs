@@ -195,8 +195,12 @@ impl CheckpointIndex {
         let ordered = cps
             .windows(2)
             .all(|w| w[0].out < w[1].out && w[0].inp <= w[1].inp);
-        if cps.is_empty() || !ordered || cps[0].out != 0 || cps[0].inp == 0 && cps[0].bits > 0 {
+        if cps.is_empty() || !ordered || cps[0].out != 0 {
             return Err("checkpoints missing or out of order");
+        }
+        // Leftover bits belong to the byte before `inp`: there is none before the blob.
+        if cps.iter().any(|c| c.inp == 0 && c.bits > 0) {
+            return Err("checkpoint with leftover bits at compressed offset 0");
         }
         if cps.iter().any(|c| {
             c.bits > 7
