@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use auth::{Authenticator, Credentials};
 use bytes::{Bytes, BytesMut};
 use http::Http;
+pub use http::{TlsFailure, TlsOptions, tls_failure};
 use range::ranged_body;
 use reqwest::{Method, StatusCode, header};
 use retry::{Outcome, Retries};
@@ -37,10 +38,23 @@ pub const MAX_MANIFEST: usize = 4 << 20;
 /// How to reach one registry.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryOptions {
-    /// Use plain HTTP (always allowed for localhost and 127.0.0.1).
+    /// Plain HTTP allowed (the CLI allows it for localhost and 127.0.0.1, with `--insecure`
+    /// and with `--tls-verify=false`): [`Registry::connect`] uses https when the registry
+    /// answers TLS, else http.
     pub insecure: bool,
     /// Credentials for Basic auth or the token server.
     pub credentials: Option<Credentials>,
+    /// TLS settings for the registry host: extra authorities, a client certificate.
+    pub tls: TlsOptions,
+}
+
+/// How a registry is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// HTTPS.
+    Https,
+    /// Plain HTTP.
+    Http,
 }
 
 /// What a HEAD or GET of a manifest told us.
@@ -65,22 +79,31 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A client for `host` (`docker.io` means Docker Hub's API host).
-    pub fn new(host: &str, opts: RegistryOptions) -> Result<Arc<Self>> {
-        let api_host = if host == crate::reference::DOCKER_HUB {
-            "registry-1.docker.io"
+    /// A client for `host` (`docker.io` means Docker Hub's API host), over https unless
+    /// plain HTTP is allowed (see [`RegistryOptions::insecure`]) and the registry does not
+    /// answer TLS: one handshake tells, as skopeo tries https first.
+    pub async fn connect(host: &str, opts: RegistryOptions) -> Result<Arc<Self>> {
+        let api_host = api_host(host);
+        let scheme = if opts.insecure {
+            match http::speaks_tls(api_host).await {
+                Some(true) => Scheme::Https,
+                // Nothing answered: the first request says so, over either.
+                Some(false) | None => Scheme::Http,
+            }
         } else {
-            host
+            Scheme::Https
         };
-        let local = ["localhost", "127.0.0.1", "[::1]"]
-            .iter()
-            .any(|h| api_host == *h || api_host.starts_with(&format!("{h}:")));
-        let scheme = if opts.insecure || local {
-            "http"
-        } else {
-            "https"
+        Registry::new(host, opts, scheme)
+    }
+
+    /// A client for `host` over `scheme`, without asking the registry.
+    pub fn new(host: &str, opts: RegistryOptions, scheme: Scheme) -> Result<Arc<Self>> {
+        let api_host = api_host(host);
+        let http = Http::new(api_host, scheme == Scheme::Http, opts.tls)?;
+        let scheme = match scheme {
+            Scheme::Https => "https",
+            Scheme::Http => "http",
         };
-        let http = Http::new(scheme == "http")?;
         Ok(Arc::new(Registry {
             host: host.to_string(),
             base: format!("{scheme}://{api_host}"),
@@ -208,7 +231,7 @@ impl Registry {
             return Ok(None);
         }
         if !status.is_success() {
-            return Err(self.error_for(&format!("manifest {repo}:{reference}"), status));
+            return Err(self.error_for(&manifest_name(repo, reference), status));
         }
         let h = resp.headers();
         let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -228,7 +251,7 @@ impl Registry {
         let resp = self.manifest_request(repo, Method::GET, reference).await?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(self.error_for(&format!("manifest {repo}:{reference}"), status));
+            return Err(self.error_for(&manifest_name(repo, reference), status));
         }
         let media_type = resp
             .headers()
@@ -252,7 +275,7 @@ impl Registry {
         {
             if expected != digest {
                 return Err(Error::Digest {
-                    what: format!("manifest {repo}:{reference}"),
+                    what: manifest_name(repo, reference),
                     expected: expected.to_string(),
                     actual: digest,
                 });
@@ -411,6 +434,21 @@ impl Registry {
             }
         }
         Err(Error::Registry("tag list pagination does not end".into()))
+    }
+}
+
+/// `manifest REPO:TAG` or `manifest REPO@DIGEST`, as references are written.
+fn manifest_name(repo: &str, reference: &str) -> String {
+    let sep = if reference.contains(':') { '@' } else { ':' };
+    format!("manifest {repo}{sep}{reference}")
+}
+
+/// The host that serves `host`'s API (`docker.io`: Docker Hub's).
+fn api_host(host: &str) -> &str {
+    if host == crate::reference::DOCKER_HUB {
+        "registry-1.docker.io"
+    } else {
+        host
     }
 }
 
