@@ -144,6 +144,9 @@ pub struct MountStats {
 pub struct LayerFigures {
     pub digest: String,
     pub format: String,
+    /// The blob's size in bytes (compressed).
+    #[serde(default)]
+    pub size: u64,
     /// Where a gzip layer's index came from.
     pub index: Option<String>,
     /// Network bytes and requests of its blob.

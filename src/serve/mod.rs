@@ -143,6 +143,7 @@ impl ServedImage {
             .map(|(i, l)| LayerFigures {
                 digest: l.layer.digest.clone(),
                 format: l.layer.format.name().to_string(),
+                size: crate::blob::BlobSource::size(&*l.blob),
                 index: l.layer.index_source.map(str::to_string),
                 fetched_bytes: load(&l.counter.bytes),
                 requests: load(&l.counter.requests),
