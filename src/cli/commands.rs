@@ -1,32 +1,15 @@
 //! The commands themselves: each builds what it needs and calls the library.
 
-use super::common::{Common, control_socket, open};
+use super::common::{Common, INTERRUPTED, Stop, control_socket, open, out, progress_line, say};
 use anyhow::{Context, Result, anyhow, bail};
 use ocifs::image::Source;
 use ocifs::layer::{Format, Kind};
 use ocifs::stats::MountStats;
-use ocifs::tree::{Node, Tree};
+use ocifs::tree::Tree;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// `ocifs ls`: lists `path` (default: the root) of an image without mounting it.
-pub async fn ls(
-    common: &Common,
-    reference: &str,
-    path: Option<String>,
-    long: bool,
-    recursive: bool,
-) -> Result<()> {
-    let image = open(common, reference).await?;
-    let path = path.unwrap_or_default();
-    let ino = follow(&image.tree, &path)?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    list(&image.tree, ino, &clean(&path), long, recursive, &mut out)?;
-    out.flush()?;
-    Ok(())
-}
 
 /// `ocifs cat`: one file's bytes to stdout.
 pub async fn cat(common: &Common, reference: &str, path: &str) -> Result<()> {
@@ -49,15 +32,17 @@ pub async fn cat(common: &Common, reference: &str, path: &str) -> Result<()> {
 
 /// `ocifs stats`: a mount's figures, as text or JSON.
 pub async fn stats(mountpoint: &std::path::Path, json: bool) -> Result<()> {
-    let stats = ocifs::daemon::fetch_stats(&control_socket(mountpoint)?).await?;
+    ocifs::daemon::check_ocifs_mount(mountpoint)?;
+    let stats = ocifs::daemon::fetch_stats(&control_socket(mountpoint)?)
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "the ocifs mount at {} does not answer: its daemon has exited (`ocifs umount {}` removes it)",
+                mountpoint.display(),
+                mountpoint.display()
+            )
+        })?;
     print_stats(&stats, json)
-}
-
-fn clean(path: &str) -> String {
-    path.split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .collect::<Vec<_>>()
-        .join("/")
 }
 
 /// Resolves a path inside the image, following symlinks, never leaving the image.
@@ -65,83 +50,8 @@ fn follow(tree: &Tree, path: &str) -> Result<u64> {
     tree.follow(path).map_err(|e| anyhow!("{path}: {e}"))
 }
 
-/// `ls` output; with `-l`: `mode uid gid size mtime path [-> target]`.
-fn list(
-    tree: &Tree,
-    ino: u64,
-    path: &str,
-    long: bool,
-    recursive: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    let node = tree.get(ino).unwrap();
-    if node.kind != Kind::Dir {
-        return line(out, node, path, long);
-    }
-    for (name, &child) in &node.children {
-        let p = if path.is_empty() {
-            name.clone()
-        } else {
-            format!("{path}/{name}")
-        };
-        let c = tree.get(child).unwrap();
-        line(out, c, if recursive { &p } else { name }, long)?;
-        if recursive && c.kind == Kind::Dir {
-            list_children(tree, child, &p, long, out)?;
-        }
-    }
-    Ok(())
-}
-
-fn list_children(
-    tree: &Tree,
-    ino: u64,
-    path: &str,
-    long: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    for (name, &child) in &tree.get(ino).unwrap().children {
-        let p = format!("{path}/{name}");
-        let c = tree.get(child).unwrap();
-        line(out, c, &p, long)?;
-        if c.kind == Kind::Dir {
-            list_children(tree, child, &p, long, out)?;
-        }
-    }
-    Ok(())
-}
-
-fn line(out: &mut impl Write, n: &Node, name: &str, long: bool) -> Result<()> {
-    if !long {
-        writeln!(out, "{name}")?;
-        return Ok(());
-    }
-    let t = match n.kind {
-        Kind::Dir => 'd',
-        Kind::Symlink => 'l',
-        Kind::Char => 'c',
-        Kind::Block => 'b',
-        Kind::Fifo => 'p',
-        Kind::File | Kind::Hardlink => '-',
-    };
-    write!(
-        out,
-        "{t}{:04o} {} {} {} {} {name}",
-        n.mode & 0o7777,
-        n.uid,
-        n.gid,
-        n.size,
-        n.mtime.0
-    )?;
-    if let Some(l) = &n.link {
-        write!(out, " -> {l}")?;
-    }
-    writeln!(out)?;
-    Ok(())
-}
-
 pub async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
-    let (source, what, display) = common.source(reference)?;
+    let (source, what, display) = common.source(reference).await?;
     let cfg = common.open_config()?;
     let r = ocifs::image::resolve(&source, &what, &cfg.platform).await?;
     // Indexes published next to the image (ours, SOCI v1 referrers, SOCI v2 annotation).
@@ -230,7 +140,7 @@ pub async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()>
 }
 
 pub async fn fetch(common: &Common, reference: &str, digest: Option<&str>) -> Result<()> {
-    let (source, what, _) = common.source(reference)?;
+    let (source, what, _) = common.source(reference).await?;
     let mut out = std::io::stdout().lock();
     let Some(digest) = digest else {
         let (body, _) = source.manifest(&what).await?;
@@ -282,10 +192,12 @@ fn print_stats(v: &MountStats, json: bool) -> Result<()> {
     }
     println!("image {} (ready in {} ms)", v.digest, v.ready_ms);
     for l in &v.layers {
+        let pct = (l.fetched_bytes * 100).checked_div(l.size).unwrap_or(0);
         println!(
-            "  {} {:8} fetched {} bytes in {} requests; {}{}{}",
+            "  {} {:8} {} bytes, fetched {} ({pct}%) in {} requests; {}{}{}",
             l.digest,
             l.format,
+            l.size,
             l.fetched_bytes,
             l.requests,
             l.verification,
@@ -336,7 +248,10 @@ pub async fn convert(
             "--chunk-size {chunk_size} is larger than {max} bytes, the most a reader decodes in memory (larger chunks are decoded to disk, slowly)"
         );
     }
-    let (source, what, display) = common.source(src)?;
+    // Signals are ours from the start: an interrupted run removes its scratch files.
+    let mut stop = Stop::listen()?;
+    let (source, what, display) = common.source(src).await?;
+    let dst = dst.strip_prefix("docker://").unwrap_or(dst);
     let dest = match dst.strip_prefix("oci:") {
         Some(rest) => {
             let slash = rest.rfind('/').map_or(0, |i| i + 1);
@@ -350,7 +265,7 @@ pub async fn convert(
             }
         }
         None => {
-            let (dsource, _, _) = common.source(dst)?;
+            let (dsource, _, _) = common.source(dst).await?;
             let r = ocifs::reference::Reference::parse(dst)?;
             let Some(tag) = r.tag.filter(|_| r.digest.is_none()) else {
                 bail!("the destination {dst} needs a tag, not a digest")
@@ -369,16 +284,41 @@ pub async fn convert(
         Some(p) => ocifs::speculate::read_profile(&p)?,
         None => Vec::new(),
     };
-    let work_dir = common.cache_dir()?.join("convert");
+    // A scratch directory of this run's own, removed however the run ends.
+    let scratch = Scratch(
+        common
+            .cache_dir()?
+            .join("convert")
+            .join(format!("run-{}", std::process::id())),
+    );
     let opts = ocifs::convert::Options {
         chunk_size: chunk_size.max(4096),
         profile,
-        work_dir,
+        work_dir: scratch.0.clone(),
     };
-    let report: ocifs::convert::Report = Arc::new(|line: &str| eprintln!("ocifs: {line}"));
-    let digest = ocifs::convert::convert(&source, &what, &dest, &opts, report)
-        .await
-        .with_context(|| format!("converting {display}"))?;
-    println!("converted {display} to eStargz: {dst} ({digest})");
+    let report: ocifs::convert::Report =
+        Arc::new(|line: &str| progress_line(&format!("ocifs: {line}")));
+    let converted = tokio::select! {
+        r = ocifs::convert::convert(&source, &what, &dest, &opts, report) => r,
+        () = stop.wait() => {
+            drop(scratch);
+            say("ocifs: interrupted; scratch files removed, nothing tagged");
+            // Not back through the runtime, which would wait for the layer being rewritten
+            // on a blocking thread.
+            std::process::exit(i32::from(INTERRUPTED));
+        }
+    };
+    let digest = converted.with_context(|| format!("converting {display}"))?;
+    drop(scratch);
+    out(&format!("converted {display} to eStargz: {dst} ({digest})"));
     Ok(())
+}
+
+/// A scratch directory, removed with everything in it when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

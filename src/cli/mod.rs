@@ -3,13 +3,19 @@
 
 //!
 //! `mod.rs` parses and dispatches; `common.rs` holds what every command shares (options,
-//! configuration, credentials); the commands themselves are in `commands.rs`, `mount.rs` and
-//! `index.rs`, which use `common.rs` and nothing else of the CLI.
+//! configuration, the registry), `access.rs` how to reach a registry (credentials, TLS
+//! files), `errors.rs` the one line a failure prints; the commands themselves are in
+//! `commands.rs`, `mount.rs` and `index.rs`.
 
+mod access;
+mod browse;
 mod commands;
 mod common;
+mod errors;
+mod export;
 mod index;
 mod mount;
+mod pull;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -18,13 +24,25 @@ use ocifs::config::ByteSize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// What `--version` prints: the version, and the formats and features compiled in.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\nlayer formats: eStargz, legacy stargz, zstd:chunked, gzip (checkpoint indexes: ours, SOCI v1/v2 zTOCs), zstd (one or several frames), tar",
+    "\nregistry: https (rustls; certs.d, client certificates), plain HTTP for localhost or --insecure, Basic and Bearer auth, credential helpers",
+    "\nconvert to: eStargz"
+);
+
 #[derive(Parser)]
 #[command(
     name = "ocifs",
     version,
+    long_version = LONG_VERSION,
     about = "Container images from a registry as a lazily loaded read-only file system"
 )]
 struct Cli {
+    /// No progress lines (errors and results are still printed).
+    #[arg(short, long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -66,16 +84,23 @@ enum Cmd {
         /// reads decode the layer's compressed blocks again.
         #[arg(long)]
         no_local_copy: bool,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
+        /// An empty directory to mount on (or the mount, for stats).
         mountpoint: PathBuf,
     },
-    /// Unmount an ocifs mount.
-    Umount { mountpoint: PathBuf },
+    /// Unmount an ocifs mount (nothing else), once its daemon has finished (written its
+    /// `--record` profile).
+    Umount {
+        /// The mountpoint of an ocifs mount.
+        mountpoint: PathBuf,
+    },
     /// Show a mount's statistics: bytes and requests per layer, cache, latency, prefetch.
     Stats {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// An empty directory to mount on (or the mount, for stats).
         mountpoint: PathBuf,
     },
     /// Show the resolved digest, platforms, config and layers of an image.
@@ -85,33 +110,108 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
     },
-    /// List files of an image without mounting it.
+    /// List files of an image without mounting it, with absolute paths.
+    #[command(
+        after_help = "Examples:\n  ocifs ls -l alpine /etc\n  ocifs ls -R --json oci:./layout:v1 /usr/lib"
+    )]
     Ls {
         #[command(flatten)]
         common: Common,
-        /// Long format: mode, owner, size, mtime, link target.
+        /// Long format, as `tar -tv`: mode, uid/gid, size, date (UTC), path, `-> target`.
         #[arg(short = 'l')]
         long: bool,
         /// Recurse into directories.
         #[arg(short = 'R')]
         recursive: bool,
+        /// List a directory itself, not its entries.
+        #[arg(short = 'd')]
+        directory: bool,
+        /// One JSON array: path, type, mode, uid, gid, size, mtime, target, device, links.
+        #[arg(long)]
+        json: bool,
+        /// The image.
         reference: String,
-        path: Option<String>,
+        /// Paths in the image (default: /); symlinks are listed, not followed.
+        paths: Vec<String>,
+    },
+    /// Write the image's merged tree as one tar stream (like `crane export`).
+    #[command(
+        after_help = "Examples:\n  ocifs export alpine | tar -tvf -\n  ocifs export -o rootfs.tar oci:./layout:v1"
+    )]
+    Export {
+        #[command(flatten)]
+        common: Common,
+        /// Write to FILE instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
+        reference: String,
+    },
+    /// Write the image's merged tree into DIR as files, every layer checked against its
+    /// digest first (layers fetched whole, in parallel; their blocks kept in the cache
+    /// directory for later pulls and mounts).
+    #[command(after_help = "Example:\n  ocifs pull alpine ./rootfs")]
+    Pull {
+        #[command(flatten)]
+        common: Common,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
+        reference: String,
+        /// A new or empty directory.
+        dir: PathBuf,
+    },
+    /// Show the paths added (A), removed (D) and changed (M: type, mode, owner, size,
+    /// target, device, xattrs, content) from one image to another.
+    Diff {
+        #[command(flatten)]
+        common: Common,
+        /// One JSON array: path, change (added, removed, changed), what.
+        #[arg(long)]
+        json: bool,
+        /// The image before.
+        reference: String,
+        /// The image after.
+        other: String,
+    },
+    /// Write the manifest REF names to stdout, byte for byte (like `crane manifest`).
+    Manifest {
+        #[command(flatten)]
+        common: Common,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
+        reference: String,
+    },
+    /// Write the image config of REF (for --platform) to stdout, byte for byte.
+    Config {
+        #[command(flatten)]
+        common: Common,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
+        reference: String,
+    },
+    /// Print the digest of the manifest REF names (an index's, for a multi-platform image).
+    Digest {
+        #[command(flatten)]
+        common: Common,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
+        reference: String,
     },
     /// Write one file of an image to stdout.
     Cat {
         #[command(flatten)]
         common: Common,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
+        /// The file in the image (symlinks on the way are followed).
         path: String,
     },
     /// Write a raw manifest (no digest) or blob/manifest (by digest) to stdout.
     Fetch {
         #[command(flatten)]
         common: Common,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
+        /// A blob or manifest digest (sha256:...) in the same repository.
         digest: Option<String>,
     },
     /// Build (or find) the checkpoint indexes of an image's gzip layers; `--push` publishes
@@ -122,6 +222,7 @@ enum Cmd {
         /// Upload the indexes next to the image (referrers API, or the sha256-<hex> tag).
         #[arg(long)]
         push: bool,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
     },
     /// Rewrite an image's layers as eStargz (profiled files first) and push it to DESTINATION
@@ -138,20 +239,71 @@ enum Cmd {
         /// Size of independently readable chunks of large files.
         #[arg(long, default_value = "4MiB")]
         chunk_size: ByteSize,
+        /// The image to convert.
         source: String,
+        /// Where to push: HOST[:PORT]/NAME:TAG, or oci:DIR[:TAG].
         destination: String,
     },
+    /// Print a shell completion script (e.g. `ocifs completions bash > /etc/bash_completion.d/ocifs`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, in roff (e.g. `ocifs man | man -l -`).
+    Man,
     /// List a repository's tags.
     Tags {
         #[command(flatten)]
         common: Common,
+        /// One JSON array of tags.
+        #[arg(long)]
+        json: bool,
+        /// The repository: [docker://]HOST[:PORT]/NAME.
         repository: String,
     },
 }
 
+/// The mount tuning flags every image-reading command accepts (one `Common` type), shown in
+/// the help of the commands they matter to: `mount` all of them, `index` the span.
+const TUNING: &[&str] = &[
+    "cache_size",
+    "verify",
+    "span",
+    "block_size",
+    "fetch_size",
+    "disk_cache_size",
+    "no_mark_windows",
+];
+
+/// The command line's definition, with each subcommand's help showing only its own flags
+/// (the tuning flags stay accepted everywhere, as before).
+fn command() -> clap::Command {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    for name in names {
+        cmd = cmd.mut_subcommand(&name, |mut sub| {
+            for arg in TUNING {
+                let shown = name == "mount" || (name == "index" && *arg == "span");
+                if !shown && sub.get_arguments().any(|a| a.get_id() == *arg) {
+                    sub = sub.mut_arg(*arg, |a| a.hide(true));
+                }
+            }
+            sub
+        });
+    }
+    cmd
+}
+
 /// Entry point: runs the command, prints one clear error line on failure.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    common::QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     let daemonish = matches!(cli.cmd, Cmd::Mount { .. });
     if !daemonish {
         // Output piped into `head` ends the command quietly when the reader goes, as with
@@ -160,21 +312,27 @@ pub fn main() -> ExitCode {
         // SAFETY: restoring a signal's default disposition before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
+    // The TLS verifier logs each certificate it refuses as an error; the command's own
+    // error line says it better.
     let filter = std::env::var("OCIFS_LOG").unwrap_or_else(|_| {
         if daemonish {
-            "info".into()
+            "info,rustls_platform_verifier=off".into()
         } else {
-            "warn".into()
+            "warn,rustls_platform_verifier=off".into()
         }
     });
+    // Colours only for a terminal: a daemon's stderr is its log file.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ocifs: {}", common::chain(&e));
+            let line = block_on(errors::explain(&e)).unwrap_or_else(|_| errors::line(&e));
+            common::say(&format!("ocifs: {line}"));
             ExitCode::FAILURE
         }
     }
@@ -213,10 +371,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Stats { json, mountpoint } => {
             block_on(commands::stats(&mountpoint, json))?.map(|_| ExitCode::SUCCESS)
         }
-        Cmd::Umount { mountpoint } => {
-            ocifs::daemon::unmount(&mountpoint)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Umount { mountpoint } => mount::umount(&mountpoint),
         Cmd::Inspect {
             common,
             json,
@@ -226,10 +381,44 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             common,
             long,
             recursive,
+            directory,
+            json,
             reference,
-            path,
-        } => block_on(commands::ls(&common, &reference, path, long, recursive))?
-            .map(|_| ExitCode::SUCCESS),
+            paths,
+        } => {
+            let o = browse::LsOptions {
+                long,
+                recursive,
+                directory,
+                json,
+            };
+            block_on(browse::ls(&common, &reference, &paths, o))?.map(|_| ExitCode::SUCCESS)
+        }
+        Cmd::Export {
+            common,
+            output,
+            reference,
+        } => block_on(export::export(&common, &reference, output))?.map(|_| ExitCode::SUCCESS),
+        Cmd::Pull {
+            common,
+            reference,
+            dir,
+        } => block_on(pull::pull(&common, &reference, &dir))?.map(|_| ExitCode::SUCCESS),
+        Cmd::Diff {
+            common,
+            json,
+            reference,
+            other,
+        } => block_on(export::diff(&common, &reference, &other, json))?.map(|_| ExitCode::SUCCESS),
+        Cmd::Manifest { common, reference } => {
+            block_on(browse::manifest(&common, &reference))?.map(|_| ExitCode::SUCCESS)
+        }
+        Cmd::Config { common, reference } => {
+            block_on(browse::config(&common, &reference))?.map(|_| ExitCode::SUCCESS)
+        }
+        Cmd::Digest { common, reference } => {
+            block_on(browse::digest(&common, &reference))?.map(|_| ExitCode::SUCCESS)
+        }
         Cmd::Cat {
             common,
             reference,
@@ -261,10 +450,29 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             chunk_size.0,
         ))?
         .map(|_| ExitCode::SUCCESS),
-        Cmd::Tags { common, repository } => block_on(async {
-            let (source, _, _) = common.source(&repository)?;
-            for t in source.tags().await? {
-                println!("{t}");
+        Cmd::Completions { shell } => {
+            let mut cmd = command();
+            clap_complete::generate(shell, &mut cmd, "ocifs", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man => {
+            let cmd = command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Tags {
+            common,
+            json,
+            repository,
+        } => block_on(async {
+            let (source, _, _) = common.source(&repository).await?;
+            let tags = source.tags().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tags)?);
+            } else {
+                for t in tags {
+                    println!("{t}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         })?,

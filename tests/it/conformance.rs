@@ -92,10 +92,11 @@ fn conformance_layers(
         &[],
     );
     assert!(ok, "ls: {err}");
+    // `ls` prints absolute paths.
     let listed: Vec<String> = String::from_utf8(out)
         .unwrap()
         .lines()
-        .map(str::to_string)
+        .map(|l| l.strip_prefix('/').expect("absolute").to_string())
         .collect();
     assert_eq!(listed, expected.keys().cloned().collect::<Vec<_>>());
     for p in [

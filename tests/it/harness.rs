@@ -127,10 +127,16 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry; with `htpasswd = Some((user, pass))` it requires Basic auth.
     pub fn start(htpasswd: Option<(&str, &str)>) -> Registry {
+        Registry::start_with(htpasswd, "")
+    }
+
+    /// [`Registry::start`] with more settings under `http:` (YAML lines indented by two
+    /// spaces, such as a `tls:` block).
+    pub fn start_with(htpasswd: Option<(&str, &str)>, http_extra: &str) -> Registry {
         let dir = TempDir::new("registry");
         let port = free_port();
         let mut cfg = format!(
-            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}/data\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}/data\nhttp:\n  addr: 127.0.0.1:{port}\n{http_extra}",
             dir.path().display()
         );
         if let Some((u, p)) = htpasswd {

@@ -11,6 +11,9 @@ mod stats;
 
 mod auth;
 mod cli;
+mod cli_browse;
+mod cli_edges;
+mod cli_tls;
 mod conformance;
 mod convert;
 mod indexes;
