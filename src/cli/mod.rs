@@ -151,7 +151,7 @@ enum Cmd {
         reference: String,
     },
     /// Write the image's merged tree into DIR as files, every layer checked against its
-    /// digest first (layers fetched whole, in parallel; their blocks kept in the cache
+    /// digest first (layers fetched whole, all at once; their blocks kept in the cache
     /// directory for later pulls and mounts).
     #[command(after_help = "Example:\n  ocifs pull alpine ./rootfs")]
     Pull {

@@ -1,7 +1,7 @@
 //! `ocifs pull REF DIR`: the image's merged tree, whiteouts applied, written out as files,
-//! after every layer has been checked against its digest (`--verify strict`: the layers are
-//! fetched whole, in parallel, through the block cache, whose blocks on disk later pulls and
-//! mounts reuse), with progress.
+//! after every layer has been checked against its digest: the layers are fetched whole, all
+//! at once, through the block cache, whose blocks on disk later pulls and mounts reuse (a
+//! layer served through an index from the registry is also checked against that index).
 //!
 //! Every path is created under DIR by this walk itself: directories are made here (never
 //! followed through a symlink of the image), files are created new, never opened through an
@@ -11,7 +11,7 @@ use super::common::{Bars, Common, progress_line};
 use anyhow::{Context, Result, bail};
 use ocifs::config::VerifyMode;
 use ocifs::image::Image;
-use ocifs::layer::Kind;
+use ocifs::layer::{Health, Kind};
 use ocifs::tree::ROOT;
 use std::collections::HashMap;
 use std::io::Write;
@@ -29,13 +29,15 @@ pub async fn pull(common: &Common, reference: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (source, what, display) = common.source(reference).await?;
     let mut cfg = common.open_config()?;
-    cfg.verify = VerifyMode::Strict;
+    // Layers open pending, and are all checked below, at once.
+    cfg.verify = VerifyMode::Background;
     let readahead = ocifs::speculate::SpeculateConfig::default().readahead;
     let cache = ocifs::image::block_cache(&cfg, readahead);
     let started = std::time::Instant::now();
     let image = Image::open(&source, &what, &cfg, &cache, super::common::progress())
         .await
         .with_context(|| format!("pulling {display}"))?;
+    verify_all(&image).await?;
     let (files, bytes) = image.tree.totals();
     let written = write_tree(&image, dir).await?;
     super::common::out(&format!(
@@ -44,6 +46,28 @@ pub async fn pull(common: &Common, reference: &str, dir: &Path) -> Result<()> {
         dir.display(),
         started.elapsed().as_secs_f64()
     ));
+    Ok(())
+}
+
+/// Checks every layer against its digest (and a registry index against the layer),
+/// concurrently; the first that fails is the error.
+async fn verify_all(image: &Image) -> Result<()> {
+    let diff_ids = ocifs::image::manifest::diff_ids(&image.resolved.config);
+    let checks = image.layers.iter().enumerate().map(|(i, l)| {
+        let ids: Vec<String> = diff_ids.get(i).cloned().into_iter().collect();
+        async move {
+            let pair = [(&*l.layer, &l.blob)];
+            ocifs::verify::verify_layers(&pair, &ids, &|| true).await;
+        }
+    });
+    futures::future::join_all(checks).await;
+    for l in &image.layers {
+        match &*l.layer.health.read().unwrap() {
+            Health::Verified => {}
+            Health::Bad(why) => bail!("layer {}: {why}", l.layer.digest),
+            other => bail!("layer {} is not verified ({other:?})", l.layer.digest),
+        }
+    }
     Ok(())
 }
 
