@@ -13,7 +13,7 @@ use std::path::Path;
 /// `ocifs manifest`: the raw manifest REF names (an index for a multi-platform image, unless
 /// `--platform` picks one of its images).
 pub async fn manifest(common: &Common, reference: &str) -> Result<()> {
-    let (source, what, _) = common.source(reference)?;
+    let (source, what, _) = common.source(reference).await?;
     let body = match common.platform_given() {
         true => {
             let cfg = common.open_config()?;
@@ -29,7 +29,7 @@ pub async fn manifest(common: &Common, reference: &str) -> Result<()> {
 
 /// `ocifs config`: the raw config of the image (for the chosen platform).
 pub async fn config(common: &Common, reference: &str) -> Result<()> {
-    let (source, what, _) = common.source(reference)?;
+    let (source, what, _) = common.source(reference).await?;
     let cfg = common.open_config()?;
     let resolved = manifest::resolve(&source, &what, &cfg.platform).await?;
     std::io::stdout().lock().write_all(&resolved.config)?;
@@ -39,7 +39,7 @@ pub async fn config(common: &Common, reference: &str) -> Result<()> {
 /// `ocifs digest`: the digest of what REF names (the index of a multi-platform image, or
 /// with `--platform` the chosen image's manifest).
 pub async fn digest(common: &Common, reference: &str) -> Result<()> {
-    let (source, what, _) = common.source(reference)?;
+    let (source, what, _) = common.source(reference).await?;
     let cfg = common.open_config()?;
     let resolved = manifest::resolve_manifest(&source, &what, &cfg.platform).await?;
     let digest = match (common.platform_given(), resolved.index_digest) {

@@ -67,7 +67,7 @@ async fn run_in(
     start: Instant,
 ) -> Result<ExitCode> {
     let cfg = common.open_config_tuned(&extras.tuning)?;
-    let (source, what, display) = common.source(reference)?;
+    let (source, what, display) = common.source(reference).await?;
     let profile = match &extras.prefetch {
         Some(p) => Some(ocifs::speculate::read_profile(p)?),
         None => None,

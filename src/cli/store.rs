@@ -58,7 +58,12 @@ pub fn store_here(
             let connect: Connect = Arc::new(move |reference: &str| {
                 // Only registry references: a layout path is not the runtime's to name.
                 let r = ocifs::reference::Reference::parse(reference)?;
-                let (source, what, _) = common.source(&r.to_string()).map_err(typed)?;
+                // Choosing http or https may take a round trip: the lookup waits for it here,
+                // on its own worker thread.
+                let found = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(common.source(&r.to_string()))
+                });
+                let (source, what, _) = found.map_err(typed)?;
                 Ok((source, what))
             });
             let store = Store::new(cfg, connect, progress());

@@ -34,6 +34,7 @@ use crate::error::{Error, Result};
 use auth::{Authenticator, Credentials};
 use bytes::{Bytes, BytesMut};
 use http::Http;
+pub use http::{TlsFailure, speaks_tls, tls_failure};
 use range::{Broke, ranged_body};
 use reqwest::{Method, StatusCode, header};
 use retry::{Outcome, Retries};
@@ -331,7 +332,7 @@ impl Registry {
             return Ok(None);
         }
         if !status.is_success() {
-            return Err(self.error_for(&format!("manifest {repo}:{reference}"), status));
+            return Err(self.error_for(&manifest_name(repo, reference), status));
         }
         let h = resp.headers();
         let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -351,7 +352,7 @@ impl Registry {
         let resp = self.manifest_request(repo, Method::GET, reference).await?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(self.error_for(&format!("manifest {repo}:{reference}"), status));
+            return Err(self.error_for(&manifest_name(repo, reference), status));
         }
         let media_type = resp
             .headers()
@@ -375,7 +376,7 @@ impl Registry {
         {
             if expected != digest {
                 return Err(Error::Digest {
-                    what: format!("manifest {repo}:{reference}"),
+                    what: manifest_name(repo, reference),
                     expected: expected.to_string(),
                     actual: digest,
                 });
@@ -645,6 +646,12 @@ impl Registry {
         }
         Err(Error::Registry("tag list pagination does not end".into()))
     }
+}
+
+/// `manifest REPO:TAG` or `manifest REPO@DIGEST`, as references are written.
+fn manifest_name(repo: &str, reference: &str) -> String {
+    let sep = if reference.contains(':') { '@' } else { ':' };
+    format!("manifest {repo}{sep}{reference}")
 }
 
 /// Reads a whole response body, refusing more than `limit` bytes.
