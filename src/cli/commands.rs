@@ -1,8 +1,6 @@
 //! The commands themselves: each builds what it needs and calls the library.
 
-use super::common::{
-    Common, INTERRUPTED, Stop, Tuning, control_socket, open_tuned, out, progress_line, say,
-};
+use super::common::{Common, INTERRUPTED, Stop, Tuning, control_socket, open_tuned, out, say};
 use anyhow::{Context, Result, anyhow, bail};
 use ocifs::image::Source;
 use ocifs::layer::{Format, Kind};
@@ -352,8 +350,12 @@ pub async fn convert(
         profile,
         work_dir: scratch.0.clone(),
     };
-    let report: ocifs::convert::Report =
-        Arc::new(|line: &str| progress_line(&format!("ocifs: {line}")));
+    let quiet = common.quiet;
+    let report: ocifs::convert::Report = Arc::new(move |line: &str| {
+        if !quiet {
+            say(&format!("ocifs: {line}"))
+        }
+    });
     let converted = tokio::select! {
         r = ocifs::convert::convert(&source, &what, &dest, &opts, report) => r,
         () = stop.wait() => {

@@ -13,7 +13,7 @@ use ocifs::image::{Image, Platform, Progress, Source};
 use ocifs::reference::Reference;
 use ocifs::registry::hosts::{DEFAULT_HOSTS_DIR, HostsDir};
 use ocifs::registry::registries_conf::RegistriesConf;
-use ocifs::registry::{MirrorConfig, Registry, Repo, RepoOptions, auth::Credentials};
+use ocifs::registry::{MirrorConfig, Repo, RepoOptions, auth::Credentials};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +21,9 @@ use std::sync::Arc;
 /// Options every image-reading command shares.
 #[derive(Args, Clone)]
 pub struct Common {
+    /// No progress lines (errors and results are still printed).
+    #[arg(short, long)]
+    pub quiet: bool,
     /// Platform to choose from an image index (default: this machine's).
     #[arg(long, help_heading = "Registry")]
     platform: Option<String>,
@@ -233,7 +236,6 @@ impl Common {
         let find =
             |e: &ocifs::registry::Endpoint| Ok(found.get(e.credential_key()).cloned().flatten());
         let repo = Repo::connect(&name, &routes, &find, opts)?;
-        *LAST_REGISTRY.lock().unwrap() = repo.origin();
         let what = r.manifest_reference().to_string();
         Ok((Source::Registry { repo }, what, r.to_string()))
     }
@@ -258,9 +260,6 @@ impl Common {
         })
     }
 }
-
-/// The registry the command talked to last, for explaining its errors (see `errors.rs`).
-pub static LAST_REGISTRY: std::sync::Mutex<Option<Arc<Registry>>> = std::sync::Mutex::new(None);
 
 /// The control socket of the mount at `mountpoint`: named after its canonical path, in
 /// `/run/ocifs` for root, else `$XDG_RUNTIME_DIR/ocifs` or `/tmp/ocifs-<uid>`.
@@ -359,21 +358,16 @@ pub fn say(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-/// `-q`: no progress lines.
-pub static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Prints a progress line to stderr, unless `-q`.
-pub fn progress_line(line: &str) {
-    if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
-        say(line);
-    }
-}
-
 /// Progress of the layers read once (indexed or unpacked): a bar per layer (bytes, rate,
 /// time left) on a terminal, else a line at most once per 10%; nothing with `-q`.
-pub fn progress() -> Progress {
+pub fn progress(quiet: bool) -> Progress {
+    progress_of(quiet, "reading layer {} once (indexing or unpacking)")
+}
+
+/// [`progress`] whose lines say `doing` (`{}` stands for the layer).
+pub fn progress_of(quiet: bool, doing: &'static str) -> Progress {
     use std::io::IsTerminal;
-    if QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+    if quiet {
         return Arc::new(|_: &str, _: u64, _: u64| {});
     }
     if std::io::stderr().is_terminal() {
@@ -392,11 +386,8 @@ pub fn progress() -> Progress {
         let prev = last.entry(digest.to_string()).or_insert(u64::MAX);
         if *prev == u64::MAX || pct / 10 > *prev / 10 {
             *prev = pct;
-            progress_line(&format!(
-                "ocifs: reading layer {} once (indexing or unpacking): {pct}% of {} MiB",
-                short(digest),
-                total >> 20
-            ));
+            let doing = doing.replace("{}", short(digest));
+            say(&format!("ocifs: {doing}: {pct}% of {} MiB", total >> 20));
         }
     })
 }
@@ -446,7 +437,7 @@ pub async fn open_tuned(common: &Common, tuning: &Tuning, reference: &str) -> Re
     let cfg = common.open_config_tuned(tuning)?;
     let readahead = ocifs::speculate::SpeculateConfig::default().readahead;
     let cache = ocifs::image::block_cache(&cfg, readahead);
-    Image::open(&source, &what, &cfg, &cache, progress())
+    Image::open(&source, &what, &cfg, &cache, progress(common.quiet))
         .await
         .with_context(|| format!("opening {reference}"))
 }

@@ -1,30 +1,8 @@
 //! The one line a failed command prints: each cause once, and library wording (TLS alerts,
-//! socket errors, URLs) replaced by what was wrong and, where there is one, what to do.
+//! socket errors, URLs) replaced by what was wrong and, where there is one, what to do. (A
+//! host that is not a registry at all is told apart by the registry client, on a 404.)
 
-use super::common::LAST_REGISTRY;
 use ocifs::registry::{TlsFailure, tls_failure};
-
-/// [`line`], after asking the registry the command talked to whether it is one at all when
-/// something was not found (a web server answers 404 to every registry path).
-pub async fn explain(e: &anyhow::Error) -> String {
-    let not_found = e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<ocifs::Error>(),
-            Some(ocifs::Error::NotFound(_))
-        )
-    });
-    let registry = LAST_REGISTRY.lock().unwrap().clone();
-    if not_found
-        && let Some(r) = registry
-        && let Some(answer) = r.not_a_registry().await
-    {
-        return format!(
-            "{} is not a container registry ({answer}); check the host and port",
-            r.host()
-        );
-    }
-    line(e)
-}
 
 /// The error and its causes on one line, each said once; transport failures in words.
 pub fn line(e: &anyhow::Error) -> String {

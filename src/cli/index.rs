@@ -33,9 +33,12 @@ pub async fn index(common: &Common, tuning: &Tuning, reference: &str, push: bool
                         // perhaps in another repository: publishing it without them would
                         // leave this one's mounts decoding from span starts. The pass that
                         // made it makes them again (and both are kept for next time).
-                        let (index, windows) = rebuild(&kept, blob.clone(), &cache_dir)
-                            .await
-                            .with_context(|| format!("rebuilding the index of {}", layer.digest))?;
+                        let (index, windows) =
+                            rebuild(&kept, blob.clone(), &cache_dir, progress(common.quiet))
+                                .await
+                                .with_context(|| {
+                                    format!("rebuilding the index of {}", layer.digest)
+                                })?;
                         bytes = checkpoint::file::encode(&index);
                         Some(windows)
                     }
@@ -126,8 +129,8 @@ async fn rebuild(
     kept: &CheckpointIndex,
     blob: ocifs::blob::Blob,
     cache_dir: &Path,
+    report: ocifs::image::Progress,
 ) -> Result<(CheckpointIndex, bytes::Bytes)> {
-    let report = progress();
     let digest = kept.digest.clone();
     let progress = move |done: u64, total: u64| report(&digest, done, total);
     let (index, windows) =

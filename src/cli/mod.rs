@@ -44,9 +44,6 @@ const LONG_VERSION: &str = concat!(
     about = "Container images from a registry as a lazily loaded read-only file system"
 )]
 struct Cli {
-    /// No progress lines (errors and results are still printed).
-    #[arg(short, long, global = true)]
-    quiet: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -397,7 +394,7 @@ pub fn main() -> ExitCode {
     match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
-            let line = block_on(errors::explain(&e)).unwrap_or_else(|_| errors::line(&e));
+            let line = errors::line(&e);
             common::say(&format!("ocifs: {line}"));
             ExitCode::FAILURE
         }

@@ -119,10 +119,17 @@ pub fn mount_here(
                 None => None,
             };
             let record = extras.record.is_some();
-            let served =
-                ocifs::daemon::open(&source, &what, &cfg, spec, profile, record, progress())
-                    .await
-                    .with_context(|| format!("opening {display}"))?;
+            let served = ocifs::daemon::open(
+                &source,
+                &what,
+                &cfg,
+                spec,
+                profile,
+                record,
+                progress(common.quiet),
+            )
+            .await
+            .with_context(|| format!("opening {display}"))?;
             let opts = MountOptions {
                 fsname: format!("ocifs:{display}"),
                 ..opts
@@ -170,7 +177,7 @@ pub fn mount_here(
             Ok(v) => v,
             Err(e) => {
                 if child {
-                    let line = errors::explain(&e).await;
+                    let line = errors::line(&e);
                     let _ = writeln!(std::io::stdout(), "ERR {line}");
                 }
                 return Err(e);

@@ -74,9 +74,17 @@ async fn run_in(
     };
     let spec = extras.speculate_config();
     // Every read is recorded: the summary counts the files touched, `--record` keeps them.
-    let served = ocifs::daemon::open(&source, &what, &cfg, spec, profile, true, progress())
-        .await
-        .with_context(|| format!("opening {reference}"))?;
+    let served = ocifs::daemon::open(
+        &source,
+        &what,
+        &cfg,
+        spec,
+        profile,
+        true,
+        progress(common.quiet),
+    )
+    .await
+    .with_context(|| format!("opening {reference}"))?;
     let config = RunConfig::parse(&served.image.resolved.config);
     let opts = MountOptions {
         mountpoint: dir.to_path_buf(),

@@ -52,6 +52,7 @@ pub fn store_here(
                 lookup_timeout: extras.lookup_timeout,
                 open,
             };
+            let quiet = common.quiet;
             let common = common.clone();
             // The credentials are read for each reference resolved, as podman reads them for
             // each pull (a `podman login` after the store started counts).
@@ -66,7 +67,7 @@ pub fn store_here(
                 let (source, what, _) = found.map_err(typed)?;
                 Ok((source, what))
             });
-            let store = Store::new(cfg, connect, progress());
+            let store = Store::new(cfg, connect, progress(quiet));
             let control = control_socket(dir)?;
             let mount = ocifs::store::mount::start(store, dir, Some(&control)).await?;
             Ok::<_, anyhow::Error>(mount)

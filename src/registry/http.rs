@@ -268,7 +268,7 @@ impl super::Registry {
     /// answers 200, or 401 when it wants credentials) when that shows it is not a registry,
     /// say a web server that answers 404 to everything; `None` when it is one or did not
     /// answer. For explaining a "not found".
-    pub async fn not_a_registry(&self) -> Option<String> {
+    pub(super) async fn not_a_registry(&self) -> Option<String> {
         let url = format!("{}/", self.api);
         let resp = self.http.for_url(&url).ok()?.get(&url).send().await.ok()?;
         let status = resp.status();
