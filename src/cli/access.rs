@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 
 /// Credentials for `repository` on `registry`: `--creds USER[:PASSWORD]` (the password asked
 /// on the terminal when left out), else the first of these files that has an entry:
-/// `--authfile FILE` alone when given; otherwise `$REGISTRY_AUTH_FILE`,
-/// `$XDG_RUNTIME_DIR/containers/auth.json`, `~/.config/containers/auth.json`,
-/// `$DOCKER_CONFIG/config.json`, `~/.docker/config.json`.
+/// `--authfile FILE` alone when given; otherwise the files containers/image (podman,
+/// skopeo) reads, in its order (see [`auth_files`]).
 pub fn credentials(
     creds: Option<&str>,
     authfile: Option<&Path>,
@@ -26,13 +25,20 @@ pub fn credentials(
             if !f.exists() {
                 bail!("--authfile {}: no such file", f.display());
             }
-            vec![f.to_path_buf()]
+            vec![(f.to_path_buf(), true)]
         }
         None => auth_files(),
     };
-    for f in files {
-        let found = Credentials::from_auth_file(&f, registry, repository)
-            .with_context(|| format!("reading credentials from {}", f.display()))?;
+    for (f, named) in files {
+        let found = match Credentials::from_auth_file(&f, registry, repository) {
+            // A default path that cannot be read (`/run/containers` is root's) is absent.
+            Err(ocifs::Error::Io(e))
+                if !named && e.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                continue;
+            }
+            found => found.with_context(|| format!("reading credentials from {}", f.display()))?,
+        };
         if found.is_some() {
             return Ok(found);
         }
@@ -40,23 +46,40 @@ pub fn credentials(
     Ok(None)
 }
 
-/// The auth files looked at without `--authfile`, in order.
-fn auth_files() -> Vec<PathBuf> {
+/// The auth files looked at without `--authfile`, in containers/image's order, each with
+/// whether a variable named it (then it must be readable): `$REGISTRY_AUTH_FILE`, else
+/// `$XDG_RUNTIME_DIR/containers/auth.json` (`/run/containers/UID/auth.json` without it);
+/// then `$XDG_CONFIG_HOME/containers/auth.json` (`~/.config/...`); then the Docker config
+/// (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`).
+fn auth_files() -> Vec<(PathBuf, bool)> {
     let env = |k: &str| {
         std::env::var_os(k)
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
     };
     let mut files = Vec::new();
-    files.extend(env("REGISTRY_AUTH_FILE"));
-    files.extend(env("XDG_RUNTIME_DIR").map(|d| d.join("containers/auth.json")));
+    match (env("REGISTRY_AUTH_FILE"), env("XDG_RUNTIME_DIR")) {
+        (Some(f), _) => files.push((f, true)),
+        (None, Some(d)) => files.push((d.join("containers/auth.json"), false)),
+        // SAFETY: getuid has no preconditions.
+        (None, None) => files.push((
+            PathBuf::from(format!("/run/containers/{}/auth.json", unsafe {
+                libc::getuid()
+            })),
+            false,
+        )),
+    }
     let home = env("HOME");
-    files.extend(
-        home.as_ref()
-            .map(|h| h.join(".config/containers/auth.json")),
-    );
-    files.extend(env("DOCKER_CONFIG").map(|d| d.join("config.json")));
-    files.extend(home.map(|h| h.join(".docker/config.json")));
+    match (env("XDG_CONFIG_HOME"), &home) {
+        (Some(d), _) => files.push((d.join("containers/auth.json"), false)),
+        (None, Some(h)) => files.push((h.join(".config/containers/auth.json"), false)),
+        (None, None) => {}
+    }
+    match (env("DOCKER_CONFIG"), &home) {
+        (Some(d), _) => files.push((d.join("config.json"), true)),
+        (None, Some(h)) => files.push((h.join(".docker/config.json"), false)),
+        (None, None) => {}
+    }
     files
 }
 

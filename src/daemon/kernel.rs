@@ -113,9 +113,11 @@ pub struct Mounted {
 }
 
 impl Mounted {
-    /// Whether this is an ocifs mount: a FUSE file system whose source is `ocifs:REF`.
+    /// Whether this is an ocifs mount: a FUSE file system whose source is `ocifs:REF`, or
+    /// `ocifs-store` for a layer store.
     pub fn is_ocifs(&self) -> bool {
-        (self.fstype == "fuse" || self.fstype == "fuse.ocifs") && self.source.starts_with("ocifs:")
+        (self.fstype == "fuse" || self.fstype == "fuse.ocifs")
+            && (self.source.starts_with("ocifs:") || self.source == "ocifs-store")
     }
 }
 
