@@ -3,7 +3,7 @@
 //! `crane export`), `pull` (a verified extraction into a directory) and `diff` (what differs
 //! between two images' trees).
 
-use super::common::{Common, open};
+use super::common::{Common, open, progress_of};
 use anyhow::{Context, Result, bail};
 use ocifs::image::{Image, export, manifest};
 use ocifs::tree::diff::{Change, Difference};
@@ -13,7 +13,7 @@ use std::path::Path;
 /// `ocifs manifest`: the raw manifest REF names (an index for a multi-platform image, unless
 /// `--platform` picks one of its images).
 pub async fn manifest(common: &Common, reference: &str) -> Result<()> {
-    let (source, what, _) = common.source(reference)?;
+    let (source, what, _) = common.source(reference).await?;
     let body = match common.platform_given() {
         true => {
             let cfg = common.open_config()?;
@@ -29,7 +29,7 @@ pub async fn manifest(common: &Common, reference: &str) -> Result<()> {
 
 /// `ocifs config`: the raw config of the image (for the chosen platform).
 pub async fn config(common: &Common, reference: &str) -> Result<()> {
-    let (source, what, _) = common.source(reference)?;
+    let (source, what, _) = common.source(reference).await?;
     let cfg = common.open_config()?;
     let resolved = manifest::resolve(&source, &what, &cfg.platform).await?;
     std::io::stdout().lock().write_all(&resolved.config)?;
@@ -39,7 +39,7 @@ pub async fn config(common: &Common, reference: &str) -> Result<()> {
 /// `ocifs digest`: the digest of what REF names (the index of a multi-platform image, or
 /// with `--platform` the chosen image's manifest).
 pub async fn digest(common: &Common, reference: &str) -> Result<()> {
-    let (source, what, _) = common.source(reference)?;
+    let (source, what, _) = common.source(reference).await?;
     let cfg = common.open_config()?;
     let resolved = manifest::resolve_manifest(&source, &what, &cfg.platform).await?;
     let digest = match (common.platform_given(), resolved.index_digest) {
@@ -63,6 +63,29 @@ async fn with_reader<T: Send + 'static>(
     .await?)
 }
 
+/// Shows, until dropped, how much of each layer's blob has come from the network (the
+/// bytes already in the block cache are not fetched, so a bar may end short of 100%).
+fn watch_fetches(common: &Common, image: &Image) -> tokio::task::JoinHandle<()> {
+    let report = progress_of(common.quiet, "fetching layer {}");
+    let layers: Vec<_> = image
+        .layers
+        .iter()
+        .map(|l| (l.layer.digest.clone(), l.counter.clone(), l.blob.size()))
+        .collect();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            for (digest, counter, size) in &layers {
+                let done = counter.bytes.load(std::sync::atomic::Ordering::Relaxed);
+                if done > 0 {
+                    report(digest, done.min(*size), *size);
+                }
+            }
+        }
+    })
+}
+
 /// `ocifs export`: the merged tree as one tar stream, to `output` or stdout.
 pub async fn export(common: &Common, reference: &str, output: Option<&Path>) -> Result<()> {
     let image = open(common, reference).await?;
@@ -72,9 +95,10 @@ pub async fn export(common: &Common, reference: &str, output: Option<&Path>) -> 
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
-    with_reader(image, move |image, read| export::export(image, out, read))
-        .await?
-        .with_context(|| format!("exporting {reference}"))
+    let watch = watch_fetches(common, &image);
+    let done = with_reader(image, move |image, read| export::export(image, out, read)).await;
+    watch.abort();
+    done?.with_context(|| format!("exporting {reference}"))
 }
 
 /// `ocifs pull`: every layer verified against its digest, then the merged tree extracted into
@@ -86,7 +110,10 @@ pub async fn pull(common: &Common, reference: &str, dir: &Path) -> Result<()> {
     // fetches them, in the background of a mount it would be the same work).
     let diff_ids = manifest::diff_ids(&image.resolved.config);
     let pairs: Vec<_> = image.layers.iter().map(|l| (&*l.layer, &l.blob)).collect();
-    ocifs::verify::verify_layers(&pairs, &diff_ids, &|| true).await?;
+    let watch = watch_fetches(common, &image);
+    let verified = ocifs::verify::verify_layers(&pairs, &diff_ids, &|| true).await;
+    watch.abort();
+    verified?;
     for l in &image.layers {
         if let ocifs::layer::Health::Bad(why) = &*l.layer.health.read().unwrap() {
             bail!("layer {} failed verification: {why}", l.layer.digest);

@@ -1,6 +1,6 @@
 //! The commands themselves: each builds what it needs and calls the library.
 
-use super::common::{Common, Tuning, control_socket, open_tuned};
+use super::common::{Common, INTERRUPTED, Stop, Tuning, control_socket, open_tuned, out, say};
 use anyhow::{Context, Result, anyhow, bail};
 use ocifs::image::Source;
 use ocifs::layer::{Format, Kind};
@@ -32,8 +32,18 @@ pub async fn cat(common: &Common, tuning: &Tuning, reference: &str, path: &str) 
 
 /// `ocifs stats`: a mount's figures, as text or JSON.
 pub async fn stats(mountpoint: &std::path::Path, json: bool) -> Result<()> {
+    ocifs::daemon::check_ocifs_mount(mountpoint)?;
     use ocifs::stats::DaemonStats;
-    match ocifs::daemon::control::fetch_json::<DaemonStats>(&control_socket(mountpoint)?).await? {
+    let asked =
+        ocifs::daemon::control::fetch_json::<DaemonStats>(&control_socket(mountpoint)?).await;
+    let stats = asked.map_err(|_| {
+        anyhow!(
+            "the ocifs mount at {} does not answer: its daemon has exited (`ocifs umount {}` removes it)",
+            mountpoint.display(),
+            mountpoint.display()
+        )
+    })?;
+    match stats {
         DaemonStats::Mount(stats) => print_stats(&stats, json),
         DaemonStats::Store(stats) => super::store::print_store_stats(&stats, json),
     }
@@ -44,9 +54,8 @@ fn follow(tree: &Tree, path: &str) -> Result<u64> {
     tree.follow(path).map_err(|e| anyhow!("{path}: {e}"))
 }
 
-/// `ls` output; with `-l`: `mode uid gid size mtime path [-> target]`.
 pub async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
-    let (source, what, display) = common.source(reference)?;
+    let (source, what, display) = common.source(reference).await?;
     let cfg = common.open_config()?;
     let r = ocifs::image::resolve(&source, &what, &cfg.platform).await?;
     // Indexes published next to the image (ours, SOCI v1 referrers, SOCI v2 annotation).
@@ -173,7 +182,7 @@ fn print_hosts(hosts: &[HostFigures]) {
 }
 
 pub async fn fetch(common: &Common, reference: &str, digest: Option<&str>) -> Result<()> {
-    let (source, what, _) = common.source(reference)?;
+    let (source, what, _) = common.source(reference).await?;
     let mut out = std::io::stdout().lock();
     let Some(digest) = digest else {
         let (body, _) = source.manifest(&what).await?;
@@ -290,7 +299,10 @@ pub async fn convert(
             "--chunk-size {chunk_size} is larger than {max} bytes, the most a reader decodes in memory (larger chunks are decoded to disk, slowly)"
         );
     }
-    let (source, what, display) = common.source(src)?;
+    // Signals are ours from the start: an interrupted run removes its scratch files.
+    let mut stop = Stop::listen()?;
+    let (source, what, display) = common.source(src).await?;
+    let dst = dst.strip_prefix("docker://").unwrap_or(dst);
     let dest = match dst.strip_prefix("oci:") {
         Some(rest) => {
             let slash = rest.rfind('/').map_or(0, |i| i + 1);
@@ -304,7 +316,7 @@ pub async fn convert(
             }
         }
         None => {
-            let (dsource, _, _) = common.source(dst)?;
+            let (dsource, _, _) = common.source(dst).await?;
             let r = ocifs::reference::Reference::parse(dst)?;
             let Some(tag) = r.tag.filter(|_| r.digest.is_none()) else {
                 bail!("the destination {dst} needs a tag, not a digest")
@@ -326,16 +338,45 @@ pub async fn convert(
         Some(p) => ocifs::speculate::read_profile(&p)?,
         None => Vec::new(),
     };
-    let work_dir = common.cache_dir()?.join("convert");
+    // A scratch directory of this run's own, removed however the run ends.
+    let scratch = Scratch(
+        common
+            .cache_dir()?
+            .join("convert")
+            .join(format!("run-{}", std::process::id())),
+    );
     let opts = ocifs::convert::Options {
         chunk_size: chunk_size.max(4096),
         profile,
-        work_dir,
+        work_dir: scratch.0.clone(),
     };
-    let report: ocifs::convert::Report = Arc::new(|line: &str| eprintln!("ocifs: {line}"));
-    let digest = ocifs::convert::convert(&source, &what, &dest, &opts, report)
-        .await
-        .with_context(|| format!("converting {display}"))?;
-    println!("converted {display} to eStargz: {dst} ({digest})");
+    let quiet = common.quiet;
+    let report: ocifs::convert::Report = Arc::new(move |line: &str| {
+        if !quiet {
+            say(&format!("ocifs: {line}"))
+        }
+    });
+    let converted = tokio::select! {
+        r = ocifs::convert::convert(&source, &what, &dest, &opts, report) => r,
+        () = stop.wait() => {
+            drop(scratch);
+            say("ocifs: interrupted; scratch files removed, nothing tagged");
+            // Not back through the runtime, which would wait for the layer being rewritten
+            // on a blocking thread.
+            std::process::exit(i32::from(INTERRUPTED));
+        }
+    };
+    let digest = converted.with_context(|| format!("converting {display}"))?;
+    drop(scratch);
+    out(&format!("converted {display} to eStargz: {dst} ({digest})"));
     Ok(())
+}
+
+/// A scratch directory, removed with everything in it when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

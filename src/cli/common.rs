@@ -1,6 +1,8 @@
 //! What every command shares: the image-reading options and their typed configuration,
-//! credentials, the control socket's path, the runtime, progress lines, opening an image.
+//! the registry (reached as `access.rs` says), the control socket's path, the runtime,
+//! signals, output and progress lines, opening an image.
 
+use super::access;
 use anyhow::{Context, Result};
 use clap::Args;
 use ocifs::config::{
@@ -12,37 +14,59 @@ use ocifs::reference::Reference;
 use ocifs::registry::hosts::{DEFAULT_HOSTS_DIR, HostsDir};
 use ocifs::registry::registries_conf::RegistriesConf;
 use ocifs::registry::{MirrorConfig, Repo, RepoOptions, auth::Credentials};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Options every image-reading command shares.
 #[derive(Args, Clone)]
 pub struct Common {
+    /// No progress lines (errors and results are still printed).
+    #[arg(short, long)]
+    pub quiet: bool,
     /// Platform to choose from an image index (default: this machine's).
-    #[arg(long)]
+    #[arg(long, help_heading = "Registry")]
     platform: Option<String>,
-    /// Allow plain HTTP to the registry (always allowed for localhost/127.0.0.1).
-    #[arg(long)]
+    /// Allow plain HTTP to the registry when it does not answer TLS (always allowed for
+    /// localhost/127.0.0.1); certificates are still checked when it does.
+    #[arg(long, help_heading = "Registry")]
     insecure: bool,
     /// containerd's hosts directory: mirrors per registry in HOST/hosts.toml (`none`: ignore).
-    #[arg(long, default_value = DEFAULT_HOSTS_DIR)]
+    #[arg(long, help_heading = "Registry", default_value = DEFAULT_HOSTS_DIR)]
     hosts_dir: PathBuf,
     /// A containers registries.conf to read instead of /etc/containers/registries.conf and
     /// its registries.conf.d/ (`none`: ignore both).
-    #[arg(long)]
+    #[arg(long, help_heading = "Registry")]
     registries_conf: Option<PathBuf>,
+    /// Require HTTPS and check the registry's certificate (`true`, even for localhost), or
+    /// accept any certificate and allow plain HTTP (`false`), as skopeo and podman do.
+    /// Default: check certificates; plain HTTP only for localhost or with --insecure.
+    #[arg(long, help_heading = "Registry", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    tls_verify: Option<bool>,
+    /// Certificates for the registry: *.crt authorities, *.cert + *.key client pairs
+    /// (default: /etc/containers/certs.d/HOST:PORT, then /etc/docker/certs.d/HOST:PORT).
+    #[arg(long, help_heading = "Registry", value_name = "DIR")]
+    cert_dir: Option<PathBuf>,
+    /// Credentials for the registry (the password is asked for when left out).
+    #[arg(long, help_heading = "Registry", value_name = "USER[:PASSWORD]")]
+    creds: Option<String>,
+    /// Credentials file in containers' auth.json (or docker's config.json) format (default:
+    /// $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json).
+    #[arg(long, help_heading = "Registry", value_name = "FILE")]
+    authfile: Option<PathBuf>,
     /// Cache directory: blocks, indexes, unpacked layers, daemon logs (default ~/.cache/ocifs).
-    #[arg(long)]
+    #[arg(long, help_heading = "Cache and fetching")]
     cache_dir: Option<PathBuf>,
     /// When to check whole layer blobs against their digests.
-    #[arg(long, value_enum, default_value_t = VerifyMode::Background)]
+    #[arg(long, help_heading = "Cache and fetching", value_enum, default_value_t = VerifyMode::Background)]
     verify: VerifyMode,
     /// A registry answer with no headers, or too few body bytes (see --min-rate), for this
     /// long is abandoned and asked for again from the last byte received.
-    #[arg(long, default_value_t = TimeLimit(Transfer::DEFAULT.idle_timeout))]
+    #[arg(long, help_heading = "Cache and fetching", default_value_t = TimeLimit(Transfer::DEFAULT.idle_timeout))]
     idle_timeout: TimeLimit,
     /// The least rate of a registry answer's body, per second, over each --idle-timeout.
-    #[arg(long, default_value_t = ByteSize(Transfer::DEFAULT.min_rate))]
+    #[arg(long, help_heading = "Cache and fetching", default_value_t = ByteSize(Transfer::DEFAULT.min_rate))]
     min_rate: ByteSize,
 }
 
@@ -51,28 +75,28 @@ pub struct Common {
 #[derive(Args, Clone, Debug)]
 pub struct Tuning {
     /// In-memory block cache size.
-    #[arg(long, default_value_t = ByteSize(DEFAULT_CACHE_SIZE))]
+    #[arg(long, help_heading = "Cache and fetching", default_value_t = ByteSize(DEFAULT_CACHE_SIZE))]
     cache_size: ByteSize,
     /// Uncompressed bytes between checkpoints when building a gzip layer's index.
-    #[arg(long, default_value = "4MiB")]
+    #[arg(long, help_heading = "Cache and fetching", default_value = "4MiB")]
     span: ByteSize,
     /// Block cache granularity: what a read that misses waits for.
-    #[arg(long, default_value_t = ByteSize(DEFAULT_BLOCK_SIZE))]
+    #[arg(long, help_heading = "Cache and fetching", default_value_t = ByteSize(DEFAULT_BLOCK_SIZE))]
     block_size: ByteSize,
     /// Bytes one miss fetches (its block and the following ones, streamed in one request).
-    #[arg(long, default_value_t = ByteSize(DEFAULT_FETCH_SIZE))]
+    #[arg(long, help_heading = "Cache and fetching", default_value_t = ByteSize(DEFAULT_FETCH_SIZE))]
     fetch_size: ByteSize,
     /// Bound of the blocks and local tars kept in the cache directory; the least recently
     /// written blobs' blocks and tars are removed when a mount ends. Also the largest chunk
     /// decoded to disk.
-    #[arg(long, default_value_t = ByteSize(DEFAULT_DISK_CACHE_SIZE))]
+    #[arg(long, help_heading = "Cache and fetching", default_value_t = ByteSize(DEFAULT_DISK_CACHE_SIZE))]
     disk_cache_size: ByteSize,
     /// Decode gzip layers from span starts only, never resuming at an index mark with its
     /// window (to measure what mark windows buy).
-    #[arg(long)]
+    #[arg(long, help_heading = "Cache and fetching")]
     no_mark_windows: bool,
     /// A read of a mounted file not answered within this fails with EIO (and a log line).
-    #[arg(long, default_value_t = TimeLimit(DEFAULT_READ_TIMEOUT))]
+    #[arg(long, help_heading = "Cache and fetching", default_value_t = TimeLimit(DEFAULT_READ_TIMEOUT))]
     read_timeout: TimeLimit,
 }
 
@@ -136,8 +160,11 @@ impl Common {
         Ok(base.join("ocifs"))
     }
 
-    /// Turns `REF` into a source and the tag or digest to resolve in it.
-    pub fn source(&self, reference: &str) -> Result<(Source, String, String)> {
+    /// Turns `REF` into a source and the tag or digest to resolve in it, and a name to show:
+    /// `oci:DIR[:TAG]` is an OCI layout; a registry reference may carry skopeo's `docker://`.
+    /// A registry that may be plain HTTP is asked whether it speaks TLS.
+    pub async fn source(&self, reference: &str) -> Result<(Source, String, String)> {
+        let reference = reference.strip_prefix("docker://").unwrap_or(reference);
         if let Some(rest) = reference.strip_prefix("oci:") {
             let slash = rest.rfind('/').map_or(0, |i| i + 1);
             let (dir, tag) = match rest[slash..].rfind(':') {
@@ -150,7 +177,32 @@ impl Common {
             return Ok((source, tag.to_string(), reference.to_string()));
         }
         let r = Reference::parse(reference)?;
-        let routes = self.mirrors()?.routes(&r, self.insecure)?;
+        let verify = self.tls_verify;
+        // Plain HTTP allowed (then tried only when the registry does not answer TLS).
+        let insecure = match verify {
+            Some(false) => true,
+            _ => self.insecure,
+        };
+        let mut routes = self.mirrors()?.routes(&r, insecure)?;
+        for route in &mut routes {
+            let e = &mut route.endpoint;
+            // --cert-dir, else certs.d/HOST:PORT, adds to what hosts.toml says of the host.
+            let certs = access::tls(self.cert_dir.as_deref(), verify.unwrap_or(true), &e.host)?;
+            e.tls.ca.extend(certs.ca);
+            if e.tls.client.is_empty() {
+                e.tls.client = certs.client;
+            }
+            e.tls.skip_verify |= certs.skip_verify;
+            if route.mirror || e.scheme != "http" {
+                continue;
+            }
+            if verify == Some(true) {
+                e.scheme = "https".into();
+            } else if ocifs::registry::speaks_tls(&e.host).await == Some(true) {
+                // As skopeo: https first, plain HTTP only when TLS is not answered.
+                e.scheme = "https".into();
+            }
+        }
         let opts = RepoOptions {
             spool_dir: Some(self.cache_dir()?.join("spool")),
             transfer: Transfer {
@@ -161,8 +213,28 @@ impl Common {
                 min_rate: self.min_rate.0,
             },
         };
+        // --creds for the registry itself; the auth files for each host.
+        let given = match self.creds.as_deref() {
+            Some(c) => Some(access::credentials(
+                Some(c),
+                None,
+                &r.registry,
+                &r.repository,
+            )?),
+            None => None,
+        };
+        let mut found: HashMap<String, Option<Credentials>> = HashMap::new();
+        for route in &routes {
+            let key = route.endpoint.credential_key().to_string();
+            let c = match &given {
+                Some(c) if !route.mirror => c.clone(),
+                _ => access::credentials(None, self.authfile.as_deref(), &key, &route.repo)?,
+            };
+            found.entry(key).or_insert(c);
+        }
         let name = format!("{}/{}", r.registry, r.repository);
-        let find = |e: &ocifs::registry::Endpoint| credentials(e.credential_key());
+        let find =
+            |e: &ocifs::registry::Endpoint| Ok(found.get(e.credential_key()).cloned().flatten());
         let repo = Repo::connect(&name, &routes, &find, opts)?;
         let what = r.manifest_reference().to_string();
         Ok((Source::Registry { repo }, what, r.to_string()))
@@ -187,51 +259,6 @@ impl Common {
             registries,
         })
     }
-}
-
-/// Credentials for `registry` from the first file with an entry for it, in the order
-/// containers/image (podman, skopeo) reads them: `REGISTRY_AUTH_FILE`, else
-/// `$XDG_RUNTIME_DIR/containers/auth.json` (`/run/containers/UID/auth.json` without it); then
-/// `$XDG_CONFIG_HOME/containers/auth.json` (`~/.config/...`), then the docker config
-/// (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`). A default path that cannot
-/// be read (`/run/containers` is root's) counts as absent; a file a variable names must be
-/// readable.
-fn credentials(registry: &str) -> ocifs::Result<Option<Credentials>> {
-    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
-    // (file, named by a variable)
-    let mut files: Vec<(PathBuf, bool)> = Vec::new();
-    match (var("REGISTRY_AUTH_FILE"), var("XDG_RUNTIME_DIR")) {
-        (Some(f), _) => files.push((f, true)),
-        (None, Some(d)) => files.push((d.join("containers/auth.json"), false)),
-        // SAFETY: getuid has no preconditions.
-        (None, None) => files.push((
-            PathBuf::from(format!("/run/containers/{}/auth.json", unsafe {
-                libc::getuid()
-            })),
-            false,
-        )),
-    }
-    let home = var("HOME");
-    match (var("XDG_CONFIG_HOME"), &home) {
-        (Some(d), _) => files.push((d.join("containers/auth.json"), false)),
-        (None, Some(h)) => files.push((h.join(".config/containers/auth.json"), false)),
-        (None, None) => {}
-    }
-    match (var("DOCKER_CONFIG"), &home) {
-        (Some(d), _) => files.push((d.join("config.json"), true)),
-        (None, Some(h)) => files.push((h.join(".docker/config.json"), false)),
-        (None, None) => {}
-    }
-    for (f, named) in files {
-        match Credentials::from_docker_config(&f, registry) {
-            Ok(Some(c)) => return Ok(Some(c)),
-            Ok(None) => {}
-            Err(ocifs::Error::Io(e))
-                if !named && e.kind() == std::io::ErrorKind::PermissionDenied => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(None)
 }
 
 /// The control socket of the mount at `mountpoint`: named after its canonical path, in
@@ -277,6 +304,39 @@ fn canonical_mountpoint(path: &std::path::Path) -> std::io::Result<PathBuf> {
     Err(std::io::Error::other("too many levels of symbolic links"))
 }
 
+/// The exit status of a command interrupted by a signal (as shells report SIGINT).
+pub const INTERRUPTED: u8 = 130;
+
+/// SIGINT, SIGTERM and SIGHUP, listened for from creation on (they no longer end the
+/// process).
+pub struct Stop {
+    signals: [tokio::signal::unix::Signal; 3],
+}
+
+impl Stop {
+    pub fn listen() -> Result<Stop> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let s = |k| signal(k).context("listening for signals");
+        Ok(Stop {
+            signals: [
+                s(SignalKind::interrupt())?,
+                s(SignalKind::terminate())?,
+                s(SignalKind::hangup())?,
+            ],
+        })
+    }
+
+    /// Resolves when one of the signals arrives.
+    pub async fn wait(&mut self) {
+        let [a, b, c] = &mut self.signals;
+        tokio::select! {
+            _ = a.recv() => {}
+            _ = b.recv() => {}
+            _ = c.recv() => {}
+        }
+    }
+}
+
 /// Runs `fut` on a fresh multi-threaded runtime.
 pub fn block_on<T>(fut: impl std::future::Future<Output = T>) -> Result<T> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -285,8 +345,37 @@ pub fn block_on<T>(fut: impl std::future::Future<Output = T>) -> Result<T> {
     Ok(rt.block_on(fut))
 }
 
-/// Prints a progress line per streamed layer, at most once per 10%.
-pub fn progress() -> Progress {
+/// Prints a line to stdout. A closed stdout (the reader went away) is not worth a panic:
+/// the line is dropped.
+pub fn out(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// Prints a line to stderr, dropping it when stderr is closed.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Progress of the layers read once (indexed or unpacked): a bar per layer (bytes, rate,
+/// time left) on a terminal, else a line at most once per 10%; nothing with `-q`.
+pub fn progress(quiet: bool) -> Progress {
+    progress_of(quiet, "reading layer {} once (indexing or unpacking)")
+}
+
+/// [`progress`] whose lines say `doing` (`{}` stands for the layer).
+pub fn progress_of(quiet: bool, doing: &'static str) -> Progress {
+    use std::io::IsTerminal;
+    if quiet {
+        return Arc::new(|_: &str, _: u64, _: u64| {});
+    }
+    if std::io::stderr().is_terminal() {
+        let bars = Bars::default();
+        return Arc::new(move |digest: &str, done: u64, total: u64| {
+            bars.at(&format!("layer {}", short(digest)), done, total)
+        });
+    }
     let last = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
         String,
         u64,
@@ -297,26 +386,58 @@ pub fn progress() -> Progress {
         let prev = last.entry(digest.to_string()).or_insert(u64::MAX);
         if *prev == u64::MAX || pct / 10 > *prev / 10 {
             *prev = pct;
-            eprintln!(
-                "ocifs: reading layer {} once (indexing or unpacking): {pct}% of {} MiB",
-                &digest[..digest.len().min(19)],
-                total >> 20
-            );
+            let doing = doing.replace("{}", short(digest));
+            say(&format!("ocifs: {doing}: {pct}% of {} MiB", total >> 20));
         }
     })
 }
 
+/// `sha256:0123456789ab`: enough of a digest to tell layers apart.
+fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(19)]
+}
+
+/// Progress bars on a terminal, one per job, kept until the job is done.
+#[derive(Default, Clone)]
+pub struct Bars {
+    multi: indicatif::MultiProgress,
+    bars: Arc<std::sync::Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>>,
+}
+
+impl Bars {
+    /// Job `name` has done `done` of `total` bytes.
+    pub fn at(&self, name: &str, done: u64, total: u64) {
+        let mut bars = self.bars.lock().unwrap();
+        let bar = bars.entry(name.to_string()).or_insert_with(|| {
+            let b = self.multi.add(indicatif::ProgressBar::new(total));
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            b.set_message(name.to_string());
+            b
+        });
+        bar.set_length(total);
+        bar.set_position(done);
+        if done >= total {
+            bar.finish();
+        }
+    }
+}
 pub async fn open(common: &Common, reference: &str) -> Result<Image> {
     open_tuned(common, &Tuning::default(), reference).await
 }
 
 /// [`open`] with `tuning`.
 pub async fn open_tuned(common: &Common, tuning: &Tuning, reference: &str) -> Result<Image> {
-    let (source, what, _) = common.source(reference)?;
+    let (source, what, _) = common.source(reference).await?;
     let cfg = common.open_config_tuned(tuning)?;
     let readahead = ocifs::speculate::SpeculateConfig::default().readahead;
     let cache = ocifs::image::block_cache(&cfg, readahead);
-    Image::open(&source, &what, &cfg, &cache, progress())
+    Image::open(&source, &what, &cfg, &cache, progress(common.quiet))
         .await
         .with_context(|| format!("opening {reference}"))
 }

@@ -3,13 +3,15 @@
 
 //!
 //! `mod.rs` parses and dispatches; `common.rs` holds what every command shares (options,
-//! configuration, credentials); the commands themselves are in `commands.rs`, `mount.rs`,
-//! `store.rs`, `run.rs` and `index.rs`, which use `common.rs` (and `store.rs` the daemon handshake of
-//! `mount.rs`).
+//! configuration, the registry), `access.rs` how to reach a registry (credentials, TLS
+//! files), `errors.rs` the one line a failure prints; the commands themselves are in
+//! `commands.rs`, `mount.rs`, `store.rs`, `run.rs`, `ls.rs`, `browse.rs` and `index.rs`.
 
+mod access;
 mod browse;
 mod commands;
 mod common;
+mod errors;
 mod index;
 mod ls;
 mod mount;
@@ -99,7 +101,15 @@ enum Cmd {
         /// Internal: how many serving processes came before this one.
         #[arg(long, hide = true, default_value_t = 0)]
         restarts: u32,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
+        /// An empty directory to mount on (or the mount, for stats).
+        mountpoint: PathBuf,
+    },
+    /// Unmount an ocifs mount or layer store (nothing else), once its daemon has finished
+    /// (written its `--record` profile).
+    Umount {
+        /// The mountpoint of an ocifs mount.
         mountpoint: PathBuf,
     },
     /// Serve a containers/storage additional layer store at STORE_DIR (podman, CRI-O and
@@ -138,14 +148,13 @@ enum Cmd {
         lookup_timeout: std::time::Duration,
         store_dir: PathBuf,
     },
-    /// Unmount an ocifs mount or layer store.
-    Umount { mountpoint: PathBuf },
     /// Show a mount's (or layer store's) statistics: bytes and requests per layer, cache,
     /// latency, prefetch.
     Stats {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// An empty directory to mount on (or the mount, for stats).
         mountpoint: PathBuf,
     },
     /// Show the resolved digest, platforms, config and layers of an image.
@@ -155,6 +164,7 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
     },
     /// List files of an image without mounting it.
@@ -187,14 +197,18 @@ enum Cmd {
         common: Common,
         #[command(flatten)]
         tuning: common::Tuning,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
+        /// The file in the image (symlinks on the way are followed).
         path: String,
     },
     /// Write a raw manifest (no digest) or blob/manifest (by digest) to stdout.
     Fetch {
         #[command(flatten)]
         common: Common,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
+        /// A blob or manifest digest (sha256:...) in the same repository.
         digest: Option<String>,
     },
     /// Build (or find) the checkpoint indexes of an image's gzip layers; `--push` publishes
@@ -207,6 +221,7 @@ enum Cmd {
         /// Upload the indexes next to the image (referrers API, or the sha256-<hex> tag).
         #[arg(long)]
         push: bool,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
     },
     /// Rewrite an image's layers as eStargz (profiled files first) and push it to DESTINATION
@@ -223,7 +238,9 @@ enum Cmd {
         /// Size of independently readable chunks of large files.
         #[arg(long, default_value = "4MiB")]
         chunk_size: ByteSize,
+        /// The image to convert.
         source: String,
+        /// Where to push: HOST[:PORT]/NAME:TAG, or oci:DIR[:TAG].
         destination: String,
     },
     /// List a repository's tags.
@@ -338,6 +355,11 @@ enum Cmd {
     },
 }
 
+/// The command line's definition.
+fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 /// Entry point: runs the command, prints one clear error line on failure.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -352,19 +374,28 @@ pub fn main() -> ExitCode {
     // `run` shares the terminal with the command: fuser's notice that the mount it serves
     // was already unmounted (by us) is not for the user.
     let running = matches!(cli.cmd, Cmd::Run { .. });
+    // The TLS verifier logs each certificate it refuses as an error; the command's own
+    // error line says it better. So it does for the registry client's retries and the hosts
+    // it fell back from: a command that fails prints one line (a daemon logs them all).
     let filter = std::env::var("OCIFS_LOG").unwrap_or_else(|_| match (daemonish, running) {
-        (true, _) => "info".into(),
-        (false, true) => "warn,fuser=error".into(),
-        (false, false) => "warn".into(),
+        (true, _) => "info,rustls_platform_verifier=off".into(),
+        (false, true) => {
+            "warn,fuser=error,rustls_platform_verifier=off,ocifs::registry=error".into()
+        }
+        (false, false) => "warn,rustls_platform_verifier=off,ocifs::registry=error".into(),
     });
+    // Colours only for a terminal: a daemon's stderr is its log file.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ocifs: {}", common::chain(&e));
+            let line = errors::line(&e);
+            common::say(&format!("ocifs: {line}"));
             ExitCode::FAILURE
         }
     }
@@ -449,14 +480,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Stats { json, mountpoint } => {
             block_on(commands::stats(&mountpoint, json))?.map(|_| ExitCode::SUCCESS)
         }
-        Cmd::Umount { mountpoint } => {
-            ocifs::daemon::unmount(&mountpoint)?;
-            // Left behind when the daemon was killed; a daemon that lives removes it itself.
-            if let Ok(socket) = common::control_socket(&mountpoint) {
-                let _ = std::fs::remove_file(socket);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Umount { mountpoint } => mount::umount(&mountpoint),
         Cmd::Inspect {
             common,
             json,
@@ -573,13 +597,13 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         ))?
         .map(|_| ExitCode::SUCCESS),
         Cmd::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut cmd = command();
             clap_complete::generate(shell, &mut cmd, "ocifs", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Man { dir } => {
             std::fs::create_dir_all(&dir)?;
-            let cmd = <Cli as clap::CommandFactory>::command();
+            let cmd = command();
             clap_mangen::generate_to(cmd, &dir)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -588,7 +612,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             json,
             repository,
         } => block_on(async {
-            let (source, _, _) = common.source(&repository)?;
+            let (source, _, _) = common.source(&repository).await?;
             let tags = source.tags().await?;
             match json {
                 true => println!("{}", serde_json::to_string(&tags)?),

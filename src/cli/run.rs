@@ -67,16 +67,24 @@ async fn run_in(
     start: Instant,
 ) -> Result<ExitCode> {
     let cfg = common.open_config_tuned(&extras.tuning)?;
-    let (source, what, display) = common.source(reference)?;
+    let (source, what, display) = common.source(reference).await?;
     let profile = match &extras.prefetch {
         Some(p) => Some(ocifs::speculate::read_profile(p)?),
         None => None,
     };
     let spec = extras.speculate_config();
     // Every read is recorded: the summary counts the files touched, `--record` keeps them.
-    let served = ocifs::daemon::open(&source, &what, &cfg, spec, profile, true, progress())
-        .await
-        .with_context(|| format!("opening {reference}"))?;
+    let served = ocifs::daemon::open(
+        &source,
+        &what,
+        &cfg,
+        spec,
+        profile,
+        true,
+        progress(common.quiet),
+    )
+    .await
+    .with_context(|| format!("opening {reference}"))?;
     let config = RunConfig::parse(&served.image.resolved.config);
     let opts = MountOptions {
         mountpoint: dir.to_path_buf(),

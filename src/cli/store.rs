@@ -52,16 +52,22 @@ pub fn store_here(
                 lookup_timeout: extras.lookup_timeout,
                 open,
             };
+            let quiet = common.quiet;
             let common = common.clone();
             // The credentials are read for each reference resolved, as podman reads them for
             // each pull (a `podman login` after the store started counts).
             let connect: Connect = Arc::new(move |reference: &str| {
                 // Only registry references: a layout path is not the runtime's to name.
                 let r = ocifs::reference::Reference::parse(reference)?;
-                let (source, what, _) = common.source(&r.to_string()).map_err(typed)?;
+                // Choosing http or https may take a round trip: the lookup waits for it here,
+                // on its own worker thread.
+                let found = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(common.source(&r.to_string()))
+                });
+                let (source, what, _) = found.map_err(typed)?;
                 Ok((source, what))
             });
-            let store = Store::new(cfg, connect, progress());
+            let store = Store::new(cfg, connect, progress(quiet));
             let control = control_socket(dir)?;
             let mount = ocifs::store::mount::start(store, dir, Some(&control)).await?;
             Ok::<_, anyhow::Error>(mount)

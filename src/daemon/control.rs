@@ -1,4 +1,5 @@
-//! The control socket: `ocifs stats` asks a running mount (or layer store) for its figures.
+//! The control socket: `ocifs stats` asks a running mount (or layer store) for its figures,
+//! and `ocifs umount` learns from it which process serves the mount, to wait for it to finish.
 
 use crate::error::{Error, Result};
 use crate::serve::ServedImage;
@@ -75,4 +76,16 @@ pub async fn fetch_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
     let mut body = Vec::new();
     conn.read_to_end(&mut body).await?;
     serde_json::from_slice(&body).map_err(|e| Error::format("stats", e.to_string()))
+}
+
+/// The id of the process serving the control socket at `path` (the peer of a connection to
+/// it), so that unmounting can wait until that daemon has finished (written its profile).
+pub async fn daemon_pid(path: &Path) -> Result<u32> {
+    let conn = tokio::net::UnixStream::connect(path).await?;
+    let pid = conn.peer_cred()?.pid();
+    pid.and_then(|p| u32::try_from(p).ok()).ok_or_else(|| {
+        Error::Io(std::io::Error::other(
+            "the control socket's peer has no pid",
+        ))
+    })
 }

@@ -17,8 +17,11 @@ pub mod run;
 pub mod supervise;
 pub mod wire;
 
-pub use control::fetch_stats;
-pub use kernel::{CONVERGED_READAHEAD_KIB, check_mountpoint, raise_readahead, unmount};
+pub use control::{daemon_pid, fetch_stats};
+pub use kernel::{
+    CONVERGED_READAHEAD_KIB, Mounted, check_mountpoint, check_ocifs_mount, mounted_at,
+    raise_readahead, unmount, unmount_own,
+};
 
 use crate::config::{OpenConfig, VerifyMode};
 use crate::error::{Error, Result};
@@ -239,7 +242,7 @@ impl Mount {
                     Ok(Ended::HandedOver)
                 } else {
                     tracing::info!("unmounting {path}");
-                    let unmounted = unmount(&self.mountpoint);
+                    let unmounted = unmount_own(&self.mountpoint);
                     let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.ended).await;
                     unmounted.map(|()| Ended::Unmounted)
                 }

@@ -34,6 +34,7 @@ use crate::error::{Error, Result};
 use auth::{Authenticator, Credentials};
 use bytes::{Bytes, BytesMut};
 use http::Http;
+pub use http::{TlsFailure, speaks_tls, tls_failure};
 use range::{Broke, ranged_body};
 use reqwest::{Method, StatusCode, header};
 use retry::{Outcome, Retries};
@@ -305,6 +306,22 @@ impl Registry {
         }
     }
 
+    /// The error for a manifest request answered `status`. A 404 from something that is not
+    /// a registry at all (a web server answers 404 to every registry path) says so: the
+    /// user has the wrong host or port, not the wrong tag.
+    async fn manifest_error(&self, repo: &str, reference: &str, status: StatusCode) -> Error {
+        let what = manifest_name(repo, reference);
+        if status == StatusCode::NOT_FOUND
+            && let Some(answer) = self.not_a_registry().await
+        {
+            return Error::NotFound(format!(
+                "{what}: {} is not a container registry ({answer}); check the host and port",
+                self.host
+            ));
+        }
+        self.error_for(&what, status)
+    }
+
     /// A HEAD or GET of `/v2/<repo>/manifests/<reference>` with the manifest Accept list.
     async fn manifest_request(
         &self,
@@ -331,7 +348,7 @@ impl Registry {
             return Ok(None);
         }
         if !status.is_success() {
-            return Err(self.error_for(&format!("manifest {repo}:{reference}"), status));
+            return Err(self.manifest_error(repo, reference, status).await);
         }
         let h = resp.headers();
         let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -351,7 +368,7 @@ impl Registry {
         let resp = self.manifest_request(repo, Method::GET, reference).await?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(self.error_for(&format!("manifest {repo}:{reference}"), status));
+            return Err(self.manifest_error(repo, reference, status).await);
         }
         let media_type = resp
             .headers()
@@ -375,7 +392,7 @@ impl Registry {
         {
             if expected != digest {
                 return Err(Error::Digest {
-                    what: format!("manifest {repo}:{reference}"),
+                    what: manifest_name(repo, reference),
                     expected: expected.to_string(),
                     actual: digest,
                 });
@@ -645,6 +662,12 @@ impl Registry {
         }
         Err(Error::Registry("tag list pagination does not end".into()))
     }
+}
+
+/// `manifest REPO:TAG` or `manifest REPO@DIGEST`, as references are written.
+fn manifest_name(repo: &str, reference: &str) -> String {
+    let sep = if reference.contains(':') { '@' } else { ':' };
+    format!("manifest {repo}{sep}{reference}")
 }
 
 /// Reads a whole response body, refusing more than `limit` bytes.

@@ -126,6 +126,12 @@ impl Repo {
         }))
     }
 
+    /// The client of the registry itself (the last host tried: mirrors come first), for
+    /// explaining errors.
+    pub fn origin(&self) -> Option<Arc<Registry>> {
+        self.hosts.last().map(|h| h.registry.clone())
+    }
+
     /// `registry/repository`, for messages.
     pub fn name(&self) -> &str {
         &self.name

@@ -161,7 +161,7 @@ impl Registry {
             .await?;
         if resp.status() != StatusCode::CREATED {
             return Err(self.error_for(
-                &format!("putting manifest {repo}:{reference}"),
+                &format!("putting {}", super::manifest_name(repo, reference)),
                 resp.status(),
             ));
         }
