@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 /// Default in-memory block cache size.
 pub const DEFAULT_CACHE_SIZE: u64 = 512 << 20;
@@ -12,6 +13,78 @@ pub const DEFAULT_BLOCK_SIZE: u64 = 64 << 10;
 pub const DEFAULT_DISK_CACHE_SIZE: u64 = 10 << 30;
 /// Default bytes one miss fetches (the missing block and the ones after it, streamed).
 pub const DEFAULT_FETCH_SIZE: u64 = 2 << 20;
+/// Default time a read of a mounted file may take before it fails with EIO: long enough for
+/// a container start over a slow link (a few retries of a 2 MiB fetch), short enough that a
+/// dead registry shows as an error, not a hang.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a registry transfer may dawdle before it is abandoned and asked for again from
+/// the last byte received (curl's `--speed-time` and `--speed-limit`): an answer whose
+/// headers take longer than `idle_timeout`, or a body that delivers fewer than
+/// `min_rate × idle_timeout` bytes (none at all: a stall) in an `idle_timeout` window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transfer {
+    pub idle_timeout: Duration,
+    /// Bytes per second.
+    pub min_rate: u64,
+}
+
+impl Transfer {
+    /// Defaults: 10 s windows, 16 KiB/s. A body slower than that is tried again on a new
+    /// connection (resuming, so nothing is fetched twice); a link that slow for every
+    /// connection still works, one window at a time, until a read's deadline.
+    pub const DEFAULT: Transfer = Transfer {
+        idle_timeout: Duration::from_secs(10),
+        min_rate: 16 << 10,
+    };
+}
+
+impl Default for Transfer {
+    fn default() -> Self {
+        Transfer::DEFAULT
+    }
+}
+
+/// A duration written like `30s`, `500ms`, `2m` (a bare number is seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeLimit(pub Duration);
+
+impl std::fmt::Display for TimeLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.as_millis();
+        match ms {
+            ms if ms % 60_000 == 0 && ms > 0 => write!(f, "{}m", ms / 60_000),
+            ms if ms % 1000 == 0 => write!(f, "{}s", ms / 1000),
+            ms => write!(f, "{ms}ms"),
+        }
+    }
+}
+
+impl FromStr for TimeLimit {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<TimeLimit> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| {
+            Error::format("duration", format!("{s:?} does not start with a number"))
+        })?;
+        let ms: u64 = match unit.trim() {
+            "ms" => 1,
+            "" | "s" => 1000,
+            "m" | "min" => 60_000,
+            u => {
+                return Err(Error::format(
+                    "duration",
+                    format!("unknown unit {u:?} in {s:?} (ms, s or m)"),
+                ));
+            }
+        };
+        n.checked_mul(ms)
+            .map(|ms| TimeLimit(Duration::from_millis(ms)))
+            .ok_or_else(|| Error::format("duration", format!("{s:?} overflows")))
+    }
+}
 
 /// When layer blobs are checked against their digests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -153,6 +226,8 @@ pub struct OpenConfig {
     /// Whether reads of a gzip layer may resume at a mark with its window (fetched from the
     /// index's windows blob) instead of decoding from the span's start.
     pub mark_windows: bool,
+    /// How long a read of a mounted file may take before it fails with EIO.
+    pub read_timeout: Duration,
 }
 
 #[cfg(test)]
@@ -166,6 +241,20 @@ mod tests {
         assert_eq!("4096".parse::<ByteSize>().unwrap().0, 4096);
         assert!("MiB".parse::<ByteSize>().is_err());
         assert!("5 parsecs".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn time_limits() {
+        let ms = |s: &str| s.parse::<TimeLimit>().unwrap().0.as_millis();
+        assert_eq!(ms("30s"), 30_000);
+        assert_eq!(ms("30"), 30_000);
+        assert_eq!(ms("250ms"), 250);
+        assert_eq!(ms("2m"), 120_000);
+        assert!("s".parse::<TimeLimit>().is_err());
+        assert!("3h".parse::<TimeLimit>().is_err());
+        for t in ["30s", "250ms", "2m"] {
+            assert_eq!(t.parse::<TimeLimit>().unwrap().to_string(), t);
+        }
     }
 
     #[test]

@@ -36,9 +36,17 @@ pub enum Error {
     /// No manifest in an index matches the requested platform.
     #[error("no image for platform {wanted}; available: {available}")]
     Platform { wanted: String, available: String },
+    /// A configuration file (a containerd `hosts.toml`, a containers `registries.conf`) is
+    /// malformed; `at` names the file and, where known, the line.
+    #[error("{at}: {reason}")]
+    Config { at: String, reason: String },
     /// Something the request is valid for but ocifs does not do.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// Something took longer than its deadline: a read of a mounted file, or a registry
+    /// answer that stalled or crawled (see [`crate::config::Transfer`]).
+    #[error("timed out: {0}")]
+    Timeout(String),
     /// Transport-level failure talking to a registry.
     #[error("http: {0}")]
     Http(#[from] reqwest::Error),
@@ -59,6 +67,12 @@ impl Error {
         }
     }
 
+    /// Whether this is bytes failing a check (a digest, or data that does not decode as its
+    /// index says): what was read may have arrived damaged, and fetching it again may mend it.
+    pub fn is_check(&self) -> bool {
+        matches!(self, Error::Digest { .. } | Error::Format { .. })
+    }
+
     /// The errno a FUSE request answers with when it fails with this error.
     pub fn errno(&self) -> i32 {
         match self {
@@ -72,6 +86,8 @@ impl Error {
             | Error::Format { .. }
             | Error::BadLayer { .. }
             | Error::Platform { .. }
+            | Error::Config { .. }
+            | Error::Timeout(_)
             | Error::Http(_) => libc::EIO,
         }
     }

@@ -31,6 +31,9 @@ pub struct OcifsFs {
     /// the mount opens hundreds of files, each an open and a release round trip otherwise.
     no_open: bool,
     no_opendir: bool,
+    /// The largest read (and write) the kernel may send, when the transport bounds messages
+    /// (a supervisor's socket pair); `None`: fuser's and the kernel's limits.
+    max_request: Option<u32>,
 }
 
 impl OcifsFs {
@@ -41,7 +44,14 @@ impl OcifsFs {
             runtime,
             no_open: false,
             no_opendir: false,
+            max_request: None,
         }
+    }
+
+    /// Asks the kernel for requests (reads) of at most `bytes`.
+    pub fn with_max_request(mut self, bytes: u32) -> Self {
+        self.max_request = Some(bytes);
+        self
     }
 
     fn node(&self, ino: INodeNo) -> Result<&Node, Errno> {
@@ -100,15 +110,19 @@ fn errno(e: &crate::Error) -> Errno {
     Errno::from_i32(e.errno())
 }
 
-/// Directory listing with `.` and `..` first; offsets are positions in this list.
-fn dir_entries(fs: &OcifsFs, ino: u64) -> Result<Vec<(u64, String)>, Errno> {
-    let n = fs.node(INodeNo(ino))?;
-    if n.kind != Kind::Dir {
-        return Err(Errno::ENOTDIR);
-    }
-    let mut out = vec![(ino, ".".to_string()), (n.parent, "..".to_string())];
-    out.extend(n.children.iter().map(|(name, &c)| (c, name.clone())));
-    Ok(out)
+/// Directory `ino` listed from `offset` on (see [`crate::tree::Tree::list`]): entries with
+/// the offset to resume after each.
+fn listing(
+    fs: &OcifsFs,
+    ino: INodeNo,
+    offset: u64,
+) -> Result<impl Iterator<Item = (u64, &str, u64)>, Errno> {
+    fs.node(ino)?;
+    fs.served
+        .image
+        .tree
+        .list(ino.into(), offset)
+        .ok_or(Errno::ENOTDIR)
 }
 
 impl Filesystem for OcifsFs {
@@ -120,6 +134,11 @@ impl Filesystem for OcifsFs {
                 | InitFlags::FUSE_PARALLEL_DIROPS,
         );
         let _ = config.set_max_readahead(1 << 20);
+        if let Some(max) = self.max_request {
+            // The kernel's largest request follows the larger of the two.
+            let _ = config.set_max_write(max);
+            let _ = config.set_max_readahead(max.min(1 << 20));
+        }
         self.no_open = config
             .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
             .is_ok();
@@ -212,18 +231,18 @@ impl Filesystem for OcifsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match dir_entries(self, ino.into()) {
+        let entries = match listing(self, ino, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
         };
-        for (i, (child, name)) in entries.iter().enumerate().skip(offset as usize) {
+        for (child, name, next) in entries {
             let kind = self
                 .served
                 .image
                 .tree
-                .get(*child)
+                .get(child)
                 .map_or(FileType::Directory, |n| file_type(n.kind));
-            if reply.add(INodeNo(*child), (i + 1) as u64, kind, name) {
+            if reply.add(INodeNo(child), next, kind, name) {
                 break;
             }
         }
@@ -238,20 +257,20 @@ impl Filesystem for OcifsFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match dir_entries(self, ino.into()) {
+        let entries = match listing(self, ino, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
         };
-        for (i, (child, name)) in entries.iter().enumerate().skip(offset as usize) {
-            let Some(n) = self.served.image.tree.get(*child) else {
+        for (child, name, next) in entries {
+            let Some(n) = self.served.image.tree.get(child) else {
                 continue;
             };
             if reply.add(
-                INodeNo(*child),
-                (i + 1) as u64,
+                INodeNo(child),
+                next,
                 name,
                 &TTL,
-                &attr(*child, n),
+                &attr(child, n),
                 Generation(0),
             ) {
                 break;

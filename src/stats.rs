@@ -136,6 +136,36 @@ pub struct MountStats {
     pub reads: ReadFigures,
     pub prefetch: PrefetchFigures,
     pub local_copies: LocalFigures,
+    /// The hosts the image is pulled from, in the order they are tried (empty for a local
+    /// layout).
+    #[serde(default)]
+    pub hosts: Vec<HostFigures>,
+    /// The process serving the mount (absent in the output of older versions).
+    #[serde(default)]
+    pub process: ProcessFigures,
+}
+
+/// What one host of the image's repository served (see `registry::Repo`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostFigures {
+    /// `host[:port]` (with its API root when not `/v2`).
+    pub host: String,
+    /// `mirror` or `registry`.
+    pub role: String,
+    /// The repository's name at this host.
+    pub repository: String,
+    /// What it may be asked: `pull, resolve, push`.
+    pub capabilities: String,
+    /// Requests sent, bytes received, requests that failed (and the last failure).
+    pub requests: u64,
+    pub bytes: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
+    /// Blobs it sent whole for a ranged read, each streamed once.
+    pub whole_streams: u64,
+    /// Bytes received per object: a manifest's or a blob's digest.
+    pub served: std::collections::BTreeMap<String, u64>,
 }
 
 /// One layer's figures.
@@ -144,6 +174,9 @@ pub struct MountStats {
 pub struct LayerFigures {
     pub digest: String,
     pub format: String,
+    /// The layer blob's (compressed) size.
+    #[serde(default)]
+    pub size: u64,
     /// Where a gzip layer's index came from.
     pub index: Option<String>,
     /// Network bytes and requests of its blob.
@@ -197,6 +230,64 @@ pub struct PrefetchFigures {
 pub struct LocalFigures {
     pub bytes: u64,
     pub reads: u64,
+}
+
+/// The process serving a mount: its pid, and under a supervisor (see
+/// `daemon::supervise`), the supervisor's pid and how many processes served it before.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessFigures {
+    pub pid: u32,
+    pub supervisor: Option<u32>,
+    pub restarts: u32,
+}
+
+impl ProcessFigures {
+    /// This process, unsupervised.
+    pub fn this() -> Self {
+        ProcessFigures {
+            pid: std::process::id(),
+            supervisor: None,
+            restarts: 0,
+        }
+    }
+}
+
+/// What `ocifs stats` shows of an additional layer store (see [`crate::store`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreStats {
+    /// The references resolved so far.
+    pub images: Vec<ImageFigures>,
+    /// Each layer open now, in a mount's shape: `digest` is the layer's, `layers` holds it
+    /// alone, `readyMs` is how long it took to open.
+    pub layers: Vec<MountStats>,
+    /// Layers released after being idle.
+    pub released: u64,
+    /// containers/storage's notices: layers it started using, and stopped using.
+    pub uses: u64,
+    pub releases: u64,
+    /// The block cache all layers share.
+    pub cache: CacheFigures,
+}
+
+/// One image reference of a store.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageFigures {
+    pub reference: String,
+    /// Its manifest digest (the latest resolution).
+    pub digest: String,
+    /// Its layer digests, lowest first.
+    pub layers: Vec<String>,
+}
+
+/// What a daemon's control socket answers: a mount's figures or a store's.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum DaemonStats {
+    Store(StoreStats),
+    Mount(MountStats),
 }
 
 #[cfg(test)]

@@ -60,6 +60,9 @@ impl ReadHints for CountingBlob {
     fn at_hand(&self, offset: u64, len: u64) -> bool {
         self.inner.at_hand(offset, len)
     }
+    fn discard(&self, offset: u64, len: u64) {
+        self.inner.discard(offset, len)
+    }
 }
 
 impl CountingBlob {
@@ -100,4 +103,8 @@ impl BlobSource for CountedBy {
     }
 }
 
-impl ReadHints for CountedBy {}
+impl ReadHints for CountedBy {
+    fn discard(&self, offset: u64, len: u64) {
+        self.inner.discard(offset, len)
+    }
+}

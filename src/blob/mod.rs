@@ -6,6 +6,8 @@
 mod bytes_lru;
 pub mod cache;
 pub mod counting;
+#[cfg(test)]
+pub(crate) mod damaging;
 pub mod disk;
 mod flight;
 
@@ -84,10 +86,43 @@ pub trait ReadHints: BlobSource {
     /// blocks), for a blob no one reads any more: its layer is served from a local copy
     /// (see `serve::local`). Later reads still work, fetching or decoding again.
     fn release_memory(&self) {}
+    /// Drops whatever this blob keeps of `[offset, offset+len)`, in memory and on disk,
+    /// because bytes read from there failed a check (a chunk's, span's or blob's digest):
+    /// the next read fetches them again instead of failing the same way for good. The
+    /// default keeps nothing; decorators pass it on to what they wrap.
+    fn discard(&self, _offset: u64, _len: u64) {}
 }
 
 /// A shared, dynamically typed blob, as layers read it.
 pub type Blob = Arc<dyn ReadHints>;
+
+/// Runs `attempt` (which reads `range` of `blob` and checks what it decodes); when the check
+/// fails, drops the range's cached bytes and runs it once more, so bytes that arrived
+/// damaged are fetched again instead of failing every later read. A second failure is
+/// logged and returned. Errors that are not checks (the network) are returned at once.
+pub async fn healing<T, F, Fut>(
+    blob: &Blob,
+    range: (u64, u64),
+    what: &str,
+    mut attempt: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    match attempt().await {
+        Err(e) if e.is_check() => {
+            tracing::warn!("{what}: {e}; dropping its cached bytes and fetching them again");
+            blob.discard(range.0, range.1);
+            attempt().await.inspect_err(|e| {
+                if e.is_check() {
+                    tracing::error!("{what}: failed its check again after a fresh fetch: {e}");
+                }
+            })
+        }
+        done => done,
+    }
+}
 
 /// The byte range `[offset, offset+len)` clamped to a blob of `size`, or an error past the end.
 pub fn clamp(id: &str, size: u64, offset: u64, len: u64) -> Result<u64> {

@@ -1,36 +1,19 @@
 //! The commands themselves: each builds what it needs and calls the library.
 
-use super::common::{Common, control_socket, open};
+use super::common::{Common, INTERRUPTED, Stop, Tuning, control_socket, open_tuned, out, say};
 use anyhow::{Context, Result, anyhow, bail};
 use ocifs::image::Source;
 use ocifs::layer::{Format, Kind};
-use ocifs::stats::MountStats;
-use ocifs::tree::{Node, Tree};
+use ocifs::stats::{HostFigures, MountStats};
+use ocifs::tree::Tree;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// `ocifs ls`: lists `path` (default: the root) of an image without mounting it.
-pub async fn ls(
-    common: &Common,
-    reference: &str,
-    path: Option<String>,
-    long: bool,
-    recursive: bool,
-) -> Result<()> {
-    let image = open(common, reference).await?;
-    let path = path.unwrap_or_default();
-    let ino = follow(&image.tree, &path)?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    list(&image.tree, ino, &clean(&path), long, recursive, &mut out)?;
-    out.flush()?;
-    Ok(())
-}
-
 /// `ocifs cat`: one file's bytes to stdout.
-pub async fn cat(common: &Common, reference: &str, path: &str) -> Result<()> {
-    let image = open(common, reference).await?;
+pub async fn cat(common: &Common, tuning: &Tuning, reference: &str, path: &str) -> Result<()> {
+    let image = open_tuned(common, tuning, reference).await?;
     let ino = follow(&image.tree, path)?;
     let node = image.tree.get(ino).unwrap();
     if node.kind != Kind::File {
@@ -49,15 +32,21 @@ pub async fn cat(common: &Common, reference: &str, path: &str) -> Result<()> {
 
 /// `ocifs stats`: a mount's figures, as text or JSON.
 pub async fn stats(mountpoint: &std::path::Path, json: bool) -> Result<()> {
-    let stats = ocifs::daemon::fetch_stats(&control_socket(mountpoint)?).await?;
-    print_stats(&stats, json)
-}
-
-fn clean(path: &str) -> String {
-    path.split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .collect::<Vec<_>>()
-        .join("/")
+    ocifs::daemon::check_ocifs_mount(mountpoint)?;
+    use ocifs::stats::DaemonStats;
+    let asked =
+        ocifs::daemon::control::fetch_json::<DaemonStats>(&control_socket(mountpoint)?).await;
+    let stats = asked.map_err(|_| {
+        anyhow!(
+            "the ocifs mount at {} does not answer: its daemon has exited (`ocifs umount {}` removes it)",
+            mountpoint.display(),
+            mountpoint.display()
+        )
+    })?;
+    match stats {
+        DaemonStats::Mount(stats) => print_stats(&stats, json),
+        DaemonStats::Store(stats) => super::store::print_store_stats(&stats, json),
+    }
 }
 
 /// Resolves a path inside the image, following symlinks, never leaving the image.
@@ -65,83 +54,8 @@ fn follow(tree: &Tree, path: &str) -> Result<u64> {
     tree.follow(path).map_err(|e| anyhow!("{path}: {e}"))
 }
 
-/// `ls` output; with `-l`: `mode uid gid size mtime path [-> target]`.
-fn list(
-    tree: &Tree,
-    ino: u64,
-    path: &str,
-    long: bool,
-    recursive: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    let node = tree.get(ino).unwrap();
-    if node.kind != Kind::Dir {
-        return line(out, node, path, long);
-    }
-    for (name, &child) in &node.children {
-        let p = if path.is_empty() {
-            name.clone()
-        } else {
-            format!("{path}/{name}")
-        };
-        let c = tree.get(child).unwrap();
-        line(out, c, if recursive { &p } else { name }, long)?;
-        if recursive && c.kind == Kind::Dir {
-            list_children(tree, child, &p, long, out)?;
-        }
-    }
-    Ok(())
-}
-
-fn list_children(
-    tree: &Tree,
-    ino: u64,
-    path: &str,
-    long: bool,
-    out: &mut impl Write,
-) -> Result<()> {
-    for (name, &child) in &tree.get(ino).unwrap().children {
-        let p = format!("{path}/{name}");
-        let c = tree.get(child).unwrap();
-        line(out, c, &p, long)?;
-        if c.kind == Kind::Dir {
-            list_children(tree, child, &p, long, out)?;
-        }
-    }
-    Ok(())
-}
-
-fn line(out: &mut impl Write, n: &Node, name: &str, long: bool) -> Result<()> {
-    if !long {
-        writeln!(out, "{name}")?;
-        return Ok(());
-    }
-    let t = match n.kind {
-        Kind::Dir => 'd',
-        Kind::Symlink => 'l',
-        Kind::Char => 'c',
-        Kind::Block => 'b',
-        Kind::Fifo => 'p',
-        Kind::File | Kind::Hardlink => '-',
-    };
-    write!(
-        out,
-        "{t}{:04o} {} {} {} {} {name}",
-        n.mode & 0o7777,
-        n.uid,
-        n.gid,
-        n.size,
-        n.mtime.0
-    )?;
-    if let Some(l) = &n.link {
-        write!(out, " -> {l}")?;
-    }
-    writeln!(out)?;
-    Ok(())
-}
-
 pub async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()> {
-    let (source, what, display) = common.source(reference)?;
+    let (source, what, display) = common.source(reference).await?;
     let cfg = common.open_config()?;
     let r = ocifs::image::resolve(&source, &what, &cfg.platform).await?;
     // Indexes published next to the image (ours, SOCI v1 referrers, SOCI v2 annotation).
@@ -199,6 +113,7 @@ pub async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()>
                     "created": config.get("created"), "env": config.pointer("/config/Env"), "cmd": config.pointer("/config/Cmd"),
                     "entrypoint": config.pointer("/config/Entrypoint") },
         "layers": layers,
+        "hosts": hosts(&source),
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -226,11 +141,48 @@ pub async fn inspect(common: &Common, reference: &str, json: bool) -> Result<()>
             l["why"].as_str().unwrap_or("")
         );
     }
+    print_hosts(&hosts(&source));
     Ok(())
 }
 
+/// What each host of a registry source served so far (none for a layout).
+fn hosts(source: &Source) -> Vec<HostFigures> {
+    match source {
+        Source::Registry { repo } => repo.figures(),
+        Source::Layout { .. } => Vec::new(),
+    }
+}
+
+/// One line per host, in the order they are tried, and one per object it served.
+fn print_hosts(hosts: &[HostFigures]) {
+    for h in hosts {
+        println!(
+            "host {} ({}: {}; repository {}): {} requests, {} bytes, {} failed{}{}",
+            h.host,
+            h.role,
+            h.capabilities,
+            h.repository,
+            h.requests,
+            h.bytes,
+            h.failures,
+            if h.whole_streams > 0 {
+                format!(", {} blobs streamed whole", h.whole_streams)
+            } else {
+                String::new()
+            },
+            h.last_error
+                .as_deref()
+                .map(|e| format!(" (last: {e})"))
+                .unwrap_or_default()
+        );
+        for (object, bytes) in &h.served {
+            println!("  served {object}: {bytes} bytes");
+        }
+    }
+}
+
 pub async fn fetch(common: &Common, reference: &str, digest: Option<&str>) -> Result<()> {
-    let (source, what, _) = common.source(reference)?;
+    let (source, what, _) = common.source(reference).await?;
     let mut out = std::io::stdout().lock();
     let Some(digest) = digest else {
         let (body, _) = source.manifest(&what).await?;
@@ -240,7 +192,7 @@ pub async fn fetch(common: &Common, reference: &str, digest: Option<&str>) -> Re
     ocifs::reference::validate_digest(digest)
         .map_err(|e| anyhow::anyhow!("digest {digest:?}: {e}"))?;
     let size = match &source {
-        Source::Registry { registry, repo } => match registry.blob_size(repo, digest).await {
+        Source::Registry { repo } => match repo.blob_size(digest).await {
             Ok(s) => s,
             Err(ocifs::Error::NotFound(_)) => {
                 let (body, _) = source.manifest(digest).await?;
@@ -281,12 +233,22 @@ fn print_stats(v: &MountStats, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("image {} (ready in {} ms)", v.digest, v.ready_ms);
+    let p = &v.process;
+    match p.supervisor {
+        Some(s) => println!(
+            "served by process {} under supervisor {s} ({} restarts)",
+            p.pid, p.restarts
+        ),
+        None => println!("served by process {}", p.pid),
+    }
     for l in &v.layers {
+        let pct = (l.fetched_bytes as f64 * 100.0) / (l.size.max(1) as f64);
         println!(
-            "  {} {:8} fetched {} bytes in {} requests; {}{}{}",
+            "  {} {:8} fetched {} of {} bytes ({pct:.1}%) in {} requests; {}{}{}",
             l.digest,
             l.format,
             l.fetched_bytes,
+            l.size,
             l.requests,
             l.verification,
             l.index
@@ -320,6 +282,7 @@ fn print_stats(v: &MountStats, json: bool) -> Result<()> {
         "local copies of verified layers: {} bytes written, {} reads served from them",
         c.bytes, c.reads
     );
+    print_hosts(&v.hosts);
     Ok(())
 }
 
@@ -336,7 +299,10 @@ pub async fn convert(
             "--chunk-size {chunk_size} is larger than {max} bytes, the most a reader decodes in memory (larger chunks are decoded to disk, slowly)"
         );
     }
-    let (source, what, display) = common.source(src)?;
+    // Signals are ours from the start: an interrupted run removes its scratch files.
+    let mut stop = Stop::listen()?;
+    let (source, what, display) = common.source(src).await?;
+    let dst = dst.strip_prefix("docker://").unwrap_or(dst);
     let dest = match dst.strip_prefix("oci:") {
         Some(rest) => {
             let slash = rest.rfind('/').map_or(0, |i| i + 1);
@@ -350,13 +316,16 @@ pub async fn convert(
             }
         }
         None => {
-            let (dsource, _, _) = common.source(dst)?;
+            let (dsource, _, _) = common.source(dst).await?;
             let r = ocifs::reference::Reference::parse(dst)?;
             let Some(tag) = r.tag.filter(|_| r.digest.is_none()) else {
                 bail!("the destination {dst} needs a tag, not a digest")
             };
-            let Source::Registry { registry, repo } = dsource else {
+            let Source::Registry { repo } = dsource else {
                 unreachable!("a registry reference")
+            };
+            let Some((registry, repo)) = repo.push_target() else {
+                bail!("no host of {dst} takes uploads (its mirror configuration gives none push)")
             };
             ocifs::convert::Destination::Registry {
                 registry,
@@ -369,16 +338,45 @@ pub async fn convert(
         Some(p) => ocifs::speculate::read_profile(&p)?,
         None => Vec::new(),
     };
-    let work_dir = common.cache_dir()?.join("convert");
+    // A scratch directory of this run's own, removed however the run ends.
+    let scratch = Scratch(
+        common
+            .cache_dir()?
+            .join("convert")
+            .join(format!("run-{}", std::process::id())),
+    );
     let opts = ocifs::convert::Options {
         chunk_size: chunk_size.max(4096),
         profile,
-        work_dir,
+        work_dir: scratch.0.clone(),
     };
-    let report: ocifs::convert::Report = Arc::new(|line: &str| eprintln!("ocifs: {line}"));
-    let digest = ocifs::convert::convert(&source, &what, &dest, &opts, report)
-        .await
-        .with_context(|| format!("converting {display}"))?;
-    println!("converted {display} to eStargz: {dst} ({digest})");
+    let quiet = common.quiet;
+    let report: ocifs::convert::Report = Arc::new(move |line: &str| {
+        if !quiet {
+            say(&format!("ocifs: {line}"))
+        }
+    });
+    let converted = tokio::select! {
+        r = ocifs::convert::convert(&source, &what, &dest, &opts, report) => r,
+        () = stop.wait() => {
+            drop(scratch);
+            say("ocifs: interrupted; scratch files removed, nothing tagged");
+            // Not back through the runtime, which would wait for the layer being rewritten
+            // on a blocking thread.
+            std::process::exit(i32::from(INTERRUPTED));
+        }
+    };
+    let digest = converted.with_context(|| format!("converting {display}"))?;
+    drop(scratch);
+    out(&format!("converted {display} to eStargz: {dst} ({digest})"));
     Ok(())
+}
+
+/// A scratch directory, removed with everything in it when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -2,16 +2,17 @@
 //! the image builds, loads or fetches it, printed and, with `--push`, published next to the
 //! image (see `ocifs::image::share`).
 
-use super::common::{Common, open, progress};
+use super::common::{Common, Tuning, open_tuned, progress};
 use anyhow::{Context, Result, bail};
 use ocifs::image::{Source, share};
 use ocifs::layer::checkpoint::{self, CheckpointIndex};
 use std::path::Path;
 
 /// Prints each indexed layer's index; with `push`, publishes them as a referrer.
-pub async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
-    let image = open(common, reference).await?;
-    let cache_dir = common.open_config()?.cache_dir;
+pub async fn index(common: &Common, tuning: &Tuning, reference: &str, push: bool) -> Result<()> {
+    let image = open_tuned(common, tuning, reference).await?;
+    let (source, _, _) = common.source(reference).await?;
+    let cache_dir = common.open_config_tuned(tuning)?.cache_dir;
     let mut indexes = Vec::new();
     for opened in &image.layers {
         let (layer, blob) = (&opened.layer, &opened.blob);
@@ -19,25 +20,29 @@ pub async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
             println!("{} {}: no index needed", layer.digest, layer.format.name());
             continue;
         };
-        let path = checkpoint::file::path(&cache_dir, &layer.digest);
-        let mut bytes = std::fs::read(&path)
-            .with_context(|| format!("reading the index {}", path.display()))?;
+        let (path, mut bytes) = kept_index(&cache_dir, &layer.digest)?;
         let kept = checkpoint::file::decode(&bytes, &layer.digest)
             .with_context(|| format!("reading the index {}", path.display()))?;
         let windows = match &kept.windows {
             Some(w) => match kept_windows(&cache_dir, &w.digest) {
                 Some(windows) => Some(windows),
-                None => {
-                    // An index fetched from the registry leaves its windows there, perhaps
-                    // in another repository: publishing it without them would leave this
-                    // one's mounts decoding from span starts. The pass that made it makes
-                    // them again (and both are kept for next time).
-                    let (index, windows) = rebuild(&kept, blob.clone(), &cache_dir)
-                        .await
-                        .with_context(|| format!("rebuilding the index of {}", layer.digest))?;
-                    bytes = checkpoint::file::encode(&index);
-                    Some(windows)
-                }
+                None => match published_windows(&source, w).await {
+                    Some(windows) => Some(windows),
+                    None => {
+                        // An index fetched from the registry leaves its windows there,
+                        // perhaps in another repository: publishing it without them would
+                        // leave this one's mounts decoding from span starts. The pass that
+                        // made it makes them again (and both are kept for next time).
+                        let (index, windows) =
+                            rebuild(&kept, blob.clone(), &cache_dir, progress(common.quiet))
+                                .await
+                                .with_context(|| {
+                                    format!("rebuilding the index of {}", layer.digest)
+                                })?;
+                        bytes = checkpoint::file::encode(&index);
+                        Some(windows)
+                    }
+                },
             },
             None => None,
         };
@@ -60,10 +65,13 @@ pub async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
     if !push {
         return Ok(());
     }
-    let (source, _, _) = common.source(reference)?;
-    let Source::Registry { registry, repo } = &source else {
+    let Source::Registry { repo } = &source else {
         bail!("--push needs a registry reference")
     };
+    let Some((registry, repo)) = repo.push_target() else {
+        bail!("no host of {reference} takes uploads (its mirror configuration gives none push)")
+    };
+    let (registry, repo) = (&registry, repo.as_str());
     if indexes.is_empty() {
         println!("nothing to push: the image has no plain gzip layers");
         return Ok(());
@@ -83,6 +91,31 @@ pub async fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
     Ok(())
 }
 
+/// The index file of layer `digest` in the cache directory and its bytes: the trusted one,
+/// else one fetched from the registry that waits to be checked (opening the image just
+/// fetched it there when the cache directory was fresh).
+fn kept_index(cache_dir: &Path, digest: &str) -> Result<(std::path::PathBuf, Vec<u8>)> {
+    let trusted = checkpoint::file::path(cache_dir, digest);
+    let waiting = checkpoint::file::unverified_path(cache_dir, digest);
+    for p in [&trusted, &waiting] {
+        if let Ok(b) = std::fs::read(p) {
+            return Ok((p.clone(), b));
+        }
+    }
+    bail!(
+        "the index of {digest} was not kept in {} (is the cache directory writable?)",
+        trusted.parent().unwrap_or(cache_dir).display()
+    )
+}
+
+/// The windows blob `w` as published next to its index in the image's repository, checked
+/// against its digest; `None` when it is not there.
+async fn published_windows(source: &Source, w: &checkpoint::WindowsRef) -> Option<bytes::Bytes> {
+    let blob = source.blob(&w.digest, w.size).ok()?;
+    let bytes = blob.read_at(0, w.size).await.ok()?;
+    (ocifs::digest::sha256(&bytes) == w.digest).then_some(bytes)
+}
+
 /// The windows blob named `digest`, if it is kept in the cache directory and intact.
 fn kept_windows(cache_dir: &Path, digest: &str) -> Option<bytes::Bytes> {
     let path = checkpoint::file::windows_path(cache_dir, digest);
@@ -96,8 +129,8 @@ async fn rebuild(
     kept: &CheckpointIndex,
     blob: ocifs::blob::Blob,
     cache_dir: &Path,
+    report: ocifs::image::Progress,
 ) -> Result<(CheckpointIndex, bytes::Bytes)> {
-    let report = progress();
     let digest = kept.digest.clone();
     let progress = move |done: u64, total: u64| report(&digest, done, total);
     let (index, windows) =

@@ -3,13 +3,20 @@
 
 //!
 //! `mod.rs` parses and dispatches; `common.rs` holds what every command shares (options,
-//! configuration, credentials); the commands themselves are in `commands.rs`, `mount.rs` and
-//! `index.rs`, which use `common.rs` and nothing else of the CLI.
+//! configuration, the registry), `access.rs` how to reach a registry (credentials, TLS
+//! files), `errors.rs` the one line a failure prints; the commands themselves are in
+//! `commands.rs`, `mount.rs`, `store.rs`, `run.rs`, `ls.rs`, `browse.rs` and `index.rs`.
 
+mod access;
+mod browse;
 mod commands;
 mod common;
+mod errors;
 mod index;
+mod ls;
 mod mount;
+mod run;
+mod store;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -18,10 +25,22 @@ use ocifs::config::ByteSize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// `--version`: the version, the commit, and what is compiled in.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("OCIFS_COMMIT"),
+    ")\nlayer formats: eStargz, legacy stargz, zstd:chunked, gzip and multi-frame zstd through \
+     checkpoint indexes (ours, SOCI zTOC v1/v2), single-frame zstd, uncompressed tar\n\
+     features: FUSE mount, ocifs run, convert to eStargz, \
+     verification (background/strict), block cache, prefetch profiles"
+);
+
 #[derive(Parser)]
 #[command(
     name = "ocifs",
     version,
+    long_version = LONG_VERSION,
     about = "Container images from a registry as a lazily loaded read-only file system"
 )]
 struct Cli {
@@ -35,6 +54,8 @@ enum Cmd {
     Mount {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        tuning: common::Tuning,
         /// Stay attached, log to stderr; Ctrl-C unmounts.
         #[arg(long)]
         foreground: bool,
@@ -66,16 +87,74 @@ enum Cmd {
         /// reads decode the layer's compressed blocks again.
         #[arg(long)]
         no_local_copy: bool,
+        /// Serve from the mount daemon itself. By default (as root) the daemon only holds
+        /// the mount and a child process serves it, which is restarted if it dies while
+        /// readers wait, so the mount survives a crash or an upgrade.
+        #[arg(long)]
+        no_supervisor: bool,
+        /// Internal: serve for a supervisor over this inherited socket.
+        #[arg(long, hide = true, value_name = "FD")]
+        serve_fd: Option<i32>,
+        /// Internal: the image digest a restarted serving process opens.
+        #[arg(long, hide = true, value_name = "DIGEST")]
+        pin: Option<String>,
+        /// Internal: how many serving processes came before this one.
+        #[arg(long, hide = true, default_value_t = 0)]
+        restarts: u32,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
+        /// An empty directory to mount on (or the mount, for stats).
         mountpoint: PathBuf,
     },
-    /// Unmount an ocifs mount.
-    Umount { mountpoint: PathBuf },
-    /// Show a mount's statistics: bytes and requests per layer, cache, latency, prefetch.
+    /// Unmount an ocifs mount or layer store (nothing else), once its daemon has finished
+    /// (written its `--record` profile).
+    Umount {
+        /// The mountpoint of an ocifs mount.
+        mountpoint: PathBuf,
+    },
+    /// Serve a containers/storage additional layer store at STORE_DIR (podman, CRI-O and
+    /// buildah with `additionallayerstores = ["STORE_DIR:ref"]` in storage.conf start
+    /// containers from it lazily); returns once it is ready.
+    Store {
+        #[command(flatten)]
+        common: Common,
+        /// Stay attached, log to stderr; Ctrl-C unmounts.
+        #[arg(long)]
+        foreground: bool,
+        /// Internal: run as the detached daemon child of `store`.
+        #[arg(long, hide = true)]
+        daemon_child: bool,
+        /// Do not prefetch eStargz prioritized files.
+        #[arg(long)]
+        no_prefetch: bool,
+        /// No background fetches of whole files, what programs load, directories (see
+        /// `mount --no-whole-files`).
+        #[arg(long)]
+        no_whole_files: bool,
+        /// Fetch layers of at most this many compressed bytes whole once opened; 0 turns it
+        /// off.
+        #[arg(long, default_value = "16MiB")]
+        small_layers: ByteSize,
+        /// Do not copy verified layers' files into local files to serve their reads from.
+        #[arg(long)]
+        no_local_copy: bool,
+        /// Release a layer nobody has asked for during this long (10m, 30s, 1h); it is
+        /// opened again, from the cache directory, when next asked for.
+        #[arg(long, default_value = "10m", value_parser = store::parse_duration)]
+        release_after: std::time::Duration,
+        /// The longest a lookup waits for a reference to resolve or a layer to open before
+        /// failing (the runtime then pulls the layer itself).
+        #[arg(long, default_value = "60s", value_parser = store::parse_duration)]
+        lookup_timeout: std::time::Duration,
+        store_dir: PathBuf,
+    },
+    /// Show a mount's (or layer store's) statistics: bytes and requests per layer, cache,
+    /// latency, prefetch.
     Stats {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// An empty directory to mount on (or the mount, for stats).
         mountpoint: PathBuf,
     },
     /// Show the resolved digest, platforms, config and layers of an image.
@@ -85,33 +164,51 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
     },
     /// List files of an image without mounting it.
+    ///
+    /// Paths are absolute, in name order. Examples: `ocifs ls -l alpine /etc`,
+    /// `ocifs ls -R --json alpine /usr/lib`.
     Ls {
         #[command(flatten)]
         common: Common,
-        /// Long format: mode, owner, size, mtime, link target.
+        /// Long format, as `tar -tv`: mode, owner/group, size, mtime (UTC), path, link target.
         #[arg(short = 'l')]
         long: bool,
         /// Recurse into directories.
         #[arg(short = 'R')]
         recursive: bool,
+        /// List a directory itself, not its contents.
+        #[arg(short = 'd')]
+        directory: bool,
+        /// Machine-readable output: one object per path.
+        #[arg(long)]
+        json: bool,
         reference: String,
-        path: Option<String>,
+        /// Paths in the image (default: its root). A symlink given last is listed, not
+        /// followed, unless the path ends with `/`.
+        paths: Vec<String>,
     },
     /// Write one file of an image to stdout.
     Cat {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        tuning: common::Tuning,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
+        /// The file in the image (symlinks on the way are followed).
         path: String,
     },
     /// Write a raw manifest (no digest) or blob/manifest (by digest) to stdout.
     Fetch {
         #[command(flatten)]
         common: Common,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
+        /// A blob or manifest digest (sha256:...) in the same repository.
         digest: Option<String>,
     },
     /// Build (or find) the checkpoint indexes of an image's gzip layers; `--push` publishes
@@ -119,9 +216,12 @@ enum Cmd {
     Index {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        tuning: common::Tuning,
         /// Upload the indexes next to the image (referrers API, or the sha256-<hex> tag).
         #[arg(long)]
         push: bool,
+        /// The image: [docker://]HOST[:PORT]/NAME[:TAG|@DIGEST], or oci:DIR[:TAG].
         reference: String,
     },
     /// Rewrite an image's layers as eStargz (profiled files first) and push it to DESTINATION
@@ -138,21 +238,132 @@ enum Cmd {
         /// Size of independently readable chunks of large files.
         #[arg(long, default_value = "4MiB")]
         chunk_size: ByteSize,
+        /// The image to convert.
         source: String,
+        /// Where to push: HOST[:PORT]/NAME:TAG, or oci:DIR[:TAG].
         destination: String,
     },
     /// List a repository's tags.
     Tags {
         #[command(flatten)]
         common: Common,
+        /// Machine-readable output: a JSON array of strings.
+        #[arg(long)]
+        json: bool,
         repository: String,
     },
+    /// Write the raw manifest REF names (an image index for a multi-platform image, unless
+    /// --platform picks one of its images), like `crane manifest`.
+    Manifest {
+        #[command(flatten)]
+        common: Common,
+        reference: String,
+    },
+    /// Write the raw config of the image (for the chosen platform), like `crane config`.
+    Config {
+        #[command(flatten)]
+        common: Common,
+        reference: String,
+    },
+    /// Print the digest of what REF names (the index of a multi-platform image, or with
+    /// --platform the chosen image's manifest), like `crane digest`.
+    Digest {
+        #[command(flatten)]
+        common: Common,
+        reference: String,
+    },
+    /// Write the image's merged file system (layers applied, whiteouts removed) as one tar
+    /// stream, like `crane export`. Example: `ocifs export alpine -o alpine.tar`.
+    Export {
+        #[command(flatten)]
+        common: Common,
+        /// Write to FILE instead of stdout.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+        reference: String,
+    },
+    /// Verify every layer of the image against its digest, then extract the merged file
+    /// system into DIR (created if missing, must be empty). Example: `ocifs pull alpine ./root`.
+    Pull {
+        #[command(flatten)]
+        common: Common,
+        reference: String,
+        dir: PathBuf,
+    },
+    /// List the paths added (A), removed (D) and changed (M, with the attributes that changed)
+    /// from REF1's merged file system to REF2's, reading only indexes and TOCs unless
+    /// --content. Example: `ocifs diff app:v1 app:v2`.
+    Diff {
+        #[command(flatten)]
+        common: Common,
+        /// Also compare the bytes of files whose metadata match (fetches them).
+        #[arg(long)]
+        content: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        reference1: String,
+        reference2: String,
+    },
+    /// Write a shell completion script to stdout. Example: `ocifs completions bash >
+    /// /etc/bash_completion.d/ocifs`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (ocifs.1 and one per subcommand) into DIR.
+    Man {
+        /// Where to write them.
+        dir: PathBuf,
+    },
+    /// Run the image's command (or ARGS in place of its Cmd) from a lazy mount, as a runtime
+    /// would (its root, Env, WorkingDir and User; /proc, /dev, /sys and /etc/resolv.conf of
+    /// the host bound in), pass its input, output and exit status through, unmount, and
+    /// print one summary of the start on stderr. Needs root.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        tuning: common::Tuning,
+        /// Write the ordered list of file ranges read to FILE (for --prefetch or
+        /// `ocifs convert --profile`).
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
+        /// Prefetch the ranges of a recorded profile in the background, in order.
+        #[arg(long, value_name = "FILE")]
+        prefetch: Option<PathBuf>,
+        /// Do not prefetch eStargz prioritized files.
+        #[arg(long)]
+        no_prefetch: bool,
+        /// Do not fetch files whole, what programs load, or directories together.
+        #[arg(long)]
+        no_whole_files: bool,
+        /// Fetch layers of at most this many compressed bytes whole at mount (0: none).
+        #[arg(long, default_value = "16MiB")]
+        small_layers: ByteSize,
+        /// Do not copy verified layers' files locally.
+        #[arg(long)]
+        no_local_copy: bool,
+        /// Print the summary as one JSON object (on stderr; stdout is the command's).
+        #[arg(long)]
+        json: bool,
+        reference: String,
+        /// The command line to run instead of the image's Cmd (after the Entrypoint).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+/// The command line's definition.
+fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 /// Entry point: runs the command, prints one clear error line on failure.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let daemonish = matches!(cli.cmd, Cmd::Mount { .. });
+    let daemonish = matches!(cli.cmd, Cmd::Mount { .. } | Cmd::Store { .. });
     if !daemonish {
         // Output piped into `head` ends the command quietly when the reader goes, as with
         // coreutils (Rust ignores SIGPIPE, and `println!` then panics). Sockets are not
@@ -160,21 +371,31 @@ pub fn main() -> ExitCode {
         // SAFETY: restoring a signal's default disposition before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    let filter = std::env::var("OCIFS_LOG").unwrap_or_else(|_| {
-        if daemonish {
-            "info".into()
-        } else {
-            "warn".into()
+    // `run` shares the terminal with the command: fuser's notice that the mount it serves
+    // was already unmounted (by us) is not for the user.
+    let running = matches!(cli.cmd, Cmd::Run { .. });
+    // The TLS verifier logs each certificate it refuses as an error; the command's own
+    // error line says it better. So it does for the registry client's retries and the hosts
+    // it fell back from: a command that fails prints one line (a daemon logs them all).
+    let filter = std::env::var("OCIFS_LOG").unwrap_or_else(|_| match (daemonish, running) {
+        (true, _) => "info,rustls_platform_verifier=off".into(),
+        (false, true) => {
+            "warn,fuser=error,rustls_platform_verifier=off,ocifs::registry=error".into()
         }
+        (false, false) => "warn,rustls_platform_verifier=off,ocifs::registry=error".into(),
     });
+    // Colours only for a terminal: a daemon's stderr is its log file.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ocifs: {}", common::chain(&e));
+            let line = errors::line(&e);
+            common::say(&format!("ocifs: {line}"));
             ExitCode::FAILURE
         }
     }
@@ -185,6 +406,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
         Cmd::Mount {
             common,
+            tuning,
             foreground,
             daemon_child,
             record,
@@ -193,30 +415,72 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             no_whole_files,
             small_layers,
             no_local_copy,
+            no_supervisor,
+            serve_fd,
+            pin,
+            restarts,
             reference,
             mountpoint,
         } => {
+            let extras = common::MountExtras {
+                record,
+                prefetch,
+                no_prefetch,
+                no_whole_files,
+                small_layers: small_layers.0,
+                no_local_copy,
+                tuning,
+            };
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            if let Some(fd) = serve_fd {
+                let serving = mount::Serving { fd, pin, restarts };
+                mount::mount_here(
+                    &common,
+                    &reference,
+                    &mountpoint,
+                    true,
+                    extras,
+                    Some(serving),
+                )
+            } else if (foreground || daemon_child) && root && !no_supervisor {
+                mount::supervise_here(&mountpoint, daemon_child)
+            } else if foreground || daemon_child {
+                mount::mount_here(&common, &reference, &mountpoint, daemon_child, extras, None)
+            } else {
+                mount::spawn_daemon(&common, &mountpoint)
+            }
+        }
+        Cmd::Store {
+            common,
+            foreground,
+            daemon_child,
+            no_prefetch,
+            no_whole_files,
+            small_layers,
+            no_local_copy,
+            release_after,
+            lookup_timeout,
+            store_dir,
+        } => {
             if foreground || daemon_child {
-                let extras = mount::MountExtras {
-                    record,
-                    prefetch,
+                let extras = store::StoreExtras {
                     no_prefetch,
                     no_whole_files,
                     small_layers: small_layers.0,
                     no_local_copy,
+                    release_after,
+                    lookup_timeout,
                 };
-                mount::mount_here(&common, &reference, &mountpoint, daemon_child, extras)
+                store::store_here(&common, &store_dir, daemon_child, extras)
             } else {
-                mount::spawn_daemon(&common, &mountpoint)
+                mount::spawn_daemon(&common, &store_dir)
             }
         }
         Cmd::Stats { json, mountpoint } => {
             block_on(commands::stats(&mountpoint, json))?.map(|_| ExitCode::SUCCESS)
         }
-        Cmd::Umount { mountpoint } => {
-            ocifs::daemon::unmount(&mountpoint)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Umount { mountpoint } => mount::umount(&mountpoint),
         Cmd::Inspect {
             common,
             json,
@@ -226,15 +490,27 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             common,
             long,
             recursive,
+            directory,
+            json,
             reference,
-            path,
-        } => block_on(commands::ls(&common, &reference, path, long, recursive))?
-            .map(|_| ExitCode::SUCCESS),
+            paths,
+        } => {
+            let o = ls::LsOptions {
+                long,
+                recursive,
+                directory,
+                json,
+            };
+            block_on(ls::ls(&common, &reference, &paths, &o))?.map(|_| ExitCode::SUCCESS)
+        }
         Cmd::Cat {
             common,
+            tuning,
             reference,
             path,
-        } => block_on(commands::cat(&common, &reference, &path))?.map(|_| ExitCode::SUCCESS),
+        } => {
+            block_on(commands::cat(&common, &tuning, &reference, &path))?.map(|_| ExitCode::SUCCESS)
+        }
         Cmd::Fetch {
             common,
             reference,
@@ -243,9 +519,10 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             .map(|_| ExitCode::SUCCESS),
         Cmd::Index {
             common,
+            tuning,
             push,
             reference,
-        } => block_on(index::index(&common, &reference, push))?.map(|_| ExitCode::SUCCESS),
+        } => block_on(index::index(&common, &tuning, &reference, push))?.map(|_| ExitCode::SUCCESS),
         Cmd::Convert {
             common,
             estargz: _,
@@ -261,10 +538,85 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             chunk_size.0,
         ))?
         .map(|_| ExitCode::SUCCESS),
-        Cmd::Tags { common, repository } => block_on(async {
-            let (source, _, _) = common.source(&repository)?;
-            for t in source.tags().await? {
-                println!("{t}");
+        Cmd::Run {
+            common,
+            tuning,
+            record,
+            prefetch,
+            no_prefetch,
+            no_whole_files,
+            small_layers,
+            no_local_copy,
+            json,
+            reference,
+            args,
+        } => {
+            let extras = common::MountExtras {
+                record,
+                prefetch,
+                no_prefetch,
+                no_whole_files,
+                small_layers: small_layers.0,
+                no_local_copy,
+                tuning,
+            };
+            run::run(&common, &reference, &args, extras, json)
+        }
+        Cmd::Manifest { common, reference } => {
+            block_on(browse::manifest(&common, &reference))?.map(|_| ExitCode::SUCCESS)
+        }
+        Cmd::Config { common, reference } => {
+            block_on(browse::config(&common, &reference))?.map(|_| ExitCode::SUCCESS)
+        }
+        Cmd::Digest { common, reference } => {
+            block_on(browse::digest(&common, &reference))?.map(|_| ExitCode::SUCCESS)
+        }
+        Cmd::Export {
+            common,
+            output,
+            reference,
+        } => block_on(browse::export(&common, &reference, output.as_deref()))?
+            .map(|_| ExitCode::SUCCESS),
+        Cmd::Pull {
+            common,
+            reference,
+            dir,
+        } => block_on(browse::pull(&common, &reference, &dir))?.map(|_| ExitCode::SUCCESS),
+        Cmd::Diff {
+            common,
+            content,
+            json,
+            reference1,
+            reference2,
+        } => block_on(browse::diff(
+            &common,
+            &reference1,
+            &reference2,
+            content,
+            json,
+        ))?
+        .map(|_| ExitCode::SUCCESS),
+        Cmd::Completions { shell } => {
+            let mut cmd = command();
+            clap_complete::generate(shell, &mut cmd, "ocifs", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            let cmd = command();
+            clap_mangen::generate_to(cmd, &dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Tags {
+            common,
+            json,
+            repository,
+        } => block_on(async {
+            let (source, _, _) = common.source(&repository).await?;
+            let tags = source.tags().await?;
+            match json {
+                true => println!("{}", serde_json::to_string(&tags)?),
+                false => tags.iter().for_each(|t| println!("{t}")),
             }
             Ok(ExitCode::SUCCESS)
         })?,

@@ -41,7 +41,8 @@ pub struct Options {
     pub chunk_size: u64,
     /// A recorded access profile: its files go first in the layers that hold them.
     pub profile: Vec<Access>,
-    /// Working space for unpacked layers and written blobs.
+    /// Working space for unpacked layers and written blobs: each layer's files are removed
+    /// once it is converted (the caller removes the directory when the conversion fails).
     pub work_dir: PathBuf,
 }
 
@@ -120,26 +121,37 @@ async fn converted_manifest(
     let mut config: Value = serde_json::from_slice(&source.small_blob(cfg_digest, cfg_size).await?)
         .map_err(|e| Error::format("image config", e.to_string()))?;
     let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+    report_scratch(source, &layers, &opts.work_dir, report).await;
     let mut new_layers = Vec::new();
     let mut diff_ids = Vec::new();
     for (i, l) in layers.iter().enumerate() {
         let (digest, size) = descriptor(l, "layer")?;
         let media_type = l["mediaType"].as_str().unwrap_or_default();
+        let n = layers.len();
+        let unpacking = Steps::new(report, format!("layer {}/{n}: unpacked", i + 1));
         let tar = local_tar(
             source,
             digest,
             size,
             Format::from_media_type(media_type)?,
             &opts.work_dir,
+            &|done, total| unpacking.at(done, total),
         )
         .await?;
         let prioritized = profile_paths(&opts.profile);
         let out_path = opts
             .work_dir
             .join(format!("{}.esgz", digest.replace(':', "-")));
-        let (chunk_size, out2) = (opts.chunk_size, out_path.clone());
+        let (chunk_size, out2, tar2) = (opts.chunk_size, out_path.clone(), tar.clone());
+        let writing = Steps::new(report, format!("layer {}/{n}: rewritten", i + 1));
         let written = tokio::task::spawn_blocking(move || -> Result<estargz::Written> {
-            let input = std::io::BufReader::new(std::fs::File::open(&tar)?);
+            let file = std::fs::File::open(&tar2)?;
+            let total = file.metadata()?.len();
+            let input = Counted {
+                inner: std::io::BufReader::new(file),
+                read: 0,
+                report: &|done| writing.at(done, total),
+            };
             let out = std::io::BufWriter::new(std::fs::File::create(&out2)?);
             estargz::write(
                 input,
@@ -152,6 +164,8 @@ async fn converted_manifest(
         })
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        // The unpacked layer is not needed any more: scratch space holds one layer at a time.
+        let _ = tokio::fs::remove_file(&tar).await;
         let total = written.size;
         let uploading = |sent: u64| {
             // A line per 64 MiB at most: progress for big layers, quiet for small ones.
@@ -209,17 +223,18 @@ fn profile_paths(profile: &[Access]) -> Vec<String> {
         .collect()
 }
 
-/// The layer as a verified local uncompressed tar.
+/// The layer as a verified local uncompressed tar; `progress(done, total)` as it arrives.
 async fn local_tar(
     source: &Source,
     digest: &str,
     size: u64,
     format: Format,
     work: &Path,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<PathBuf> {
     let raw = source.blob(digest, size)?;
     if format != Format::Tar {
-        streamed::local_tar(raw, format, work, &|_, _| {}).await?;
+        streamed::local_tar(raw, format, work, progress).await?;
         return Ok(streamed::tar_path(work, digest));
     }
     let path = streamed::tar_path(work, digest);
@@ -232,9 +247,119 @@ async fn local_tar(
             let piece = raw.read_at(off, (8 << 20).min(size - off)).await?;
             tokio::io::AsyncWriteExt::write_all(&mut f, &piece).await?;
             off += piece.len() as u64;
+            progress(off, size);
         }
     }
     Ok(path)
+}
+
+/// Progress lines for one step of one layer: `what N%` at each tenth, and at the end.
+struct Steps {
+    report: Report,
+    what: String,
+    /// The last tenth reported (u64::MAX: none yet).
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Steps {
+    fn new(report: &Report, what: String) -> Steps {
+        Steps {
+            report: report.clone(),
+            what,
+            last: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn at(&self, done: u64, total: u64) {
+        let tenth = (done.min(total) * 10).checked_div(total).unwrap_or(10);
+        let last = self.last.swap(tenth, std::sync::atomic::Ordering::Relaxed);
+        if last != tenth {
+            (self.report)(&format!(
+                "{} {}% of {} MiB",
+                self.what,
+                tenth * 10,
+                total.div_ceil(1 << 20)
+            ));
+        }
+    }
+}
+
+/// A reader that tells how many bytes were read so far.
+struct Counted<'a, R> {
+    inner: R,
+    read: u64,
+    report: &'a (dyn Fn(u64) + Send + Sync),
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        (self.report)(self.read);
+        Ok(n)
+    }
+}
+
+impl<R: std::io::Seek> std::io::Seek for Counted<'_, R> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// Says how much scratch space converting the `layers` of one manifest takes in `work` (one
+/// layer at a time: the largest layer unpacked plus its eStargz form, about its compressed
+/// size), and how much is free there. A gzip layer's unpacked size is its trailer's
+/// (ISIZE, one 4-byte read; the size modulo 4 GiB, so taken only when it is not below the
+/// compressed size); others are guessed at four times their compressed size.
+async fn report_scratch(source: &Source, layers: &[Value], work: &Path, report: &Report) {
+    let mut need = 0u64;
+    let mut exact = true;
+    for l in layers {
+        let Ok((digest, size)) = descriptor(l, "layer") else {
+            continue;
+        };
+        let media_type = l["mediaType"].as_str().unwrap_or_default();
+        let unpacked = match Format::from_media_type(media_type) {
+            Ok(Format::Tar) => Some(size),
+            Ok(Format::Gzip) if size >= 18 => gzip_isize(source, digest, size)
+                .await
+                .filter(|&n| n >= size),
+            _ => None,
+        };
+        exact &= unpacked.is_some();
+        need = need.max(unpacked.unwrap_or(size * 4) + size);
+    }
+    let free = free_space(work).map(|f| format!("; {} MiB free there", f >> 20));
+    report(&format!(
+        "scratch space: {}{} MiB in {} (the largest layer unpacked plus its eStargz form){}",
+        if exact { "" } else { "about " },
+        need.div_ceil(1 << 20),
+        work.display(),
+        free.unwrap_or_default()
+    ));
+}
+
+/// The uncompressed size a gzip blob's last 4 bytes give (modulo 4 GiB).
+async fn gzip_isize(source: &Source, digest: &str, size: u64) -> Option<u64> {
+    let blob = source.blob(digest, size).ok()?;
+    let tail = blob.read_at(size - 4, 4).await.ok()?;
+    let b: [u8; 4] = tail.as_ref().try_into().ok()?;
+    Some(u64::from(u32::from_le_bytes(b)))
+}
+
+/// Free bytes on the file system holding `dir` (or its nearest existing parent).
+fn free_space(dir: &Path) -> Option<u64> {
+    let existing = dir.ancestors().find(|d| d.exists())?;
+    let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs writes into a zeroed struct of the right type; c is NUL-terminated.
+    let st = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        st
+    };
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// The digest and size of a descriptor in a manifest; `what` names it in errors.

@@ -8,9 +8,18 @@ use std::path::Path;
 /// Refuses a mountpoint that is missing, not a directory, not empty, or already a mount.
 pub fn check_mountpoint(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|e| {
+        // What a FUSE mount whose daemon died answers.
+        let hint = if e.raw_os_error() == Some(libc::ENOTCONN) {
+            format!(
+                " (a dead mount: `ocifs umount {}` removes it)",
+                path.display()
+            )
+        } else {
+            String::new()
+        };
         Error::Io(std::io::Error::new(
             e.kind(),
-            format!("mountpoint {}: {e}", path.display()),
+            format!("mountpoint {}: {e}{hint}", path.display()),
         ))
     })?;
     if !meta.is_dir() {
@@ -24,7 +33,9 @@ pub fn check_mountpoint(path: &Path) -> Result<()> {
         && std::fs::metadata(&parent)?.dev() != meta.dev()
     {
         return Err(Error::Io(std::io::Error::other(format!(
-            "mountpoint {} is busy: something is mounted there",
+            "mountpoint {} is busy: something is mounted there (if it is an ocifs mount \
+             whose daemon died, `ocifs umount {}` removes it)",
+            path.display(),
             path.display()
         ))));
     }
@@ -91,8 +102,120 @@ fn c_path(path: &Path) -> Result<std::ffi::CString> {
         .map_err(|_| Error::format("mountpoint", "contains NUL"))
 }
 
-/// Unmounts an ocifs mount (lazily, so open files do not block shutdown).
+/// What is mounted at a mountpoint, from `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mounted {
+    /// The file system type (`fuse` for ours: the kernel shows a subtype only when the
+    /// mount helper passes one).
+    pub fstype: String,
+    /// What the mount names as its source (`ocifs:REF` for ours).
+    pub source: String,
+}
+
+impl Mounted {
+    /// Whether this is an ocifs mount: a FUSE file system whose source is `ocifs:REF`, or
+    /// `ocifs-store` for a layer store.
+    pub fn is_ocifs(&self) -> bool {
+        (self.fstype == "fuse" || self.fstype == "fuse.ocifs")
+            && (self.source.starts_with("ocifs:") || self.source == "ocifs-store")
+    }
+}
+
+/// What is mounted with `path` as its mountpoint (the topmost mount, when mounts are
+/// stacked); `None` when nothing is. A dead FUSE mount's root cannot be resolved, so `path`
+/// is made absolute through its parent.
+pub fn mounted_at(path: &Path) -> Result<Option<Mounted>> {
+    let abs = match path.canonicalize() {
+        Ok(p) => p,
+        Err(_) => {
+            let name = path.file_name().ok_or_else(|| {
+                Error::Io(std::io::Error::other(format!(
+                    "{}: not a mountpoint",
+                    path.display()
+                )))
+            })?;
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => std::path::PathBuf::from("."),
+            };
+            parent.canonicalize()?.join(name)
+        }
+    };
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(mounted_in(&info, abs.as_os_str().as_encoded_bytes()))
+}
+
+/// The last mount in `mountinfo` whose mountpoint is `path`.
+fn mounted_in(mountinfo: &str, path: &[u8]) -> Option<Mounted> {
+    let mut found = None;
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let point = left.split(' ').nth(4).map(unescape_mountinfo);
+        if point.as_deref() == Some(path) {
+            let mut f = right.split(' ');
+            found = Some(Mounted {
+                fstype: f.next().unwrap_or_default().to_string(),
+                source: f
+                    .next()
+                    .map(unescape_mountinfo)
+                    .map_or_else(String::new, |s| String::from_utf8_lossy(&s).into_owned()),
+            });
+        }
+    }
+    found
+}
+
+/// A mountinfo field with its octal escapes (`\040` for a space) decoded.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) if b[i] == b'\\' => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Refuses a path that is not the mountpoint of an ocifs mount, naming what is there.
+pub fn check_ocifs_mount(path: &Path) -> Result<()> {
+    match mounted_at(path)? {
+        Some(m) if m.is_ocifs() => Ok(()),
+        Some(m) => Err(Error::Io(std::io::Error::other(format!(
+            "{} is not an ocifs mount (it is a {} mount of {}); leaving it alone",
+            path.display(),
+            m.fstype,
+            m.source
+        )))),
+        None => Err(Error::Io(std::io::Error::other(format!(
+            "{} is not an ocifs mount: nothing is mounted there",
+            path.display()
+        )))),
+    }
+}
+
+/// Unmounts the ocifs mount at `path`; refuses anything else mounted there.
 pub fn unmount(path: &Path) -> Result<()> {
+    check_ocifs_mount(path)?;
+    unmount_own(path)
+}
+
+/// Unmounts the mount at `path`, which the caller mounted (lazily, so open files do not
+/// block shutdown), without asking what it is: a mount that is ending unmounts itself.
+pub fn unmount_own(path: &Path) -> Result<()> {
     let c = c_path(path)?;
     // SAFETY: c is a valid NUL-terminated path for the duration of the call.
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
@@ -110,13 +233,32 @@ pub fn unmount(path: &Path) -> Result<()> {
     }
     Err(Error::Io(std::io::Error::new(
         err.kind(),
-        format!("unmount {}: {err}", path.display()),
+        format!("unmounting {}: {}", path.display(), err.kind()),
     )))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mounts_come_from_mountinfo() {
+        let info = "22 1 0:21 / /proc rw - proc proc rw\n\
+            40 22 0:40 / /tmp/a\\040b rw,nosuid - tmpfs tmpfs rw\n\
+            41 40 0:41 / /tmp/a\\040b ro - fuse ocifs:r/x:1 ro,user_id=0\n\
+            42 22 0:42 / /mnt rw - tmpfs tmpfs rw\n\
+            43 22 0:43 / /s rw - fuse.sshfs me@host:/ rw\n";
+        let at = |p: &[u8]| mounted_in(info, p);
+        assert!(at(b"/tmp/a b").unwrap().is_ocifs());
+        assert_eq!(at(b"/tmp/a b").unwrap().source, "ocifs:r/x:1");
+        assert_eq!(at(b"/mnt").unwrap().fstype, "tmpfs");
+        assert!(!at(b"/mnt").unwrap().is_ocifs());
+        assert!(!at(b"/s").unwrap().is_ocifs());
+        assert_eq!(at(b"/tmp"), None);
+        let dir = std::env::temp_dir();
+        let err = unmount(&dir).unwrap_err().to_string();
+        assert!(err.contains("not an ocifs mount"), "{err}");
+    }
 
     #[test]
     fn read_ahead_is_never_raised_outside_a_fuse_mount() {

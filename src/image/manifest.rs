@@ -28,7 +28,9 @@ pub struct Resolved {
     pub annotations: HashMap<String, String>,
 }
 
-fn is_index(media_type: &str, body: &[u8]) -> bool {
+/// Whether a manifest body is an image index (OCI index or Docker manifest list): by media
+/// type, or for a registry that sends none, by its keys.
+pub(crate) fn is_index(media_type: &str, body: &[u8]) -> bool {
     media_type.contains("image.index") || media_type.contains("manifest.list") || {
         serde_json::from_slice::<serde_json::Value>(body)
             .map(|v| v.get("manifests").is_some() && v.get("layers").is_none())
@@ -61,32 +63,8 @@ pub async fn resolve_manifest(
     let mut index_digest = None;
     let mut platforms = Vec::new();
     if is_index(&meta.media_type, &body) {
-        let index = ImageIndex::from_reader(&body[..])
-            .map_err(|e| Error::format(format!("image index {}", meta.digest), e.to_string()))?;
-        let mut chosen = None;
-        for m in index.manifests() {
-            // Artifacts listed next to images (a SOCI v2 index) are not candidates.
-            let artifact = m.artifact_type().is_some()
-                || m.annotations().as_ref().is_some_and(|a| {
-                    a.contains_key(crate::layer::checkpoint::soci::IMAGE_ANNOTATION)
-                });
-            let Some(p) = m.platform().as_ref().filter(|_| !artifact) else {
-                continue;
-            };
-            let (os, arch) = (p.os().to_string(), p.architecture().to_string());
-            let variant = p.variant().as_deref();
-            platforms.push(
-                Platform {
-                    os: os.clone(),
-                    arch: arch.clone(),
-                    variant: variant.map(str::to_string),
-                }
-                .to_string(),
-            );
-            if chosen.is_none() && platform.matches(&os, &arch, variant) {
-                chosen = Some(m.digest().to_string());
-            }
-        }
+        let (offered, chosen) = choose_platform(&body, &meta.digest, platform)?;
+        platforms = offered;
         let Some(digest) = chosen else {
             return Err(Error::Platform {
                 wanted: platform.to_string(),
@@ -102,10 +80,71 @@ pub async fn resolve_manifest(
             ));
         }
     }
-    let manifest = ImageManifest::from_reader(&body[..])
-        .map_err(|e| Error::format(format!("image manifest {}", meta.digest), e.to_string()))?;
+    let parts = manifest_parts(&body, &meta.digest)?;
+    Ok(Resolved {
+        index_digest,
+        platforms,
+        manifest_digest: meta.digest,
+        manifest_media_type: meta.media_type,
+        manifest: body,
+        config_digest: parts.config_digest,
+        config_size: parts.config_size,
+        config: Bytes::new(),
+        layers: parts.layers,
+        annotations: parts.annotations,
+    })
+}
+
+/// The platforms an image index (`body`, whose digest is `digest`) offers, artifacts apart,
+/// and the digest of the first manifest for `platform`, if any.
+pub(crate) fn choose_platform(
+    body: &[u8],
+    digest: &str,
+    platform: &Platform,
+) -> Result<(Vec<String>, Option<String>)> {
+    let index = ImageIndex::from_reader(body)
+        .map_err(|e| Error::format(format!("image index {digest}"), e.to_string()))?;
+    let mut platforms = Vec::new();
+    let mut chosen = None;
+    for m in index.manifests() {
+        // Artifacts listed next to images (a SOCI v2 index) are not candidates.
+        let artifact = m.artifact_type().is_some()
+            || m.annotations()
+                .as_ref()
+                .is_some_and(|a| a.contains_key(crate::layer::checkpoint::soci::IMAGE_ANNOTATION));
+        let Some(p) = m.platform().as_ref().filter(|_| !artifact) else {
+            continue;
+        };
+        let (os, arch) = (p.os().to_string(), p.architecture().to_string());
+        let variant = p.variant().as_deref();
+        platforms.push(
+            Platform {
+                os: os.clone(),
+                arch: arch.clone(),
+                variant: variant.map(str::to_string),
+            }
+            .to_string(),
+        );
+        if chosen.is_none() && platform.matches(&os, &arch, variant) {
+            chosen = Some(m.digest().to_string());
+        }
+    }
+    Ok((platforms, chosen))
+}
+
+/// What a mount needs of an image manifest.
+pub(crate) struct ManifestParts {
+    pub config_digest: String,
+    pub config_size: u64,
+    pub layers: Vec<LayerDesc>,
+    pub annotations: HashMap<String, String>,
+}
+
+/// Parses an image manifest (`body`, whose digest is `digest`).
+pub(crate) fn manifest_parts(body: &[u8], digest: &str) -> Result<ManifestParts> {
+    let manifest = ImageManifest::from_reader(body)
+        .map_err(|e| Error::format(format!("image manifest {digest}"), e.to_string()))?;
     let cfg = manifest.config();
-    let config_digest = cfg.digest().to_string();
     let layers = manifest
         .layers()
         .iter()
@@ -116,15 +155,9 @@ pub async fn resolve_manifest(
             annotations: l.annotations().clone().unwrap_or_default(),
         })
         .collect();
-    Ok(Resolved {
-        index_digest,
-        platforms,
-        manifest_digest: meta.digest,
-        manifest_media_type: meta.media_type,
-        manifest: body,
-        config_digest,
+    Ok(ManifestParts {
+        config_digest: cfg.digest().to_string(),
         config_size: cfg.size(),
-        config: Bytes::new(),
         layers,
         annotations: manifest.annotations().clone().unwrap_or_default(),
     })

@@ -2,8 +2,10 @@
 //! that `mount`, `ls` and `cat` all read through. What a mount adds on top (statistics, local
 //! copies, speculation) is in [`crate::serve`] and [`crate::speculate`].
 
+pub mod export;
 pub mod manifest;
 mod open;
+pub mod runconfig;
 pub mod share;
 pub mod source;
 
@@ -18,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::layer::{Entry, Format, Health, Layer, LayerDesc};
 use crate::tree::Tree;
 use bytes::Bytes;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Progress callback: (layer digest, bytes done, bytes total).
@@ -26,6 +29,8 @@ pub type Progress = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
 /// An image ready to be read.
 pub struct Image {
     pub resolved: Resolved,
+    /// Where it is read from (for a registry: the hosts, and what each served).
+    pub source: Source,
     /// Opened layers, lowest first.
     pub layers: Vec<OpenedLayer>,
     pub tree: Tree,
@@ -54,6 +59,84 @@ pub fn block_cache(cfg: &OpenConfig, readahead: ReadAhead) -> Arc<BlockCache> {
     )
 }
 
+/// Opens the layers of one resolved image, one at a time or all at once: what every layer of
+/// an image is opened with (its source, the configuration, the block cache, and the indexes
+/// published for the image, looked up once for all its layers). A mount opens every layer
+/// before it is ready; the layer store opens each when it is first asked for.
+pub struct LayerOpener {
+    source: Source,
+    cfg: OpenConfig,
+    cache: Arc<BlockCache>,
+    progress: Progress,
+    manifest_digest: String,
+    soci_index: Option<String>,
+    published: tokio::sync::OnceCell<HashMap<String, share::Published>>,
+}
+
+impl LayerOpener {
+    /// An opener for the layers of `resolved` (found in `source`), read through `cache`.
+    pub fn new(
+        source: Source,
+        resolved: &Resolved,
+        cfg: OpenConfig,
+        cache: Arc<BlockCache>,
+        progress: Progress,
+    ) -> Self {
+        LayerOpener {
+            source,
+            cfg,
+            cache,
+            progress,
+            manifest_digest: resolved.manifest_digest.clone(),
+            soci_index: resolved
+                .annotations
+                .get(crate::layer::checkpoint::soci::INDEX_ANNOTATION)
+                .cloned(),
+            published: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The configuration layers are opened with.
+    pub fn config(&self) -> &OpenConfig {
+        &self.cfg
+    }
+
+    /// The block cache layers are read through.
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// The block cache layers are read through.
+    pub fn cache(&self) -> &Arc<BlockCache> {
+        &self.cache
+    }
+
+    /// Detects the format of the layer `desc` names and indexes it: the opened layer and
+    /// its entries.
+    pub async fn open(&self, desc: &LayerDesc) -> Result<(OpenedLayer, Vec<Entry>)> {
+        let ctx = open::Ctx {
+            source: &self.source,
+            cache: self.cache.clone(),
+            cfg: &self.cfg,
+            progress: self.progress.clone(),
+            manifest_digest: self.manifest_digest.clone(),
+            soci_index: self.soci_index.clone(),
+            published: &self.published,
+        };
+        let counter = Arc::new(CountingBlob::new(
+            self.source.blob(&desc.digest, desc.size)?,
+        ));
+        let raw: Blob = counter.clone();
+        let (layer, entries) = ctx.open_layer(desc, &counter).await?;
+        let opened = OpenedLayer {
+            layer: Arc::new(layer),
+            blob: self.cache.wrap(raw),
+            counter,
+        };
+        Ok((opened, entries))
+    }
+}
+
 impl Image {
     /// Resolves `reference` in `source` and opens every layer (in parallel), reading registry
     /// blobs through `cache`.
@@ -67,53 +150,26 @@ impl Image {
         // Connections for what follows the manifest, opened while it is on its way.
         source.warm();
         let mut resolved = manifest::resolve_manifest(source, reference, &cfg.platform).await?;
-        let ctx = open::Ctx {
-            source,
-            cache: cache.clone(),
-            cfg,
+        let opener = LayerOpener::new(
+            source.clone(),
+            &resolved,
+            cfg.clone(),
+            cache.clone(),
             progress,
-            manifest_digest: resolved.manifest_digest.clone(),
-            soci_index: resolved
-                .annotations
-                .get(crate::layer::checkpoint::soci::INDEX_ANNOTATION)
-                .cloned(),
-            published: tokio::sync::OnceCell::new(),
-        };
+        );
         // The config is not needed to open layers: fetch it alongside (one round trip less).
         let config = manifest::fetch_config(source, &resolved);
-        let opened = futures::future::try_join_all(resolved.layers.iter().map(|desc| {
-            let ctx = &ctx;
-            async move {
-                let counter = Arc::new(CountingBlob::new(source.blob(&desc.digest, desc.size)?));
-                let raw: Blob = counter.clone();
-                let (layer, entries) = ctx.open_layer(desc, &counter).await?;
-                let opened = OpenedLayer {
-                    layer: Arc::new(layer),
-                    blob: ctx.cache.wrap(raw),
-                    counter,
-                };
-                Ok::<_, Error>((opened, entries))
-            }
-        }));
+        let opened = futures::future::try_join_all(resolved.layers.iter().map(|d| opener.open(d)));
         let (config, opened) = futures::future::try_join(config, opened).await?;
         resolved.config = config;
         let (layers, entries): (Vec<_>, Vec<Vec<Entry>>) = opened.into_iter().unzip();
         if cfg.verify == VerifyMode::Strict {
-            let diff_ids = manifest::diff_ids(&resolved.config);
-            let pairs: Vec<_> = layers.iter().map(|l| (&*l.layer, &l.blob)).collect();
-            crate::verify::verify_layers(&pairs, &diff_ids, &|| true).await;
-            for l in &layers {
-                if let Health::Bad(reason) = &*l.layer.health.read().unwrap() {
-                    return Err(Error::BadLayer {
-                        digest: l.layer.digest.clone(),
-                        reason: reason.clone(),
-                    });
-                }
-            }
+            verify_now(&layers, &manifest::diff_ids(&resolved.config)).await?;
         }
         let tree = Tree::build(&entries);
         Ok(Image {
             resolved,
+            source: source.clone(),
             layers,
             tree,
         })
@@ -159,6 +215,23 @@ impl Image {
             .collect();
         format!("{} layers ({})", self.layers.len(), formats.join(", "))
     }
+}
+
+/// Checks `layers` against their digests (and `diff_ids`, for indexes from the registry)
+/// before they are served, as `--verify strict` asks: the first bad layer is the error.
+pub async fn verify_now(layers: &[OpenedLayer], diff_ids: &[String]) -> Result<()> {
+    let pairs: Vec<_> = layers.iter().map(|l| (&*l.layer, &l.blob)).collect();
+    // Strict: a layer the network kept from being verified fails too.
+    crate::verify::verify_layers(&pairs, diff_ids, &|| true).await?;
+    for l in layers {
+        if let Health::Bad(reason) = &*l.layer.health.read().unwrap() {
+            return Err(Error::BadLayer {
+                digest: l.layer.digest.clone(),
+                reason: reason.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A layer's format as `inspect` reports it (see [`crate::layer::detect::probe`]).

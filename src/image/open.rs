@@ -4,9 +4,9 @@
 //! index published next to the image in the registry, or a build pass over the blob.
 
 use super::{Progress, Source, share};
-use crate::blob::Blob;
 use crate::blob::cache::BlockCache;
 use crate::blob::counting::CountingBlob;
+use crate::blob::{Blob, healing};
 use crate::config::{OpenConfig, VerifyMode};
 use crate::error::Result;
 use crate::layer::checkpoint::{self, CheckpointIndex, Codec};
@@ -28,7 +28,7 @@ pub(super) struct Ctx<'a> {
     /// The SOCI v2 index the image manifest names, if any.
     pub soci_index: Option<String>,
     /// Indexes published in the registry, looked up once, on first need.
-    pub published: tokio::sync::OnceCell<HashMap<String, share::Published>>,
+    pub published: &'a tokio::sync::OnceCell<HashMap<String, share::Published>>,
 }
 
 impl Ctx<'_> {
@@ -73,10 +73,26 @@ impl Ctx<'_> {
         let format = detect::from_tail(media, &tail);
         let mut index_source = None;
         let mut index_check = None;
+        // Headers, footers and TOCs that fail their checks may have arrived damaged: they
+        // are read once more from fresh bytes before the layer is refused.
+        let what = format!("opening layer {}", desc.digest);
+        let whole = (0, cached.size());
+        let announced = detect::announces_toc(media, desc);
+        let mut first_tail = Some((tail_start, tail));
+        let mut tail = || {
+            let first = first_tail.take();
+            let cached = &cached;
+            async move {
+                match first {
+                    Some(t) => Ok(t),
+                    None => self.tail(cached, announced).await,
+                }
+            }
+        };
         let (data, entries, health) = match format {
             Format::Tar => (
                 LayerData::Tar(cached.clone()),
-                tar::index(cached).await?,
+                healing(&cached, whole, &what, || tar::index(cached.clone())).await?,
                 initial,
             ),
             Format::Estargz | Format::LegacyStargz => {
@@ -84,8 +100,14 @@ impl Ctx<'_> {
                     .annotations
                     .get(estargz::TOC_DIGEST_ANNOTATION)
                     .map(String::as_str);
-                let (reader, entries, _) =
-                    estargz::open(cached, tail_start, tail, toc_digest).await?;
+                let (reader, entries, _) = healing(&cached, whole, &what, || {
+                    let (tail, cached) = (tail(), cached.clone());
+                    async move {
+                        let (start, bytes) = tail.await?;
+                        estargz::open(cached, start, bytes, toc_digest).await
+                    }
+                })
+                .await?;
                 (self.chunked(reader), entries, initial)
             }
             Format::ZstdChunked => {
@@ -93,8 +115,14 @@ impl Ctx<'_> {
                     .iter()
                     .find_map(|a| desc.annotations.get(*a))
                     .map(String::as_str);
-                let (reader, entries) =
-                    zstdchunked::open(cached, tail_start, tail, checksum).await?;
+                let (reader, entries) = healing(&cached, whole, &what, || {
+                    let (tail, cached) = (tail(), cached.clone());
+                    async move {
+                        let (start, bytes) = tail.await?;
+                        zstdchunked::open(cached, start, bytes, checksum).await
+                    }
+                })
+                .await?;
                 (self.chunked(reader), entries, initial)
             }
             Format::Gzip => {

@@ -87,7 +87,7 @@ pub async fn discover(
     };
     let referrers = async {
         match source {
-            Source::Registry { registry, repo } => registry.referrers(repo, manifest_digest).await,
+            Source::Registry { repo } => repo.referrers(manifest_digest).await,
             _ => Ok(None),
         }
     };

@@ -1,10 +1,10 @@
-//! Where an image comes from: a registry repository or a local OCI image layout
-//! (`oci:PATH[:TAG]`). Both hand out manifests and [`Blob`]s, so everything after this point
-//! runs the same code.
+//! Where an image comes from: a registry repository (with its mirrors: [`Repo`]) or a local
+//! OCI image layout (`oci:PATH[:TAG]`). Both hand out manifests and [`Blob`]s, so everything
+//! after this point runs the same code.
 
 use crate::blob::{Blob, FileBlob};
 use crate::error::{Error, Result};
-use crate::registry::{ManifestMeta, Registry, RegistryBlob};
+use crate::registry::{ManifestMeta, Repo, RepoBlob};
 use bytes::Bytes;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,11 +12,8 @@ use std::sync::Arc;
 /// An image repository, remote or local.
 #[derive(Clone)]
 pub enum Source {
-    /// A repository on a registry.
-    Registry {
-        registry: Arc<Registry>,
-        repo: String,
-    },
+    /// A repository on a registry, pulled through its mirrors.
+    Registry { repo: Arc<Repo> },
     /// An OCI image layout directory.
     Layout { dir: PathBuf },
 }
@@ -25,26 +22,26 @@ impl Source {
     /// Human-readable name for messages.
     pub fn describe(&self) -> String {
         match self {
-            Source::Registry { registry, repo } => format!("{}/{repo}", registry.host()),
+            Source::Registry { repo } => repo.name().to_string(),
             Source::Layout { dir } => format!("oci:{}", dir.display()),
         }
     }
 
     /// Opens connections to the registry in the background (see
-    /// [`crate::registry::Registry::warm`]); nothing for a layout. Not owned by a guard: the
+    /// [`crate::registry::Repo::warm`]); nothing for a layout. Not owned by a guard: the
     /// task ends by itself (the client's connect and read timeouts bound it), and the
     /// connections it opens serve reads after the image is open too.
     pub fn warm(&self) {
-        if let Source::Registry { registry, .. } = self {
-            let registry = registry.clone();
-            tokio::spawn(async move { registry.warm(crate::registry::WARM_CONNECTIONS).await });
+        if let Source::Registry { repo } = self {
+            let repo = repo.clone();
+            tokio::spawn(async move { repo.warm(crate::registry::WARM_CONNECTIONS).await });
         }
     }
 
     /// Resolves a tag or digest to a manifest's digest without fetching it, when possible.
     pub async fn head(&self, reference: &str) -> Result<Option<ManifestMeta>> {
         match self {
-            Source::Registry { registry, repo } => registry.head_manifest(repo, reference).await,
+            Source::Registry { repo } => repo.head(reference).await,
             Source::Layout { .. } => Ok(None),
         }
     }
@@ -52,7 +49,7 @@ impl Source {
     /// Fetches a manifest (by tag or digest) and checks its digest.
     pub async fn manifest(&self, reference: &str) -> Result<(Bytes, ManifestMeta)> {
         match self {
-            Source::Registry { registry, repo } => registry.get_manifest(repo, reference).await,
+            Source::Registry { repo } => repo.manifest(reference).await,
             Source::Layout { dir } => {
                 let digest = if reference.starts_with("sha256:") {
                     reference.to_string()
@@ -90,12 +87,7 @@ impl Source {
         crate::digest::validate_digest(digest)
             .map_err(|e| Error::format(format!("descriptor digest {digest:?}"), e))?;
         match self {
-            Source::Registry { registry, repo } => Ok(Arc::new(RegistryBlob::new(
-                registry.clone(),
-                repo,
-                digest,
-                size,
-            ))),
+            Source::Registry { repo } => Ok(Arc::new(RepoBlob::new(repo.clone(), digest, size))),
             Source::Layout { .. } => {
                 let b = FileBlob::open(digest, &self.layout_blob_path(digest)?)?;
                 if crate::blob::BlobSource::size(&b) != size {
@@ -117,22 +109,34 @@ impl Source {
                 format!("{size} bytes is too large for a config"),
             ));
         }
-        let data = self.blob(digest, size)?.read_at(0, size).await?;
-        let actual = crate::digest::sha256(&data);
-        if actual != digest {
-            return Err(Error::Digest {
-                what: format!("blob {digest}"),
-                expected: digest.into(),
-                actual,
-            });
+        if let Source::Registry { repo } = self {
+            crate::digest::validate_digest(digest)
+                .map_err(|e| Error::format(format!("descriptor digest {digest:?}"), e))?;
+            // Checked at each host, so that a mirror serving it wrong is passed over.
+            return repo.read_whole(digest, size).await;
         }
-        Ok(data)
+        // A damaged answer is fetched once more (see `blob::healing`).
+        let blob = self.blob(digest, size)?;
+        let what = format!("blob {digest}");
+        crate::blob::healing(&blob, (0, size), &what, || async {
+            let data = blob.read_at(0, size).await?;
+            let actual = crate::digest::sha256(&data);
+            if actual != digest {
+                return Err(Error::Digest {
+                    what: what.clone(),
+                    expected: digest.into(),
+                    actual,
+                });
+            }
+            Ok(data)
+        })
+        .await
     }
 
     /// Tags of the repository.
     pub async fn tags(&self) -> Result<Vec<String>> {
         match self {
-            Source::Registry { registry, repo } => registry.tags(repo).await,
+            Source::Registry { repo } => repo.tags().await,
             Source::Layout { dir } => {
                 let index = self.layout_index()?;
                 let mut tags: Vec<String> = index

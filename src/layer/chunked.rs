@@ -14,7 +14,7 @@
 //! chunk longer than the disk cache bound is refused with an error naming it, and decoded
 //! files past that bound are dropped oldest first.
 
-use crate::blob::{Blob, BytesLru};
+use crate::blob::{Blob, BytesLru, healing};
 use crate::error::{Error, Result};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, HashSet};
@@ -223,14 +223,29 @@ impl Reader {
     }
 
     /// One chunk, decoded and checked against its digest (its compressed bytes read `now`
-    /// if asked, see [`crate::blob::ReadHints::read_now`]).
+    /// if asked, see [`crate::blob::ReadHints::read_now`]). Compressed bytes that do not
+    /// decode to the chunk are dropped from the cache and fetched once more: only a second
+    /// failure is the read's.
     async fn chunk(&self, c: &Chunk, until: u64, now: bool) -> Result<Bytes> {
         let key = (c.start, c.inner);
         if let Some(b) = self.decoded.lock().unwrap().get(&key) {
             return Ok(b);
         }
-        let what = || self.what(c);
         self.check_extent(c)?;
+        let data = healing(
+            &self.blob,
+            (c.start, c.compressed_len()),
+            &self.what(c),
+            || self.decode_chunk(c, until, now),
+        )
+        .await?;
+        self.decoded.lock().unwrap().put(key, data.clone());
+        Ok(data)
+    }
+
+    /// Fetches, decodes and checks one chunk.
+    async fn decode_chunk(&self, c: &Chunk, until: u64, now: bool) -> Result<Bytes> {
+        let what = || self.what(c);
         let compressed = if now {
             self.blob.read_now(c.start, c.compressed_len()).await?
         } else {
@@ -265,9 +280,7 @@ impl Reader {
                 });
             }
         }
-        let data = Bytes::from(data);
-        self.decoded.lock().unwrap().put(key, data.clone());
-        Ok(data)
+        Ok(Bytes::from(data))
     }
 
     fn what(&self, c: &Chunk) -> String {
@@ -333,7 +346,10 @@ impl Reader {
             .or_default()
             .clone();
         let decode = || async {
-            let file = self.spill(c).await?;
+            let what = self.what(c);
+            let spill = self.spill_dir(c)?;
+            let range = (c.start, c.compressed_len());
+            let file = healing(&self.blob, range, &what, || self.spill(c, spill.clone())).await?;
             let max = self.spill.as_ref().map_or(0, |s| s.max);
             self.spilled.lock().unwrap().decoded(key, c.len, max);
             Ok::<_, Error>(file)
@@ -342,9 +358,9 @@ impl Reader {
         crate::blob::read_file_at(file, offset, len).await
     }
 
-    /// Decodes a large chunk into an unnamed file, checking its length and digest; the file
-    /// is served only once both match, and disappears with the mount.
-    async fn spill(&self, c: &Chunk) -> Result<Arc<std::fs::File>> {
+    /// Where a large chunk may be decoded: an error when there is no such place or the
+    /// chunk is longer than it may hold.
+    fn spill_dir(&self, c: &Chunk) -> Result<Spill> {
         let what = self.what(c);
         let Some(spill) = self.spill.clone() else {
             return Err(Error::format(
@@ -365,6 +381,13 @@ impl Reader {
             ));
         }
         self.check_extent(c)?;
+        Ok(spill)
+    }
+
+    /// Decodes a large chunk into an unnamed file under `spill`, checking its length and
+    /// digest; the file is served only once both match, and disappears with the mount.
+    async fn spill(&self, c: &Chunk, spill: Spill) -> Result<Arc<std::fs::File>> {
+        let what = self.what(c);
         tracing::info!(
             "decoding {what} ({} bytes) into {}",
             c.len,
@@ -554,6 +577,32 @@ mod tests {
         let err = reader.read(&[chunk], 0, 10).await.unwrap_err();
         assert!(err.to_string().contains("may hold"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A chunk whose compressed bytes arrived damaged (and were cached so) is fetched once
+    /// more; a second failure is the read's.
+    #[tokio::test]
+    async fn a_chunk_that_fails_its_digest_is_fetched_again_once() {
+        use crate::blob::cache::{BlockCache, ReadAhead};
+        use crate::blob::damaging::Damaging;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let member = gzip(&data);
+        let chunk = one_chunk(&data, &member);
+        let ra = ReadAhead {
+            bytes: 1 << 20,
+            after: 1 << 40, // no read-ahead: it would take the damaged answers
+        };
+        for (damaged, mended) in [(1, true), (2, false)] {
+            let src = Damaging::new(member.clone(), damaged);
+            let cache = BlockCache::new(4096, 4096, 64 << 20, None, ra);
+            let reader = Reader::new(cache.wrap(src.clone()), Codec::Gzip, 0);
+            let got = reader.read(std::slice::from_ref(&chunk), 0, 300_000).await;
+            match mended {
+                true => assert!(got.unwrap() == data),
+                false => assert!(got.unwrap_err().is_check()),
+            }
+            assert_eq!(src.reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+        }
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub const FOOTER_SIZE: u64 = 51;
 const LEGACY_FOOTER_SIZE: u64 = 47;
 /// TOCs larger than this (uncompressed) are refused.
 const MAX_TOC: u64 = 256 << 20;
-const HIDDEN: [&str; 3] = [
+/// Names eStargz writers add that readers hide (stargz-snapshotter's zstd:chunked too).
+pub(super) const HIDDEN: [&str; 3] = [
     "stargz.index.json",
     ".prefetch.landmark",
     ".no.prefetch.landmark",
@@ -163,12 +164,11 @@ fn entries_from_toc(toc: Vec<TocEntry>, toc_off: u64, what: &str) -> Result<Vec<
         if let Some(last) = out.last_mut()
             && !chunks.is_empty()
         {
-            let covered: u64 = chunks.iter().map(|c| c.len).sum();
-            if covered != last.size {
+            if !toc::tiles(chunks, last.size) {
                 return Err(Error::format(
                     what,
                     format!(
-                        "chunks of {:?} cover {covered} of {} bytes",
+                        "chunks of {:?} do not tile its {} bytes",
                         last.path, last.size
                     ),
                 ));
@@ -290,5 +290,42 @@ mod tests {
             ..Default::default()
         }];
         assert!(entries_from_toc(t, 300, "t").is_err());
+    }
+
+    /// Found by fuzzing: chunks whose lengths add up to the file's size but do not tile it (a
+    /// gap where a chunk starts past the end of the one before, or lengths that overflow to
+    /// the size) were accepted, and reads served their bytes at the wrong offsets.
+    #[test]
+    fn chunks_must_tile_their_file() {
+        let toc = |first_offset: u64, first_len: u64, second_offset: u64, second_len: u64| {
+            vec![
+                TocEntry {
+                    name: "a".into(),
+                    kind: "reg".into(),
+                    size: 10,
+                    offset: 100,
+                    chunk_offset: first_offset,
+                    chunk_size: first_len,
+                    ..Default::default()
+                },
+                TocEntry {
+                    name: "a".into(),
+                    kind: "chunk".into(),
+                    offset: 200,
+                    chunk_offset: second_offset,
+                    chunk_size: second_len,
+                    ..Default::default()
+                },
+            ]
+        };
+        assert!(entries_from_toc(toc(0, 4, 4, 6), 300, "t").is_ok());
+        for (bad, why) in [
+            (toc(0, 4, 5, 6), "gap"),
+            (toc(1, 4, 4, 6), "first chunk not at 0"),
+            (toc(0, u64::MAX, 0, 11), "lengths overflow"),
+        ] {
+            let err = entries_from_toc(bad, 300, "t").unwrap_err().to_string();
+            assert!(err.contains("do not tile"), "{why}: {err}");
+        }
     }
 }

@@ -328,6 +328,16 @@ impl Layer {
         }
     }
 
+    /// The length of the layer's uncompressed tar, when known without reading it all: the
+    /// blob of a tar layer, a gzip or zstd layer's index, a local copy. `None` for eStargz
+    /// and zstd:chunked, whose TOC lists files, not the tar around them.
+    pub fn uncompressed_size(&self) -> Option<u64> {
+        match &self.data {
+            LayerData::Tar(blob) => Some(blob.size()),
+            LayerData::Chunked(_) => None,
+        }
+    }
+
     /// Marks the layer bad: later reads fail with EIO.
     pub fn mark_bad(&self, reason: String) {
         tracing::error!("layer {} marked bad: {reason}", self.digest);

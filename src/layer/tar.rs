@@ -1,8 +1,9 @@
 //! Tar streams: walk the headers of an uncompressed tar and record where each file's bytes are.
 //!
 //! The walk seeks past file data, so over a remote blob it only fetches the blocks holding
-//! headers. GNU and PAX long names, PAX uid/gid/mtime and `SCHILY.xattr.*` are honoured (via
-//! the `tar` crate's header parsing). The same walk indexes the local tar a streamed gzip or
+//! headers. GNU and PAX long names, PAX size/uid/gid/mtime and `SCHILY.xattr.*` are honoured
+//! (via the `tar` crate's header parsing); a PAX size is how Go and Python size a file past
+//! 8 GiB, so files of any size are walked past without reading them. The same walk indexes the local tar a streamed gzip or
 //! zstd layer is unpacked into.
 
 use super::{Entry, Kind, Locator, clean_path};
@@ -73,9 +74,18 @@ pub struct Bounded<R> {
 pub struct HeaderLimit(Arc<AtomicU64>);
 
 impl HeaderLimit {
-    /// Allows the data of entry `e` and the headers of the next one.
+    /// Allows the data of entry `e` and the headers of the next one. The data is as long as
+    /// the walk skips: a PAX `size` record's length when there is one (Go's archive/tar and
+    /// Python's tarfile leave the header's field 0 past 8 GiB, and any PAX writer may), the
+    /// header's otherwise; a GNU sparse file stores its header's size (`size()` is the
+    /// expanded length).
     pub fn after<R: Read>(&self, e: &::tar::Entry<'_, R>) {
-        let data = e.header().entry_size().unwrap_or(0).div_ceil(512) * 512;
+        let stored = if e.header().entry_type().is_gnu_sparse() {
+            e.header().entry_size().unwrap_or(0)
+        } else {
+            e.size()
+        };
+        let data = stored.div_ceil(512).saturating_mul(512);
         let end = e.raw_file_position().saturating_add(data);
         self.0
             .store(end.saturating_add(MAX_HEADERS), Ordering::Relaxed);
@@ -306,6 +316,12 @@ pub async fn read_sparse(tar: &Blob, header: u64, offset: u64, len: u64) -> Resu
         let s = offset.max(p.offset);
         let e = end.min(p.offset + p.len);
         let data = tar.read_at(p.at + (s - p.offset), e - s).await?;
+        if data.len() as u64 != e - s {
+            return Err(Error::format(
+                format!("GNU sparse file at {header} of {}", tar.id()),
+                format!("the piece at {} lies past the end of the tar", p.offset),
+            ));
+        }
         out[(s - offset) as usize..(e - offset) as usize].copy_from_slice(&data);
     }
     Ok(Bytes::from(out))
@@ -437,6 +453,157 @@ mod tests {
         assert_eq!(index_reader(io::Cursor::new(&tar), "t").unwrap().len(), 2);
     }
 
+    /// The headers Go's archive/tar (1.19) writes for a file whose size overflows the ustar
+    /// field, byte for byte but for the PAX header's name: a PAX record `size=N`, then a
+    /// ustar header whose size field is 0. Python's tarfile writes the same.
+    fn pax_sized(name: &str, size: u64) -> Vec<u8> {
+        let mut b = ::tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("size", size.to_string().as_bytes())])
+            .unwrap();
+        let mut h = ::tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append(&h, &[][..]).unwrap();
+        b.get_ref().clone()
+    }
+
+    /// A small file after the others, and the end of the archive.
+    fn after_file(tar: &mut Vec<u8>) {
+        let mut b = ::tar::Builder::new(std::mem::take(tar));
+        let mut h = ::tar::Header::new_ustar();
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, "after", &b"after"[..]).unwrap();
+        *tar = b.into_inner().unwrap();
+    }
+
+    #[test]
+    fn a_pax_size_record_sizes_a_file_past_the_header_bound() {
+        // 20 MiB sized only by PAX: more data than MAX_HEADERS allows for headers.
+        let len = 20u64 << 20;
+        let mut tar = pax_sized("big", len);
+        let data_at = tar.len();
+        tar.extend((0..len).map(|i| (i % 251) as u8));
+        after_file(&mut tar);
+        for entries in [
+            index_reader(io::Cursor::new(&tar), "t").unwrap(),
+            index_stream(&tar[..], "t").unwrap(),
+        ] {
+            assert_eq!(entries.len(), 2);
+            assert_eq!((entries[0].path.as_str(), entries[0].size), ("big", len));
+            assert_eq!(
+                entries[0].data,
+                Locator::Tar {
+                    offset: data_at as u64
+                }
+            );
+            let Locator::Tar { offset } = entries[1].data else {
+                panic!()
+            };
+            assert_eq!(&tar[offset as usize..offset as usize + 5], b"after");
+        }
+        // The records themselves are still bounded: a PAX header claiming 17 MiB is refused.
+        let mut h = ::tar::Header::new_ustar();
+        h.set_entry_type(::tar::EntryType::XHeader);
+        h.set_size(17 << 20);
+        h.set_cksum();
+        let mut tar = h.as_bytes().to_vec();
+        tar.extend(b"30 size=1\n".iter().cycle().take(17 << 20));
+        after_file(&mut tar);
+        let err = index_reader(io::Cursor::new(&tar), "t").unwrap_err();
+        assert!(err.to_string().contains("exceed"), "{err}");
+    }
+
+    /// A tar of `head`, then `len` bytes synthesized from their offset, then `tail`: a
+    /// 9 GiB file without 9 GiB of memory. Counts the bytes of the file it is asked for.
+    struct Synth {
+        head: Vec<u8>,
+        len: u64,
+        tail: Vec<u8>,
+        data_read: AtomicU64,
+    }
+
+    fn synth_byte(i: u64) -> u8 {
+        ((i % 251) as u8) ^ ((i >> 32) as u8)
+    }
+
+    #[async_trait::async_trait]
+    impl crate::blob::BlobSource for Synth {
+        fn id(&self) -> &str {
+            "synth"
+        }
+        fn size(&self) -> u64 {
+            self.head.len() as u64 + self.len + self.tail.len() as u64
+        }
+        async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+            let len = crate::blob::clamp("synth", self.size(), offset, len)?;
+            // The file's data is [h, t).
+            let h = self.head.len() as u64;
+            let t = h + self.len;
+            let out: Vec<u8> = (offset..offset + len)
+                .map(|i| match i {
+                    i if i < h => self.head[i as usize],
+                    i if i < t => synth_byte(i - h),
+                    i => self.tail[(i - t) as usize],
+                })
+                .collect();
+            let overlap = (offset + len).min(t).saturating_sub(offset.max(h));
+            self.data_read.fetch_add(overlap, Ordering::Relaxed);
+            Ok(Bytes::from(out))
+        }
+    }
+    impl crate::blob::ReadHints for Synth {}
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_nine_gib_file_sized_by_pax_lists_and_reads_at_both_ends() {
+        use crate::layer::{Health, Layer, LayerData};
+        let len = 9u64 << 30;
+        let head = pax_sized("d/big", len);
+        let mut tail = vec![0u8; (len.div_ceil(512) * 512 - len) as usize];
+        after_file(&mut tail);
+        let synth = Arc::new(Synth {
+            head: head.clone(),
+            len,
+            tail,
+            data_read: AtomicU64::new(0),
+        });
+        let blob: Blob = synth.clone();
+        let entries = index(blob.clone()).await.unwrap();
+        // The walk reads 64 KiB windows around the headers and seeks past the rest.
+        let read = synth.data_read.load(Ordering::Relaxed);
+        assert!(read <= 128 << 10, "the walk read {read} bytes of data");
+        let names: Vec<_> = entries.iter().map(|e| (e.path.as_str(), e.size)).collect();
+        assert_eq!(names, [("d/big", len), ("after", 5)]);
+        let entry = |p: &str| entries.iter().find(|e| e.path == p).unwrap();
+        let layer = Layer {
+            digest: "synth".into(),
+            format: crate::layer::Format::Tar,
+            data: LayerData::Tar(blob),
+            health: std::sync::RwLock::new(Health::Verified),
+            index_source: None,
+            index_check: None,
+        };
+        let loc = &entry("d/big").data;
+        for at in [0, 4095, (4u64 << 30) + 7, len - 4096] {
+            let got = layer.read(loc, len, at, 4096).await.unwrap();
+            let want: Vec<u8> = (at..at + 4096).map(synth_byte).collect();
+            assert_eq!(&got[..], &want[..], "at {at}");
+        }
+        // A read past the end stops at the end; the file after it is intact.
+        assert_eq!(layer.read(loc, len, len - 3, 100).await.unwrap().len(), 3);
+        let after = entry("after");
+        let got = layer.read(&after.data, 5, 0, 5).await.unwrap();
+        assert_eq!(&got[..], b"after");
+    }
+
     #[test]
     fn indexes_long_names_links_xattrs_and_offsets() {
         let mut b = ::tar::Builder::new(Vec::new());
@@ -508,6 +675,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sparse"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_sparse_piece_past_the_end_of_the_tar_is_an_error_not_a_panic() {
+        // GNU tar's sparse file: 4 KiB of data at 20 KiB of 64 KiB, stored at 512..4608.
+        let whole = include_bytes!("../../fuzz/corpus/tar/seed-gnu-sparse").to_vec();
+        for (tar, ok) in [(whole[..1536].to_vec(), false), (whole, true)] {
+            let entries = index_reader(io::Cursor::new(&tar), "t").unwrap();
+            let Locator::Sparse { header } = entries[0].data else {
+                panic!("{:?}", entries[0])
+            };
+            let blob: Blob = Arc::new(crate::blob::MemBlob::new("t", tar));
+            let read = read_sparse(&blob, header, 20 << 10, 4096).await;
+            match read {
+                Ok(b) => assert!(ok && b.starts_with(b"data in the middle")),
+                Err(e) => assert!(!ok && e.to_string().contains("past the end"), "{e}"),
+            }
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! `chunkType`). [`parse`] reads the JSON; [`TocEntry::entry`] turns an entry's file metadata
 //! into an [`Entry`]; where the bytes are (chunks) each format reads in its own module.
 
+use super::chunked::Chunk;
 use super::{Entry, Kind};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -94,6 +95,24 @@ impl TocEntry {
         e.xattrs.sort();
         Ok(e)
     }
+}
+
+/// Whether the chunks a TOC gives a file tile it: in order, each starting where the one
+/// before ends, from 0 to its `size`. A read finds the chunk holding an offset and serves its
+/// bytes there, so a gap, an overlap or lengths that overflow would serve wrong bytes (or
+/// too few).
+pub(super) fn tiles(chunks: &[Chunk], size: u64) -> bool {
+    let mut at = 0u64;
+    for c in chunks {
+        if c.file_offset != at {
+            return false;
+        }
+        match at.checked_add(c.len) {
+            Some(next) => at = next,
+            None => return false,
+        }
+    }
+    at == size
 }
 
 /// Parses the RFC 3339 timestamps Go writes (`2006-01-02T15:04:05Z`, optional fraction and

@@ -35,6 +35,17 @@ impl Credentials {
     /// `https://index.docker.io/v1/`. A helper is the program `docker-credential-<name>`
     /// (see [`from_helper`](Self::from_helper)).
     pub fn from_docker_config(path: &Path, registry: &str) -> Result<Option<Credentials>> {
+        Credentials::from_auth_file(path, registry, "")
+    }
+
+    /// [`from_docker_config`](Self::from_docker_config) for an image in `repository`, also
+    /// reading containers' `auth.json` keys scoped to a namespace (`HOST/NS/REPO`,
+    /// `HOST/NS`), most specific first, before the host's own entry (containers-auth.json(5)).
+    pub fn from_auth_file(
+        path: &Path,
+        registry: &str,
+        repository: &str,
+    ) -> Result<Option<Credentials>> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -60,7 +71,16 @@ impl Credentials {
             ]
         };
         // The name a helper stores the registry under.
-        let server = &keys[0];
+        let server = keys[0].clone();
+        let server = &server;
+        // Namespaced keys (containers' auth.json): the whole repository, then its parents.
+        let mut scoped: Vec<String> = Vec::new();
+        let mut ns = repository;
+        while !ns.is_empty() {
+            scoped.push(format!("{registry}/{ns}"));
+            ns = ns.rsplit_once('/').map_or("", |(parent, _)| parent);
+        }
+        let keys: Vec<String> = scoped.into_iter().chain(keys).collect();
         let helpers = json.get("credHelpers").and_then(|h| h.as_object());
         if let Some(name) = keys
             .iter()
@@ -308,7 +328,7 @@ impl Authenticator {
                 .credentials
                 .as_ref()
                 .map(|c| c.basic_header())
-                .ok_or_else(|| Error::Unauthorized("registry requires credentials; none configured (docker login, or REGISTRY_AUTH_FILE)".into())),
+                .ok_or_else(|| Error::Unauthorized("the registry requires credentials and none were given (--creds USER:PASSWORD, --authfile FILE, or `podman login`/`docker login`)".into())),
             Challenge::Bearer { realm, service, .. } => {
                 let token = self.fetch_token(http, &realm, service.as_deref(), scope).await?;
                 let header = format!("Bearer {}", token.value);
@@ -491,6 +511,21 @@ mod tests {
         );
         std::fs::write(&p, r#"{"credsStore":"../../bin/sh"}"#).unwrap();
         assert!(Credentials::from_docker_config(&p, "reg:5000").is_err());
+        // containers' auth.json: a namespace's entry wins over the host's, most specific first.
+        std::fs::write(
+            &p,
+            r#"{"auths":{"reg:5000":{"auth":"aG9zdDpo"},"reg:5000/team":{"auth":"dGVhbTp0"},"reg:5000/team/app":{"auth":"YXBwOmE="}}}"#,
+        )
+        .unwrap();
+        let user = |repo: &str| {
+            Credentials::from_auth_file(&p, "reg:5000", repo)
+                .unwrap()
+                .map(|c| c.username)
+        };
+        assert_eq!(user("team/app").as_deref(), Some("app"));
+        assert_eq!(user("team/other").as_deref(), Some("team"));
+        assert_eq!(user("else/app").as_deref(), Some("host"));
+        assert_eq!(user("").as_deref(), Some("host"));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -4,22 +4,38 @@
 //! blobs are read with single-range GETs checked against Content-Range (a 200 with the whole
 //! body is accepted and sliced: `range.rs`). Blob redirects to storage are followed without
 //! our Authorization header and the redirected URL is reused until it stops working. Failed
-//! requests are retried as `retry.rs` decides.
+//! requests are retried as `retry.rs` decides; a blob body that breaks off, stalls or crawls
+//! (see [`Transfer`]) is asked for again from the last byte received.
+//!
+//! [`Registry`] talks to one host. Above it, [`Repo`] (`pull.rs`) pulls a repository from its
+//! hosts in order — mirrors, then the registry — as the mirror configuration (`routes.rs`:
+//! containerd's `hosts.rs`, containers' `registries_conf.rs`) says, falling back from one to
+//! the next, and streams once (`whole.rs`) a blob that a host sends whole for a ranged read.
 
 pub mod auth;
+mod conf;
+pub mod endpoint;
+pub mod hosts;
 mod http;
+mod pull;
 mod push;
 mod range;
+pub mod registries_conf;
 mod retry;
+pub mod routes;
+mod whole;
+pub use endpoint::{Capabilities, Endpoint, Route};
+pub use pull::{Repo, RepoBlob, RepoOptions};
 pub use push::{UPLOAD_CHUNK, referrers_tag};
+pub use routes::MirrorConfig;
 
-use crate::blob::{BlobSource, clamp};
+use crate::config::Transfer;
 use crate::error::{Error, Result};
-use async_trait::async_trait;
 use auth::{Authenticator, Credentials};
 use bytes::{Bytes, BytesMut};
 use http::Http;
-use range::ranged_body;
+pub use http::{TlsFailure, speaks_tls, tls_failure};
+use range::{Broke, ranged_body};
 use reqwest::{Method, StatusCode, header};
 use retry::{Outcome, Retries};
 use std::collections::HashMap;
@@ -46,6 +62,8 @@ pub struct RegistryOptions {
     pub insecure: bool,
     /// Credentials for Basic auth or the token server.
     pub credentials: Option<Credentials>,
+    /// How long an answer may dawdle before it is abandoned and asked for again.
+    pub transfer: Transfer,
 }
 
 /// What a HEAD or GET of a manifest told us.
@@ -62,37 +80,98 @@ pub struct ManifestMeta {
 /// A client for one registry host.
 pub struct Registry {
     host: String,
-    base: String,
+    /// `scheme://host[:port]`, for the relative URLs a registry answers with.
+    origin: String,
+    /// The API root (`origin` + `/v2`, or the configured path).
+    api: String,
+    /// `?ns=<registry>` for a mirror standing in for another registry, else empty.
+    query: String,
+    /// Configured headers sent with every request to the registry.
+    headers: header::HeaderMap,
     http: Http,
     auth: Authenticator,
     /// Blob digest -> storage URL the registry last redirected us to.
     redirects: Mutex<HashMap<String, String>>,
+    transfer: Transfer,
+}
+
+/// How one try of a blob read ended, when it did not deliver the range.
+enum Try {
+    /// Not worth trying again (the error is the read's).
+    Final(Error),
+    /// Worth trying again from the last byte received, as the retry policy allows.
+    Again(Outcome, Error),
 }
 
 impl Registry {
     /// A client for `host` (`docker.io` means Docker Hub's API host).
     pub fn new(host: &str, opts: RegistryOptions) -> Result<Arc<Self>> {
-        let api_host = if host == crate::reference::DOCKER_HUB {
-            "registry-1.docker.io"
-        } else {
-            host
-        };
-        let local = ["localhost", "127.0.0.1", "[::1]"]
-            .iter()
-            .any(|h| api_host == *h || api_host.starts_with(&format!("{h}:")));
-        let scheme = if opts.insecure || local {
-            "http"
-        } else {
-            "https"
-        };
-        let http = Http::new(scheme == "http")?;
-        Ok(Arc::new(Registry {
-            host: host.to_string(),
-            base: format!("{scheme}://{api_host}"),
-            http,
-            auth: Authenticator::new(opts.credentials),
+        let endpoint = Endpoint::direct(host, opts.insecure);
+        let mut r = Registry::build(&endpoint, None, opts.credentials, opts.transfer)?;
+        r.host = host.to_string();
+        Ok(Arc::new(r))
+    }
+
+    /// A client for a configured host: its endpoint (API root, TLS, headers), the registry
+    /// it stands in for when it is a mirror (`namespace`), and its credentials.
+    pub fn at(
+        endpoint: &Endpoint,
+        namespace: Option<&str>,
+        credentials: Option<Credentials>,
+        transfer: Transfer,
+    ) -> Result<Arc<Self>> {
+        Ok(Arc::new(Registry::build(
+            endpoint,
+            namespace,
+            credentials,
+            transfer,
+        )?))
+    }
+
+    fn build(
+        endpoint: &Endpoint,
+        namespace: Option<&str>,
+        credentials: Option<Credentials>,
+        transfer: Transfer,
+    ) -> Result<Self> {
+        let mut headers = header::HeaderMap::new();
+        for (k, v) in &endpoint.headers {
+            let bad =
+                |e: String| Error::Registry(format!("header {k:?} for {}: {e}", endpoint.host));
+            headers.append(
+                header::HeaderName::from_bytes(k.as_bytes()).map_err(|e| bad(e.to_string()))?,
+                header::HeaderValue::from_str(v).map_err(|e| bad(e.to_string()))?,
+            );
+        }
+        Ok(Registry {
+            host: endpoint.name(),
+            origin: endpoint.origin(),
+            api: endpoint.api(),
+            query: namespace.map(|ns| format!("ns={ns}")).unwrap_or_default(),
+            headers,
+            http: Http::new(
+                endpoint.scheme == "http",
+                &endpoint.tls,
+                endpoint.dial_timeout,
+            )?,
+            auth: Authenticator::new(credentials),
             redirects: Mutex::new(HashMap::new()),
-        }))
+            transfer,
+        })
+    }
+
+    /// The URL of API path `path` (`<repo>/manifests/<ref>`, may carry a query).
+    fn url(&self, path: &str) -> String {
+        match (self.query.is_empty(), path.contains('?')) {
+            (true, _) => format!("{}/{path}", self.api),
+            (false, false) => format!("{}/{path}?{}", self.api, self.query),
+            (false, true) => format!("{}/{path}&{}", self.api, self.query),
+        }
+    }
+
+    /// How blob bodies are watched (idle timeout, least rate).
+    pub(crate) fn transfer(&self) -> Transfer {
+        self.transfer
     }
 
     /// The registry host this client talks to.
@@ -105,7 +184,7 @@ impl Registry {
     /// the requests that follow it a TCP (and TLS) handshake each: a round trip on a WAN
     /// link. Failures are left to the requests that matter.
     pub async fn warm(&self, n: usize) {
-        let url = format!("{}/v2/", self.base);
+        let url = format!("{}/", self.api);
         let Ok(client) = self.http.for_url(&url) else {
             return;
         };
@@ -142,12 +221,32 @@ impl Registry {
         headers: &[(header::HeaderName, String)],
         body: Option<Bytes>,
     ) -> Result<reqwest::Response> {
+        let mut retries = Retries::default();
+        self.send_tries(repo, actions, method, url, headers, body, &mut retries)
+            .await
+    }
+
+    /// [`Registry::send_with`], counting its retries in `retries` (a blob read shares them
+    /// between its requests and the resumes of their bodies). Without a body to upload,
+    /// an answer whose headers take longer than the idle timeout is a timeout.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_tries(
+        &self,
+        repo: &str,
+        actions: &str,
+        method: Method,
+        url: &str,
+        headers: &[(header::HeaderName, String)],
+        body: Option<Bytes>,
+        retries: &mut Retries,
+    ) -> Result<reqwest::Response> {
         let scope = format!("repository:{repo}:{actions}");
         let mut auth = self.auth.header(&self.http, &scope).await?;
         let mut challenged = false;
-        let mut retries = Retries::default();
+        let idle = self.transfer.idle_timeout;
         loop {
             let mut req = self.http.for_url(url)?.request(method.clone(), url);
+            req = req.headers(self.headers.clone());
             for (k, v) in headers {
                 req = req.header(k, v);
             }
@@ -157,14 +256,27 @@ impl Registry {
             if let Some(b) = &body {
                 req = req.body(b.clone());
             }
-            let resp = match req.send().await {
+            let sent = match &body {
+                Some(_) => Ok(req.send().await),
+                None => tokio::time::timeout(idle, req.send()).await,
+            };
+            let tried = match sent {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err((Outcome::of(&e), Error::from(e))),
+                Err(_) => Err((
+                    Outcome::Timeout,
+                    Error::Timeout(format!("{method} {url}: no answer within {idle:?}")),
+                )),
+            };
+            let resp = match tried {
                 Ok(r) => r,
-                Err(e) => match retries.wait(Outcome::of(&e)) {
+                Err((outcome, e)) => match retries.wait(outcome, None) {
                     Some(wait) => {
+                        tracing::warn!("{e}; trying again in {wait:?}");
                         tokio::time::sleep(wait).await;
                         continue;
                     }
-                    None => return Err(e.into()),
+                    None => return Err(e),
                 },
             };
             let status = resp.status();
@@ -188,8 +300,20 @@ impl Registry {
                 );
                 continue;
             }
-            match retries.wait(Outcome::Status(status)) {
-                Some(wait) => tokio::time::sleep(wait).await,
+            let asked = resp
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok());
+            let asked = retry::retry_after(asked, std::time::SystemTime::now());
+            match retries.wait(Outcome::Status(status), asked) {
+                Some(wait) => {
+                    tracing::warn!(
+                        "{method} {url}: {} answered HTTP {status}{}; trying again in {wait:?}",
+                        self.host,
+                        asked.map_or(String::new(), |a| format!(" (Retry-After {a:?})"))
+                    );
+                    tokio::time::sleep(wait).await
+                }
                 None => return Ok(resp),
             }
         }
@@ -205,6 +329,22 @@ impl Registry {
         }
     }
 
+    /// The error for a manifest request answered `status`. A 404 from something that is not
+    /// a registry at all (a web server answers 404 to every registry path) says so: the
+    /// user has the wrong host or port, not the wrong tag.
+    async fn manifest_error(&self, repo: &str, reference: &str, status: StatusCode) -> Error {
+        let what = manifest_name(repo, reference);
+        if status == StatusCode::NOT_FOUND
+            && let Some(answer) = self.not_a_registry().await
+        {
+            return Error::NotFound(format!(
+                "{what}: {} is not a container registry ({answer}); check the host and port",
+                self.host
+            ));
+        }
+        self.error_for(&what, status)
+    }
+
     /// A HEAD or GET of `/v2/<repo>/manifests/<reference>` with the manifest Accept list.
     async fn manifest_request(
         &self,
@@ -212,7 +352,7 @@ impl Registry {
         method: Method,
         reference: &str,
     ) -> Result<reqwest::Response> {
-        let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
+        let url = self.url(&format!("{repo}/manifests/{reference}"));
         self.send(
             repo,
             method,
@@ -231,7 +371,7 @@ impl Registry {
             return Ok(None);
         }
         if !status.is_success() {
-            return Err(self.error_for(&format!("manifest {repo}:{reference}"), status));
+            return Err(self.manifest_error(repo, reference, status).await);
         }
         let h = resp.headers();
         let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -251,7 +391,7 @@ impl Registry {
         let resp = self.manifest_request(repo, Method::GET, reference).await?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(self.error_for(&format!("manifest {repo}:{reference}"), status));
+            return Err(self.manifest_error(repo, reference, status).await);
         }
         let media_type = resp
             .headers()
@@ -275,7 +415,7 @@ impl Registry {
         {
             if expected != digest {
                 return Err(Error::Digest {
-                    what: format!("manifest {repo}:{reference}"),
+                    what: manifest_name(repo, reference),
                     expected: expected.to_string(),
                     actual: digest,
                 });
@@ -308,7 +448,9 @@ impl Registry {
         Ok(out.freeze())
     }
 
-    /// [`Registry::read_blob`], handing the bytes to `sink` in order as they arrive.
+    /// Streams `[offset, offset+len)` of a blob to `sink` as it arrives. A body that breaks
+    /// off, stalls or crawls is asked for again from the last byte received, as the retry
+    /// policy allows (one count for the requests and the resumes of their bodies).
     pub async fn stream_blob(
         &self,
         repo: &str,
@@ -320,77 +462,185 @@ impl Registry {
         if len == 0 {
             return Ok(());
         }
+        let what = format!("blob {digest}");
+        let mut retries = Retries::default();
+        let mut got = 0u64;
+        loop {
+            let before = got;
+            let mut counted = |piece: Bytes| {
+                got += piece.len() as u64;
+                sink(piece)
+            };
+            let at = offset + before;
+            let tried = self
+                .try_blob(
+                    repo,
+                    digest,
+                    at,
+                    len - before,
+                    &what,
+                    &mut retries,
+                    &mut counted,
+                )
+                .await;
+            let (outcome, e) = match tried {
+                Ok(()) => return Ok(()),
+                Err(Try::Final(e)) => return Err(e),
+                Err(Try::Again(Outcome::Body { .. }, e)) => (
+                    Outcome::Body {
+                        progressed: got > before,
+                    },
+                    e,
+                ),
+                Err(Try::Again(outcome, e)) => (outcome, e),
+            };
+            match retries.wait(outcome, None) {
+                Some(wait) => {
+                    tracing::warn!("{e}; asking again from byte {} in {wait:?}", offset + got);
+                    tokio::time::sleep(wait).await;
+                }
+                None => return Err(e),
+            }
+        }
+    }
+
+    /// One try of a blob read: open it ([`Registry::open_tries`]), then read the body as the
+    /// transfer limits allow.
+    #[allow(clippy::too_many_arguments)]
+    async fn try_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        what: &str,
+        retries: &mut Retries,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> std::result::Result<(), Try> {
+        let resp = self
+            .open_tries(repo, digest, offset, len, what, retries)
+            .await?;
+        ranged_body(resp, offset, len, what, self.transfer, sink)
+            .await
+            .map_err(|b| match b {
+                Broke::Misfit(e) => Try::Again(Outcome::Misfit, e),
+                Broke::Body(e) => Try::Again(Outcome::Body { progressed: false }, e),
+            })
+    }
+
+    /// The successful answer to a GET of `[offset, offset+len)` of a blob (`len` > 0), its
+    /// body unread: from the registry, or from the storage it redirects to. Its status tells
+    /// a range (206) from the whole blob (200; see `range::RangeAnswer`).
+    pub(crate) async fn open_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<reqwest::Response> {
+        let what = format!("blob {digest}");
+        let mut retries = Retries::default();
+        self.open_tries(repo, digest, offset, len, &what, &mut retries)
+            .await
+            .map_err(|t| match t {
+                Try::Final(e) | Try::Again(_, e) => e,
+            })
+    }
+
+    /// [`Registry::open_blob`] counting its retries in `retries`: through the storage URL the
+    /// registry last redirected to, else the registry (and the storage it redirects to now).
+    async fn open_tries(
+        &self,
+        repo: &str,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        what: &str,
+        retries: &mut Retries,
+    ) -> std::result::Result<reqwest::Response, Try> {
         let range = (
             header::RANGE,
             format!("bytes={}-{}", offset, offset + len - 1),
         );
         let identity = (header::ACCEPT_ENCODING, "identity".to_string());
-        let what = format!("blob {digest}");
+        let idle = self.transfer.idle_timeout;
         let cached = self.redirects.lock().unwrap().get(digest).cloned();
         if let Some(url) = cached {
-            let resp = self
-                .http
-                .for_url(&url)?
+            let client = self.http.for_url(&url).map_err(Try::Final)?;
+            let resp = client
                 .get(&url)
                 .header(range.0.clone(), &range.1)
                 .header(identity.0.clone(), &identity.1)
-                .send()
-                .await;
-            match resp {
-                Ok(r) if r.status().is_success() => {
-                    return ranged_body(r, offset, len, &what, sink).await;
-                }
+                .send();
+            match tokio::time::timeout(idle, resp).await {
+                Ok(Ok(r)) if r.status().is_success() => return Ok(r),
                 _ => {
                     // Expired presigned URL (403) or storage hiccup: ask the registry again.
                     self.redirects.lock().unwrap().remove(digest);
                 }
             }
         }
-        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
+        let url = self.url(&format!("{repo}/blobs/{digest}"));
+        let headers = [range.clone(), identity.clone()];
         let resp = self
-            .send(repo, Method::GET, &url, &[range.clone(), identity.clone()])
-            .await?;
+            .send_tries(repo, "pull", Method::GET, &url, &headers, None, retries)
+            .await
+            .map_err(Try::Final)?;
         let status = resp.status();
         if status.is_redirection() {
             let loc = resp
                 .headers()
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| Error::Registry(format!("{what}: redirect without Location")))?;
-            let target = resp
-                .url()
-                .join(loc)
-                .map_err(|e| Error::Registry(format!("{what}: bad redirect {loc:?}: {e}")))?;
+                .ok_or_else(|| {
+                    Try::Final(Error::Registry(format!(
+                        "{what}: redirect without Location"
+                    )))
+                })?;
+            let target = resp.url().join(loc).map_err(|e| {
+                Try::Final(Error::Registry(format!(
+                    "{what}: bad redirect {loc:?}: {e}"
+                )))
+            })?;
             // No Authorization header: the storage host is not the registry.
-            let r = self
-                .http
-                .for_url(target.as_str())?
+            let client = self.http.for_url(target.as_str()).map_err(Try::Final)?;
+            let sent = client
                 .get(target.clone())
                 .header(range.0, range.1)
                 .header(identity.0, identity.1)
-                .send()
-                .await?;
+                .send();
+            let r = match tokio::time::timeout(idle, sent).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return Err(Try::Again(Outcome::of(&e), e.into())),
+                Err(_) => {
+                    return Err(Try::Again(
+                        Outcome::Timeout,
+                        Error::Timeout(format!("{what}: no answer from storage within {idle:?}")),
+                    ));
+                }
+            };
             if !r.status().is_success() {
-                return Err(self.error_for(
+                let e = self.error_for(
                     &format!("{what} at storage {}", target.host_str().unwrap_or("?")),
                     r.status(),
-                ));
+                );
+                return Err(Try::Again(Outcome::Status(r.status()), e));
             }
             self.redirects
                 .lock()
                 .unwrap()
                 .insert(digest.to_string(), target.to_string());
-            return ranged_body(r, offset, len, &what, sink).await;
+            return Ok(r);
         }
         if !status.is_success() {
-            return Err(self.error_for(&what, status));
+            return Err(Try::Final(self.error_for(what, status)));
         }
-        ranged_body(resp, offset, len, &what, sink).await
+        Ok(resp)
     }
 
     /// A blob's size, from HEAD.
     pub async fn blob_size(&self, repo: &str, digest: &str) -> Result<u64> {
-        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
+        let url = self.url(&format!("{repo}/blobs/{digest}"));
         let resp = self.send(repo, Method::HEAD, &url, &[]).await?;
         if !resp.status().is_success() && !resp.status().is_redirection() {
             return Err(self.error_for(&format!("blob {digest}"), resp.status()));
@@ -403,7 +653,7 @@ impl Registry {
 
     /// All tags of a repository, following `Link: <...>; rel="next"` pagination.
     pub async fn tags(&self, repo: &str) -> Result<Vec<String>> {
-        let mut url = format!("{}/v2/{repo}/tags/list?n=1000", self.base);
+        let mut url = self.url(&format!("{repo}/tags/list?n=1000"));
         let mut tags = Vec::new();
         for _ in 0..1000 {
             let resp = self.send(repo, Method::GET, &url, &[]).await?;
@@ -428,13 +678,19 @@ impl Registry {
                 .map_err(|e| Error::format("tag list", e.to_string()))?;
             tags.extend(list.tags.unwrap_or_default());
             match next {
-                Some(n) if n.starts_with('/') => url = format!("{}{n}", self.base),
+                Some(n) if n.starts_with('/') => url = format!("{}{n}", self.origin),
                 Some(n) => url = n,
                 None => return Ok(tags),
             }
         }
         Err(Error::Registry("tag list pagination does not end".into()))
     }
+}
+
+/// `manifest REPO:TAG` or `manifest REPO@DIGEST`, as references are written.
+fn manifest_name(repo: &str, reference: &str) -> String {
+    let sep = if reference.contains(':') { '@' } else { ':' };
+    format!("manifest {repo}{sep}{reference}")
 }
 
 /// Reads a whole response body, refusing more than `limit` bytes.
@@ -448,53 +704,3 @@ async fn read_limited(mut resp: reqwest::Response, limit: usize, what: &str) -> 
     }
     Ok(out.freeze())
 }
-
-/// One registry blob as a [`BlobSource`].
-pub struct RegistryBlob {
-    registry: Arc<Registry>,
-    repo: String,
-    digest: String,
-    size: u64,
-}
-
-impl RegistryBlob {
-    /// The blob `digest` of `repo`, whose size the manifest gave.
-    pub fn new(registry: Arc<Registry>, repo: &str, digest: &str, size: u64) -> Self {
-        RegistryBlob {
-            registry,
-            repo: repo.into(),
-            digest: digest.into(),
-            size,
-        }
-    }
-}
-
-#[async_trait]
-impl BlobSource for RegistryBlob {
-    fn id(&self) -> &str {
-        &self.digest
-    }
-    fn size(&self) -> u64 {
-        self.size
-    }
-    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
-        let len = clamp(&self.digest, self.size, offset, len)?;
-        self.registry
-            .read_blob(&self.repo, &self.digest, offset, len)
-            .await
-    }
-    async fn stream_at(
-        &self,
-        offset: u64,
-        len: u64,
-        sink: &mut (dyn FnMut(Bytes) + Send),
-    ) -> Result<()> {
-        let len = clamp(&self.digest, self.size, offset, len)?;
-        self.registry
-            .stream_blob(&self.repo, &self.digest, offset, len, sink)
-            .await
-    }
-}
-
-/// Hints are for the decorators above a registry blob (the block cache); it ignores them.
-impl crate::blob::ReadHints for RegistryBlob {}

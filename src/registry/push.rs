@@ -126,7 +126,7 @@ impl Registry {
     }
 
     async fn has_blob(&self, repo: &str, digest: &str) -> Result<bool> {
-        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
+        let url = self.url(&format!("{repo}/blobs/{digest}"));
         let head = self
             .send_with(repo, "pull,push", Method::HEAD, &url, &[], None)
             .await?;
@@ -135,7 +135,7 @@ impl Registry {
 
     /// Starts an upload session; returns where to send its bytes.
     async fn start_upload(&self, repo: &str) -> Result<reqwest::Url> {
-        let start = format!("{}/v2/{repo}/blobs/uploads/", self.base);
+        let start = self.url(&format!("{repo}/blobs/uploads/"));
         let resp = self
             .send_with(repo, "pull,push", Method::POST, &start, &[], None)
             .await?;
@@ -154,14 +154,14 @@ impl Registry {
         media_type: &str,
         data: Bytes,
     ) -> Result<bool> {
-        let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
+        let url = self.url(&format!("{repo}/manifests/{reference}"));
         let headers = [(header::CONTENT_TYPE, media_type.to_string())];
         let resp = self
             .send_with(repo, "pull,push", Method::PUT, &url, &headers, Some(data))
             .await?;
         if resp.status() != StatusCode::CREATED {
             return Err(self.error_for(
-                &format!("putting manifest {repo}:{reference}"),
+                &format!("putting {}", super::manifest_name(repo, reference)),
                 resp.status(),
             ));
         }
@@ -174,7 +174,7 @@ impl Registry {
         // The API and the tag fallback are asked at once: a registry without the API (404 or
         // a non-index answer) costs no extra round trip, one with it an extra small request.
         let api = async {
-            let url = format!("{}/v2/{repo}/referrers/{digest}", self.base);
+            let url = self.url(&format!("{repo}/referrers/{digest}"));
             let accept = [(
                 header::ACCEPT,
                 "application/vnd.oci.image.index.v1+json".to_string(),

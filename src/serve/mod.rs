@@ -1,8 +1,10 @@
 //! An image being served: the read path a mount answers with, and what it keeps beside the
 //! image — read statistics, the `--record` recorder, local copies of verified layers, and the
 //! mount's [`Speculator`], told about every read once. FUSE-free: the adapter in
-//! [`crate::fuse`] converts and calls [`ServedImage::read`].
+//! [`crate::fuse`] converts and calls [`ServedImage::read`]. [`layer`] serves one layer on its
+//! own, for a runtime that stacks layers itself (the additional layer store).
 
+pub mod layer;
 pub mod local;
 
 use crate::blob::cache::BlockCache;
@@ -29,17 +31,21 @@ pub struct ServedImage {
     pub local: local::LocalCopies,
     /// How long resolving and opening the image took.
     pub open_time: Duration,
+    /// A read not answered within this fails with EIO (`--read-timeout`).
+    pub read_timeout: Duration,
 }
 
 impl ServedImage {
     /// Serves `image` (opened in `open_time`, its blobs read through `cache`), with
-    /// `speculator` told about every read; `record` keeps every read for `--record`.
+    /// `speculator` told about every read; `record` keeps every read for `--record`; a read
+    /// fails once it has taken `read_timeout`.
     pub fn new(
         image: Arc<Image>,
         cache: Arc<BlockCache>,
         speculator: Arc<Speculator>,
         record: bool,
         open_time: Duration,
+        read_timeout: Duration,
     ) -> Self {
         let local = local::LocalCopies::new(image.layers.len());
         ServedImage {
@@ -50,10 +56,13 @@ impl ServedImage {
             recorder: record.then(Recorder::default),
             local,
             open_time,
+            read_timeout,
         }
     }
 
-    /// Reads `len` bytes at `offset` of the regular file `ino`: the read path.
+    /// Reads `len` bytes at `offset` of the regular file `ino`: the read path. A read that
+    /// takes longer than the read timeout fails with EIO; what it started (block fetches,
+    /// with their retries) goes on, for the reads that come after.
     pub async fn read(&self, ino: u64, offset: u64, len: u64) -> Result<Bytes> {
         let start = Instant::now();
         let image = &self.image;
@@ -62,18 +71,35 @@ impl ServedImage {
             .get(ino)
             .ok_or_else(|| Error::NotFound(format!("inode {ino}")))?;
         self.reads.begin();
-        let (result, local) = match &node.data {
-            None => (Ok(Bytes::new()), false),
-            Some((li, loc)) => match self.local.read(*li, ino, node.size, offset, len).await {
-                Some(local) => (local, true),
-                None => (
-                    image.layers[*li]
-                        .layer
-                        .read(loc, node.size, offset, len)
-                        .await,
-                    false,
-                ),
-            },
+        let read = async {
+            match &node.data {
+                None => (Ok(Bytes::new()), false),
+                Some((li, loc)) => match self.local.read(*li, ino, node.size, offset, len).await {
+                    Some(local) => (local, true),
+                    None => (
+                        image.layers[*li]
+                            .layer
+                            .read(loc, node.size, offset, len)
+                            .await,
+                        false,
+                    ),
+                },
+            }
+        };
+        let (result, local) = match tokio::time::timeout(self.read_timeout, read).await {
+            Ok(done) => done,
+            Err(_) => {
+                let why = format!(
+                    "read of {} at {offset}+{len} not answered within {:?} (--read-timeout): \
+                     the registry did not deliver its bytes in time (retries are logged above)",
+                    image
+                        .tree
+                        .path(ino)
+                        .unwrap_or_else(|| format!("inode {ino}")),
+                    self.read_timeout
+                );
+                (Err(Error::Timeout(why)), false)
+            }
         };
         self.reads.end();
         if start.elapsed() > Duration::from_millis(10) {
@@ -143,6 +169,7 @@ impl ServedImage {
             .map(|(i, l)| LayerFigures {
                 digest: l.layer.digest.clone(),
                 format: l.layer.format.name().to_string(),
+                size: l.blob.size(),
                 index: l.layer.index_source.map(str::to_string),
                 fetched_bytes: load(&l.counter.bytes),
                 requests: load(&l.counter.requests),
@@ -187,6 +214,11 @@ impl ServedImage {
                 bytes: load(&self.local.bytes),
                 reads: load(&self.local.reads),
             },
+            hosts: match &self.image.source {
+                crate::image::Source::Registry { repo } => repo.figures(),
+                crate::image::Source::Layout { .. } => Vec::new(),
+            },
+            process: crate::stats::ProcessFigures::this(),
         }
     }
 }

@@ -7,12 +7,9 @@
 //! Python script, a configuration file). A mount queues them for the background fetcher as
 //! soon as it is ready, so the first round trips of the start are already under way.
 
-use crate::image::Image;
+use crate::image::runconfig::{DEFAULT_PATH, RunConfig};
 use crate::layer::Kind;
-use serde_json::Value;
-
-/// The search path when the config sets none (what Docker and containerd use).
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+use crate::tree::Tree;
 
 /// The command an image config names: program, arguments, search path, working directory.
 #[derive(Debug, PartialEq, Eq)]
@@ -22,40 +19,22 @@ pub struct Command {
     pub workdir: String,
 }
 
-/// Reads `Entrypoint`, `Cmd`, `Env` (`PATH`) and `WorkingDir` from an image config; `None`
-/// when it names no command or is not JSON.
+/// The command an image config names (see [`RunConfig`]); `None` when it names none.
 pub fn from_config(config: &[u8]) -> Option<Command> {
-    let v: Value = serde_json::from_slice(config).ok()?;
-    let c = &v["config"];
-    let strings = |key: &str| -> Vec<String> {
-        c[key]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let mut argv = strings("Entrypoint");
-    argv.extend(strings("Cmd"));
+    let run = RunConfig::parse(config);
+    let argv = run.argv(&[]);
     if argv.first().is_none_or(|p| p.is_empty()) {
         return None;
     }
-    let path = strings("Env")
-        .iter()
-        .find_map(|e| e.strip_prefix("PATH=").map(str::to_string))
-        .unwrap_or_else(|| DEFAULT_PATH.to_string());
-    let workdir = c["WorkingDir"].as_str().unwrap_or("/").to_string();
     Some(Command {
         argv,
-        path,
-        workdir,
+        path: run.path().to_string(),
+        workdir: run.working_dir.clone(),
     })
 }
 
 /// The regular file `name` names on `path` (the default search path when `None`).
-pub fn find_on_path(tree: &crate::tree::Tree, name: &str, path: Option<&str>) -> Option<u64> {
+pub fn find_on_path(tree: &Tree, name: &str, path: Option<&str>) -> Option<u64> {
     path.unwrap_or(DEFAULT_PATH)
         .split(':')
         .filter(|d| !d.is_empty())
@@ -63,7 +42,7 @@ pub fn find_on_path(tree: &crate::tree::Tree, name: &str, path: Option<&str>) ->
 }
 
 /// The regular file at image path `p`, links followed.
-fn regular_file(tree: &crate::tree::Tree, p: &str) -> Option<u64> {
+fn regular_file(tree: &Tree, p: &str) -> Option<u64> {
     tree.resolve_links(p)
         .filter(|&ino| tree.get(ino).is_some_and(|n| n.kind == Kind::File))
 }
@@ -82,9 +61,8 @@ impl Command {
 /// The configured command's program and the regular files its arguments name (at most
 /// `max_args` arguments are looked at: a config is untrusted, and a long command line is not
 /// worth more); `None` when the config names no command the image has.
-pub fn predict(image: &Image, max_args: usize) -> Option<(u64, Vec<u64>)> {
-    let cmd = from_config(&image.resolved.config)?;
-    let tree = &image.tree;
+pub fn predict(config: &[u8], tree: &Tree, max_args: usize) -> Option<(u64, Vec<u64>)> {
+    let cmd = from_config(config)?;
     let file = |p: &str| regular_file(tree, p);
     let program = if cmd.argv[0].contains('/') {
         file(&cmd.absolute(&cmd.argv[0]))
@@ -124,5 +102,33 @@ mod tests {
         assert!(from_config(br#"{"config":{}}"#).is_none());
         assert!(from_config(br#"{"config":{"Cmd":[""]}}"#).is_none());
         assert!(from_config(b"not json").is_none());
+    }
+
+    #[test]
+    fn the_command_and_the_files_its_arguments_name_are_predicted() {
+        use crate::layer::{Entry, Kind};
+        let e = |p: &str, k| Entry::new(p.to_string(), k);
+        let mut link = e("usr/bin/python3", Kind::Symlink);
+        link.link = Some("python3.11".into());
+        let tree = Tree::build(&[vec![
+            e("usr/bin/python3.11", Kind::File),
+            link,
+            e("srv/app.py", Kind::File),
+            e("srv/conf", Kind::Dir),
+        ]]);
+        let config = br#"{"config":{"Entrypoint":["python3"],
+            "Cmd":["app.py","-v","conf","missing.txt","/srv/app.py"],"WorkingDir":"/srv"}}"#;
+        let (program, files) = predict(config, &tree, 32).unwrap();
+        assert_eq!(program, tree.resolve("usr/bin/python3.11").unwrap());
+        let app = tree.resolve("srv/app.py").unwrap();
+        // Flags, directories and names the image lacks are not files to fetch.
+        assert_eq!(files, vec![app, app]);
+        assert_eq!(
+            predict(config, &tree, 1).unwrap().1,
+            vec![app],
+            "arguments are bounded"
+        );
+        let absent = br#"{"config":{"Cmd":["nosuch"]}}"#;
+        assert!(predict(absent, &tree, 32).is_none());
     }
 }

@@ -133,6 +133,12 @@ pub struct Counts {
     pub small_layers: AtomicU64,
 }
 
+/// A planned prefetch: a recorded profile, eStargz prioritized files, or both (in that order).
+struct Plan {
+    profile: Option<Vec<Access>>,
+    landmarks: bool,
+}
+
 /// A guess for the background fetcher.
 #[derive(Debug, PartialEq, Eq)]
 enum Job {
@@ -149,7 +155,8 @@ enum Job {
 pub struct Speculator {
     cfg: SpeculateConfig,
     mode: Mode,
-    profile: Mutex<Option<Vec<Access>>>,
+    /// The planned prefetch, until [`Speculator::start`] runs it.
+    plan: Mutex<Option<Plan>>,
     /// Set while a planned prefetch runs (see the module doc).
     planning: AtomicBool,
     /// The cache whose read-ahead pauses while a plan runs.
@@ -178,7 +185,8 @@ impl Speculator {
         profile: Option<Vec<Access>>,
     ) -> Self {
         let landmarks = cfg.landmarks && plan::landmark_bytes(image) > 0;
-        let mode = match (cfg.guesses, profile.is_some() || landmarks) {
+        let plan = (profile.is_some() || landmarks).then_some(Plan { profile, landmarks });
+        let mode = match (cfg.guesses, plan.is_some()) {
             (false, _) => Mode::Off,
             (true, true) => Mode::Planned,
             (true, false) => Mode::Guessing,
@@ -188,7 +196,7 @@ impl Speculator {
             scattered: scattered::ReadPositions::new(cfg.whole_min, cfg.whole_max),
             cfg,
             mode,
-            profile: Mutex::new(profile),
+            plan: Mutex::new(plan),
             planning: AtomicBool::new(false),
             cache,
             programs: Default::default(),
@@ -217,10 +225,9 @@ impl Speculator {
         if self.mode != Mode::Off {
             tasks.push(TaskGuard::spawn(self.clone().fetch_guesses(image.clone())));
         }
-        let profile = self.profile.lock().unwrap().take();
-        let landmarks = self.cfg.landmarks && plan::landmark_bytes(image) > 0;
-        let planned = profile.is_some() || landmarks;
-        if planned {
+        let plan = self.plan.lock().unwrap().take();
+        let planned = plan.is_some();
+        if let Some(Plan { profile, landmarks }) = plan {
             self.set_planning(true);
             let (me, image) = (self.clone(), image.clone());
             tasks.push(TaskGuard::spawn(async move {
@@ -299,7 +306,9 @@ impl Speculator {
 
     /// Queues the configured command's program and the files its arguments name.
     fn predict_command(&self, image: &Image) {
-        let Some((program, files)) = command::predict(image, self.cfg.command_args) else {
+        let predicted =
+            command::predict(&image.resolved.config, &image.tree, self.cfg.command_args);
+        let Some((program, files)) = predicted else {
             return;
         };
         let mut queued = usize::from(self.queue_program(program));

@@ -127,4 +127,35 @@ mod tests {
         assert_eq!(name_kind("LC_CTYPE"), "");
         assert_eq!(name_kind(".bashrc"), "");
     }
+
+    #[test]
+    fn a_family_is_brought_on_its_second_directory_only() {
+        use crate::layer::Entry;
+        let dirs = [
+            "pkg/a/__pycache__",
+            "pkg/b/__pycache__",
+            "pkg/c/__pycache__",
+        ];
+        let mut entries: Vec<Entry> = dirs
+            .iter()
+            .map(|d| Entry::new(d.to_string(), Kind::Dir))
+            .collect();
+        // A same-named file, not a directory, is not one of the family.
+        entries.push(Entry::new("pkg/d/__pycache__".into(), Kind::File));
+        let tree = Tree::build(&[entries]);
+        let ino = |p: &str| tree.resolve(p).unwrap();
+        let mut families = HashMap::new();
+        assert!(family_on_second_read(&tree, ino(dirs[0]), &mut families).is_empty());
+        let mut rest = family_on_second_read(&tree, ino(dirs[1]), &mut families);
+        rest.sort();
+        let mut want = vec![ino(dirs[0]), ino(dirs[2])];
+        want.sort();
+        assert_eq!(rest, want, "the others, once two were read");
+        assert!(
+            family_on_second_read(&tree, ino(dirs[2]), &mut families).is_empty(),
+            "brought once"
+        );
+        // A directory at the root has no family.
+        assert!(family_on_second_read(&tree, ino("pkg"), &mut families).is_empty());
+    }
 }

@@ -151,11 +151,12 @@ fn pipe(cmd: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
 }
 
 /// The Go helper built from tests/tools/estargz-build (scripts/test builds it; we build it
-/// here too when missing).
+/// here too when missing or older than its source).
 pub fn estargz_tool() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tools/estargz-build");
     let bin = dir.join("estargz-build");
-    if !bin.exists() {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if modified(&bin) < modified(&dir.join("main.go")) {
         let st = Command::new("go")
             .args(["build", "-o", "estargz-build", "."])
             .current_dir(&dir)
@@ -277,6 +278,16 @@ pub fn layout_with_command(
     images: &[(&str, &str, Option<&str>, &[EncodedLayer])],
     command: &[&str],
 ) -> PathBuf {
+    layout_with_config(dir, tag, images, serde_json::json!({"Cmd": command}))
+}
+
+/// [`layout`] with `config` as the images' config's `config` object (Cmd, Env, User, ...).
+pub fn layout_with_config(
+    dir: &Path,
+    tag: &str,
+    images: &[(&str, &str, Option<&str>, &[EncodedLayer])],
+    config: serde_json::Value,
+) -> PathBuf {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     let put = |data: &[u8]| -> (String, usize) {
@@ -289,7 +300,7 @@ pub fn layout_with_command(
         let diff_ids: Vec<String> = layers.iter().map(|l| sha(&decompress(l))).collect();
         let config = serde_json::json!({
             "architecture": arch, "os": os, "variant": variant,
-            "config": {"Cmd": command},
+            "config": config,
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         });
         let (cd, cs) = put(serde_json::to_vec(&config).unwrap().as_slice());

@@ -20,7 +20,7 @@ fn clear_errors_before_the_mount_is_ready() {
         (format!("{}/err/missing:v1", reg.addr), "not found"),
         (
             format!("127.0.0.1:{}/err/image:v1", harness::free_port()),
-            "error",
+            "cannot connect",
         ),
         ("Bad/Ref".to_string(), "invalid reference"),
     ];

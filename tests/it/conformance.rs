@@ -97,7 +97,8 @@ fn conformance_layers(
         .lines()
         .map(str::to_string)
         .collect();
-    assert_eq!(listed, expected.keys().cloned().collect::<Vec<_>>());
+    let want: Vec<String> = expected.keys().map(|p| format!("/{p}")).collect();
+    assert_eq!(listed, want, "ls -R lists absolute paths in name order");
     for p in [
         "etc/hostname",
         "bin/tool",

@@ -42,7 +42,13 @@ fn a_mount_opens_connections_while_its_manifest_is_fetched() {
         &["--verify", "off"],
         &[],
     );
-    assert_eq!(all_warm(&proxy), WARM_CONNECTIONS as u64, "{}", m.ready);
+    // (The command's own check of whether the registry speaks TLS may add one.)
+    let pings = all_warm(&proxy);
+    assert!(
+        pings >= WARM_CONNECTIONS as u64,
+        "{pings} pings: {}",
+        m.ready
+    );
     assert_eq!(
         std::fs::read_to_string(m.path().join("a.txt")).unwrap(),
         "warm\n"

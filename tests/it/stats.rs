@@ -13,13 +13,18 @@ pub fn stats(mountpoint: &std::path::Path) -> MountStats {
 
 /// Polls `ocifs stats --json` (for up to 10 s) until `done` says so; returns the last answer.
 pub fn poll_stats(mountpoint: &std::path::Path, done: impl Fn(&MountStats) -> bool) -> MountStats {
-    let mut v = stats(mountpoint);
+    poll(|| stats(mountpoint), done)
+}
+
+/// Asks `get` (for up to 10 s) until `done` says so; returns the last answer.
+pub fn poll<T>(get: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
+    let mut v = get();
     for _ in 1..200 {
         if done(&v) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
-        v = stats(mountpoint);
+        v = get();
     }
     v
 }

@@ -63,6 +63,24 @@ impl ReadHints for CachedBlob {
     fn release_memory(&self) {
         self.cache.store.forget(self.inner.id());
     }
+    /// Drops the blocks holding `[offset, offset+len)` from memory and disk (and passes the
+    /// hint on to the blob below).
+    fn discard(&self, offset: u64, len: u64) {
+        let Ok(len) = clamp(self.id(), self.size(), offset, len) else {
+            return;
+        };
+        if len == 0 {
+            return;
+        }
+        let bs = self.cache.block_size;
+        let (first, last) = (offset / bs, (offset + len - 1) / bs);
+        tracing::info!(
+            "dropping cached blocks {first}..={last} of {}: bytes read from them failed a check",
+            self.id()
+        );
+        self.cache.store.discard(self.inner.id(), first, last);
+        self.inner.discard(offset, len);
+    }
     async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
         self.cache.prefetch(&self.inner, offset, len).await
     }

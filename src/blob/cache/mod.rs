@@ -314,6 +314,13 @@ impl BlockCache {
             }
         };
         let result = blob.stream_at(start, end - start, &mut sink).await;
+        if let Err(e) = &result {
+            tracing::warn!(
+                "fetching {start}+{} of {} failed: {e}",
+                end - start,
+                blob.id()
+            );
+        }
         // The waiters of blocks not stored fetch them again themselves.
         for (key, guard) in current.into_iter().chain(blocks) {
             settled(&key);
@@ -676,6 +683,118 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert_eq!(counter.requests.load(Ordering::Relaxed), 1);
         assert_eq!(counter.bytes.load(Ordering::Relaxed), 4 * 4096);
+    }
+
+    /// A blob whose reads come back with one byte flipped while `damaged` is set.
+    struct Damaging {
+        data: Bytes,
+        damaged: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl BlobSource for Damaging {
+        fn id(&self) -> &str {
+            "sha256:damaging"
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+            let mut out = self.data[offset as usize..(offset + len) as usize].to_vec();
+            if self.damaged.load(Ordering::SeqCst) {
+                out[0] ^= 1;
+            }
+            Ok(Bytes::from(out))
+        }
+    }
+    impl ReadHints for Damaging {}
+
+    #[tokio::test]
+    async fn discarded_blocks_are_fetched_again_from_memory_and_disk() {
+        let dir = std::env::temp_dir().join(format!("ocifs-discard-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let data: Vec<u8> = (0..5 * 4096u32).map(|i| (i % 249) as u8).collect();
+        let inner = Arc::new(Damaging {
+            data: Bytes::from(data.clone()),
+            damaged: true.into(),
+        });
+        let cache = BlockCache::new(4096, 4096, 1 << 20, Some(dir.clone()), RA);
+        let blob = cache.wrap(inner.clone());
+        let bad = blob.read_at(4096, 4096).await.unwrap();
+        assert_ne!(&bad[..], &data[4096..8192]);
+        // Once on disk, a new cache (a remount) would serve the damage too...
+        let path = cache
+            .store
+            .disk_path(&("sha256:damaging".into(), 1))
+            .unwrap();
+        for _ in 0..200 {
+            if path.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(path.exists());
+        // ... until the reader that found it bad discards it: gone from memory and disk.
+        inner.damaged.store(false, Ordering::SeqCst);
+        blob.discard(5000, 10);
+        assert!(!path.exists() && !blob.at_hand(4096, 1));
+        assert_eq!(
+            &blob.read_at(4096, 4096).await.unwrap()[..],
+            &data[4096..8192]
+        );
+        let again = BlockCache::new(4096, 4096, 1 << 20, Some(dir.clone()), RA);
+        let blob = again.wrap(inner.clone());
+        inner.damaged.store(true, Ordering::SeqCst);
+        for _ in 0..200 {
+            if blob.at_hand(4096, 4096) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            &blob.read_at(4096, 4096).await.unwrap()[..],
+            &data[4096..8192]
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_block_changed_on_disk_is_dropped_not_served() {
+        let dir = std::env::temp_dir().join(format!("ocifs-crc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let data: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 241) as u8).collect();
+        let inner = Arc::new(Damaging {
+            data: Bytes::from(data.clone()),
+            damaged: false.into(),
+        });
+        let cache = BlockCache::new(4096, 4096, 1 << 20, Some(dir.clone()), RA);
+        cache
+            .wrap(inner.clone())
+            .read_at(0, 3 * 4096)
+            .await
+            .unwrap();
+        let path = cache
+            .store
+            .disk_path(&("sha256:damaging".into(), 2))
+            .unwrap();
+        for _ in 0..200 {
+            let key = |i: u64| ("sha256:damaging".to_string(), i);
+            if (0..3).all(|i| cache.store.on_disk_whole(&key(i), 4096)) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 4096 + 4, "the block and its checksum");
+        bytes[100] ^= 0x80;
+        std::fs::write(&path, &bytes).unwrap();
+        // A later mount: the changed block is noticed, dropped and fetched again.
+        let again = BlockCache::new(4096, 4096, 1 << 20, Some(dir.clone()), RA);
+        let blob = again.wrap(inner);
+        assert_eq!(&blob.read_at(0, 3 * 4096).await.unwrap()[..], &data[..]);
+        assert_eq!(again.stats.disk_hits.load(Ordering::Relaxed), 2);
+        assert_eq!(again.stats.misses.load(Ordering::Relaxed), 1);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! checked against the index's digests before its bytes are served.
 
 use super::{CheckpointIndex, Codec, gzip, windows, zstd};
-use crate::blob::{Blob, BlobSource, BytesLru, Flights, ReadHints, clamp};
+use crate::blob::{Blob, BlobSource, BytesLru, Flights, ReadHints, clamp, healing};
 use crate::error::{Error, Result};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -203,7 +203,7 @@ impl CheckpointBlob {
                 Err(e) => {
                     // A bad window or digest will not mend: stop using windows. A failed
                     // request may: only this read goes without.
-                    let lasting = !matches!(e, Error::Http(_) | Error::Io(_));
+                    let lasting = e.is_check();
                     tracing::warn!(
                         "{}: resuming at a mark failed ({e}); decoding from the span's start{}",
                         self.index.digest,
@@ -309,7 +309,8 @@ impl CheckpointBlob {
         local(self.index.span_extent(k).0).then_some(None)
     }
 
-    /// Decodes span `k` (whole, or its front up to a mark) from its checkpoint.
+    /// Decodes span `k` (whole, or its front up to a mark) from its checkpoint; compressed
+    /// bytes that fail their digests are dropped from the cache and fetched once more.
     async fn decode_front(&self, k: usize, plan: Plan, until: u64) -> Result<Bytes> {
         let (start, end) = self.index.span_extent(k);
         let marks = self.index.marks_of(k);
@@ -318,6 +319,22 @@ impl CheckpointBlob {
             _ => None,
         };
         let upto = mark.map_or(end, |j| marks[j].inp);
+        let what = format!("span {k} of layer {}", self.index.digest);
+        healing(&self.compressed, (start, upto - start), &what, || {
+            self.decode_front_once(k, mark, (start, upto), until)
+        })
+        .await
+    }
+
+    /// One try of [`CheckpointBlob::decode_front`]: `[start, upto)` fetched and decoded
+    /// (up to mark `mark`, or the whole span).
+    async fn decode_front_once(
+        &self,
+        k: usize,
+        mark: Option<usize>,
+        (start, upto): (u64, u64),
+        until: u64,
+    ) -> Result<Bytes> {
         let compressed = self
             .compressed
             .read_within(start, upto - start, until)
@@ -333,8 +350,36 @@ impl CheckpointBlob {
     }
 
     /// Decodes span `k` from its mark `j` to mark `stop` (or the span's end): the mark's
-    /// window and the compressed bytes are fetched together.
+    /// window and the compressed bytes are fetched together. Output that fails its digests
+    /// drops both (window entry and compressed bytes) and is decoded once more from fresh
+    /// ones.
     async fn decode_from_mark(
+        &self,
+        k: usize,
+        j: usize,
+        stop: Option<usize>,
+        until: u64,
+    ) -> Result<Bytes> {
+        let marks = self.index.marks_of(k);
+        let from = marks[j].inp - 1;
+        let upto = stop.map_or(self.index.span_extent(k).1, |t| marks[t].inp);
+        let what = format!("span {k} of layer {} from mark {j}", self.index.digest);
+        let mut first = true;
+        healing(&self.compressed, (from, upto - from), &what, || {
+            if !std::mem::take(&mut first) {
+                self.entries.lock().unwrap().retain(|e| *e != (k, j));
+                if let Some((blob, offsets)) = &self.windows {
+                    let len = marks[j].resume.as_ref().map_or(0, |r| u64::from(r.len));
+                    blob.discard(offsets[k][j], len);
+                }
+            }
+            self.decode_from_mark_once(k, j, stop, until)
+        })
+        .await
+    }
+
+    /// One try of [`CheckpointBlob::decode_from_mark`].
+    async fn decode_from_mark_once(
         &self,
         k: usize,
         j: usize,
@@ -415,6 +460,23 @@ impl ReadHints for CheckpointBlob {
     async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
         let until = offset.saturating_add(len);
         self.read_within(offset, len, until).await.map(drop)
+    }
+    /// Drops the decoded output kept for `[offset, offset+len)` and the compressed bytes
+    /// it came from.
+    fn discard(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len.max(1)).min(self.size());
+        if offset >= end {
+            return;
+        }
+        let (a, b) = self.index.compressed_extent(offset, end);
+        let cps = &self.index.checkpoints;
+        let span_of = |at: u64| cps.partition_point(|c| c.out <= at).saturating_sub(1);
+        let (first, last) = (span_of(offset), span_of(end - 1));
+        self.pieces
+            .lock()
+            .unwrap()
+            .retain(|(k, _)| !(first..=last).contains(k));
+        self.compressed.discard(a, b - a);
     }
     fn source_range(&self, offset: u64, len: u64) -> Option<(Blob, u64, u64)> {
         let end = offset.saturating_add(len.max(1)).min(self.size());

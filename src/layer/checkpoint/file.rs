@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"OCIFSGZI";
 /// The version written.
-pub(super) const VERSION: u32 = 4;
+pub(crate) const VERSION: u32 = 4;
 /// The oldest version still read.
 const OLDEST: u32 = 2;
 /// Decompressed payloads larger than this are refused.
@@ -160,7 +160,7 @@ pub fn encode(index: &CheckpointIndex) -> Vec<u8> {
 }
 
 /// The file around a raw payload: header, checksum, compressed payload.
-pub(super) fn frame(version: u32, raw: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(version: u32, raw: &[u8]) -> Vec<u8> {
     let payload = zstd::bulk::compress(raw, 3).expect("zstd compression of an in-memory buffer");
     let mut out = Vec::with_capacity(payload.len() + 52);
     out.extend_from_slice(MAGIC);
@@ -193,7 +193,14 @@ pub fn decode(data: &[u8], digest: &str) -> Result<CheckpointIndex> {
     }
     let raw =
         zstd::bulk::decompress(payload, MAX_PAYLOAD).map_err(|e| bad(&format!("payload: {e}")))?;
-    let mut r = Reader { b: &raw };
+    decode_payload(version, &raw, digest)
+}
+
+/// Parses the decompressed payload of a checked index file of format `version`; `digest` is
+/// the layer it must describe.
+pub(crate) fn decode_payload(version: u32, raw: &[u8], digest: &str) -> Result<CheckpointIndex> {
+    let bad = |why: &str| Error::format("gzip index", why.to_string());
+    let mut r = Reader { b: raw };
     let got =
         String::from_utf8(r.bytes()?.to_vec()).map_err(|_| bad("layer digest is not UTF-8"))?;
     if got != digest {
@@ -388,6 +395,13 @@ impl<'a> Reader<'a> {
     }
     fn entry(&mut self) -> Result<Entry> {
         let path = self.string()?;
+        // The tree makes a name of every component: only paths as a tar walk leaves them.
+        if crate::layer::clean_path(&path).ok().as_deref() != Some(path.as_str()) {
+            return Err(Error::format(
+                "gzip index",
+                format!("entry path {path:?} is not clean"),
+            ));
+        }
         let kind = match self.u8()? {
             0 => Kind::File,
             1 => Kind::Dir,
@@ -550,5 +564,34 @@ mod tests {
                 .to_string()
                 .contains("truncated")
         );
+    }
+
+    /// Found by fuzzing: entry paths no tar walk leaves (`..`, NUL, empty components) were
+    /// read from an index file, whose entries become the tree's names.
+    #[test]
+    fn unclean_entry_paths_are_refused() {
+        for path in ["a\0b", "a/../b", "a//b", "/a", "a/", "./a"] {
+            let mut idx = sample(Codec::Zstd);
+            idx.entries[0].path = path.into();
+            let err = decode(&encode(&idx), "sha256:abc").unwrap_err().to_string();
+            assert!(err.contains("not clean"), "{path:?}: {err}");
+        }
+        let mut root = sample(Codec::Zstd);
+        root.entries[0].path = String::new();
+        assert!(decode(&encode(&root), "sha256:abc").is_ok(), "the root");
+    }
+
+    /// Found by fuzzing: a checkpoint after the first one with leftover bits at compressed
+    /// offset 0 passed the shape check, and its span's start (one byte before) underflowed.
+    #[test]
+    fn leftover_bits_at_offset_0_are_refused_for_every_checkpoint() {
+        let mut idx = sample(Codec::Zstd);
+        idx.checkpoints[0].inp = 0;
+        idx.checkpoints[1].inp = 0;
+        idx.checkpoints[1].bits = 0;
+        assert!(decode(&encode(&idx), "sha256:abc").is_ok());
+        idx.checkpoints[1].bits = 3;
+        let err = decode(&encode(&idx), "sha256:abc").unwrap_err().to_string();
+        assert!(err.contains("leftover bits"), "{err}");
     }
 }

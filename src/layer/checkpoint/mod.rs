@@ -195,8 +195,12 @@ impl CheckpointIndex {
         let ordered = cps
             .windows(2)
             .all(|w| w[0].out < w[1].out && w[0].inp <= w[1].inp);
-        if cps.is_empty() || !ordered || cps[0].out != 0 || cps[0].inp == 0 && cps[0].bits > 0 {
+        if cps.is_empty() || !ordered || cps[0].out != 0 {
             return Err("checkpoints missing or out of order");
+        }
+        // Leftover bits belong to the byte before `inp`: there is none before the blob.
+        if cps.iter().any(|c| c.inp == 0 && c.bits > 0) {
+            return Err("checkpoint with leftover bits at compressed offset 0");
         }
         if cps.iter().any(|c| {
             c.bits > 7
@@ -232,7 +236,27 @@ impl CheckpointIndex {
 
     /// Builds the index of `blob` (a layer whose id is its digest) in one pass, with its
     /// marks' windows blob (empty for zstd). `progress` gets (bytes done, total).
+    ///
+    /// A pass over bytes that do not inflate or do not hash to the blob's digest may have
+    /// read bytes that arrived damaged (and were cached so): they are all dropped from the
+    /// cache and the pass runs once more from fresh ones. Without per-piece digests the
+    /// damaged piece cannot be told from the others, so the whole blob is fetched again; a
+    /// second failure fails the layer.
     pub async fn build(
+        blob: Blob,
+        codec: Codec,
+        span: u64,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<(CheckpointIndex, Vec<u8>)> {
+        let what = format!("the index pass over layer {}", blob.id());
+        crate::blob::healing(&blob, (0, blob.size()), &what, || {
+            Self::build_once(blob.clone(), codec, span, progress)
+        })
+        .await
+    }
+
+    /// One pass of [`CheckpointIndex::build`].
+    async fn build_once(
         blob: Blob,
         codec: Codec,
         span: u64,
@@ -478,4 +502,4 @@ impl Pass {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

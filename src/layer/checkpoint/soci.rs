@@ -113,6 +113,14 @@ pub fn parse(bytes: &[u8], layer: &str, layer_size: u64) -> Result<CheckpointInd
     Ok(index)
 }
 
+/// The compressed layer size a zTOC says it describes (what [`parse`] checks against the
+/// layer's), when its root table is readable.
+pub(crate) fn declared_size(bytes: &[u8]) -> Option<u64> {
+    let bytes = find(bytes, PREFETCH_SEPARATOR).map_or(bytes, |at| &bytes[..at]);
+    let ztoc = Fb { buf: bytes }.root().ok()?;
+    u64::try_from(ztoc.long(2).ok()?).ok()
+}
+
 fn bad(reason: String) -> Error {
     Error::format("SOCI zTOC", reason)
 }

@@ -2,6 +2,9 @@
 //
 //	estargz-build TAR [PRIORITIZED,FILES] > blob      build with estargz.Build
 //	                                                 (stderr: "<toc digest> <diff id>")
+//	estargz-build --zstd-chunked TAR [PRIORITIZED]   the same with its zstdchunked compressor
+//	  > blob                                         (stderr: "<toc digest> <diff id>
+//	                                                 <manifest checksum> <manifest position>")
 //	estargz-build --verify BLOB TOCDIGEST FILE...     open with estargz.Open, check the TOC
 //	                                                 digest and every chunk digest of FILEs,
 //	                                                 print "<sha256> <file>" per file
@@ -18,6 +21,8 @@ import (
 	"strings"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
+	"github.com/klauspost/compress/zstd"
 	digest "github.com/opencontainers/go-digest"
 )
 
@@ -26,15 +31,25 @@ func main() {
 		verify(os.Args[2], os.Args[3], os.Args[4:])
 		return
 	}
-	f, err := os.Open(os.Args[1])
+	args := os.Args[1:]
+	var chunked *zstdchunked.Compressor
+	opts := []estargz.Option{estargz.WithChunkSize(64 * 1024)}
+	if args[0] == "--zstd-chunked" {
+		args = args[1:]
+		chunked = &zstdchunked.Compressor{
+			CompressionLevel: zstd.SpeedDefault,
+			Metadata:         map[string]string{},
+		}
+		opts = append(opts, estargz.WithCompression(zstdChunked{chunked, &zstdchunked.Decompressor{}}))
+	}
+	f, err := os.Open(args[0])
 	if err != nil {
 		panic(err)
 	}
 	st, _ := f.Stat()
 	sr := io.NewSectionReader(f, 0, st.Size())
-	opts := []estargz.Option{estargz.WithChunkSize(64 * 1024)}
-	if len(os.Args) > 2 && os.Args[2] != "" {
-		opts = append(opts, estargz.WithPrioritizedFiles(strings.Split(os.Args[2], ",")))
+	if len(args) > 1 && args[1] != "" {
+		opts = append(opts, estargz.WithPrioritizedFiles(strings.Split(args[1], ",")))
 	}
 	blob, err := estargz.Build(sr, opts...)
 	if err != nil {
@@ -42,7 +57,20 @@ func main() {
 	}
 	defer blob.Close()
 	io.Copy(os.Stdout, blob)
-	fmt.Fprintf(os.Stderr, "%s %s\n", blob.TOCDigest(), blob.DiffID())
+	fmt.Fprintf(os.Stderr, "%s %s", blob.TOCDigest(), blob.DiffID())
+	if chunked != nil {
+		fmt.Fprintf(os.Stderr, " %s %s",
+			chunked.Metadata[zstdchunked.ManifestChecksumAnnotation],
+			chunked.Metadata[zstdchunked.ManifestPositionAnnotation])
+	}
+	fmt.Fprintln(os.Stderr)
+}
+
+// zstdChunked is stargz-snapshotter's zstd:chunked compression (its package has the two
+// halves; estargz.Build takes both).
+type zstdChunked struct {
+	*zstdchunked.Compressor
+	*zstdchunked.Decompressor
 }
 
 func fail(format string, a ...interface{}) {

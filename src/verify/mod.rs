@@ -6,6 +6,12 @@
 //! block cache, so verification also fetches the whole layer in the background: once it is
 //! done, reads are served locally.
 //!
+//! A mismatch is not taken at its word at once: the bytes hashed may be cached blocks that
+//! arrived damaged (in this mount or an earlier one with the same cache directory). The
+//! layer's cached blocks are dropped and the layer verified again from the network; only a
+//! second mismatch marks it bad. Nothing of a verdict is kept across mounts: each mount
+//! verifies afresh.
+//!
 //! A layer served through a checkpoint index fetched from the registry is checked once more:
 //! the index is not named by the image's digests, and its windows and tar entries shape every
 //! byte served (see [`crate::layer::IndexCheck`]). The layer is decoded through the index, as
@@ -184,29 +190,80 @@ impl<'a> Stretches<'a> {
     }
 }
 
+/// Waits before verifying a layer again when the network failed it (not its bytes).
+const NETWORK_RETRIES: [u64; 3] = [1, 2, 4];
+
 /// Verifies each still-pending layer and records the verdict in its health, yielding to
 /// foreground reads (see [`verify_blob`]). `diff_ids` are the config's, in layer order.
+/// A mismatch drops the layer's cached blocks and verifies again from the network; a second
+/// one marks the layer bad. A layer the network keeps from being read (after a few tries)
+/// stays pending, served as before: the first such error is returned.
 pub async fn verify_layers(
     layers: &[(&Layer, &Blob)],
     diff_ids: &[String],
     idle: &(dyn Fn() -> bool + Sync),
-) {
+) -> Result<()> {
+    let mut unfinished = None;
     for (i, &(layer, raw)) in layers.iter().enumerate() {
         if *layer.health.read().unwrap() != Health::Pending {
             continue;
         }
-        let mut verdict = verify_blob(raw, idle).await;
-        if verdict.is_ok()
-            && let Some(check) = &layer.index_check
-        {
-            verdict = check_index(layer, check, diff_ids.get(i).map(String::as_str), idle).await;
-        }
+        let mut waits = NETWORK_RETRIES.into_iter();
+        let verdict = loop {
+            match verify_layer(layer, raw, diff_ids.get(i).map(String::as_str), idle).await {
+                Err(e) if !e.is_check() => match waits.next() {
+                    Some(s) => {
+                        tracing::warn!(
+                            "verifying layer {} could not read it ({e}); trying again in {s} s",
+                            layer.digest
+                        );
+                        tokio::time::sleep(std::time::Duration::from_secs(s)).await;
+                    }
+                    None => break Err(e),
+                },
+                verdict => break verdict,
+            }
+        };
         match verdict {
             Ok(()) => {
                 tracing::info!("layer {} verified", layer.digest);
                 *layer.health.write().unwrap() = Health::Verified;
             }
-            Err(e) => layer.mark_bad(format!("verification failed: {e}")),
+            Err(e) if e.is_check() => layer.mark_bad(format!("verification failed: {e}")),
+            Err(e) => {
+                tracing::warn!("layer {} left unverified: {e}", layer.digest);
+                unfinished.get_or_insert(e);
+            }
         }
     }
+    unfinished.map_or(Ok(()), Err)
 }
+
+/// Verifies one layer (its blob, then the index it came with), again from fresh bytes
+/// after a mismatch (see [`verify_layers`]).
+async fn verify_layer(
+    layer: &Layer,
+    raw: &Blob,
+    diff_id: Option<&str>,
+    idle: &(dyn Fn() -> bool + Sync),
+) -> Result<()> {
+    let what = format!("verification of layer {}", layer.digest);
+    crate::blob::healing(raw, (0, raw.size()), &what, || async {
+        verify_blob(raw, idle).await?;
+        if let Some(check) = &layer.index_check {
+            let checked = check_index(layer, check, diff_id, idle).await;
+            if checked.as_ref().is_err_and(Error::is_check)
+                && let LayerData::Tar(decoded) = &layer.data
+            {
+                // Decoded output kept from damaged bytes goes with them.
+                decoded.discard(0, decoded.size());
+            }
+            checked?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests;

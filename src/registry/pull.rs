@@ -1,0 +1,444 @@
+//! A repository as it is pulled: [`Repo`] holds its hosts in order — mirrors, then the
+//! registry — each a [`Registry`] client with the repository's name at that host, and falls
+//! back from one to the next. A host that fails a request (no connection, a timeout, a 5xx
+//! after retries, a 404, a wrong digest or size) is skipped for that request and the next one
+//! tried, the registry last; a host that could not be reached is left alone for a while, one
+//! that lacks an object or served it wrong is not asked for it again, one that refused our
+//! credentials is not asked again. Tags are resolved only at hosts that may resolve; content
+//! named by digest is checked wherever it comes from (manifests and small blobs hashed whole,
+//! blob answers checked against the blob's size and digest headers, streamed blobs hashed).
+//!
+//! Per host and blob, the first ranged read is a probe the others wait for: a 206 means the
+//! host serves ranges; a 200 with the whole blob (a pull-through cache that has not stored it)
+//! means the blob is streamed whole, once, into a spool that serves every read of it from
+//! that host (`whole.rs`) — never one full download per read.
+
+use super::auth::Credentials;
+use super::endpoint::{Capabilities, Endpoint, Route};
+use super::{ManifestMeta, Registry};
+use crate::blob::{BlobSource, ReadHints, clamp};
+use crate::error::{Error, Result};
+use crate::stats::HostFigures;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use ranges::RangeState;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a host that could not be reached is left alone.
+const DOWN_FOR: Duration = Duration::from_secs(30);
+
+/// How a repository's blobs are pulled, beyond its routes.
+#[derive(Debug, Clone, Default)]
+pub struct RepoOptions {
+    /// Where blobs a host sends whole are spooled (`None`: such answers are sliced, and the
+    /// host asked again for each read).
+    pub spool_dir: Option<PathBuf>,
+    /// How each host's blob bodies are watched (idle timeout, least rate).
+    pub transfer: crate::config::Transfer,
+}
+
+/// One host of a repository.
+struct Host {
+    registry: Arc<Registry>,
+    repo: String,
+    caps: Capabilities,
+    mirror: bool,
+    /// Not asked before then (it could not be reached).
+    down_until: Mutex<Option<Instant>>,
+    /// It refused our credentials: not asked again.
+    refused: AtomicBool,
+    /// Shared with the spool tasks that stream from it.
+    counters: Arc<Counters>,
+}
+
+/// What one host served.
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    failures: AtomicU64,
+    whole: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    /// Bytes per object (a manifest's or a blob's digest).
+    served: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Counters {
+    fn served(&self, object: &str, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        *self
+            .served
+            .lock()
+            .unwrap()
+            .entry(object.to_string())
+            .or_default() += bytes;
+    }
+}
+
+/// A repository and the hosts it is pulled from, in order.
+pub struct Repo {
+    /// `registry/repository` as the reference names it.
+    name: String,
+    hosts: Vec<Host>,
+    opts: RepoOptions,
+    /// (host, object) pairs a host lacks or served wrong.
+    skipped: Mutex<HashSet<(usize, String)>>,
+    /// (host, blob) -> how the blob is read there.
+    ranges: Mutex<HashMap<(usize, String), RangeState>>,
+}
+
+/// What a request needs of a host.
+#[derive(Clone, Copy)]
+enum Need {
+    Pull,
+    Resolve,
+}
+
+impl Repo {
+    /// The repository `name` (`registry/repository`) through `routes`, each host's client
+    /// built with the credentials `credentials` finds for it.
+    pub fn connect(
+        name: &str,
+        routes: &[Route],
+        credentials: &dyn Fn(&Endpoint) -> Result<Option<Credentials>>,
+        opts: RepoOptions,
+    ) -> Result<Arc<Repo>> {
+        let mut hosts = Vec::new();
+        for r in routes {
+            let registry = Registry::at(
+                &r.endpoint,
+                r.namespace.as_deref(),
+                credentials(&r.endpoint)?,
+                opts.transfer,
+            )?;
+            hosts.push(Host::new(registry, &r.repo, r.caps, r.mirror));
+        }
+        Ok(Arc::new(Repo {
+            name: name.to_string(),
+            hosts,
+            opts,
+            skipped: Mutex::default(),
+            ranges: Mutex::default(),
+        }))
+    }
+
+    /// The client of the registry itself (the last host tried: mirrors come first), for
+    /// explaining errors.
+    pub fn origin(&self) -> Option<Arc<Registry>> {
+        self.hosts.last().map(|h| h.registry.clone())
+    }
+
+    /// Opens `n` connections to the first host (the one a request goes to first) in the
+    /// background of opening an image: see [`Registry::warm`].
+    pub async fn warm(&self, n: usize) {
+        if let Some(h) = self.hosts.first() {
+            h.registry.warm(n).await;
+        }
+    }
+
+    /// `registry/repository`, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The first host that takes uploads, and the repository's name there.
+    pub fn push_target(&self) -> Option<(Arc<Registry>, String)> {
+        let h = self.hosts.iter().find(|h| h.caps.push)?;
+        Some((h.registry.clone(), h.repo.clone()))
+    }
+
+    /// Hosts to ask for `object` (a digest or tag) needing `need`, in order: those not known
+    /// to lack it, refuse us or be down (if every one is down, those not lacking it).
+    fn order(&self, need: Need, object: &str) -> Vec<usize> {
+        let usable: Vec<usize> = (0..self.hosts.len())
+            .filter(|&i| {
+                let h = &self.hosts[i];
+                let can = match need {
+                    Need::Pull => h.caps.pull,
+                    Need::Resolve => h.caps.resolve,
+                };
+                can && !self.passed_over(i, object)
+            })
+            .collect();
+        let up: Vec<usize> = usable.iter().copied().filter(|&i| !self.down(i)).collect();
+        if up.is_empty() { usable } else { up }
+    }
+
+    /// Whether host `i` refused us or lacks `object` (or served it wrong).
+    fn passed_over(&self, i: usize, object: &str) -> bool {
+        self.hosts[i].refused.load(Ordering::Relaxed)
+            || (self.skipped.lock().unwrap()).contains(&(i, object.to_string()))
+    }
+
+    /// Whether host `i` could not be reached a moment ago.
+    fn down(&self, i: usize) -> bool {
+        let until = *self.hosts[i].down_until.lock().unwrap();
+        until.is_some_and(|t| t > Instant::now())
+    }
+
+    /// The error when no host may serve `object`.
+    fn none_serves(&self, object: &str) -> Error {
+        Error::NotFound(format!("{object} of {}: no host may serve it", self.name))
+    }
+
+    /// Notes that host `i` failed a request for `object` with `e`, and what that means for
+    /// later requests (see the module doc).
+    fn failed(&self, i: usize, object: &str, e: &Error) {
+        let h = &self.hosts[i];
+        h.counters.failures.fetch_add(1, Ordering::Relaxed);
+        *h.counters.last_error.lock().unwrap() = Some(e.to_string());
+        match e {
+            Error::Http(he) if he.is_connect() || he.is_timeout() => {
+                *h.down_until.lock().unwrap() = Some(Instant::now() + DOWN_FOR);
+            }
+            Error::Unauthorized(_) => h.refused.store(true, Ordering::Relaxed),
+            Error::NotFound(_) | Error::Digest { .. } | Error::Format { .. }
+                if object.starts_with("sha256:") =>
+            {
+                self.skipped.lock().unwrap().insert((i, object.to_string()));
+            }
+            _ => {}
+        }
+        let role = if h.mirror { "mirror" } else { "registry" };
+        tracing::warn!("{role} {} failed for {object}: {e}", h.registry.host());
+    }
+
+    /// Tries `op` at each host `order` gives, in turn, until one succeeds; the last error if
+    /// none does.
+    async fn each_host<T, F, Fut>(&self, need: Need, object: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut last = None;
+        for i in self.order(need, object) {
+            match op(i).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    self.failed(i, object, &e);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| self.none_serves(object)))
+    }
+
+    /// Host `i`, counting a request to it.
+    fn asked(&self, i: usize) -> &Host {
+        let h = &self.hosts[i];
+        h.counters.requests.fetch_add(1, Ordering::Relaxed);
+        h
+    }
+
+    fn need_for(reference: &str) -> Need {
+        if reference.starts_with("sha256:") {
+            Need::Pull
+        } else {
+            Need::Resolve
+        }
+    }
+
+    /// Resolves a tag or digest with HEAD at the first host that answers (see
+    /// [`Registry::head_manifest`]).
+    pub async fn head(&self, reference: &str) -> Result<Option<ManifestMeta>> {
+        self.each_host(Repo::need_for(reference), reference, |i| {
+            let h = self.asked(i);
+            h.registry.head_manifest(&h.repo, reference)
+        })
+        .await
+    }
+
+    /// A manifest by tag (at hosts that may resolve) or digest (checked), from the first
+    /// host that serves it.
+    pub async fn manifest(&self, reference: &str) -> Result<(Bytes, ManifestMeta)> {
+        self.each_host(Repo::need_for(reference), reference, |i| async move {
+            let h = self.asked(i);
+            let got = h.registry.get_manifest(&h.repo, reference).await?;
+            h.counters.served(&got.1.digest, got.0.len() as u64);
+            Ok(got)
+        })
+        .await
+    }
+
+    /// A whole small blob (a config, an index), checked against its digest at each host.
+    pub async fn read_whole(&self, digest: &str, size: u64) -> Result<Bytes> {
+        let mut last = None;
+        for i in self.order(Need::Pull, digest) {
+            let mut out = BytesMut::with_capacity(size as usize);
+            let got = self
+                .at_host(i, digest, size, 0, size, &mut |p| out.extend_from_slice(&p))
+                .await;
+            let e = match got {
+                Ok(false) => continue,
+                Ok(true) => match crate::digest::sha256(&out) {
+                    actual if actual == digest => return Ok(out.freeze()),
+                    actual => Error::Digest {
+                        what: format!("blob {digest} from {}", self.hosts[i].registry.host()),
+                        expected: digest.into(),
+                        actual,
+                    },
+                },
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            self.failed(i, digest, &e);
+            last = Some(e);
+        }
+        Err(last.unwrap_or_else(|| self.none_serves(digest)))
+    }
+
+    /// `[offset, offset+len)` of blob `digest` (`size` bytes), handed to `sink` as it
+    /// arrives; a host failing part-way is left for the next, from where it stopped.
+    pub async fn stream_blob(
+        &self,
+        digest: &str,
+        size: u64,
+        offset: u64,
+        len: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mut done = 0u64;
+        let mut last = None;
+        for i in self.order(Need::Pull, digest) {
+            let (from, rest) = (offset + done, len - done);
+            let mut counted = |piece: Bytes| {
+                done += piece.len() as u64;
+                sink(piece)
+            };
+            let r = self
+                .at_host(i, digest, size, from, rest, &mut counted)
+                .await;
+            match r {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| self.none_serves(digest)))
+    }
+
+    /// A blob's size, from HEAD at the first host that answers.
+    pub async fn blob_size(&self, digest: &str) -> Result<u64> {
+        self.each_host(Need::Pull, digest, |i| {
+            let h = self.asked(i);
+            h.registry.blob_size(&h.repo, digest)
+        })
+        .await
+    }
+
+    /// All tags, from the first host that may resolve and answers.
+    pub async fn tags(&self) -> Result<Vec<String>> {
+        self.each_host(Need::Resolve, "tags", |i| {
+            let h = self.asked(i);
+            h.registry.tags(&h.repo)
+        })
+        .await
+    }
+
+    /// The referrers index of `digest` (see [`Registry::referrers`]), from the first host
+    /// that may resolve and answers: like a tag, it is a name the registry vouches for.
+    pub async fn referrers(&self, digest: &str) -> Result<Option<Bytes>> {
+        let object = super::referrers_tag(digest);
+        self.each_host(Need::Resolve, &object, |i| {
+            let h = self.asked(i);
+            h.registry.referrers(&h.repo, digest)
+        })
+        .await
+    }
+
+    /// What each host served, for `ocifs stats` and `ocifs inspect`.
+    pub fn figures(&self) -> Vec<HostFigures> {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.hosts
+            .iter()
+            .map(|h| HostFigures {
+                host: h.registry.host().to_string(),
+                role: if h.mirror { "mirror" } else { "registry" }.into(),
+                repository: h.repo.clone(),
+                capabilities: h.caps.names(),
+                requests: load(&h.counters.requests),
+                bytes: load(&h.counters.bytes),
+                failures: load(&h.counters.failures),
+                last_error: h.counters.last_error.lock().unwrap().clone(),
+                whole_streams: load(&h.counters.whole),
+                served: h.counters.served.lock().unwrap().clone(),
+            })
+            .collect()
+    }
+}
+
+impl Host {
+    fn new(registry: Arc<Registry>, repo: &str, caps: Capabilities, mirror: bool) -> Host {
+        Host {
+            registry,
+            repo: repo.to_string(),
+            caps,
+            mirror,
+            down_until: Mutex::new(None),
+            refused: AtomicBool::new(false),
+            counters: Arc::default(),
+        }
+    }
+}
+
+/// One blob of a [`Repo`] as a [`BlobSource`].
+pub struct RepoBlob {
+    repo: Arc<Repo>,
+    digest: String,
+    size: u64,
+}
+
+impl RepoBlob {
+    /// The blob `digest` of `repo`, whose size the manifest gave.
+    pub fn new(repo: Arc<Repo>, digest: &str, size: u64) -> Self {
+        RepoBlob {
+            repo,
+            digest: digest.into(),
+            size,
+        }
+    }
+}
+
+#[async_trait]
+impl BlobSource for RepoBlob {
+    fn id(&self) -> &str {
+        &self.digest
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let len = clamp(&self.digest, self.size, offset, len)?;
+        let mut out = BytesMut::with_capacity(len as usize);
+        self.stream_at(offset, len, &mut |p| out.extend_from_slice(&p))
+            .await?;
+        Ok(out.freeze())
+    }
+    async fn stream_at(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> Result<()> {
+        let len = clamp(&self.digest, self.size, offset, len)?;
+        self.repo
+            .stream_blob(&self.digest, self.size, offset, len, sink)
+            .await
+    }
+}
+
+/// Hints are for the decorators above a registry blob (the block cache); it ignores them.
+impl ReadHints for RepoBlob {}
+
+mod ranges;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,345 @@
+//! Fallback and whole streams against small in-process HTTP hosts, each answering blob and
+//! manifest requests its own way and counting the GETs it gets.
+
+use super::*;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::AtomicUsize;
+
+/// How a test host answers.
+#[derive(Clone)]
+enum Mode {
+    /// As a registry: ranges with 206, manifests by tag or digest.
+    Ranges,
+    /// Every blob GET with 200 and the whole blob, sent slowly (a cold pull-through cache).
+    Whole,
+    /// Whole, but with every byte flipped (same size, no digest header).
+    Corrupt,
+    /// 404 for everything.
+    Missing,
+    /// 503 for everything.
+    Broken,
+    /// Another blob's bytes, with that blob's digest and length.
+    Other(Bytes),
+}
+
+struct TestHost {
+    addr: String,
+    gets: Arc<AtomicUsize>,
+    /// GETs of manifests by tag.
+    tags: Arc<AtomicUsize>,
+}
+
+fn serve(mode: Mode, blob: Bytes, digest: String, manifest: Bytes) -> TestHost {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (gets, tags) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (g, t) = (gets.clone(), tags.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let (mode, blob, digest, manifest) =
+                (mode.clone(), blob.clone(), digest.clone(), manifest.clone());
+            let (g, t) = (g.clone(), t.clone());
+            std::thread::spawn(move || {
+                let _ = answer(conn, &mode, &blob, &digest, &manifest, &g, &t);
+            });
+        }
+    });
+    TestHost { addr, gets, tags }
+}
+
+fn answer(
+    mut conn: std::net::TcpStream,
+    mode: &Mode,
+    blob: &Bytes,
+    digest: &str,
+    manifest: &Bytes,
+    gets: &AtomicUsize,
+    tags: &AtomicUsize,
+) -> std::io::Result<()> {
+    loop {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if conn.read(&mut b)? == 0 {
+                return Ok(());
+            }
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let target = head.split(' ').nth(1).unwrap_or("").to_string();
+        let range = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("range: bytes=")
+                    .map(str::to_string)
+            })
+            .and_then(|r| {
+                let (a, b) = r.trim().split_once('-')?;
+                Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
+            });
+        gets.fetch_add(1, Ordering::SeqCst);
+        let mut out = |status: &str, headers: &[(&str, String)], body: &[u8]| {
+            let mut h = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n", body.len());
+            for (k, v) in headers {
+                h += &format!("{k}: {v}\r\n");
+            }
+            h += "\r\n";
+            conn.write_all(h.as_bytes())?;
+            conn.write_all(body)
+        };
+        let dcd = ("Docker-Content-Digest", digest.to_string());
+        if target.contains("/manifests/") {
+            if !target.contains("/manifests/sha256:") {
+                tags.fetch_add(1, Ordering::SeqCst);
+            }
+            match mode {
+                Mode::Missing => out("404 Not Found", &[], b"")?,
+                Mode::Broken => out("503 Service Unavailable", &[], b"")?,
+                _ => out(
+                    "200 OK",
+                    &[(
+                        "Content-Type",
+                        "application/vnd.oci.image.manifest.v1+json".into(),
+                    )],
+                    manifest,
+                )?,
+            }
+            continue;
+        }
+        match mode {
+            Mode::Missing => out("404 Not Found", &[], b"")?,
+            Mode::Broken => out("503 Service Unavailable", &[], b"")?,
+            Mode::Other(other) => {
+                let d = crate::digest::sha256(other);
+                out("200 OK", &[("Docker-Content-Digest", d)], other)?
+            }
+            Mode::Ranges => match range {
+                Some((a, b)) => {
+                    let cr = format!("bytes {a}-{b}/{}", blob.len());
+                    out(
+                        "206 Partial Content",
+                        &[("Content-Range", cr), dcd],
+                        &blob[a..=b],
+                    )?
+                }
+                None => out("200 OK", &[dcd], blob)?,
+            },
+            Mode::Whole | Mode::Corrupt => {
+                let body: Vec<u8> = match mode {
+                    Mode::Corrupt => blob.iter().map(|x| !x).collect(),
+                    _ => blob.to_vec(),
+                };
+                let h = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                conn.write_all(h.as_bytes())?;
+                for piece in body.chunks(16 << 10) {
+                    std::thread::sleep(Duration::from_millis(5));
+                    conn.write_all(piece)?;
+                }
+            }
+        }
+    }
+}
+
+fn blob() -> (Bytes, String) {
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let d = crate::digest::sha256(&data);
+    (Bytes::from(data), d)
+}
+
+fn route(addr: &str, caps: Capabilities, mirror: bool) -> Route {
+    Route {
+        endpoint: Endpoint::parse(&format!("http://{addr}"), false, false).unwrap(),
+        repo: "t/app".into(),
+        caps,
+        mirror,
+        namespace: None,
+    }
+}
+
+fn spool_dir(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("ocifs-pull-{tag}-{}", std::process::id()))
+}
+
+fn repo(routes: &[Route], tag: &str) -> Arc<Repo> {
+    let opts = RepoOptions {
+        spool_dir: Some(spool_dir(tag)),
+        ..Default::default()
+    };
+    Repo::connect("r.example/t/app", routes, &|_| Ok(None), opts).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_that_sends_blobs_whole_is_asked_once_for_all_readers() {
+    let (data, digest) = blob();
+    let host = serve(Mode::Whole, data.clone(), digest.clone(), Bytes::new());
+    let r = repo(&[route(&host.addr, Capabilities::ALL, false)], "whole");
+    let b: Arc<RepoBlob> = Arc::new(RepoBlob::new(r.clone(), &digest, data.len() as u64));
+    let reads = [
+        (0u64, 100u64),
+        (250_000, 5000),
+        (299_000, 1000),
+        (40_000, 70_000),
+        (10, 1),
+    ];
+    let tasks = reads.map(|(off, len)| {
+        let b = b.clone();
+        tokio::spawn(async move { (off, len, b.read_at(off, len).await.unwrap()) })
+    });
+    for t in tasks {
+        let (off, len, got) = t.await.unwrap();
+        assert_eq!(&got[..], &data[off as usize..(off + len) as usize]);
+    }
+    // A later read is served from the stream too.
+    assert_eq!(&b.read_at(123, 4567).await.unwrap()[..], &data[123..4690]);
+    assert_eq!(
+        host.gets.load(Ordering::SeqCst),
+        1,
+        "one request for every read"
+    );
+    let f = &r.figures()[0];
+    assert_eq!((f.whole_streams, f.bytes), (1, data.len() as u64));
+    let _ = std::fs::remove_dir_all(spool_dir("whole"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_that_are_down_lack_the_blob_or_serve_another_are_passed_over() {
+    let (data, digest) = blob();
+    let down = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let missing = serve(Mode::Missing, data.clone(), digest.clone(), Bytes::new());
+    let other = serve(
+        Mode::Other(Bytes::from_static(b"another blob")),
+        data.clone(),
+        digest.clone(),
+        Bytes::new(),
+    );
+    let origin = serve(Mode::Ranges, data.clone(), digest.clone(), Bytes::new());
+    let routes = [
+        route(&down, Capabilities::PULL, true),
+        route(&missing.addr, Capabilities::PULL, true),
+        route(&other.addr, Capabilities::PULL, true),
+        route(&origin.addr, Capabilities::ALL, false),
+    ];
+    let r = repo(&routes, "fallback");
+    let b = RepoBlob::new(r.clone(), &digest, data.len() as u64);
+    assert_eq!(&b.read_at(1000, 2000).await.unwrap()[..], &data[1000..3000]);
+    assert_eq!(
+        &b.read_at(200_000, 100).await.unwrap()[..],
+        &data[200_000..200_100]
+    );
+    // Each mirror was asked once: the down one is left alone, the others lack the blob.
+    assert_eq!(missing.gets.load(Ordering::SeqCst), 1);
+    assert_eq!(other.gets.load(Ordering::SeqCst), 1);
+    assert_eq!(origin.gets.load(Ordering::SeqCst), 2);
+    let f = r.figures();
+    assert_eq!(
+        f.iter().map(|h| h.failures).collect::<Vec<_>>(),
+        [1, 1, 1, 0]
+    );
+    assert!(
+        f[2].last_error
+            .as_deref()
+            .unwrap()
+            .contains("digest mismatch"),
+        "{f:?}"
+    );
+    assert_eq!(f[3].served[&digest], 2100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_streamed_whole_with_the_wrong_digest_is_read_from_the_next_host() {
+    let (data, digest) = blob();
+    let corrupt = serve(Mode::Corrupt, data.clone(), digest.clone(), Bytes::new());
+    let origin = serve(Mode::Ranges, data.clone(), digest.clone(), Bytes::new());
+    let routes = [
+        route(&corrupt.addr, Capabilities::PULL, true),
+        route(&origin.addr, Capabilities::ALL, false),
+    ];
+    let r = repo(&routes, "corrupt");
+    // The blob's end is served only once its digest is known: from the registry.
+    let b = RepoBlob::new(r.clone(), &digest, data.len() as u64);
+    let tail = b.read_at(290_000, 10_000).await.unwrap();
+    assert_eq!(&tail[..], &data[290_000..]);
+    // Whole reads (configs) are checked at each host.
+    assert_eq!(
+        r.read_whole(&digest, data.len() as u64).await.unwrap(),
+        data
+    );
+    assert_eq!(
+        corrupt.gets.load(Ordering::SeqCst),
+        1,
+        "not asked again for the blob"
+    );
+    let _ = std::fs::remove_dir_all(spool_dir("corrupt"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_are_resolved_only_where_allowed_and_digests_are_checked() {
+    let manifest = Bytes::from_static(br#"{"schemaVersion":2}"#);
+    let md = crate::digest::sha256(&manifest);
+    let wrong = Bytes::from_static(br#"{"schemaVersion":3}"#);
+    let pull_only = serve(Mode::Ranges, Bytes::new(), String::new(), manifest.clone());
+    let lying = serve(Mode::Ranges, Bytes::new(), String::new(), wrong);
+    let origin = serve(Mode::Ranges, Bytes::new(), String::new(), manifest.clone());
+    let routes = [
+        route(&pull_only.addr, Capabilities::PULL, true),
+        route(&lying.addr, Capabilities::PULL, true),
+        route(&origin.addr, Capabilities::ALL, false),
+    ];
+    let r = repo(&routes, "tags");
+    let (body, meta) = r.manifest("latest").await.unwrap();
+    assert_eq!(
+        (body, meta.digest.as_str()),
+        (manifest.clone(), md.as_str())
+    );
+    assert_eq!(
+        pull_only.tags.load(Ordering::SeqCst) + lying.tags.load(Ordering::SeqCst),
+        0
+    );
+    assert_eq!(origin.tags.load(Ordering::SeqCst), 1);
+    // By digest: the first mirror serves it (checked); a wrong one is passed over.
+    let (body, _) = r.manifest(&md).await.unwrap();
+    assert_eq!(body, manifest);
+    assert_eq!(pull_only.gets.load(Ordering::SeqCst), 1);
+    let routes = [
+        route(&lying.addr, Capabilities::PULL, true),
+        route(&origin.addr, Capabilities::ALL, false),
+    ];
+    let r = repo(&routes, "tags2");
+    assert_eq!(r.manifest(&md).await.unwrap().0, manifest);
+    assert!(
+        r.figures()[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("digest mismatch")
+    );
+    assert!(
+        r.push_target()
+            .is_some_and(|(reg, _)| reg.host() == origin.addr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_answering_5xx_is_passed_over_for_the_request_and_asked_again_later() {
+    let (data, digest) = blob();
+    let broken = serve(Mode::Broken, data.clone(), digest.clone(), Bytes::new());
+    let origin = serve(Mode::Ranges, data.clone(), digest.clone(), Bytes::new());
+    let routes = [
+        route(&broken.addr, Capabilities::PULL, true),
+        route(&origin.addr, Capabilities::ALL, false),
+    ];
+    let r = repo(&routes, "broken");
+    let b = RepoBlob::new(r.clone(), &digest, data.len() as u64);
+    assert_eq!(&b.read_at(7, 70).await.unwrap()[..], &data[7..77]);
+    // Retried as the retry policy says (six tries: five retries), then the registry served it.
+    assert_eq!(broken.gets.load(Ordering::SeqCst), 6);
+    assert_eq!(r.figures()[0].failures, 1);
+    // A 5xx is about one request: the next read asks the mirror first again.
+    assert_eq!(&b.read_at(100, 10).await.unwrap()[..], &data[100..110]);
+    assert_eq!(broken.gets.load(Ordering::SeqCst), 12);
+}

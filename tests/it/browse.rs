@@ -1,0 +1,188 @@
+//! Browse verbs without a mount: `manifest`, `config` and `digest` agree with the registry,
+//! `export`'s tar stream and `pull`'s directory equal the oracle (every path, type, mode,
+//! owner, time, link target, hard link, xattr and byte), and `diff` lists what the oracle
+//! says differs between two images.
+
+use crate::builder::{Enc, encode, layout, push, sha};
+use crate::conformance::expected_tree;
+use crate::fixtures::base_layers;
+use crate::harness::{Env, ocifs};
+use crate::oracle;
+use std::collections::BTreeSet;
+
+#[test]
+fn export_pull_and_the_raw_verbs_agree_with_the_oracle() {
+    let Some(env) = Env::new("browse") else {
+        return;
+    };
+    let layers: Vec<_> = base_layers()
+        .into_iter()
+        .zip([Enc::Gzip, Enc::Estargz])
+        .map(|(t, e)| encode(t, e))
+        .collect();
+    let work = env.work.path();
+    let dir = layout(
+        &work.join("layout"),
+        "v1",
+        &[("linux", "amd64", None, &layers)],
+    );
+    push(&dir, "v1", &env.reg.addr, "browse/image", None);
+    let r = format!("{}/browse/image:v1", env.reg.addr);
+    let (_, expected) = expected_tree(&env.work, &layers);
+    let cd = work.join("cache");
+    let cd = cd.to_str().unwrap();
+    let flags = ["--cache-dir", cd, "--platform", "linux/amd64"];
+    let run = |verb: &str, extra: &[&str]| {
+        let mut args = vec![verb];
+        args.extend(flags);
+        args.extend(extra);
+        let (ok, out, err) = ocifs(&args, &[]);
+        assert!(ok, "ocifs {verb}: {err}");
+        out
+    };
+
+    // `ls -l` as `tar -tv` prints it; `-d`; a symlink given last is not followed; JSON.
+    let ls = |extra: &[&str]| String::from_utf8(run("ls", extra)).unwrap();
+    let long = ls(&["-l", &r, "/bin"]);
+    assert!(
+        long.lines()
+            .any(|l| l == "-rwsr-xr-x 0/0 300000 2023-11-14 22:13 /bin/tool"),
+        "{long}"
+    );
+    assert!(
+        long.lines()
+            .any(|l| l.starts_with("lrwxrwxrwx 0/0 ") && l.ends_with(" /bin/sh -> tool")),
+        "{long}"
+    );
+    let root = ls(&["-l", &r]);
+    assert!(
+        root.lines()
+            .any(|l| l.starts_with("c") && l.contains(" 1,3 ") && l.ends_with(" /null")),
+        "{root}"
+    );
+    let dir = ls(&["-ld", &r, "bin"]);
+    assert!(
+        dir.starts_with("drwxr-xr-x 0/0 ") && dir.trim_end().ends_with(" /bin"),
+        "{dir}"
+    );
+    assert_eq!(ls(&[&r, "/bin/sh"]), "/bin/sh\n", "not followed");
+    let json: serde_json::Value = serde_json::from_str(&ls(&["--json", &r, "/abs"])).unwrap();
+    assert_eq!(json[0]["type"], "symlink", "{json}");
+    assert_eq!(json[0]["target"], "/etc/hostname", "{json}");
+
+    let manifest = run("manifest", &[&r]);
+    let digest = String::from_utf8(run("digest", &[&r])).unwrap();
+    assert_eq!(
+        digest.trim(),
+        sha(&manifest),
+        "digest is the manifest's hash"
+    );
+    let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    assert_eq!(m["layers"].as_array().unwrap().len(), 2);
+    let config: serde_json::Value = serde_json::from_slice(&run("config", &[&r])).unwrap();
+    assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        sha(&run("config", &[&r])),
+        m["config"]["digest"].as_str().unwrap()
+    );
+
+    let tar_path = work.join("export.tar");
+    run("export", &["-o", tar_path.to_str().unwrap(), &r]);
+    let exported = std::fs::read(&tar_path).unwrap();
+    let root = work.join("from-export");
+    oracle::extract(&[&exported], &root);
+    oracle::assert_same(&expected, &oracle::snapshot(&root));
+    // To stdout, the same stream.
+    assert_eq!(run("export", &[&r]), exported);
+
+    let pulled = work.join("pulled");
+    run("pull", &[&r, pulled.to_str().unwrap()]);
+    oracle::assert_same(&expected, &oracle::snapshot(&pulled));
+    // Not into a directory that has something in it.
+    let mut args = vec!["pull"];
+    args.extend(flags);
+    args.extend([r.as_str(), pulled.to_str().unwrap()]);
+    let (ok, _, err) = ocifs(&args, &[]);
+    assert!(!ok && err.contains("not empty"), "{err}");
+}
+
+#[test]
+fn diff_lists_what_the_oracle_says_differs() {
+    let Some(env) = Env::new("diff") else {
+        return;
+    };
+    let tars = base_layers();
+    let one = [encode(tars[0].clone(), Enc::Estargz)];
+    let two = [
+        encode(tars[0].clone(), Enc::Gzip),
+        encode(tars[1].clone(), Enc::Estargz),
+    ];
+    let work = env.work.path();
+    let d1 = layout(&work.join("l1"), "v1", &[("linux", "amd64", None, &one)]);
+    let d2 = layout(&work.join("l2"), "v2", &[("linux", "amd64", None, &two)]);
+    push(&d1, "v1", &env.reg.addr, "diff/image", None);
+    push(&d2, "v2", &env.reg.addr, "diff/image", None);
+    let (_, s1) = expected_tree(&crate::harness::TempDir::new("diff-one"), &one);
+    let (_, s2) = expected_tree(&crate::harness::TempDir::new("diff-two"), &two);
+    let mut want = BTreeSet::new();
+    for (p, info) in &s1 {
+        match s2.get(p) {
+            None => want.insert((p.clone(), "removed")),
+            Some(other) if other != info => want.insert((p.clone(), "changed")),
+            Some(_) => false,
+        };
+    }
+    for p in s2.keys().filter(|p| !s1.contains_key(*p)) {
+        want.insert((p.clone(), "added"));
+    }
+    let cd = work.join("cache");
+    let (r1, r2) = (
+        format!("{}/diff/image:v1", env.reg.addr),
+        format!("{}/diff/image:v2", env.reg.addr),
+    );
+    let args = [
+        "diff",
+        "--json",
+        "--content",
+        "--cache-dir",
+        cd.to_str().unwrap(),
+        "--platform",
+        "linux/amd64",
+        &r1,
+        &r2,
+    ];
+    let (ok, out, err) = ocifs(&args, &[]);
+    assert!(ok, "{err}");
+    let diffs: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let got: BTreeSet<(String, &str)> = diffs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let change = match &d["change"] {
+                serde_json::Value::String(s) if s == "added" => "added",
+                serde_json::Value::String(_) => "removed",
+                _ => "changed",
+            };
+            (d["path"].as_str().unwrap().to_string(), change)
+        })
+        .collect();
+    assert_eq!(got, want, "{}", String::from_utf8_lossy(&out));
+    // The text form: one line per path, A/D/M.
+    let (ok, out, _) = ocifs(
+        &args
+            .iter()
+            .filter(|a| **a != "--json")
+            .copied()
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(ok);
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.lines().any(|l| l == "A /newfile"), "{text}");
+    assert!(text.lines().any(|l| l == "D /gone"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("M /etc/hostname (")),
+        "{text}"
+    );
+}
