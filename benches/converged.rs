@@ -18,6 +18,8 @@ mod builder;
 mod common;
 #[path = "../tests/it/harness.rs"]
 mod harness;
+#[path = "../tests/it/link.rs"]
+mod link;
 
 use builder::{Enc, encode, file, layout, push};
 use common::{BenchMount, drop_caches, env_u64, mbps, wait_converged};

@@ -13,6 +13,8 @@ mod builder;
 mod common;
 #[path = "../tests/it/harness.rs"]
 mod harness;
+#[path = "../tests/it/link.rs"]
+mod link;
 
 use builder::{Enc, Item, encode, file, layout, noise, push};
 use common::{BenchMount, drop_caches, env_u64, full_pull, mbps, record_and_convert};

@@ -1,11 +1,15 @@
-//! Helpers the benchmarks share: cache dropping, settings, and a measured mount.
+//! Helpers the benchmarks share: cache dropping, settings, the emulated link, and a measured
+//! mount.
 
 #![allow(dead_code)]
 
-use crate::harness::{TempDir, ocifs};
+use crate::harness::{Proxy, Registry, TempDir, ocifs};
+use crate::link::{PacketLink, Probe, probe};
 use ocifs::stats::{LayerFigures, MountStats};
 use std::path::Path;
 use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub fn drop_caches() {
@@ -23,6 +27,159 @@ pub fn mbps(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
 
+/// Extra flags for every measured mount (`OCIFS_BENCH_FLAGS`, split at spaces): for trying a
+/// setting without a rebuild.
+pub fn extra_flags() -> Vec<String> {
+    std::env::var("OCIFS_BENCH_FLAGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether the part or variant `key` runs: all of them unless `OCIFS_BENCH_ONLY` lists keys
+/// (comma-separated).
+pub fn selected(key: &str) -> bool {
+    match std::env::var("OCIFS_BENCH_ONLY") {
+        Ok(only) if !only.trim().is_empty() => only.split(',').any(|k| k.trim() == key),
+        _ => true,
+    }
+}
+
+/// How the WAN link is emulated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkMode {
+    /// Packets: the registry in a network namespace behind a router namespace that delays
+    /// each packet half the round trip each way and rate-limits with `tbf` (tests/it/link.rs).
+    /// Real TCP: slow start, windows collapsing after idle.
+    Packet,
+    /// Requests: the harness proxy delays each request one round trip and paces response
+    /// bytes through one token bucket (`Proxy::with_link`). Fast to set up, no TCP dynamics.
+    Http,
+}
+
+impl LinkMode {
+    /// The modes to run, from `OCIFS_BENCH_LINK`: `packet` (the default), `http`, or both
+    /// comma-separated, in that order.
+    pub fn from_env() -> Vec<LinkMode> {
+        let v = std::env::var("OCIFS_BENCH_LINK").unwrap_or_else(|_| "packet".into());
+        let modes: Vec<LinkMode> = v
+            .split(',')
+            .map(|m| match m.trim() {
+                "packet" => LinkMode::Packet,
+                "http" => LinkMode::Http,
+                other => panic!("OCIFS_BENCH_LINK: {other:?} is neither packet nor http"),
+            })
+            .collect();
+        assert!(!modes.is_empty(), "OCIFS_BENCH_LINK names no mode");
+        modes
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkMode::Packet => "packet-level",
+            LinkMode::Http => "HTTP-level",
+        }
+    }
+}
+
+/// The emulated link in front of a registry, in either mode, with counters the benchmarks
+/// reset before each measurement.
+pub struct BenchLink {
+    pub mode: LinkMode,
+    /// The registry's address through the link.
+    pub addr: String,
+    proxy: Option<Proxy>,
+    packet: Option<PacketLink>,
+    /// Packet mode: link bytes and log position at the last reset.
+    mark: Mutex<(u64, u64)>,
+    rtt: Duration,
+    rate: u64,
+}
+
+impl BenchLink {
+    /// A link of round trip `rtt` and `rate` bytes per second to `reg`.
+    pub fn start(mode: LinkMode, reg: &Registry, rtt: Duration, rate: u64) -> BenchLink {
+        let (proxy, packet, addr) = match mode {
+            LinkMode::Http => {
+                let p = Proxy::with_link(&reg.addr, None, Some((rtt, rate)));
+                let addr = p.addr.clone();
+                (Some(p), None, addr)
+            }
+            LinkMode::Packet => {
+                let l = PacketLink::start(reg, rtt, rate);
+                let addr = l.addr.clone();
+                (None, Some(l), addr)
+            }
+        };
+        let link = BenchLink {
+            mode,
+            addr,
+            proxy,
+            packet,
+            mark: Mutex::new((0, 0)),
+            rtt,
+            rate,
+        };
+        link.reset();
+        link
+    }
+
+    /// One line saying what the link is.
+    pub fn describe(&self) -> String {
+        let base = format!(
+            "{} link, {} ms RTT, {} Mbit/s",
+            self.mode.name(),
+            self.rtt.as_millis(),
+            self.rate * 8 / 1_000_000
+        );
+        match &self.packet {
+            Some(l) => format!(
+                "{base} (registry in a network namespace; packets delayed by wan-delay in a router namespace, rate by tbf; the registry's {})",
+                l.server_tcp()
+            ),
+            None => format!(
+                "{base} (the test proxy: each request waits one round trip, bodies paced by one token bucket)"
+            ),
+        }
+    }
+
+    /// Starts counting from zero.
+    pub fn reset(&self) {
+        if let Some(p) = &self.proxy {
+            p.reset();
+        }
+        if let Some(l) = &self.packet {
+            *self.mark.lock().unwrap() = (l.rx_bytes(), l.log_mark());
+        }
+    }
+
+    /// Bytes fetched since the reset: over the HTTP-level link the blob bytes the proxy sent;
+    /// over the packet-level link everything that crossed it towards the client (frames,
+    /// headers included: about 4% more than the payload).
+    pub fn fetched(&self) -> u64 {
+        match (&self.proxy, &self.packet) {
+            (Some(p), _) => p.blob_bytes.load(Ordering::SeqCst),
+            (_, Some(l)) => l.rx_bytes() - self.mark.lock().unwrap().0,
+            _ => 0,
+        }
+    }
+
+    /// Requests since the reset (packet level: those the registry has completed).
+    pub fn requests(&self) -> u64 {
+        match (&self.proxy, &self.packet) {
+            (Some(p), _) => p.requests.load(Ordering::SeqCst),
+            (_, Some(l)) => l.requests_since(self.mark.lock().unwrap().1).0,
+            _ => 0,
+        }
+    }
+
+    /// Measures the link with blob `digest` of `repo` (`size` bytes).
+    pub fn probe(&self, repo: &str, digest: &str, size: u64) -> Probe {
+        probe(&self.addr, repo, digest, size)
+    }
+}
+
 /// A mount made for one measurement, unmounted on drop.
 pub struct BenchMount {
     dir: TempDir,
@@ -33,12 +190,20 @@ impl BenchMount {
     pub fn new(reference: &str, flags: &[&str]) -> (BenchMount, Duration) {
         let dir = TempDir::new("bmnt");
         let cache = TempDir::new("bcache");
-        let mut args = vec!["mount", "--cache-dir", cache.path().to_str().unwrap()];
+        // Plain HTTP: the packet-level link's registry is not on localhost.
+        let mut args = vec![
+            "mount",
+            "--insecure",
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+        ];
         // Whole-blob verification is off unless a variant asks for it (it fetches everything).
         if !flags.contains(&"--verify") {
             args.extend(["--verify", "off"]);
         }
         args.extend_from_slice(flags);
+        let extra = extra_flags();
+        args.extend(extra.iter().map(String::as_str));
         args.push(reference);
         let mp = dir.path().to_str().unwrap().to_string();
         args.push(&mp);
@@ -49,6 +214,12 @@ impl BenchMount {
     }
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+    /// The mount's figures (`ocifs stats --json`).
+    pub fn stats(&self) -> MountStats {
+        let (ok, out, err) = ocifs(&["stats", "--json", self.path().to_str().unwrap()], &[]);
+        assert!(ok, "stats: {err}");
+        serde_json::from_slice(&out).unwrap()
     }
     /// The daemon's resident memory, from /proc.
     pub fn rss_kib(&self) -> u64 {

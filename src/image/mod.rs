@@ -147,6 +147,8 @@ impl Image {
         cache: &Arc<BlockCache>,
         progress: Progress,
     ) -> Result<Image> {
+        // Connections for what follows the manifest, opened while it is on its way.
+        source.warm();
         let mut resolved = manifest::resolve_manifest(source, reference, &cfg.platform).await?;
         let opener = LayerOpener::new(
             source.clone(),

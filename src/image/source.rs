@@ -27,6 +27,17 @@ impl Source {
         }
     }
 
+    /// Opens connections to the registry in the background (see
+    /// [`crate::registry::Repo::warm`]); nothing for a layout. Not owned by a guard: the
+    /// task ends by itself (the client's connect and read timeouts bound it), and the
+    /// connections it opens serve reads after the image is open too.
+    pub fn warm(&self) {
+        if let Source::Registry { repo } = self {
+            let repo = repo.clone();
+            tokio::spawn(async move { repo.warm(crate::registry::WARM_CONNECTIONS).await });
+        }
+    }
+
     /// Resolves a tag or digest to a manifest's digest without fetching it, when possible.
     pub async fn head(&self, reference: &str) -> Result<Option<ManifestMeta>> {
         match self {

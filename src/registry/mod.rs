@@ -50,6 +50,11 @@ application/vnd.docker.distribution.manifest.list.v2+json";
 /// Manifests larger than this are refused (the distribution spec suggests 4 MiB).
 pub const MAX_MANIFEST: usize = 4 << 20;
 
+/// Connections [`Registry::warm`] opens while the manifest is on its way: enough for the
+/// requests that follow it at once (the config and a read of each layer's tail, or the index
+/// discovery's three).
+pub const WARM_CONNECTIONS: usize = 4;
+
 /// How to reach one registry.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryOptions {
@@ -172,6 +177,24 @@ impl Registry {
     /// The registry host this client talks to.
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// Opens `n` connections at once, each with a `GET /v2/` (answered 200 or 401 alike),
+    /// and leaves them in the client's pool. Opened while the manifest is fetched, they spare
+    /// the requests that follow it a TCP (and TLS) handshake each: a round trip on a WAN
+    /// link. Failures are left to the requests that matter.
+    pub async fn warm(&self, n: usize) {
+        let url = format!("{}/", self.api);
+        let Ok(client) = self.http.for_url(&url) else {
+            return;
+        };
+        let opens = (0..n).map(|_| async {
+            if let Ok(r) = client.get(&url).send().await {
+                // Read to the end, or the connection does not go back to the pool.
+                let _ = read_limited(r, 64 << 10, "/v2/").await;
+            }
+        });
+        futures::future::join_all(opens).await;
     }
 
     /// Sends a request to the registry with auth: a cached header up front, one retry after

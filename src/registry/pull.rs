@@ -132,6 +132,14 @@ impl Repo {
         self.hosts.last().map(|h| h.registry.clone())
     }
 
+    /// Opens `n` connections to the first host (the one a request goes to first) in the
+    /// background of opening an image: see [`Registry::warm`].
+    pub async fn warm(&self, n: usize) {
+        if let Some(h) = self.hosts.first() {
+            h.registry.warm(n).await;
+        }
+    }
+
     /// `registry/repository`, for messages.
     pub fn name(&self) -> &str {
         &self.name

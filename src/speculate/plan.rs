@@ -25,7 +25,10 @@ pub fn landmark_bytes(image: &Image) -> u64 {
         .sum()
 }
 
-/// Prefetches every eStargz layer's prioritized files (before `.prefetch.landmark`).
+/// Prefetches every eStargz layer's prioritized files (before `.prefetch.landmark`), all
+/// layers at once, each front first in one streamed request. One layer after another left the
+/// link to one connection, a second's stream started only when the first was done (with a
+/// window that had shrunk meanwhile), and a start reads the layers interleaved.
 pub async fn prefetch_landmarks(image: &Image, counts: &Counts) {
     let readers: Vec<_> = image
         .layers
@@ -37,11 +40,12 @@ pub async fn prefetch_landmarks(image: &Image, counts: &Counts) {
         .collect();
     let total: u64 = readers.iter().map(|(_, r)| r.prefetch_len).sum();
     counts.planned.fetch_add(total, Ordering::Relaxed);
-    for (digest, r) in readers {
+    let fetches = readers.into_iter().map(|(digest, r)| async move {
         if let Err(e) = r.prefetch(&counts.planned_done).await {
             tracing::warn!("prefetch of {digest} stopped: {e}");
         }
-    }
+    });
+    futures::future::join_all(fetches).await;
     if total > 0 {
         tracing::info!("prefetched {total} bytes of prioritized files");
     }

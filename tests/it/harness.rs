@@ -229,12 +229,17 @@ pub struct Proxy {
     pub storage: Option<Arc<Storage>>,
     /// Requests, but for the API version check (`GET /v2/`).
     pub requests: Arc<AtomicU64>,
+    /// `GET /v2/` requests (a client opening connections ahead, or checking the API).
+    pub pings: Arc<AtomicU64>,
     pub blob_bytes: Arc<AtomicU64>,
     pub blob_requests: Arc<AtomicU64>,
+    /// The most blob GETs under way at once since the last reset.
+    pub blob_in_flight_max: Arc<AtomicU64>,
+    blob_in_flight: Arc<AtomicU64>,
     pub tokens_issued: Arc<AtomicU64>,
     /// Lifetime (`expires_in`) of the tokens the token endpoint issues (default 300 s).
     pub token_ttl: Arc<AtomicU64>,
-    /// 401 challenges sent to registry requests.
+    /// 401 challenges sent to registry requests (other than `GET /v2/`).
     pub challenges: Arc<AtomicU64>,
 }
 
@@ -284,10 +289,13 @@ impl Proxy {
         let addr = listener.local_addr().unwrap().to_string();
         let blob_bytes = Arc::new(AtomicU64::new(0));
         let blob_requests = Arc::new(AtomicU64::new(0));
+        let blob_in_flight = Arc::new(AtomicU64::new(0));
+        let blob_in_flight_max = Arc::new(AtomicU64::new(0));
         let tokens_issued = Arc::new(AtomicU64::new(0));
         let token_ttl = Arc::new(AtomicU64::new(300));
         let challenges = Arc::new(AtomicU64::new(0));
         let requests = Arc::new(AtomicU64::new(0));
+        let pings = Arc::new(AtomicU64::new(0));
         let ctx = Arc::new(ProxyCtx {
             client: reqwest::blocking::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
@@ -297,11 +305,14 @@ impl Proxy {
             link,
             link_free: std::sync::Mutex::new(std::time::Instant::now()),
             requests: requests.clone(),
+            pings: pings.clone(),
             upstream: upstream.to_string(),
             addr: addr.clone(),
             creds: token_auth.map(|(u, p)| format!("{u}:{p}")),
             blob_bytes: blob_bytes.clone(),
             blob_requests: blob_requests.clone(),
+            blob_in_flight: blob_in_flight.clone(),
+            blob_in_flight_max: blob_in_flight_max.clone(),
             tokens_issued: tokens_issued.clone(),
             token_ttl: token_ttl.clone(),
             challenges: challenges.clone(),
@@ -318,8 +329,11 @@ impl Proxy {
             addr,
             storage,
             requests,
+            pings,
             blob_bytes,
             blob_requests,
+            blob_in_flight_max,
+            blob_in_flight,
             tokens_issued,
             token_ttl,
             challenges,
@@ -328,8 +342,11 @@ impl Proxy {
 
     pub fn reset(&self) {
         self.requests.store(0, Ordering::SeqCst);
+        self.pings.store(0, Ordering::SeqCst);
         self.blob_bytes.store(0, Ordering::SeqCst);
         self.blob_requests.store(0, Ordering::SeqCst);
+        let now = self.blob_in_flight.load(Ordering::SeqCst);
+        self.blob_in_flight_max.store(now, Ordering::SeqCst);
     }
 }
 
@@ -342,14 +359,26 @@ struct ProxyCtx {
     /// When the emulated link is next free to carry bytes.
     link_free: std::sync::Mutex<std::time::Instant>,
     requests: Arc<AtomicU64>,
+    pings: Arc<AtomicU64>,
     upstream: String,
     addr: String,
     creds: Option<String>,
     blob_bytes: Arc<AtomicU64>,
     blob_requests: Arc<AtomicU64>,
+    blob_in_flight: Arc<AtomicU64>,
+    blob_in_flight_max: Arc<AtomicU64>,
     tokens_issued: Arc<AtomicU64>,
     token_ttl: Arc<AtomicU64>,
     challenges: Arc<AtomicU64>,
+}
+
+/// Counts a blob GET as under way while it lives.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl ProxyCtx {
@@ -384,6 +413,10 @@ impl ProxyCtx {
                     .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
             })
             .collect();
+        let ping = method == "GET" && target == "/v2/";
+        if ping {
+            self.pings.fetch_add(1, Ordering::SeqCst);
+        }
         let header = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
         let mut body_in = vec![
             0u8;
@@ -436,7 +469,9 @@ impl ProxyCtx {
             }
             let ok = header("authorization").is_some_and(|a| a.starts_with("Bearer tok-"));
             if !ok {
-                self.challenges.fetch_add(1, Ordering::SeqCst);
+                if !ping {
+                    self.challenges.fetch_add(1, Ordering::SeqCst);
+                }
                 let challenge = format!(
                     "Bearer realm=\"http://{}/token\",service=\"test\",scope=\"repository:x:pull\"",
                     self.addr
@@ -518,6 +553,11 @@ impl ProxyCtx {
         );
         let head = method == "HEAD";
         let blob_get = method == "GET" && target.contains("/blobs/");
+        let _in_flight = blob_get.then(|| {
+            let now = self.blob_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.blob_in_flight_max.fetch_max(now, Ordering::SeqCst);
+            InFlight(&self.blob_in_flight)
+        });
         if blob_get {
             self.blob_requests.fetch_add(1, Ordering::SeqCst);
         }

@@ -136,8 +136,13 @@ impl ReadHints for CachedBlob {
                 tokio::spawn(fetch);
             }
         }
+        // The last block is needed only up to the read's end (the others whole).
+        let need = |i: u64| match i == last {
+            true => offset + len - i * bs,
+            false => bs,
+        };
         let blocks = futures::future::try_join_all(
-            (first..=last).map(|i| cache.block(&self.inner, i, guess_from)),
+            (first..=last).map(|i| cache.block(&self.inner, i, guess_from, need(i))),
         )
         .await?;
         Ok(assemble(&blocks, first * bs, offset, len))

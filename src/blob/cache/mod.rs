@@ -137,8 +137,17 @@ impl BlockCache {
     }
 
     /// Block `index` of `blob`, fetched on a miss with a stretch after it; blocks from
-    /// `guess_from` on are past the file being read (see [`BlockCache::stretch_end`]).
-    async fn block(self: &Arc<Self>, blob: &Blob, index: u64, guess_from: u64) -> Result<Bytes> {
+    /// `guess_from` on are past the file being read (see [`BlockCache::stretch_end`]). The
+    /// caller needs the block's first `need` bytes: a miss answers with them as soon as they
+    /// have arrived (the block is kept once it is whole), so a small file at a block's front
+    /// comes with a new connection's first flights, not after the whole block.
+    async fn block(
+        self: &Arc<Self>,
+        blob: &Blob,
+        index: u64,
+        guess_from: u64,
+        need: u64,
+    ) -> Result<Bytes> {
         let key = Self::key(blob, index);
         if let Some(b) = self.store.memory(&key) {
             self.stats.mem_hits.fetch_add(1, Ordering::Relaxed);
@@ -173,10 +182,12 @@ impl BlockCache {
         }
         self.count_guesses(blob, &stretch, guess_from);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(
-            self.clone()
-                .fetch_stretch(blob.clone(), stretch, guess_from, Some(tx)),
-        );
+        tokio::spawn(self.clone().fetch_stretch(
+            blob.clone(),
+            stretch,
+            guess_from,
+            Some((tx, need)),
+        ));
         rx.await
             .unwrap_or_else(|_| Err(Error::Io(std::io::Error::other("block fetch ended early"))))
     }
@@ -246,13 +257,14 @@ impl BlockCache {
 
     /// Fetches a stretch of consecutive blocks in one streamed request, storing and releasing
     /// each as it completes; the first block (the one a reader is waiting for) goes to
-    /// `first`. Blocks from `guess_from` on were counted as guesses.
+    /// `first`, or as much of its front as the reader needs, as soon as that has arrived.
+    /// Blocks from `guess_from` on were counted as guesses.
     async fn fetch_stretch(
         self: Arc<Self>,
         blob: Blob,
         stretch: Vec<Claim>,
         guess_from: u64,
-        first: Option<tokio::sync::oneshot::Sender<Result<Bytes>>>,
+        first: Option<(tokio::sync::oneshot::Sender<Result<Bytes>>, u64)>,
     ) -> Result<()> {
         let size = blob.size();
         let start = stretch[0].0.1 * self.block_size;
@@ -277,6 +289,14 @@ impl BlockCache {
         let mut pending = BytesMut::new();
         let mut sink = |piece: Bytes| {
             pending.extend_from_slice(&piece);
+            // Until it is answered, `pending` holds the front of the reader's block.
+            if first
+                .as_ref()
+                .is_some_and(|(_, need)| pending.len() as u64 >= *need)
+            {
+                let (tx, need) = first.take().unwrap();
+                let _ = tx.send(Ok(Bytes::copy_from_slice(&pending[..need as usize])));
+            }
             while let Some((key, _)) = &current {
                 let want = self.block_len(size, key.1) as usize;
                 if pending.len() < want {
@@ -285,7 +305,7 @@ impl BlockCache {
                 let data = pending.split_to(want).freeze();
                 let (key, guard) = current.take().unwrap();
                 self.keep(&key, data.clone());
-                if let Some(tx) = first.take() {
+                if let Some((tx, _)) = first.take() {
                     let _ = tx.send(Ok(data));
                 }
                 settled(&key);
@@ -307,7 +327,7 @@ impl BlockCache {
             self.gates.release(&key, guard);
         }
         match (result, first.take()) {
-            (Err(e), Some(tx)) => {
+            (Err(e), Some((tx, _))) => {
                 let _ = tx.send(Err(e));
                 Ok(())
             }
@@ -506,6 +526,40 @@ mod tests {
             *held.requests.lock().unwrap(),
             [(0, 8 * B), (20 * B, 3 * B), (40 * B, 8 * B)]
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_miss_is_answered_once_the_front_it_needs_has_arrived() {
+        const B: u64 = 16 << 10;
+        let cache = BlockCache::new(B, B, 1 << 20, None, RA);
+        let data: Vec<u8> = (0..4 * B as u32).map(|i| (i % 249) as u8).collect();
+        let held = Arc::new(Held {
+            data: Bytes::from(data.clone()),
+            requests: Mutex::new(Vec::new()),
+            go: tokio::sync::Semaphore::new(0),
+        });
+        let blob = cache.wrap(held.clone());
+        // The source has sent the block's first 4 KiB and holds the rest: a read within
+        // them is answered (it would wait for the whole block otherwise).
+        let front = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            blob.read_within(B + 1000, 500, B + 1500),
+        );
+        let front = front.await.expect("answered before the block is whole");
+        assert_eq!(
+            &front.unwrap()[..],
+            &data[B as usize + 1000..B as usize + 1500]
+        );
+        // A read of the block's end waits for the rest, and then the block is whole: its
+        // front is served from memory, with no other request.
+        held.go.add_permits(1);
+        let end = blob.read_at(2 * B - 100, 100).await.unwrap();
+        assert_eq!(&end[..], &data[2 * B as usize - 100..2 * B as usize]);
+        let hits = cache.stats.mem_hits.load(Ordering::Relaxed);
+        let again = blob.read_at(B, 4096).await.unwrap();
+        assert_eq!(&again[..], &data[B as usize..B as usize + 4096]);
+        assert_eq!(cache.stats.mem_hits.load(Ordering::Relaxed), hits + 1);
+        assert_eq!(*held.requests.lock().unwrap(), [(B, B)]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
