@@ -1,7 +1,9 @@
-//! Helpers the benchmarks share: cache dropping, settings, the emulated link, and a measured
-//! mount.
+//! Helpers the benchmarks share: cache dropping, settings, the emulated link, a measured
+//! mount, and the realistic image ([`debian`]).
 
 #![allow(dead_code)]
+
+pub mod debian;
 
 use crate::harness::{Proxy, Registry, TempDir, ocifs};
 use crate::link::{PacketLink, Probe, probe};
