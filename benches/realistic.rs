@@ -1,10 +1,10 @@
 //! `cargo bench --bench realistic` (part of `scripts/bench`): a process starting from a lazily
 //! mounted Debian image over the emulated WAN link, per format, against pull + extract + run.
 //!
-//! The image is built here: a bookworm minbase root file system with python3 made by
-//! debootstrap from deb.debian.org (cached under target/bench-rootfs), split into three
-//! layers (the base system, the Python standard library, a small app that imports a dozen
-//! stdlib modules). The workload is `chroot MOUNT python3 /app/main.py`. Link settings as in
+//! The image is built here (`common::debian`): a bookworm minbase root file system with
+//! python3 made by debootstrap from deb.debian.org (cached under target/bench-rootfs), split
+//! into three layers (the base system, the Python standard library, a small app that imports
+//! a dozen stdlib modules). The workload is `chroot MOUNT python3 /app/main.py`. Link settings as in
 //! the startup benchmark (OCIFS_BENCH_RTT_MS, OCIFS_BENCH_MBIT); OCIFS_BENCH_LINK chooses the
 //! emulation (`packet`, the default, `http`, or `packet,http` for both in one run; see
 //! `common::LinkMode`), OCIFS_BENCH_ROUNDS the cold rounds per row, OCIFS_BENCH_ONLY a
@@ -22,76 +22,14 @@ mod harness;
 mod link;
 
 use builder::{Enc, encode, push};
+use common::debian::{self, rootfs, run_app};
 use common::{
     BenchLink, BenchMount, LinkMode, drop_caches, env_u64, full_pull, record_and_convert, selected,
     wait_converged,
 };
 use harness::{Registry, TempDir, ocifs, push_index};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-const APP: &str = r#"import argparse, asyncio, csv, datetime, decimal, email.message, hashlib, http.client
-import json, logging, re, sqlite3, unittest, xml.etree.ElementTree as ET
-db = sqlite3.connect(":memory:")
-db.execute("create table t (x)")
-print("ok", json.dumps({"n": len(re.findall("a", "banana"))}), decimal.Decimal("1.1") + 1)
-"#;
-
-/// The debootstrapped root file system, made once and kept under target/.
-fn rootfs() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-rootfs");
-    if !dir.join("usr/bin/python3").exists() {
-        let _ = std::fs::remove_dir_all(&dir);
-        eprintln!("realistic: debootstrap bookworm minbase + python3 (once; about a minute)");
-        let st = Command::new("debootstrap")
-            .args(["--variant=minbase", "--include=python3", "bookworm"])
-            .arg(&dir)
-            .arg("http://deb.debian.org/debian")
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("debootstrap (scripts/setup installs it)");
-        assert!(st.success(), "debootstrap failed");
-    }
-    std::fs::create_dir_all(dir.join("app")).unwrap();
-    std::fs::write(dir.join("app/main.py"), APP).unwrap();
-    dir
-}
-
-/// GNU tar of `paths` under `root` (numeric owners), minus `exclude` patterns.
-fn tar_of(root: &Path, paths: &[&str], exclude: &[&str]) -> Vec<u8> {
-    let mut cmd = Command::new("tar");
-    cmd.args(["--numeric-owner", "--xattrs", "-C"]).arg(root);
-    for e in exclude {
-        cmd.arg(format!("--exclude={e}"));
-    }
-    cmd.args(["-cf", "-"]).args(paths);
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "tar: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-fn run_app(root: &Path) -> Duration {
-    let t = Instant::now();
-    let out = Command::new("/usr/sbin/chroot")
-        .arg(root)
-        .args(["/usr/bin/python3", "/app/main.py"])
-        .env_clear()
-        .env("PYTHONHASHSEED", "0")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && out.stdout.starts_with(b"ok"),
-        "app: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    t.elapsed()
-}
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -101,23 +39,7 @@ fn main() {
     let rate = env_u64("OCIFS_BENCH_MBIT", 200) * 1_000_000 / 8;
     let modes = LinkMode::from_env();
     let root = rootfs();
-    let layers = [
-        tar_of(
-            &root,
-            &["."],
-            &[
-                "./usr/lib/python3*",
-                "./app",
-                "./proc/*",
-                "./var/cache/apt/archives/*.deb",
-                "./var/lib/apt/lists/*",
-                "./sys/*",
-                "./dev/*",
-            ],
-        ),
-        tar_of(&root, &["./usr/lib/python3", "./usr/lib/python3.11"], &[]),
-        tar_of(&root, &["./app"], &[]),
-    ];
+    let layers = debian::layers(&root);
     let reg = Registry::start(None);
     let work = TempDir::new("realistic");
     let mut sizes = std::collections::HashMap::new();

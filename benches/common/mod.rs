@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod debian;
+
 use crate::harness::{Proxy, Registry, TempDir, ocifs};
 use crate::link::{PacketLink, Probe, probe};
 use ocifs::stats::{LayerFigures, MountStats};
