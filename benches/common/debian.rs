@@ -51,7 +51,14 @@ pub fn tar_of(root: &Path, paths: &[&str], exclude: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
+/// Runs the workload on the root file system at `root` (a mount or a directory); its time.
+/// Panics when it fails.
 pub fn run_app(root: &Path) -> Duration {
+    try_run_app(root).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`run_app`], returning a failure (the app's exit status and standard error) instead.
+pub fn try_run_app(root: &Path) -> Result<Duration, String> {
     let t = Instant::now();
     let out = Command::new("/usr/sbin/chroot")
         .arg(root)
@@ -60,13 +67,15 @@ pub fn run_app(root: &Path) -> Duration {
         .env("PYTHONHASHSEED", "0")
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
-        .unwrap();
-    assert!(
-        out.status.success() && out.stdout.starts_with(b"ok"),
-        "app: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    t.elapsed()
+        .map_err(|e| format!("app: chroot: {e}"))?;
+    if !(out.status.success() && out.stdout.starts_with(b"ok")) {
+        return Err(format!(
+            "app: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(t.elapsed())
 }
 
 /// The image's three layers as uncompressed tars: the base system, the Python standard
