@@ -96,7 +96,13 @@ pub fn layers(root: &Path, xattrs: bool) -> [Vec<u8>; 3] {
 }
 
 /// `chroot ROOT python3 /app/main.py`, which must print the app's line; its wall time.
+/// Panics when it fails.
 pub fn run_app(root: &Path) -> Duration {
+    try_run_app(root).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`run_app`], returning a failure (the app's exit status and standard error) instead.
+pub fn try_run_app(root: &Path) -> Result<Duration, String> {
     let t = Instant::now();
     let out = Command::new("/usr/sbin/chroot")
         .arg(root)
@@ -105,13 +111,15 @@ pub fn run_app(root: &Path) -> Duration {
         .env("PYTHONHASHSEED", "0")
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
-        .unwrap();
-    assert!(
-        out.status.success() && out.stdout.starts_with(b"ok"),
-        "app: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    t.elapsed()
+        .map_err(|e| format!("app: chroot: {e}"))?;
+    if !(out.status.success() && out.stdout.starts_with(b"ok")) {
+        return Err(format!(
+            "app: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(t.elapsed())
 }
 
 /// The image as published: repositories `real/NAME:v1` of one registry.
