@@ -1,7 +1,7 @@
 //! `cargo bench --bench realistic` (part of `scripts/bench`): a process starting from a lazily
 //! mounted Debian image over the emulated WAN link, per format, against pull + extract + run.
 //!
-//! The image is built here: a bookworm minbase root file system with python3 made by
+//! The image is `common::debian`'s: a bookworm minbase root file system with python3 made by
 //! debootstrap from deb.debian.org (cached under target/bench-rootfs), split into three
 //! layers (the base system, the Python standard library, a small app that imports a dozen
 //! stdlib modules). The workload is `chroot MOUNT python3 /app/main.py`. Link settings as in
@@ -21,77 +21,13 @@ mod harness;
 #[path = "../tests/it/link.rs"]
 mod link;
 
-use builder::{Enc, encode, push};
+use common::debian::{self, run_app};
 use common::{
-    BenchLink, BenchMount, LinkMode, drop_caches, env_u64, full_pull, record_and_convert, selected,
-    wait_converged,
+    BenchLink, BenchMount, LinkMode, drop_caches, env_u64, full_pull, selected, wait_converged,
 };
-use harness::{Registry, TempDir, ocifs, push_index};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use harness::{Registry, TempDir, ocifs};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-const APP: &str = r#"import argparse, asyncio, csv, datetime, decimal, email.message, hashlib, http.client
-import json, logging, re, sqlite3, unittest, xml.etree.ElementTree as ET
-db = sqlite3.connect(":memory:")
-db.execute("create table t (x)")
-print("ok", json.dumps({"n": len(re.findall("a", "banana"))}), decimal.Decimal("1.1") + 1)
-"#;
-
-/// The debootstrapped root file system, made once and kept under target/.
-fn rootfs() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-rootfs");
-    if !dir.join("usr/bin/python3").exists() {
-        let _ = std::fs::remove_dir_all(&dir);
-        eprintln!("realistic: debootstrap bookworm minbase + python3 (once; about a minute)");
-        let st = Command::new("debootstrap")
-            .args(["--variant=minbase", "--include=python3", "bookworm"])
-            .arg(&dir)
-            .arg("http://deb.debian.org/debian")
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("debootstrap (scripts/setup installs it)");
-        assert!(st.success(), "debootstrap failed");
-    }
-    std::fs::create_dir_all(dir.join("app")).unwrap();
-    std::fs::write(dir.join("app/main.py"), APP).unwrap();
-    dir
-}
-
-/// GNU tar of `paths` under `root` (numeric owners), minus `exclude` patterns.
-fn tar_of(root: &Path, paths: &[&str], exclude: &[&str]) -> Vec<u8> {
-    let mut cmd = Command::new("tar");
-    cmd.args(["--numeric-owner", "--xattrs", "-C"]).arg(root);
-    for e in exclude {
-        cmd.arg(format!("--exclude={e}"));
-    }
-    cmd.args(["-cf", "-"]).args(paths);
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "tar: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-fn run_app(root: &Path) -> Duration {
-    let t = Instant::now();
-    let out = Command::new("/usr/sbin/chroot")
-        .arg(root)
-        .args(["/usr/bin/python3", "/app/main.py"])
-        .env_clear()
-        .env("PYTHONHASHSEED", "0")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && out.stdout.starts_with(b"ok"),
-        "app: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    t.elapsed()
-}
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -100,67 +36,11 @@ fn main() {
     let rtt = Duration::from_millis(env_u64("OCIFS_BENCH_RTT_MS", 40));
     let rate = env_u64("OCIFS_BENCH_MBIT", 200) * 1_000_000 / 8;
     let modes = LinkMode::from_env();
-    let root = rootfs();
-    let layers = [
-        tar_of(
-            &root,
-            &["."],
-            &[
-                "./usr/lib/python3*",
-                "./app",
-                "./proc/*",
-                "./var/cache/apt/archives/*.deb",
-                "./var/lib/apt/lists/*",
-                "./sys/*",
-                "./dev/*",
-            ],
-        ),
-        tar_of(&root, &["./usr/lib/python3", "./usr/lib/python3.11"], &[]),
-        tar_of(&root, &["./app"], &[]),
-    ];
     let reg = Registry::start(None);
     let work = TempDir::new("realistic");
-    let mut sizes = std::collections::HashMap::new();
-    // The largest gzip layer, for the link probe.
-    let mut probe_blob = (String::new(), 0u64);
-    for (name, enc) in [("gzip", Enc::Gzip), ("estargz", Enc::Estargz)] {
-        let encoded: Vec<_> = layers.iter().cloned().map(|t| encode(t, enc)).collect();
-        sizes.insert(name, encoded.iter().map(|l| l.blob.len()).sum::<usize>());
-        if name == "gzip" {
-            let big = encoded.iter().max_by_key(|l| l.blob.len()).unwrap();
-            probe_blob = (ocifs::digest::sha256(&big.blob), big.blob.len() as u64);
-        }
-        // The config names the command, as a real image's would.
-        let dir = builder::layout_with_command(
-            &work.path().join(name),
-            "v1",
-            &[("linux", "amd64", None, &encoded)],
-            &["python3", "/app/main.py"],
-        );
-        push(&dir, "v1", &reg.addr, &format!("real/{name}"), None);
-        if name == "gzip" {
-            // The same image where no index is published: a first mount builds one.
-            push(&dir, "v1", &reg.addr, "real/plain", None);
-        }
-    }
-    let direct = |name: &str| format!("{}/real/{name}:v1", reg.addr);
-
-    // A recorded profile of the app, for the profile-ordered eStargz variant (recorded on
-    // the registry directly: a profile is what is read, in order, not when).
-    let profile = work.path().join("app.profile");
-    let conv = TempDir::new("rconv");
-    record_and_convert(
-        &direct("estargz"),
-        &profile,
-        |root| {
-            run_app(root);
-        },
-        &direct("gzip"),
-        &direct("profiled"),
-        conv.path(),
-    );
-    // The gzip image's indexes, published next to it (not timed).
-    push_index(&direct("gzip"), &[]);
+    let published = debian::publish(&reg, &work, false);
+    let (sizes, profile) = (&published.sizes, &published.profile);
+    let probe_blob = &published.probe_blob;
 
     let rounds = env_u64("OCIFS_BENCH_ROUNDS", 3).max(1) as usize;
     for mode in modes {
@@ -181,7 +61,7 @@ fn main() {
             );
             std::thread::sleep(Duration::from_secs(hold));
         }
-        measure(&link, &via, &sizes, &profile, rounds, &work);
+        measure(&link, &via, sizes, profile, rounds, &work);
     }
 }
 
@@ -258,14 +138,14 @@ fn measure(
             "eStargz ordered by profile",
             "profiled",
             &[],
-            sizes["estargz"],
+            sizes["profiled"],
         ),
         (
             "profiled-verify",
             "eStargz ordered by profile, background verification on",
             "profiled",
             &["--verify", "background"],
-            sizes["estargz"],
+            sizes["profiled"],
         ),
         (
             "gzip-prefetch",
@@ -315,7 +195,7 @@ fn measure(
             "eStargz ordered by profile without prefetch (--no-prefetch)",
             "profiled",
             &["--no-prefetch"],
-            sizes["estargz"],
+            sizes["profiled"],
         ),
     ];
     for (key, label, name, flags, size) in variants {

@@ -196,6 +196,27 @@ pub struct CacheFigures {
     pub disk_hits: u64,
     pub misses: u64,
     pub fetched_bytes: u64,
+    /// Of `fetched_bytes`, what waiting reads asked for (up to the end of the file each
+    /// read); the rest was fetched ahead of any read (prefetch, guesses, read-ahead,
+    /// verification, local copies).
+    #[serde(default)]
+    pub demand_bytes: u64,
+}
+
+impl CacheFigures {
+    /// The line `ocifs stats` prints: hits, misses, and the bytes fetched split into what
+    /// reads waited for and what was fetched ahead.
+    pub fn line(&self) -> String {
+        format!(
+            "cache: {} memory hits, {} disk hits, {} misses; {} bytes fetched: {} for waiting reads, {} ahead of any read (prefetch, guesses, read-ahead, verification)",
+            self.mem_hits,
+            self.disk_hits,
+            self.misses,
+            self.fetched_bytes,
+            self.demand_bytes,
+            self.fetched_bytes.saturating_sub(self.demand_bytes)
+        )
+    }
 }
 
 /// Reads served: count, bytes, errors, opens asked, latency percentiles.

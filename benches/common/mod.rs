@@ -1,7 +1,9 @@
-//! Helpers the benchmarks share: cache dropping, settings, the emulated link, and a measured
-//! mount.
+//! Helpers the benchmarks share: cache dropping, settings, the emulated link, a measured
+//! mount, and the realistic image ([`debian`]).
 
 #![allow(dead_code)]
+
+pub mod debian;
 
 use crate::harness::{Proxy, Registry, TempDir, ocifs};
 use crate::link::{PacketLink, Probe, probe};
@@ -221,22 +223,25 @@ impl BenchMount {
         assert!(ok, "stats: {err}");
         serde_json::from_slice(&out).unwrap()
     }
-    /// The daemon's resident memory, from /proc.
+    /// The daemon's resident memory, from /proc: every ocifs process serving this mount
+    /// (as root, the supervisor and the serving process it relays to).
     pub fn rss_kib(&self) -> u64 {
         let me = self.dir.path().to_str().unwrap();
+        let mut total = 0;
         for p in std::fs::read_dir("/proc").unwrap().flatten() {
             let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
             let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains("--daemon-child") && cmd.contains(me) {
+            let serving = cmd.contains("--daemon-child") || cmd.contains("--serve-fd");
+            if serving && cmd.split('\0').any(|a| a == me) {
                 let status = std::fs::read_to_string(p.path().join("status")).unwrap_or_default();
                 let line = status
                     .lines()
                     .find(|l| l.starts_with("VmRSS:"))
                     .unwrap_or("VmRSS: 0 kB");
-                return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                total += line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
             }
         }
-        0
+        total
     }
 }
 

@@ -263,10 +263,7 @@ fn print_stats(v: &MountStats, json: bool) -> Result<()> {
         );
     }
     let c = &v.cache;
-    println!(
-        "cache: {} memory hits, {} disk hits, {} misses ({} bytes fetched)",
-        c.mem_hits, c.disk_hits, c.misses, c.fetched_bytes
-    );
+    println!("{}", c.line());
     let r = &v.reads;
     println!(
         "reads: {} ({} bytes, {} errors), latency p50 {} us, p99 {} us; opens asked of the daemon: {}",

@@ -622,3 +622,20 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         })?,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// build.rs watches only paths that exist, relative to the package (as cargo reads
+    /// them): a missing one (`.git/HEAD` in a git worktree, where `.git` is a file) made
+    /// every cargo command run it again and rebuild ocifs.
+    #[test]
+    fn the_build_script_watches_paths_that_exist() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for p in env!("OCIFS_BUILD_WATCHED").lines() {
+            assert!(
+                root.join(p).exists(),
+                "build.rs watches {p}, which is missing"
+            );
+        }
+    }
+}

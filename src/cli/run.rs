@@ -29,6 +29,10 @@ struct Summary {
     fetched_bytes: u64,
     requests: u64,
     image_bytes: u64,
+    /// File bytes the command read, and the fetched bytes it waited for (the rest of
+    /// `fetched_bytes` came ahead of its reads: prefetch, guesses, verification).
+    read_bytes: u64,
+    waited_bytes: u64,
     /// Distinct files read.
     files_touched: usize,
 }
@@ -141,6 +145,7 @@ async fn run_in(
     let files: std::collections::HashSet<&str> = profile.iter().map(|a| a.path.as_str()).collect();
     let layers = &served.image.layers;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let figures = served.stats();
     let summary = Summary {
         digest: served.image.resolved.manifest_digest.clone(),
         ready_ms: millis(ready),
@@ -150,6 +155,8 @@ async fn run_in(
         fetched_bytes: layers.iter().map(|l| load(&l.counter.bytes)).sum(),
         requests: layers.iter().map(|l| load(&l.counter.requests)).sum(),
         image_bytes: layers.iter().map(|l| l.blob.size()).sum(),
+        read_bytes: figures.reads.bytes,
+        waited_bytes: figures.cache.demand_bytes,
         files_touched: files.len(),
     };
     print_summary(&summary, json)?;
@@ -167,7 +174,7 @@ fn print_summary(s: &Summary, json: bool) -> Result<()> {
     }
     let pct = (s.fetched_bytes as f64 * 100.0) / (s.image_bytes.max(1) as f64);
     eprintln!(
-        "ocifs run: ready {:.2}s, exec {:.2}s, ran {:.2}s (exit {}); fetched {} of {} bytes ({pct:.1}%) in {} requests; {} files touched",
+        "ocifs run: ready {:.2}s, exec {:.2}s, ran {:.2}s (exit {}); fetched {} of {} bytes ({pct:.1}%) in {} requests ({} bytes waited for by reads, the rest fetched ahead); {} files touched, {} bytes read",
         s.ready_ms as f64 / 1000.0,
         s.exec_ms as f64 / 1000.0,
         s.run_ms as f64 / 1000.0,
@@ -175,7 +182,9 @@ fn print_summary(s: &Summary, json: bool) -> Result<()> {
         s.fetched_bytes,
         s.image_bytes,
         s.requests,
-        s.files_touched
+        s.waited_bytes,
+        s.files_touched,
+        s.read_bytes
     );
     Ok(())
 }

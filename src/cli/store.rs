@@ -178,10 +178,7 @@ pub fn print_store_stats(v: &StoreStats, json: bool) -> Result<()> {
         }
     }
     let c = &v.cache;
-    println!(
-        "cache: {} memory hits, {} disk hits, {} misses ({} bytes fetched)",
-        c.mem_hits, c.disk_hits, c.misses, c.fetched_bytes
-    );
+    println!("{}", c.line());
     println!(
         "released when idle: {} layers; containers/storage notices: {} uses, {} releases",
         v.released, v.uses, v.releases

@@ -93,6 +93,9 @@ pub struct Registry {
     /// Blob digest -> storage URL the registry last redirected us to.
     redirects: Mutex<HashMap<String, String>>,
     transfer: Transfer,
+    /// Retries of each request after its first try (see `retry.rs`): fewer at a host that
+    /// has another to fall back to.
+    retries: u32,
 }
 
 /// How one try of a blob read ended, when it did not deliver the range.
@@ -107,24 +110,27 @@ impl Registry {
     /// A client for `host` (`docker.io` means Docker Hub's API host).
     pub fn new(host: &str, opts: RegistryOptions) -> Result<Arc<Self>> {
         let endpoint = Endpoint::direct(host, opts.insecure);
-        let mut r = Registry::build(&endpoint, None, opts.credentials, opts.transfer)?;
+        let mut r = Registry::build(&endpoint, None, opts.credentials, opts.transfer, false)?;
         r.host = host.to_string();
         Ok(Arc::new(r))
     }
 
     /// A client for a configured host: its endpoint (API root, TLS, headers), the registry
-    /// it stands in for when it is a mirror (`namespace`), and its credentials.
+    /// it stands in for when it is a mirror (`namespace`), and its credentials. `fallback`:
+    /// another host follows it, so its requests get fewer retries (`retry.rs`).
     pub fn at(
         endpoint: &Endpoint,
         namespace: Option<&str>,
         credentials: Option<Credentials>,
         transfer: Transfer,
+        fallback: bool,
     ) -> Result<Arc<Self>> {
         Ok(Arc::new(Registry::build(
             endpoint,
             namespace,
             credentials,
             transfer,
+            fallback,
         )?))
     }
 
@@ -133,6 +139,7 @@ impl Registry {
         namespace: Option<&str>,
         credentials: Option<Credentials>,
         transfer: Transfer,
+        fallback: bool,
     ) -> Result<Self> {
         let mut headers = header::HeaderMap::new();
         for (k, v) in &endpoint.headers {
@@ -157,6 +164,10 @@ impl Registry {
             auth: Authenticator::new(credentials),
             redirects: Mutex::new(HashMap::new()),
             transfer,
+            retries: match fallback {
+                true => retry::FALLBACK_RETRIES,
+                false => retry::MAX_RETRIES,
+            },
         })
     }
 
@@ -221,7 +232,7 @@ impl Registry {
         headers: &[(header::HeaderName, String)],
         body: Option<Bytes>,
     ) -> Result<reqwest::Response> {
-        let mut retries = Retries::default();
+        let mut retries = Retries::new(self.retries);
         self.send_tries(repo, actions, method, url, headers, body, &mut retries)
             .await
     }
@@ -463,7 +474,7 @@ impl Registry {
             return Ok(());
         }
         let what = format!("blob {digest}");
-        let mut retries = Retries::default();
+        let mut retries = Retries::new(self.retries);
         let mut got = 0u64;
         loop {
             let before = got;
@@ -539,7 +550,7 @@ impl Registry {
         len: u64,
     ) -> Result<reqwest::Response> {
         let what = format!("blob {digest}");
-        let mut retries = Retries::default();
+        let mut retries = Retries::new(self.retries);
         self.open_tries(repo, digest, offset, len, &what, &mut retries)
             .await
             .map_err(|t| match t {

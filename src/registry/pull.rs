@@ -1,8 +1,9 @@
 //! A repository as it is pulled: [`Repo`] holds its hosts in order — mirrors, then the
 //! registry — each a [`Registry`] client with the repository's name at that host, and falls
 //! back from one to the next. A host that fails a request (no connection, a timeout, a 5xx
-//! after retries, a 404, a wrong digest or size) is skipped for that request and the next one
-//! tried, the registry last; a host that could not be reached is left alone for a while, one
+//! after retries — one retry where another host follows, the full budget at the last — a
+//! 404, a wrong digest or size) is skipped for that request and the next one tried, the
+//! registry last; a host that could not be reached is left alone for a while, one
 //! that lacks an object or served it wrong is not asked for it again, one that refused our
 //! credentials is not asked again. Tags are resolved only at hosts that may resolve; content
 //! named by digest is checked wherever it comes from (manifests and small blobs hashed whole,
@@ -108,12 +109,15 @@ impl Repo {
         opts: RepoOptions,
     ) -> Result<Arc<Repo>> {
         let mut hosts = Vec::new();
-        for r in routes {
+        for (i, r) in routes.iter().enumerate() {
+            // A host before another that may pull has a fallback: fewer retries there.
+            let fallback = routes[i + 1..].iter().any(|later| later.caps.pull);
             let registry = Registry::at(
                 &r.endpoint,
                 r.namespace.as_deref(),
                 credentials(&r.endpoint)?,
                 opts.transfer,
+                fallback,
             )?;
             hosts.push(Host::new(registry, &r.repo, r.caps, r.mirror));
         }

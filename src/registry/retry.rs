@@ -5,8 +5,10 @@
 //! could not be sent), answers of 429 or 5xx, answers that do not fit the request (a
 //! Content-Range starting elsewhere), and bodies that broke off, stalled or crawled (these
 //! resume from the last byte received). Each request gets [`MAX_RETRIES`] retries, whatever
-//! failed; a body that delivered bytes before it broke does not use one up (retry while bytes
-//! still arrive), up to [`MAX_TRIES`] tries in all. Waits double from the outcome's first
+//! failed — [`FALLBACK_RETRIES`] at a host that has another to fall back to (a mirror before
+//! the registry: asking the next host is the better retry); a body that delivered bytes
+//! before it broke does not use one up (retry while bytes still arrive), up to [`MAX_TRIES`]
+//! tries in all. Waits double from the outcome's first
 //! wait (100 ms after a broken body, 200 ms without an answer, 400 ms after an answer) up to
 //! [`MAX_WAIT`], with equal jitter (half fixed, half random, so that many readers failing
 //! together do not come back together), and are never shorter than the answer's
@@ -17,7 +19,11 @@ use reqwest::StatusCode;
 use std::time::{Duration, SystemTime};
 
 /// Retries after the first try of one request.
-const MAX_RETRIES: u32 = 5;
+pub(super) const MAX_RETRIES: u32 = 5;
+/// Retries after the first try of one request at a host that has another to fall back to:
+/// one rides out a blip, and a mirror answering 5xx costs one wait (0.2-0.4 s) before the
+/// next host is asked instead of five (3-10 s in all).
+pub(super) const FALLBACK_RETRIES: u32 = 1;
 /// Tries of one request in all, counting those that delivered bytes.
 const MAX_TRIES: u32 = 64;
 /// Longest wait between tries, before `Retry-After`.
@@ -72,21 +78,38 @@ impl Outcome {
 }
 
 /// The retries of one request so far.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Retries {
     /// Retries used up.
     done: u32,
     /// Tries so far, counting those that delivered bytes.
     tries: u32,
+    /// Retries allowed ([`MAX_RETRIES`] or [`FALLBACK_RETRIES`]).
+    budget: u32,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries::new(MAX_RETRIES)
+    }
 }
 
 impl Retries {
+    /// A request's retries, `budget` of them (bodies that deliver bytes aside).
+    pub fn new(budget: u32) -> Retries {
+        Retries {
+            done: 0,
+            tries: 0,
+            budget,
+        }
+    }
+
     /// How long to wait before trying again after `outcome` (whose answer, if any, said
     /// `Retry-After: retry_after`); `None` to give up (for an answer, to hand it on).
     pub fn wait(&mut self, outcome: Outcome, retry_after: Option<Duration>) -> Option<Duration> {
         let first = outcome.first_wait()?;
         let progressed = outcome == Outcome::Body { progressed: true };
-        if self.tries + 1 >= MAX_TRIES || (!progressed && self.done >= MAX_RETRIES) {
+        if self.tries + 1 >= MAX_TRIES || (!progressed && self.done >= self.budget) {
             return None;
         }
         self.tries += 1;
@@ -175,6 +198,19 @@ mod tests {
             .take_while(|_| r.wait(Body { progressed: true }, None).is_some())
             .count() as u32;
         assert_eq!(tries, MAX_TRIES - 1 - 5);
+    }
+
+    #[test]
+    fn a_host_with_a_fallback_gets_one_retry() {
+        use Outcome::*;
+        let mut r = Retries::new(FALLBACK_RETRIES);
+        let unavailable = Status(StatusCode::SERVICE_UNAVAILABLE);
+        let w = r.wait(unavailable, None).unwrap();
+        assert!(w >= Duration::from_millis(200) && w <= Duration::from_millis(400));
+        assert!(r.wait(unavailable, None).is_none());
+        // Bytes arriving still do not count.
+        assert!(r.wait(Body { progressed: true }, None).is_some());
+        assert!(r.wait(Timeout, None).is_none());
     }
 
     #[test]

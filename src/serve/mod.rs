@@ -194,6 +194,7 @@ impl ServedImage {
                 disk_hits: load(&c.disk_hits),
                 misses: load(&c.misses),
                 fetched_bytes: load(&c.fetched_bytes),
+                demand_bytes: load(&c.demand_bytes),
             },
             reads: ReadFigures {
                 count: load(&r.reads),

@@ -371,6 +371,7 @@ impl Store {
                 disk_hits: load(&c.disk_hits),
                 misses: load(&c.misses),
                 fetched_bytes: load(&c.fetched_bytes),
+                demand_bytes: load(&c.demand_bytes),
             },
         }
     }

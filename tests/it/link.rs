@@ -64,10 +64,13 @@ pub struct PacketLink {
     lifeline: Option<ChildStdin>,
     /// The server-side registry's directory (config, access log).
     dir: TempDir,
+    /// The link's addresses are 198.18.`subnet`.0/24.
+    #[allow(dead_code)] // read by route_from, which only the fleet benchmark uses
+    subnet: u32,
 }
 
 /// Runs a setup command; panics with its output when it fails.
-fn run(cmd: &mut Command) {
+pub fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
@@ -76,7 +79,7 @@ fn run(cmd: &mut Command) {
     );
 }
 
-fn ip(args: &[&str]) {
+pub fn ip(args: &[&str]) {
     run(Command::new("ip").args(args));
 }
 
@@ -91,7 +94,7 @@ fn in_namespace(ns: &str, program: &Path) -> Command {
 }
 
 /// Kills what runs in namespace `ns`, then deletes it (errors ignored: teardown goes on).
-fn remove_namespace(ns: &str) {
+pub fn remove_namespace(ns: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
         let pids = String::from_utf8_lossy(&out.stdout).into_owned();
         let pids: Vec<&str> = pids.split_whitespace().collect();
@@ -125,8 +128,9 @@ pub fn sweep_stale() {
     }
 }
 
-/// A /24 under 198.18.0.0/16 that nothing in the root namespace uses.
-fn free_subnet(start: u32) -> u32 {
+/// A /24 under 198.18.0.0/16 that nothing in the root namespace uses, searched from `start`
+/// (modulo 250).
+pub fn free_subnet(start: u32) -> u32 {
     let out = Command::new("ip")
         .args(["-4", "-o", "addr"])
         .output()
@@ -166,6 +170,7 @@ impl PacketLink {
             children: Vec::new(),
             lifeline: None,
             dir: TempDir::new("link"),
+            subnet: n,
         };
         // From here on a failed step panics and the drop removes what exists.
         for ns in [&router, &server] {
@@ -312,6 +317,26 @@ impl PacketLink {
         }
     }
 
+    /// Lets the hosts of `cidr`, a subnet behind another interface of the root namespace (a
+    /// benchmark's own node namespaces), reach the server through the link: the router sends
+    /// their packets' answers back to the root end, which forwards them on. Forwarding is
+    /// switched on for the packets arriving on the root end only ([`forward_on`]), not for
+    /// the machine; the interface on the subnet's side needs the same. (The fleet benchmark's.)
+    #[allow(dead_code)]
+    pub fn route_from(&self, cidr: &str) {
+        let root_end = format!("198.18.{}.1", self.subnet);
+        ip(&[
+            "-n",
+            &self.namespaces[0],
+            "route",
+            "add",
+            cidr,
+            "via",
+            &root_end,
+        ]);
+        forward_on(&self.root_veth);
+    }
+
     /// The processes the link started (the delay program, the registry).
     pub fn pids(&self) -> Vec<u32> {
         self.children.iter().map(Child::id).collect()
@@ -334,7 +359,8 @@ impl PacketLink {
         )
     }
 
-    fn log_path(&self) -> PathBuf {
+    /// The server-side registry's access log.
+    pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("registry.log")
     }
 
@@ -374,6 +400,14 @@ impl PacketLink {
         }
         (requests, blob_bytes)
     }
+}
+
+/// Lets packets that arrive on interface `dev` of the root namespace be forwarded
+/// (`net.ipv4.conf.DEV.forwarding`: that interface only, unlike `net.ipv4.ip_forward`; the
+/// setting goes with the interface).
+#[allow(dead_code)] // the fleet benchmark's
+pub fn forward_on(dev: &str) {
+    run(Command::new("sysctl").args(["-qw", &format!("net.ipv4.conf.{dev}.forwarding=1")]));
 }
 
 /// The number after `key` in a logfmt line.

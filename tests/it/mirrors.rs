@@ -78,6 +78,92 @@ impl WrongMirror {
     }
 }
 
+/// A mirror that answers every request with 503 (keeping the connection open), counting the
+/// requests other than the API check (`GET /v2/`, which a mount sends ahead to open
+/// connections).
+struct Unavailable {
+    addr: String,
+    requests: Arc<AtomicU64>,
+}
+
+impl Unavailable {
+    fn start() -> Unavailable {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let requests = Arc::new(AtomicU64::new(0));
+        let counted = requests.clone();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    loop {
+                        let mut head = Vec::new();
+                        let mut b = [0u8; 1];
+                        while !head.ends_with(b"\r\n\r\n") {
+                            if conn.read(&mut b).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            head.push(b[0]);
+                        }
+                        if !head.starts_with(b"GET /v2/ ") {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let answer =
+                            "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+                        if conn.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Unavailable { addr, requests }
+    }
+}
+
+#[test]
+fn a_mirror_answering_503_is_tried_twice_per_request_then_the_registry_serves() {
+    let Some(Env { reg, work }) = Env::new("mirrors-503") else {
+        return;
+    };
+    let layers: Vec<_> = base_layers()
+        .into_iter()
+        .map(|t| encode(t, Enc::Estargz))
+        .collect();
+    push_one(work.path(), &layers, &reg.addr, "mirrored/app");
+    let mirror = Unavailable::start();
+    let hosts = hosts_dir(
+        &work,
+        &reg.addr,
+        &format!(
+            "[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            mirror.addr
+        ),
+    );
+    let reference = format!("{}/mirrored/app:v1", reg.addr);
+    let flags = ["--hosts-dir", hosts.as_str(), "--registries-conf", "none"];
+    let started = std::time::Instant::now();
+    let m = Mount::new(&reference, &flags, &[]);
+    let (_, expected) = expected_tree(&work, &layers);
+    oracle::assert_same(&expected, &oracle::snapshot(m.path()));
+    let took = started.elapsed();
+    let v = stats(m.path());
+    let (at_mirror, at_registry) = (&v.hosts[0], &v.hosts[1]);
+    assert!(
+        at_mirror.failures >= 3 && at_mirror.bytes == 0 && at_registry.bytes > 0,
+        "{:?}",
+        v.hosts
+    );
+    // The mirror has a host to fall back to: each request there is tried once more, not five
+    // times more (which took 3-10 s per request).
+    let asked = mirror.requests.load(Ordering::SeqCst);
+    assert!(
+        asked <= 2 * at_mirror.failures,
+        "{asked} requests at the mirror for {} failed ones, in {took:?}",
+        at_mirror.failures
+    );
+}
+
 #[test]
 fn mirrors_that_are_down_lack_the_image_or_serve_wrong_content_fall_back() {
     let Some(Env { reg, work }) = Env::new("mirrors-fail") else {

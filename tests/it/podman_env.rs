@@ -84,22 +84,28 @@ impl Podman {
     /// A podman using `store` as its additional layer store, trusting the plain-HTTP
     /// registries at `registries`, with `env` besides its configuration.
     pub fn new(store: &Path, registries: &[&str], env: &[(&str, &str)]) -> Podman {
+        Podman::with_store(Some(store), registries, env)
+    }
+
+    /// [`Podman::new`], or with `None` an ordinary podman that pulls every layer itself.
+    pub fn with_store(store: Option<&Path>, registries: &[&str], env: &[(&str, &str)]) -> Podman {
         let dir = TempDir::new("podman");
         let p = |name: &str| dir.path().join(name);
         for d in ["root", "run", "tmp"] {
             std::fs::create_dir_all(p(d)).unwrap();
         }
-        std::fs::write(
-            p("storage.conf"),
-            format!(
-                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n\
-                 [storage.options]\nadditionallayerstores = [\"{}:ref\"]\n",
-                p("root").display(),
-                p("run").display(),
+        let mut storage_conf = format!(
+            "[storage]\ndriver = \"overlay\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+            p("root").display(),
+            p("run").display(),
+        );
+        if let Some(store) = store {
+            storage_conf += &format!(
+                "[storage.options]\nadditionallayerstores = [\"{}:ref\"]\n",
                 store.display()
-            ),
-        )
-        .unwrap();
+            );
+        }
+        std::fs::write(p("storage.conf"), storage_conf).unwrap();
         // This machine: crun and raising rlimits are refused, the cgroups are hybrid.
         std::fs::write(
             p("containers.conf"),

@@ -88,6 +88,12 @@ fn a_run_passes_output_and_status_through_and_leaves_no_mount() {
     assert_eq!(summary["exitCode"], 3, "{summary}");
     assert!(summary["fetchedBytes"].as_u64().unwrap() > 0, "{summary}");
     assert!(summary["filesTouched"].as_u64().unwrap() >= 1, "{summary}");
+    // What the command read, and how much of the fetched bytes it waited for.
+    assert!(summary["readBytes"].as_u64().unwrap() > 0, "{summary}");
+    assert!(
+        summary["waitedBytes"].as_u64().unwrap() <= summary["fetchedBytes"].as_u64().unwrap(),
+        "{summary}"
+    );
     assert!(!mounted_under(&cache), "no mount after a failing command");
 
     // A command that cannot start: a clear error, no mount.

@@ -58,6 +58,10 @@ pub struct CacheStats {
     pub misses: AtomicU64,
     /// Bytes fetched from the inner source.
     pub fetched_bytes: AtomicU64,
+    /// Of those, the blocks a waiting read asked for, up to the end of the file it reads:
+    /// what the workload needed. The rest was fetched ahead of any read (guesses past the
+    /// file, read-ahead, prefetch, speculation, verification, local copies).
+    pub demand_bytes: AtomicU64,
 }
 
 /// Shared block storage for every blob of a mount.
@@ -278,6 +282,8 @@ impl BlockCache {
             if first.is_some() { "miss" } else { "ahead" },
             guess_from.saturating_mul(self.block_size)
         );
+        // Blocks before `guess_from` of a stretch a reader waits for are that reader's.
+        let demand = first.is_some();
         let mut first = first;
         let settled = |key: &Key| {
             if key.1 >= guess_from {
@@ -304,7 +310,7 @@ impl BlockCache {
                 }
                 let data = pending.split_to(want).freeze();
                 let (key, guard) = current.take().unwrap();
-                self.keep(&key, data.clone());
+                self.keep(&key, data.clone(), demand && key.1 < guess_from);
                 if let Some((tx, _)) = first.take() {
                     let _ = tx.send(Ok(data));
                 }
@@ -335,12 +341,14 @@ impl BlockCache {
         }
     }
 
-    /// Counts and keeps a fetched block.
-    fn keep(&self, key: &Key, data: Bytes) {
+    /// Counts and keeps a fetched block (`demand`: a waiting read asked for it).
+    fn keep(&self, key: &Key, data: Bytes, demand: bool) {
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .fetched_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let len = data.len() as u64;
+        self.stats.fetched_bytes.fetch_add(len, Ordering::Relaxed);
+        if demand {
+            self.stats.demand_bytes.fetch_add(len, Ordering::Relaxed);
+        }
         self.store.keep(key, data);
     }
 }
@@ -392,6 +400,28 @@ mod tests {
         let hits = cache.stats.mem_hits.load(Ordering::Relaxed);
         b.read_at(0, 4096).await.unwrap();
         assert_eq!(cache.stats.mem_hits.load(Ordering::Relaxed), hits + 1);
+    }
+
+    /// `ocifs stats` tells what reads waited for from what was fetched ahead of them.
+    #[tokio::test]
+    async fn bytes_a_read_waits_for_are_told_from_bytes_fetched_ahead() {
+        const B: u64 = 4096;
+        let cache = BlockCache::new(B, 4 * B, 1 << 20, None, RA);
+        let blob = cache.wrap(Arc::new(MemBlob::new(
+            "sha256:d",
+            vec![5u8; 16 * B as usize],
+        )));
+        // A read of a file ending inside block 1: blocks 0 and 1 are the read's, the two
+        // after them in the same request guesses past the file.
+        blob.read_within(100, 200, 2 * B - 10).await.unwrap();
+        let s = &cache.stats;
+        assert_eq!(s.demand_bytes.load(Ordering::Relaxed), 2 * B);
+        assert_eq!(s.fetched_bytes.load(Ordering::Relaxed), 4 * B);
+        // A prefetch is ahead of any read; reading what it brought fetches nothing.
+        blob.prefetch(8 * B, 2 * B).await.unwrap();
+        blob.read_at(8 * B, 100).await.unwrap();
+        assert_eq!(s.demand_bytes.load(Ordering::Relaxed), 2 * B);
+        assert_eq!(s.fetched_bytes.load(Ordering::Relaxed), 6 * B);
     }
 
     /// What a gzip read asks before choosing where to resume: are these bytes here (memory

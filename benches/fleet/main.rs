@@ -1,0 +1,540 @@
+//! `cargo bench --bench fleet` (part of `scripts/bench`): issue 21's fleet benchmark. N nodes
+//! (each its own network namespace, daemon, cache directory and mount; `lan.rs`) start the
+//! realistic image's workload (`common::debian`: `chroot MOUNT python3 /app/main.py`) at
+//! once, through a pull-through cache (distribution 2.8 in `proxy:` mode on the nodes' bridge;
+//! `caches.rs`) in front of the origin behind the packet-level WAN link (tests/it/link.rs),
+//! cold (a fresh cache) and then warm (the same cache again, fresh node caches), and the same
+//! N against the origin directly; one more row with a mirror that answers 503 in front of the
+//! origin. Reported per row: time until all N are done, bytes that crossed the link (origin
+//! bytes), the origin's GETs of each layer blob, what the nodes received from the cache and
+//! from the origin, errors.
+//!
+//! Settings: OCIFS_BENCH_RTT_MS, OCIFS_BENCH_MBIT (the link, as in the other benchmarks),
+//! OCIFS_BENCH_FLEET (node counts, default `1,2,4,8,16`), OCIFS_BENCH_ONLY (comma-separated:
+//! formats `estargz`, `gzip` (with a published index); paths `direct`, `cold` (cold and
+//! warm), `unavailable`; each group defaults to all of it), OCIFS_BENCH_FLAGS (extra flags for
+//! every mount). Needs root (namespaces, FUSE); never run by CI (`cargo bench` only).
+
+#![allow(dead_code)]
+
+#[path = "../../tests/it/builder.rs"]
+mod builder;
+mod caches;
+#[path = "../common/mod.rs"]
+mod common;
+#[path = "../../tests/it/harness.rs"]
+mod harness;
+mod lan;
+#[path = "../../tests/it/link.rs"]
+mod link;
+
+use builder::{Enc, encode, push};
+use caches::{PullThrough, Unavailable, blob_gets, log_mark};
+use common::debian::{self, rootfs, try_run_app};
+use common::{drop_caches, env_u64, extra_flags};
+use harness::{Registry, TempDir, ocifs, push_index};
+use lan::Lan;
+use link::PacketLink;
+use ocifs::stats::MountStats;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+/// The keys of `group` that OCIFS_BENCH_ONLY names, or all of them when it names none.
+fn chosen<'a>(group: &[&'a str]) -> Vec<&'a str> {
+    let only = std::env::var("OCIFS_BENCH_ONLY").unwrap_or_default();
+    let named: Vec<&str> = only.split(',').map(str::trim).collect();
+    let picked: Vec<&str> = group
+        .iter()
+        .copied()
+        .filter(|k| named.contains(k))
+        .collect();
+    if picked.is_empty() {
+        group.to_vec()
+    } else {
+        picked
+    }
+}
+
+/// CPU time counters of the machine (`/proc/stat`, in ticks): (at nice 0, niced, steal,
+/// all).
+fn cpu_ticks() -> (u64, u64, u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    let ours = at(0) + at(2) + at(5) + at(6);
+    (ours, at(1), at(7), v.iter().take(8).sum())
+}
+
+/// One node of a run: its mount and cache directories.
+struct Node {
+    mnt: TempDir,
+    cache: TempDir,
+}
+
+/// How one node's start went: when its mount was ready and its workload done, or why not.
+struct NodeEnd {
+    ready: Option<Instant>,
+    done: Instant,
+    error: Option<String>,
+}
+
+/// One node: mount (in its namespace), then the workload.
+fn run_node(lan: &Lan, i: usize, node: &Node, reference: &str, flags: &[String]) -> NodeEnd {
+    let mut cmd = lan.command(i, Path::new(env!("CARGO_BIN_EXE_ocifs")));
+    cmd.args(["mount", "--insecure", "--cache-dir"])
+        .arg(node.cache.path())
+        .args(["--verify", "off"])
+        .args(flags)
+        .arg(reference)
+        .arg(node.mnt.path())
+        .env("HOME", std::env::temp_dir())
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("DOCKER_CONFIG");
+    let out = cmd.output().expect("nsenter ocifs mount");
+    if !out.status.success() {
+        return NodeEnd {
+            ready: None,
+            done: Instant::now(),
+            error: Some(format!(
+                "node {i}: mount: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        };
+    }
+    let ready = Some(Instant::now());
+    let error = try_run_app(node.mnt.path())
+        .err()
+        .map(|e| format!("node {i}: {e}"));
+    NodeEnd {
+        ready,
+        done: Instant::now(),
+        error,
+    }
+}
+
+/// What one run of N nodes came to.
+struct Outcome {
+    n: usize,
+    /// From the common start until the last workload ended.
+    all_done: Duration,
+    /// The latest mount ready, from the start.
+    slowest_ready: Duration,
+    /// Bytes that crossed the link towards the root namespace (frames), until it was quiet.
+    origin_bytes: u64,
+    /// The origin's blob GETs: digest -> (GETs, bytes written).
+    origin_gets: HashMap<String, (u64, u64)>,
+    /// What the nodes received from mirrors, and from the origin directly.
+    from_mirror: u64,
+    from_origin: u64,
+    /// Whole streams the nodes took from mirrors (a range answered with the whole blob).
+    whole_streams: u64,
+    /// Failed requests at mirrors (each followed by a fallback to the next host).
+    mirror_failures: u64,
+    /// Failed mounts, failed workloads, and reads the mounts failed.
+    errors: Vec<String>,
+    /// Share of the machine's CPU time used at nice 0, niced, and stolen, during the run.
+    cpu: (f64, f64, f64),
+}
+
+/// Waits until no byte has crossed the link for `quiet` (at most `limit`).
+fn wait_quiet(link: &PacketLink, quiet: Duration, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut last = link.rx_bytes();
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = link.rx_bytes();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            return;
+        }
+    }
+    progress(&format!("the link was still busy after {limit:?}"));
+}
+
+/// N nodes start `reference` at once with `flags`; measured until the link is quiet again.
+fn run_fleet(lan: &Lan, link: &PacketLink, reference: &str, n: usize, flags: &[String]) -> Outcome {
+    let nodes: Vec<Node> = (0..n)
+        .map(|_| Node {
+            mnt: TempDir::new("fleet-mnt"),
+            cache: TempDir::new("fleet-cache"),
+        })
+        .collect();
+    drop_caches();
+    let rx0 = link.rx_bytes();
+    let log0 = log_mark(&link.log_path());
+    let barrier = Arc::new(Barrier::new(n + 1));
+    let cpu0 = cpu_ticks();
+    let (start, ends) = std::thread::scope(|s| {
+        let handles: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                let barrier = barrier.clone();
+                s.spawn(move || {
+                    barrier.wait();
+                    run_node(lan, i, node, reference, flags)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let ends: Vec<NodeEnd> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        (start, ends)
+    });
+    let cpu1 = cpu_ticks();
+    let all_done = ends.iter().map(|e| e.done - start).max().unwrap();
+    let slowest_ready = ends
+        .iter()
+        .filter_map(|e| e.ready.map(|r| r - start))
+        .max()
+        .unwrap_or_default();
+    let mut errors: Vec<String> = ends.iter().filter_map(|e| e.error.clone()).collect();
+    // Whatever the run set going (a cache storing a blob, a node's stream finishing) ends
+    // before the counters are read.
+    wait_quiet(link, Duration::from_millis(1500), Duration::from_secs(180));
+    let mut out = Outcome {
+        n,
+        all_done,
+        slowest_ready,
+        origin_bytes: link.rx_bytes() - rx0,
+        origin_gets: blob_gets(&link.log_path(), log0),
+        from_mirror: 0,
+        from_origin: 0,
+        whole_streams: 0,
+        mirror_failures: 0,
+        errors: Vec::new(),
+        cpu: (0.0, 0.0, 0.0),
+    };
+    let all = (cpu1.3 - cpu0.3).max(1) as f64;
+    out.cpu = (
+        (cpu1.0 - cpu0.0) as f64 / all,
+        (cpu1.1 - cpu0.1) as f64 / all,
+        (cpu1.2 - cpu0.2) as f64 / all,
+    );
+    for (i, (node, end)) in nodes.iter().zip(&ends).enumerate() {
+        if end.ready.is_none() {
+            continue;
+        }
+        let mp = node.mnt.path().to_str().unwrap();
+        let (ok, json, err) = ocifs(&["stats", "--json", mp], &[]);
+        if !ok {
+            errors.push(format!("node {i}: stats: {}", err.trim()));
+        } else {
+            let v: MountStats = serde_json::from_slice(&json).unwrap();
+            for h in &v.hosts {
+                if h.role == "mirror" {
+                    out.from_mirror += h.bytes;
+                    out.mirror_failures += h.failures;
+                    out.whole_streams += h.whole_streams;
+                } else {
+                    out.from_origin += h.bytes;
+                }
+            }
+            if v.reads.errors > 0 {
+                errors.push(format!("node {i}: {} reads failed", v.reads.errors));
+            }
+        }
+        let _ = ocifs(&["umount", mp], &[]);
+    }
+    out.errors = errors;
+    out
+}
+
+/// A hosts directory under `work` sending pulls from `registry` to `mirror` (a URL) first.
+fn hosts_dir(work: &Path, registry: &str, mirror: &str) -> String {
+    let (host, port) = registry.rsplit_once(':').unwrap();
+    let root = work.join(format!(
+        "certs.d-{}",
+        mirror.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    ));
+    let dir = root.join(format!("{host}_{port}_"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("hosts.toml"),
+        format!("[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+    )
+    .unwrap();
+    root.to_str().unwrap().to_string()
+}
+
+/// One format's image at the origin: its reference through the link and its layer digests,
+/// largest first.
+struct Image {
+    key: &'static str,
+    label: &'static str,
+    reference: String,
+    layers: Vec<(String, usize)>,
+}
+
+/// The path of the row with a mirror answering 503 in front of the origin.
+const UNAVAILABLE: &str = "mirror answering 503";
+
+/// A row of the table.
+struct Row {
+    path: &'static str,
+    out: Outcome,
+    /// Printed under the table when not empty.
+    note: String,
+}
+
+fn mb(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+/// The table of one image's rows. `one` is the origin bytes of one node alone directly, the
+/// baseline of the bytes goal; each row's time is compared with N = 1 of its own path.
+fn print_table(image: &Image, rows: &[Row]) {
+    let one = rows
+        .iter()
+        .find(|r| r.path == "direct" && r.out.n == 1)
+        .map(|r| r.out.origin_bytes);
+    let total: usize = image.layers.iter().map(|l| l.1).sum();
+    println!(
+        "\n#### {} ({:.1} MB in {} layers of {})\n",
+        image.label,
+        total as f64 / 1e6,
+        image.layers.len(),
+        image
+            .layers
+            .iter()
+            .map(|l| format!("{:.1}", l.1 as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    );
+    println!(
+        "| path | N | all done s | vs N=1 | last mount ready s | origin MB | vs one node direct | vs N=1 | origin GETs per layer | nodes from cache MB | nodes from origin MB | whole streams | mirror failures | errors | CPU nice 0 / niced / steal |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let o = &r.out;
+        // The mirror answering 503 is compared with the origin alone.
+        let path = match r.path {
+            UNAVAILABLE => "direct",
+            p => p,
+        };
+        let base = rows.iter().find(|b| b.path == path && b.out.n == 1);
+        let time_ratio = base.map_or(String::new(), |b| {
+            format!(
+                "{:.2}x",
+                o.all_done.as_secs_f64() / b.out.all_done.as_secs_f64()
+            )
+        });
+        let bytes_ratio = base.map_or(String::new(), |b| {
+            format!(
+                "{:.2}x",
+                o.origin_bytes as f64 / b.out.origin_bytes.max(1) as f64
+            )
+        });
+        let vs_one = one.map_or(String::new(), |one| {
+            format!("{:.2}x", o.origin_bytes as f64 / one.max(1) as f64)
+        });
+        let gets: Vec<String> = image
+            .layers
+            .iter()
+            .map(|(d, _)| o.origin_gets.get(d).map_or(0, |g| g.0).to_string())
+            .collect();
+        let errors = if o.errors.is_empty() {
+            "0".to_string()
+        } else {
+            format!("{}: {}", o.errors.len(), o.errors.join("; "))
+        };
+        println!(
+            "| {} | {} | {:.2} | {time_ratio} | {:.2} | {:.2} | {vs_one} | {bytes_ratio} | {} | {:.1} | {:.1} | {} | {} | {errors} | {:.0}% / {:.0}% / {:.0}% |",
+            r.path,
+            o.n,
+            o.all_done.as_secs_f64(),
+            o.slowest_ready.as_secs_f64(),
+            mb(o.origin_bytes),
+            gets.join(" / "),
+            mb(o.from_mirror),
+            mb(o.from_origin),
+            o.whole_streams,
+            o.mirror_failures,
+            o.cpu.0 * 100.0,
+            o.cpu.1 * 100.0,
+            o.cpu.2 * 100.0,
+        );
+    }
+    for r in rows.iter().filter(|r| !r.note.is_empty()) {
+        println!("\n{}, N = {}: {}.", r.path, r.out.n, r.note);
+    }
+}
+
+/// A progress line on standard error, with the time since the benchmark started.
+fn progress(what: &str) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed();
+    eprintln!("fleet: [{:.0} s] {what}", t.as_secs_f64());
+}
+
+/// Other load on the machine, for the report: processes whose command line names fuzzing.
+fn other_load() -> String {
+    let fuzz = std::process::Command::new("pgrep")
+        .args(["-f", "fuzz"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+        .unwrap_or(0);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    format!(
+        "load average {}; {fuzz} processes matching `pgrep -f fuzz`",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let mut tools = vec!["docker-registry", "skopeo", "nsenter", "chroot"];
+    let link_tools = link::link_tools();
+    tools.extend(link_tools.iter().map(String::as_str));
+    assert!(
+        harness::require(&tools, true),
+        "the fleet benchmark needs {tools:?}"
+    );
+    let rtt = Duration::from_millis(env_u64("OCIFS_BENCH_RTT_MS", 40));
+    let rate = env_u64("OCIFS_BENCH_MBIT", 200) * 1_000_000 / 8;
+    let counts: Vec<usize> = std::env::var("OCIFS_BENCH_FLEET")
+        .unwrap_or_else(|_| "1,2,4,8,16".into())
+        .split(',')
+        .map(|n| n.trim().parse().expect("OCIFS_BENCH_FLEET: node counts"))
+        .collect();
+    let formats = chosen(&["estargz", "gzip"]);
+    let paths = chosen(&["direct", "cold", "unavailable"]);
+    let flags = extra_flags();
+    progress("building the images");
+
+    // The images, at the origin.
+    let root = rootfs();
+    let tars = debian::layers(&root, true);
+    let reg = Registry::start(None);
+    let work = TempDir::new("fleet");
+    let mut images = Vec::new();
+    for key in formats {
+        let (enc, repo, label) = match key {
+            "estargz" => (Enc::Estargz, "real/estargz", "eStargz"),
+            _ => (Enc::Gzip, "real/gzip", "gzip with a published index"),
+        };
+        let encoded: Vec<_> = tars.iter().cloned().map(|t| encode(t, enc)).collect();
+        let dir = builder::layout_with_command(
+            &work.path().join(key),
+            "v1",
+            &[("linux", "amd64", None, &encoded)],
+            &["python3", "/app/main.py"],
+        );
+        push(&dir, "v1", &reg.addr, repo, None);
+        if key == "gzip" {
+            push_index(&format!("{}/{repo}:v1", reg.addr), &[]);
+        }
+        let mut layers: Vec<(String, usize)> = encoded
+            .iter()
+            .map(|l| (ocifs::digest::sha256(&l.blob), l.blob.len()))
+            .collect();
+        layers.sort_by_key(|l| std::cmp::Reverse(l.1));
+        images.push((key, label, repo, layers));
+    }
+
+    progress("images pushed");
+    let max = counts.iter().copied().max().unwrap_or(1);
+    let link = PacketLink::start(&reg, rtt, rate);
+    let lan = Lan::start(max);
+    link.route_from(&lan.cidr);
+    println!(
+        "\n### Fleets through a pull-through cache: {} nodes, each in its own network namespace; origin behind a packet-level link of {} ms RTT, {} Mbit/s",
+        counts
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        rtt.as_millis(),
+        rate * 8 / 1_000_000
+    );
+    println!("\nAt the start: {}.", other_load());
+
+    let mut port = 5000;
+    for (key, label, repo, layers) in images {
+        let image = Image {
+            key,
+            label,
+            reference: format!("{}/{repo}:v1", link.addr),
+            layers,
+        };
+        let digests: Vec<String> = image.layers.iter().map(|l| l.0.clone()).collect();
+        let mut rows = Vec::new();
+        let none = ["--hosts-dir", "none", "--registries-conf", "none"].map(String::from);
+        let with = |hosts: &str| -> Vec<String> {
+            let mut f = vec![
+                "--hosts-dir".to_string(),
+                hosts.to_string(),
+                "--registries-conf".into(),
+                "none".into(),
+            ];
+            f.extend(flags.iter().cloned());
+            f
+        };
+        let run = |path: &'static str, n: usize, f: &[String], note: &dyn Fn() -> String| {
+            let out = run_fleet(&lan, &link, &image.reference, n, f);
+            progress(&format!(
+                "{key} {path} N={n}: {:.2} s {}",
+                out.all_done.as_secs_f64(),
+                note()
+            ));
+            Row {
+                path,
+                out,
+                note: note(),
+            }
+        };
+        let nothing = || String::new();
+        if paths.contains(&"direct") {
+            let mut f = none.to_vec();
+            f.extend(flags.iter().cloned());
+            for &n in &counts {
+                rows.push(run("direct", n, &f, &nothing));
+            }
+        }
+        if paths.contains(&"cold") {
+            let mut warm = Vec::new();
+            for &n in &counts {
+                port += 1;
+                let cache = PullThrough::start(&format!("{}:{port}", lan.gateway), &link.addr);
+                let hosts = hosts_dir(work.path(), &link.addr, &format!("http://{}", cache.addr));
+                let f = with(&hosts);
+                rows.push(run("cache, cold", n, &f, &nothing));
+                if !cache.wait_stored(&digests, Duration::from_secs(60)) {
+                    progress("the cache has not stored every layer after 60 s");
+                }
+                warm.push(run("cache, warm", n, &f, &nothing));
+            }
+            rows.extend(warm);
+        }
+        if paths.contains(&"unavailable") {
+            port += 1;
+            let mirror = Unavailable::start(&format!("{}:{port}", lan.gateway));
+            let hosts = hosts_dir(work.path(), &link.addr, &format!("http://{}", mirror.addr));
+            let asked = || {
+                let n = mirror.requests.load(std::sync::atomic::Ordering::SeqCst);
+                format!("{n} requests to the mirror")
+            };
+            rows.push(run(UNAVAILABLE, 1, &with(&hosts), &asked));
+        }
+        print_table(&image, &rows);
+    }
+    println!("\nAt the end: {}.", other_load());
+}
