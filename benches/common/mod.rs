@@ -238,7 +238,12 @@ impl BenchMount {
                     .lines()
                     .find(|l| l.starts_with("VmRSS:"))
                     .unwrap_or("VmRSS: 0 kB");
-                total += line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
+                total += line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap();
             }
         }
         total
