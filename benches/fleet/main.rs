@@ -169,8 +169,9 @@ fn keep_logs(logs: &Path, i: usize) {
 
 /// Waits until no byte has crossed the link for `quiet` (at most `limit`).
 fn wait_quiet(link: &PacketLink, quiet: Duration, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    let mut last = link.rx_bytes();
+    let start = (Instant::now(), link.rx_bytes());
+    let deadline = start.0 + limit;
+    let mut last = start.1;
     let mut since = Instant::now();
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -179,10 +180,21 @@ fn wait_quiet(link: &PacketLink, quiet: Duration, limit: Duration) {
             last = now;
             since = Instant::now();
         } else if since.elapsed() >= quiet {
-            return;
+            break;
         }
     }
-    progress(&format!("the link was still busy after {limit:?}"));
+    let (took, bytes) = (start.0.elapsed(), link.rx_bytes() - start.1);
+    if took > Duration::from_secs(10) {
+        progress(&format!(
+            "the link was quiet only after {:.0} s ({bytes} bytes meanwhile{})",
+            took.as_secs_f64(),
+            if took >= limit {
+                "; gave up waiting"
+            } else {
+                ""
+            }
+        ));
+    }
 }
 
 /// N nodes start `reference` at once with `flags`; measured until the link is quiet again.
