@@ -13,7 +13,8 @@
 //! OCIFS_BENCH_FLEET (node counts, default `1,2,4,8,16`), OCIFS_BENCH_ONLY (comma-separated:
 //! formats `estargz`, `gzip` (with a published index); paths `direct`, `cold` (cold and
 //! warm), `unavailable`; each group defaults to all of it), OCIFS_BENCH_FLAGS (extra flags for
-//! every mount). Needs root (namespaces, FUSE); never run by CI (`cargo bench` only).
+//! every mount), OCIFS_BENCH_KEEP_LOGS (a directory to copy the nodes' daemon logs into).
+//! Needs root (namespaces, FUSE); never run by CI (`cargo bench` only).
 
 #![allow(dead_code)]
 
@@ -140,16 +141,37 @@ struct Outcome {
     whole_streams: u64,
     /// Failed requests at mirrors (each followed by a fallback to the next host).
     mirror_failures: u64,
+    /// The mirrors' last errors as the nodes saw them, each once.
+    mirror_errors: Vec<String>,
     /// Failed mounts, failed workloads, and reads the mounts failed.
     errors: Vec<String>,
     /// Share of the machine's CPU time used at nice 0, niced, and stolen, during the run.
     cpu: (f64, f64, f64),
 }
 
+/// Copies node `i`'s daemon logs from `logs` into OCIFS_BENCH_KEEP_LOGS (if set), under
+/// `run-K-node-I-NAME`, K counting runs.
+fn keep_logs(logs: &Path, i: usize) {
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let Ok(keep) = std::env::var("OCIFS_BENCH_KEEP_LOGS") else {
+        return;
+    };
+    if i == 0 {
+        RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let run = RUN.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = std::fs::create_dir_all(&keep);
+    for f in std::fs::read_dir(logs).into_iter().flatten().flatten() {
+        let name = format!("run-{run}-node-{i}-{}", f.file_name().to_string_lossy());
+        let _ = std::fs::copy(f.path(), Path::new(&keep).join(name));
+    }
+}
+
 /// Waits until no byte has crossed the link for `quiet` (at most `limit`).
 fn wait_quiet(link: &PacketLink, quiet: Duration, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    let mut last = link.rx_bytes();
+    let start = (Instant::now(), link.rx_bytes());
+    let deadline = start.0 + limit;
+    let mut last = start.1;
     let mut since = Instant::now();
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -158,10 +180,21 @@ fn wait_quiet(link: &PacketLink, quiet: Duration, limit: Duration) {
             last = now;
             since = Instant::now();
         } else if since.elapsed() >= quiet {
-            return;
+            break;
         }
     }
-    progress(&format!("the link was still busy after {limit:?}"));
+    let (took, bytes) = (start.0.elapsed(), link.rx_bytes() - start.1);
+    if took > Duration::from_secs(10) {
+        progress(&format!(
+            "the link was quiet only after {:.0} s ({bytes} bytes meanwhile{})",
+            took.as_secs_f64(),
+            if took >= limit {
+                "; gave up waiting"
+            } else {
+                ""
+            }
+        ));
+    }
 }
 
 /// N nodes start `reference` at once with `flags`; measured until the link is quiet again.
@@ -215,6 +248,7 @@ fn run_fleet(lan: &Lan, link: &PacketLink, reference: &str, n: usize, flags: &[S
         from_origin: 0,
         whole_streams: 0,
         mirror_failures: 0,
+        mirror_errors: Vec::new(),
         errors: Vec::new(),
         cpu: (0.0, 0.0, 0.0),
     };
@@ -238,6 +272,11 @@ fn run_fleet(lan: &Lan, link: &PacketLink, reference: &str, n: usize, flags: &[S
                 if h.role == "mirror" {
                     out.from_mirror += h.bytes;
                     out.mirror_failures += h.failures;
+                    if let Some(e) = &h.last_error
+                        && !out.mirror_errors.contains(e)
+                    {
+                        out.mirror_errors.push(e.clone());
+                    }
                     out.whole_streams += h.whole_streams;
                 } else {
                     out.from_origin += h.bytes;
@@ -248,6 +287,7 @@ fn run_fleet(lan: &Lan, link: &PacketLink, reference: &str, n: usize, flags: &[S
             }
         }
         let _ = ocifs(&["umount", mp], &[]);
+        keep_logs(&node.cache.path().join("logs"), i);
     }
     out.errors = errors;
     out
@@ -332,12 +372,13 @@ fn print_table(image: &Image, rows: &[Row]) {
                 o.all_done.as_secs_f64() / b.out.all_done.as_secs_f64()
             )
         });
-        let bytes_ratio = base.map_or(String::new(), |b| {
-            format!(
-                "{:.2}x",
-                o.origin_bytes as f64 / b.out.origin_bytes.max(1) as f64
-            )
-        });
+        // Against next to nothing (a warm cache's N = 1), a ratio says nothing.
+        let bytes_ratio = match base {
+            Some(b) if b.out.origin_bytes >= 1_000_000 => {
+                format!("{:.2}x", o.origin_bytes as f64 / b.out.origin_bytes as f64)
+            }
+            _ => "-".into(),
+        };
         let vs_one = one.map_or(String::new(), |one| {
             format!("{:.2}x", o.origin_bytes as f64 / one.max(1) as f64)
         });
@@ -491,15 +532,22 @@ fn main() {
         let run = |path: &'static str, n: usize, f: &[String], note: &dyn Fn() -> String| {
             let out = run_fleet(&lan, &link, &image.reference, n, f);
             progress(&format!(
-                "{key} {path} N={n}: {:.2} s {}",
+                "{key} {path} N={n}: {:.2} s {} {}",
                 out.all_done.as_secs_f64(),
-                note()
+                note(),
+                out.mirror_errors.join(" | ")
             ));
-            Row {
-                path,
-                out,
-                note: note(),
+            let mut note = note();
+            if !out.mirror_errors.is_empty() {
+                if !note.is_empty() {
+                    note += "; ";
+                }
+                note += &format!(
+                    "the mirror's last errors: {}",
+                    out.mirror_errors.join(" | ")
+                );
             }
+            Row { path, out, note }
         };
         let nothing = || String::new();
         if paths.contains(&"direct") {
