@@ -153,33 +153,6 @@ pub fn blob_gets(log: &Path, mark: u64) -> HashMap<String, (u64, u64)> {
         let _ = f.seek(std::io::SeekFrom::Start(mark));
         let _ = f.read_to_end(&mut text);
     }
-    let mut out = HashMap::new();
-    for line in String::from_utf8_lossy(&text)
-        .lines()
-        // "response completed" and "response completed with error" (a client that hung up).
-        .filter(|l| l.contains("msg=\"response completed"))
-    {
-        let field = |name: &str| {
-            let at = line.find(&format!("{name}="))? + name.len() + 1;
-            let rest = line[at..].trim_start_matches('"');
-            Some(rest.split(['"', ' ']).next()?.to_string())
-        };
-        let (Some(method), Some(uri), Some(written)) = (
-            field("http.request.method"),
-            field("http.request.uri"),
-            field("http.response.written"),
-        ) else {
-            continue;
-        };
-        let Some((_, digest)) = uri.split_once("/blobs/") else {
-            continue;
-        };
-        if method != "GET" || !digest.starts_with("sha256:") {
-            continue;
-        }
-        let e = out.entry(digest.to_string()).or_insert((0, 0));
-        e.0 += 1;
-        e.1 += written.parse::<u64>().unwrap_or(0);
-    }
-    out
+    // Hung-up answers ("response completed with error") count: the bytes went out.
+    crate::harness::blob_gets_in(&String::from_utf8_lossy(&text), true)
 }

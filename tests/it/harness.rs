@@ -775,3 +775,41 @@ impl Drop for Mount {
         }
     }
 }
+
+/// The blob GETs in the text of a docker-registry access log: digest -> (GETs, bytes
+/// written). Answers the client hung up on ("response completed with error") count only
+/// `with_errors`.
+pub fn blob_gets_in(
+    text: &str,
+    with_errors: bool,
+) -> std::collections::HashMap<String, (u64, u64)> {
+    let done = match with_errors {
+        true => "msg=\"response completed",
+        false => "msg=\"response completed\"",
+    };
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| l.contains(done)) {
+        let field = |name: &str| {
+            let at = line.find(&format!("{name}="))? + name.len() + 1;
+            let rest = line[at..].trim_start_matches('"');
+            Some(rest.split(['"', ' ']).next()?.to_string())
+        };
+        let (Some(method), Some(uri), Some(written)) = (
+            field("http.request.method"),
+            field("http.request.uri"),
+            field("http.response.written"),
+        ) else {
+            continue;
+        };
+        let Some((_, digest)) = uri.split_once("/blobs/") else {
+            continue;
+        };
+        if method != "GET" || !digest.starts_with("sha256:") {
+            continue;
+        }
+        let e = out.entry(digest.to_string()).or_insert((0, 0));
+        e.0 += 1;
+        e.1 += written.parse::<u64>().unwrap_or(0);
+    }
+    out
+}

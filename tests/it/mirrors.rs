@@ -331,35 +331,7 @@ fn rewrites_and_remapped_locations_map_the_repository_at_the_mirror() {
 
 /// GETs of each blob in a registry's access log: digest -> (requests, bytes written).
 fn blob_gets(log: &std::path::Path) -> std::collections::HashMap<String, (u64, u64)> {
-    let text = std::fs::read_to_string(log).unwrap();
-    let mut out = std::collections::HashMap::new();
-    for line in text
-        .lines()
-        .filter(|l| l.contains("msg=\"response completed\""))
-    {
-        let field = |name: &str| {
-            let at = line.find(&format!("{name}="))? + name.len() + 1;
-            let rest = line[at..].trim_start_matches('"');
-            Some(rest.split(['"', ' ']).next()?.to_string())
-        };
-        let (Some(method), Some(uri), Some(written)) = (
-            field("http.request.method"),
-            field("http.request.uri"),
-            field("http.response.written"),
-        ) else {
-            continue;
-        };
-        let Some((_, digest)) = uri.split_once("/blobs/") else {
-            continue;
-        };
-        if method != "GET" || !digest.starts_with("sha256:") {
-            continue;
-        }
-        let e = out.entry(digest.to_string()).or_insert((0, 0));
-        e.0 += 1;
-        e.1 += written.parse::<u64>().unwrap_or(0);
-    }
-    out
+    crate::harness::blob_gets_in(&std::fs::read_to_string(log).unwrap(), false)
 }
 
 #[test]
