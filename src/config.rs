@@ -17,6 +17,10 @@ pub const DEFAULT_FETCH_SIZE: u64 = 2 << 20;
 /// a container start over a slow link (a few retries of a 2 MiB fetch), short enough that a
 /// dead registry shows as an error, not a hang.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time the readers of a blob wait for a pull-through cache to store it (it answers
+/// ranges with the whole blob until then): half the default read timeout, enough for a
+/// cache to fetch a few hundred megabytes at 200 Mbit/s.
+pub const DEFAULT_FILL_WAIT: Duration = Duration::from_secs(15);
 
 /// How long a registry transfer may dawdle before it is abandoned and asked for again from
 /// the last byte received (curl's `--speed-time` and `--speed-limit`): an answer whose

@@ -164,6 +164,10 @@ pub struct HostFigures {
     pub last_error: Option<String>,
     /// Blobs it sent whole for a ranged read, each streamed once.
     pub whole_streams: u64,
+    /// Blobs it answered whole at first (a pull-through cache that had not stored them) and
+    /// by range once it had: we waited for it to store them.
+    #[serde(default)]
+    pub waited_for_store: u64,
     /// Bytes received per object: a manifest's or a blob's digest.
     pub served: std::collections::BTreeMap<String, u64>,
 }

@@ -157,7 +157,7 @@ fn hosts(source: &Source) -> Vec<HostFigures> {
 fn print_hosts(hosts: &[HostFigures]) {
     for h in hosts {
         println!(
-            "host {} ({}: {}; repository {}): {} requests, {} bytes, {} failed{}{}",
+            "host {} ({}: {}; repository {}): {} requests, {} bytes, {} failed{}{}{}",
             h.host,
             h.role,
             h.capabilities,
@@ -167,6 +167,11 @@ fn print_hosts(hosts: &[HostFigures]) {
             h.failures,
             if h.whole_streams > 0 {
                 format!(", {} blobs streamed whole", h.whole_streams)
+            } else {
+                String::new()
+            },
+            if h.waited_for_store > 0 {
+                format!(", waited for it to store {} blobs", h.waited_for_store)
             } else {
                 String::new()
             },

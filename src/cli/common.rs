@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ocifs::config::{
     ByteSize, DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_SIZE, DEFAULT_DISK_CACHE_SIZE, DEFAULT_FETCH_SIZE,
-    DEFAULT_READ_TIMEOUT, OpenConfig, TimeLimit, Transfer, VerifyMode,
+    DEFAULT_FILL_WAIT, DEFAULT_READ_TIMEOUT, OpenConfig, TimeLimit, Transfer, VerifyMode,
 };
 use ocifs::image::{Image, Platform, Progress, Source};
 use ocifs::reference::Reference;
@@ -68,6 +68,11 @@ pub struct Common {
     /// The least rate of a registry answer's body, per second, over each --idle-timeout.
     #[arg(long, help_heading = "Cache and fetching", default_value_t = ByteSize(Transfer::DEFAULT.min_rate))]
     min_rate: ByteSize,
+    /// How long reads wait for a pull-through cache that answers a range with the whole blob
+    /// (it has not stored it yet) to store it and answer by range, before streaming the blob
+    /// whole from it (0: at once). Keep it below --read-timeout.
+    #[arg(long, help_heading = "Cache and fetching", default_value_t = TimeLimit(DEFAULT_FILL_WAIT))]
+    cache_fill_wait: TimeLimit,
 }
 
 /// How a mount (or `run`, `index`) fetches and keeps bytes: on the commands that serve
@@ -212,6 +217,7 @@ impl Common {
                     .max(std::time::Duration::from_millis(100)),
                 min_rate: self.min_rate.0,
             },
+            fill_wait: self.cache_fill_wait.0,
         };
         // --creds for the registry itself; the auth files for each host.
         let given = match self.creds.as_deref() {

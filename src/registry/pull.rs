@@ -12,7 +12,10 @@
 //! Per host and blob, the first ranged read is a probe the others wait for: a 206 means the
 //! host serves ranges; a 200 with the whole blob (a pull-through cache that has not stored it)
 //! means the blob is streamed whole, once, into a spool that serves every read of it from
-//! that host (`whole.rs`) — never one full download per read.
+//! that host (`whole.rs`) — never one full download per read. A 200 that names the blob's
+//! digest is first taken for a pull-through cache that has started storing the blob: the
+//! readers hang up and wait for it to answer by range (`ranges.rs`), so that the cache's one
+//! download is the only one the origin makes, however many nodes ask.
 
 use super::auth::Credentials;
 use super::endpoint::{Capabilities, Endpoint, Route};
@@ -40,6 +43,10 @@ pub struct RepoOptions {
     pub spool_dir: Option<PathBuf>,
     /// How each host's blob bodies are watched (idle timeout, least rate).
     pub transfer: crate::config::Transfer,
+    /// How long the readers of a blob wait for a host that answered a range of it with the
+    /// whole blob to store it and answer by range (zero: never; the blob is streamed whole
+    /// at once). Keep it well within a read's deadline.
+    pub fill_wait: Duration,
 }
 
 /// One host of a repository.
@@ -54,6 +61,17 @@ struct Host {
     refused: AtomicBool,
     /// Shared with the spool tasks that stream from it.
     counters: Arc<Counters>,
+    /// Whether it stored a blob we waited for ([`Filling::Fills`]) or let a wait run out
+    /// without ever storing one ([`Filling::Never`]: not waited for again).
+    filling: Mutex<Filling>,
+}
+
+/// What waiting for a host to store blobs it answered whole has shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Filling {
+    Unknown,
+    Fills,
+    Never,
 }
 
 /// What one host served.
@@ -63,6 +81,8 @@ struct Counters {
     bytes: AtomicU64,
     failures: AtomicU64,
     whole: AtomicU64,
+    /// Blobs it answered whole at first and by range once it had stored them.
+    stored: AtomicU64,
     last_error: Mutex<Option<String>>,
     /// Bytes per object (a manifest's or a blob's digest).
     served: Mutex<BTreeMap<String, u64>>,
@@ -374,6 +394,7 @@ impl Repo {
                 failures: load(&h.counters.failures),
                 last_error: h.counters.last_error.lock().unwrap().clone(),
                 whole_streams: load(&h.counters.whole),
+                waited_for_store: load(&h.counters.stored),
                 served: h.counters.served.lock().unwrap().clone(),
             })
             .collect()
@@ -390,6 +411,7 @@ impl Host {
             down_until: Mutex::new(None),
             refused: AtomicBool::new(false),
             counters: Arc::default(),
+            filling: Mutex::new(Filling::Unknown),
         }
     }
 }

@@ -335,7 +335,7 @@ fn blob_gets(log: &std::path::Path) -> std::collections::HashMap<String, (u64, u
 }
 
 #[test]
-fn a_pull_through_cache_serves_mounts_and_the_origin_sends_each_blob_at_most_twice() {
+fn a_pull_through_cache_serves_mounts_and_the_origin_sends_each_blob_once() {
     let Some(Env { reg: origin, work }) = Env::new("mirrors-proxy") else {
         return;
     };
@@ -375,26 +375,26 @@ fn a_pull_through_cache_serves_mounts_and_the_origin_sends_each_blob_at_most_twi
     assert_eq!(wait_for_verification(&m, 2), ["verified", "verified"]);
     let v = stats(m.path());
     let mirror = &v.hosts[0];
-    assert!(mirror.whole_streams >= 1, "{mirror:?}");
+    // Each blob's first answer was whole; ocifs hung up and waited for the cache to store it.
+    assert_eq!(mirror.whole_streams, 0, "{mirror:?}");
+    assert_eq!(mirror.waited_for_store, 2, "{mirror:?}");
     assert_eq!(
         v.hosts[1].bytes, 0,
         "nothing from the origin directly: {:?}",
         v.hosts[1]
     );
     drop(m);
+    // What crossed the link: each blob once (the cache's store), and of each answer the
+    // cache streamed meanwhile only what came before ocifs hung up. (The origin's own log
+    // counts more: what it wrote into loopback socket buffers before the link took it.)
+    let total: u64 = layers.iter().map(|l| l.blob.len() as u64).sum();
+    let crossed = link.blob_bytes.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        crossed >= total && crossed <= total + total / 4,
+        "{crossed} blob bytes crossed the link for {total} bytes of blobs"
+    );
     let log = origin.dir.path().join("registry.log");
     let first = blob_gets(&log);
-    for l in &layers {
-        let digest = builder::sha(&l.blob);
-        let (gets, bytes) = first.get(&digest).copied().unwrap_or_default();
-        // distribution 2.8 downloads a blob it has not stored twice: once to store it, once
-        // for the answer it streams (to ocifs, which reads that one answer to the end).
-        assert!(
-            (1..=2).contains(&gets) && bytes <= 2 * l.blob.len() as u64,
-            "blob {digest} of {} bytes: {gets} GETs, {bytes} bytes from the origin",
-            l.blob.len()
-        );
-    }
     // A second node: the cache has every blob and answers ranges; the origin sends nothing.
     let m = Mount::new(&reference, &flags, &[]);
     oracle::assert_same(&expected, &oracle::snapshot(m.path()));

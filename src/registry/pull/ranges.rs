@@ -1,15 +1,20 @@
 //! Reading a blob from one host: the first ranged read of it there is a probe the others
 //! wait for, and its answer decides whether the blob is read by ranges or from one whole
-//! stream (see `whole.rs`).
+//! stream (see `whole.rs`). A pull-through cache answers a blob it has not stored with the
+//! whole blob, fetched from its origin for that answer, while it downloads the blob once more
+//! to store it (distribution 2.8's `ServeBlob`; a hang-up does not stop the store): the probe
+//! hangs up and asks again until the cache answers by range, so N nodes cost the origin one
+//! download of the blob, not N + 1.
 
 use super::super::range::{RangeAnswer, ranged_body};
 use super::super::whole::Spool;
-use super::Repo;
+use super::{Filling, Repo};
 use crate::error::{Error, Result};
 use bytes::Bytes;
 use reqwest::header;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How a blob is read from one host.
@@ -116,7 +121,9 @@ impl Repo {
     }
 
     /// The first ranged read of a blob at host `i`: its answer decides how the blob is read
-    /// there from now on.
+    /// there from now on. A 200 that names the blob (a pull-through cache that has just
+    /// started storing it) is hung up on, and the range asked again as [`FillWait`] says
+    /// until the host answers 206 or the wait runs out; then the blob is streamed whole.
     #[allow(clippy::too_many_arguments)]
     async fn probe(
         &self,
@@ -129,40 +136,168 @@ impl Repo {
         sink: &mut (dyn FnMut(Bytes) + Send),
     ) -> Result<()> {
         let h = &self.hosts[i];
-        h.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = h.registry.open_blob(&h.repo, digest, offset, len).await?;
         let what = format!("blob {digest} from {}", h.registry.host());
-        check_answer(&resp, digest, size, &what)?;
-        let content_range = resp
-            .headers()
-            .get(header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok());
-        let answer = RangeAnswer::of(resp.status(), content_range, offset, &what)?;
-        let spool_dir = self.opts.spool_dir.as_ref();
-        match (answer, spool_dir) {
-            (RangeAnswer::Full { .. }, Some(dir)) => {
-                let (counters, object) = (h.counters.clone(), digest.to_string());
-                let served = Box::new(move |n| counters.served(&object, n));
-                let transfer = h.registry.transfer();
-                let spool = Spool::start(resp, dir, digest, size, transfer, served)?;
-                h.counters.whole.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    "{} sends blob {digest} whole for a ranged read: streaming it once",
-                    h.registry.host()
-                );
-                state.send_replace(Ranges::Whole(spool.clone()));
-                spool.stream(offset, len, size, sink).await
-            }
-            _ => {
-                state.send_replace(Ranges::Ranged);
-                let mut counted = |p: Bytes| {
-                    h.counters.served(digest, p.len() as u64);
-                    sink(p)
-                };
-                let transfer = h.registry.transfer();
-                Ok(ranged_body(resp, offset, len, &what, transfer, &mut counted).await?)
+        let mut wait = FillWait::new(self.fill_wait(i));
+        loop {
+            h.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let resp = h.registry.open_blob(&h.repo, digest, offset, len).await?;
+            check_answer(&resp, digest, size, &what)?;
+            let content_range = resp
+                .headers()
+                .get(header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok());
+            let answer = RangeAnswer::of(resp.status(), content_range, offset, &what)?;
+            let whole_read = offset == 0 && len == size;
+            let names_blob = resp.headers().contains_key("docker-content-digest");
+            match (answer, self.opts.spool_dir.as_ref()) {
+                // The whole blob was asked for: the answer is what we want, whatever its
+                // status; the next read decides how the host serves ranges.
+                (RangeAnswer::Full { .. }, _) if whole_read => {
+                    return self.body(i, resp, digest, offset, len, sink).await;
+                }
+                (RangeAnswer::Full { .. }, _) if names_blob && wait.more() => {
+                    drop(resp);
+                    let pause = wait.next();
+                    if wait.tries == 1 {
+                        tracing::info!(
+                            "{} has not stored blob {digest} yet (it answers ranges with the \
+                             whole blob): waiting up to {:?} for it to",
+                            h.registry.host(),
+                            wait.limit
+                        );
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                (RangeAnswer::Full { .. }, Some(dir)) => {
+                    if wait.tries > 0 {
+                        self.gave_up_waiting(i, digest, &wait);
+                    }
+                    let (counters, object) = (h.counters.clone(), digest.to_string());
+                    let served = Box::new(move |n| counters.served(&object, n));
+                    let transfer = h.registry.transfer();
+                    let spool = Spool::start(resp, dir, digest, size, transfer, served)?;
+                    h.counters.whole.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        "{} sends blob {digest} whole for a ranged read: streaming it once",
+                        h.registry.host()
+                    );
+                    state.send_replace(Ranges::Whole(spool.clone()));
+                    return spool.stream(offset, len, size, sink).await;
+                }
+                (answer, _) => {
+                    if answer == RangeAnswer::Partial && wait.tries > 0 {
+                        self.stored(i, digest, &wait);
+                    }
+                    state.send_replace(Ranges::Ranged);
+                    return self.body(i, resp, digest, offset, len, sink).await;
+                }
             }
         }
+    }
+
+    /// Reads the body of `resp`, an answer of host `i` to a read of `[offset, offset+len)`
+    /// of blob `digest`, counting what it served.
+    async fn body(
+        &self,
+        i: usize,
+        resp: reqwest::Response,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> Result<()> {
+        let h = &self.hosts[i];
+        let what = format!("blob {digest} from {}", h.registry.host());
+        let mut counted = |p: Bytes| {
+            h.counters.served(digest, p.len() as u64);
+            sink(p)
+        };
+        let transfer = h.registry.transfer();
+        Ok(ranged_body(resp, offset, len, &what, transfer, &mut counted).await?)
+    }
+
+    /// How long to wait for host `i` to store a blob it answered whole: not at all once it
+    /// let a wait run out without ever storing one.
+    fn fill_wait(&self, i: usize) -> Duration {
+        match *self.hosts[i].filling.lock().unwrap() {
+            Filling::Never => Duration::ZERO,
+            _ => self.opts.fill_wait,
+        }
+    }
+
+    /// Notes that host `i` stored blob `digest` while we waited.
+    fn stored(&self, i: usize, digest: &str, wait: &FillWait) {
+        let h = &self.hosts[i];
+        *h.filling.lock().unwrap() = Filling::Fills;
+        h.counters.stored.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            "{} has stored blob {digest}: reading it by range (waited {:?}, {} tries)",
+            h.registry.host(),
+            wait.started.elapsed(),
+            wait.tries
+        );
+    }
+
+    /// Notes that host `i` still answered blob `digest` whole when the wait ran out.
+    fn gave_up_waiting(&self, i: usize, digest: &str, wait: &FillWait) {
+        let h = &self.hosts[i];
+        let mut filling = h.filling.lock().unwrap();
+        if *filling == Filling::Unknown {
+            *filling = Filling::Never;
+        }
+        tracing::warn!(
+            "{} did not store blob {digest} within {:?} ({} tries){}",
+            h.registry.host(),
+            wait.limit,
+            wait.tries,
+            if *filling == Filling::Never {
+                "; not waiting for it again"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+/// When to ask a host again for a blob it answered whole: soon at first (a small blob is
+/// stored in a moment), then less and less often, each ask costing the host's origin the
+/// first flights of one more download, until `limit` has passed.
+struct FillWait {
+    limit: Duration,
+    started: Instant,
+    /// Answers hung up on so far.
+    tries: u32,
+    pause: Duration,
+}
+
+impl FillWait {
+    /// The first pause, how it grows, and the longest.
+    const FIRST: Duration = Duration::from_millis(250);
+    const GROWTH: f64 = 1.5;
+    const LONGEST: Duration = Duration::from_secs(2);
+
+    fn new(limit: Duration) -> FillWait {
+        FillWait {
+            limit,
+            started: Instant::now(),
+            tries: 0,
+            pause: FillWait::FIRST,
+        }
+    }
+
+    /// Whether there is time left to wait.
+    fn more(&self) -> bool {
+        self.started.elapsed() < self.limit
+    }
+
+    /// The pause before the next ask (never past the limit), counting this try.
+    fn next(&mut self) -> Duration {
+        self.tries += 1;
+        let pause = self
+            .pause
+            .min(self.limit.saturating_sub(self.started.elapsed()));
+        self.pause = self.pause.mul_f64(FillWait::GROWTH).min(FillWait::LONGEST);
+        pause
     }
 }
 

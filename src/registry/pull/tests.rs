@@ -15,6 +15,9 @@ enum Mode {
     Whole,
     /// Whole, but with every byte flipped (same size, no digest header).
     Corrupt,
+    /// A pull-through cache storing the blob: its first `n` blob GETs get 200 with the whole
+    /// blob (sent slowly, named by its digest), later ones ranges.
+    Stores(usize),
     /// 404 for everything.
     Missing,
     /// 503 for everything.
@@ -79,7 +82,7 @@ fn answer(
                 let (a, b) = r.trim().split_once('-')?;
                 Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
             });
-        gets.fetch_add(1, Ordering::SeqCst);
+        let nth = gets.fetch_add(1, Ordering::SeqCst);
         let mut out = |status: &str, headers: &[(&str, String)], body: &[u8]| {
             let mut h = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n", body.len());
             for (k, v) in headers {
@@ -115,7 +118,18 @@ fn answer(
                 let d = crate::digest::sha256(other);
                 out("200 OK", &[("Docker-Content-Digest", d)], other)?
             }
-            Mode::Ranges => match range {
+            Mode::Stores(n) if nth < *n => {
+                let h = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nDocker-Content-Digest: {digest}\r\n\r\n",
+                    blob.len()
+                );
+                conn.write_all(h.as_bytes())?;
+                for piece in blob.chunks(16 << 10) {
+                    std::thread::sleep(Duration::from_millis(5));
+                    conn.write_all(piece)?;
+                }
+            }
+            Mode::Ranges | Mode::Stores(_) => match range {
                 Some((a, b)) => {
                     let cr = format!("bytes {a}-{b}/{}", blob.len());
                     out(
@@ -163,19 +177,21 @@ fn spool_dir(tag: &str) -> PathBuf {
 }
 
 fn repo(routes: &[Route], tag: &str) -> Arc<Repo> {
+    repo_waiting(routes, tag, Duration::ZERO)
+}
+
+/// [`repo`] waiting up to `fill_wait` for a host to store a blob it answers whole.
+fn repo_waiting(routes: &[Route], tag: &str, fill_wait: Duration) -> Arc<Repo> {
     let opts = RepoOptions {
         spool_dir: Some(spool_dir(tag)),
+        fill_wait,
         ..Default::default()
     };
     Repo::connect("r.example/t/app", routes, &|_| Ok(None), opts).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_host_that_sends_blobs_whole_is_asked_once_for_all_readers() {
-    let (data, digest) = blob();
-    let host = serve(Mode::Whole, data.clone(), digest.clone(), Bytes::new());
-    let r = repo(&[route(&host.addr, Capabilities::ALL, false)], "whole");
-    let b: Arc<RepoBlob> = Arc::new(RepoBlob::new(r.clone(), &digest, data.len() as u64));
+/// Five reads of `b` at once and one after, each checked against `data`.
+async fn read_all_over(b: &Arc<RepoBlob>, data: &Bytes) {
     let reads = [
         (0u64, 100u64),
         (250_000, 5000),
@@ -191,8 +207,67 @@ async fn a_host_that_sends_blobs_whole_is_asked_once_for_all_readers() {
         let (off, len, got) = t.await.unwrap();
         assert_eq!(&got[..], &data[off as usize..(off + len) as usize]);
     }
-    // A later read is served from the stream too.
     assert_eq!(&b.read_at(123, 4567).await.unwrap()[..], &data[123..4690]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cache_answering_whole_is_waited_for_until_it_answers_ranges() {
+    let (data, digest) = blob();
+    let cache = serve(Mode::Stores(3), data.clone(), digest.clone(), Bytes::new());
+    let origin = serve(Mode::Ranges, data.clone(), digest.clone(), Bytes::new());
+    let routes = [
+        route(&cache.addr, Capabilities::PULL, true),
+        route(&origin.addr, Capabilities::ALL, false),
+    ];
+    let r = repo_waiting(&routes, "stores", Duration::from_secs(20));
+    let b = Arc::new(RepoBlob::new(r.clone(), &digest, data.len() as u64));
+    read_all_over(&b, &data).await;
+    // Three whole answers hung up on (one reader asking for all), then six ranges.
+    assert_eq!(cache.gets.load(Ordering::SeqCst), 3 + 6);
+    assert_eq!(origin.gets.load(Ordering::SeqCst), 0);
+    let f = &r.figures()[0];
+    assert_eq!((f.whole_streams, f.waited_for_store), (0, 1), "{f:?}");
+    // The blob's bytes came by range only: far less than a whole answer each time.
+    assert_eq!(f.served[&digest], 100 + 5000 + 1000 + 70_000 + 1 + 4567);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_that_never_stores_the_blob_streams_it_whole_when_the_wait_runs_out() {
+    let (data, digest) = blob();
+    let host = serve(
+        Mode::Stores(usize::MAX),
+        data.clone(),
+        digest.clone(),
+        Bytes::new(),
+    );
+    let r = repo_waiting(
+        &[route(&host.addr, Capabilities::ALL, false)],
+        "never",
+        Duration::from_millis(700),
+    );
+    let b = Arc::new(RepoBlob::new(r.clone(), &digest, data.len() as u64));
+    read_all_over(&b, &data).await;
+    // Asked at 0, 0.25, 0.625 s, then once more when the wait ran out: that answer is streamed.
+    let gets = host.gets.load(Ordering::SeqCst);
+    assert!((3..=5).contains(&gets), "{gets} GETs");
+    let f = &r.figures()[0];
+    assert_eq!((f.whole_streams, f.waited_for_store), (1, 0), "{f:?}");
+    assert_eq!(
+        *r.hosts[0].filling.lock().unwrap(),
+        Filling::Never,
+        "not waited for again"
+    );
+    let _ = std::fs::remove_dir_all(spool_dir("never"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_that_sends_blobs_whole_is_asked_once_for_all_readers() {
+    let (data, digest) = blob();
+    let host = serve(Mode::Whole, data.clone(), digest.clone(), Bytes::new());
+    let r = repo(&[route(&host.addr, Capabilities::ALL, false)], "whole");
+    let b: Arc<RepoBlob> = Arc::new(RepoBlob::new(r.clone(), &digest, data.len() as u64));
+    // Reads at once and one after: all served from the one stream.
+    read_all_over(&b, &data).await;
     assert_eq!(
         host.gets.load(Ordering::SeqCst),
         1,
