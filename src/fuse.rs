@@ -18,8 +18,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, UNIX_EPOCH};
 
-/// How long the kernel may cache attributes and entries: the image never changes.
-const TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long the kernel may cache attributes and entries: the image never changes (nor do a
+/// layer store's nodes, whose numbers are never reused).
+pub(crate) const TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The FUSE view of one opened image.
 pub struct OcifsFs {
@@ -106,8 +107,48 @@ fn file_type(k: Kind) -> FileType {
     }
 }
 
-fn errno(e: &crate::Error) -> Errno {
+pub(crate) fn errno(e: &crate::Error) -> Errno {
     Errno::from_i32(e.errno())
+}
+
+/// Asks the kernel for what both adapters serve with (readdirplus, parallel directory
+/// operations, 1 MiB read-ahead); whether it lets opens and opendirs go unanswered.
+pub(crate) fn ask_capabilities(config: &mut KernelConfig) -> (bool, bool) {
+    use fuser::InitFlags;
+    let _ = config.add_capabilities(
+        InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS,
+    );
+    let _ = config.set_max_readahead(1 << 20);
+    let no_open = config
+        .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
+        .is_ok();
+    let no_opendir = config
+        .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+        .is_ok();
+    (no_open, no_opendir)
+}
+
+/// Answers an xattr request of `size` bytes with `value` (its size when `size` is 0).
+pub(crate) fn reply_sized(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if (size as usize) < value.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+/// The names of `xattrs` as listxattr answers them: each followed by a NUL.
+pub(crate) fn xattr_names(xattrs: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut list = Vec::new();
+    for (k, _) in xattrs {
+        list.extend_from_slice(k.as_bytes());
+        list.push(0);
+    }
+    list
 }
 
 /// Directory `ino` listed from `offset` on (see [`crate::tree::Tree::list`]): entries with
@@ -127,24 +168,12 @@ fn listing(
 
 impl Filesystem for OcifsFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        use fuser::InitFlags;
-        let _ = config.add_capabilities(
-            InitFlags::FUSE_DO_READDIRPLUS
-                | InitFlags::FUSE_READDIRPLUS_AUTO
-                | InitFlags::FUSE_PARALLEL_DIROPS,
-        );
-        let _ = config.set_max_readahead(1 << 20);
+        (self.no_open, self.no_opendir) = ask_capabilities(config);
         if let Some(max) = self.max_request {
             // The kernel's largest request follows the larger of the two.
             let _ = config.set_max_write(max);
             let _ = config.set_max_readahead(max.min(1 << 20));
         }
-        self.no_open = config
-            .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
-            .is_ok();
-        self.no_opendir = config
-            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
-            .is_ok();
         Ok(())
     }
 
@@ -292,31 +321,13 @@ impl Filesystem for OcifsFs {
         let Some((_, value)) = n.xattrs.iter().find(|(k, _)| OsStr::new(k) == name) else {
             return reply.error(Errno::NO_XATTR);
         };
-        if size == 0 {
-            reply.size(value.len() as u32);
-        } else if (size as usize) < value.len() {
-            reply.error(Errno::ERANGE);
-        } else {
-            reply.data(value);
-        }
+        reply_sized(reply, size, value);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let n = match self.node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        let mut list = Vec::new();
-        for (k, _) in &n.xattrs {
-            list.extend_from_slice(k.as_bytes());
-            list.push(0);
-        }
-        if size == 0 {
-            reply.size(list.len() as u32);
-        } else if (size as usize) < list.len() {
-            reply.error(Errno::ERANGE);
-        } else {
-            reply.data(&list);
+        match self.node(ino) {
+            Ok(n) => reply_sized(reply, size, &xattr_names(&n.xattrs)),
+            Err(e) => reply.error(e),
         }
     }
 

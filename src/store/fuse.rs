@@ -6,7 +6,7 @@
 //! notices, answered `ENOENT` as it expects from a store that listens (see [`Store::note_use`]).
 
 use super::{Found, Listing, Store};
-use crate::fuse::attr;
+use crate::fuse::{TTL, ask_capabilities, attr, errno, reply_sized, xattr_names};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
@@ -15,10 +15,7 @@ use fuser::{
 };
 use std::ffi::OsStr;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
-
-/// How long the kernel may cache attributes and entries: nothing served ever changes.
-const TTL: Duration = Duration::from_secs(24 * 3600);
+use std::time::UNIX_EPOCH;
 
 /// The FUSE view of a [`Store`].
 pub struct StoreFs {
@@ -76,10 +73,6 @@ fn found_attr(ino: u64, found: &Found) -> Option<FileAttr> {
     }
 }
 
-fn errno(e: &crate::Error) -> Errno {
-    Errno::from_i32(e.errno())
-}
-
 /// Logs a failed request once, here at the boundary (lookups of unknown names are routine).
 fn failed(what: &str, e: &crate::Error) -> Errno {
     match e {
@@ -99,17 +92,6 @@ fn xattrs(found: &Found) -> Vec<(String, Vec<u8>)> {
     }
 }
 
-/// Answers an xattr request of `size` bytes with `value` (its size when `size` is 0).
-fn reply_sized(reply: ReplyXattr, size: u32, value: &[u8]) {
-    if size == 0 {
-        reply.size(value.len() as u32);
-    } else if (size as usize) < value.len() {
-        reply.error(Errno::ERANGE);
-    } else {
-        reply.data(value);
-    }
-}
-
 /// The listing with `.` and `..` first; offsets are positions in it.
 fn with_dots(ino: u64, l: Listing) -> Vec<(u64, String, Option<Found>)> {
     let mut out = vec![
@@ -122,19 +104,7 @@ fn with_dots(ino: u64, l: Listing) -> Vec<(u64, String, Option<Found>)> {
 
 impl Filesystem for StoreFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        use fuser::InitFlags;
-        let _ = config.add_capabilities(
-            InitFlags::FUSE_DO_READDIRPLUS
-                | InitFlags::FUSE_READDIRPLUS_AUTO
-                | InitFlags::FUSE_PARALLEL_DIROPS,
-        );
-        let _ = config.set_max_readahead(1 << 20);
-        self.no_open = config
-            .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
-            .is_ok();
-        self.no_opendir = config
-            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
-            .is_ok();
+        (self.no_open, self.no_opendir) = ask_capabilities(config);
         Ok(())
     }
 
@@ -308,14 +278,7 @@ impl Filesystem for StoreFs {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         self.spawn(|store| async move {
             match store.attr(ino.into()).await {
-                Ok(found) => {
-                    let mut list = Vec::new();
-                    for (k, _) in xattrs(&found) {
-                        list.extend_from_slice(k.as_bytes());
-                        list.push(0);
-                    }
-                    reply_sized(reply, size, &list);
-                }
+                Ok(found) => reply_sized(reply, size, &xattr_names(&xattrs(&found))),
                 Err(e) => reply.error(failed(&format!("listxattr of {ino}"), &e)),
             }
         });
