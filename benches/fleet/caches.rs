@@ -89,9 +89,16 @@ impl PullThrough {
 }
 
 impl Drop for PullThrough {
+    /// Stops the cache; its log is copied into OCIFS_BENCH_KEEP_LOGS (if set) as
+    /// `cache-PID.log`.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Ok(keep) = std::env::var("OCIFS_BENCH_KEEP_LOGS") {
+            let to = Path::new(&keep).join(format!("cache-{}.log", self.child.id()));
+            let _ = std::fs::create_dir_all(&keep);
+            let _ = std::fs::copy(self.log(), to);
+        }
     }
 }
 

@@ -139,6 +139,8 @@ struct Outcome {
     from_origin: u64,
     /// Whole streams the nodes took from mirrors (a range answered with the whole blob).
     whole_streams: u64,
+    /// Blobs the nodes waited for a mirror to store (it answered whole, then by range).
+    waited_for_store: u64,
     /// Failed requests at mirrors (each followed by a fallback to the next host).
     mirror_failures: u64,
     /// The mirrors' last errors as the nodes saw them, each once.
@@ -247,6 +249,7 @@ fn run_fleet(lan: &Lan, link: &PacketLink, reference: &str, n: usize, flags: &[S
         from_mirror: 0,
         from_origin: 0,
         whole_streams: 0,
+        waited_for_store: 0,
         mirror_failures: 0,
         mirror_errors: Vec::new(),
         errors: Vec::new(),
@@ -278,6 +281,7 @@ fn run_fleet(lan: &Lan, link: &PacketLink, reference: &str, n: usize, flags: &[S
                         out.mirror_errors.push(e.clone());
                     }
                     out.whole_streams += h.whole_streams;
+                    out.waited_for_store += h.waited_for_store;
                 } else {
                     out.from_origin += h.bytes;
                 }
@@ -355,7 +359,7 @@ fn print_table(image: &Image, rows: &[Row]) {
             .join(" + ")
     );
     println!(
-        "| path | N | all done s | vs N=1 | last mount ready s | origin MB | vs one node direct | vs N=1 | origin GETs per layer | nodes from cache MB | nodes from origin MB | whole streams | mirror failures | errors | CPU nice 0 / niced / steal |"
+        "| path | N | all done s | vs N=1 | last mount ready s | origin MB | vs one node direct | vs N=1 | origin GETs per layer (MB written) | nodes from cache MB | nodes from origin MB | whole streams / blobs waited for | mirror failures | errors | CPU nice 0 / niced / steal |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
@@ -385,7 +389,10 @@ fn print_table(image: &Image, rows: &[Row]) {
         let gets: Vec<String> = image
             .layers
             .iter()
-            .map(|(d, _)| o.origin_gets.get(d).map_or(0, |g| g.0).to_string())
+            .map(|(d, _)| match o.origin_gets.get(d) {
+                Some(&(n, written)) => format!("{n} ({:.1})", mb(written)),
+                None => "0".into(),
+            })
             .collect();
         let errors = if o.errors.is_empty() {
             "0".to_string()
@@ -393,7 +400,7 @@ fn print_table(image: &Image, rows: &[Row]) {
             format!("{}: {}", o.errors.len(), o.errors.join("; "))
         };
         println!(
-            "| {} | {} | {:.2} | {time_ratio} | {:.2} | {:.2} | {vs_one} | {bytes_ratio} | {} | {:.1} | {:.1} | {} | {} | {errors} | {:.0}% / {:.0}% / {:.0}% |",
+            "| {} | {} | {:.2} | {time_ratio} | {:.2} | {:.2} | {vs_one} | {bytes_ratio} | {} | {:.1} | {:.1} | {} / {} | {} | {errors} | {:.0}% / {:.0}% / {:.0}% |",
             r.path,
             o.n,
             o.all_done.as_secs_f64(),
@@ -403,6 +410,7 @@ fn print_table(image: &Image, rows: &[Row]) {
             mb(o.from_mirror),
             mb(o.from_origin),
             o.whole_streams,
+            o.waited_for_store,
             o.mirror_failures,
             o.cpu.0 * 100.0,
             o.cpu.1 * 100.0,

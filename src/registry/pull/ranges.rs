@@ -17,6 +17,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+/// Largest blob whose whole answer a read of all of it takes without waiting for a cache to
+/// store the blob.
+const TAKE_WHOLE_MAX: u64 = 1 << 20;
+
 /// How a blob is read from one host.
 #[derive(Clone)]
 pub(super) enum Ranges {
@@ -147,11 +151,13 @@ impl Repo {
                 .get(header::CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok());
             let answer = RangeAnswer::of(resp.status(), content_range, offset, &what)?;
-            let whole_read = offset == 0 && len == size;
+            // A small blob read whole (a config, a tiny layer) takes a whole answer as it is:
+            // the cache's extra download of it costs less than a pause.
+            let whole_read = offset == 0 && len == size && size <= TAKE_WHOLE_MAX;
             let names_blob = resp.headers().contains_key("docker-content-digest");
             match (answer, self.opts.spool_dir.as_ref()) {
-                // The whole blob was asked for: the answer is what we want, whatever its
-                // status; the next read decides how the host serves ranges.
+                // The answer is what we want, whatever its status; the next read decides
+                // how the host serves ranges.
                 (RangeAnswer::Full { .. }, _) if whole_read => {
                     return self.body(i, resp, digest, offset, len, sink).await;
                 }
@@ -261,7 +267,8 @@ impl Repo {
 
 /// When to ask a host again for a blob it answered whole: soon at first (a small blob is
 /// stored in a moment), then less and less often, each ask costing the host's origin the
-/// first flights of one more download, until `limit` has passed.
+/// first flights of one more download, until `limit` has passed. Measured in the fleet
+/// benchmark (docs/BENCHMARKS.md): these asks cost the origin 1-2 MB per blob in all.
 struct FillWait {
     limit: Duration,
     started: Instant,
@@ -290,12 +297,17 @@ impl FillWait {
         self.started.elapsed() < self.limit
     }
 
-    /// The pause before the next ask (never past the limit), counting this try.
+    /// The pause before the next ask (never past the limit), counting this try. Each pause
+    /// is jittered by up to a quarter either way, so that nodes which started together do
+    /// not ask together: distribution 2.8 pings its origin for each request of a blob it
+    /// has not stored, one at a time, and a request that arrives as the store commits
+    /// starts a second store.
     fn next(&mut self) -> Duration {
         self.tries += 1;
-        let pause = self
-            .pause
-            .min(self.limit.saturating_sub(self.started.elapsed()));
+        let quarter = (self.pause / 4).as_micros() as u64;
+        let jittered = self.pause - self.pause / 4
+            + Duration::from_micros(rand::random_range(0..=2 * quarter));
+        let pause = jittered.min(self.limit.saturating_sub(self.started.elapsed()));
         self.pause = self.pause.mul_f64(FillWait::GROWTH).min(FillWait::LONGEST);
         pause
     }
