@@ -13,7 +13,7 @@
 //! OCIFS_BENCH_FLEET (node counts, default `1,2,4,8,16`), OCIFS_BENCH_ONLY (comma-separated:
 //! formats `estargz`, `gzip` (with a published index); paths `direct`, `cold` (cold and
 //! warm), `unavailable`; each group defaults to all of it), OCIFS_BENCH_FLAGS (extra flags for
-//! every mount), OCIFS_BENCH_KEEP_LOGS (a directory to copy the nodes' daemon logs into).
+//! every mount), OCIFS_BENCH_KEEP_LOGS (a directory to copy the nodes' daemon logs and the cache's log into).
 //! Needs root (namespaces, FUSE); never run by CI (`cargo bench` only).
 
 #![allow(dead_code)]
