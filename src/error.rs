@@ -20,6 +20,9 @@ pub enum Error {
     /// The registry answered something we cannot use.
     #[error("registry error: {0}")]
     Registry(String),
+    /// The registry answered 5xx or 429 after every retry: it may serve later.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
     /// Bytes did not hash to the digest that names them.
     #[error("digest mismatch for {what}: expected {expected}, got {actual}")]
     Digest {
@@ -82,6 +85,7 @@ impl Error {
             Error::Reference { .. }
             | Error::Unauthorized(_)
             | Error::Registry(_)
+            | Error::Unavailable(_)
             | Error::Digest { .. }
             | Error::Format { .. }
             | Error::BadLayer { .. }

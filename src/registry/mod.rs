@@ -336,6 +336,9 @@ impl Registry {
             StatusCode::FORBIDDEN => {
                 Error::Unauthorized(format!("{what}: access denied by {}", self.host))
             }
+            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                Error::Unavailable(format!("{what}: {} answered HTTP {s}", self.host))
+            }
             s => Error::Registry(format!("{what}: {} answered HTTP {s}", self.host)),
         }
     }

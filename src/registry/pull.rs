@@ -3,7 +3,8 @@
 //! back from one to the next. A host that fails a request (no connection, a timeout, a 5xx
 //! after retries — one retry where another host follows, the full budget at the last — a
 //! 404, a wrong digest or size) is skipped for that request and the next one tried, the
-//! registry last; a host that could not be reached is left alone for a while, one
+//! registry last; a host that could not be reached is left alone for a while (one that
+//! answered 5xx, with a host after it, for a shorter while), one
 //! that lacks an object or served it wrong is not asked for it again, one that refused our
 //! credentials is not asked again. Tags are resolved only at hosts that may resolve; content
 //! named by digest is checked wherever it comes from (manifests and small blobs hashed whole,
@@ -34,6 +35,10 @@ use std::time::{Duration, Instant};
 
 /// How long a host that could not be reached is left alone.
 const DOWN_FOR: Duration = Duration::from_secs(30);
+/// How long a host that answered 5xx or 429 after its retries is left alone when another
+/// host follows it: long enough that a broken mirror costs one fallback per few seconds,
+/// not one per request; short enough that a mirror back from a hiccup is soon used again.
+const BUSY_FOR: Duration = Duration::from_secs(5);
 
 /// How a repository's blobs are pulled, beyond its routes.
 #[derive(Debug, Clone, Default)]
@@ -218,6 +223,9 @@ impl Repo {
         match e {
             Error::Http(he) if he.is_connect() || he.is_timeout() => {
                 *h.down_until.lock().unwrap() = Some(Instant::now() + DOWN_FOR);
+            }
+            Error::Unavailable(_) if i + 1 < self.hosts.len() => {
+                *h.down_until.lock().unwrap() = Some(Instant::now() + BUSY_FOR);
             }
             Error::Unauthorized(_) => h.refused.store(true, Ordering::Relaxed),
             Error::NotFound(_) | Error::Digest { .. } | Error::Format { .. }

@@ -122,7 +122,7 @@ impl Unavailable {
 }
 
 #[test]
-fn a_mirror_answering_503_is_tried_twice_per_request_then_the_registry_serves() {
+fn a_mirror_answering_503_is_tried_twice_then_left_alone_while_the_registry_serves() {
     let Some(Env { reg, work }) = Env::new("mirrors-503") else {
         return;
     };
@@ -150,15 +150,18 @@ fn a_mirror_answering_503_is_tried_twice_per_request_then_the_registry_serves() 
     let v = stats(m.path());
     let (at_mirror, at_registry) = (&v.hosts[0], &v.hosts[1]);
     assert!(
-        at_mirror.failures >= 3 && at_mirror.bytes == 0 && at_registry.bytes > 0,
+        at_mirror.failures >= 1 && at_mirror.bytes == 0 && at_registry.bytes > 0,
         "{:?}",
         v.hosts
     );
     // The mirror has a host to fall back to: each request there is tried once more, not five
-    // times more (which took 3-10 s per request).
+    // times more (which took 3-10 s per request), and after a failure the mirror is left
+    // alone for 5 s (BUSY_FOR), not asked first again by every request (24 requests for this
+    // mount before).
     let asked = mirror.requests.load(Ordering::SeqCst);
+    let windows = 1 + took.as_secs() / 5;
     assert!(
-        asked <= 2 * at_mirror.failures,
+        asked <= 2 * at_mirror.failures && at_mirror.failures <= 2 * windows,
         "{asked} requests at the mirror for {} failed ones, in {took:?}",
         at_mirror.failures
     );
