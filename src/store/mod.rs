@@ -449,6 +449,9 @@ impl Store {
         let (cache, progress) = (self.cache.clone(), self.progress.clone());
         Pending::start(async move {
             let (source, what) = connect(&reference)?;
+            // Connections for the config and the layers' first reads, opened while the
+            // manifest is on its way (as a mount does).
+            source.warm();
             let resolved = crate::image::resolve(&source, &what, &cfg.platform).await?;
             tracing::info!("resolved {reference}: {}", resolved.manifest_digest);
             let opener = LayerOpener::new(source, &resolved, cfg, cache, progress);
