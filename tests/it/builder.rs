@@ -403,23 +403,29 @@ pub fn push_recompressed(dir: &Path, tag: &str, registry: &str, repo: &str, form
 
 /// Pushes `oci:DIR:tag` to `registry/repo:tag` with skopeo.
 pub fn push(dir: &Path, tag: &str, registry: &str, repo: &str, creds: Option<&str>) {
-    let src = format!("oci:{}:{tag}", dir.display());
-    let dst = format!("docker://{registry}/{repo}:{tag}");
-    let mut args = vec![
-        "copy",
-        "--quiet",
-        "--all",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
-        &src,
-        &dst,
-    ];
-    let c;
-    if let Some(cr) = creds {
-        c = format!("--dest-creds={cr}");
-        args.insert(1, &c);
-    }
-    let out = Command::new("skopeo").args(&args).output().expect("skopeo");
+    let flags: Vec<String> = creds
+        .map(|c| format!("--dest-creds={c}"))
+        .into_iter()
+        .collect();
+    push_with(dir, tag, registry, repo, &flags);
+}
+
+/// Pushes `oci:DIR:tag` to `registry/repo:tag` with skopeo, adding `flags` to its command.
+pub fn push_with<S: AsRef<std::ffi::OsStr>>(
+    dir: &Path,
+    tag: &str,
+    registry: &str,
+    repo: &str,
+    flags: &[S],
+) {
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--all", "--preserve-digests"])
+        .args(flags)
+        .arg("--dest-tls-verify=false")
+        .arg(format!("oci:{}:{tag}", dir.display()))
+        .arg(format!("docker://{registry}/{repo}:{tag}"))
+        .output()
+        .expect("skopeo");
     assert!(
         out.status.success(),
         "skopeo push failed: {}",

@@ -126,23 +126,8 @@ fn tls_registry(work: &Path, pki: &Path, name: &str, client_cas: bool) -> Regist
     std::fs::create_dir_all(&certs).unwrap();
     std::fs::copy(pki.join("client.crt"), certs.join("client.cert")).unwrap();
     std::fs::copy(pki.join("client.key"), certs.join("client.key")).unwrap();
-    let out = Command::new("skopeo")
-        .args([
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            "--dest-cert-dir",
-        ])
-        .arg(&certs)
-        .arg(format!("oci:{}:v1", dir.display()))
-        .arg(format!("docker://{}/tls/image:v1", reg.addr))
-        .output()
-        .expect("skopeo");
-    assert!(
-        out.status.success(),
-        "skopeo push: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let cert_flags = [std::ffi::OsStr::new("--dest-cert-dir"), certs.as_os_str()];
+    builder::push_with(&dir, "v1", &reg.addr, "tls/image", &cert_flags);
     reg
 }
 
