@@ -456,28 +456,54 @@ pub fn chain(e: &anyhow::Error) -> String {
         .join(": ")
 }
 
+/// What to fetch before it is read, and whether to keep local copies: the same flags for
+/// `mount`, `store` and `run`.
+#[derive(Args, Clone, Debug)]
+pub struct Speculation {
+    /// Do not prefetch eStargz prioritized files (those before .prefetch.landmark).
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Do not fetch a file whole in the background when it is read at scattered places
+    /// (binaries and libraries faulted in page by page), nor what a program loads once
+    /// its first page is read, nor a directory's files read together, nor (without a
+    /// planned prefetch) the files of the image's configured command at mount.
+    #[arg(long)]
+    pub no_whole_files: bool,
+    /// Fetch the image's layers of at most this many compressed bytes whole as soon as they
+    /// are opened, smallest first and at most this much in all (not with a planned
+    /// prefetch: a profile or eStargz prioritized files); 0 turns it off.
+    #[arg(long, default_value = "16MiB")]
+    pub small_layers: ByteSize,
+    /// Do not copy a verified layer's files into a local file (in the cache directory,
+    /// for as long as the mount lasts) to serve their reads from; without the copy, cold
+    /// reads decode the layer's compressed blocks again.
+    #[arg(long)]
+    pub no_local_copy: bool,
+}
+
+impl Speculation {
+    /// The speculation these options ask for (every other limit at its default).
+    pub fn config(&self) -> ocifs::speculate::SpeculateConfig {
+        ocifs::speculate::SpeculateConfig {
+            guesses: !self.no_whole_files,
+            landmarks: !self.no_prefetch,
+            small_layers: self.small_layers.0,
+            ..Default::default()
+        }
+    }
+
+    /// Where local copies go and how much they may take, unless turned off.
+    pub fn local_copies(&self, open: &OpenConfig) -> Option<(PathBuf, u64)> {
+        (!self.no_local_copy).then(|| (open.cache_dir.join("copies"), open.disk_cache_size))
+    }
+}
+
 /// Mount options beyond opening the image.
 pub struct MountExtras {
     pub record: Option<PathBuf>,
     pub prefetch: Option<PathBuf>,
-    pub no_prefetch: bool,
-    pub no_whole_files: bool,
-    /// Layers of at most this many compressed bytes are fetched whole at mount (0: none).
-    pub small_layers: u64,
-    pub no_local_copy: bool,
+    pub speculation: Speculation,
     pub tuning: Tuning,
-}
-
-impl MountExtras {
-    /// The speculation these options ask for (every other limit at its default).
-    pub fn speculate_config(&self) -> ocifs::speculate::SpeculateConfig {
-        ocifs::speculate::SpeculateConfig {
-            guesses: !self.no_whole_files,
-            landmarks: !self.no_prefetch,
-            small_layers: self.small_layers,
-            ..Default::default()
-        }
-    }
 }
 
 #[cfg(test)]

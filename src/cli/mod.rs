@@ -68,25 +68,8 @@ enum Cmd {
         /// Prefetch the ranges of a recorded profile in the background, in order.
         #[arg(long, value_name = "FILE")]
         prefetch: Option<PathBuf>,
-        /// Do not prefetch eStargz prioritized files (those before .prefetch.landmark).
-        #[arg(long)]
-        no_prefetch: bool,
-        /// Do not fetch a file whole in the background when it is read at scattered places
-        /// (binaries and libraries faulted in page by page), nor what a program loads once
-        /// its first page is read, nor a directory's files read together, nor (without a
-        /// planned prefetch) the files of the image's configured command at mount.
-        #[arg(long)]
-        no_whole_files: bool,
-        /// Fetch the image's layers of at most this many compressed bytes whole as soon as the
-        /// mount is ready, smallest first and at most this much in all (not with a planned
-        /// prefetch: a profile or eStargz prioritized files); 0 turns it off.
-        #[arg(long, default_value = "16MiB")]
-        small_layers: ByteSize,
-        /// Do not copy a verified layer's files into a local file (in the cache directory,
-        /// for as long as the mount lasts) to serve their reads from; without the copy, cold
-        /// reads decode the layer's compressed blocks again.
-        #[arg(long)]
-        no_local_copy: bool,
+        #[command(flatten)]
+        speculation: common::Speculation,
         /// Serve from the mount daemon itself. By default (as root) the daemon only holds
         /// the mount and a child process serves it, which is restarted if it dies while
         /// readers wait, so the mount survives a crash or an upgrade.
@@ -124,20 +107,8 @@ enum Cmd {
         /// Internal: run as the detached daemon child of `store`.
         #[arg(long, hide = true)]
         daemon_child: bool,
-        /// Do not prefetch eStargz prioritized files.
-        #[arg(long)]
-        no_prefetch: bool,
-        /// No background fetches of whole files, what programs load, directories (see
-        /// `mount --no-whole-files`).
-        #[arg(long)]
-        no_whole_files: bool,
-        /// Fetch layers of at most this many compressed bytes whole once opened; 0 turns it
-        /// off.
-        #[arg(long, default_value = "16MiB")]
-        small_layers: ByteSize,
-        /// Do not copy verified layers' files into local files to serve their reads from.
-        #[arg(long)]
-        no_local_copy: bool,
+        #[command(flatten)]
+        speculation: common::Speculation,
         /// Release a layer nobody has asked for during this long (10m, 30s, 1h); it is
         /// opened again, from the cache directory, when next asked for.
         #[arg(long, default_value = "10m", value_parser = store::parse_duration)]
@@ -333,18 +304,8 @@ enum Cmd {
         /// Prefetch the ranges of a recorded profile in the background, in order.
         #[arg(long, value_name = "FILE")]
         prefetch: Option<PathBuf>,
-        /// Do not prefetch eStargz prioritized files.
-        #[arg(long)]
-        no_prefetch: bool,
-        /// Do not fetch files whole, what programs load, or directories together.
-        #[arg(long)]
-        no_whole_files: bool,
-        /// Fetch layers of at most this many compressed bytes whole at mount (0: none).
-        #[arg(long, default_value = "16MiB")]
-        small_layers: ByteSize,
-        /// Do not copy verified layers' files locally.
-        #[arg(long)]
-        no_local_copy: bool,
+        #[command(flatten)]
+        speculation: common::Speculation,
         /// Print the summary as one JSON object (on stderr; stdout is the command's).
         #[arg(long)]
         json: bool,
@@ -411,10 +372,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             daemon_child,
             record,
             prefetch,
-            no_prefetch,
-            no_whole_files,
-            small_layers,
-            no_local_copy,
+            speculation,
             no_supervisor,
             serve_fd,
             pin,
@@ -425,10 +383,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             let extras = common::MountExtras {
                 record,
                 prefetch,
-                no_prefetch,
-                no_whole_files,
-                small_layers: small_layers.0,
-                no_local_copy,
+                speculation,
                 tuning,
             };
             // SAFETY: geteuid has no preconditions.
@@ -455,20 +410,14 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             common,
             foreground,
             daemon_child,
-            no_prefetch,
-            no_whole_files,
-            small_layers,
-            no_local_copy,
+            speculation,
             release_after,
             lookup_timeout,
             store_dir,
         } => {
             if foreground || daemon_child {
                 let extras = store::StoreExtras {
-                    no_prefetch,
-                    no_whole_files,
-                    small_layers: small_layers.0,
-                    no_local_copy,
+                    speculation,
                     release_after,
                     lookup_timeout,
                 };
@@ -543,10 +492,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             tuning,
             record,
             prefetch,
-            no_prefetch,
-            no_whole_files,
-            small_layers,
-            no_local_copy,
+            speculation,
             json,
             reference,
             args,
@@ -554,10 +500,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             let extras = common::MountExtras {
                 record,
                 prefetch,
-                no_prefetch,
-                no_whole_files,
-                small_layers: small_layers.0,
-                no_local_copy,
+                speculation,
                 tuning,
             };
             run::run(&common, &reference, &args, extras, json)

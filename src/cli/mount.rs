@@ -98,13 +98,12 @@ pub fn mount_here(
         // First of all: from here on a signal cannot end the process with a mount left dead.
         let mut stop = Stop::listen()?;
         let cfg = common.open_config_tuned(&extras.tuning)?;
-        let spec = extras.speculate_config();
+        let spec = extras.speculation.config();
         let opts = MountOptions {
             mountpoint: mountpoint.to_path_buf(),
             fsname: String::new(),
             control: Some(control_socket(mountpoint)?),
-            local_copies: (!extras.no_local_copy)
-                .then(|| (cfg.cache_dir.join("copies"), cfg.disk_cache_size)),
+            local_copies: extras.speculation.local_copies(&cfg),
         };
         let opened = async {
             if serving.is_none() {

@@ -76,7 +76,7 @@ async fn run_in(
         Some(p) => Some(ocifs::speculate::read_profile(p)?),
         None => None,
     };
-    let spec = extras.speculate_config();
+    let spec = extras.speculation.config();
     // Every read is recorded: the summary counts the files touched, `--record` keeps them.
     let served = ocifs::daemon::open(
         &source,
@@ -94,8 +94,7 @@ async fn run_in(
         mountpoint: dir.to_path_buf(),
         fsname: format!("ocifs:{display}"),
         control: Some(control_socket(dir)?),
-        local_copies: (!extras.no_local_copy)
-            .then(|| (cfg.cache_dir.join("copies"), cfg.disk_cache_size)),
+        local_copies: extras.speculation.local_copies(&cfg),
     };
     let mount = ocifs::daemon::start(served, cfg.verify, opts).await?;
     let ready = start.elapsed();

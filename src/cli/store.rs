@@ -4,7 +4,6 @@
 
 use super::common::{Common, block_on, chain, control_socket, progress};
 use anyhow::{Context, Result};
-use ocifs::speculate::SpeculateConfig;
 use ocifs::stats::StoreStats;
 use ocifs::store::{Connect, Store, StoreConfig};
 use std::path::Path;
@@ -14,11 +13,7 @@ use std::time::Duration;
 
 /// Store options beyond opening images.
 pub struct StoreExtras {
-    pub no_prefetch: bool,
-    pub no_whole_files: bool,
-    /// Layers of at most this many compressed bytes are fetched whole once opened (0: none).
-    pub small_layers: u64,
-    pub no_local_copy: bool,
+    pub speculation: super::common::Speculation,
     pub release_after: Duration,
     pub lookup_timeout: Duration,
 }
@@ -40,14 +35,8 @@ pub fn store_here(
         let started = async {
             let open = common.open_config()?;
             let cfg = StoreConfig {
-                speculate: SpeculateConfig {
-                    guesses: !extras.no_whole_files,
-                    landmarks: !extras.no_prefetch,
-                    small_layers: extras.small_layers,
-                    ..SpeculateConfig::default()
-                },
-                local_copies: (!extras.no_local_copy)
-                    .then(|| (open.cache_dir.join("copies"), open.disk_cache_size)),
+                speculate: extras.speculation.config(),
+                local_copies: extras.speculation.local_copies(&open),
                 release_after: extras.release_after,
                 lookup_timeout: extras.lookup_timeout,
                 open,
