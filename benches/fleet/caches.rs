@@ -24,13 +24,17 @@ pub struct PullThrough {
 
 impl PullThrough {
     /// Starts one at `addr` (`IP:PORT`, on the fleet's bridge) for `upstream` (`IP:PORT`,
-    /// plain HTTP) and waits until it answers.
-    pub fn start(addr: &str, upstream: &str) -> PullThrough {
+    /// plain HTTP; `creds` its user and password, if it asks for them) and waits until it
+    /// answers.
+    pub fn start(addr: &str, upstream: &str, creds: Option<(&str, &str)>) -> PullThrough {
         let dir = TempDir::new("fleet-cache");
-        let cfg = format!(
+        let mut cfg = format!(
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}/data\nhttp:\n  addr: {addr}\nproxy:\n  remoteurl: http://{upstream}\n",
             dir.path().display()
         );
+        if let Some((user, pass)) = creds {
+            cfg += &format!("  username: {user}\n  password: {pass}\n");
+        }
         std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
         let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
         let child = Command::new("docker-registry")

@@ -13,7 +13,11 @@
 //! OCIFS_BENCH_FLEET (node counts, default `1,2,4,8,16`), OCIFS_BENCH_ONLY (comma-separated:
 //! formats `estargz`, `gzip` (with a published index); paths `direct`, `cold` (cold and
 //! warm), `unavailable`; each group defaults to all of it), OCIFS_BENCH_FLAGS (extra flags for
-//! every mount), OCIFS_BENCH_KEEP_LOGS (a directory to copy the nodes' daemon logs and the cache's log into).
+//! every mount), OCIFS_BENCH_KEEP_LOGS (a directory to copy the nodes' daemon logs and the cache's log into),
+//! OCIFS_BENCH_ORIGIN (`token`, the default: the cache reaches the origin through a proxy
+//! that asks for Bearer tokens, as public registries do, `harness::Proxy` on this side of the
+//! link, so its challenges and tokens cost no round trip; `open`: no credentials asked, which
+//! makes distribution ping the origin before each miss and store some blobs twice).
 //! Needs root (namespaces, FUSE); never run by CI (`cargo bench` only).
 
 #![allow(dead_code)]
@@ -33,7 +37,7 @@ use builder::{Enc, encode, push};
 use caches::{PullThrough, Unavailable, blob_gets, log_mark};
 use common::debian::{self, rootfs, try_run_app};
 use common::{drop_caches, env_u64, extra_flags};
-use harness::{Registry, TempDir, ocifs, push_index};
+use harness::{Proxy, Registry, TempDir, ocifs, push_index};
 use lan::Lan;
 use link::PacketLink;
 use ocifs::stats::MountStats;
@@ -472,6 +476,11 @@ fn main() {
     // The images, at the origin.
     let root = rootfs();
     let tars = debian::layers(&root, true);
+    let origin_auth = match std::env::var("OCIFS_BENCH_ORIGIN").as_deref() {
+        Ok("open") => false,
+        Ok("token") | Err(_) => true,
+        Ok(other) => panic!("OCIFS_BENCH_ORIGIN: {other:?} is neither `token` nor `open`"),
+    };
     let reg = Registry::start(None);
     let work = TempDir::new("fleet");
     let mut images = Vec::new();
@@ -504,6 +513,11 @@ fn main() {
     let link = PacketLink::start(&reg, rtt, rate);
     let lan = Lan::start(max);
     link.route_from(&lan.cidr);
+    // With a link (of no delay and no rate limit) the proxy streams bodies as they come
+    // instead of reading them whole first, so a cache hanging up stops the origin's send.
+    let unlimited = Some((Duration::ZERO, 1 << 40));
+    let tokens =
+        origin_auth.then(|| Proxy::with_link(&link.addr, Some(("fleet", "fleet")), unlimited));
     println!(
         "\n### Fleets through a pull-through cache: {} nodes, each in its own network namespace; origin behind a packet-level link of {} ms RTT, {} Mbit/s",
         counts
@@ -513,6 +527,14 @@ fn main() {
             .join(", "),
         rtt.as_millis(),
         rate * 8 / 1_000_000
+    );
+    println!(
+        "\nThe origin {}.",
+        match origin_auth {
+            true =>
+                "asks the cache for Bearer tokens (through `harness::Proxy`; OCIFS_BENCH_ORIGIN=token)",
+            false => "asks for no credentials (OCIFS_BENCH_ORIGIN=open)",
+        }
     );
     println!("\nAt the start: {}.", other_load());
 
@@ -569,7 +591,11 @@ fn main() {
             let mut warm = Vec::new();
             for &n in &counts {
                 port += 1;
-                let cache = PullThrough::start(&format!("{}:{port}", lan.gateway), &link.addr);
+                let cache = PullThrough::start(
+                    &format!("{}:{port}", lan.gateway),
+                    tokens.as_ref().map_or(&link.addr, |t| &t.addr),
+                    tokens.as_ref().map(|_| ("fleet", "fleet")),
+                );
                 let hosts = hosts_dir(work.path(), &link.addr, &format!("http://{}", cache.addr));
                 let f = with(&hosts);
                 rows.push(run("cache, cold", n, &f, &nothing));

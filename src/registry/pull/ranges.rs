@@ -305,9 +305,9 @@ impl FillWait {
 
     /// The pause before the next ask (never past the limit), counting this try. Each pause
     /// is jittered by up to a quarter either way, so that nodes which started together do
-    /// not ask together: distribution 2.8 pings its origin for each request of a blob it
-    /// has not stored, one at a time, and a request that arrives as the store commits
-    /// starts a second store.
+    /// not ask together: distribution 2.8 in front of an origin that asks for no
+    /// credentials pings it before each request of a blob it has not stored, one at a time,
+    /// and a request that arrives as the store commits starts a second store.
     fn next(&mut self) -> Duration {
         self.tries += 1;
         let quarter = (self.pause / 4).as_micros() as u64;
