@@ -74,8 +74,13 @@ struct Host {
 /// What waiting for a host to store blobs it answered whole has shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Filling {
+    /// Nothing yet.
     Unknown,
+    /// It answered a range with that range (after a wait, or for a blob it had): a whole
+    /// answer from it means a blob not stored yet, worth waiting for.
     Fills,
+    /// A wait ran out before it ever answered a range: it ignores ranges, and a whole answer
+    /// is streamed at once (until it answers a range after all).
     Never,
 }
 
@@ -221,12 +226,8 @@ impl Repo {
         h.counters.failures.fetch_add(1, Ordering::Relaxed);
         *h.counters.last_error.lock().unwrap() = Some(e.to_string());
         match e {
-            Error::Http(he) if he.is_connect() || he.is_timeout() => {
-                *h.down_until.lock().unwrap() = Some(Instant::now() + DOWN_FOR);
-            }
-            Error::Unavailable(_) if i + 1 < self.hosts.len() => {
-                *h.down_until.lock().unwrap() = Some(Instant::now() + BUSY_FOR);
-            }
+            Error::Http(he) if he.is_connect() || he.is_timeout() => h.down_for(DOWN_FOR),
+            Error::Unavailable(_) if i + 1 < self.hosts.len() => h.down_for(BUSY_FOR),
             Error::Unauthorized(_) => h.refused.store(true, Ordering::Relaxed),
             Error::NotFound(_) | Error::Digest { .. } | Error::Format { .. }
                 if object.starts_with("sha256:") =>
@@ -298,6 +299,17 @@ impl Repo {
 
     /// A whole small blob (a config, an index), checked against its digest at each host.
     pub async fn read_whole(&self, digest: &str, size: u64) -> Result<Bytes> {
+        // No range names no bytes: an empty blob is only checked.
+        if size == 0 {
+            return match crate::digest::sha256(b"") {
+                empty if empty == digest => Ok(Bytes::new()),
+                actual => Err(Error::Digest {
+                    what: format!("blob {digest} of size 0"),
+                    expected: digest.into(),
+                    actual,
+                }),
+            };
+        }
         let mut last = None;
         for i in self.order(Need::Pull, digest) {
             let mut out = BytesMut::with_capacity(size as usize);
@@ -421,6 +433,13 @@ impl Host {
             counters: Arc::default(),
             filling: Mutex::new(Filling::Unknown),
         }
+    }
+
+    /// Leaves the host alone for `span` from now, unless it is already left alone longer.
+    fn down_for(&self, span: Duration) {
+        let mut until = self.down_until.lock().unwrap();
+        let end = Instant::now() + span;
+        *until = Some(until.map_or(end, |u| u.max(end)));
     }
 }
 

@@ -93,8 +93,13 @@ impl Repo {
                 }
                 Ranges::Probing => {
                     let mut rx = state.subscribe();
-                    let _ = rx.wait_for(|s| !matches!(s, Ranges::Probing)).await;
-                    if self.passed_over(i, digest) || self.down(i) {
+                    // Decided (by range or whole): read that way, whatever befell the host
+                    // meanwhile. Back to unknown: the probe failed, and it noted why.
+                    let decided = rx
+                        .wait_for(|s| !matches!(s, Ranges::Probing))
+                        .await
+                        .is_ok_and(|s| !matches!(*s, Ranges::Unknown));
+                    if !decided && (self.passed_over(i, digest) || self.down(i)) {
                         return Ok(false);
                     }
                 }
@@ -154,8 +159,11 @@ impl Repo {
             // A small blob read whole (a config, a tiny layer) takes a whole answer as it is:
             // the cache's extra download of it costs less than a pause.
             let whole_read = offset == 0 && len == size && size <= TAKE_WHOLE_MAX;
-            // What the host has shown meanwhile (a wait for another blob ran out) counts.
-            wait.limit = self.fill_wait(i);
+            // How long to wait is decided at the first whole answer: a wait for another
+            // blob that runs out meanwhile does not cut this one short.
+            if wait.tries == 0 {
+                wait.limit = self.fill_wait(i);
+            }
             let names_blob = resp.headers().contains_key("docker-content-digest");
             match (answer, self.opts.spool_dir.as_ref()) {
                 // The answer is what we want, whatever its status; the next read decides
@@ -193,8 +201,8 @@ impl Repo {
                     return spool.stream(offset, len, size, sink).await;
                 }
                 (answer, _) => {
-                    if answer == RangeAnswer::Partial && wait.tries > 0 {
-                        self.stored(i, digest, &wait);
+                    if answer == RangeAnswer::Partial {
+                        self.answers_ranges(i, digest, &wait);
                     }
                     state.send_replace(Ranges::Ranged);
                     return self.body(i, resp, digest, offset, len, sink).await;
@@ -237,10 +245,15 @@ impl Repo {
         }
     }
 
-    /// Notes that host `i` stored blob `digest` while we waited.
-    fn stored(&self, i: usize, digest: &str, wait: &FillWait) {
+    /// Notes that host `i` answered a range of blob `digest` with that range: it is worth
+    /// waiting for when it answers another blob whole (it has not stored that one yet),
+    /// even if a wait ran out before. Counted as a store when we waited for it.
+    fn answers_ranges(&self, i: usize, digest: &str, wait: &FillWait) {
         let h = &self.hosts[i];
         *h.filling.lock().unwrap() = Filling::Fills;
+        if wait.tries == 0 {
+            return;
+        }
         h.counters.stored.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             "{} has stored blob {digest}: reading it by range (waited {:?}, {} tries)",

@@ -421,3 +421,75 @@ async fn a_mirror_answering_5xx_is_passed_over_and_left_alone_for_a_while() {
     assert_eq!(broken.gets.load(Ordering::SeqCst), 2);
     assert_eq!(origin.gets.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wait_under_way_is_not_cut_short_when_another_runs_out() {
+    let (data, digest) = blob();
+    let cache = serve(Mode::Stores(3), data.clone(), digest.clone(), Bytes::new());
+    let r = repo_waiting(
+        &[route(&cache.addr, Capabilities::ALL, false)],
+        "not-cut-short",
+        Duration::from_secs(20),
+    );
+    let b = Arc::new(RepoBlob::new(r.clone(), &digest, data.len() as u64));
+    let read = {
+        let b = b.clone();
+        tokio::spawn(async move { b.read_at(1000, 5000).await.unwrap() })
+    };
+    // During the first pause (at least 187 ms): another blob's wait at this host ran out
+    // before it ever answered a range.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    *r.hosts[0].filling.lock().unwrap() = Filling::Never;
+    assert_eq!(&read.await.unwrap()[..], &data[1000..6000]);
+    let f = &r.figures()[0];
+    assert_eq!((f.whole_streams, f.waited_for_store), (0, 1), "{f:?}");
+    // It answered a range: worth waiting for again.
+    assert_eq!(*r.hosts[0].filling.lock().unwrap(), Filling::Fills);
+    let _ = std::fs::remove_dir_all(spool_dir("not-cut-short"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_waiting_for_a_probe_that_succeeded_reads_there_though_the_host_turned_busy() {
+    let (data, digest) = blob();
+    let cache = serve(Mode::Stores(2), data.clone(), digest.clone(), Bytes::new());
+    let origin = serve(Mode::Ranges, data.clone(), digest.clone(), Bytes::new());
+    let routes = [
+        route(&cache.addr, Capabilities::PULL, true),
+        route(&origin.addr, Capabilities::ALL, false),
+    ];
+    let r = repo_waiting(&routes, "busy-meanwhile", Duration::from_secs(20));
+    let b = Arc::new(RepoBlob::new(r.clone(), &digest, data.len() as u64));
+    let spawn_read = |off: u64| {
+        let b = b.clone();
+        tokio::spawn(async move { (off, b.read_at(off, 3000).await.unwrap()) })
+    };
+    // The first read probes and waits for the cache; the second waits for that probe.
+    let first = spawn_read(0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = spawn_read(200_000);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Meanwhile another request to the cache was answered 503.
+    r.hosts[0].down_for(BUSY_FOR);
+    for t in [first, second] {
+        let (off, got) = t.await.unwrap();
+        assert_eq!(&got[..], &data[off as usize..off as usize + 3000]);
+    }
+    // Both read from the cache once it answered ranges; none went to the origin.
+    assert_eq!(origin.gets.load(Ordering::SeqCst), 0);
+    assert_eq!(cache.gets.load(Ordering::SeqCst), 2 + 2);
+    let _ = std::fs::remove_dir_all(spool_dir("busy-meanwhile"));
+}
+
+#[tokio::test]
+async fn an_empty_blob_is_checked_not_asked_for() {
+    let (data, digest) = blob();
+    let host = serve(Mode::Ranges, data, digest, Bytes::new());
+    let r = repo(&[route(&host.addr, Capabilities::ALL, false)], "empty");
+    let empty = crate::digest::sha256(b"");
+    assert!(r.read_whole(&empty, 0).await.unwrap().is_empty());
+    assert!(matches!(
+        r.read_whole(&crate::digest::sha256(b"x"), 0).await,
+        Err(Error::Digest { .. })
+    ));
+    assert_eq!(host.gets.load(Ordering::SeqCst), 0);
+}
