@@ -9,7 +9,9 @@
 //! emulation (`packet`, the default, `http`, or `packet,http` for both in one run; see
 //! `common::LinkMode`), OCIFS_BENCH_ROUNDS the cold rounds per row, OCIFS_BENCH_ONLY a
 //! comma-separated list of row and part keys to run (the keys are in `main`), and
-//! OCIFS_BENCH_FLAGS extra flags for every mount.
+//! OCIFS_BENCH_FLAGS extra flags for every mount. OCIFS_BENCH_TLS=1 has the packet-level link's
+//! registry speak TLS with a self-signed certificate (mount with
+//! OCIFS_BENCH_FLAGS=--tls-verify=false).
 
 #![allow(dead_code)]
 

@@ -6,7 +6,7 @@
 pub mod debian;
 
 use crate::harness::{Proxy, Registry, TempDir, ocifs};
-use crate::link::{PacketLink, Probe, probe};
+use crate::link::{PacketLink, probe};
 use ocifs::stats::{LayerFigures, MountStats};
 use std::path::Path;
 use std::process::Command;
@@ -109,7 +109,8 @@ impl BenchLink {
                 (Some(p), None, addr)
             }
             LinkMode::Packet => {
-                let l = PacketLink::start(reg, rtt, rate);
+                let tls = std::env::var("OCIFS_BENCH_TLS").is_ok_and(|v| v == "1");
+                let l = PacketLink::start_with(reg, rtt, rate, tls);
                 let addr = l.addr.clone();
                 (None, Some(l), addr)
             }
@@ -137,7 +138,8 @@ impl BenchLink {
         );
         match &self.packet {
             Some(l) => format!(
-                "{base} (registry in a network namespace; packets delayed by wan-delay in a router namespace, rate by tbf; the registry's {})",
+                "{base} (registry in a network namespace{}; packets delayed by wan-delay in a router namespace, rate by tbf; the registry's {})",
+                if l.tls { ", speaking TLS" } else { "" },
                 l.server_tcp()
             ),
             None => format!(
@@ -176,9 +178,13 @@ impl BenchLink {
         }
     }
 
-    /// Measures the link with blob `digest` of `repo` (`size` bytes).
-    pub fn probe(&self, repo: &str, digest: &str, size: u64) -> Probe {
-        probe(&self.addr, repo, digest, size)
+    /// Measures the link with blob `digest` of `repo` (`size` bytes); the probe speaks plain
+    /// HTTP, so a registry speaking TLS is not probed.
+    pub fn probe(&self, repo: &str, digest: &str, size: u64) -> String {
+        match &self.packet {
+            Some(l) if l.tls => "not taken (the registry speaks TLS; the probe plain HTTP)".into(),
+            _ => probe(&self.addr, repo, digest, size).to_string(),
+        }
     }
 }
 

@@ -53,8 +53,11 @@ pub fn link_tools() -> Vec<String> {
 
 /// A registry behind an emulated WAN link; torn down on drop.
 pub struct PacketLink {
-    /// `IP:PORT` of the registry over the link (plain HTTP: clients need `--insecure`).
+    /// `IP:PORT` of the registry over the link (plain HTTP: clients need `--insecure`; with
+    /// TLS a self-signed certificate: `--tls-verify=false`).
     pub addr: String,
+    /// Whether the registry speaks TLS (HTTP/2 to clients that offer it, as Go's server does).
+    pub tls: bool,
     /// Namespaces created so far (router, server), deleted on drop.
     namespaces: Vec<String>,
     /// The root namespace's end of the link: its counters are what crossed the link.
@@ -154,6 +157,11 @@ impl PacketLink {
     /// Starts a registry serving `reg`'s storage behind a link of round trip `rtt` and
     /// `rate` bytes per second in each direction.
     pub fn start(reg: &Registry, rtt: Duration, rate: u64) -> PacketLink {
+        PacketLink::start_with(reg, rtt, rate, false)
+    }
+
+    /// [`PacketLink::start`], the registry speaking TLS when `tls`.
+    pub fn start_with(reg: &Registry, rtt: Duration, rate: u64, tls: bool) -> PacketLink {
         static K: AtomicU64 = AtomicU64::new(0);
         sweep_stale();
         let pid = std::process::id();
@@ -165,6 +173,7 @@ impl PacketLink {
         let net = |host: u32| format!("198.18.{n}.{host}");
         let mut link = PacketLink {
             addr: format!("{}:5000", net(6)),
+            tls,
             namespaces: Vec::new(),
             root_veth: root_veth.clone(),
             children: Vec::new(),
@@ -290,11 +299,44 @@ impl PacketLink {
 
     /// Starts a docker-registry over `reg`'s storage in `server` and waits until it answers.
     fn start_registry(&mut self, server: &str, reg: &Registry) {
-        let cfg = format!(
+        let mut cfg = format!(
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}/data\nhttp:\n  addr: {}\n",
             reg.dir.path().display(),
             self.addr
         );
+        if self.tls {
+            // A self-signed certificate for the server's address.
+            let ip = self.addr.split(':').next().unwrap();
+            let (key, crt) = (
+                self.dir.path().join("tls.key"),
+                self.dir.path().join("tls.crt"),
+            );
+            run(Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=ocifs-bench",
+                    "-addext",
+                    &format!("subjectAltName=IP:{ip}"),
+                    "-keyout",
+                ])
+                .arg(&key)
+                .arg("-out")
+                .arg(&crt));
+            cfg += &format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                crt.display(),
+                key.display()
+            );
+        }
         let cfg_path = self.dir.path().join("config.yml");
         std::fs::write(&cfg_path, cfg).unwrap();
         let log = std::fs::File::create(self.log_path()).unwrap();
