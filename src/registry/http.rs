@@ -150,11 +150,6 @@ pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> 
         if let Some(r) = err.downcast_ref::<rustls::Error>() {
             return Some(classify(r));
         }
-        // HTTP/2 keeps only the text of an I/O error on its connection, and a TLS 1.3
-        // server refuses a client certificate after the handshake, on that connection.
-        if let Some(alert) = err.to_string().split("received fatal alert: ").nth(1) {
-            return Some(alert_failure(alert.trim()));
-        }
         cur = match err.downcast_ref::<std::io::Error>() {
             Some(io) => {
                 if matches!(
@@ -178,20 +173,8 @@ pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> 
     handshake_cut.then_some(TlsFailure::NotTls)
 }
 
-/// What an alert the server sent, named as rustls names it, says.
-fn alert_failure(name: &str) -> TlsFailure {
-    match name {
-        "CertificateRequired"
-        | "BadCertificate"
-        | "UnknownCA"
-        | "HandshakeFailure"
-        | "CertificateUnknown" => TlsFailure::ClientCertificate,
-        other => TlsFailure::Other(format!("received fatal alert: {other}")),
-    }
-}
-
 fn classify(e: &rustls::Error) -> TlsFailure {
-    use rustls::{CertificateError as C, Error as E};
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
     match e {
         E::InvalidMessage(_) => TlsFailure::NotTls,
         E::InvalidCertificate(c) => match c {
@@ -201,7 +184,13 @@ fn classify(e: &rustls::Error) -> TlsFailure {
             C::NotValidForName | C::NotValidForNameContext { .. } => TlsFailure::WrongName,
             other => TlsFailure::Other(format!("{other:?}")),
         },
-        E::AlertReceived(alert) => alert_failure(&format!("{alert:?}")),
+        E::AlertReceived(
+            A::CertificateRequired
+            | A::BadCertificate
+            | A::UnknownCA
+            | A::HandshakeFailure
+            | A::CertificateUnknown,
+        ) => TlsFailure::ClientCertificate,
         other => TlsFailure::Other(other.to_string()),
     }
 }
@@ -294,27 +283,6 @@ impl super::Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tls_alerts_are_told_apart_typed_or_only_as_text() {
-        let typed = rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate);
-        let e = std::io::Error::other(typed);
-        assert_eq!(tls_failure(&e), Some(TlsFailure::ClientCertificate));
-        // What HTTP/2 keeps of the same refusal: its text.
-        let e = std::io::Error::other("received fatal alert: BadCertificate");
-        assert_eq!(tls_failure(&e), Some(TlsFailure::ClientCertificate));
-        let e = std::io::Error::other("received fatal alert: DecodeError");
-        assert_eq!(
-            tls_failure(&e),
-            Some(TlsFailure::Other(
-                "received fatal alert: DecodeError".into()
-            ))
-        );
-        assert_eq!(
-            tls_failure(&std::io::Error::other("connection refused")),
-            None
-        );
-    }
 
     #[test]
     fn a_plain_registry_gets_an_https_client_only_when_a_url_needs_one() {
