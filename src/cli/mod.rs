@@ -327,8 +327,10 @@ pub fn main() -> ExitCode {
     let daemonish = matches!(cli.cmd, Cmd::Mount { .. } | Cmd::Store { .. });
     if !daemonish {
         // Output piped into `head` ends the command quietly when the reader goes, as with
-        // coreutils (Rust ignores SIGPIPE, and `println!` then panics). Sockets are not
-        // affected: the standard library sends with MSG_NOSIGNAL.
+        // coreutils (Rust ignores SIGPIPE, and `println!` then panics). Sockets: `send`
+        // takes MSG_NOSIGNAL, but the vectored writes of the HTTP clients do not; their
+        // connections are driven on the runtime's threads, which block SIGPIPE
+        // (`common::block_on`).
         // SAFETY: restoring a signal's default disposition before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
