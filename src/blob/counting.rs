@@ -60,6 +60,9 @@ impl ReadHints for CountingBlob {
     fn at_hand(&self, offset: u64, len: u64) -> bool {
         self.inner.at_hand(offset, len)
     }
+    fn is_local_file(&self) -> bool {
+        self.inner.is_local_file()
+    }
     fn discard(&self, offset: u64, len: u64) {
         self.inner.discard(offset, len)
     }

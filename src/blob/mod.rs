@@ -82,6 +82,11 @@ pub trait ReadHints: BlobSource {
     fn at_hand(&self, _offset: u64, _len: u64) -> bool {
         false
     }
+    /// Whether every byte lies in a local file for as long as this blob lives (nothing to
+    /// fetch, decode or evict): a local copy of it would only duplicate it. The default: no.
+    fn is_local_file(&self) -> bool {
+        false
+    }
     /// Drops what this blob holds in memory to make later reads fast (decoded spans, cached
     /// blocks), for a blob no one reads any more: its layer is served from a local copy
     /// (see `serve::local`). Later reads still work, fetching or decoding again.
@@ -149,6 +154,38 @@ pub async fn read_tail(blob: &Blob, len: u64) -> Result<(u64, Bytes)> {
     Ok((start, blob.read_at(start, size - start).await?))
 }
 
+/// All of `blob`, front to back, in pieces of `piece` bytes (for a pass that reads a layer
+/// once: indexing, unpacking). Where the blob is not at hand, one streamed request brings it
+/// in from the front (the block cache's prefetch) while the pieces are read as they arrive:
+/// the link never idles between one piece's request and the next, and a new connection's
+/// window opens once. A failed prefetch only leaves the pieces to fetch themselves.
+pub fn read_in_order(
+    blob: Blob,
+    piece: u64,
+) -> impl futures::Stream<Item = Result<Bytes>> + Send + 'static {
+    use futures::StreamExt;
+    let size = blob.size();
+    let prefetch = (!blob.at_hand(0, size)).then(|| {
+        let blob = blob.clone();
+        crate::task::TaskGuard::spawn(async move {
+            if let Err(e) = blob.prefetch(0, size).await {
+                tracing::debug!(
+                    "streaming {} in failed: {e}; reading it piece by piece",
+                    blob.id()
+                );
+            }
+        })
+    });
+    futures::stream::iter((0..size).step_by(piece.max(1) as usize))
+        .map(move |at| {
+            // The stream owns the prefetch: dropping it cancels the request.
+            let _owned = &prefetch;
+            let blob = blob.clone();
+            async move { blob.read_at(at, piece.min(size - at)).await }
+        })
+        .buffered(2)
+}
+
 /// A blob held in memory (tests, small fetched objects).
 pub struct MemBlob {
     id: String,
@@ -189,6 +226,16 @@ pub struct FileBlob {
 }
 
 impl FileBlob {
+    /// Serves an open `file` under the identity `id`.
+    pub fn from_file(id: impl Into<String>, file: std::fs::File) -> Result<Self> {
+        let size = file.metadata()?.len();
+        Ok(FileBlob {
+            id: id.into(),
+            file: Arc::new(file),
+            size,
+        })
+    }
+
     /// Opens `path` under the identity `id`.
     pub fn open(id: impl Into<String>, path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path)?;
@@ -215,10 +262,30 @@ impl BlobSource for FileBlob {
     }
 }
 
+#[async_trait]
 impl ReadHints for FileBlob {
     /// A local file holds every byte: reading any range waits for no request.
     fn at_hand(&self, offset: u64, len: u64) -> bool {
         clamp(&self.id, self.size, offset, len).is_ok()
+    }
+    fn is_local_file(&self) -> bool {
+        true
+    }
+    /// Asks the kernel to read the range ahead into the page cache (it returns at once),
+    /// instead of reading it here only to drop it.
+    async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        let len = clamp(&self.id, self.size, offset, len)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: advice on an open descriptor; no memory is passed.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+        Ok(())
     }
 }
 

@@ -151,6 +151,7 @@ impl Common {
             span: t.span.0.max(64 * 1024),
             mark_windows: !t.no_mark_windows,
             read_timeout: t.read_timeout.0.max(std::time::Duration::from_millis(100)),
+            copy_first_pass: false,
         })
     }
 
@@ -493,8 +494,9 @@ pub struct Speculation {
     #[arg(long, default_value = "16MiB")]
     pub small_layers: ByteSize,
     /// Do not copy a verified layer's files into a local file (in the cache directory,
-    /// for as long as the mount lasts) to serve their reads from; without the copy, cold
-    /// reads decode the layer's compressed blocks again.
+    /// for as long as the mount lasts) to serve their reads from, nor keep the decoded tar
+    /// of a layer indexed for the first time; without them, cold reads decode the layer's
+    /// compressed blocks again.
     #[arg(long)]
     pub no_local_copy: bool,
 }
@@ -513,6 +515,14 @@ impl Speculation {
     /// Where local copies go and how much they may take, unless turned off.
     pub fn local_copies(&self, open: &OpenConfig) -> Option<(PathBuf, u64)> {
         (!self.no_local_copy).then(|| (open.cache_dir.join("copies"), open.disk_cache_size))
+    }
+
+    /// `open` for a command that serves for a while (mount, store, run): a layer indexed
+    /// for the first time is served from the decoded tar its pass leaves, unless local
+    /// copies are off.
+    pub fn serving(&self, mut open: OpenConfig) -> OpenConfig {
+        open.copy_first_pass = !self.no_local_copy;
+        open
     }
 }
 

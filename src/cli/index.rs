@@ -133,7 +133,8 @@ async fn rebuild(
 ) -> Result<(CheckpointIndex, bytes::Bytes)> {
     let digest = kept.digest.clone();
     let progress = move |done: u64, total: u64| report(&digest, done, total);
-    let (index, windows) =
-        checkpoint::file::build_and_keep(blob, kept.codec, kept.span, cache_dir, &progress).await?;
+    let (index, windows, _) =
+        checkpoint::file::build_and_keep(blob, kept.codec, kept.span, cache_dir, &progress, None)
+            .await?;
     Ok((index, bytes::Bytes::from(windows)))
 }

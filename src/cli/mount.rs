@@ -97,7 +97,9 @@ pub fn mount_here(
     block_on(async {
         // First of all: from here on a signal cannot end the process with a mount left dead.
         let mut stop = Stop::listen()?;
-        let cfg = common.open_config_tuned(&extras.tuning)?;
+        let cfg = extras
+            .speculation
+            .serving(common.open_config_tuned(&extras.tuning)?);
         let spec = extras.speculation.config();
         let opts = MountOptions {
             mountpoint: mountpoint.to_path_buf(),

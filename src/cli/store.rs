@@ -33,7 +33,7 @@ pub fn store_here(
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
         let started = async {
-            let open = common.open_config()?;
+            let open = extras.speculation.serving(common.open_config()?);
             let cfg = StoreConfig {
                 speculate: extras.speculation.config(),
                 local_copies: extras.speculation.local_copies(&open),

@@ -126,8 +126,24 @@ impl Ctx<'_> {
                 (self.chunked(reader), entries, initial)
             }
             Format::Gzip => {
-                let (index, from, trust) = self.index(cached.clone(), Codec::Gzip).await?;
+                let (index, from, trust, copy) = self.index(cached.clone(), Codec::Gzip).await?;
                 index_source = Some(from);
+                if let Some(file) = copy {
+                    // The pass that built the index checked the blob's digest and left the
+                    // decoded tar: reads of it need no decoding (nor the network) at all.
+                    let tar =
+                        crate::blob::FileBlob::from_file(format!("{}/tar", desc.digest), file)?;
+                    let entries = index.entries;
+                    let layer = Layer {
+                        digest: desc.digest.clone(),
+                        format,
+                        data: LayerData::Tar(Arc::new(tar)),
+                        health: RwLock::new(Health::Verified),
+                        index_source,
+                        index_check: None,
+                    };
+                    return Ok((layer, entries));
+                }
                 let windows = (index.windows.as_ref())
                     .filter(|_| self.cfg.mark_windows)
                     .and_then(|w| self.windows(w, counter));
@@ -142,7 +158,7 @@ impl Ctx<'_> {
                 let unpacked = streamed::tar_path(&self.cfg.cache_dir, &desc.digest).exists();
                 match unpacked {
                     false => match self.index(cached.clone(), Codec::Zstd).await? {
-                        (index, from, trust) if index.checkpoints.len() > 1 => {
+                        (index, from, trust, _) if index.checkpoints.len() > 1 => {
                             index_source = Some(from);
                             let (data, entries, health, check) =
                                 indexed_layer(index, cached, None, trust, initial);
@@ -198,14 +214,15 @@ impl Ctx<'_> {
             .await
     }
 
-    /// The checkpoint index of a gzip or zstd layer, where it came from, and whether it is
-    /// still to be checked against the layer: `Unchecked` for one from the registry (see
-    /// [`crate::layer::IndexCheck`]), `Trusted` for one built here from the verified blob.
+    /// The checkpoint index of a gzip or zstd layer, where it came from, whether it is
+    /// still to be checked against the layer (`Unchecked` for one from the registry, see
+    /// [`crate::layer::IndexCheck`]; `Trusted` for one built here from the verified blob),
+    /// and the decoded tar when this pass built it and `copy_first_pass` asked for it.
     async fn index(
         &self,
         cached: Blob,
         codec: Codec,
-    ) -> Result<(CheckpointIndex, &'static str, Trust)> {
+    ) -> Result<(CheckpointIndex, &'static str, Trust, Option<std::fs::File>)> {
         let digest = cached.id().to_string();
         let path = checkpoint::file::path(&self.cfg.cache_dir, &digest);
         let waiting = checkpoint::file::unverified_path(&self.cfg.cache_dir, &digest);
@@ -219,7 +236,7 @@ impl Ctx<'_> {
         ] {
             match tokio::fs::read(file).await {
                 Ok(bytes) => match checkpoint::file::decode(&bytes, &digest) {
-                    Ok(index) => return Ok((index, from, trust)),
+                    Ok(index) => return Ok((index, from, trust, None)),
                     Err(e) => {
                         tracing::warn!("rejected {}: {e}; looking for another", file.display())
                     }
@@ -232,7 +249,7 @@ impl Ctx<'_> {
                 Ok((index, bytes)) => {
                     let kept = keep(&waiting, &bytes).await;
                     let trust = Trust::Unchecked(kept.then(|| waiting.clone()));
-                    return Ok((index, p.origin.label(), trust));
+                    return Ok((index, p.origin.label(), trust, None));
                 }
                 Err(e) => tracing::warn!(
                     "rejected the published index {} of {digest}: {e}; building one",
@@ -243,15 +260,22 @@ impl Ctx<'_> {
         let d = digest.clone();
         let progress = self.progress.clone();
         let report = move |done: u64, total: u64| progress(&d, done, total);
-        let (index, _) = checkpoint::file::build_and_keep(
+        // Where the layer will be served for a while, the pass also leaves the decoded tar
+        // to serve it from (the local copies' place and bound).
+        let copy = self.cfg.copy_first_pass.then(|| checkpoint::CopyTo {
+            dir: self.cfg.cache_dir.join("copies"),
+            limit: self.cfg.disk_cache_size,
+        });
+        let (index, _, copy) = checkpoint::file::build_and_keep(
             cached,
             codec,
             self.cfg.span,
             &self.cfg.cache_dir,
             &report,
+            copy.as_ref(),
         )
         .await?;
-        Ok((index, "built", Trust::Trusted))
+        Ok((index, "built", Trust::Trusted, copy))
     }
 
     /// The blob of a gzip index's mark windows (see the `layer::checkpoint::windows` module): the

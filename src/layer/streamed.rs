@@ -55,8 +55,13 @@ pub async fn local_tar(
     let size = raw.size();
     let mut off = 0;
     let mut send_failed = false;
-    while off < size {
-        let piece = raw.read_at(off, PIECE.min(size - off)).await?;
+    use futures::StreamExt;
+    let mut pieces = std::pin::pin!(crate::blob::read_in_order(raw.clone(), PIECE));
+    while let Some(piece) = pieces.next().await {
+        let piece = piece?;
+        if piece.is_empty() {
+            break;
+        }
         hasher.update(&piece);
         off += piece.len() as u64;
         progress(off, size);

@@ -99,6 +99,9 @@ impl super::ServedImage {
             let digest = &opened.layer.digest;
             // Verification may be under way: each layer is copied as soon as it is verified,
             // so copying (CPU, local disk) overlaps the fetching of the next layers.
+            if self.is_local(li) {
+                continue;
+            }
             while *opened.layer.health.read().unwrap() == Health::Pending {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
@@ -128,7 +131,16 @@ impl super::ServedImage {
                 Err(e) => tracing::warn!("layer {digest} not copied locally: {e}"),
             }
         }
-        (0..layers.len()).all(|li| self.local.is_complete(li))
+        (0..layers.len()).all(|li| self.local.is_complete(li) || self.is_local(li))
+    }
+
+    /// Whether layer `li` is served from a local file already (the decoded tar its index
+    /// pass left, a layout's tar): a copy would only duplicate it.
+    pub fn is_local(&self, li: usize) -> bool {
+        match &self.image.layers[li].layer.data {
+            crate::layer::LayerData::Tar(tar) => tar.is_local_file(),
+            crate::layer::LayerData::Chunked(_) => false,
+        }
     }
 
     async fn copy_layer(

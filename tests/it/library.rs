@@ -43,6 +43,7 @@ fn the_library_mounts_serves_and_unmounts_an_image() {
         span: 4 << 20,
         mark_windows: true,
         read_timeout: std::time::Duration::from_secs(30),
+        copy_first_pass: true,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (actual, stats) = rt.block_on(async {

@@ -65,15 +65,18 @@ pub async fn keep(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Builds the index of `blob` in one pass (which checks the blob's digest) and keeps it and
 /// its windows blob in `cache_dir`, where later mounts trust them. A failure to keep them
-/// is logged, not returned: the index built is good either way.
+/// is logged, not returned: the index built is good either way. With `copy`, the decoded tar
+/// too (see [`CheckpointIndex::build_copying`]).
 pub async fn build_and_keep(
     blob: crate::blob::Blob,
     codec: Codec,
     span: u64,
     cache_dir: &Path,
     progress: &(dyn Fn(u64, u64) + Send + Sync),
-) -> Result<(CheckpointIndex, Vec<u8>)> {
-    let (index, windows) = CheckpointIndex::build(blob, codec, span, progress).await?;
+    copy: Option<&super::CopyTo>,
+) -> Result<(CheckpointIndex, Vec<u8>, Option<std::fs::File>)> {
+    let (index, windows, copy) =
+        CheckpointIndex::build_copying(blob, codec, span, progress, copy).await?;
     // The windows first, then the index that names them.
     let mut files = Vec::new();
     if let Some(w) = &index.windows {
@@ -85,7 +88,7 @@ pub async fn build_and_keep(
             tracing::warn!("could not keep an index at {}: {e}", file.display());
         }
     }
-    Ok((index, windows))
+    Ok((index, windows, copy))
 }
 
 /// A digest of tar entries as this file stores them: what an index says about a layer's

@@ -15,8 +15,7 @@ use libz_rs_sys::{Z_BLOCK, Z_BUF_ERROR, Z_NO_FLUSH, Z_OK, Z_STREAM_END};
 const WINDOW: usize = 32 * 1024;
 
 /// The indexing pass over a gzip stream arriving in pieces.
-pub(super) fn pass(input: impl Iterator<Item = Bytes>, span: u64) -> Result<Built> {
-    let mut pass = Pass::new();
+pub(super) fn pass(mut pass: Pass, input: impl Iterator<Item = Bytes>, span: u64) -> Result<Built> {
     let mut inf = Inflater::new(AUTO)?;
     let (mut totin, mut totout) = (0u64, 0u64);
     let mut window: Vec<u8> = Vec::with_capacity(2 * WINDOW);

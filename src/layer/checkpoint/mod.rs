@@ -38,7 +38,7 @@ use sha2::{Digest, Sha256};
 
 /// Default uncompressed distance between checkpoints.
 pub const DEFAULT_SPAN: u64 = 4 << 20;
-/// Compressed bytes requested per ranged read while building.
+/// Compressed bytes handed to the pass at a time while building.
 const PIECE: u64 = 8 << 20;
 /// Most compressed bytes between two marks (fewer for small spans: a sixteenth of the span).
 const MARK_MAX: u64 = 128 << 10;
@@ -248,42 +248,52 @@ impl CheckpointIndex {
         span: u64,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<(CheckpointIndex, Vec<u8>)> {
+        let (index, windows, _) = Self::build_copying(blob, codec, span, progress, None).await?;
+        Ok((index, windows))
+    }
+
+    /// [`CheckpointIndex::build`] that also writes the decoded tar into an unnamed file in
+    /// `copy`'s directory, returned once the pass has checked the blob's digest (so it holds
+    /// the layer's verified bytes); `None` when it outgrew `copy.limit` or could not be written.
+    pub async fn build_copying(
+        blob: Blob,
+        codec: Codec,
+        span: u64,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+        copy: Option<&CopyTo>,
+    ) -> Result<(CheckpointIndex, Vec<u8>, Option<std::fs::File>)> {
         let what = format!("the index pass over layer {}", blob.id());
         crate::blob::healing(&blob, (0, blob.size()), &what, || {
-            Self::build_once(blob.clone(), codec, span, progress)
+            Self::build_once(blob.clone(), codec, span, progress, copy)
         })
         .await
     }
 
-    /// One pass of [`CheckpointIndex::build`].
+    /// One pass of [`CheckpointIndex::build_copying`].
     async fn build_once(
         blob: Blob,
         codec: Codec,
         span: u64,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
-    ) -> Result<(CheckpointIndex, Vec<u8>)> {
+        copy: Option<&CopyTo>,
+    ) -> Result<(CheckpointIndex, Vec<u8>, Option<std::fs::File>)> {
         let digest = blob.id().to_string();
         let size = blob.size();
         // The pass runs on a blocking thread; pieces reach it through a bounded channel that
         // the async side waits on without blocking a runtime thread.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+        let copying = copy.and_then(|c| Copying::start(c, &digest));
         let builder = tokio::task::spawn_blocking(move || {
             let input = std::iter::from_fn(move || rx.blocking_recv());
+            let pass = Pass::new(copying);
             match codec {
-                Codec::Gzip => gzip::pass(input, span),
-                Codec::Zstd => zstd::pass(input, span),
+                Codec::Gzip => gzip::pass(pass, input, span),
+                Codec::Zstd => zstd::pass(pass, input, span),
             }
         });
         let mut hasher = Hasher::default();
-        // Two pieces requested at a time, so the link does not idle for a round trip
-        // between one piece's end and the next one's start.
         use futures::StreamExt;
-        let mut pieces = futures::stream::iter((0..size).step_by(PIECE as usize))
-            .map(|at| {
-                let blob = blob.clone();
-                async move { blob.read_at(at, PIECE.min(size - at)).await }
-            })
-            .buffered(2);
+        let mut pieces = std::pin::pin!(crate::blob::read_in_order(blob.clone(), PIECE));
         let mut off = 0;
         while let Some(piece) = pieces.next().await {
             let piece = piece?;
@@ -331,7 +341,67 @@ impl CheckpointIndex {
             marks: built.marks,
             windows,
         };
-        Ok((index, built.windows))
+        Ok((index, built.windows, built.copy))
+    }
+}
+
+/// Where an indexing pass also writes the decoded tar (see
+/// [`CheckpointIndex::build_copying`]): a directory for an unnamed file, and the most bytes
+/// it may take.
+#[derive(Debug, Clone)]
+pub struct CopyTo {
+    pub dir: std::path::PathBuf,
+    pub limit: u64,
+}
+
+/// The decoded output on its way into its file.
+struct Copying {
+    out: std::io::BufWriter<std::fs::File>,
+    written: u64,
+    limit: u64,
+}
+
+impl Copying {
+    fn start(to: &CopyTo, digest: &str) -> Option<Copying> {
+        match crate::blob::disk::unnamed_file(&to.dir) {
+            Ok(file) => Some(Copying {
+                out: std::io::BufWriter::with_capacity(1 << 20, file),
+                written: 0,
+                limit: to.limit,
+            }),
+            Err(e) => {
+                tracing::warn!("no decoded copy of layer {digest}: {e}");
+                None
+            }
+        }
+    }
+
+    /// Appends `data`; false when the copy is to be given up.
+    fn write(&mut self, data: &[u8]) -> bool {
+        use std::io::Write;
+        self.written += data.len() as u64;
+        if self.written > self.limit {
+            tracing::info!(
+                "the decoded layer outgrows {} bytes: not copied",
+                self.limit
+            );
+            return false;
+        }
+        match self.out.write_all(data) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("writing a decoded copy failed: {e}; not copied");
+                false
+            }
+        }
+    }
+
+    /// The file, once all `uncompressed` bytes are in it.
+    fn finish(self, uncompressed: u64) -> Option<std::fs::File> {
+        if self.written != uncompressed {
+            return None;
+        }
+        self.out.into_inner().ok()
     }
 }
 
@@ -344,6 +414,8 @@ struct Built {
     marks: Vec<Vec<Mark>>,
     /// The marks' windows blob (gzip; empty otherwise).
     windows: Vec<u8>,
+    /// The decoded tar, when the pass was asked to copy it and did.
+    copy: Option<std::fs::File>,
 }
 
 /// What both codecs' passes share: the tar parser fed with the output on its own thread, and
@@ -361,10 +433,11 @@ struct Pass {
     /// Marks of each span so far (gzip only), and their windows blob.
     marks: Vec<Vec<Mark>>,
     windows: Vec<u8>,
+    copy: Option<Copying>,
 }
 
 impl Pass {
-    fn new() -> Pass {
+    fn new(copy: Option<Copying>) -> Pass {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         let tar = std::thread::spawn(move || {
             let reader = crate::layer::streamed::ChannelReader::new(rx);
@@ -380,6 +453,7 @@ impl Pass {
             span_out: Vec::new(),
             marks: Vec::new(),
             windows: Vec::new(),
+            copy,
         }
     }
 
@@ -395,6 +469,9 @@ impl Pass {
         }
         if let Some(tx) = &self.tar_tx {
             let _ = tx.send(data.to_vec());
+        }
+        if self.copy.as_mut().is_some_and(|c| !c.write(data)) {
+            self.copy = None;
         }
     }
 
@@ -497,6 +574,7 @@ impl Pass {
             entries,
             marks,
             windows: self.windows,
+            copy: self.copy.and_then(|c| c.finish(uncompressed)),
         })
     }
 }

@@ -542,3 +542,54 @@ async fn damaged_answers_are_fetched_again_not_kept() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_pass_asked_to_copy_leaves_the_decoded_tar_only_when_whole_and_within_its_limit() {
+    let tar = sample_tar_of(12);
+    let gz = gzip(&tar, 6);
+    let dir = std::env::temp_dir().join(format!("ocifs-copy-{}", std::process::id()));
+    let build = |gz: Vec<u8>, limit: u64| {
+        let to = CopyTo {
+            dir: dir.clone(),
+            limit,
+        };
+        async move {
+            let blob: Blob = Arc::new(MemBlob::new(crate::digest::sha256(&gz), gz));
+            CheckpointIndex::build_copying(blob, Codec::Gzip, 64 << 10, &|_, _| {}, Some(&to)).await
+        }
+    };
+    // The copy holds exactly the decoded tar, and the index is the one `build` makes.
+    let (index, _, copy) = build(gz.clone(), 1 << 30).await.unwrap();
+    let mut copied = Vec::new();
+    use std::io::{Read, Seek};
+    let mut file = copy.expect("a copy");
+    file.rewind().unwrap();
+    file.read_to_end(&mut copied).unwrap();
+    assert!(copied == tar, "the copy differs from the tar");
+    let blob: Blob = Arc::new(MemBlob::new(crate::digest::sha256(&gz), gz.clone()));
+    let (plain, _) = CheckpointIndex::build(blob, Codec::Gzip, 64 << 10, &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(file::encode(&index), file::encode(&plain));
+    // Past its limit there is no copy, but the index is still built.
+    let (index, _, copy) = build(gz.clone(), tar.len() as u64 - 1).await.unwrap();
+    assert!(copy.is_none());
+    assert_eq!(index.uncomp_size, tar.len() as u64);
+    // A blob that does not hash to its digest leaves neither.
+    let mut bad = gz.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 1;
+    let to = CopyTo {
+        dir: dir.clone(),
+        limit: 1 << 30,
+    };
+    let blob: Blob = Arc::new(MemBlob::new(crate::digest::sha256(&gz), bad));
+    assert!(
+        CheckpointIndex::build_copying(blob, Codec::Gzip, 64 << 10, &|_, _| {}, Some(&to))
+            .await
+            .is_err()
+    );
+    // The copies were unnamed: nothing is left behind.
+    assert_eq!(std::fs::read_dir(&dir).map_or(0, |d| d.count()), 0);
+    let _ = std::fs::remove_dir(&dir);
+}

@@ -11,8 +11,7 @@ use std::io::Read;
 use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer};
 
 /// The indexing pass over a zstd stream arriving in pieces.
-pub(super) fn pass(input: impl Iterator<Item = Bytes>, span: u64) -> Result<Built> {
-    let mut pass = Pass::new();
+pub(super) fn pass(mut pass: Pass, input: impl Iterator<Item = Bytes>, span: u64) -> Result<Built> {
     let mut dctx = DCtx::create();
     let (mut totin, mut totout) = (0u64, 0u64);
     let mut out = vec![0u8; 256 * 1024];
