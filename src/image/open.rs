@@ -261,10 +261,15 @@ impl Ctx<'_> {
         let progress = self.progress.clone();
         let report = move |done: u64, total: u64| progress(&d, done, total);
         // Where the layer will be served for a while, the pass also leaves the decoded tar
-        // to serve it from (the local copies' place and bound).
+        // to serve it from (the local copies' place and bound). A tar that decodes to many
+        // times its compressed size is mostly headers (a million empty files: 6.8 MiB to
+        // 488 MiB) or runs of zeros: decoding those again is cheap, writing them out is not.
         let copy = self.cfg.copy_first_pass.then(|| checkpoint::CopyTo {
             dir: self.cfg.cache_dir.join("copies"),
-            limit: self.cfg.disk_cache_size,
+            limit: self
+                .cfg
+                .disk_cache_size
+                .min(cached.size().saturating_mul(COPY_RATIO)),
         });
         let (index, _, copy) = checkpoint::file::build_and_keep(
             cached,
@@ -308,6 +313,10 @@ impl Ctx<'_> {
         Ok((LayerData::Tar(local), entries, Health::Verified))
     }
 }
+
+/// Most decoded bytes per compressed byte a first pass copies (gzip layers of ordinary files
+/// decode to 2-5 times their size).
+const COPY_RATIO: u64 = 32;
 
 /// Whether an index is trusted as it is, or must still be checked against the layer (with
 /// the cached file that waits for that check).
