@@ -467,14 +467,6 @@ pub async fn open_tuned(common: &Common, tuning: &Tuning, reference: &str) -> Re
         .with_context(|| format!("opening {reference}"))
 }
 
-/// An error and its causes on one line.
-pub fn chain(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
-}
-
 /// What to fetch before it is read, and whether to keep local copies: the same flags for
 /// `mount`, `store` and `run`.
 #[derive(Args, Clone, Debug)]

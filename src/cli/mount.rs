@@ -11,9 +11,7 @@
 //! daemon that dies leaves a dead mount). A daemon whose parent is gone before it could be
 //! told the mount is ready unmounts it and exits.
 
-use super::common::{
-    Common, MountExtras, Stop, block_on, chain, control_socket, out, progress, say,
-};
+use super::common::{Common, MountExtras, Stop, block_on, control_socket, out, progress, say};
 use super::errors;
 use anyhow::{Context, Result, bail};
 use ocifs::daemon::MountOptions;
@@ -274,7 +272,7 @@ pub fn supervise_here(mountpoint: &Path, child: bool) -> Result<ExitCode> {
     if let Err(e) = supervised {
         let e = anyhow::Error::new(e);
         if child && !ready_said.get() {
-            println!("{}", Announcement::Failed(chain(&e)).line());
+            println!("{}", Announcement::Failed(errors::line(&e)).line());
         }
         return Err(e);
     }

@@ -2,7 +2,7 @@
 //! foreground or as the detached daemon child (the same handshake as `mount`), until
 //! unmounted; and its `ocifs stats` output.
 
-use super::common::{Common, block_on, chain, control_socket, progress};
+use super::common::{Common, block_on, control_socket, progress};
 use anyhow::{Context, Result};
 use ocifs::stats::StoreStats;
 use ocifs::store::{Connect, Store, StoreConfig};
@@ -66,7 +66,7 @@ pub fn store_here(
             Ok(m) => m,
             Err(e) => {
                 if child {
-                    println!("ERR {}", chain(&e));
+                    println!("ERR {}", super::errors::line(&e));
                 }
                 return Err(e);
             }

@@ -29,6 +29,11 @@ fn clear_errors_before_the_mount_is_ready() {
         assert!(!ok, "{r} mounted");
         assert!(err.to_lowercase().contains(want), "{r}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        // Each cause once, though the serving process's error passes through its supervisor.
+        assert!(
+            err.matches("opening").count() <= 1,
+            "{r}: said twice: {err}"
+        );
     }
     let good = format!("{}/err/image:v1", reg.addr);
     let (ok, _, err) = ocifs(&["mount", "--cache-dir", cd, &good, "/nonexistent/mp"], &[]);
