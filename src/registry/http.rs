@@ -173,6 +173,26 @@ pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> 
     handshake_cut.then_some(TlsFailure::NotTls)
 }
 
+/// Whether `e` failed in TLS itself (a certificate refused either way, a server that does not
+/// speak TLS, a TLS alert): trying again would fail the same way. A connection cut short in
+/// its handshake is not counted (that may be the network).
+pub fn tls_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        cur = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
+}
+
 fn classify(e: &rustls::Error) -> TlsFailure {
     use rustls::{AlertDescription as A, CertificateError as C, Error as E};
     match e {
@@ -347,5 +367,9 @@ mod tests {
         assert_eq!(tls_failure(&cut), Some(TlsFailure::NotTls));
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert_eq!(tls_failure(&refused), None);
+        // Only failures in TLS itself are final; a handshake cut short may be the network.
+        assert!(tls_refused(&not_tls) && tls_refused(&expired) && tls_refused(&alert));
+        assert!(tls_refused(&nested));
+        assert!(!tls_refused(&cut) && !tls_refused(&refused));
     }
 }

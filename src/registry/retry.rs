@@ -53,7 +53,10 @@ pub(super) enum Outcome {
 impl Outcome {
     /// The outcome a transport error is.
     pub fn of(e: &reqwest::Error) -> Outcome {
-        if e.is_connect() {
+        if super::http::tls_refused(e) {
+            // Refused in TLS (a certificate, a plain-HTTP server): the same again next time.
+            Outcome::Transport
+        } else if e.is_connect() {
             Outcome::Connect
         } else if e.is_timeout() {
             Outcome::Timeout
