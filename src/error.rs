@@ -53,6 +53,14 @@ pub enum Error {
     /// Transport-level failure talking to a registry.
     #[error("http: {0}")]
     Http(#[from] reqwest::Error),
+    /// A registry refused our TLS connection, as a handshake of its own found out after a
+    /// request failed without saying why (`tls_refusal` in the registry's HTTP module).
+    #[error("{host} refused the TLS connection: {source}")]
+    TlsRefused {
+        host: String,
+        #[source]
+        source: rustls::Error,
+    },
     /// Local I/O (cache directory, layout, fuse device).
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -92,7 +100,8 @@ impl Error {
             | Error::Platform { .. }
             | Error::Config { .. }
             | Error::Timeout(_)
-            | Error::Http(_) => libc::EIO,
+            | Error::Http(_)
+            | Error::TlsRefused { .. } => libc::EIO,
         }
     }
 }

@@ -12,6 +12,11 @@ pub fn line(e: &anyhow::Error) -> String {
             parts.push(transport(r));
             break;
         }
+        if let Some(ocifs::Error::TlsRefused { host, source }) = cause.downcast_ref() {
+            let f = tls_failure(source).unwrap_or(TlsFailure::Other(source.to_string()));
+            parts.push(tls_words(host, f));
+            break;
+        }
         let text = without_os_error(&cause.to_string());
         // thiserror's `#[from]` errors show their source's message and return it as
         // `source()` too; a context may repeat what it wraps.
@@ -47,28 +52,7 @@ fn transport(e: &reqwest::Error) -> String {
     // A connection cut short counts as "not TLS" only in a handshake (while connecting).
     let tls = tls_failure(e).filter(|f| e.is_connect() || *f != TlsFailure::NotTls);
     if let Some(f) = tls {
-        let certs = format!("--cert-dir DIR or /etc/containers/certs.d/{host}/");
-        return match f {
-            TlsFailure::NotTls => format!(
-                "{host} does not speak TLS: https to a plain-HTTP registry? Use --insecure (plain HTTP allowed) or --tls-verify=false"
-            ),
-            TlsFailure::UnknownIssuer => format!(
-                "the TLS certificate of {host} is not signed by an authority we trust: put its CA certificate (NAME.crt) in {certs}, or use --tls-verify=false"
-            ),
-            TlsFailure::Expired => format!(
-                "the TLS certificate of {host} has expired (or this machine's clock is wrong); use --tls-verify=false to connect anyway"
-            ),
-            TlsFailure::NotValidYet => format!(
-                "the TLS certificate of {host} is not valid yet (or this machine's clock is wrong)"
-            ),
-            TlsFailure::WrongName => {
-                format!("the TLS certificate of {host} was issued for another name")
-            }
-            TlsFailure::ClientCertificate => format!(
-                "{host} refused the TLS connection: it wants a client certificate (NAME.cert and NAME.key in {certs})"
-            ),
-            TlsFailure::Other(why) => format!("TLS with {host} failed: {why}"),
-        };
+        return tls_words(&host, f);
     }
     if e.is_connect() {
         let refused = io_kind(e) == Some(std::io::ErrorKind::ConnectionRefused);
@@ -82,6 +66,32 @@ fn transport(e: &reqwest::Error) -> String {
         return format!("{host} did not answer in time");
     }
     format!("{host}: {}", deepest(e))
+}
+
+/// What a TLS failure with `host` means, in words, and what to do.
+fn tls_words(host: &str, f: TlsFailure) -> String {
+    let certs = format!("--cert-dir DIR or /etc/containers/certs.d/{host}/");
+    match f {
+        TlsFailure::NotTls => format!(
+            "{host} does not speak TLS: https to a plain-HTTP registry? Use --insecure (plain HTTP allowed) or --tls-verify=false"
+        ),
+        TlsFailure::UnknownIssuer => format!(
+            "the TLS certificate of {host} is not signed by an authority we trust: put its CA certificate (NAME.crt) in {certs}, or use --tls-verify=false"
+        ),
+        TlsFailure::Expired => format!(
+            "the TLS certificate of {host} has expired (or this machine's clock is wrong); use --tls-verify=false to connect anyway"
+        ),
+        TlsFailure::NotValidYet => format!(
+            "the TLS certificate of {host} is not valid yet (or this machine's clock is wrong)"
+        ),
+        TlsFailure::WrongName => {
+            format!("the TLS certificate of {host} was issued for another name")
+        }
+        TlsFailure::ClientCertificate => format!(
+            "{host} refused the TLS connection: it wants a client certificate (NAME.cert and NAME.key in {certs})"
+        ),
+        TlsFailure::Other(why) => format!("TLS with {host} failed: {why}"),
+    }
 }
 
 /// The kind of the innermost I/O error under `e`.

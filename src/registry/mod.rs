@@ -237,6 +237,29 @@ impl Registry {
             .await
     }
 
+    /// `e`, a request to `url` that failed, or, when that was an https request that
+    /// failed without a word about TLS, the host's refusal of our TLS connection if a
+    /// probe finds one (see `Http::tls_refusal`: over HTTP/2 a refused client certificate
+    /// shows as a closed connection).
+    async fn why_refused(&self, e: Error, url: &str) -> Error {
+        let Error::Http(he) = &e else { return e };
+        let Ok(u) = reqwest::Url::parse(url) else {
+            return e;
+        };
+        if u.scheme() != "https" || he.is_timeout() || http::tls_refused(he) {
+            return e;
+        }
+        let Some(name) = u.host_str() else { return e };
+        let host = match u.port() {
+            Some(p) => format!("{name}:{p}"),
+            None => name.to_string(),
+        };
+        match self.http.tls_refusal(&host).await {
+            Some(source) => Error::TlsRefused { host, source },
+            None => e,
+        }
+    }
+
     /// [`Registry::send_with`], counting its retries in `retries` (a blob read shares them
     /// between its requests and the resumes of their bodies). Without a body to upload,
     /// an answer whose headers take longer than the idle timeout is a timeout.
@@ -254,6 +277,7 @@ impl Registry {
         let scope = format!("repository:{repo}:{actions}");
         let mut auth = self.auth.header(&self.http, &scope).await?;
         let mut challenged = false;
+        let mut probed = false;
         let idle = self.transfer.idle_timeout;
         loop {
             let mut req = self.http.for_url(url)?.request(method.clone(), url);
@@ -281,14 +305,24 @@ impl Registry {
             };
             let resp = match tried {
                 Ok(r) => r,
-                Err((outcome, e)) => match retries.wait(outcome, None) {
-                    Some(wait) => {
-                        tracing::warn!("{e}; trying again in {wait:?}");
-                        tokio::time::sleep(wait).await;
-                        continue;
+                Err((outcome, e)) => {
+                    // Once per request: a refusal is final, and said as such.
+                    let e = match std::mem::replace(&mut probed, true) {
+                        false => self.why_refused(e, url).await,
+                        true => e,
+                    };
+                    if matches!(e, Error::TlsRefused { .. }) {
+                        return Err(e);
                     }
-                    None => return Err(e),
-                },
+                    match retries.wait(outcome, None) {
+                        Some(wait) => {
+                            tracing::warn!("{e}; trying again in {wait:?}");
+                            tokio::time::sleep(wait).await;
+                            continue;
+                        }
+                        None => return Err(e),
+                    }
+                }
             };
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED {

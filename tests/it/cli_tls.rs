@@ -209,6 +209,14 @@ fn tls_registries_with_a_test_ca_and_client_certificates() {
     let r = format!("{}/tls/image:v1", reg.addr);
     let (ok, err) = cat(&r, &["--cert-dir", &trusted]);
     assert!(ok, "{err}");
+    // Over HTTP/2, which a registry offers over TLS (one connection, many streams).
+    let log = std::fs::read_to_string(reg.dir.path().join("registry.log")).unwrap();
+    // (The access log's lines: `IP - - [time] "GET /v2/ HTTP/2.0" 200 2 "" "ocifs/0.1.0"`.)
+    let ours = log.lines().filter(|l| l.contains("] \"") && l.contains("\"ocifs/"));
+    assert!(
+        ours.clone().count() > 0 && ours.clone().all(|l| l.contains("HTTP/2.0")),
+        "{log}"
+    );
     one_line_error(&r, &[], "not signed by an authority we trust");
     said_at_once(&r, &[]);
     one_line_error(
