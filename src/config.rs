@@ -232,9 +232,10 @@ pub struct OpenConfig {
     pub mark_windows: bool,
     /// How long a read of a mounted file may take before it fails with EIO.
     pub read_timeout: Duration,
-    /// Whether a pass that builds a layer's index also keeps the decoded tar (an unnamed
-    /// file under `cache_dir/copies`, at most `disk_cache_size`) and serves the layer from
-    /// it: for mounts and stores, which serve for a while (not `ls` or `cat`).
+    /// Whether a pass that builds a gzip layer's index also keeps the decoded tar (an
+    /// unnamed file under `cache_dir/copies`; an image's copies together at most
+    /// `disk_cache_size`, each at most 32 times its layer's compressed size) and serves the
+    /// layer from it: for mount, store and run, which serve for a while (not `ls` or `cat`).
     pub copy_first_pass: bool,
 }
 

@@ -275,17 +275,23 @@ impl ReadHints for FileBlob {
     /// instead of reading it here only to drop it.
     async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
         let len = clamp(&self.id, self.size, offset, len)?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: advice on an open descriptor; no memory is passed.
-        unsafe {
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                offset as libc::off_t,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
+        let file = self.file.clone();
+        // On a blocking thread: starting the reads of a large range may wait for the disk.
+        let advise = move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: advice on an open descriptor; no memory is passed.
+            unsafe {
+                libc::posix_fadvise(
+                    file.as_raw_fd(),
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                )
+            };
         };
-        Ok(())
+        tokio::task::spawn_blocking(advise)
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))
     }
 }
 

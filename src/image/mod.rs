@@ -71,6 +71,8 @@ pub struct LayerOpener {
     manifest_digest: String,
     soci_index: Option<String>,
     published: tokio::sync::OnceCell<HashMap<String, share::Published>>,
+    /// Bytes the decoded copies of first passes may still take, all layers together.
+    copy_budget: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LayerOpener {
@@ -82,6 +84,7 @@ impl LayerOpener {
         cache: Arc<BlockCache>,
         progress: Progress,
     ) -> Self {
+        let cfg_copy_bound = cfg.disk_cache_size;
         LayerOpener {
             source,
             cfg,
@@ -93,6 +96,7 @@ impl LayerOpener {
                 .get(crate::layer::checkpoint::soci::INDEX_ANNOTATION)
                 .cloned(),
             published: tokio::sync::OnceCell::new(),
+            copy_budget: Arc::new(std::sync::atomic::AtomicU64::new(cfg_copy_bound)),
         }
     }
 
@@ -122,6 +126,7 @@ impl LayerOpener {
             manifest_digest: self.manifest_digest.clone(),
             soci_index: self.soci_index.clone(),
             published: &self.published,
+            copy_budget: &self.copy_budget,
         };
         let counter = Arc::new(CountingBlob::new(
             self.source.blob(&desc.digest, desc.size)?,

@@ -29,6 +29,8 @@ pub(super) struct Ctx<'a> {
     pub soci_index: Option<String>,
     /// Indexes published in the registry, looked up once, on first need.
     pub published: &'a tokio::sync::OnceCell<HashMap<String, share::Published>>,
+    /// Bytes the decoded copies of first passes may still take (see [`checkpoint::CopyTo`]).
+    pub copy_budget: &'a Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Ctx<'_> {
@@ -260,16 +262,16 @@ impl Ctx<'_> {
         let d = digest.clone();
         let progress = self.progress.clone();
         let report = move |done: u64, total: u64| progress(&d, done, total);
-        // Where the layer will be served for a while, the pass also leaves the decoded tar
-        // to serve it from (the local copies' place and bound). A tar that decodes to many
-        // times its compressed size is mostly headers (a million empty files: 6.8 MiB to
-        // 488 MiB) or runs of zeros: decoding those again is cheap, writing them out is not.
-        let copy = self.cfg.copy_first_pass.then(|| checkpoint::CopyTo {
+        // Where the layer will be served for a while, the pass of a gzip layer also leaves
+        // the decoded tar to serve it from (the local copies' place; all of an image's
+        // first-pass copies together within the disk cache bound; a zstd layer's single
+        // span is unpacked to a kept tar instead). A tar that decodes to many times its
+        // compressed size is mostly headers (a million empty files: 6.8 MiB to 488 MiB) or
+        // runs of zeros: decoding those again is cheap, writing them out is not.
+        let copy = (self.cfg.copy_first_pass && codec == Codec::Gzip).then(|| checkpoint::CopyTo {
             dir: self.cfg.cache_dir.join("copies"),
-            limit: self
-                .cfg
-                .disk_cache_size
-                .min(cached.size().saturating_mul(COPY_RATIO)),
+            limit: cached.size().saturating_mul(COPY_RATIO),
+            budget: self.copy_budget.clone(),
         });
         let (index, _, copy) = checkpoint::file::build_and_keep(
             cached,

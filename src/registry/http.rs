@@ -14,7 +14,7 @@
 //! falls back to http.
 use super::endpoint::Tls;
 use crate::error::{Error, Result};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// The clients: one without trust roots for `http://` URLs, when the registry is plain HTTP,
@@ -25,6 +25,8 @@ pub struct Http {
     /// The host's TLS configuration (authorities, client certificates, `skip_verify`).
     settings: Tls,
     connect: Option<Duration>,
+    /// What asking the host why it refused TLS found (see [`super::refusal`]).
+    refusals: super::refusal::Refusals,
 }
 
 impl Http {
@@ -36,6 +38,7 @@ impl Http {
             tls: OnceLock::new(),
             settings: settings.clone(),
             connect,
+            refusals: Default::default(),
         };
         if !plain {
             let client = http.tls_builder()?.build()?;
@@ -112,126 +115,9 @@ impl Http {
 
 impl Http {
     /// Why `host` (`host[:port]`) refuses our TLS connections, asked when a request to it
-    /// failed without a word: a TLS 1.3 server refuses a client certificate by an alert
-    /// after the handshake, and HTTP/2 writes its preface at once, so the server's close
-    /// resets the connection and the alert is lost. This handshake (with our client
-    /// certificate, not checking the server's: only its refusal matters) sends nothing after
-    /// it and reads the server's word for two handshake times (0.1-1 s). `None`: it did
-    /// not refuse.
+    /// failed without a word about TLS (see [`super::refusal`]). `None`: it did not refuse.
     pub async fn tls_refusal(&self, host: &str) -> Option<rustls::Error> {
-        let config = match self.probe_config() {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
-                tracing::debug!("no TLS probe of {host}: {e}");
-                return None;
-            }
-        };
-        let host = host.to_string();
-        tokio::task::spawn_blocking(move || refusal(&host, config))
-            .await
-            .ok()?
-    }
-
-    /// The probe's TLS configuration: this host's client certificate, any server's.
-    fn probe_config(&self) -> Result<rustls::ClientConfig> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Registry(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
-        let config = match self.settings.client.first() {
-            None => builder.with_no_client_auth(),
-            Some((cert, key)) => {
-                let bad = |e: &dyn std::fmt::Display| Error::Registry(e.to_string());
-                let certs = CertificateDer::pem_file_iter(cert)
-                    .map_err(|e| bad(&e))?
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|e| bad(&e))?;
-                let key = PrivateKeyDer::from_pem_file(key.as_ref().unwrap_or(cert))
-                    .map_err(|e| bad(&e))?;
-                builder
-                    .with_client_auth_cert(certs, key)
-                    .map_err(|e| bad(&e))?
-            }
-        };
-        Ok(config)
-    }
-}
-
-/// The probe of [`Http::tls_refusal`], on a blocking thread.
-fn refusal(host: &str, config: Arc<rustls::ClientConfig>) -> Option<rustls::Error> {
-    use std::io::Read;
-    use std::net::ToSocketAddrs;
-    let wait = Duration::from_secs(1);
-    let with_port = match host.rsplit_once(':') {
-        Some((_, p)) if p.parse::<u16>().is_ok() && !host.ends_with(']') => host.to_string(),
-        _ => format!("{host}:443"),
-    };
-    let name = with_port.rsplit_once(':')?.0.trim_matches(['[', ']']);
-    let server = rustls::pki_types::ServerName::try_from(name.to_string()).ok()?;
-    let addr = with_port.to_socket_addrs().ok()?.next()?;
-    let tcp = std::net::TcpStream::connect_timeout(&addr, wait).ok()?;
-    tcp.set_read_timeout(Some(wait)).ok()?;
-    tcp.set_write_timeout(Some(wait)).ok()?;
-    let conn = rustls::ClientConnection::new(config, server).ok()?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    let said = |e: std::io::Error| {
-        (e.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .cloned()
-    };
-    let start = std::time::Instant::now();
-    while tls.conn.is_handshaking() {
-        if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
-            return said(e);
-        }
-    }
-    // A refusal arrives now, within a round trip (the handshake took at least one); a
-    // server that accepted waits for a request we never send.
-    let rtts = (start.elapsed() * 2).clamp(Duration::from_millis(100), wait);
-    tls.sock.set_read_timeout(Some(rtts)).ok()?;
-    let mut byte = [0u8; 1];
-    tls.read(&mut byte).err().and_then(said)
-}
-
-/// Accepts any server certificate: the refusal probe only listens for the server's word.
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.0.signature_verification_algorithms;
-        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.0.signature_verification_algorithms;
-        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.refusals.ask(&self.settings, host).await
     }
 }
 
@@ -298,14 +184,15 @@ pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> 
     handshake_cut.then_some(TlsFailure::NotTls)
 }
 
-/// Whether `e` failed in TLS itself (a certificate refused either way, a server that does not
-/// speak TLS, a TLS alert): trying again would fail the same way. A connection cut short in
-/// its handshake is not counted (that may be the network).
+/// Whether `e` failed in TLS for good (a certificate refused either way, a server that does
+/// not speak TLS): trying again would fail the same way. A connection cut short in its
+/// handshake, a garbled record or another alert is not counted (that may pass).
 pub fn tls_refused(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
-        if err.downcast_ref::<rustls::Error>().is_some() {
-            return true;
+        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+            // Not a garbled record or an overloaded server's internal error: those may pass.
+            return !matches!(classify(r), TlsFailure::Other(_));
         }
         cur = match err
             .downcast_ref::<std::io::Error>()
@@ -496,5 +383,10 @@ mod tests {
         assert!(tls_refused(&not_tls) && tls_refused(&expired) && tls_refused(&alert));
         assert!(tls_refused(&nested));
         assert!(!tls_refused(&cut) && !tls_refused(&refused));
+        let garbled = wrap(rustls::Error::DecryptError);
+        let overloaded = wrap(rustls::Error::AlertReceived(
+            rustls::AlertDescription::InternalError,
+        ));
+        assert!(!tls_refused(&garbled) && !tls_refused(&overloaded));
     }
 }

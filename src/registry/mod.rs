@@ -21,6 +21,7 @@ mod http;
 mod pull;
 mod push;
 mod range;
+mod refusal;
 pub mod registries_conf;
 mod retry;
 pub mod routes;

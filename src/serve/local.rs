@@ -10,7 +10,8 @@
 //! all copies of a mount together at most the disk cache bound; copying yields to
 //! foreground reads as verification does, and a layer's copy is used only once complete.
 //! Files hidden by upper layers are not copied, nor GNU sparse files (their holes would be
-//! written out).
+//! written out). A layer served from a local file already (the tar a first index pass
+//! decoded, within its own bound: see `layer::checkpoint::CopyTo`) is not copied.
 
 use crate::error::{Error, Result};
 use crate::layer::{Health, Locator};
@@ -100,6 +101,9 @@ impl super::ServedImage {
             // Verification may be under way: each layer is copied as soon as it is verified,
             // so copying (CPU, local disk) overlaps the fetching of the next layers.
             if self.is_local(li) {
+                // Its reads go to that file: what was held to make them fast is not needed.
+                opened.layer.release_memory();
+                opened.blob.release_memory();
                 continue;
             }
             while *opened.layer.health.read().unwrap() == Health::Pending {

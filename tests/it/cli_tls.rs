@@ -212,7 +212,9 @@ fn tls_registries_with_a_test_ca_and_client_certificates() {
     // Over HTTP/2, which a registry offers over TLS (one connection, many streams).
     let log = std::fs::read_to_string(reg.dir.path().join("registry.log")).unwrap();
     // (The access log's lines: `IP - - [time] "GET /v2/ HTTP/2.0" 200 2 "" "ocifs/0.1.0"`.)
-    let ours = log.lines().filter(|l| l.contains("] \"") && l.contains("\"ocifs/"));
+    let ours = log
+        .lines()
+        .filter(|l| l.contains("] \"") && l.contains("\"ocifs/"));
     assert!(
         ours.clone().count() > 0 && ours.clone().all(|l| l.contains("HTTP/2.0")),
         "{log}"

@@ -20,6 +20,7 @@
 //! fraction of a span, while windows (32 KiB each) stay one per span and the index small.
 
 mod blob;
+mod copy;
 pub mod file;
 mod gzip;
 mod inflate;
@@ -28,6 +29,8 @@ mod windows;
 mod zstd;
 
 pub use blob::{CheckpointBlob, read_prefix, read_span};
+pub use copy::CopyTo;
+use copy::Copying;
 
 use super::Entry;
 use crate::blob::Blob;
@@ -342,66 +345,6 @@ impl CheckpointIndex {
             windows,
         };
         Ok((index, built.windows, built.copy))
-    }
-}
-
-/// Where an indexing pass also writes the decoded tar (see
-/// [`CheckpointIndex::build_copying`]): a directory for an unnamed file, and the most bytes
-/// it may take.
-#[derive(Debug, Clone)]
-pub struct CopyTo {
-    pub dir: std::path::PathBuf,
-    pub limit: u64,
-}
-
-/// The decoded output on its way into its file.
-struct Copying {
-    out: std::io::BufWriter<std::fs::File>,
-    written: u64,
-    limit: u64,
-}
-
-impl Copying {
-    fn start(to: &CopyTo, digest: &str) -> Option<Copying> {
-        match crate::blob::disk::unnamed_file(&to.dir) {
-            Ok(file) => Some(Copying {
-                out: std::io::BufWriter::with_capacity(1 << 20, file),
-                written: 0,
-                limit: to.limit,
-            }),
-            Err(e) => {
-                tracing::warn!("no decoded copy of layer {digest}: {e}");
-                None
-            }
-        }
-    }
-
-    /// Appends `data`; false when the copy is to be given up.
-    fn write(&mut self, data: &[u8]) -> bool {
-        use std::io::Write;
-        self.written += data.len() as u64;
-        if self.written > self.limit {
-            tracing::info!(
-                "the decoded layer outgrows {} bytes: not copied",
-                self.limit
-            );
-            return false;
-        }
-        match self.out.write_all(data) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!("writing a decoded copy failed: {e}; not copied");
-                false
-            }
-        }
-    }
-
-    /// The file, once all `uncompressed` bytes are in it.
-    fn finish(self, uncompressed: u64) -> Option<std::fs::File> {
-        if self.written != uncompressed {
-            return None;
-        }
-        self.out.into_inner().ok()
     }
 }
 

@@ -552,6 +552,7 @@ async fn a_pass_asked_to_copy_leaves_the_decoded_tar_only_when_whole_and_within_
         let to = CopyTo {
             dir: dir.clone(),
             limit,
+            budget: Arc::new(std::sync::atomic::AtomicU64::new(1 << 30)),
         };
         async move {
             let blob: Blob = Arc::new(MemBlob::new(crate::digest::sha256(&gz), gz));
@@ -579,10 +580,25 @@ async fn a_pass_asked_to_copy_leaves_the_decoded_tar_only_when_whole_and_within_
     let mut bad = gz.clone();
     let mid = bad.len() / 2;
     bad[mid] ^= 1;
+    // A budget shared with others that has too little left: no copy either, and what
+    // the attempt took is given back.
+    let budget = Arc::new(std::sync::atomic::AtomicU64::new(tar.len() as u64 - 1));
     let to = CopyTo {
         dir: dir.clone(),
         limit: 1 << 30,
+        budget: budget.clone(),
     };
+    let blob: Blob = Arc::new(MemBlob::new(crate::digest::sha256(&gz), gz.clone()));
+    let (_, _, copy) =
+        CheckpointIndex::build_copying(blob, Codec::Gzip, 64 << 10, &|_, _| {}, Some(&to))
+            .await
+            .unwrap();
+    assert!(copy.is_none());
+    assert_eq!(
+        budget.load(std::sync::atomic::Ordering::Relaxed),
+        tar.len() as u64 - 1
+    );
+    budget.store(1 << 30, std::sync::atomic::Ordering::Relaxed);
     let blob: Blob = Arc::new(MemBlob::new(crate::digest::sha256(&gz), bad));
     assert!(
         CheckpointIndex::build_copying(blob, Codec::Gzip, 64 << 10, &|_, _| {}, Some(&to))
