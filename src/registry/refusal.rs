@@ -171,3 +171,48 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_is_probed_once_for_requests_failing_together_and_not_again_soon() {
+        // A server that takes connections and closes them (no TLS at all): no refusal said.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        std::thread::spawn(move || {
+            for c in listener.incoming() {
+                counter.fetch_add(1, Ordering::SeqCst);
+                drop(c);
+            }
+        });
+        let refusals = Refusals::default();
+        let tls = Tls {
+            skip_verify: true,
+            ..Tls::default()
+        };
+        let asks = (0..4).map(|_| refusals.ask(&tls, &host));
+        let found = futures::future::join_all(asks).await;
+        assert!(found.iter().all(Option::is_none), "{found:?}");
+        assert!(refusals.ask(&tls, &host).await.is_none());
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one probe for five asks"
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_that_cannot_be_read_means_no_probe() {
+        let tls = Tls {
+            client: vec![("/nonexistent/client.cert".into(), None)],
+            ..Tls::default()
+        };
+        let e = config(&tls).err().expect("an error");
+        assert!(e.to_string().contains("TLS probe"), "{e}");
+    }
+}
