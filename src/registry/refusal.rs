@@ -212,7 +212,9 @@ mod tests {
             client: vec![("/nonexistent/client.cert".into(), None)],
             ..Tls::default()
         };
-        let e = config(&tls).err().expect("an error");
+        let Err(e) = config(&tls) else {
+            panic!("a configuration without its certificate")
+        };
         assert!(e.to_string().contains("TLS probe"), "{e}");
     }
 }
