@@ -25,32 +25,12 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA (`NAME.crt`, `NAME.key`).
 fn ca(dir: &Path, name: &str) {
-    let (key, crt, subj) = (
-        format!("{name}.key"),
-        format!("{name}.crt"),
-        format!("/CN=ocifs test {name}"),
-    );
-    openssl(
-        dir,
+    crate::harness::self_signed(
+        &dir.join(format!("{name}.key")),
+        &dir.join(format!("{name}.crt")),
+        &format!("/CN=ocifs test {name}"),
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &crt,
-            "-subj",
-            &subj,
-            "-days",
-            "2",
-            "-addext",
             "basicConstraints=critical,CA:TRUE",
-            "-addext",
             "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );

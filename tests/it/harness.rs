@@ -813,3 +813,30 @@ pub fn blob_gets_in(
     }
     out
 }
+
+/// A self-signed P-256 certificate `crt` with its key `key` for `subject`, valid for two
+/// days; `extensions` are `openssl req -addext` values (a CA's constraints, an address).
+pub fn self_signed(key: &Path, crt: &Path, subject: &str, extensions: &[&str]) {
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+    ])
+    .args(["-nodes", "-days", "2", "-subj", subject, "-keyout"])
+    .arg(key)
+    .arg("-out")
+    .arg(crt);
+    for e in extensions {
+        cmd.args(["-addext", e]);
+    }
+    let out = cmd.output().expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl req -x509 {subject}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

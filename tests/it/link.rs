@@ -311,26 +311,8 @@ impl PacketLink {
                 self.dir.path().join("tls.key"),
                 self.dir.path().join("tls.crt"),
             );
-            run(Command::new("openssl")
-                .args([
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=ocifs-bench",
-                    "-addext",
-                    &format!("subjectAltName=IP:{ip}"),
-                    "-keyout",
-                ])
-                .arg(&key)
-                .arg("-out")
-                .arg(&crt));
+            let san = format!("subjectAltName=IP:{ip}");
+            crate::harness::self_signed(&key, &crt, "/CN=ocifs-bench", &[&san]);
             cfg += &format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",
                 crt.display(),

@@ -213,7 +213,6 @@ fn verified_layers_are_copied_locally_and_serve_every_byte() {
     );
 }
 
-/// The kernel read-ahead of the mount at `path`, in KiB (`/sys/class/bdi/MAJ:MIN`).
 #[test]
 fn a_gzip_layer_indexed_by_its_mount_is_served_from_the_tar_its_pass_decoded() {
     let Some(Env { reg, work }) = Env::new("firstpass") else {
@@ -225,12 +224,7 @@ fn a_gzip_layer_indexed_by_its_mount_is_served_from_the_tar_its_pass_decoded() {
         .map(|t| encode(t, Enc::Gzip))
         .collect();
     let n = layers.len();
-    let dir = layout(
-        &work.path().join("layout"),
-        "v1",
-        &[("linux", "amd64", None, &layers)],
-    );
-    push(&dir, "v1", &reg.addr, "firstpass/image", None);
+    builder::push_one(work.path(), &layers, &reg.addr, "firstpass/image");
     let (_, expected) = expected_tree(&work, &layers);
     let reference = format!("{}/firstpass/image:v1", reg.addr);
     let flags = ["--platform", "linux/amd64"];
@@ -256,6 +250,7 @@ fn a_gzip_layer_indexed_by_its_mount_is_served_from_the_tar_its_pass_decoded() {
     oracle::assert_same(&expected, &oracle::snapshot(m.path()));
 }
 
+/// The kernel read-ahead of the mount at `path`, in KiB (`/sys/class/bdi/MAJ:MIN`).
 fn readahead_kib(path: &std::path::Path) -> u64 {
     let out = std::process::Command::new("mountpoint")
         .arg("-d")
