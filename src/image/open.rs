@@ -188,10 +188,21 @@ impl Ctx<'_> {
     /// usually arrives whole), else a small one, while the registry is asked for published
     /// indexes (the layer is most likely plain and will need one) unless one is cached here.
     async fn tail(&self, cached: &Blob, announced: bool) -> Result<(u64, Bytes)> {
+        let len = match announced {
+            true => crate::blob::TAIL_READ,
+            false => crate::blob::SMALL_TAIL_READ,
+        };
+        // Over the network the tail holds the mount back: asked for as several ranges at once.
+        let tail = async {
+            if let Source::Registry { .. } = self.source {
+                let start = cached.size().saturating_sub(len);
+                crate::blob::prefetch_spread(cached, start, cached.size() - start).await?;
+            }
+            crate::blob::read_tail(cached, len).await
+        };
         if announced {
-            return crate::blob::read_tail(cached, crate::blob::TAIL_READ).await;
+            return tail.await;
         }
-        let tail = crate::blob::read_tail(cached, crate::blob::SMALL_TAIL_READ);
         if checkpoint::file::path(&self.cfg.cache_dir, cached.id()).exists() {
             return tail.await;
         }

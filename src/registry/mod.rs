@@ -52,9 +52,9 @@ application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MAX_MANIFEST: usize = 4 << 20;
 
 /// Connections [`Registry::warm`] opens while the manifest is on its way: enough for the
-/// requests that follow it at once (the config and a read of each layer's tail, or the index
-/// discovery's three).
-pub const WARM_CONNECTIONS: usize = 4;
+/// requests that follow it at once (the config, each layer's tail as the ranges of
+/// [`crate::blob::spread`], or the index discovery's three).
+pub const WARM_CONNECTIONS: usize = 8;
 
 /// How to reach one registry.
 #[derive(Debug, Clone, Default)]
