@@ -154,12 +154,14 @@ pub async fn read_tail(blob: &Blob, len: u64) -> Result<(u64, Bytes)> {
     Ok((start, blob.read_at(start, size - start).await?))
 }
 
-/// How many ranges at most [`spread`] cuts a read into, and the smallest it cuts.
+/// The most ranges [`spread`] cuts a read into.
 pub const SPREAD_PIECES: u64 = 4;
-const SPREAD_MIN: u64 = 64 << 10;
+/// The smallest range [`spread`] cuts, and the boundaries it cuts on: the block cache's
+/// default blocks.
+const SPREAD_MIN: u64 = crate::config::DEFAULT_BLOCK_SIZE;
 
-/// `[offset, offset+len)` cut into at most [`SPREAD_PIECES`] ranges of 64 KiB or more, on
-/// 64 KiB boundaries (the block cache's default blocks), to be asked for at once.
+/// `[offset, offset+len)` cut into at most `most` ranges (and at most [`SPREAD_PIECES`]) of
+/// 64 KiB or more, on 64 KiB boundaries, to be asked for at once.
 ///
 /// Why: a connection's window opens slowly (TCP slow start), so a range of a few hundred KiB
 /// on one connection takes a round trip for every doubling, and quarters on warm connections
@@ -167,16 +169,24 @@ const SPREAD_MIN: u64 = 64 << 10;
 /// (`registry::pull`), which the others wait for: they start a round trip later, and the gain
 /// is smaller (a layer's 512 KiB tail: eStargz ready 15-20 ms sooner on the packet-level
 /// link; a published index read so was 90 ms later and is read whole). Over HTTP/2 the
-/// ranges share one connection: nothing gained, nothing lost but a few request headers.
-pub fn spread(offset: u64, len: u64) -> Vec<(u64, u64)> {
-    let end = offset + len;
-    let piece = len.div_ceil(SPREAD_PIECES).next_multiple_of(SPREAD_MIN);
+/// ranges share one connection (measured: no gain, no loss beyond the noise).
+pub fn spread(offset: u64, len: u64, most: u64) -> Vec<(u64, u64)> {
+    let most = most.clamp(1, SPREAD_PIECES);
+    let end = offset.saturating_add(len);
+    let piece = (end - offset)
+        .div_ceil(most)
+        .div_ceil(SPREAD_MIN)
+        .saturating_mul(SPREAD_MIN);
     let mut pieces = Vec::new();
     let mut at = offset;
     while at < end {
-        // A cut on a boundary, unless what would be left is less than a smallest piece.
-        let cut = (at + piece) / SPREAD_MIN * SPREAD_MIN;
-        let last = pieces.len() as u64 + 1 == SPREAD_PIECES || cut + SPREAD_MIN > end;
+        // A cut on a boundary at least a smallest piece on, unless what would be left is
+        // less than a smallest piece.
+        let mut cut = at.saturating_add(piece) / SPREAD_MIN * SPREAD_MIN;
+        if cut < at.saturating_add(SPREAD_MIN) {
+            cut = cut.saturating_add(SPREAD_MIN);
+        }
+        let last = pieces.len() as u64 + 1 == most || cut.saturating_add(SPREAD_MIN) > end;
         let next = if last { end } else { cut };
         pieces.push((at, next - at));
         at = next;
@@ -185,12 +195,12 @@ pub fn spread(offset: u64, len: u64) -> Vec<(u64, u64)> {
 }
 
 /// Brings `[offset, offset+len)` of `blob`, a block cache's, in as the ranges of [`spread`]
-/// at once; a later `read_at` of it waits for no request. (Through the cache's prefetch,
-/// which fetches each range's blocks and no more; a blob without a cache would read each
-/// range twice.)
-pub async fn prefetch_spread(blob: &Blob, offset: u64, len: u64) -> Result<()> {
+/// (at most `most`) at once. (Through the cache's prefetch, which fetches each range's
+/// blocks and no more; a blob without a cache would read each range twice.) On the first
+/// failure the other ranges are dropped: a later read of their blocks fetches them itself.
+pub async fn prefetch_spread(blob: &Blob, offset: u64, len: u64, most: u64) -> Result<()> {
     let len = clamp(blob.id(), blob.size(), offset, len)?;
-    let pieces = spread(offset, len);
+    let pieces = spread(offset, len, most);
     futures::future::try_join_all(pieces.into_iter().map(|(o, l)| blob.prefetch(o, l))).await?;
     Ok(())
 }
@@ -352,43 +362,44 @@ mod spread_tests {
     use super::*;
 
     /// Every cut covers the range exactly, in order, within the piece limit, on 64 KiB
-    /// boundaries, none smaller than 64 KiB unless the range is.
+    /// boundaries, none smaller than 64 KiB unless the range is; nothing overflows.
     #[test]
     fn spread_covers_the_range_in_at_most_four_aligned_pieces() {
-        for (offset, len) in [
+        let cases = [
             (0, 1),
             (0, 64 << 10),
             (100, (64 << 10) + 5),
-            (8_192_000, 548_039),
+            (65535, 200 << 10),
+            (371_814, 242_090),
+            (8_215_751, 524_288),
             (60_096_512, 584_973),
             (32 << 10, 4 * (128 << 10) + (64 << 10)),
             (12_345, 10 << 20),
-        ] {
-            let pieces = spread(offset, len);
-            assert!(!pieces.is_empty() && pieces.len() as u64 <= SPREAD_PIECES);
-            let mut at = offset;
-            for (i, &(o, l)) in pieces.iter().enumerate() {
-                assert_eq!(
-                    o, at,
-                    "{offset}+{len}: piece {i} starts where the last ended"
-                );
-                assert!(
-                    l >= SPREAD_MIN.min(len),
-                    "{offset}+{len}: piece {i} is {l} bytes"
-                );
-                if i > 0 {
-                    assert_eq!(o % SPREAD_MIN, 0, "{offset}+{len}: piece {i} is aligned");
+            (u64::MAX - 100, 100),
+            (u64::MAX - (1 << 20), 1 << 20),
+        ];
+        for (offset, len) in cases {
+            for most in [1, 2, 3, 4, 9] {
+                let pieces = spread(offset, len, most);
+                assert!(!pieces.is_empty());
+                assert!(pieces.len() as u64 <= most.min(SPREAD_PIECES));
+                let mut at = offset;
+                for (i, &(o, l)) in pieces.iter().enumerate() {
+                    let case = format!("{offset}+{len} in {most}: piece {i} ({o}+{l})");
+                    assert_eq!(o, at, "{case} starts where the last ended");
+                    assert!(l >= SPREAD_MIN.min(len), "{case} is too small");
+                    if i > 0 {
+                        assert_eq!(o % SPREAD_MIN, 0, "{case} is not on a boundary");
+                    }
+                    at += l;
                 }
-                at += l;
+                assert_eq!(at, offset + len, "{offset}+{len} in {most}: the end");
             }
-            assert_eq!(
-                at,
-                offset + len,
-                "{offset}+{len}: the pieces end where it does"
-            );
         }
-        assert_eq!(spread(8_740_039 - 524_288, 524_288).len(), 4);
-        assert_eq!(spread(0, 100 << 10).len(), 1);
+        assert!(spread(5, 0, 4).is_empty());
+        assert_eq!(spread(8_215_751, 524_288, 4).len(), 4);
+        assert_eq!(spread(8_215_751, 524_288, 2).len(), 2);
+        assert_eq!(spread(0, 100 << 10, 4).len(), 1);
     }
 
     /// A tail brought in through the block cache as spread ranges is one request per
@@ -407,11 +418,11 @@ mod spread_tests {
         let cache = cache::BlockCache::new(64 << 10, 2 << 20, 16 << 20, None, ra);
         let blob = cache.wrap(counted.clone());
         let (start, len) = (700_000 - 524_288, 524_288);
-        prefetch_spread(&blob, start, len).await.unwrap();
+        prefetch_spread(&blob, start, len, 4).await.unwrap();
         use std::sync::atomic::Ordering::Relaxed;
         assert_eq!(
             counted.requests.load(Relaxed),
-            spread(start, len).len() as u64
+            spread(start, len, 4).len() as u64
         );
         assert_eq!(counted.requests.load(Relaxed), 4);
         let (at, tail) = read_tail(&blob, len).await.unwrap();

@@ -73,6 +73,8 @@ pub struct LayerOpener {
     published: tokio::sync::OnceCell<HashMap<String, share::Published>>,
     /// Bytes the decoded copies of first passes may still take, all layers together.
     copy_budget: Arc<std::sync::atomic::AtomicU64>,
+    /// How many ranges each layer's tail is asked for as (see [`open::tail_ranges`]).
+    tail_ranges: u64,
 }
 
 impl LayerOpener {
@@ -97,6 +99,7 @@ impl LayerOpener {
                 .cloned(),
             published: tokio::sync::OnceCell::new(),
             copy_budget: Arc::new(std::sync::atomic::AtomicU64::new(cfg_copy_bound)),
+            tail_ranges: open::tail_ranges(&resolved.layers),
         }
     }
 
@@ -127,6 +130,7 @@ impl LayerOpener {
             soci_index: self.soci_index.clone(),
             published: &self.published,
             copy_budget: &self.copy_budget,
+            tail_ranges: self.tail_ranges,
         };
         let counter = Arc::new(CountingBlob::new(
             self.source.blob(&desc.digest, desc.size)?,

@@ -31,6 +31,23 @@ pub(super) struct Ctx<'a> {
     pub published: &'a tokio::sync::OnceCell<HashMap<String, share::Published>>,
     /// Bytes the decoded copies of first passes may still take (see [`checkpoint::CopyTo`]).
     pub copy_budget: &'a Arc<std::sync::atomic::AtomicU64>,
+    /// How many ranges a large tail is asked for as ([`tail_ranges`]).
+    pub tail_ranges: u64,
+}
+
+/// How many ranges each large announced tail (one that is not the whole blob) is asked for
+/// as, at once: the connections [`Source::warm`] opens shared among those tails, so that the
+/// ranges find them open instead of each waiting for a new one (four ranges on four warm
+/// connections gained nothing), between 1 and [`crate::blob::SPREAD_PIECES`].
+pub(super) fn tail_ranges(layers: &[LayerDesc]) -> u64 {
+    let large = layers
+        .iter()
+        .filter(|d| d.size > crate::blob::TAIL_READ)
+        .filter(|d| {
+            Format::from_media_type(&d.media_type).is_ok_and(|f| detect::announces_toc(f, d))
+        })
+        .count() as u64;
+    (crate::registry::WARM_CONNECTIONS as u64 / large.max(1)).clamp(1, crate::blob::SPREAD_PIECES)
 }
 
 impl Ctx<'_> {
@@ -188,21 +205,27 @@ impl Ctx<'_> {
     /// usually arrives whole), else a small one, while the registry is asked for published
     /// indexes (the layer is most likely plain and will need one) unless one is cached here.
     async fn tail(&self, cached: &Blob, announced: bool) -> Result<(u64, Bytes)> {
-        let len = match announced {
-            true => crate::blob::TAIL_READ,
-            false => crate::blob::SMALL_TAIL_READ,
-        };
-        // Over the network the tail holds the mount back: asked for as several ranges at once.
-        let tail = async {
-            if let Source::Registry { .. } = self.source {
-                let start = cached.size().saturating_sub(len);
-                crate::blob::prefetch_spread(cached, start, cached.size() - start).await?;
-            }
-            crate::blob::read_tail(cached, len).await
-        };
         if announced {
-            return tail.await;
+            // Over the network a large tail holds the mount back: asked for as several ranges
+            // at once. Not a tail that is the whole blob: that is one whole read (which a
+            // pull-through cache that lacks the blob may answer in full at once).
+            let start = cached.size().saturating_sub(crate::blob::TAIL_READ);
+            if let Source::Registry { .. } = self.source
+                && start > 0
+                && let Err(e) = crate::blob::prefetch_spread(
+                    cached,
+                    start,
+                    cached.size() - start,
+                    self.tail_ranges,
+                )
+                .await
+            {
+                // The read below asks again, as it would have at first.
+                tracing::debug!("fetching the tail of {} as ranges: {e}", cached.id());
+            }
+            return crate::blob::read_tail(cached, crate::blob::TAIL_READ).await;
         }
+        let tail = crate::blob::read_tail(cached, crate::blob::SMALL_TAIL_READ);
         if checkpoint::file::path(&self.cfg.cache_dir, cached.id()).exists() {
             return tail.await;
         }
@@ -377,5 +400,43 @@ async fn keep(path: &std::path::Path, bytes: &[u8]) -> bool {
             tracing::warn!("could not keep an index at {}: {e}", path.display());
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(size: u64, announced: bool) -> LayerDesc {
+        let mut annotations = HashMap::new();
+        if announced {
+            annotations.insert(
+                estargz::TOC_DIGEST_ANNOTATION.to_string(),
+                "sha256:0".into(),
+            );
+        }
+        LayerDesc {
+            digest: format!("sha256:{size}"),
+            size,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            annotations,
+        }
+    }
+
+    /// The warm connections are shared among the large announced tails; small tails (read
+    /// whole) and layers that announce nothing take none.
+    #[test]
+    fn large_announced_tails_share_the_warm_connections() {
+        let big = 64 << 20;
+        let small = crate::blob::TAIL_READ;
+        assert_eq!(tail_ranges(&[desc(big, true)]), 4);
+        assert_eq!(
+            tail_ranges(&[desc(big, true), desc(big, true), desc(small, true)]),
+            4
+        );
+        assert_eq!(tail_ranges(&[desc(big, true), desc(big, false)]), 4);
+        assert_eq!(tail_ranges(&vec![desc(big, true); 3]), 2);
+        assert_eq!(tail_ranges(&vec![desc(big, true); 9]), 1);
+        assert_eq!(tail_ranges(&[]), 4);
     }
 }

@@ -52,8 +52,8 @@ application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MAX_MANIFEST: usize = 4 << 20;
 
 /// Connections [`Registry::warm`] opens while the manifest is on its way: enough for the
-/// requests that follow it at once (the config, each layer's tail as the ranges of
-/// [`crate::blob::spread`], or the index discovery's three).
+/// requests that follow it at once (the config and the layers' tails, the large ones as
+/// ranges that share these connections, or the index discovery's three).
 pub const WARM_CONNECTIONS: usize = 8;
 
 /// How to reach one registry.
