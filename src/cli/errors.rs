@@ -41,13 +41,7 @@ pub fn line(e: &anyhow::Error) -> String {
 fn transport(e: &reqwest::Error) -> String {
     let host = e
         .url()
-        .and_then(|u| {
-            let h = u.host_str()?;
-            Some(match u.port() {
-                Some(p) => format!("{h}:{p}"),
-                None => h.to_string(),
-            })
-        })
+        .and_then(ocifs::registry::host_port)
         .unwrap_or_else(|| "the registry".into());
     // A connection cut short counts as "not TLS" only in a handshake (while connecting).
     let tls = tls_failure(e).filter(|f| e.is_connect() || *f != TlsFailure::NotTls);

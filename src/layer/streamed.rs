@@ -59,9 +59,6 @@ pub async fn local_tar(
     let mut pieces = std::pin::pin!(crate::blob::read_in_order(raw.clone(), PIECE));
     while let Some(piece) = pieces.next().await {
         let piece = piece?;
-        if piece.is_empty() {
-            break;
-        }
         hasher.update(&piece);
         off += piece.len() as u64;
         progress(off, size);

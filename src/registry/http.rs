@@ -166,29 +166,19 @@ pub enum TlsFailure {
 /// What TLS had to do with `e`, a request's error: `None` when the failure was not about TLS
 /// (a refused connection, a timeout, an HTTP error).
 pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> {
-    let mut cur = Some(e);
     let mut handshake_cut = false;
-    while let Some(err) = cur {
+    for err in causes(e) {
         if let Some(r) = err.downcast_ref::<rustls::Error>() {
             return Some(classify(r));
         }
-        cur = match err.downcast_ref::<std::io::Error>() {
-            Some(io) => {
-                if matches!(
-                    io.kind(),
-                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-                ) {
-                    handshake_cut = true;
-                }
-                // An io::Error shows its inner error but skips it in `source()` (and the
-                // connectors nest them): go into it.
-                match io.get_ref() {
-                    Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
-                    None => err.source(),
-                }
-            }
-            None => err.source(),
-        };
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            )
+        {
+            handshake_cut = true;
+        }
     }
     // A server that closes the connection on a TLS hello (a plain-HTTP server that reads
     // it as a bad request) cuts the handshake short.
@@ -199,21 +189,35 @@ pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> 
 /// not speak TLS): trying again would fail the same way. A connection cut short in its
 /// handshake, a garbled record or another alert is not counted (that may pass).
 pub fn tls_refused(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(r) = err.downcast_ref::<rustls::Error>() {
-            // Not a garbled record or an overloaded server's internal error: those may pass.
-            return !matches!(classify(r), TlsFailure::Other(_));
-        }
-        cur = match err
+    causes(e)
+        .find_map(|err| err.downcast_ref::<rustls::Error>())
+        // Not a garbled record or an overloaded server's internal error: those may pass.
+        .is_some_and(|r| !matches!(classify(r), TlsFailure::Other(_)))
+}
+
+/// `e` and its causes, outermost first. An io::Error shows its inner error but skips it in
+/// `source()` (and the connectors nest them): the walk goes into it.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |err| {
+        match err
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
         {
             Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
             None => err.source(),
-        };
-    }
-    false
+        }
+    })
+}
+
+/// `host[:port]` of `url`, as registries are named (`None`: the URL has no host).
+pub fn host_port(url: &reqwest::Url) -> Option<String> {
+    let host = url.host_str()?;
+    Some(match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    })
 }
 
 fn classify(e: &rustls::Error) -> TlsFailure {

@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use auth::{Authenticator, Credentials};
 use bytes::{Bytes, BytesMut};
 use http::Http;
-pub use http::{TlsFailure, speaks_tls, tls_failure};
+pub use http::{TlsFailure, host_port, speaks_tls, tls_failure};
 use reqwest::{Method, StatusCode, header};
 use retry::{Outcome, Retries};
 use std::collections::HashMap;
@@ -250,10 +250,8 @@ impl Registry {
         if u.scheme() != "https" || he.is_timeout() || http::tls_refused(he) {
             return e;
         }
-        let Some(name) = u.host_str() else { return e };
-        let host = match u.port() {
-            Some(p) => format!("{name}:{p}"),
-            None => name.to_string(),
+        let Some(host) = http::host_port(&u) else {
+            return e;
         };
         match self.http.tls_refusal(&host).await {
             Some(source) => Error::TlsRefused { host, source },

@@ -135,7 +135,13 @@ impl super::ServedImage {
                 Err(e) => tracing::warn!("layer {digest} not copied locally: {e}"),
             }
         }
-        (0..layers.len()).all(|li| self.local.is_complete(li) || self.is_local(li))
+        (0..layers.len()).all(|li| self.served_locally(li))
+    }
+
+    /// Whether layer `li`'s reads go to a local file: its copy is complete, or it is served
+    /// from one already ([`Self::is_local`]).
+    pub fn served_locally(&self, li: usize) -> bool {
+        self.local.is_complete(li) || self.is_local(li)
     }
 
     /// Whether layer `li` is served from a local file already (the decoded tar its index

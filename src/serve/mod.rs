@@ -179,7 +179,7 @@ impl ServedImage {
                     Health::Unverified => "unverified (--verify off)".to_string(),
                     Health::Bad(r) => format!("bad: {r}"),
                 },
-                local_copy: self.local.is_complete(i) || self.is_local(i),
+                local_copy: self.served_locally(i),
             })
             .collect();
         let c = &self.cache.stats;
