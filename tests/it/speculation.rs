@@ -286,7 +286,10 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
     let expected = (tool_len + libc.len() + 20_000) as u64 + c_files;
     let whole = |v: &MountStats| v.prefetch.whole_file_bytes;
     let got = whole(&poll_stats(m.path(), |v| whole(v) >= expected));
-    assert_eq!(got, expected, "tool, libc, its files and conf/b, nothing else");
+    assert_eq!(
+        got, expected,
+        "tool, libc, its files and conf/b, nothing else"
+    );
     drop(m);
 
     // A script as the command: `#!/usr/bin/env tool` runs tool, found on the search path.

@@ -71,10 +71,12 @@ impl Repo {
                         h.counters.served(digest, p.len() as u64);
                         sink(p)
                     };
+                    let t0 = std::time::Instant::now();
                     let r = h
                         .registry
                         .stream_blob(&h.repo, digest, offset, len, &mut counted)
                         .await;
+                    tracing::trace!("GET {digest} {offset}+{len}: {:?}", t0.elapsed());
                     return self.settle(i, digest, r);
                 }
                 Ranges::Whole(spool) => {
@@ -113,7 +115,9 @@ impl Repo {
                     });
                     if mine {
                         let _reset = ProbeGuard(&state);
+                        let t0 = std::time::Instant::now();
                         let r = self.probe(i, &state, digest, size, offset, len, sink).await;
+                        tracing::trace!("probe {digest} {offset}+{len}: {:?}", t0.elapsed());
                         return self.settle(i, digest, r);
                     }
                 }
