@@ -190,7 +190,10 @@ impl Common {
             _ => self.insecure,
         };
         let mut routes = self.mirrors()?.routes(&r, insecure)?;
-        for route in &mut routes {
+        // The registry itself, when it may be plain HTTP: asked whether it speaks TLS once
+        // its client exists (below).
+        let mut probe = None;
+        for (i, route) in routes.iter_mut().enumerate() {
             let e = &mut route.endpoint;
             // --cert-dir, else certs.d/HOST:PORT, adds to what hosts.toml says of the host.
             let certs = access::tls(self.cert_dir.as_deref(), verify.unwrap_or(true), &e.host)?;
@@ -204,9 +207,8 @@ impl Common {
             }
             if verify == Some(true) {
                 e.scheme = "https".into();
-            } else if ocifs::registry::speaks_tls(&e.host).await == Some(true) {
-                // As skopeo: https first, plain HTTP only when TLS is not answered.
-                e.scheme = "https".into();
+            } else {
+                probe = Some(i);
             }
         }
         let opts = RepoOptions {
@@ -242,7 +244,17 @@ impl Common {
         let name = format!("{}/{}", r.registry, r.repository);
         let find =
             |e: &ocifs::registry::Endpoint| Ok(found.get(e.credential_key()).cloned().flatten());
-        let repo = Repo::connect(&name, &routes, &find, opts)?;
+        let mut repo = Repo::connect(&name, &routes, &find, opts.clone())?;
+        // As skopeo: https first, plain HTTP only when TLS is not answered. Asked with the
+        // registry's own plain client: a plain registry's answer leaves its connection in
+        // the pool for the manifest.
+        if let Some(i) = probe
+            && let Some(registry) = repo.host(i)
+            && registry.speaks_tls().await == Some(true)
+        {
+            routes[i].endpoint.scheme = "https".into();
+            repo = Repo::connect(&name, &routes, &find, opts)?;
+        }
         let what = r.manifest_reference().to_string();
         Ok((Source::Registry { repo }, what, r.to_string()))
     }

@@ -93,6 +93,11 @@ impl Http {
         Ok(b)
     }
 
+    /// The client for `http://` URLs, when the registry is reached over plain HTTP.
+    pub fn plain(&self) -> Option<&reqwest::Client> {
+        self.plain.as_ref()
+    }
+
     /// The client for `url`: the plain one for `http://` when there is one, else the one that
     /// trusts the system's authorities.
     pub fn for_url(&self, url: &str) -> Result<&reqwest::Client> {
@@ -252,18 +257,20 @@ fn classify(e: &rustls::Error) -> TlsFailure {
 /// nothing. A Go HTTP server (docker-registry) took 30-100 ms to answer a TLS hello and
 /// 2-10 ms to answer the plain request (the race: 4-20 ms); a server that hangs up on a
 /// TLS hello answers the handshake first. The plain question costs a plain-HTTP registry
-/// one request.
-pub async fn speaks_tls(host: &str) -> Option<bool> {
-    // One client (no trust roots, so nothing to load) asks both questions.
+/// one request; asked with `plain`, the registry's own plain client, it leaves its
+/// connection in that client's pool for the manifest (one round trip fewer on a WAN link).
+pub async fn speaks_tls(host: &str, plain: Option<&reqwest::Client>) -> Option<bool> {
+    const PATIENCE: Duration = Duration::from_secs(10);
+    // A client with no trust roots (so nothing to load) asks the TLS question, and the plain
+    // one when the registry's is not given.
     let client = builder(None)
         .tls_certs_only(Vec::<reqwest::Certificate>::new())
-        .timeout(Duration::from_secs(10))
         .build()
         .ok()?;
     let handshake = {
         let (client, url) = (client.clone(), format!("https://{host}/v2/"));
         async move {
-            match client.get(url).send().await {
+            match client.get(url).timeout(PATIENCE).send().await {
                 Ok(_) => Some(true),
                 Err(e) => match tls_failure(&e) {
                     Some(TlsFailure::NotTls) => Some(false),
@@ -274,10 +281,16 @@ pub async fn speaks_tls(host: &str) -> Option<bool> {
         }
     };
     let plain = {
-        let url = format!("http://{host}/v2/");
+        let (client, url) = (
+            plain.unwrap_or(&client).clone(),
+            format!("http://{host}/v2/"),
+        );
         async move {
-            let resp = client.get(url).send().await.ok()?;
-            Some(resp.status() == reqwest::StatusCode::BAD_REQUEST)
+            let resp = client.get(url).timeout(PATIENCE).send().await.ok()?;
+            let tls = resp.status() == reqwest::StatusCode::BAD_REQUEST;
+            // Read to the end, or the connection does not go back to the pool.
+            let _ = super::read_limited(resp, 64 << 10, "/v2/").await;
+            Some(tls)
         }
     };
     // Tasks of their own (ended when this returns or is dropped): in one task, the

@@ -160,6 +160,11 @@ impl Repo {
         }))
     }
 
+    /// The client of host `i` (in the order of the routes it was connected with).
+    pub fn host(&self, i: usize) -> Option<Arc<Registry>> {
+        self.hosts.get(i).map(|h| h.registry.clone())
+    }
+
     /// The client of the registry itself (the last host tried: mirrors come first), for
     /// explaining errors.
     pub fn origin(&self) -> Option<Arc<Registry>> {

@@ -493,3 +493,20 @@ async fn an_empty_blob_is_checked_not_asked_for() {
     ));
     assert_eq!(host.gets.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asking_a_plain_registry_whether_it_speaks_tls_opens_its_first_connections() {
+    let (data, digest) = blob();
+    let host = serve(Mode::Ranges, data, digest, Bytes::new());
+    let repo = repo(
+        &[route(&host.addr, Capabilities::ALL, false)],
+        "tls-question",
+    );
+    assert_eq!(repo.host(0).unwrap().speaks_tls().await, Some(false));
+    // The plain question and the connections opened beside it, all answered (so left in the
+    // client's pool) by the time the answer is known.
+    assert_eq!(
+        host.gets.load(Ordering::SeqCst),
+        crate::registry::WARM_CONNECTIONS
+    );
+}
