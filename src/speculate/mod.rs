@@ -342,6 +342,19 @@ impl Speculator {
                 });
                 continue;
             }
+            // A small file is one small request too: it does not wait for a bulk slot.
+            if let Job::Whole(ino) = job
+                && image
+                    .tree
+                    .get(ino)
+                    .is_some_and(|n| n.size <= self.cfg.whole_head)
+            {
+                tokio::spawn(async move {
+                    let fetched = scattered::fetch_whole(&image, &me.cfg, ino).await;
+                    me.counts.whole_files.fetch_add(fetched, Ordering::Relaxed);
+                });
+                continue;
+            }
             let Ok(permit) = gate.clone().acquire_owned().await else {
                 return;
             };
