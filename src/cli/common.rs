@@ -250,7 +250,7 @@ impl Common {
         // the pool for the manifest.
         if let Some(i) = probe
             && let Some(registry) = repo.host(i)
-            && registry.speaks_tls().await == Some(true)
+            && registry.speaks_tls(i == 0).await == Some(true)
         {
             routes[i].endpoint.scheme = "https".into();
             repo = Repo::connect(&name, &routes, &find, opts)?;

@@ -10,8 +10,8 @@
 //! The host's TLS settings ([`Tls`]: extra certificate authorities, a client certificate, no
 //! verification) come from its hosts.toml, or from `--cert-dir`, `certs.d/HOST:PORT` and
 //! `--tls-verify` as containers tools apply them. Whether a registry that may be plain HTTP
-//! speaks TLS is found with one handshake ([`speaks_tls`]), as skopeo tries https first and
-//! falls back to http.
+//! speaks TLS is found by a handshake racing a plain request ([`speaks_tls`]), as skopeo
+//! tries https first and falls back to http.
 use super::endpoint::Tls;
 use crate::error::{Error, Result};
 use std::sync::OnceLock;

@@ -40,6 +40,7 @@ pub use http::{TlsFailure, host_port, speaks_tls, tls_failure};
 use reqwest::{Method, StatusCode, header};
 use retry::{Outcome, Retries};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Media types we accept for manifests, most specific first.
@@ -97,6 +98,10 @@ pub struct Registry {
     /// Retries of each request after its first try (see `retry.rs`): fewer at a host that
     /// has another to fall back to.
     retries: u32,
+    /// Set when the connections were opened beside the TLS question: the next
+    /// [`Registry::warm`] has nothing to open (its requests would only hold them while the
+    /// manifest's request wants one).
+    warmed: AtomicBool,
 }
 
 /// How one try of a blob read ended, when it did not deliver the range.
@@ -169,6 +174,7 @@ impl Registry {
                 true => retry::FALLBACK_RETRIES,
                 false => retry::MAX_RETRIES,
             },
+            warmed: Default::default(),
         })
     }
 
@@ -193,24 +199,30 @@ impl Registry {
 
     /// Whether this registry, reached over plain HTTP, speaks TLS after all (see
     /// [`speaks_tls`]): asked with its own plain client, so that a plain registry's answer
-    /// leaves a connection for the requests that follow.
-    pub async fn speaks_tls(&self) -> Option<bool> {
+    /// leaves a connection for the requests that follow. With `warm` (the host the first
+    /// requests go to), the other connections those requests want are opened beside it.
+    pub async fn speaks_tls(&self, warm: bool) -> Option<bool> {
         let host = (self.origin.split_once("://")).map_or(&*self.origin, |(_, h)| h);
-        // Beside the question, the connections the image's first requests will want, opened
-        // now rather than a round trip later (measured on the packet link: ready 35 ms
-        // sooner). Only a plain registry's answer waits for them, a moment at most: it has
-        // just answered the same request. A TLS port answers them 400, or never: not waited
-        // for.
+        let question = http::speaks_tls(host, self.http.plain());
+        if !warm {
+            return question.await;
+        }
+        // Opened now rather than a round trip later, as the manifest is asked for (measured
+        // on the packet link: ready 35 ms sooner). Only a plain registry's answer waits for
+        // them, a moment at most: it has just answered the same request. A TLS port answers
+        // them 400, or never: not waited for.
         use futures::future::{Either, select};
-        let mut warm = std::pin::pin!(self.warm(WARM_CONNECTIONS - 1));
-        let question = std::pin::pin!(http::speaks_tls(host, self.http.plain()));
-        let (answer, warmed) = match select(question, warm.as_mut()).await {
+        let mut opening = std::pin::pin!(self.open_connections(WARM_CONNECTIONS - 1));
+        let (answer, mut opened) = match select(std::pin::pin!(question), opening.as_mut()).await {
             Either::Left((answer, _)) => (answer, false),
             Either::Right(((), question)) => (question.await, true),
         };
-        if answer == Some(false) && !warmed {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), warm).await;
+        if answer == Some(false) && !opened {
+            let patience = std::time::Duration::from_secs(2);
+            opened = tokio::time::timeout(patience, opening).await.is_ok();
         }
+        self.warmed
+            .store(answer == Some(false) && opened, Ordering::Relaxed);
         answer
     }
 
@@ -219,6 +231,14 @@ impl Registry {
     /// the requests that follow it a TCP (and TLS) handshake each: a round trip on a WAN
     /// link. Failures are left to the requests that matter.
     pub async fn warm(&self, n: usize) {
+        if self.warmed.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        self.open_connections(n).await
+    }
+
+    /// `n` requests of `GET /v2/` at once, each read to its end (see [`Registry::warm`]).
+    pub(crate) async fn open_connections(&self, n: usize) {
         let url = format!("{}/", self.api);
         let Ok(client) = self.http.for_url(&url) else {
             return;

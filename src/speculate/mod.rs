@@ -22,7 +22,8 @@
 //! cache's read-ahead is paused (they would only compete with it); after it, the narrow
 //! guesses (scattered files, libraries, directories) resume and the broad ones (families,
 //! the command, small layers) never run. Looking up what a program loads takes a few small
-//! reads, each a round trip: it does not wait for one of the few bulk-fetch slots.
+//! reads, each a round trip: it does not wait for one of the few bulk-fetch slots, and
+//! neither does a file of at most `whole_head` bytes fetched whole (one small request).
 
 mod command;
 mod elf;
@@ -63,7 +64,7 @@ pub struct SpeculateConfig {
     pub whole_head: u64,
     /// How much of its end comes first, alone: the dynamic section, the data relocated.
     pub whole_tail: u64,
-    /// Files (or directories) fetched at once.
+    /// Files (or directories) fetched at once (files of at most `whole_head` bytes aside).
     pub whole_in_flight: usize,
     /// A directory's files are fetched together only if they span at most this much of their
     /// layer's data (compressed bytes for eStargz, the uncompressed tar for gzip with an index).
@@ -342,7 +343,9 @@ impl Speculator {
                 });
                 continue;
             }
-            // A small file is one small request too: it does not wait for a bulk slot.
+            // A small file is one small request too: it does not wait for a bulk slot. (How
+            // many come is bounded by what queues them: a command's arguments, a loader's
+            // cache, the C library's few files, each file once.)
             if let Job::Whole(ino) = job
                 && image
                     .tree

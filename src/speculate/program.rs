@@ -35,7 +35,8 @@ const C_LIBRARY_FILES: [&str; 6] = [
 ];
 
 /// The charset conversions' cache the C library reads with a UTF-8 locale, relative to the
-/// directory the library lies in.
+/// directory the library lies in (or its `usr/` twin: without a merged `/usr`, libc lies in
+/// `lib/<multiarch>` and the cache in `usr/lib/<multiarch>`).
 const GCONV_CACHE: &str = "gconv/gconv-modules.cache";
 
 /// Larger files of those names are left to their reads (a locale archive of every language
@@ -114,11 +115,14 @@ pub async fn loads(image: &Image, ino: u64, found: &(dyn Fn(Load) + Sync)) -> Re
 /// The small files the GNU C library found in `dir` reads as a program starts (see
 /// [`C_LIBRARY_FILES`]), those the image has.
 fn c_library_files(tree: &Tree, dir: &str) -> Vec<u64> {
-    let gconv = format!("{dir}/{GCONV_CACHE}");
+    let mut gconv = vec![format!("{dir}/{GCONV_CACHE}")];
+    if !dir.starts_with("usr/") {
+        gconv.push(format!("usr/{dir}/{GCONV_CACHE}"));
+    }
     C_LIBRARY_FILES
         .iter()
         .copied()
-        .chain([gconv.as_str()])
+        .chain(gconv.iter().map(String::as_str))
         .filter_map(|p| tree.resolve_links(p))
         .filter(|&i| {
             tree.get(i)
@@ -163,7 +167,7 @@ mod tests {
             file("usr/lib/x86_64-linux-gnu/libc.so.6", 2 << 20),
             file("usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache", 27028),
             file("usr/lib/locale/C.utf8/LC_CTYPE", 353616),
-            file("usr/lib/locale/locale-archive", 200 << 20),
+            file("usr/lib/locale/C.UTF-8/LC_CTYPE", 2 << 20),
             file("usr/share/zoneinfo/Etc/UTC", 114),
             localtime,
             file("etc/passwd", 839),
@@ -179,11 +183,10 @@ mod tests {
         .iter()
         .map(|p| tree.resolve(p).unwrap())
         .collect();
-        // No locale archive (too large), no directory, nothing the image lacks.
+        // Not a file past the size limit, nor a directory, nor what the image lacks.
         assert_eq!(found, want);
-        assert!(
-            c_library_files(&tree, "lib").len() == 3,
-            "gconv beside the library only"
-        );
+        // Without a merged /usr: libc in lib/<multiarch>, the cache under usr/.
+        assert_eq!(c_library_files(&tree, "lib/x86_64-linux-gnu"), want);
+        assert_eq!(c_library_files(&tree, "lib").len(), 3, "nowhere else");
     }
 }

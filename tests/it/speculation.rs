@@ -216,15 +216,16 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
             0o755,
         ),
         file("filler2", noise(4 << 20, 4)),
-        // What the C library reads as a program starts: small ones come with libc, a
-        // locale archive past the size limit does not.
+        // What the C library reads as a program starts comes with libc, but for a file
+        // past the size limit (1 MiB).
         Item::Dir("usr/lib/x86_64-linux-gnu/gconv", 0o755),
         file(
             "usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
             noise(27_028, 11),
         ),
         Item::Dir("usr/lib/locale", 0o755),
-        file("usr/lib/locale/locale-archive", noise(2 << 20, 12)),
+        Item::Dir("usr/lib/locale/C.utf8", 0o755),
+        file("usr/lib/locale/C.utf8/LC_CTYPE", noise(2 << 20, 12)),
         Item::Dir("etc", 0o755),
         file("etc/passwd", noise(839, 13)),
         Item::Dir("conf", 0o755),

@@ -28,6 +28,8 @@ enum Mode {
 
 struct TestHost {
     addr: String,
+    /// Connections accepted.
+    conns: Arc<AtomicUsize>,
     gets: Arc<AtomicUsize>,
     /// GETs of manifests by tag.
     tags: Arc<AtomicUsize>,
@@ -37,9 +39,11 @@ fn serve(mode: Mode, blob: Bytes, digest: String, manifest: Bytes) -> TestHost {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (gets, tags) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (g, t) = (gets.clone(), tags.clone());
+    let conns = Arc::new(AtomicUsize::new(0));
+    let (g, t, c) = (gets.clone(), tags.clone(), conns.clone());
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
+            c.fetch_add(1, Ordering::SeqCst);
             let (mode, blob, digest, manifest) =
                 (mode.clone(), blob.clone(), digest.clone(), manifest.clone());
             let (g, t) = (g.clone(), t.clone());
@@ -48,7 +52,12 @@ fn serve(mode: Mode, blob: Bytes, digest: String, manifest: Bytes) -> TestHost {
             });
         }
     });
-    TestHost { addr, gets, tags }
+    TestHost {
+        addr,
+        conns,
+        gets,
+        tags,
+    }
 }
 
 fn answer(
@@ -93,6 +102,10 @@ fn answer(
             conn.write_all(body)
         };
         let dcd = ("Docker-Content-Digest", digest.to_string());
+        if target == "/v2/" {
+            out("200 OK", &[], b"{}")?;
+            continue;
+        }
         if target.contains("/manifests/") {
             if !target.contains("/manifests/sha256:") {
                 tags.fetch_add(1, Ordering::SeqCst);
@@ -498,15 +511,37 @@ async fn an_empty_blob_is_checked_not_asked_for() {
 async fn asking_a_plain_registry_whether_it_speaks_tls_opens_its_first_connections() {
     let (data, digest) = blob();
     let host = serve(Mode::Ranges, data, digest, Bytes::new());
-    let repo = repo(
+    let first = repo(
         &[route(&host.addr, Capabilities::ALL, false)],
         "tls-question",
     );
-    assert_eq!(repo.host(0).unwrap().speaks_tls().await, Some(false));
-    // The plain question and the connections opened beside it, all answered (so left in the
-    // client's pool) by the time the answer is known.
+    let registry = first.host(0).unwrap();
+    assert_eq!(registry.speaks_tls(true).await, Some(false));
+    // The plain question and the connections opened beside it were all answered by the time
+    // the answer is known ...
+    let warm = crate::registry::WARM_CONNECTIONS;
+    assert_eq!(host.gets.load(Ordering::SeqCst), warm);
+    // ... and left in the client's pool: as many requests at once open no connection (the
+    // TLS half of the question opened one more, which the host never answered).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let conns = host.conns.load(Ordering::SeqCst);
+    assert_eq!(conns, warm + 1);
+    registry.open_connections(warm).await;
+    assert_eq!(host.gets.load(Ordering::SeqCst), 2 * warm);
     assert_eq!(
-        host.gets.load(Ordering::SeqCst),
-        crate::registry::WARM_CONNECTIONS
+        host.conns.load(Ordering::SeqCst),
+        conns,
+        "connections reused"
     );
+    // The mount's own warming that follows has nothing left to open.
+    registry.warm(warm).await;
+    assert_eq!(host.gets.load(Ordering::SeqCst), 2 * warm);
+    // Asked about a host the first requests do not go to: the question alone.
+    let other = serve(Mode::Ranges, blob().0, blob().1, Bytes::new());
+    let second = repo(
+        &[route(&other.addr, Capabilities::ALL, false)],
+        "tls-question-2",
+    );
+    assert_eq!(second.host(0).unwrap().speaks_tls(false).await, Some(false));
+    assert_eq!(other.gets.load(Ordering::SeqCst), 1);
 }
