@@ -42,7 +42,7 @@ pub fn find_on_path(tree: &Tree, name: &str, path: Option<&str>) -> Option<u64> 
 }
 
 /// The regular file at image path `p`, links followed.
-fn regular_file(tree: &Tree, p: &str) -> Option<u64> {
+pub(super) fn regular_file(tree: &Tree, p: &str) -> Option<u64> {
     tree.resolve_links(p)
         .filter(|&ino| tree.get(ino).is_some_and(|n| n.kind == Kind::File))
 }

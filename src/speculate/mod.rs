@@ -352,10 +352,7 @@ impl Speculator {
                     .get(ino)
                     .is_some_and(|n| n.size <= self.cfg.whole_head)
             {
-                tokio::spawn(async move {
-                    let fetched = scattered::fetch_whole(&image, &me.cfg, ino).await;
-                    me.counts.whole_files.fetch_add(fetched, Ordering::Relaxed);
-                });
+                tokio::spawn(async move { me.fetch_whole(&image, ino).await });
                 continue;
             }
             let Ok(permit) = gate.clone().acquire_owned().await else {
@@ -363,16 +360,21 @@ impl Speculator {
             };
             tokio::spawn(async move {
                 match job {
-                    Job::Whole(ino) => {
-                        let fetched = scattered::fetch_whole(&image, &me.cfg, ino).await;
-                        me.counts.whole_files.fetch_add(fetched, Ordering::Relaxed);
-                    }
+                    Job::Whole(ino) => me.fetch_whole(&image, ino).await,
                     Job::Directory(dir, read) => me.fetch_directory(&image, dir, read).await,
                     Job::Loads(_) => {} // started above, without a slot
                 }
                 drop(permit);
             });
         }
+    }
+
+    /// Fetches file `ino` whole, counting it.
+    async fn fetch_whole(&self, image: &Image, ino: u64) {
+        let fetched = scattered::fetch_whole(image, &self.cfg, ino).await;
+        self.counts
+            .whole_files
+            .fetch_add(fetched, Ordering::Relaxed);
     }
 
     /// Fetches directory `dir`'s files of the kind of file `read` when they lie together;

@@ -16,7 +16,6 @@
 use super::{command, elf};
 use crate::error::Result;
 use crate::image::Image;
-use crate::layer::Kind;
 use crate::tree::Tree;
 
 /// Directories (relative to the image root) searched for a needed library, besides the
@@ -123,11 +122,8 @@ fn c_library_files(tree: &Tree, dir: &str) -> Vec<u64> {
         .iter()
         .copied()
         .chain(gconv.iter().map(String::as_str))
-        .filter_map(|p| tree.resolve_links(p))
-        .filter(|&i| {
-            tree.get(i)
-                .is_some_and(|n| n.kind == Kind::File && n.size <= C_LIBRARY_FILE_MAX)
-        })
+        .filter_map(|p| command::regular_file(tree, p))
+        .filter(|&i| tree.get(i).is_some_and(|n| n.size <= C_LIBRARY_FILE_MAX))
         .collect()
 }
 
@@ -152,7 +148,7 @@ fn library_dirs(image: &Image) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::Entry;
+    use crate::layer::{Entry, Kind};
 
     #[test]
     fn the_c_library_files_the_image_has_are_found_small_ones_only() {
