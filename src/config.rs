@@ -237,6 +237,11 @@ pub struct OpenConfig {
     /// `disk_cache_size`, each at most 32 times its layer's compressed size) and serves the
     /// layer from it: for mount, store and run, which serve for a while (not `ls` or `cat`).
     pub copy_first_pass: bool,
+    /// Whether a layer whose descriptor says how many bytes at its start hold its
+    /// prioritized files (`ocifs convert`'s annotation) has them streamed into the block
+    /// cache as soon as it is opened, beside its TOC, instead of once the mount is ready:
+    /// for mount, store and run, unless prefetching is off.
+    pub fetch_announced_front: bool,
 }
 
 #[cfg(test)]

@@ -65,6 +65,11 @@ impl<K: Hash + Eq> BytesLru<K> {
         }
     }
 
+    /// Raises the capacity by `bytes`.
+    pub fn grow(&mut self, bytes: u64) {
+        self.capacity = self.capacity.saturating_add(bytes);
+    }
+
     /// Bytes held.
     pub fn used(&self) -> u64 {
         self.used

@@ -152,6 +152,7 @@ impl Common {
             mark_windows: !t.no_mark_windows,
             read_timeout: t.read_timeout.0.max(std::time::Duration::from_millis(100)),
             copy_first_pass: false,
+            fetch_announced_front: false,
         })
     }
 
@@ -526,6 +527,7 @@ impl Speculation {
     /// copies are off.
     pub fn serving(&self, mut open: OpenConfig) -> OpenConfig {
         open.copy_first_pass = !self.no_local_copy;
+        open.fetch_announced_front = !self.no_prefetch;
         open
     }
 }

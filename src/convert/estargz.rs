@@ -45,6 +45,9 @@ pub struct Written {
     pub uncompressed_size: u64,
     /// sha256 of the TOC JSON (the `containerd.io/snapshot/stargz/toc.digest` annotation).
     pub toc_digest: String,
+    /// Compressed bytes before `.prefetch.landmark`'s payload (the prioritized files), 0
+    /// without prioritized files.
+    pub prefetch_size: u64,
 }
 
 /// One input entry: where its bytes are in the input tar.
@@ -65,10 +68,11 @@ pub fn write<R: Read + Seek, W: Write>(mut input: R, out: W, opts: &Options) -> 
     if landmark_first {
         write_landmark(&mut w, NO_LANDMARK, &mut toc)?;
     }
+    let mut prefetch_size = 0;
     for slot in order {
         let seg = match slot {
             Slot::Landmark => {
-                write_landmark(&mut w, LANDMARK, &mut toc)?;
+                prefetch_size = write_landmark(&mut w, LANDMARK, &mut toc)?;
                 continue;
             }
             Slot::Entry(i) => &segments[i],
@@ -139,6 +143,7 @@ pub fn write<R: Read + Seek, W: Write>(mut input: R, out: W, opts: &Options) -> 
         diff_id,
         uncompressed_size,
         toc_digest,
+        prefetch_size,
     })
 }
 
@@ -279,7 +284,8 @@ fn toc_entry(e: &Entry) -> Value {
     t
 }
 
-fn write_landmark<W: Write>(w: &mut Members<W>, name: &str, toc: &mut Vec<Value>) -> Result<()> {
+/// Writes a landmark entry; the offset of its payload's gzip member.
+fn write_landmark<W: Write>(w: &mut Members<W>, name: &str, toc: &mut Vec<Value>) -> Result<u64> {
     let bytes = tar_file_bytes(name, &[0x0f]);
     w.write(&bytes[..512])?;
     w.close()?;
@@ -289,7 +295,7 @@ fn write_landmark<W: Write>(w: &mut Members<W>, name: &str, toc: &mut Vec<Value>
     w.write(&bytes[513..])?;
     toc.push(json!({"name": name, "type": "reg", "size": 1, "offset": offset, "modtime": rfc3339(0), "mode": 0o644,
                     "digest": crate::digest::sha256(&[0x0f]), "chunkDigest": crate::digest::sha256(&[0x0f])}));
-    Ok(())
+    Ok(offset)
 }
 
 /// A ustar entry for a regular file: header, data, padding.

@@ -188,12 +188,17 @@ async fn converted_manifest(
             written.digest,
             written.size
         ));
+        let mut annotations = json!({
+            crate::layer::estargz::TOC_DIGEST_ANNOTATION: written.toc_digest,
+            "io.containers.estargz.uncompressed-size": written.uncompressed_size.to_string(),
+        });
+        if written.prefetch_size > 0 {
+            annotations[crate::layer::estargz::PREFETCH_SIZE_ANNOTATION] =
+                written.prefetch_size.to_string().into();
+        }
         new_layers.push(json!({
             "mediaType": GZIP_LAYER, "digest": written.digest, "size": written.size,
-            "annotations": {
-                crate::layer::estargz::TOC_DIGEST_ANNOTATION: written.toc_digest,
-                "io.containers.estargz.uncompressed-size": written.uncompressed_size.to_string(),
-            },
+            "annotations": annotations,
         }));
         diff_ids.push(Value::from(written.diff_id));
     }

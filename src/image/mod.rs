@@ -18,6 +18,7 @@ use crate::blob::counting::CountingBlob;
 use crate::config::{OpenConfig, VerifyMode};
 use crate::error::{Error, Result};
 use crate::layer::{Entry, Format, Health, Layer, LayerDesc};
+use crate::task::TaskGuard;
 use crate::tree::Tree;
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -44,6 +45,9 @@ pub struct OpenedLayer {
     pub blob: Blob,
     /// Network bytes and requests of the layer's blob (and of what is fetched on its behalf).
     pub counter: Arc<CountingBlob>,
+    /// The fetch of the front the layer's descriptor announced, while it runs (see
+    /// [`OpenConfig::fetch_announced_front`]); it ends with the layer.
+    _front: Option<TaskGuard>,
 }
 
 /// The block cache `cfg` describes (memory bound, block and fetch sizes, `CACHE_DIR/blocks`),
@@ -136,13 +140,38 @@ impl LayerOpener {
             self.source.blob(&desc.digest, desc.size)?,
         ));
         let raw: Blob = counter.clone();
+        let blob = self.cache.wrap(raw);
+        let front = self.fetch_announced_front(desc, &blob);
         let (layer, entries) = ctx.open_layer(desc, &counter).await?;
         let opened = OpenedLayer {
             layer: Arc::new(layer),
-            blob: self.cache.wrap(raw),
+            blob,
             counter,
+            _front: front,
         };
         Ok((opened, entries))
+    }
+
+    /// Starts streaming the front of `desc`'s blob that its descriptor announces as the
+    /// prioritized files ([`PREFETCH_SIZE_ANNOTATION`]) into the block cache, when asked
+    /// to and the blob is a registry's: it then arrives beside the TOC, where the planned
+    /// prefetch would only start it once the mount is ready (a start waits for those bytes
+    /// first). The announcement is only a hint: at most the blob is fetched, and every
+    /// byte served is still checked against the TOC's chunk digests.
+    ///
+    /// [`PREFETCH_SIZE_ANNOTATION`]: crate::layer::estargz::PREFETCH_SIZE_ANNOTATION
+    fn fetch_announced_front(&self, desc: &LayerDesc, blob: &Blob) -> Option<TaskGuard> {
+        if !self.cfg.fetch_announced_front || !matches!(self.source, Source::Registry { .. }) {
+            return None;
+        }
+        let len = announced_front(desc)?;
+        let (blob, digest) = (blob.clone(), desc.digest.clone());
+        Some(TaskGuard::spawn(async move {
+            match blob.prefetch(0, len).await {
+                Ok(()) => tracing::debug!("fetched the announced front of {digest}: {len} bytes"),
+                Err(e) => tracing::debug!("fetching the announced front of {digest}: {e}"),
+            }
+        }))
     }
 }
 
@@ -226,6 +255,17 @@ impl Image {
     }
 }
 
+/// How many bytes at the start of `desc`'s blob its annotation announces as the prioritized
+/// files, at most the blob; `None` when it announces nothing usable (absent, not a number,
+/// zero).
+fn announced_front(desc: &LayerDesc) -> Option<u64> {
+    let text = desc
+        .annotations
+        .get(crate::layer::estargz::PREFETCH_SIZE_ANNOTATION)?;
+    let len = text.trim().parse::<u64>().ok()?.min(desc.size);
+    (len > 0).then_some(len)
+}
+
 /// Checks `layers` against their digests (and `diff_ids`, for indexes from the registry)
 /// before they are served, as `--verify strict` asks: the first bad layer is the error.
 pub async fn verify_now(layers: &[OpenedLayer], diff_ids: &[String]) -> Result<()> {
@@ -246,4 +286,32 @@ pub async fn verify_now(layers: &[OpenedLayer], diff_ids: &[String]) -> Result<(
 /// A layer's format as `inspect` reports it (see [`crate::layer::detect::probe`]).
 pub async fn probe_format(source: &Source, desc: &LayerDesc) -> Result<Option<Format>> {
     crate::layer::detect::probe(desc, || source.blob(&desc.digest, desc.size)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_announced_front_is_a_hint_bounded_by_the_blob() {
+        let desc = |value: Option<&str>| LayerDesc {
+            digest: "sha256:l".into(),
+            size: 1000,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            annotations: value
+                .map(|v| {
+                    (
+                        crate::layer::estargz::PREFETCH_SIZE_ANNOTATION.into(),
+                        v.into(),
+                    )
+                })
+                .into_iter()
+                .collect(),
+        };
+        assert_eq!(announced_front(&desc(Some("400"))), Some(400));
+        assert_eq!(announced_front(&desc(Some("99999999999"))), Some(1000));
+        for nothing in [None, Some("0"), Some("-5"), Some("lots"), Some("")] {
+            assert_eq!(announced_front(&desc(nothing)), None, "{nothing:?}");
+        }
+    }
 }

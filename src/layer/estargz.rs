@@ -17,6 +17,11 @@ use std::io::Read;
 
 /// Annotation carrying the sha256 of the uncompressed TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// Annotation `ocifs convert` puts on a layer with prioritized files: how many compressed
+/// bytes at the blob's start hold them (the offset of `.prefetch.landmark`'s payload), so a
+/// mount can stream them in beside the TOC instead of after it. Only a hint: what is served
+/// is still checked against the TOC's chunk digests.
+pub const PREFETCH_SIZE_ANNOTATION: &str = "io.ocifs.prefetch-size";
 /// Footer sizes: eStargz and legacy stargz.
 pub const FOOTER_SIZE: u64 = 51;
 const LEGACY_FOOTER_SIZE: u64 = 47;

@@ -7,7 +7,8 @@
 use super::{Counts, Speculator};
 use crate::error::{Error, Result};
 use crate::image::Image;
-use crate::layer::LayerData;
+use crate::layer::chunked::Chunk;
+use crate::layer::{LayerData, Locator};
 use crate::stats::Access;
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -25,23 +26,35 @@ pub fn landmark_bytes(image: &Image) -> u64 {
         .sum()
 }
 
+/// Decoded bytes of prioritized files an image's layers decode ahead and keep, together.
+pub const DECODE_AHEAD_MAX: u64 = 64 << 20;
+
 /// Prefetches every eStargz layer's prioritized files (before `.prefetch.landmark`), all
-/// layers at once, each front first in one streamed request. One layer after another left the
+/// layers at once, each front first in one streamed request, decoding the files' chunks
+/// ahead as they arrive (see [`chunked::Reader::prefetch`]; at most [`DECODE_AHEAD_MAX`]
+/// decoded bytes in all, layer by layer, front first). One layer after another left the
 /// link to one connection, a second's stream started only when the first was done (with a
 /// window that had shrunk meanwhile), and a start reads the layers interleaved.
+///
+/// [`chunked::Reader::prefetch`]: crate::layer::chunked::Reader::prefetch
 pub async fn prefetch_landmarks(image: &Image, counts: &Counts) {
+    let mut budget = DECODE_AHEAD_MAX;
     let readers: Vec<_> = image
         .layers
         .iter()
-        .filter_map(|l| match &l.layer.data {
-            LayerData::Chunked(r) if r.prefetch_len > 0 => Some((l.layer.digest.clone(), r)),
+        .enumerate()
+        .filter_map(|(i, l)| match &l.layer.data {
+            LayerData::Chunked(r) if r.prefetch_len > 0 => {
+                let ahead = prioritized_chunks(image, i, r.prefetch_len, &mut budget);
+                Some((l.layer.digest.clone(), r, ahead))
+            }
             _ => None,
         })
         .collect();
-    let total: u64 = readers.iter().map(|(_, r)| r.prefetch_len).sum();
+    let total: u64 = readers.iter().map(|(_, r, _)| r.prefetch_len).sum();
     counts.planned.fetch_add(total, Ordering::Relaxed);
-    let fetches = readers.into_iter().map(|(digest, r)| async move {
-        if let Err(e) = r.prefetch(&counts.planned_done).await {
+    let fetches = readers.into_iter().map(|(digest, r, ahead)| async move {
+        if let Err(e) = r.prefetch(&ahead, &counts.planned_done).await {
             tracing::warn!("prefetch of {digest} stopped: {e}");
         }
     });
@@ -49,6 +62,33 @@ pub async fn prefetch_landmarks(image: &Image, counts: &Counts) {
     if total > 0 {
         tracing::info!("prefetched {total} bytes of prioritized files");
     }
+}
+
+/// The chunks of the files layer `layer` serves whose compressed bytes lie within its
+/// first `front` bytes, front first, as many as `budget` (decoded bytes, reduced by what is
+/// taken) allows.
+fn prioritized_chunks(image: &Image, layer: usize, front: u64, budget: &mut u64) -> Vec<Chunk> {
+    let mut chunks: Vec<Chunk> = image
+        .tree
+        .files_in(layer)
+        .filter_map(|(_, node)| match &node.data {
+            Some((_, Locator::Chunks(c))) => Some(c.iter().filter(|c| c.end <= front)),
+            _ => None,
+        })
+        .flatten()
+        .cloned()
+        .collect();
+    chunks.sort_by_key(|c| (c.start, c.inner));
+    chunks.dedup_by_key(|c| (c.start, c.inner));
+    let mut taken = Vec::new();
+    for c in chunks {
+        if c.len > *budget {
+            break;
+        }
+        *budget -= c.len;
+        taken.push(c);
+    }
+    taken
 }
 
 /// Fetches the image's small layers whole, right after the mount is ready: each layer of

@@ -34,7 +34,7 @@ impl CachedBlob {
         let Some((from, end)) = self.streak.ahead(last, blocks, self.cache.readahead) else {
             return;
         };
-        for s in self.cache.claim(&self.inner, from, end - 1) {
+        for s in self.cache.claim(&self.inner, from, end - 1).0 {
             let fetch = self
                 .cache
                 .clone()
@@ -117,10 +117,10 @@ impl ReadHints for CachedBlob {
             // Several blocks: one streamed request per stretch of missing ones instead of a
             // request per block. Only a read that misses carries on past its end, like a single
             // miss's stretch; a read served from the cache fetches nothing.
-            let mut stretches = cache.claim(&self.inner, first, last);
+            let mut stretches = cache.claim(&self.inner, first, last).0;
             if !stretches.is_empty() {
                 let end = cache.stretch_end(&self.inner, first, guess_from);
-                for s in cache.claim(&self.inner, last + 1, end.max(last + 1) - 1) {
+                for s in cache.claim(&self.inner, last + 1, end.max(last + 1) - 1).0 {
                     match stretches.last_mut() {
                         // Contiguous with the read's last stretch: one request.
                         Some(prev) if prev[prev.len() - 1].0.1 + 1 == s[0].0.1 => prev.extend(s),

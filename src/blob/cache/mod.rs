@@ -198,38 +198,54 @@ impl BlockCache {
 
     /// Brings `[offset, offset+len)` of `blob` into the cache, front first: the blocks nobody
     /// has or is fetching are streamed in as few requests as the cached ones in between allow.
+    /// Returns once the range is in (or its fetches failed), including the blocks another
+    /// fetch was already bringing: a planned prefetch that finds its range under way (an
+    /// announced front fetched at open) lasts until it has arrived.
     async fn prefetch(self: &Arc<Self>, blob: &Blob, offset: u64, len: u64) -> Result<()> {
         let len = clamp(blob.id(), blob.size(), offset, len)?;
         if len == 0 {
             return Ok(());
         }
         let bs = self.block_size;
-        let stretches = self.claim(blob, offset / bs, (offset + len - 1) / bs);
+        let (stretches, others) = self.claim(blob, offset / bs, (offset + len - 1) / bs);
         let fetches = stretches
             .into_iter()
             .map(|s| self.clone().fetch_stretch(blob.clone(), s, u64::MAX, None));
-        futures::future::join_all(fetches)
+        let fetched: Result<()> = futures::future::join_all(fetches)
             .await
             .into_iter()
-            .collect()
+            .collect();
+        for key in others {
+            let guard = self.gates.wait(&key).await;
+            self.gates.release(&key, guard);
+        }
+        fetched
     }
 
     /// Claims the blocks `first..=last` that nobody has or is fetching (holding their gates),
-    /// grouped into stretches of consecutive blocks.
-    fn claim(&self, blob: &Blob, first: u64, last: u64) -> Vec<Vec<Claim>> {
+    /// grouped into stretches of consecutive blocks; also the blocks someone else is fetching.
+    fn claim(&self, blob: &Blob, first: u64, last: u64) -> (Vec<Vec<Claim>>, Vec<Key>) {
         let mut stretches = Vec::new();
         let mut stretch = Vec::new();
+        let mut others = Vec::new();
         for i in first..=last {
-            match self.try_claim(&Self::key(blob, i)) {
+            let key = Self::key(blob, i);
+            match self.try_claim(&key) {
                 Some(claim) => stretch.push(claim),
-                None if !stretch.is_empty() => stretches.push(std::mem::take(&mut stretch)),
-                None => {}
+                None => {
+                    if self.gates.in_flight(&key) {
+                        others.push(key);
+                    }
+                    if !stretch.is_empty() {
+                        stretches.push(std::mem::take(&mut stretch));
+                    }
+                }
             }
         }
         if !stretch.is_empty() {
             stretches.push(stretch);
         }
-        stretches
+        (stretches, others)
     }
 
     /// Block `k`'s gate if nobody has the block (memory or disk) or is fetching it.
@@ -472,7 +488,7 @@ mod tests {
         let inner: Blob = Arc::new(MemBlob::new("sha256:n", data.clone()));
         let blob = cache.wrap(inner.clone());
         // Another request is bringing blocks 1..=3 and has not finished.
-        let held = cache.claim(&inner, 1, 3);
+        let held = cache.claim(&inner, 1, 3).0;
         let patient = tokio::time::timeout(
             std::time::Duration::from_millis(100),
             blob.read_at(5000, 6000),
@@ -491,6 +507,26 @@ mod tests {
         );
         assert_eq!(cache.stats.misses.load(Ordering::Relaxed), misses);
         drop(held);
+    }
+
+    #[tokio::test]
+    async fn a_prefetch_lasts_until_the_blocks_another_fetch_brings_are_in() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 249) as u8).collect();
+        let cache = BlockCache::new(4096, 4096, 1 << 20, None, RA);
+        let inner: Blob = Arc::new(MemBlob::new("sha256:p", data.clone()));
+        let blob = cache.wrap(inner.clone());
+        // Another request is bringing blocks 1..=3 and has not finished.
+        let held = cache.claim(&inner, 1, 3).0;
+        let prefetch = blob.prefetch(0, 20_000);
+        tokio::pin!(prefetch);
+        let early = tokio::time::timeout(std::time::Duration::from_millis(100), &mut prefetch);
+        assert!(early.await.is_err(), "the prefetch waits for blocks 1..=3");
+        drop(held);
+        tokio::time::timeout(std::time::Duration::from_secs(5), prefetch)
+            .await
+            .expect("the prefetch ends once the other fetch has")
+            .unwrap();
+        assert_eq!(&blob.read_at(0, 4096).await.unwrap()[..], &data[..4096]);
     }
 
     /// A blob that hands out the first block of a request at once and the rest only when

@@ -114,3 +114,59 @@ fn rfc3339_matches_the_parser() {
         assert_eq!(crate::layer::toc::parse_rfc3339(&rfc3339(t)), Some(t));
     }
 }
+
+#[tokio::test]
+async fn prioritized_files_are_announced_and_their_chunks_decoded_ahead() {
+    let tar = sample_tar();
+    let mut out = Vec::new();
+    let opts = Options {
+        chunk_size: 64 * 1024,
+        prioritized: vec!["app/big.bin".into(), "app/main.py".into()],
+    };
+    let w = write(std::io::Cursor::new(&tar), &mut out, &opts).unwrap();
+    let mem: Blob = Arc::new(MemBlob::new(w.digest.clone(), out.clone()));
+    let counter = Arc::new(crate::blob::counting::CountingBlob::new(mem));
+    let blob: Blob = counter.clone();
+    let (tail_start, tail) = crate::blob::read_tail(&blob, crate::blob::TAIL_READ)
+        .await
+        .unwrap();
+    let (reader, entries, _) =
+        crate::layer::estargz::open(blob, tail_start, tail, Some(&w.toc_digest))
+            .await
+            .unwrap();
+    // What `convert` announces in the layer's annotation is where the TOC's landmark is.
+    assert!(w.prefetch_size > 0);
+    assert_eq!(w.prefetch_size, reader.prefetch_len);
+    let chunks = |path: &str| match &entries.iter().find(|e| e.path == path).unwrap().data {
+        Locator::Chunks(c) => c.to_vec(),
+        other => panic!("{path}: {other:?}"),
+    };
+    let (big, main) = (chunks("app/big.bin"), chunks("app/main.py"));
+    assert!(big.len() > 1);
+    let mut ahead = big.clone();
+    ahead.extend(main.iter().cloned());
+    let done = std::sync::atomic::AtomicU64::new(0);
+    reader.prefetch(&ahead, &done).await.unwrap();
+    assert_eq!(
+        done.load(std::sync::atomic::Ordering::Relaxed),
+        reader.prefetch_len
+    );
+    // Decoded ahead and kept: reading them fetches nothing more.
+    let requests = counter.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let got = reader.read(&big, 0, 300_000).await.unwrap();
+    assert_eq!(&got[..], &vec![42u8; 300_000][..]);
+    assert_eq!(
+        &reader.read(&main, 0, 12).await.unwrap()[..],
+        b"print('hi')\n"
+    );
+    assert_eq!(
+        counter.requests.load(std::sync::atomic::Ordering::Relaxed),
+        requests
+    );
+    // A file outside the prioritized front is not decoded ahead: reading it fetches.
+    let long = chunks(&format!("app/{}", "x".repeat(140)));
+    reader.prefetch(&long, &done).await.unwrap();
+    let requests = counter.requests.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(&reader.read(&long, 0, 4).await.unwrap()[..], b"long");
+    assert!(counter.requests.load(std::sync::atomic::Ordering::Relaxed) > requests);
+}
