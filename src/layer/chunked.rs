@@ -150,37 +150,41 @@ impl Reader {
 
     /// Fetches the first `prefetch_len` compressed bytes into the block cache in one
     /// streamed request (front first: the files needed first arrive first), adding their
-    /// size to `done` once in; meanwhile decodes `ahead`, chunks of those files (front
-    /// first, each once), in order as their bytes arrive, and keeps them decoded (the decoded cache grows by their size, which
-    /// the caller bounds). A start reads its prioritized files right after the mount is
-    /// ready: decoded on demand, each read waited for its chunk's inflating and digest check
-    /// (about 0.2 s of a Python start with every byte already fetched), where decoding
-    /// ahead does it on a core the waiting start leaves idle. A chunk that fails to decode
-    /// ahead is left to its reader.
+    /// size to `done` once in; meanwhile decodes `ahead`, chunks of those files, as their
+    /// bytes arrive (see [`Reader::decode_ahead`]).
     pub async fn prefetch(
         &self,
         ahead: &[Chunk],
         done: &std::sync::atomic::AtomicU64,
     ) -> Result<()> {
-        let ahead: Vec<&Chunk> = ahead
-            .iter()
-            .filter(|c| !c.zeros && c.end <= self.prefetch_len && c.decoded_end() <= MAX_CHUNK)
-            .collect();
-        let grow = ahead.iter().map(|c| c.len).sum();
-        self.decoded.lock().unwrap().grow(grow);
         let fetch = self.blob.prefetch(0, self.prefetch_len);
-        let decode = async {
-            for c in ahead {
-                if let Err(e) = self.chunk(c, c.end, false).await {
-                    tracing::debug!("decoding ahead stopped at {}: {e}", self.what(c));
-                    break;
-                }
-            }
-        };
-        let (fetched, ()) = futures::join!(fetch, decode);
+        let (fetched, ()) = futures::join!(fetch, self.decode_ahead(ahead));
         fetched?;
         done.fetch_add(self.prefetch_len, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Decodes `chunks` in the order given (each once) as their compressed bytes arrive
+    /// (a read waits for the fetch under way, or fetches the chunk itself), and keeps them
+    /// decoded: the decoded cache grows by their size, which the caller bounds. A start
+    /// reads what is fetched ahead for it (prioritized files, a program fetched whole) soon
+    /// after: decoded on demand, each read waited for its chunk's inflating and digest
+    /// check (about 0.2 s of a Python start with every byte already fetched), where decoding
+    /// ahead does it on a core the waiting start leaves idle. A chunk that fails to decode
+    /// is left to its reader.
+    pub async fn decode_ahead(&self, chunks: &[Chunk]) {
+        let ahead: Vec<&Chunk> = chunks
+            .iter()
+            .filter(|c| !c.zeros && c.decoded_end() <= MAX_CHUNK)
+            .collect();
+        let grow = ahead.iter().map(|c| c.len).sum();
+        self.decoded.lock().unwrap().grow(grow);
+        for c in ahead {
+            if let Err(e) = self.chunk(c, c.end, false).await {
+                tracing::debug!("decoding ahead stopped at {}: {e}", self.what(c));
+                break;
+            }
+        }
     }
 
     /// Drops the decoded chunks and the blob's cached blocks held in memory (see

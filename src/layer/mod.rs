@@ -266,6 +266,19 @@ impl Layer {
         }
     }
 
+    /// [`Layer::warm_range`] of a whole file whose bytes are wanted decoded soon: a chunked
+    /// layer also decodes its chunks as they arrive, and keeps them (see
+    /// [`chunked::Reader::decode_ahead`]; the caller bounds how many bytes that keeps).
+    pub async fn warm_decoded(&self, loc: &Locator, size: u64) -> Result<()> {
+        match (loc, &self.data) {
+            (Locator::Chunks(chunks), LayerData::Chunked(r)) => {
+                let (warmed, ()) = futures::join!(r.warm(chunks), r.decode_ahead(chunks));
+                warmed
+            }
+            _ => self.warm_range(loc, 0, size).await,
+        }
+    }
+
     /// The blob a planned prefetch fetches `[offset, offset+len)` of a file from, and the
     /// range of it: the chunks' compressed extent; the tar range; for a gzip layer read
     /// through its index, the compressed bytes from the span start to the mark past the range.

@@ -174,6 +174,16 @@ pub struct Speculator {
     rx: Mutex<Option<mpsc::UnboundedReceiver<Job>>>,
     /// What speculation brought.
     pub counts: Counts,
+    /// Decoded bytes that files fetched ahead may still keep decoded (see
+    /// [`plan::DECODE_AHEAD_MAX`]).
+    decode_budget: AtomicU64,
+}
+
+/// Takes `n` bytes from `budget` if it has them.
+fn take(budget: &AtomicU64, n: u64) -> bool {
+    budget
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(n))
+        .is_ok()
 }
 
 impl Speculator {
@@ -206,6 +216,7 @@ impl Speculator {
             tx,
             rx: Mutex::new(Some(rx)),
             counts: Counts::default(),
+            decode_budget: AtomicU64::new(plan::DECODE_AHEAD_MAX),
         }
     }
 
@@ -236,7 +247,7 @@ impl Speculator {
                     plan::prefetch_profile(&image, &me, &p).await;
                 }
                 if landmarks {
-                    plan::prefetch_landmarks(&image, &me.counts).await;
+                    plan::prefetch_landmarks(&image, &me.counts, &me.decode_budget).await;
                 }
                 me.set_planning(false);
             }));
@@ -371,7 +382,7 @@ impl Speculator {
 
     /// Fetches file `ino` whole, counting it.
     async fn fetch_whole(&self, image: &Image, ino: u64) {
-        let fetched = scattered::fetch_whole(image, &self.cfg, ino).await;
+        let fetched = scattered::fetch_whole(image, &self.cfg, ino, &self.decode_budget).await;
         self.counts
             .whole_files
             .fetch_add(fetched, Ordering::Relaxed);

@@ -12,7 +12,7 @@ use crate::layer::{LayerData, Locator};
 use crate::stats::Access;
 use std::io::{BufRead, Write};
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bytes of eStargz prioritized files (before a `.prefetch.landmark`) in all layers.
 pub fn landmark_bytes(image: &Image) -> u64 {
@@ -26,26 +26,26 @@ pub fn landmark_bytes(image: &Image) -> u64 {
         .sum()
 }
 
-/// Decoded bytes of prioritized files an image's layers decode ahead and keep, together.
+/// Decoded bytes an image's layers decode ahead and keep, together: prioritized files
+/// and files fetched whole (see [`crate::layer::chunked::Reader::decode_ahead`]).
 pub const DECODE_AHEAD_MAX: u64 = 64 << 20;
 
 /// Prefetches every eStargz layer's prioritized files (before `.prefetch.landmark`), all
 /// layers at once, each front first in one streamed request, decoding the files' chunks
-/// ahead as they arrive (see [`chunked::Reader::prefetch`]; at most [`DECODE_AHEAD_MAX`]
-/// decoded bytes in all, layer by layer, front first). One layer after another left the
+/// ahead as they arrive (see [`chunked::Reader::prefetch`]; as many decoded bytes as
+/// `decode_budget` has, layer by layer, front first). One layer after another left the
 /// link to one connection, a second's stream started only when the first was done (with a
 /// window that had shrunk meanwhile), and a start reads the layers interleaved.
 ///
 /// [`chunked::Reader::prefetch`]: crate::layer::chunked::Reader::prefetch
-pub async fn prefetch_landmarks(image: &Image, counts: &Counts) {
-    let mut budget = DECODE_AHEAD_MAX;
+pub async fn prefetch_landmarks(image: &Image, counts: &Counts, decode_budget: &AtomicU64) {
     let readers: Vec<_> = image
         .layers
         .iter()
         .enumerate()
         .filter_map(|(i, l)| match &l.layer.data {
             LayerData::Chunked(r) if r.prefetch_len > 0 => {
-                let ahead = prioritized_chunks(image, i, r.prefetch_len, &mut budget);
+                let ahead = prioritized_chunks(image, i, r.prefetch_len, decode_budget);
                 Some((l.layer.digest.clone(), r, ahead))
             }
             _ => None,
@@ -67,7 +67,7 @@ pub async fn prefetch_landmarks(image: &Image, counts: &Counts) {
 /// The chunks of the files layer `layer` serves whose compressed bytes lie within its
 /// first `front` bytes, front first, as many as `budget` (decoded bytes, reduced by what is
 /// taken) allows.
-fn prioritized_chunks(image: &Image, layer: usize, front: u64, budget: &mut u64) -> Vec<Chunk> {
+fn prioritized_chunks(image: &Image, layer: usize, front: u64, budget: &AtomicU64) -> Vec<Chunk> {
     let mut chunks: Vec<Chunk> = image
         .tree
         .files_in(layer)
@@ -82,10 +82,9 @@ fn prioritized_chunks(image: &Image, layer: usize, front: u64, budget: &mut u64)
     chunks.dedup_by_key(|c| (c.start, c.inner));
     let mut taken = Vec::new();
     for c in chunks {
-        if c.len > *budget {
+        if !super::take(budget, c.len) {
             break;
         }
-        *budget -= c.len;
         taken.push(c);
     }
     taken

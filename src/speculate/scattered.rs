@@ -15,6 +15,7 @@ use super::SpeculateConfig;
 use crate::image::Image;
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
 /// Marks a file already queued.
 const QUEUED: u64 = u64::MAX;
@@ -67,9 +68,15 @@ impl ReadPositions {
     }
 }
 
-/// Fetches file `ino` whole into the cache (ends first, then the rest); returns its size
-/// once fetched, 0 if it was not (too large, no data, a failed request).
-pub async fn fetch_whole(image: &Image, cfg: &SpeculateConfig, ino: u64) -> u64 {
+/// Fetches file `ino` whole into the cache (ends first, then the rest), decoding it as it
+/// arrives while `decode_budget` (decoded bytes kept) allows; returns its size once
+/// fetched, 0 if it was not (too large, no data, a failed request).
+pub async fn fetch_whole(
+    image: &Image,
+    cfg: &SpeculateConfig,
+    ino: u64,
+    decode_budget: &AtomicU64,
+) -> u64 {
     let Some(node) = image.tree.get(ino) else {
         return 0;
     };
@@ -90,7 +97,14 @@ pub async fn fetch_whole(image: &Image, cfg: &SpeculateConfig, ino: u64) -> u64 
     // fetch claims the rest.
     let ends =
         futures::future::try_join_all(ends.into_iter().map(|(o, l)| layer.warm_range(loc, o, l)));
-    let (ends, all) = tokio::join!(ends, layer.warm_range(loc, 0, node.size));
+    // Decoded as it arrives too, while the budget lasts: its reads follow soon.
+    let whole = async {
+        match super::take(decode_budget, node.size) {
+            true => layer.warm_decoded(loc, node.size).await,
+            false => layer.warm_range(loc, 0, node.size).await,
+        }
+    };
+    let (ends, all) = tokio::join!(ends, whole);
     match ends.map(drop).and(all) {
         Ok(()) => node.size,
         Err(e) => {

@@ -163,10 +163,4 @@ async fn prioritized_files_are_announced_and_their_chunks_decoded_ahead() {
         counter.requests.load(std::sync::atomic::Ordering::Relaxed),
         requests
     );
-    // A file outside the prioritized front is not decoded ahead: reading it fetches.
-    let long = chunks(&format!("app/{}", "x".repeat(140)));
-    reader.prefetch(&long, &done).await.unwrap();
-    let requests = counter.requests.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(&reader.read(&long, 0, 4).await.unwrap()[..], b"long");
-    assert!(counter.requests.load(std::sync::atomic::Ordering::Relaxed) > requests);
 }
