@@ -156,8 +156,8 @@ impl LayerOpener {
     /// prioritized files ([`PREFETCH_SIZE_ANNOTATION`]) into the block cache, when asked
     /// to and the blob is a registry's: it then arrives beside the TOC, where the planned
     /// prefetch would only start it once the mount is ready (a start waits for those bytes
-    /// first). The announcement is only a hint: at most the blob is fetched, and every
-    /// byte served is still checked against the TOC's chunk digests.
+    /// first). The announcement is only a hint (see [`announced_front`]): what is fetched
+    /// is served only as the TOC locates it, checked as every chunk is.
     ///
     /// [`PREFETCH_SIZE_ANNOTATION`]: crate::layer::estargz::PREFETCH_SIZE_ANNOTATION
     fn fetch_announced_front(&self, desc: &LayerDesc, blob: &Blob) -> Option<TaskGuard> {
@@ -256,13 +256,18 @@ impl Image {
 }
 
 /// How many bytes at the start of `desc`'s blob its annotation announces as the prioritized
-/// files, at most the blob; `None` when it announces nothing usable (absent, not a number,
-/// zero).
+/// files, for a layer that also announces a TOC (eStargz, zstd:chunked); never into the
+/// tail the TOC is read from, whose read must not wait behind the front. `None` when it
+/// announces nothing usable (absent, not a number, zero).
 fn announced_front(desc: &LayerDesc) -> Option<u64> {
+    let toc = Format::from_media_type(&desc.media_type)
+        .is_ok_and(|f| crate::layer::detect::announces_toc(f, desc));
     let text = desc
         .annotations
-        .get(crate::layer::estargz::PREFETCH_SIZE_ANNOTATION)?;
-    let len = text.trim().parse::<u64>().ok()?.min(desc.size);
+        .get(crate::layer::estargz::PREFETCH_SIZE_ANNOTATION)
+        .filter(|_| toc)?;
+    let room = desc.size.saturating_sub(crate::blob::TAIL_READ);
+    let len = text.trim().parse::<u64>().ok()?.min(room);
     (len > 0).then_some(len)
 }
 
@@ -293,10 +298,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_announced_front_is_a_hint_bounded_by_the_blob() {
-        let desc = |value: Option<&str>| LayerDesc {
+    fn an_announced_front_is_a_hint_bounded_by_the_blob_before_its_tail() {
+        let tail = crate::blob::TAIL_READ;
+        let desc = |value: Option<&str>, toc: bool| LayerDesc {
             digest: "sha256:l".into(),
-            size: 1000,
+            size: tail + 1000,
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             annotations: value
                 .map(|v| {
@@ -306,12 +312,21 @@ mod tests {
                     )
                 })
                 .into_iter()
+                .chain(toc.then(|| {
+                    let key = crate::layer::estargz::TOC_DIGEST_ANNOTATION;
+                    (key.into(), format!("sha256:{}", "0".repeat(64)))
+                }))
                 .collect(),
         };
-        assert_eq!(announced_front(&desc(Some("400"))), Some(400));
-        assert_eq!(announced_front(&desc(Some("99999999999"))), Some(1000));
+        assert_eq!(announced_front(&desc(Some("400"), true)), Some(400));
+        assert_eq!(
+            announced_front(&desc(Some("99999999999"), true)),
+            Some(1000)
+        );
         for nothing in [None, Some("0"), Some("-5"), Some("lots"), Some("")] {
-            assert_eq!(announced_front(&desc(nothing)), None, "{nothing:?}");
+            assert_eq!(announced_front(&desc(nothing, true)), None, "{nothing:?}");
         }
+        // Only beside a TOC: a plain gzip layer's annotation is not ours to trust.
+        assert_eq!(announced_front(&desc(Some("400"), false)), None);
     }
 }

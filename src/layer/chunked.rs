@@ -14,7 +14,7 @@
 //! chunk longer than the disk cache bound is refused with an error naming it, and decoded
 //! files past that bound are dropped oldest first.
 
-use crate::blob::{Blob, BytesLru, healing};
+use crate::blob::{Blob, BytesLru, Flights, healing};
 use crate::error::{Error, Result};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, HashSet};
@@ -117,6 +117,9 @@ pub struct Reader {
     codec: Codec,
     /// Decoded chunks by (compressed start, offset inside the member).
     decoded: Mutex<BytesLru<(u64, u64)>>,
+    /// Chunks being decoded, by the same key: a reader and [`Reader::decode_ahead`] wanting
+    /// one chunk at once decode it once.
+    decoding: Flights<(u64, u64)>,
     /// Compressed bytes at the start of the blob worth prefetching (eStargz: everything before
     /// `.prefetch.landmark`, the prioritized files).
     pub prefetch_len: u64,
@@ -135,6 +138,7 @@ impl Reader {
             blob,
             codec,
             decoded: Mutex::new(BytesLru::new(DECODED_BYTES)),
+            decoding: Flights::default(),
             prefetch_len,
             spill: None,
             spilled: Mutex::default(),
@@ -148,30 +152,20 @@ impl Reader {
         self
     }
 
-    /// Fetches the first `prefetch_len` compressed bytes into the block cache in one
-    /// streamed request (front first: the files needed first arrive first), adding their
-    /// size to `done` once in; meanwhile decodes `ahead`, chunks of those files, as their
-    /// bytes arrive (see [`Reader::decode_ahead`]).
-    pub async fn prefetch(
-        &self,
-        ahead: &[Chunk],
-        done: &std::sync::atomic::AtomicU64,
-    ) -> Result<()> {
-        let fetch = self.blob.prefetch(0, self.prefetch_len);
-        let (fetched, ()) = futures::join!(fetch, self.decode_ahead(ahead));
-        fetched?;
+    /// Brings the first `prefetch_len` compressed bytes into the block cache, front first
+    /// (the files needed first arrive first), adding their size to `done` once in.
+    pub async fn prefetch(&self, done: &std::sync::atomic::AtomicU64) -> Result<()> {
+        self.blob.prefetch(0, self.prefetch_len).await?;
         done.fetch_add(self.prefetch_len, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
-    /// Decodes `chunks` in the order given (each once) as their compressed bytes arrive
-    /// (a read waits for the fetch under way, or fetches the chunk itself), and keeps them
-    /// decoded: the decoded cache grows by their size, which the caller bounds. A start
-    /// reads what is fetched ahead for it (prioritized files, a program fetched whole) soon
-    /// after: decoded on demand, each read waited for its chunk's inflating and digest
-    /// check (about 0.2 s of a Python start with every byte already fetched), where decoding
-    /// ahead does it on a core the waiting start leaves idle. A chunk that fails to decode
-    /// is left to its reader.
+    /// Decodes `chunks` in the order given (each once) as their compressed bytes arrive (a
+    /// read waits for the fetch under way, or fetches the chunk itself) and keeps them
+    /// decoded: the decoded cache grows by their size, which the caller bounds. For what
+    /// a start reads soon after (prioritized files, a program fetched whole): decoded on
+    /// demand, each of its reads would wait for its chunk's inflating and digest check.
+    /// Stops at the first chunk that fails, leaving it and the rest to their readers.
     pub async fn decode_ahead(&self, chunks: &[Chunk]) {
         let ahead: Vec<&Chunk> = chunks
             .iter()
@@ -258,6 +252,15 @@ impl Reader {
     /// failure is the read's.
     async fn chunk(&self, c: &Chunk, until: u64, now: bool) -> Result<Bytes> {
         let key = (c.start, c.inner);
+        if let Some(b) = self.decoded.lock().unwrap().get(&key) {
+            return Ok(b);
+        }
+        // One decode per chunk at a time; not for a read that must not wait (`now`), whose
+        // chunk may be held by a decoding ahead still waiting for its bytes.
+        let _pass = match now {
+            false => Some(self.decoding.enter(key).await),
+            true => None,
+        };
         if let Some(b) = self.decoded.lock().unwrap().get(&key) {
             return Ok(b);
         }

@@ -241,16 +241,22 @@ impl Speculator {
         let planned = plan.is_some();
         if let Some(Plan { profile, landmarks }) = plan {
             self.set_planning(true);
-            let (me, image) = (self.clone(), image.clone());
+            let (me, img) = (self.clone(), image.clone());
             tasks.push(TaskGuard::spawn(async move {
                 if let Some(p) = profile {
-                    plan::prefetch_profile(&image, &me, &p).await;
+                    plan::prefetch_profile(&img, &me, &p).await;
                 }
                 if landmarks {
-                    plan::prefetch_landmarks(&image, &me.counts, &me.decode_budget).await;
+                    plan::prefetch_landmarks(&img, &me.counts).await;
                 }
                 me.set_planning(false);
             }));
+            if landmarks {
+                let (me, img) = (self.clone(), image.clone());
+                tasks.push(TaskGuard::spawn(async move {
+                    plan::decode_landmarks(&img, &me.decode_budget).await;
+                }));
+            }
         }
         if !planned && self.mode != Mode::Off {
             self.predict_command(image);

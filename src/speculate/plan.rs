@@ -31,30 +31,23 @@ pub fn landmark_bytes(image: &Image) -> u64 {
 pub const DECODE_AHEAD_MAX: u64 = 64 << 20;
 
 /// Prefetches every eStargz layer's prioritized files (before `.prefetch.landmark`), all
-/// layers at once, each front first in one streamed request, decoding the files' chunks
-/// ahead as they arrive (see [`chunked::Reader::prefetch`]; as many decoded bytes as
-/// `decode_budget` has, layer by layer, front first). One layer after another left the
-/// link to one connection, a second's stream started only when the first was done (with a
-/// window that had shrunk meanwhile), and a start reads the layers interleaved.
-///
-/// [`chunked::Reader::prefetch`]: crate::layer::chunked::Reader::prefetch
-pub async fn prefetch_landmarks(image: &Image, counts: &Counts, decode_budget: &AtomicU64) {
+/// layers at once, each front first in one streamed request (or waiting for the front a
+/// layer's open already streams in). One layer after another left the link to one
+/// connection, a second's stream started only when the first was done (with a window that
+/// had shrunk meanwhile), and a start reads the layers interleaved.
+pub async fn prefetch_landmarks(image: &Image, counts: &Counts) {
     let readers: Vec<_> = image
         .layers
         .iter()
-        .enumerate()
-        .filter_map(|(i, l)| match &l.layer.data {
-            LayerData::Chunked(r) if r.prefetch_len > 0 => {
-                let ahead = prioritized_chunks(image, i, r.prefetch_len, decode_budget);
-                Some((l.layer.digest.clone(), r, ahead))
-            }
+        .filter_map(|l| match &l.layer.data {
+            LayerData::Chunked(r) if r.prefetch_len > 0 => Some((l.layer.digest.clone(), r)),
             _ => None,
         })
         .collect();
-    let total: u64 = readers.iter().map(|(_, r, _)| r.prefetch_len).sum();
+    let total: u64 = readers.iter().map(|(_, r)| r.prefetch_len).sum();
     counts.planned.fetch_add(total, Ordering::Relaxed);
-    let fetches = readers.into_iter().map(|(digest, r, ahead)| async move {
-        if let Err(e) = r.prefetch(&ahead, &counts.planned_done).await {
+    let fetches = readers.into_iter().map(|(digest, r)| async move {
+        if let Err(e) = r.prefetch(&counts.planned_done).await {
             tracing::warn!("prefetch of {digest} stopped: {e}");
         }
     });
@@ -62,6 +55,31 @@ pub async fn prefetch_landmarks(image: &Image, counts: &Counts, decode_budget: &
     if total > 0 {
         tracing::info!("prefetched {total} bytes of prioritized files");
     }
+}
+
+/// Decodes every eStargz layer's prioritized files as [`prefetch_landmarks`] brings them,
+/// all layers at once, front first (see [`chunked::Reader::decode_ahead`]): as many
+/// decoded bytes as `decode_budget` has, layer by layer. Apart from the plan, so that
+/// guesses wait only for the fetch.
+///
+/// [`chunked::Reader::decode_ahead`]: crate::layer::chunked::Reader::decode_ahead
+pub async fn decode_landmarks(image: &Image, decode_budget: &AtomicU64) {
+    let decodes: Vec<_> = image
+        .layers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| match &l.layer.data {
+            LayerData::Chunked(r) if r.prefetch_len > 0 => Some((
+                r,
+                prioritized_chunks(image, i, r.prefetch_len, decode_budget),
+            )),
+            _ => None,
+        })
+        .collect();
+    let decodes = decodes
+        .iter()
+        .map(|(r, ahead)| async move { r.decode_ahead(ahead).await });
+    futures::future::join_all(decodes).await;
 }
 
 /// The chunks of the files layer `layer` serves whose compressed bytes lie within its

@@ -97,9 +97,11 @@ pub async fn fetch_whole(
     // fetch claims the rest.
     let ends =
         futures::future::try_join_all(ends.into_iter().map(|(o, l)| layer.warm_range(loc, o, l)));
-    // Decoded as it arrives too, while the budget lasts: its reads follow soon.
+    // A chunked layer's file is decoded as it arrives too, while the budget lasts: its
+    // reads follow soon.
+    let chunked = matches!(layer.data, crate::layer::LayerData::Chunked(_));
     let whole = async {
-        match super::take(decode_budget, node.size) {
+        match chunked && super::take(decode_budget, node.size) {
             true => layer.warm_decoded(loc, node.size).await,
             false => layer.warm_range(loc, 0, node.size).await,
         }

@@ -146,7 +146,8 @@ async fn prioritized_files_are_announced_and_their_chunks_decoded_ahead() {
     let mut ahead = big.clone();
     ahead.extend(main.iter().cloned());
     let done = std::sync::atomic::AtomicU64::new(0);
-    reader.prefetch(&ahead, &done).await.unwrap();
+    let (fetched, ()) = futures::join!(reader.prefetch(&done), reader.decode_ahead(&ahead));
+    fetched.unwrap();
     assert_eq!(
         done.load(std::sync::atomic::Ordering::Relaxed),
         reader.prefetch_len
