@@ -30,9 +30,12 @@ impl Gates {
         self.gate(key).try_lock_owned().ok()
     }
 
-    /// Whether someone is fetching `key`.
+    /// Whether someone is fetching `key`: its gate is held. (A fetch cancelled mid-way, its
+    /// task aborted, drops its gates without [`Gates::release`]: their entries stay until
+    /// the next claim, and must not count as fetches under way.)
     pub(super) fn in_flight(&self, key: &Key) -> bool {
-        self.inflight.lock().unwrap().contains_key(key)
+        let inflight = self.inflight.lock().unwrap();
+        inflight.get(key).is_some_and(|g| g.try_lock().is_err())
     }
 
     /// Lets the waiters of `key` in (the block is stored, or its fetch failed).

@@ -510,6 +510,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn blocks_of_a_cancelled_fetch_are_not_taken_for_blocks_under_way() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 247) as u8).collect();
+        let cache = BlockCache::new(4096, 4096, 1 << 20, None, RA);
+        let inner: Blob = Arc::new(MemBlob::new("sha256:c", data.clone()));
+        let held = cache.claim(&inner, 1, 3).0;
+        assert!(cache.at_hand(&inner, 2), "claimed: under way");
+        // The fetch's task is aborted: its gates drop without being released.
+        drop(held);
+        assert!(!cache.at_hand(&inner, 2));
+        let blob = cache.wrap(inner.clone());
+        assert_eq!(
+            &blob.read_at(5000, 6000).await.unwrap()[..],
+            &data[5000..11_000]
+        );
+        assert!(cache.at_hand(&inner, 2));
+    }
+
+    #[tokio::test]
     async fn a_prefetch_lasts_until_the_blocks_another_fetch_brings_are_in() {
         let data: Vec<u8> = (0..50_000u32).map(|i| (i % 249) as u8).collect();
         let cache = BlockCache::new(4096, 4096, 1 << 20, None, RA);
