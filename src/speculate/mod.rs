@@ -241,22 +241,24 @@ impl Speculator {
         let planned = plan.is_some();
         if let Some(Plan { profile, landmarks }) = plan {
             self.set_planning(true);
-            let (me, img) = (self.clone(), image.clone());
+            let (me, image) = (self.clone(), image.clone());
             tasks.push(TaskGuard::spawn(async move {
                 if let Some(p) = profile {
-                    plan::prefetch_profile(&img, &me, &p).await;
+                    plan::prefetch_profile(&image, &me, &p).await;
                 }
-                if landmarks {
-                    plan::prefetch_landmarks(&img, &me.counts).await;
+                if !landmarks {
+                    me.set_planning(false);
+                    return;
                 }
-                me.set_planning(false);
+                // The plan ends with the fetch (guesses wait only for it); the decoding goes
+                // on after. Polled first, the fetch has claimed its blocks before a decode
+                // reads one, so the decoding waits for the streams and asks for nothing.
+                let fetch = async {
+                    plan::prefetch_landmarks(&image, &me.counts).await;
+                    me.set_planning(false);
+                };
+                futures::join!(fetch, plan::decode_landmarks(&image, &me.decode_budget));
             }));
-            if landmarks {
-                let (me, img) = (self.clone(), image.clone());
-                tasks.push(TaskGuard::spawn(async move {
-                    plan::decode_landmarks(&img, &me.decode_budget).await;
-                }));
-            }
         }
         if !planned && self.mode != Mode::Off {
             self.predict_command(image);

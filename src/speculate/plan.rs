@@ -59,8 +59,9 @@ pub async fn prefetch_landmarks(image: &Image, counts: &Counts) {
 
 /// Decodes every eStargz layer's prioritized files as [`prefetch_landmarks`] brings them,
 /// all layers at once, front first (see [`chunked::Reader::decode_ahead`]): as many
-/// decoded bytes as `decode_budget` has, layer by layer. Apart from the plan, so that
-/// guesses wait only for the fetch.
+/// decoded bytes as `decode_budget` has, layer by layer. Polled after the fetch has
+/// claimed its blocks (its reads then wait for the streams), and awaited apart from it,
+/// so that guesses wait only for the fetch.
 ///
 /// [`chunked::Reader::decode_ahead`]: crate::layer::chunked::Reader::decode_ahead
 pub async fn decode_landmarks(image: &Image, decode_budget: &AtomicU64) {
