@@ -521,17 +521,20 @@ async fn asking_a_plain_registry_whether_it_speaks_tls_opens_its_first_connectio
     // the answer is known ...
     let warm = crate::registry::WARM_CONNECTIONS;
     assert_eq!(host.gets.load(Ordering::SeqCst), warm);
-    // ... and left in the client's pool: as many requests at once open no connection (the
-    // TLS half of the question opened one more, which the host never answered).
+    // ... and left in the client's pool: as many requests at once open no connection, or
+    // one (hyper starts a connect for a request that finds no idle connection, and uses
+    // whichever is ready first: a pooled one a moment from idle, usually). The TLS half of
+    // the question may have opened one more, which the host never answered (not when the
+    // plain answer came first and it was dropped before connecting).
     tokio::time::sleep(Duration::from_millis(50)).await;
     let conns = host.conns.load(Ordering::SeqCst);
-    assert_eq!(conns, warm + 1);
+    assert!((warm..=warm + 1).contains(&conns), "{conns} connections");
     registry.open_connections(warm).await;
     assert_eq!(host.gets.load(Ordering::SeqCst), 2 * warm);
-    assert_eq!(
-        host.conns.load(Ordering::SeqCst),
-        conns,
-        "connections reused"
+    let opened = host.conns.load(Ordering::SeqCst) - conns;
+    assert!(
+        opened <= 1,
+        "connections reused: {opened} new for {warm} requests"
     );
     // The mount's own warming that follows has nothing left to open.
     registry.warm(warm).await;
