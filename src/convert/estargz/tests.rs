@@ -45,6 +45,23 @@ fn sample_tar() -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// `blob`, the bytes `w` describes, opened as our reader opens a layer: tail, then TOC.
+async fn open_written(
+    blob: Blob,
+    w: &Written,
+) -> (
+    crate::layer::chunked::Reader,
+    Vec<crate::layer::Entry>,
+    bool,
+) {
+    let (tail_start, tail) = crate::blob::read_tail(&blob, crate::blob::TAIL_READ)
+        .await
+        .unwrap();
+    crate::layer::estargz::open(blob, tail_start, tail, Some(&w.toc_digest))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn written_blob_reads_back_identically_and_is_a_plain_tar_gz() {
     let tar = sample_tar();
@@ -74,13 +91,7 @@ async fn written_blob_reads_back_identically_and_is_a_plain_tar_gz() {
     assert_eq!(names.last().unwrap(), "stargz.index.json");
     // Our reader sees the same files with the same bytes.
     let blob: Blob = Arc::new(MemBlob::new(w.digest.clone(), out.clone()));
-    let (tail_start, tail) = crate::blob::read_tail(&blob, crate::blob::TAIL_READ)
-        .await
-        .unwrap();
-    let (reader, entries, legacy) =
-        crate::layer::estargz::open(blob, tail_start, tail, Some(&w.toc_digest))
-            .await
-            .unwrap();
+    let (reader, entries, legacy) = open_written(blob, &w).await;
     assert!(!legacy);
     assert!(reader.prefetch_len > 0);
     let original = crate::layer::tar::index_reader(std::io::Cursor::new(&tar), "t").unwrap();
@@ -126,14 +137,7 @@ async fn prioritized_files_are_announced_and_their_chunks_decoded_ahead() {
     let w = write(std::io::Cursor::new(&tar), &mut out, &opts).unwrap();
     let mem: Blob = Arc::new(MemBlob::new(w.digest.clone(), out.clone()));
     let counter = Arc::new(crate::blob::counting::CountingBlob::new(mem));
-    let blob: Blob = counter.clone();
-    let (tail_start, tail) = crate::blob::read_tail(&blob, crate::blob::TAIL_READ)
-        .await
-        .unwrap();
-    let (reader, entries, _) =
-        crate::layer::estargz::open(blob, tail_start, tail, Some(&w.toc_digest))
-            .await
-            .unwrap();
+    let (reader, entries, _) = open_written(counter.clone(), &w).await;
     // What `convert` announces in the layer's annotation is where the TOC's landmark is.
     assert!(w.prefetch_size > 0);
     assert_eq!(w.prefetch_size, reader.prefetch_len);
