@@ -247,11 +247,12 @@ impl Common {
             |e: &ocifs::registry::Endpoint| Ok(found.get(e.credential_key()).cloned().flatten());
         let mut repo = Repo::connect(&name, &routes, &find, opts.clone())?;
         // As skopeo: https first, plain HTTP only when TLS is not answered. Asked with the
-        // registry's own plain client: a plain registry's answer leaves its connection in
-        // the pool for the manifest.
+        // registry's own plain client, and when it is the first host, for the manifest: a
+        // plain registry's answer is the manifest, and leaves its connection in the pool.
+        let first = (probe == Some(0)).then(|| (routes[0].repo.as_str(), r.manifest_reference()));
         if let Some(i) = probe
             && let Some(registry) = repo.host(i)
-            && registry.speaks_tls(i == 0).await == Some(true)
+            && registry.speaks_tls(first).await == Some(true)
         {
             routes[i].endpoint.scheme = "https".into();
             repo = Repo::connect(&name, &routes, &find, opts)?;

@@ -102,6 +102,9 @@ pub struct Registry {
     /// [`Registry::warm`] has nothing to open (its requests would only hold them while the
     /// manifest's request wants one).
     warmed: AtomicBool,
+    /// The plain registry's answer to the TLS question when that asked for the manifest a
+    /// pull wants first: taken by the [`Registry::get_manifest`] of the same URL.
+    primed: Mutex<Option<http::PlainAnswer>>,
 }
 
 /// How one try of a blob read ended, when it did not deliver the range.
@@ -175,6 +178,7 @@ impl Registry {
                 false => retry::MAX_RETRIES,
             },
             warmed: Default::default(),
+            primed: Default::default(),
         })
     }
 
@@ -199,12 +203,34 @@ impl Registry {
 
     /// Whether this registry, reached over plain HTTP, speaks TLS after all (see
     /// [`speaks_tls`]): asked with its own plain client, so that a plain registry's answer
-    /// leaves a connection for the requests that follow. With `warm` (the host the first
-    /// requests go to), the other connections those requests want are opened beside it.
-    pub async fn speaks_tls(&self, warm: bool) -> Option<bool> {
+    /// leaves a connection for the requests that follow. `first`, the host the first
+    /// requests go to and the manifest (repository, tag or digest) they start with: the
+    /// other connections those requests want are opened beside the question, and the
+    /// question asks for that manifest, whose answer [`Registry::get_manifest`] then takes
+    /// (on a WAN link: ready a round trip sooner).
+    pub async fn speaks_tls(&self, first: Option<(&str, &str)>) -> Option<bool> {
         let host = (self.origin.split_once("://")).map_or(&*self.origin, |(_, h)| h);
-        let question = http::speaks_tls(host, self.http.plain());
-        if !warm {
+        let ask = self.http.plain().map(|client| {
+            let (url, headers) = match first {
+                Some((repo, reference)) => {
+                    let mut headers = self.headers.clone();
+                    headers.insert(header::ACCEPT, MANIFEST_ACCEPT.parse().unwrap());
+                    (self.url(&format!("{repo}/manifests/{reference}")), headers)
+                }
+                None => (format!("{}/", self.api), Default::default()),
+            };
+            http::PlainAsk {
+                client,
+                url,
+                headers,
+            }
+        });
+        let question = async {
+            let (answer, kept) = http::speaks_tls(host, ask).await;
+            *self.primed.lock().unwrap() = kept;
+            answer
+        };
+        if first.is_none() {
             return question.await;
         }
         // Opened now rather than a round trip later, as the manifest is asked for (measured
@@ -478,23 +504,26 @@ impl Registry {
     /// GETs a manifest, checking its size and, when pulled by digest (or when the registry
     /// sent Docker-Content-Digest), its sha256.
     pub async fn get_manifest(&self, repo: &str, reference: &str) -> Result<(Bytes, ManifestMeta)> {
-        let resp = self.manifest_request(repo, Method::GET, reference).await?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(self.manifest_error(repo, reference, status).await);
-        }
-        let media_type = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let sent_digest = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = read_limited(resp, MAX_MANIFEST, "manifest").await?;
+        let url = self.url(&format!("{repo}/manifests/{reference}"));
+        let primed = self.primed.lock().unwrap().take();
+        let (headers, body) = match primed.filter(|p| p.url == url) {
+            Some(answer) => (answer.headers, answer.body),
+            None => {
+                let resp = self.manifest_request(repo, Method::GET, reference).await?;
+                let status = resp.status();
+                if !status.is_success() {
+                    return Err(self.manifest_error(repo, reference, status).await);
+                }
+                let headers = resp.headers().clone();
+                (headers, read_limited(resp, MAX_MANIFEST, "manifest").await?)
+            }
+        };
+        let get = |n: header::HeaderName| {
+            let value = headers.get(n).and_then(|v| v.to_str().ok());
+            value.map(str::to_string)
+        };
+        let media_type = get(header::CONTENT_TYPE).unwrap_or_default();
+        let sent_digest = get(header::HeaderName::from_static("docker-content-digest"));
         let digest = crate::digest::sha256(&body);
         for expected in [
             Some(reference).filter(|r| r.starts_with("sha256:")),

@@ -510,17 +510,22 @@ async fn an_empty_blob_is_checked_not_asked_for() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asking_a_plain_registry_whether_it_speaks_tls_opens_its_first_connections() {
     let (data, digest) = blob();
-    let host = serve(Mode::Ranges, data, digest, Bytes::new());
+    let manifest = Bytes::from_static(br#"{"schemaVersion":2}"#);
+    let host = serve(Mode::Ranges, data, digest, manifest.clone());
     let first = repo(
         &[route(&host.addr, Capabilities::ALL, false)],
         "tls-question",
     );
     let registry = first.host(0).unwrap();
-    assert_eq!(registry.speaks_tls(true).await, Some(false));
-    // The plain question and the connections opened beside it were all answered by the time
-    // the answer is known ...
+    assert_eq!(
+        registry.speaks_tls(Some(("t/app", "v1"))).await,
+        Some(false)
+    );
+    // The plain question (for the manifest) and the connections opened beside it were all
+    // answered by the time the answer is known ...
     let warm = crate::registry::WARM_CONNECTIONS;
     assert_eq!(host.gets.load(Ordering::SeqCst), warm);
+    assert_eq!(host.tags.load(Ordering::SeqCst), 1);
     // ... and left in the client's pool: as many requests at once open no connection, or
     // one (hyper starts a connect for a request that finds no idle connection, and uses
     // whichever is ready first: a pooled one a moment from idle, usually). The TLS half of
@@ -539,12 +544,40 @@ async fn asking_a_plain_registry_whether_it_speaks_tls_opens_its_first_connectio
     // The mount's own warming that follows has nothing left to open.
     registry.warm(warm).await;
     assert_eq!(host.gets.load(Ordering::SeqCst), 2 * warm);
+    // The manifest asked for first is the question's answer: no request ...
+    let (body, meta) = first.manifest("v1").await.unwrap();
+    assert_eq!(body, manifest);
+    assert_eq!(meta.digest, crate::digest::sha256(&manifest));
+    assert_eq!(host.gets.load(Ordering::SeqCst), 2 * warm);
+    // ... once: asked again, it is asked of the registry.
+    first.manifest("v1").await.unwrap();
+    assert_eq!(host.tags.load(Ordering::SeqCst), 2);
     // Asked about a host the first requests do not go to: the question alone.
     let other = serve(Mode::Ranges, blob().0, blob().1, Bytes::new());
     let second = repo(
         &[route(&other.addr, Capabilities::ALL, false)],
         "tls-question-2",
     );
-    assert_eq!(second.host(0).unwrap().speaks_tls(false).await, Some(false));
+    assert_eq!(second.host(0).unwrap().speaks_tls(None).await, Some(false));
     assert_eq!(other.gets.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_plain_answer_other_than_ok_is_not_kept_for_the_manifest() {
+    let (data, digest) = blob();
+    let host = serve(Mode::Missing, data, digest, Bytes::new());
+    let r = repo(
+        &[route(&host.addr, Capabilities::ALL, false)],
+        "tls-question-404",
+    );
+    // A 404 still says the host is plain HTTP ...
+    let registry = r.host(0).unwrap();
+    assert_eq!(
+        registry.speaks_tls(Some(("t/app", "v1"))).await,
+        Some(false)
+    );
+    assert_eq!(host.tags.load(Ordering::SeqCst), 1);
+    // ... and the manifest is asked for again, the error coming from that answer.
+    assert!(matches!(r.manifest("v1").await, Err(Error::NotFound(_))));
+    assert_eq!(host.tags.load(Ordering::SeqCst), 2);
 }
