@@ -48,6 +48,8 @@ pub struct Written {
     /// Compressed bytes before `.prefetch.landmark`'s payload (the prioritized files), 0
     /// without prioritized files.
     pub prefetch_size: u64,
+    /// Where the TOC's gzip member starts (the footer's offset).
+    pub toc_offset: u64,
 }
 
 /// One input entry: where its bytes are in the input tar.
@@ -144,6 +146,7 @@ pub fn write<R: Read + Seek, W: Write>(mut input: R, out: W, opts: &Options) -> 
         uncompressed_size,
         toc_digest,
         prefetch_size,
+        toc_offset,
     })
 }
 

@@ -191,6 +191,7 @@ async fn converted_manifest(
         let mut annotations = json!({
             crate::layer::estargz::TOC_DIGEST_ANNOTATION: written.toc_digest,
             "io.containers.estargz.uncompressed-size": written.uncompressed_size.to_string(),
+            crate::layer::estargz::TOC_OFFSET_ANNOTATION: written.toc_offset.to_string(),
         });
         if written.prefetch_size > 0 {
             annotations[crate::layer::estargz::PREFETCH_SIZE_ANNOTATION] =

@@ -266,7 +266,9 @@ fn announced_front(desc: &LayerDesc) -> Option<u64> {
         .annotations
         .get(crate::layer::estargz::PREFETCH_SIZE_ANNOTATION)
         .filter(|_| toc)?;
-    let room = desc.size.saturating_sub(crate::blob::TAIL_READ);
+    let room = desc
+        .size
+        .saturating_sub(crate::layer::detect::toc_tail(desc));
     let len = text.trim().parse::<u64>().ok()?.min(room);
     (len > 0).then_some(len)
 }

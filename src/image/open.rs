@@ -42,10 +42,10 @@ pub(super) struct Ctx<'a> {
 pub(super) fn tail_ranges(layers: &[LayerDesc]) -> u64 {
     let large = layers
         .iter()
-        .filter(|d| d.size > crate::blob::TAIL_READ)
         .filter(|d| {
             Format::from_media_type(&d.media_type).is_ok_and(|f| detect::announces_toc(f, d))
         })
+        .filter(|d| d.size > detect::toc_tail(d))
         .count() as u64;
     (crate::registry::WARM_CONNECTIONS as u64 / large.max(1)).clamp(1, crate::blob::SPREAD_PIECES)
 }
@@ -83,9 +83,9 @@ impl Ctx<'_> {
         // tail read, reused for the TOC). Without an annotation announcing the TOC the layer is
         // most likely plain: the tail read is small, and the registry is asked for published
         // indexes meanwhile.
+        let announced = detect::announces_toc(media, desc).then(|| detect::toc_tail(desc));
         let (tail_start, tail) = if detect::may_have_footer(media) {
-            self.tail(&cached, detect::announces_toc(media, desc))
-                .await?
+            self.tail(&cached, announced).await?
         } else {
             (0, Bytes::new())
         };
@@ -96,7 +96,6 @@ impl Ctx<'_> {
         // are read once more from fresh bytes before the layer is refused.
         let what = format!("opening layer {}", desc.digest);
         let whole = (0, cached.size());
-        let announced = detect::announces_toc(media, desc);
         let mut first_tail = Some((tail_start, tail));
         let mut tail = || {
             let first = first_tail.take();
@@ -201,15 +200,16 @@ impl Ctx<'_> {
         Ok((layer, entries))
     }
 
-    /// Reads a layer's tail for its footer: a large read when a TOC is `announced` (it
-    /// usually arrives whole), else a small one, while the registry is asked for published
-    /// indexes (the layer is most likely plain and will need one) unless one is cached here.
-    async fn tail(&self, cached: &Blob, announced: bool) -> Result<(u64, Bytes)> {
-        if announced {
+    /// Reads a layer's tail for its footer: when a TOC is `announced`, as many bytes as that
+    /// says (see [`detect::toc_tail`]: the TOC usually arrives whole), else a small read,
+    /// while the registry is asked for published indexes (the layer is most likely plain and
+    /// will need one) unless one is cached here.
+    async fn tail(&self, cached: &Blob, announced: Option<u64>) -> Result<(u64, Bytes)> {
+        if let Some(len) = announced {
             // Over the network a large tail holds the mount back: asked for as several ranges
             // at once. Not a tail that is the whole blob: that is one whole read (which a
             // pull-through cache that lacks the blob may answer in full at once).
-            let start = cached.size().saturating_sub(crate::blob::TAIL_READ);
+            let start = cached.size().saturating_sub(len);
             if let Source::Registry { .. } = self.source
                 && start > 0
                 && let Err(e) = crate::blob::prefetch_spread(
@@ -223,7 +223,7 @@ impl Ctx<'_> {
                 // The read below asks again, as it would have at first.
                 tracing::debug!("fetching the tail of {} as ranges: {e}", cached.id());
             }
-            return crate::blob::read_tail(cached, crate::blob::TAIL_READ).await;
+            return crate::blob::read_tail(cached, len).await;
         }
         let tail = crate::blob::read_tail(cached, crate::blob::SMALL_TAIL_READ);
         if checkpoint::file::path(&self.cfg.cache_dir, cached.id()).exists() {

@@ -25,6 +25,23 @@ pub fn announces_toc(format: Format, desc: &LayerDesc) -> bool {
     }
 }
 
+/// The most bytes a hint ([`estargz::TOC_OFFSET_ANNOTATION`]) may make a layer's opening read
+/// at its end (a wrong hint costs at most this much).
+const MAX_TAIL_HINT: u64 = 64 << 20;
+
+/// How many bytes at the end of `desc`'s blob to read for its TOC when the descriptor
+/// announces one: from the offset [`estargz::TOC_OFFSET_ANNOTATION`] names when that is a
+/// number leaving a footer's worth to [`MAX_TAIL_HINT`] of the blob's end, else
+/// [`crate::blob::TAIL_READ`] (which usually holds a TOC whole); never more than the blob.
+/// A wrong hint costs a read, never a wrong TOC: the footer says where the TOC starts.
+pub fn toc_tail(desc: &LayerDesc) -> u64 {
+    let hinted = (desc.annotations.get(estargz::TOC_OFFSET_ANNOTATION))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .and_then(|offset| desc.size.checked_sub(offset))
+        .filter(|len| (FOOTER_TAIL..=MAX_TAIL_HINT).contains(len));
+    hinted.unwrap_or(crate::blob::TAIL_READ).min(desc.size)
+}
+
 /// The format of a layer whose media type says `format` and whose blob ends with `tail`.
 pub fn from_tail(format: Format, tail: &[u8]) -> Format {
     match format {
@@ -71,6 +88,37 @@ mod tests {
             media_type: media_type.into(),
             annotations: HashMap::new(),
         }
+    }
+
+    #[test]
+    fn an_announced_toc_offset_sizes_the_tail_read_within_bounds() {
+        let size = 100 << 20;
+        let hinted = |value: &str| {
+            let mut d = desc("application/vnd.oci.image.layer.v1.tar+gzip", size);
+            d.annotations
+                .insert(estargz::TOC_OFFSET_ANNOTATION.into(), value.into());
+            toc_tail(&d)
+        };
+        let default = crate::blob::TAIL_READ;
+        assert_eq!(hinted(&(size - 300_000).to_string()), 300_000);
+        assert_eq!(
+            hinted(&(size - (8 << 20)).to_string()),
+            8 << 20,
+            "larger too"
+        );
+        // Not a number, past the blob, leaving no footer, or asking too much: the guess.
+        for bad in [
+            "x",
+            "-5",
+            "",
+            &(size + 1).to_string(),
+            &(size - 10).to_string(),
+            "0",
+        ] {
+            assert_eq!(hinted(bad), default, "{bad:?}");
+        }
+        assert_eq!(toc_tail(&desc("x", size)), default, "no hint");
+        assert_eq!(toc_tail(&desc("x", 1000)), 1000, "never past the blob");
     }
 
     #[tokio::test]

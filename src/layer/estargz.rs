@@ -22,6 +22,11 @@ pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.diges
 /// mount can stream them in beside the TOC instead of after it. Only a hint: what is served
 /// is still checked against the TOC's chunk digests.
 pub const PREFETCH_SIZE_ANNOTATION: &str = "io.ocifs.prefetch-size";
+/// Annotation `ocifs convert` puts on every eStargz layer: the blob offset where the TOC's
+/// gzip member starts (as the footer says), so that a mount reads exactly the TOC and footer
+/// at once instead of a guessed tail. Only a hint: the footer decides, and the TOC's digest
+/// is checked.
+pub const TOC_OFFSET_ANNOTATION: &str = "io.ocifs.toc-offset";
 /// Footer sizes: eStargz and legacy stargz.
 pub const FOOTER_SIZE: u64 = 51;
 const LEGACY_FOOTER_SIZE: u64 = 47;

@@ -90,6 +90,12 @@ fn convert_to_estargz_is_correct_lazy_and_readable_by_stargz_snapshotter() {
                 "layer {i}: {annotations}"
             ),
         }
+        // Every layer announces where its TOC starts: the footer's offset.
+        let toc_at = annotations["io.ocifs.toc-offset"].as_str();
+        let footer = &blob[blob.len() - 51..];
+        let hex = std::str::from_utf8(&footer[16..32]).unwrap();
+        let want = u64::from_str_radix(hex, 16).unwrap().to_string();
+        assert_eq!(toc_at, Some(want.as_str()), "layer {i}");
         let file = ["bin/tool", "opq/upper", "big.bin"][i];
         let out = std::process::Command::new(builder::estargz_tool())
             .args(["--verify", path.to_str().unwrap(), &toc, file])

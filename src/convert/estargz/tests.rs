@@ -57,6 +57,9 @@ async fn open_written(
     let (tail_start, tail) = crate::blob::read_tail(&blob, crate::blob::TAIL_READ)
         .await
         .unwrap();
+    // The offset `convert` announces is the footer's.
+    let footer = crate::layer::estargz::parse_footer(&tail).unwrap();
+    assert_eq!(footer, (w.toc_offset, false));
     crate::layer::estargz::open(blob, tail_start, tail, Some(&w.toc_digest))
         .await
         .unwrap()
