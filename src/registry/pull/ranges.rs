@@ -150,7 +150,7 @@ impl Repo {
     ) -> Result<()> {
         let h = &self.hosts[i];
         let what = format!("blob {digest} from {}", h.registry.host());
-        let mut wait = FillWait::new(Duration::ZERO);
+        let mut wait = FillWait::new(Duration::ZERO, size);
         loop {
             h.counters.requests.fetch_add(1, Ordering::Relaxed);
             let resp = h.registry.open_blob(&h.repo, digest, offset, len).await?;
@@ -289,9 +289,10 @@ impl Repo {
 }
 
 /// When to ask a host again for a blob it answered whole: soon at first (a small blob is
-/// stored in a moment), then less and less often, each ask costing the host's origin the
-/// first flights of one more download, until `limit` has passed. Measured in the fleet
-/// benchmark (docs/BENCHMARKS.md): these asks cost the origin 1-2 MB per blob in all.
+/// stored in a moment; a large one not before its bytes can have crossed the cache's link,
+/// see [`FillWait::STORE_RATE`]), then less and less often, each ask costing the host's
+/// origin the first flights of one more download, until `limit` has passed. Measured in the
+/// fleet benchmark (docs/BENCHMARKS.md): these asks cost the origin 1-2 MB per blob in all.
 struct FillWait {
     limit: Duration,
     started: Instant,
@@ -305,13 +306,20 @@ impl FillWait {
     const FIRST: Duration = Duration::from_millis(250);
     const GROWTH: f64 = 1.5;
     const LONGEST: Duration = Duration::from_secs(2);
+    /// Bytes per second faster than which no cache is taken to store a blob (800 Mbit/s, a
+    /// fast link to its origin): the first pause lasts at least the blob's size at this
+    /// rate (62 MB: 0.6 s), for an ask before then only costs the origin the first flights
+    /// of one more download.
+    const STORE_RATE: f64 = 100e6;
 
-    fn new(limit: Duration) -> FillWait {
+    /// A wait for a blob of `size` bytes, lasting `limit`.
+    fn new(limit: Duration, size: u64) -> FillWait {
+        let storing = Duration::from_secs_f64(size as f64 / FillWait::STORE_RATE);
         FillWait {
             limit,
             started: Instant::now(),
             tries: 0,
-            pause: FillWait::FIRST,
+            pause: storing.clamp(FillWait::FIRST, FillWait::LONGEST),
         }
     }
 
@@ -378,5 +386,33 @@ fn check_answer(resp: &reqwest::Response, digest: &str, size: u64, what: &str) -
             format!("the host says the blob has {t} bytes; its descriptor says {size}"),
         )),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_blob_is_asked_for_again_once_it_can_have_been_stored() {
+        let ms = Duration::from_millis;
+        let pauses = |size| {
+            let mut wait = FillWait::new(Duration::from_secs(60), size);
+            (0..8).map(|_| wait.next()).collect::<Vec<_>>()
+        };
+        // Each pause is jittered by up to a quarter either way.
+        let near = |p: Duration, d: Duration| p >= d - d / 4 && p <= d + d / 4;
+        let small = pauses(1 << 20);
+        assert!(near(small[0], ms(250)), "{small:?}");
+        assert!(near(small[1], ms(375)), "{small:?}");
+        let large = pauses(62_000_000);
+        assert!(near(large[0], ms(620)), "{large:?}");
+        assert!(near(large[1], ms(930)), "{large:?}");
+        let huge = pauses(10 << 30);
+        assert!(near(huge[0], ms(2000)), "{huge:?}");
+        // Never longer than the longest, and never past the limit.
+        assert!(large.iter().chain(&huge).all(|&p| p <= ms(2500)));
+        let mut short = FillWait::new(ms(300), 62_000_000);
+        assert!(short.next() <= ms(300));
     }
 }
