@@ -242,6 +242,13 @@ pub struct OpenConfig {
     /// cache as soon as it is opened, beside its TOC, instead of once the mount is ready:
     /// for mount, store and run, unless prefetching is off.
     pub fetch_announced_front: bool,
+    /// Layers of at most this many compressed bytes, smallest first and at most this many
+    /// in all ([`crate::image::small_layers`]), are streamed into the block cache whole as
+    /// soon as they are opened, beside the TOCs, unless a layer of the image announces a
+    /// front (then the front is what a start reads first): a start reads a small layer it
+    /// touches nearly whole. 0: not at open (the speculation may still fetch them once the
+    /// mount is ready).
+    pub fetch_small_layers: u64,
 }
 
 #[cfg(test)]

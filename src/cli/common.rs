@@ -153,6 +153,7 @@ impl Common {
             read_timeout: t.read_timeout.0.max(std::time::Duration::from_millis(100)),
             copy_first_pass: false,
             fetch_announced_front: false,
+            fetch_small_layers: 0,
         })
     }
 
@@ -529,6 +530,7 @@ impl Speculation {
     pub fn serving(&self, mut open: OpenConfig) -> OpenConfig {
         open.copy_first_pass = !self.no_local_copy;
         open.fetch_announced_front = !self.no_prefetch;
+        open.fetch_small_layers = self.small_layers.0;
         open
     }
 }
@@ -539,6 +541,18 @@ pub struct MountExtras {
     pub prefetch: Option<PathBuf>,
     pub speculation: Speculation,
     pub tuning: Tuning,
+}
+
+impl MountExtras {
+    /// `open` for a mount or run (see [`Speculation::serving`]): with a profile to prefetch,
+    /// no small layer is streamed in at open (the plan brings what the start reads).
+    pub fn serving(&self, open: OpenConfig) -> OpenConfig {
+        let mut open = self.speculation.serving(open);
+        if self.prefetch.is_some() {
+            open.fetch_small_layers = 0;
+        }
+        open
+    }
 }
 
 #[cfg(test)]

@@ -95,9 +95,7 @@ pub fn mount_here(
     block_on(async {
         // First of all: from here on a signal cannot end the process with a mount left dead.
         let mut stop = Stop::listen()?;
-        let cfg = extras
-            .speculation
-            .serving(common.open_config_tuned(&extras.tuning)?);
+        let cfg = extras.serving(common.open_config_tuned(&extras.tuning)?);
         let spec = extras.speculation.config();
         let opts = MountOptions {
             mountpoint: mountpoint.to_path_buf(),

@@ -70,9 +70,7 @@ async fn run_in(
     dir: &std::path::Path,
     start: Instant,
 ) -> Result<ExitCode> {
-    let cfg = extras
-        .speculation
-        .serving(common.open_config_tuned(&extras.tuning)?);
+    let cfg = extras.serving(common.open_config_tuned(&extras.tuning)?);
     let (source, what, display) = common.source(reference).await?;
     let profile = match &extras.prefetch {
         Some(p) => Some(ocifs::speculate::read_profile(p)?),

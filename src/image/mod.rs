@@ -79,6 +79,9 @@ pub struct LayerOpener {
     copy_budget: Arc<std::sync::atomic::AtomicU64>,
     /// How many ranges each layer's tail is asked for as (see [`open::tail_ranges`]).
     tail_ranges: u64,
+    /// The small layers streamed in whole as they are opened (see
+    /// [`OpenConfig::fetch_small_layers`]).
+    small: std::collections::HashSet<String>,
 }
 
 impl LayerOpener {
@@ -91,6 +94,7 @@ impl LayerOpener {
         progress: Progress,
     ) -> Self {
         let cfg_copy_bound = cfg.disk_cache_size;
+        let cfg_small_layers = cfg.fetch_small_layers;
         LayerOpener {
             source,
             cfg,
@@ -104,6 +108,7 @@ impl LayerOpener {
             published: tokio::sync::OnceCell::new(),
             copy_budget: Arc::new(std::sync::atomic::AtomicU64::new(cfg_copy_bound)),
             tail_ranges: open::tail_ranges(&resolved.layers),
+            small: small_at_open(&resolved.layers, cfg_small_layers),
         }
     }
 
@@ -141,7 +146,7 @@ impl LayerOpener {
         ));
         let raw: Blob = counter.clone();
         let blob = self.cache.wrap(raw);
-        let front = self.fetch_announced_front(desc, &blob);
+        let front = self.fetch_front(desc, &blob);
         let (layer, entries) = ctx.open_layer(desc, &counter).await?;
         let opened = OpenedLayer {
             layer: Arc::new(layer),
@@ -152,24 +157,34 @@ impl LayerOpener {
         Ok((opened, entries))
     }
 
-    /// Starts streaming the front of `desc`'s blob that its descriptor announces as the
-    /// prioritized files ([`PREFETCH_SIZE_ANNOTATION`]) into the block cache, when asked
-    /// to and the blob is a registry's: it then arrives beside the TOC, where the planned
-    /// prefetch would only start it once the mount is ready (a start waits for those bytes
-    /// first). The announcement is only a hint (see [`announced_front`]): what is fetched
-    /// is served only as the TOC locates it, checked as every chunk is.
+    /// Starts streaming the front of `desc`'s blob into the block cache, when the blob is
+    /// a registry's: the front its descriptor announces as the prioritized files
+    /// ([`PREFETCH_SIZE_ANNOTATION`]) when asked to, or a small layer whole (all but the
+    /// tail its opening reads; see [`OpenConfig::fetch_small_layers`]). It then arrives
+    /// beside the TOC, where the planned prefetch would only start it once the mount is
+    /// ready (a start waits for those bytes first). The announcement is only a hint (see
+    /// [`announced_front`]): what is fetched is served only as the TOC locates it, checked
+    /// as every chunk is.
     ///
     /// [`PREFETCH_SIZE_ANNOTATION`]: crate::layer::estargz::PREFETCH_SIZE_ANNOTATION
-    fn fetch_announced_front(&self, desc: &LayerDesc, blob: &Blob) -> Option<TaskGuard> {
-        if !self.cfg.fetch_announced_front || !matches!(self.source, Source::Registry { .. }) {
+    fn fetch_front(&self, desc: &LayerDesc, blob: &Blob) -> Option<TaskGuard> {
+        if !matches!(self.source, Source::Registry { .. }) {
             return None;
         }
-        let len = announced_front(desc)?;
+        let announced = announced_front(desc).filter(|_| self.cfg.fetch_announced_front);
+        let (len, what) = match announced {
+            Some(len) => (len, "the announced front"),
+            None if self.small.contains(&desc.digest) => (
+                desc.size.saturating_sub(opening_tail(desc)),
+                "the small layer",
+            ),
+            None => return None,
+        };
         let (blob, digest) = (blob.clone(), desc.digest.clone());
         Some(TaskGuard::spawn(async move {
             match blob.prefetch(0, len).await {
-                Ok(()) => tracing::debug!("fetched the announced front of {digest}: {len} bytes"),
-                Err(e) => tracing::debug!("fetching the announced front of {digest}: {e}"),
+                Ok(()) => tracing::debug!("fetched {what} {digest}: {len} bytes"),
+                Err(e) => tracing::debug!("fetching {what} {digest}: {e}"),
             }
         }))
     }
@@ -273,6 +288,41 @@ fn announced_front(desc: &LayerDesc) -> Option<u64> {
     (len > 0).then_some(len)
 }
 
+/// Which of layers of `sizes` (compressed bytes) are fetched whole as small layers: those
+/// of at most `max`, smallest first, while their total stays within `max`.
+pub fn small_layers(sizes: &[u64], max: u64) -> Vec<usize> {
+    let mut small: Vec<usize> = (0..sizes.len()).filter(|&i| sizes[i] <= max).collect();
+    small.sort_by_key(|&i| sizes[i]);
+    let mut total = 0u64;
+    small.retain(|&i| {
+        total = total.saturating_add(sizes[i]);
+        total <= max
+    });
+    small
+}
+
+/// The digests of the small layers of `layers` to stream in whole as they are opened (see
+/// [`OpenConfig::fetch_small_layers`]): none when a layer announces a front.
+fn small_at_open(layers: &[LayerDesc], max: u64) -> std::collections::HashSet<String> {
+    if max == 0 || layers.iter().any(|d| announced_front(d).is_some()) {
+        return Default::default();
+    }
+    let sizes: Vec<u64> = layers.iter().map(|d| d.size).collect();
+    let small = small_layers(&sizes, max).into_iter();
+    small.map(|i| layers[i].digest.clone()).collect()
+}
+
+/// The bytes at the end of `desc`'s blob that opening the layer reads itself (its TOC, or
+/// a footer's worth), which a fetch of the rest leaves to it.
+fn opening_tail(desc: &LayerDesc) -> u64 {
+    let toc = Format::from_media_type(&desc.media_type)
+        .is_ok_and(|f| crate::layer::detect::announces_toc(f, desc));
+    match toc {
+        true => crate::layer::detect::toc_tail(desc),
+        false => crate::blob::SMALL_TAIL_READ,
+    }
+}
+
 /// Checks `layers` against their digests (and `diff_ids`, for indexes from the registry)
 /// before they are served, as `--verify strict` asks: the first bad layer is the error.
 pub async fn verify_now(layers: &[OpenedLayer], diff_ids: &[String]) -> Result<()> {
@@ -298,6 +348,65 @@ pub async fn probe_format(source: &Source, desc: &LayerDesc) -> Result<Option<Fo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_layers_are_chosen_smallest_first_within_one_bound() {
+        const MIB: u64 = 1 << 20;
+        // The realistic image: a 55 MiB base, the 8 MiB standard library, a tiny app layer.
+        assert_eq!(
+            small_layers(&[55 * MIB, 8 * MIB, 2000], 16 * MIB),
+            vec![2, 1]
+        );
+        // Five 5 MiB layers: three fit in 16 MiB, the rest are left to reads.
+        assert_eq!(small_layers(&[5 * MIB; 5], 16 * MIB), vec![0, 1, 2]);
+        // A layer of exactly the bound alone fits; nothing with a bound of 0.
+        assert_eq!(small_layers(&[16 * MIB, 17 * MIB], 16 * MIB), vec![0]);
+        assert!(small_layers(&[1, 2, 3], 0).is_empty());
+        assert!(small_layers(&[], 16 * MIB).is_empty());
+    }
+
+    #[test]
+    fn small_layers_stream_in_at_open_unless_a_layer_announces_a_front() {
+        let layer = |digest: &str, size: u64, front: Option<&str>| LayerDesc {
+            digest: digest.into(),
+            size,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            annotations: [
+                (
+                    crate::layer::estargz::TOC_DIGEST_ANNOTATION,
+                    Some("sha256:t"),
+                ),
+                (crate::layer::estargz::PREFETCH_SIZE_ANNOTATION, front),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_string(), v?.to_string())))
+            .collect(),
+        };
+        let plain = [
+            layer("sha256:base", 60 << 20, None),
+            layer("sha256:lib", 8 << 20, None),
+            layer("sha256:app", 1000, None),
+        ];
+        let small = small_at_open(&plain, 16 << 20);
+        let mut names: Vec<_> = small.iter().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["sha256:app", "sha256:lib"]);
+        assert!(small_at_open(&plain, 0).is_empty(), "turned off");
+        // A layer announcing its prioritized files: the front is what a start reads first.
+        let mut fronted = plain.clone();
+        fronted[0] = layer("sha256:base", 60 << 20, Some("7000000"));
+        assert!(small_at_open(&fronted, 16 << 20).is_empty());
+        // What opening reads itself is left out: the TOC an offset names, else a footer's.
+        let mut hinted = layer("sha256:lib", 8 << 20, None);
+        let toc_at = (8 << 20) - 300_000;
+        (hinted.annotations).insert(
+            crate::layer::estargz::TOC_OFFSET_ANNOTATION.into(),
+            toc_at.to_string(),
+        );
+        assert_eq!(opening_tail(&hinted), 300_000);
+        hinted.annotations.clear();
+        assert_eq!(opening_tail(&hinted), crate::blob::SMALL_TAIL_READ);
+    }
 
     #[test]
     fn an_announced_front_is_a_hint_bounded_by_the_blob_before_its_tail() {

@@ -121,7 +121,7 @@ fn prioritized_chunks(image: &Image, layer: usize, front: u64, budget: &AtomicU6
 /// image of many layers does not flood the link the reads share.
 pub async fn fetch_small_layers(image: &Image, max: u64, counts: &Counts) {
     let sizes: Vec<u64> = image.layers.iter().map(|l| l.blob.size()).collect();
-    let small: Vec<_> = small_layers(&sizes, max)
+    let small: Vec<_> = crate::image::small_layers(&sizes, max)
         .into_iter()
         .map(|i| &image.layers[i].blob)
         .collect();
@@ -297,38 +297,9 @@ pub fn read_profile(path: &Path) -> Result<Vec<Access>> {
     Ok(out)
 }
 
-/// Which of layers of `sizes` (compressed bytes) [`fetch_small_layers`] fetches:
-/// those of at most `max`, smallest first, while their total stays within `max`.
-fn small_layers(sizes: &[u64], max: u64) -> Vec<usize> {
-    let mut small: Vec<usize> = (0..sizes.len()).filter(|&i| sizes[i] <= max).collect();
-    small.sort_by_key(|&i| sizes[i]);
-    let mut total = 0u64;
-    small.retain(|&i| {
-        total = total.saturating_add(sizes[i]);
-        total <= max
-    });
-    small
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn small_layers_are_chosen_smallest_first_within_one_bound() {
-        const MIB: u64 = 1 << 20;
-        // The realistic image: a 55 MiB base, the 8 MiB standard library, a tiny app layer.
-        assert_eq!(
-            small_layers(&[55 * MIB, 8 * MIB, 2000], 16 * MIB),
-            vec![2, 1]
-        );
-        // Five 5 MiB layers: three fit in 16 MiB, the rest are left to reads.
-        assert_eq!(small_layers(&[5 * MIB; 5], 16 * MIB), vec![0, 1, 2]);
-        // A layer of exactly the bound alone fits; nothing with a bound of 0.
-        assert_eq!(small_layers(&[16 * MIB, 17 * MIB], 16 * MIB), vec![0]);
-        assert!(small_layers(&[1, 2, 3], 0).is_empty());
-        assert!(small_layers(&[], 16 * MIB).is_empty());
-    }
 
     #[test]
     fn profile_ranges_merge_per_blob_and_keep_first_access_order() {

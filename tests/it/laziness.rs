@@ -63,8 +63,8 @@ fn estargz_reads_are_lazy() {
     );
 }
 
-/// A small layer is fetched whole as soon as the mount is ready (one streamed request), so
-/// every read of it is then local; a large layer beside it stays lazy; `--small-layers 0`
+/// A small layer is fetched whole as soon as it is opened (one streamed request beside its
+/// tail), so every read of it is then local; a large layer beside it stays lazy; `--small-layers 0`
 /// fetches nothing ahead.
 #[test]
 fn small_layers_are_fetched_whole_at_mount_and_large_ones_stay_lazy() {

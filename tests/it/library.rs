@@ -45,6 +45,7 @@ fn the_library_mounts_serves_and_unmounts_an_image() {
         read_timeout: std::time::Duration::from_secs(30),
         copy_first_pass: true,
         fetch_announced_front: true,
+        fetch_small_layers: 16 << 20,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (actual, stats) = rt.block_on(async {
