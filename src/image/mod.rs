@@ -180,6 +180,9 @@ impl LayerOpener {
             ),
             None => return None,
         };
+        if len == 0 {
+            return None;
+        }
         let (blob, digest) = (blob.clone(), desc.digest.clone());
         Some(TaskGuard::spawn(async move {
             match blob.prefetch(0, len).await {
