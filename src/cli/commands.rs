@@ -303,7 +303,7 @@ pub async fn convert(
     }
     // Signals are ours from the start: an interrupted run removes its scratch files.
     let mut stop = Stop::listen()?;
-    let (source, what, display) = common.source(src).await?;
+    let (source, what, display) = common.source_only(src).await?;
     let dst = dst.strip_prefix("docker://").unwrap_or(dst);
     let dest = match dst.strip_prefix("oci:") {
         Some(rest) => {
@@ -318,7 +318,7 @@ pub async fn convert(
             }
         }
         None => {
-            let (dsource, _, _) = common.source(dst).await?;
+            let (dsource, _, _) = common.source_only(dst).await?;
             let r = ocifs::reference::Reference::parse(dst)?;
             let Some(tag) = r.tag.filter(|_| r.digest.is_none()) else {
                 bail!("the destination {dst} needs a tag, not a digest")

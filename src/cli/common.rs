@@ -170,8 +170,23 @@ impl Common {
 
     /// Turns `REF` into a source and the tag or digest to resolve in it, and a name to show:
     /// `oci:DIR[:TAG]` is an OCI layout; a registry reference may carry skopeo's `docker://`.
-    /// A registry that may be plain HTTP is asked whether it speaks TLS.
+    /// A registry that may be plain HTTP is asked whether it speaks TLS, with the GET of
+    /// the reference's manifest that opening an image starts with (see `registry/question.rs`).
     pub async fn source(&self, reference: &str) -> Result<(Source, String, String)> {
+        self.source_asking(reference, true).await
+    }
+
+    /// [`Common::source`] for a command that does not start by GETting the reference's
+    /// manifest (`tags`, `convert`): the TLS question asks for no manifest.
+    pub async fn source_only(&self, reference: &str) -> Result<(Source, String, String)> {
+        self.source_asking(reference, false).await
+    }
+
+    async fn source_asking(
+        &self,
+        reference: &str,
+        manifest_first: bool,
+    ) -> Result<(Source, String, String)> {
         let reference = reference.strip_prefix("docker://").unwrap_or(reference);
         if let Some(rest) = reference.strip_prefix("oci:") {
             let slash = rest.rfind('/').map_or(0, |i| i + 1);
@@ -250,7 +265,8 @@ impl Common {
         // As skopeo: https first, plain HTTP only when TLS is not answered. Asked with the
         // registry's own plain client, and when it is the first host, for the manifest: a
         // plain registry's answer is the manifest, and leaves its connection in the pool.
-        let first = (probe == Some(0)).then(|| (routes[0].repo.as_str(), r.manifest_reference()));
+        let first = (probe == Some(0) && manifest_first)
+            .then(|| (routes[0].repo.as_str(), r.manifest_reference()));
         if let Some(i) = probe
             && let Some(registry) = repo.host(i)
             && registry.speaks_tls(first).await == Some(true)

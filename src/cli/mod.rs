@@ -557,7 +557,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             json,
             repository,
         } => block_on(async {
-            let (source, _, _) = common.source(&repository).await?;
+            let (source, _, _) = common.source_only(&repository).await?;
             let tags = source.tags().await?;
             match json {
                 true => println!("{}", serde_json::to_string(&tags)?),

@@ -48,6 +48,18 @@ pub struct OpenedLayer {
     /// The fetch of the front the layer's descriptor announced, while it runs (see
     /// [`OpenConfig::fetch_announced_front`]); it ends with the layer.
     _front: Option<TaskGuard>,
+    /// The fetch of a small layer streamed in whole as it was opened (see
+    /// [`OpenConfig::fetch_small_layers`]), until [`OpenedLayer::stop_small_fetch`].
+    small_fetch: std::sync::Mutex<Option<TaskGuard>>,
+}
+
+impl OpenedLayer {
+    /// Stops streaming the layer in whole, if it was a small layer opened so: a planned
+    /// prefetch found once the mount is ready (prioritized files without an announced
+    /// front) brings what the start reads instead.
+    pub fn stop_small_fetch(&self) {
+        self.small_fetch.lock().unwrap().take();
+    }
 }
 
 /// The block cache `cfg` describes (memory bound, block and fetch sizes, `CACHE_DIR/blocks`),
@@ -146,13 +158,18 @@ impl LayerOpener {
         ));
         let raw: Blob = counter.clone();
         let blob = self.cache.wrap(raw);
-        let front = self.fetch_front(desc, &blob);
+        let (front, small) = match self.fetch_front(desc, &blob) {
+            Some((fetch, true)) => (None, Some(fetch)),
+            Some((fetch, false)) => (Some(fetch), None),
+            None => (None, None),
+        };
         let (layer, entries) = ctx.open_layer(desc, &counter).await?;
         let opened = OpenedLayer {
             layer: Arc::new(layer),
             blob,
             counter,
             _front: front,
+            small_fetch: std::sync::Mutex::new(small),
         };
         Ok((opened, entries))
     }
@@ -164,32 +181,37 @@ impl LayerOpener {
     /// beside the TOC, where the planned prefetch would only start it once the mount is
     /// ready (a start waits for those bytes first). The announcement is only a hint (see
     /// [`announced_front`]): what is fetched is served only as the TOC locates it, checked
-    /// as every chunk is.
+    /// as every chunk is. The fetch, and whether it is a small layer's.
     ///
     /// [`PREFETCH_SIZE_ANNOTATION`]: crate::layer::estargz::PREFETCH_SIZE_ANNOTATION
-    fn fetch_front(&self, desc: &LayerDesc, blob: &Blob) -> Option<TaskGuard> {
+    fn fetch_front(&self, desc: &LayerDesc, blob: &Blob) -> Option<(TaskGuard, bool)> {
         if !matches!(self.source, Source::Registry { .. }) {
             return None;
         }
         let announced = announced_front(desc).filter(|_| self.cfg.fetch_announced_front);
-        let (len, what) = match announced {
-            Some(len) => (len, "the announced front"),
-            None if self.small.contains(&desc.digest) => (
-                desc.size.saturating_sub(opening_tail(desc)),
-                "the small layer",
-            ),
-            None => return None,
+        let small = announced.is_none() && self.small.contains(&desc.digest);
+        let len = match (announced, small) {
+            (Some(len), _) => len,
+            (None, true) => desc.size,
+            (None, false) => return None,
         };
+        let len = front_before_tail(desc, len, self.cfg.block_size);
         if len == 0 {
             return None;
         }
+        let what = if small {
+            "the small layer"
+        } else {
+            "the announced front of"
+        };
         let (blob, digest) = (blob.clone(), desc.digest.clone());
-        Some(TaskGuard::spawn(async move {
+        let fetch = TaskGuard::spawn(async move {
             match blob.prefetch(0, len).await {
                 Ok(()) => tracing::debug!("fetched {what} {digest}: {len} bytes"),
                 Err(e) => tracing::debug!("fetching {what} {digest}: {e}"),
             }
-        }))
+        });
+        Some((fetch, small))
     }
 }
 
@@ -316,13 +338,30 @@ fn small_at_open(layers: &[LayerDesc], max: u64) -> std::collections::HashSet<St
 }
 
 /// The bytes at the end of `desc`'s blob that opening the layer reads itself (its TOC, or
-/// a footer's worth), which a fetch of the rest leaves to it.
+/// a footer's worth where one may be), which a fetch of the rest leaves to it.
 fn opening_tail(desc: &LayerDesc) -> u64 {
-    let toc = Format::from_media_type(&desc.media_type)
-        .is_ok_and(|f| crate::layer::detect::announces_toc(f, desc));
-    match toc {
-        true => crate::layer::detect::toc_tail(desc),
-        false => crate::blob::SMALL_TAIL_READ,
+    use crate::layer::detect;
+    let Ok(format) = Format::from_media_type(&desc.media_type) else {
+        return 0;
+    };
+    if detect::announces_toc(format, desc) {
+        detect::toc_tail(desc)
+    } else if detect::may_have_footer(format) {
+        crate::blob::SMALL_TAIL_READ
+    } else {
+        0
+    }
+}
+
+/// At most `len` bytes from the start of `desc`'s blob, ending before the block cache's
+/// block (of `block` bytes) that holds the first byte opening the layer reads: a fetch of
+/// the front must not claim a block that read would then wait for behind the whole front.
+fn front_before_tail(desc: &LayerDesc, len: u64, block: u64) -> u64 {
+    let tail_start = desc.size.saturating_sub(opening_tail(desc));
+    let block = block.max(1);
+    match tail_start == desc.size {
+        true => len.min(desc.size),
+        false => len.min(tail_start / block * block),
     }
 }
 
@@ -407,8 +446,18 @@ mod tests {
             toc_at.to_string(),
         );
         assert_eq!(opening_tail(&hinted), 300_000);
+        // A front ends before the block holding the tail's first byte.
+        let block = 64 << 10;
+        let end = front_before_tail(&hinted, u64::MAX, block);
+        assert_eq!(end, ((8 << 20) - 300_000) / block * block);
+        assert_eq!(front_before_tail(&hinted, 1000, block), 1000);
         hinted.annotations.clear();
         assert_eq!(opening_tail(&hinted), crate::blob::SMALL_TAIL_READ);
+        // A tar layer has no footer: nothing is read at its end, all of it may be fetched.
+        let mut tar = hinted.clone();
+        tar.media_type = "application/vnd.oci.image.layer.v1.tar".into();
+        assert_eq!(opening_tail(&tar), 0);
+        assert_eq!(front_before_tail(&tar, u64::MAX, block), 8 << 20);
     }
 
     #[test]

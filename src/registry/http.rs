@@ -10,8 +10,7 @@
 //! The host's TLS settings ([`Tls`]: extra certificate authorities, a client certificate, no
 //! verification) come from its hosts.toml, or from `--cert-dir`, `certs.d/HOST:PORT` and
 //! `--tls-verify` as containers tools apply them. Whether a registry that may be plain HTTP
-//! speaks TLS is found by a handshake racing a plain request ([`speaks_tls`]), as skopeo
-//! tries https first and falls back to http.
+//! speaks TLS is asked in `question.rs`.
 use super::endpoint::Tls;
 use crate::error::{Error, Result};
 use std::sync::OnceLock;
@@ -129,7 +128,7 @@ impl Http {
 /// The settings every client shares: no automatic redirects (blob redirects are followed by
 /// hand, without our Authorization header), bounded connect (`connect`, default 10 s) and read
 /// waits.
-fn builder(connect: Option<Duration>) -> reqwest::ClientBuilder {
+pub(super) fn builder(connect: Option<Duration>) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(connect.unwrap_or(Duration::from_secs(10)))
@@ -244,138 +243,6 @@ fn classify(e: &rustls::Error) -> TlsFailure {
             | A::CertificateUnknown,
         ) => TlsFailure::ClientCertificate,
         other => TlsFailure::Other(other.to_string()),
-    }
-}
-
-/// The plain half of [`speaks_tls`]: the client to ask with and what to ask (the API root,
-/// or already the request a pull sends first: then a plain registry's answer to it is kept).
-pub struct PlainAsk<'a> {
-    pub client: &'a reqwest::Client,
-    /// An `http://` URL on the host.
-    pub url: String,
-    pub headers: reqwest::header::HeaderMap,
-}
-
-/// A plain registry's `200 OK` to the plain question, its body read (at most
-/// [`super::MAX_MANIFEST`] bytes), kept so that its request need not be sent again.
-#[derive(Debug)]
-pub struct PlainAnswer {
-    pub url: String,
-    pub headers: reqwest::header::HeaderMap,
-    pub body: bytes::Bytes,
-}
-
-/// Whether the server at `host` (`host[:port]`) speaks TLS: `Some(false)` when it is plain
-/// HTTP, `None` when nothing answered at all (the request that follows will say why); and a
-/// plain registry's `200 OK` to the plain request, when it gave one.
-///
-/// Two questions race, and the first clear answer wins. A TLS handshake by a client that
-/// trusts no authority (so asking loads none of the system's): a TLS server fails it with a
-/// certificate error, a plain one answers with HTTP or hangs up. And a plain request, by
-/// default `GET /v2/`: a registry answers 200 or 401 (to a manifest also 404), a TLS port
-/// 400 ("an HTTP request to an HTTPS server") or nothing. A Go HTTP server (docker-registry)
-/// took 30-100 ms to answer a TLS hello and 2-10 ms to answer the plain request (the race:
-/// 4-20 ms); a server that hangs up on a TLS hello answers the handshake first. The plain
-/// question costs a plain-HTTP registry one request; asked with the registry's own plain
-/// client, it leaves its connection in that client's pool for the next request (one round
-/// trip fewer on a WAN link), and asking for what that request wants spares one more.
-pub async fn speaks_tls(
-    host: &str,
-    plain: Option<PlainAsk<'_>>,
-) -> (Option<bool>, Option<PlainAnswer>) {
-    const PATIENCE: Duration = Duration::from_secs(10);
-    // How long a plain answer is awaited once the handshake has shown the server is plain:
-    // the same server answering the request it had first.
-    const PLAIN_AFTER: Duration = Duration::from_secs(2);
-    // A client with no trust roots (so nothing to load) asks the TLS question, and the plain
-    // one when the registry's is not given.
-    let Ok(client) = builder(None)
-        .tls_certs_only(Vec::<reqwest::Certificate>::new())
-        .build()
-    else {
-        return (None, None);
-    };
-    let handshake = {
-        let (client, url) = (client.clone(), format!("https://{host}/v2/"));
-        async move {
-            match client.get(url).timeout(PATIENCE).send().await {
-                Ok(_) => Some(true),
-                Err(e) => match tls_failure(&e) {
-                    Some(TlsFailure::NotTls) => Some(false),
-                    Some(_) => Some(true),
-                    None => None,
-                },
-            }
-        }
-    };
-    let plain = {
-        let (client, url, headers) = match plain {
-            Some(ask) => (ask.client.clone(), ask.url, ask.headers),
-            None => (
-                client.clone(),
-                format!("http://{host}/v2/"),
-                Default::default(),
-            ),
-        };
-        async move {
-            let req = client.get(&url).headers(headers).timeout(PATIENCE);
-            let resp = req.send().await.ok()?;
-            let status = resp.status();
-            let tls = status == reqwest::StatusCode::BAD_REQUEST;
-            let headers = resp.headers().clone();
-            // Read to the end, or the connection does not go back to the pool.
-            let body = super::read_limited(resp, super::MAX_MANIFEST, "plain answer").await;
-            let kept = match body {
-                Ok(body) if status == reqwest::StatusCode::OK => {
-                    Some(PlainAnswer { url, headers, body })
-                }
-                _ => None,
-            };
-            Some((tls, kept))
-        }
-    };
-    // Tasks of their own (ended when this returns or is dropped): in one task, the
-    // handshake's polls held back the plain request for 40-90 ms (measured on a loaded
-    // 2-core machine), so that it never answered first.
-    let mut handshake = Aborting(tokio::spawn(handshake));
-    let mut plain = Aborting(tokio::spawn(plain));
-    let t0 = std::time::Instant::now();
-    let (answer, kept) = tokio::select! {
-        a = &mut handshake.0 => match a.ok().flatten() {
-            Some(false) => {
-                let plain = tokio::time::timeout(PLAIN_AFTER, &mut plain.0).await;
-                let kept = plain.ok().and_then(|p| p.ok().flatten()).and_then(|(_, k)| k);
-                (Some(false), kept)
-            }
-            Some(true) => (Some(true), None),
-            None => match (&mut plain.0).await.ok().flatten() {
-                Some((tls, kept)) => (Some(tls), kept),
-                None => (None, None),
-            },
-        },
-        b = &mut plain.0 => match b.ok().flatten() {
-            Some((tls, kept)) => (Some(tls), kept),
-            None => ((&mut handshake.0).await.ok().flatten(), None),
-        },
-    };
-    tracing::debug!(
-        "{host} speaks TLS: {answer:?} ({:?}){}",
-        t0.elapsed(),
-        if kept.is_some() {
-            ", its plain answer kept"
-        } else {
-            ""
-        }
-    );
-    (answer, kept.filter(|_| answer == Some(false)))
-}
-
-/// A spawned task, aborted when dropped.
-struct Aborting<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for Aborting<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

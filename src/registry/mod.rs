@@ -20,6 +20,7 @@ pub mod hosts;
 mod http;
 mod pull;
 mod push;
+mod question;
 mod range;
 mod refusal;
 pub mod registries_conf;
@@ -36,11 +37,12 @@ use crate::error::{Error, Result};
 use auth::{Authenticator, Credentials};
 use bytes::{Bytes, BytesMut};
 use http::Http;
-pub use http::{TlsFailure, host_port, speaks_tls, tls_failure};
+pub use http::{TlsFailure, host_port, tls_failure};
+pub use question::speaks_tls;
 use reqwest::{Method, StatusCode, header};
 use retry::{Outcome, Retries};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 /// Media types we accept for manifests, most specific first.
@@ -103,8 +105,9 @@ pub struct Registry {
     /// manifest's request wants one).
     warmed: AtomicBool,
     /// The plain registry's answer to the TLS question when that asked for the manifest a
-    /// pull wants first: taken by the [`Registry::get_manifest`] of the same URL.
-    primed: Mutex<Option<http::PlainAnswer>>,
+    /// pull wants first (or the request still on its way): taken by the
+    /// [`Registry::get_manifest`] of the same URL.
+    primed: Mutex<Option<question::Kept>>,
 }
 
 /// How one try of a blob read ended, when it did not deliver the range.
@@ -199,83 +202,6 @@ impl Registry {
     /// The registry host this client talks to.
     pub fn host(&self) -> &str {
         &self.host
-    }
-
-    /// Whether this registry, reached over plain HTTP, speaks TLS after all (see
-    /// [`speaks_tls`]): asked with its own plain client, so that a plain registry's answer
-    /// leaves a connection for the requests that follow. `first`, the host the first
-    /// requests go to and the manifest (repository, tag or digest) they start with: the
-    /// other connections those requests want are opened beside the question, and the
-    /// question asks for that manifest, whose answer [`Registry::get_manifest`] then takes
-    /// (on a WAN link: ready a round trip sooner).
-    pub async fn speaks_tls(&self, first: Option<(&str, &str)>) -> Option<bool> {
-        let host = (self.origin.split_once("://")).map_or(&*self.origin, |(_, h)| h);
-        let ask = self.http.plain().map(|client| {
-            let (url, headers) = match first {
-                Some((repo, reference)) => {
-                    let mut headers = self.headers.clone();
-                    headers.insert(header::ACCEPT, MANIFEST_ACCEPT.parse().unwrap());
-                    (self.url(&format!("{repo}/manifests/{reference}")), headers)
-                }
-                None => (format!("{}/", self.api), Default::default()),
-            };
-            http::PlainAsk {
-                client,
-                url,
-                headers,
-            }
-        });
-        let question = async {
-            let (answer, kept) = http::speaks_tls(host, ask).await;
-            *self.primed.lock().unwrap() = kept;
-            answer
-        };
-        if first.is_none() {
-            return question.await;
-        }
-        // Opened now rather than a round trip later, as the manifest is asked for (measured
-        // on the packet link: ready 35 ms sooner). Only a plain registry's answer waits for
-        // them, a moment at most: it has just answered the same request. A TLS port answers
-        // them 400, or never: not waited for.
-        use futures::future::{Either, select};
-        let mut opening = std::pin::pin!(self.open_connections(WARM_CONNECTIONS - 1));
-        let (answer, mut opened) = match select(std::pin::pin!(question), opening.as_mut()).await {
-            Either::Left((answer, _)) => (answer, false),
-            Either::Right(((), question)) => (question.await, true),
-        };
-        if answer == Some(false) && !opened {
-            let patience = std::time::Duration::from_secs(2);
-            opened = tokio::time::timeout(patience, opening).await.is_ok();
-        }
-        self.warmed
-            .store(answer == Some(false) && opened, Ordering::Relaxed);
-        answer
-    }
-
-    /// Opens `n` connections at once, each with a `GET /v2/` (answered 200 or 401 alike),
-    /// and leaves them in the client's pool. Opened while the manifest is fetched, they spare
-    /// the requests that follow it a TCP (and TLS) handshake each: a round trip on a WAN
-    /// link. Failures are left to the requests that matter.
-    pub async fn warm(&self, n: usize) {
-        if self.warmed.swap(false, Ordering::Relaxed) {
-            return;
-        }
-        self.open_connections(n).await
-    }
-
-    /// `n` requests of `GET /v2/` at once, each read to its end (see [`Registry::warm`]).
-    pub(crate) async fn open_connections(&self, n: usize) {
-        let url = format!("{}/", self.api);
-        let Ok(client) = self.http.for_url(&url) else {
-            return;
-        };
-        let opens = (0..n).map(|_| async {
-            if let Ok(r) = client.get(&url).send().await {
-                // Read to the end, or the connection does not go back to the pool.
-                let _ = read_limited(r, 64 << 10, "/v2/").await;
-            }
-        });
-        futures::future::join_all(opens).await;
     }
 
     /// Sends a request to the registry with auth: a cached header up front, one retry after
@@ -506,7 +432,11 @@ impl Registry {
     pub async fn get_manifest(&self, repo: &str, reference: &str) -> Result<(Bytes, ManifestMeta)> {
         let url = self.url(&format!("{repo}/manifests/{reference}"));
         let primed = self.primed.lock().unwrap().take();
-        let (headers, body) = match primed.filter(|p| p.url == url) {
+        let answer = match primed.filter(|p| p.url() == url) {
+            Some(kept) => kept.answer().await,
+            None => None,
+        };
+        let (headers, body) = match answer {
             Some(answer) => (answer.headers, answer.body),
             None => {
                 let resp = self.manifest_request(repo, Method::GET, reference).await?;

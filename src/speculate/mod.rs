@@ -239,6 +239,10 @@ impl Speculator {
         }
         let plan = self.plan.lock().unwrap().take();
         let planned = plan.is_some();
+        if planned {
+            // The plan brings what the start reads, not small layers streamed in at open.
+            image.layers.iter().for_each(|l| l.stop_small_fetch());
+        }
         if let Some(Plan { profile, landmarks }) = plan {
             self.set_planning(true);
             let (me, image) = (self.clone(), image.clone());

@@ -67,7 +67,7 @@ fn estargz_reads_are_lazy() {
 /// tail), so every read of it is then local; a large layer beside it stays lazy; `--small-layers 0`
 /// fetches nothing ahead.
 #[test]
-fn small_layers_are_fetched_whole_at_mount_and_large_ones_stay_lazy() {
+fn small_layers_are_fetched_whole_at_open_and_large_ones_stay_lazy() {
     let Some(Env { reg, work }) = Env::new("small") else {
         return;
     };

@@ -24,6 +24,8 @@ enum Mode {
     Broken,
     /// Another blob's bytes, with that blob's digest and length.
     Other(Bytes),
+    /// 400 for manifests, saying it is a registry (a reference it finds malformed).
+    Refuses,
 }
 
 struct TestHost {
@@ -113,6 +115,11 @@ fn answer(
             match mode {
                 Mode::Missing => out("404 Not Found", &[], b"")?,
                 Mode::Broken => out("503 Service Unavailable", &[], b"")?,
+                Mode::Refuses => out(
+                    "400 Bad Request",
+                    &[("Docker-Distribution-Api-Version", "registry/2.0".into())],
+                    br#"{"errors":[{"code":"TAG_INVALID"}]}"#,
+                )?,
                 _ => out(
                     "200 OK",
                     &[(
@@ -125,7 +132,7 @@ fn answer(
             continue;
         }
         match mode {
-            Mode::Missing => out("404 Not Found", &[], b"")?,
+            Mode::Missing | Mode::Refuses => out("404 Not Found", &[], b"")?,
             Mode::Broken => out("503 Service Unavailable", &[], b"")?,
             Mode::Other(other) => {
                 let d = crate::digest::sha256(other);
@@ -580,4 +587,51 @@ async fn a_plain_answer_other_than_ok_is_not_kept_for_the_manifest() {
     // ... and the manifest is asked for again, the error coming from that answer.
     assert!(matches!(r.manifest("v1").await, Err(Error::NotFound(_))));
     assert_eq!(host.tags.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_kept_manifest_answers_only_its_own_reference_and_is_checked() {
+    let (data, digest) = blob();
+    let manifest = Bytes::from_static(br#"{"schemaVersion":2}"#);
+    let host = serve(Mode::Ranges, data, digest, manifest.clone());
+    let r = repo(
+        &[route(&host.addr, Capabilities::ALL, false)],
+        "tls-question-other",
+    );
+    let registry = r.host(0).unwrap();
+    assert_eq!(
+        registry.speaks_tls(Some(("t/app", "v1"))).await,
+        Some(false)
+    );
+    assert_eq!(host.tags.load(Ordering::SeqCst), 1);
+    // Another tag is asked of the registry, and the kept answer is gone with that ask.
+    r.manifest("v2").await.unwrap();
+    assert_eq!(host.tags.load(Ordering::SeqCst), 2);
+    r.manifest("v1").await.unwrap();
+    assert_eq!(host.tags.load(Ordering::SeqCst), 3);
+    // Kept for a digest it does not match: refused, not served.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    assert_eq!(
+        registry.speaks_tls(Some(("t/app", &wrong))).await,
+        Some(false)
+    );
+    let got = registry.get_manifest("t/app", &wrong).await;
+    assert!(matches!(got, Err(Error::Digest { .. })), "{got:?}");
+}
+
+#[tokio::test]
+async fn a_registry_answering_the_manifest_400_is_still_plain_http() {
+    let (data, digest) = blob();
+    let host = serve(Mode::Refuses, data, digest, Bytes::new());
+    let r = repo(
+        &[route(&host.addr, Capabilities::ALL, false)],
+        "tls-question-400",
+    );
+    let registry = r.host(0).unwrap();
+    // Its 400 says it is a registry: plain HTTP (a TLS port's 400 says nothing of the kind).
+    assert_eq!(
+        registry.speaks_tls(Some(("t/app", "v1"))).await,
+        Some(false)
+    );
+    assert!(r.manifest("v1").await.is_err());
 }
