@@ -392,8 +392,8 @@ impl ProxyCtx {
             }
             buf.push(byte[0]);
         }
-        // The API version check carries no image data; ocifs sends one to learn whether a
-        // local registry speaks TLS (see `speaks_tls`), which the counts leave out.
+        // The API version check carries no image data; ocifs sends them to open connections
+        // ahead (see `Registry::speaks_tls`), which the counts leave out.
         if !buf.starts_with(b"GET /v2/ ") {
             self.requests.fetch_add(1, Ordering::SeqCst);
         }

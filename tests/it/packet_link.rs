@@ -26,6 +26,14 @@ fn links() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The tests here look for this process's namespaces, so they run one at a time: another's
+/// link would be taken for one left behind.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn mine() -> String {
     format!("ocifs-link-{}-", std::process::id())
 }
@@ -39,6 +47,7 @@ fn a_mount_through_the_packet_link_reads_right_and_the_link_leaves_nothing_behin
     if !can_link() {
         return;
     }
+    let _one = one_at_a_time();
     let Some(Env { reg, work }) = Env::new("plink") else {
         return;
     };
@@ -99,6 +108,7 @@ fn a_panic_while_the_link_is_up_still_tears_it_down() {
     if !can_link() {
         return;
     }
+    let _one = one_at_a_time();
     let Some(Env { reg, .. }) = Env::without_fuse("plink-panic") else {
         return;
     };
@@ -127,6 +137,7 @@ fn namespaces_of_a_killed_benchmark_are_swept() {
     if !can_link() {
         return;
     }
+    let _one = one_at_a_time();
     // A namespace as a link of a process that no longer exists would have left it, with a
     // process in it. Another test's link may sweep it first, even before the process is in
     // it: then try again.
