@@ -27,7 +27,7 @@ pub fn announces_toc(format: Format, desc: &LayerDesc) -> bool {
 
 /// The most bytes a hint ([`estargz::TOC_OFFSET_ANNOTATION`]) may make a layer's opening read
 /// at its end (a wrong hint costs at most this much).
-const MAX_TAIL_HINT: u64 = 64 << 20;
+pub const MAX_TAIL_HINT: u64 = 64 << 20;
 
 /// How many bytes at the end of `desc`'s blob to read for its TOC when the descriptor
 /// announces one: from the offset [`estargz::TOC_OFFSET_ANNOTATION`] names when that is a
