@@ -533,19 +533,25 @@ async fn asking_a_plain_registry_whether_it_speaks_tls_opens_its_first_connectio
     let warm = crate::registry::WARM_CONNECTIONS;
     assert_eq!(host.gets.load(Ordering::SeqCst), warm);
     assert_eq!(host.tags.load(Ordering::SeqCst), 1);
-    // ... and left in the client's pool: as many requests at once open no connection, or
-    // one (hyper starts a connect for a request that finds no idle connection, and uses
-    // whichever is ready first: a pooled one a moment from idle, usually). The TLS half of
-    // the question may have opened one more, which the host never answered (not when the
-    // plain answer came first and it was dropped before connecting).
+    // ... and left in the client's pool: as many requests at once open few connections, if
+    // any (hyper starts a connect for a request that finds no idle connection, and uses
+    // whichever is ready first: a pooled one a moment from idle, usually; under load more
+    // than one request may find none: two did in a clean-clone CI run). Unpooled, all would
+    // be new. The TLS half of the question may have opened one more, which the host never
+    // answered (not when the plain answer came first and it was dropped before connecting);
+    // and one of the requests beside the question may have found its connection back in
+    // the pool already (2 runs in 150 on a loaded machine).
     tokio::time::sleep(Duration::from_millis(50)).await;
     let conns = host.conns.load(Ordering::SeqCst);
-    assert!((warm..=warm + 1).contains(&conns), "{conns} connections");
+    assert!(
+        (warm - 1..=warm + 1).contains(&conns),
+        "{conns} connections"
+    );
     registry.open_connections(warm).await;
     assert_eq!(host.gets.load(Ordering::SeqCst), 2 * warm);
     let opened = host.conns.load(Ordering::SeqCst) - conns;
     assert!(
-        opened <= 1,
+        opened < warm / 2,
         "connections reused: {opened} new for {warm} requests"
     );
     // The mount's own warming that follows has nothing left to open.
