@@ -16,6 +16,7 @@
 
 use super::http::{TlsFailure, builder, tls_failure};
 use super::{MANIFEST_ACCEPT, Registry, WARM_CONNECTIONS, read_limited};
+use crate::task::TaskGuard;
 use bytes::Bytes;
 use reqwest::{StatusCode, header};
 use std::sync::atomic::Ordering;
@@ -53,7 +54,7 @@ pub struct Kept {
 
 enum Answer {
     Here(PlainAnswer),
-    Coming(Aborting<Option<PlainOutcome>>),
+    Coming(TaskGuard<Option<PlainOutcome>>),
 }
 
 impl Kept {
@@ -67,7 +68,7 @@ impl Kept {
     pub async fn answer(self) -> Option<PlainAnswer> {
         match self.answer {
             Answer::Here(answer) => Some(answer),
-            Answer::Coming(mut task) => (&mut task.0).await.ok().flatten()?.1,
+            Answer::Coming(mut task) => task.output().await.flatten()?.1,
         }
     }
 }
@@ -142,28 +143,28 @@ pub async fn speaks_tls(host: &str, plain: Option<PlainAsk<'_>>) -> (Option<bool
     // Tasks of their own (ended when this returns or is dropped, unless the plain request
     // is handed on): in one task, the handshake's polls held back the plain request for
     // 40-90 ms (measured on a loaded 2-core machine), so that it never answered first.
-    let mut handshake = Aborting(tokio::spawn(handshake));
-    let mut plain = Aborting(tokio::spawn(plain));
+    let mut handshake = TaskGuard::spawn(handshake);
+    let mut plain = TaskGuard::spawn(plain);
     let t0 = std::time::Instant::now();
     enum First {
         Handshake(Option<bool>),
         Plain(Option<PlainOutcome>),
     }
     let first = tokio::select! {
-        a = &mut handshake.0 => First::Handshake(a.ok().flatten()),
-        b = &mut plain.0 => First::Plain(b.ok().flatten()),
+        a = handshake.output() => First::Handshake(a.flatten()),
+        b = plain.output() => First::Plain(b.flatten()),
     };
     let here = |kept: Option<PlainAnswer>| kept.map(Answer::Here);
     let (answer, kept) = match first {
         First::Handshake(Some(false)) => (Some(false), keep.then_some(Answer::Coming(plain))),
         First::Handshake(Some(true)) => (Some(true), None),
-        First::Handshake(None) => match (&mut plain.0).await.ok().flatten() {
+        First::Handshake(None) => match plain.output().await.flatten() {
             Some((tls, kept)) => (tls, here(kept)),
             None => (None, None),
         },
         First::Plain(Some((Some(tls), kept))) => (Some(tls), here(kept)),
-        First::Plain(Some((None, kept))) => ((&mut handshake.0).await.ok().flatten(), here(kept)),
-        First::Plain(None) => ((&mut handshake.0).await.ok().flatten(), None),
+        First::Plain(Some((None, kept))) => (handshake.output().await.flatten(), here(kept)),
+        First::Plain(None) => (handshake.output().await.flatten(), None),
     };
     tracing::debug!(
         "{host} speaks TLS: {answer:?} ({:?}){}",
@@ -178,15 +179,6 @@ pub async fn speaks_tls(host: &str, plain: Option<PlainAsk<'_>>) -> (Option<bool
         .filter(|_| answer == Some(false))
         .map(|answer| Kept { url, answer });
     (answer, kept)
-}
-
-/// A spawned task, aborted when dropped.
-struct Aborting<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for Aborting<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl Registry {

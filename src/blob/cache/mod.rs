@@ -481,11 +481,17 @@ mod tests {
         assert_eq!(cache.stats.misses.load(Ordering::Relaxed), misses);
     }
 
+    /// 50 000 bytes (`i % modulo`) as blob `id`, and a cache of 4 KiB blocks for it.
+    fn small_blocks(id: &str, modulo: u32) -> (Vec<u8>, Arc<BlockCache>, Blob) {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % modulo) as u8).collect();
+        let cache = BlockCache::new(4096, 4096, 1 << 20, None, RA);
+        let inner: Blob = Arc::new(MemBlob::new(id, data.clone()));
+        (data, cache, inner)
+    }
+
     #[tokio::test]
     async fn a_read_now_does_not_wait_behind_a_fetch_under_way() {
-        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
-        let cache = BlockCache::new(4096, 4096, 1 << 20, None, RA);
-        let inner: Blob = Arc::new(MemBlob::new("sha256:n", data.clone()));
+        let (data, cache, inner) = small_blocks("sha256:n", 253);
         let blob = cache.wrap(inner.clone());
         // Another request is bringing blocks 1..=3 and has not finished.
         let held = cache.claim(&inner, 1, 3).0;
@@ -511,9 +517,7 @@ mod tests {
 
     #[tokio::test]
     async fn blocks_of_a_cancelled_fetch_are_not_taken_for_blocks_under_way() {
-        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 247) as u8).collect();
-        let cache = BlockCache::new(4096, 4096, 1 << 20, None, RA);
-        let inner: Blob = Arc::new(MemBlob::new("sha256:c", data.clone()));
+        let (data, cache, inner) = small_blocks("sha256:c", 247);
         let held = cache.claim(&inner, 1, 3).0;
         assert!(cache.at_hand(&inner, 2), "claimed: under way");
         // The fetch's task is aborted: its gates drop without being released.
@@ -529,9 +533,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_prefetch_lasts_until_the_blocks_another_fetch_brings_are_in() {
-        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 249) as u8).collect();
-        let cache = BlockCache::new(4096, 4096, 1 << 20, None, RA);
-        let inner: Blob = Arc::new(MemBlob::new("sha256:p", data.clone()));
+        let (data, cache, inner) = small_blocks("sha256:p", 249);
         let blob = cache.wrap(inner.clone());
         // Another request is bringing blocks 1..=3 and has not finished.
         let held = cache.claim(&inner, 1, 3).0;

@@ -65,15 +65,22 @@ async fn open_written(
         .unwrap()
 }
 
-#[tokio::test]
-async fn written_blob_reads_back_identically_and_is_a_plain_tar_gz() {
-    let tar = sample_tar();
+/// `tar` written as eStargz in 64 KiB chunks with `prioritized` first: what was written,
+/// and the blob.
+fn write_sample(tar: &[u8], prioritized: &[&str]) -> (Written, Vec<u8>) {
     let mut out = Vec::new();
     let opts = Options {
         chunk_size: 64 * 1024,
-        prioritized: vec!["app/main.py".into()],
+        prioritized: prioritized.iter().map(|p| p.to_string()).collect(),
     };
-    let w = write(std::io::Cursor::new(&tar), &mut out, &opts).unwrap();
+    let w = write(std::io::Cursor::new(tar), &mut out, &opts).unwrap();
+    (w, out)
+}
+
+#[tokio::test]
+async fn written_blob_reads_back_identically_and_is_a_plain_tar_gz() {
+    let tar = sample_tar();
+    let (w, out) = write_sample(&tar, &["app/main.py"]);
     assert_eq!(w.digest, crate::digest::sha256(&out));
     // A plain tar.gz: the same entries (plus the landmark and the TOC) come out of gunzip.
     let mut plain = Vec::new();
@@ -131,13 +138,7 @@ fn rfc3339_matches_the_parser() {
 
 #[tokio::test]
 async fn prioritized_files_are_announced_and_their_chunks_decoded_ahead() {
-    let tar = sample_tar();
-    let mut out = Vec::new();
-    let opts = Options {
-        chunk_size: 64 * 1024,
-        prioritized: vec!["app/big.bin".into(), "app/main.py".into()],
-    };
-    let w = write(std::io::Cursor::new(&tar), &mut out, &opts).unwrap();
+    let (w, out) = write_sample(&sample_tar(), &["app/big.bin", "app/main.py"]);
     let mem: Blob = Arc::new(MemBlob::new(w.digest.clone(), out.clone()));
     let counter = Arc::new(crate::blob::counting::CountingBlob::new(mem));
     let (reader, entries, _) = open_written(counter.clone(), &w).await;

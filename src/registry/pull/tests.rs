@@ -575,21 +575,25 @@ async fn asking_a_plain_registry_whether_it_speaks_tls_opens_its_first_connectio
     assert_eq!(other.gets.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test]
-async fn a_plain_answer_other_than_ok_is_not_kept_for_the_manifest() {
+/// A host answering as `mode` (manifests: `manifest`), asked the TLS question for manifest
+/// `t/app:v1` as the host the first requests go to: plain HTTP, one tag asked.
+async fn asked_for_v1(mode: Mode, manifest: Bytes, tag: &str) -> (TestHost, Arc<Repo>) {
     let (data, digest) = blob();
-    let host = serve(Mode::Missing, data, digest, Bytes::new());
-    let r = repo(
-        &[route(&host.addr, Capabilities::ALL, false)],
-        "tls-question-404",
-    );
-    // A 404 still says the host is plain HTTP ...
+    let host = serve(mode, data, digest, manifest);
+    let r = repo(&[route(&host.addr, Capabilities::ALL, false)], tag);
     let registry = r.host(0).unwrap();
     assert_eq!(
         registry.speaks_tls(Some(("t/app", "v1"))).await,
         Some(false)
     );
     assert_eq!(host.tags.load(Ordering::SeqCst), 1);
+    (host, r)
+}
+
+#[tokio::test]
+async fn a_plain_answer_other_than_ok_is_not_kept_for_the_manifest() {
+    // A 404 still says the host is plain HTTP ...
+    let (host, r) = asked_for_v1(Mode::Missing, Bytes::new(), "tls-question-404").await;
     // ... and the manifest is asked for again, the error coming from that answer.
     assert!(matches!(r.manifest("v1").await, Err(Error::NotFound(_))));
     assert_eq!(host.tags.load(Ordering::SeqCst), 2);
@@ -597,25 +601,15 @@ async fn a_plain_answer_other_than_ok_is_not_kept_for_the_manifest() {
 
 #[tokio::test]
 async fn a_kept_manifest_answers_only_its_own_reference_and_is_checked() {
-    let (data, digest) = blob();
     let manifest = Bytes::from_static(br#"{"schemaVersion":2}"#);
-    let host = serve(Mode::Ranges, data, digest, manifest.clone());
-    let r = repo(
-        &[route(&host.addr, Capabilities::ALL, false)],
-        "tls-question-other",
-    );
-    let registry = r.host(0).unwrap();
-    assert_eq!(
-        registry.speaks_tls(Some(("t/app", "v1"))).await,
-        Some(false)
-    );
-    assert_eq!(host.tags.load(Ordering::SeqCst), 1);
+    let (host, r) = asked_for_v1(Mode::Ranges, manifest, "tls-question-other").await;
     // Another tag is asked of the registry, and the kept answer is gone with that ask.
     r.manifest("v2").await.unwrap();
     assert_eq!(host.tags.load(Ordering::SeqCst), 2);
     r.manifest("v1").await.unwrap();
     assert_eq!(host.tags.load(Ordering::SeqCst), 3);
     // Kept for a digest it does not match: refused, not served.
+    let registry = r.host(0).unwrap();
     let wrong = format!("sha256:{}", "0".repeat(64));
     assert_eq!(
         registry.speaks_tls(Some(("t/app", &wrong))).await,
@@ -627,17 +621,7 @@ async fn a_kept_manifest_answers_only_its_own_reference_and_is_checked() {
 
 #[tokio::test]
 async fn a_registry_answering_the_manifest_400_is_still_plain_http() {
-    let (data, digest) = blob();
-    let host = serve(Mode::Refuses, data, digest, Bytes::new());
-    let r = repo(
-        &[route(&host.addr, Capabilities::ALL, false)],
-        "tls-question-400",
-    );
-    let registry = r.host(0).unwrap();
     // Its 400 says it is a registry: plain HTTP (a TLS port's 400 says nothing of the kind).
-    assert_eq!(
-        registry.speaks_tls(Some(("t/app", "v1"))).await,
-        Some(false)
-    );
+    let (_host, r) = asked_for_v1(Mode::Refuses, Bytes::new(), "tls-question-400").await;
     assert!(r.manifest("v1").await.is_err());
 }
