@@ -69,6 +69,9 @@ struct Host {
     /// Whether it stored a blob we waited for ([`Filling::Fills`]) or let a wait run out
     /// without ever storing one ([`Filling::Never`]: not waited for again).
     filling: Mutex<Filling>,
+    /// It answered a range with a whole blob: the reads of a blob there wait for its probe
+    /// (see `Repo::beside_probe`).
+    answered_whole: AtomicBool,
 }
 
 /// What waiting for a host to store blobs it answered whole has shown.
@@ -437,6 +440,7 @@ impl Host {
             refused: AtomicBool::new(false),
             counters: Arc::default(),
             filling: Mutex::new(Filling::Unknown),
+            answered_whole: AtomicBool::new(false),
         }
     }
 

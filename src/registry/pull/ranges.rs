@@ -1,10 +1,13 @@
-//! Reading a blob from one host: the first ranged read of it there is a probe the others
-//! wait for, and its answer decides whether the blob is read by ranges or from one whole
-//! stream (see `whole.rs`). A pull-through cache answers a blob it has not stored with the
-//! whole blob, fetched from its origin for that answer, while it downloads the blob once more
-//! to store it (distribution 2.8's `ServeBlob`; a hang-up does not stop the store): the probe
-//! hangs up and asks again until the cache answers by range, so N nodes cost the origin one
-//! download of the blob, not N + 1.
+//! Reading a blob from one host: the first ranged read of it there is a probe, and its
+//! answer decides whether the blob is read by ranges or from one whole stream (see
+//! `whole.rs`). A pull-through cache answers a blob it has not stored with the whole blob,
+//! fetched from its origin for that answer, while it downloads the blob once more to store it
+//! (distribution 2.8's `ServeBlob`; a hang-up does not stop the store): the probe hangs up
+//! and asks again until the cache answers by range, so N nodes cost the origin one download
+//! of the blob, not N + 1. At a mirror, the other reads of the blob wait for the probe's
+//! answer (each request would start one more download). At the image's own registry they go
+//! out beside it, a round trip sooner, until the registry answers a range whole (a cache
+//! named as the registry: those answers are hung up on, and its reads wait from then on).
 
 use super::super::range::{RangeAnswer, ranged_body};
 use super::super::whole::Spool;
@@ -93,6 +96,15 @@ impl Repo {
                     }
                     return self.settle(i, digest, r);
                 }
+                Ranges::Probing if self.beside_probe(i) => {
+                    if let Some(r) = self
+                        .ranged_beside_probe(i, digest, size, offset, len, sink)
+                        .await
+                    {
+                        return self.settle(i, digest, r);
+                    }
+                    // Answered whole: the probe decides how the blob is read after all.
+                }
                 Ranges::Probing => {
                     let mut rx = state.subscribe();
                     // Decided (by range or whole): read that way, whatever befell the host
@@ -123,6 +135,57 @@ impl Repo {
                 }
             }
         }
+    }
+
+    /// Whether a read of a blob at host `i` that another read is probing goes out at once
+    /// instead of waiting for the probe's answer (a round trip, which a mount's first reads
+    /// of each layer, its tail ranges, would each wait): at the image's own registry, until
+    /// it answers a range with a whole blob. A mirror may be a pull-through cache, where
+    /// every request of a blob it has not stored starts one more download from its origin,
+    /// so there the probe goes alone (see the module doc).
+    pub(super) fn beside_probe(&self, i: usize) -> bool {
+        let h = &self.hosts[i];
+        !h.mirror && !h.answered_whole.load(Ordering::Relaxed)
+    }
+
+    /// A read beside the probe (see [`Repo::beside_probe`]): `None` when the host answered
+    /// it with the whole blob, hung up on (the host is then marked, and the read waits for
+    /// the probe like the next ones), unless the read wanted the whole blob.
+    async fn ranged_beside_probe(
+        &self,
+        i: usize,
+        digest: &str,
+        size: u64,
+        offset: u64,
+        len: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> Option<Result<()>> {
+        let h = &self.hosts[i];
+        let what = format!("blob {digest} from {}", h.registry.host());
+        h.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let answered = async {
+            let resp = h.registry.open_blob(&h.repo, digest, offset, len).await?;
+            check_answer(&resp, digest, size, &what)?;
+            let content_range = resp
+                .headers()
+                .get(header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok());
+            let answer = RangeAnswer::of(resp.status(), content_range, offset, &what)?;
+            Ok::<_, Error>((resp, answer))
+        };
+        let (resp, answer) = match answered.await {
+            Ok(a) => a,
+            Err(e) => return Some(Err(e)),
+        };
+        if answer != RangeAnswer::Partial && !(offset == 0 && len == size) {
+            h.answered_whole.store(true, Ordering::Relaxed);
+            tracing::debug!(
+                "{} answered a range of blob {digest} whole: its reads wait for probes now",
+                h.registry.host()
+            );
+            return None;
+        }
+        Some(self.body(i, resp, digest, offset, len, sink).await)
     }
 
     /// `r`, a read of `digest` from host `i`, noting its failure.
@@ -169,6 +232,9 @@ impl Repo {
                 wait.limit = self.fill_wait(i);
             }
             let names_blob = resp.headers().contains_key("docker-content-digest");
+            if answer != RangeAnswer::Partial && !whole_read {
+                h.answered_whole.store(true, Ordering::Relaxed);
+            }
             match (answer, self.opts.spool_dir.as_ref()) {
                 // The answer is what we want, whatever its status; the next read decides
                 // how the host serves ranges.

@@ -1,6 +1,7 @@
 //! Fallback and whole streams against small in-process HTTP hosts, each answering blob and
 //! manifest requests its own way and counting the GETs it gets.
 
+use super::ranges::Ranges;
 use super::*;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -268,9 +269,10 @@ async fn a_host_that_never_stores_the_blob_streams_it_whole_when_the_wait_runs_o
     let b = Arc::new(RepoBlob::new(r.clone(), &digest, data.len() as u64));
     read_all_over(&b, &data).await;
     // Asked at about 0, 0.25, 0.625 s, then once more when the wait ran out: that answer is
-    // streamed.
+    // streamed. (The image's own registry: the first reads went out beside the probe, and
+    // up to four more whole answers were hung up on.)
     let gets = host.gets.load(Ordering::SeqCst);
-    assert!((3..=5).contains(&gets), "{gets} GETs");
+    assert!((3..=9).contains(&gets), "{gets} GETs");
     let f = &r.figures()[0];
     assert_eq!((f.whole_streams, f.waited_for_store), (1, 0), "{f:?}");
     assert_eq!(
@@ -282,12 +284,17 @@ async fn a_host_that_never_stores_the_blob_streams_it_whole_when_the_wait_runs_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_host_that_sends_blobs_whole_is_asked_once_for_all_readers() {
+async fn a_mirror_that_sends_blobs_whole_is_asked_once_for_all_readers() {
     let (data, digest) = blob();
     let host = serve(Mode::Whole, data.clone(), digest.clone(), Bytes::new());
-    let r = repo(&[route(&host.addr, Capabilities::ALL, false)], "whole");
+    let origin = serve(Mode::Missing, data.clone(), digest.clone(), Bytes::new());
+    let routes = [
+        route(&host.addr, Capabilities::PULL, true),
+        route(&origin.addr, Capabilities::ALL, false),
+    ];
+    let r = repo(&routes, "whole-mirror");
     let b: Arc<RepoBlob> = Arc::new(RepoBlob::new(r.clone(), &digest, data.len() as u64));
-    // Reads at once and one after: all served from the one stream.
+    // Reads at once and one after: the first probes alone, all are served from its stream.
     read_all_over(&b, &data).await;
     assert_eq!(
         host.gets.load(Ordering::SeqCst),
@@ -296,7 +303,53 @@ async fn a_host_that_sends_blobs_whole_is_asked_once_for_all_readers() {
     );
     let f = &r.figures()[0];
     assert_eq!((f.whole_streams, f.bytes), (1, data.len() as u64));
+    assert_eq!(origin.gets.load(Ordering::SeqCst), 0);
+    let _ = std::fs::remove_dir_all(spool_dir("whole-mirror"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_the_image_registry_reads_go_beside_the_probe_until_it_answers_whole() {
+    let (data, digest) = blob();
+    let host = serve(Mode::Whole, data.clone(), digest.clone(), Bytes::new());
+    let r = repo(&[route(&host.addr, Capabilities::ALL, false)], "whole");
+    assert!(r.beside_probe(0));
+    let b: Arc<RepoBlob> = Arc::new(RepoBlob::new(r.clone(), &digest, data.len() as u64));
+    // Five reads at once: those beside the probe asked too, and hung up on their whole
+    // answers (a read that came after the probe's answer asked nothing).
+    read_all_over(&b, &data).await;
+    let gets = host.gets.load(Ordering::SeqCst);
+    assert!((1..=5).contains(&gets), "{gets} GETs");
+    assert!(
+        !r.beside_probe(0),
+        "a whole answer makes reads wait for probes"
+    );
+    // Every read, then and after, came from the one stream; only its bytes were taken.
+    let f = &r.figures()[0];
+    assert_eq!((f.whole_streams, f.bytes), (1, data.len() as u64));
+    assert_eq!(&b.read_at(7, 70).await.unwrap()[..], &data[7..77]);
+    assert_eq!(host.gets.load(Ordering::SeqCst), gets, "no request after");
     let _ = std::fs::remove_dir_all(spool_dir("whole"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_the_image_registry_the_first_reads_of_a_blob_do_not_wait_for_one_another() {
+    let (data, digest) = blob();
+    let host = serve(Mode::Ranges, data.clone(), digest.clone(), Bytes::new());
+    let r = repo(&[route(&host.addr, Capabilities::ALL, false)], "beside");
+    let b: Arc<RepoBlob> = Arc::new(RepoBlob::new(r.clone(), &digest, data.len() as u64));
+    // The probe is under way (no answer yet) when a second read comes: it goes out at once.
+    let state = r.ranges(0, &digest);
+    state.send_replace(Ranges::Probing);
+    let read = tokio::time::timeout(Duration::from_secs(5), b.read_at(1000, 500)).await;
+    assert_eq!(
+        &read.expect("waited for the probe").unwrap()[..],
+        &data[1000..1500]
+    );
+    assert!(
+        matches!(*state.borrow(), Ranges::Probing),
+        "the probe decides"
+    );
+    assert!(r.beside_probe(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
