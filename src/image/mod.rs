@@ -87,6 +87,10 @@ pub struct LayerOpener {
     manifest_digest: String,
     soci_index: Option<String>,
     published: tokio::sync::OnceCell<HashMap<String, share::Published>>,
+    /// Those indexes, fetched as soon as they were found (see [`open::Ctx::fetched`]).
+    fetched: tokio::sync::OnceCell<open::Fetched>,
+    /// Each layer's compressed size, by digest (a SOCI zTOC is read against it).
+    sizes: HashMap<String, u64>,
     /// Bytes the decoded copies of first passes may still take, all layers together.
     copy_budget: Arc<std::sync::atomic::AtomicU64>,
     /// How many ranges each layer's tail is asked for as (see [`open::tail_ranges`]).
@@ -118,6 +122,12 @@ impl LayerOpener {
                 .get(crate::layer::checkpoint::soci::INDEX_ANNOTATION)
                 .cloned(),
             published: tokio::sync::OnceCell::new(),
+            fetched: tokio::sync::OnceCell::new(),
+            sizes: resolved
+                .layers
+                .iter()
+                .map(|d| (d.digest.clone(), d.size))
+                .collect(),
             copy_budget: Arc::new(std::sync::atomic::AtomicU64::new(cfg_copy_bound)),
             tail_ranges: open::tail_ranges(&resolved.layers),
             small: small_at_open(&resolved.layers, cfg_small_layers),
@@ -150,6 +160,8 @@ impl LayerOpener {
             manifest_digest: self.manifest_digest.clone(),
             soci_index: self.soci_index.clone(),
             published: &self.published,
+            fetched: &self.fetched,
+            sizes: &self.sizes,
             copy_budget: &self.copy_budget,
             tail_ranges: self.tail_ranges,
         };

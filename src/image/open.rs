@@ -29,11 +29,20 @@ pub(super) struct Ctx<'a> {
     pub soci_index: Option<String>,
     /// Indexes published in the registry, looked up once, on first need.
     pub published: &'a tokio::sync::OnceCell<HashMap<String, share::Published>>,
+    /// Those indexes fetched (or the reason they could not be), by layer digest, until a
+    /// layer takes its own.
+    pub fetched: &'a tokio::sync::OnceCell<Fetched>,
+    /// Each layer's compressed size, by digest.
+    pub sizes: &'a HashMap<String, u64>,
     /// Bytes the decoded copies of first passes may still take (see [`checkpoint::CopyTo`]).
     pub copy_budget: &'a Arc<std::sync::atomic::AtomicU64>,
     /// How many ranges a large tail is asked for as ([`tail_ranges`]).
     pub tail_ranges: u64,
 }
+
+/// Published indexes fetched, by layer digest (see [`Ctx::fetched`]).
+pub(super) type Fetched =
+    std::sync::Mutex<HashMap<String, Result<(checkpoint::CheckpointIndex, bytes::Bytes)>>>;
 
 /// How many ranges each large announced tail (one that is not the whole blob) is asked for
 /// as, at once: the connections [`Source::warm`] opens shared among those tails, so that the
@@ -229,7 +238,28 @@ impl Ctx<'_> {
         if checkpoint::file::path(&self.cfg.cache_dir, cached.id()).exists() {
             return tail.await;
         }
-        tokio::join!(tail, self.published()).0
+        tokio::join!(tail, self.fetched()).0
+    }
+
+    /// The published indexes, all fetched at once as soon as they are found: a mount's
+    /// plain gzip layers each need theirs before it is ready, and their fetches overlap
+    /// the layers' tail reads instead of following them (gzip with an index, packet link:
+    /// ready ~488 -> ~457 ms over 6 rounds). A layer opened again fetches its own anew.
+    async fn fetched(&self) -> &Fetched {
+        self.fetched
+            .get_or_init(|| async {
+                let published = self.published().await;
+                let fetches = published.iter().filter_map(|(layer, p)| {
+                    let size = *self.sizes.get(layer)?;
+                    Some(async move {
+                        let fetched = share::fetch(self.source, p, layer, size).await;
+                        (layer.clone(), fetched)
+                    })
+                });
+                let all = futures::future::join_all(fetches).await;
+                std::sync::Mutex::new(all.into_iter().collect())
+            })
+            .await
     }
 
     /// The indexes published in the registry for this image, looked up once for all layers.
@@ -280,8 +310,14 @@ impl Ctx<'_> {
                 Err(_) => tracing::debug!("no index for {digest} at {}", file.display()),
             }
         }
+        // The index fetched with the others, or (taken already: a layer opened again) anew.
+        let early = self.fetched().await.lock().unwrap().remove(&digest);
         if let Some(p) = self.published().await.get(&digest) {
-            match share::fetch(self.source, p, &digest, cached.size()).await {
+            let fetched = match early {
+                Some(fetched) => fetched,
+                None => share::fetch(self.source, p, &digest, cached.size()).await,
+            };
+            match fetched {
                 Ok((index, bytes)) => {
                     let kept = keep(&waiting, &bytes).await;
                     let trust = Trust::Unchecked(kept.then(|| waiting.clone()));

@@ -157,14 +157,20 @@ fn gzip_index_pushed_to_the_registry_is_found_by_a_clean_mount() {
     let m = Mount::new(&r, &["--verify", "off"], &[]);
     assert!(m.ready.contains("index from registry"), "{}", m.ready);
     // The image manifest, the referrers API (404 here) and its fallback tag, the tail probe,
-    // the config and the index blob, named by the referrer's annotation: the artifact's own
-    // manifest is not fetched. (The `GET /v2/`s that opened connections meanwhile are not
-    // counted as requests.)
+    // the config and the index blob (as up to four ranges at once), named by the referrer's
+    // annotation: the artifact's own manifest is not fetched. (The `GET /v2/`s that opened
+    // connections meanwhile are not counted as requests.)
     crate::connections::all_warm(&proxy);
     let requests = proxy.requests.load(Ordering::SeqCst);
+    let blobs = proxy.blob_requests.load(Ordering::SeqCst);
     assert!(
-        requests <= 6,
-        "{requests} requests before the mount was ready"
+        requests - blobs <= 3,
+        "{} manifest and referrers requests before the mount was ready",
+        requests - blobs
+    );
+    assert!(
+        blobs <= 6,
+        "{blobs} blob requests before the mount was ready"
     );
     assert_eq!(
         std::fs::read_to_string(m.path().join("small.txt")).unwrap(),
