@@ -87,9 +87,10 @@ pub struct LayerOpener {
     manifest_digest: String,
     soci_index: Option<String>,
     published: tokio::sync::OnceCell<HashMap<String, share::Published>>,
-    /// Those indexes, fetched as soon as they were found (see [`open::Ctx::fetched`]).
+    /// Those indexes being fetched since they were found (see [`open::Ctx::fetched`]).
     fetched: tokio::sync::OnceCell<open::Fetched>,
-    /// Each layer's compressed size, by digest (a SOCI zTOC is read against it).
+    /// Each layer's compressed size, by digest, once [`LayerOpener::fetch_indexes_early`]
+    /// asked for it (a SOCI zTOC is read against it).
     sizes: HashMap<String, u64>,
     /// Bytes the decoded copies of first passes may still take, all layers together.
     copy_budget: Arc<std::sync::atomic::AtomicU64>,
@@ -123,15 +124,20 @@ impl LayerOpener {
                 .cloned(),
             published: tokio::sync::OnceCell::new(),
             fetched: tokio::sync::OnceCell::new(),
-            sizes: resolved
-                .layers
-                .iter()
-                .map(|d| (d.digest.clone(), d.size))
-                .collect(),
+            sizes: HashMap::new(),
             copy_budget: Arc::new(std::sync::atomic::AtomicU64::new(cfg_copy_bound)),
             tail_ranges: open::tail_ranges(&resolved.layers),
             small: small_at_open(&resolved.layers, cfg_small_layers),
         }
+    }
+
+    /// Fetches every published index of the image as soon as they are found, for an opener
+    /// that opens every layer at once (a mount): an index no layer takes is kept until the
+    /// opener is dropped, so not for the layer store, which keeps its openers.
+    pub fn fetch_indexes_early(mut self, resolved: &Resolved) -> Self {
+        let sizes = resolved.layers.iter().map(|d| (d.digest.clone(), d.size));
+        self.sizes = sizes.collect();
+        self
     }
 
     /// The configuration layers are opened with.
@@ -246,7 +252,8 @@ impl Image {
             cfg.clone(),
             cache.clone(),
             progress,
-        );
+        )
+        .fetch_indexes_early(&resolved);
         // The config is not needed to open layers: fetch it alongside (one round trip less).
         let config = manifest::fetch_config(source, &resolved);
         let opened = futures::future::try_join_all(resolved.layers.iter().map(|d| opener.open(d)));

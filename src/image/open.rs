@@ -14,6 +14,7 @@ use crate::layer::{
     Entry, Format, Health, IndexCheck, Layer, LayerData, LayerDesc, chunked, detect, estargz,
     streamed, tar, zstdchunked,
 };
+use crate::task::TaskGuard;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -29,10 +30,11 @@ pub(super) struct Ctx<'a> {
     pub soci_index: Option<String>,
     /// Indexes published in the registry, looked up once, on first need.
     pub published: &'a tokio::sync::OnceCell<HashMap<String, share::Published>>,
-    /// Those indexes fetched (or the reason they could not be), by layer digest, until a
-    /// layer takes its own.
+    /// Those indexes being fetched, by layer digest, until a layer takes its own; started
+    /// once they are found when every layer is opened at once ([`LayerOpener`]'s
+    /// `fetch_indexes_early`).
     pub fetched: &'a tokio::sync::OnceCell<Fetched>,
-    /// Each layer's compressed size, by digest.
+    /// Each layer's compressed size, by digest; empty when indexes are not fetched early.
     pub sizes: &'a HashMap<String, u64>,
     /// Bytes the decoded copies of first passes may still take (see [`checkpoint::CopyTo`]).
     pub copy_budget: &'a Arc<std::sync::atomic::AtomicU64>,
@@ -40,9 +42,11 @@ pub(super) struct Ctx<'a> {
     pub tail_ranges: u64,
 }
 
-/// Published indexes fetched, by layer digest (see [`Ctx::fetched`]).
-pub(super) type Fetched =
-    std::sync::Mutex<HashMap<String, Result<(checkpoint::CheckpointIndex, bytes::Bytes)>>>;
+/// Published indexes being fetched, by layer digest (see [`Ctx::fetched`]).
+pub(super) type Fetched = std::sync::Mutex<HashMap<String, TaskGuard<IndexFetch>>>;
+
+/// A published index fetched and checked, with its encoding (see [`share::fetch`]).
+type IndexFetch = Result<(checkpoint::CheckpointIndex, bytes::Bytes)>;
 
 /// How many ranges each large announced tail (one that is not the whole blob) is asked for
 /// as, at once: the connections [`Source::warm`] opens shared among those tails, so that the
@@ -212,7 +216,8 @@ impl Ctx<'_> {
     /// Reads a layer's tail for its footer: when a TOC is `announced`, as many bytes as that
     /// says (see [`detect::toc_tail`]: the TOC usually arrives whole), else a small read,
     /// while the registry is asked for published indexes (the layer is most likely plain and
-    /// will need one) unless one is cached here.
+    /// will need one; a mount then starts fetching them, see [`Ctx::fetch_early`]) unless
+    /// one is cached here.
     async fn tail(&self, cached: &Blob, announced: Option<u64>) -> Result<(u64, Bytes)> {
         if let Some(len) = announced {
             // Over the network a large tail holds the mount back: asked for as several ranges
@@ -238,28 +243,44 @@ impl Ctx<'_> {
         if checkpoint::file::path(&self.cfg.cache_dir, cached.id()).exists() {
             return tail.await;
         }
-        tokio::join!(tail, self.fetched()).0
+        let published = async {
+            self.published().await;
+            self.fetch_early().await;
+        };
+        tokio::join!(tail, published).0
     }
 
-    /// The published indexes, all fetched at once as soon as they are found: a mount's
-    /// plain gzip layers each need theirs before it is ready, and their fetches overlap
-    /// the layers' tail reads instead of following them (gzip with an index, packet link:
-    /// ready ~488 -> ~457 ms over 6 rounds). A layer opened again fetches its own anew.
-    async fn fetched(&self) -> &Fetched {
+    /// Starts fetching every published index as soon as they are found, when every layer is
+    /// opened at once (a mount): its plain gzip layers each need theirs before it is ready,
+    /// and the fetches then overlap the layers' tail reads instead of following each
+    /// (gzip with an index, packet link: ready ~488 -> ~457 ms over 6 rounds). Not for a
+    /// layer whose index is kept here. A layer takes its own (see [`Ctx::index`]).
+    async fn fetch_early(&self) {
+        if self.sizes.is_empty() {
+            return;
+        }
+        let published = self.published().await;
         self.fetched
             .get_or_init(|| async {
-                let published = self.published().await;
+                let kept = |layer: &str| {
+                    checkpoint::file::path(&self.cfg.cache_dir, layer).exists()
+                        || checkpoint::file::unverified_path(&self.cfg.cache_dir, layer).exists()
+                };
                 let fetches = published.iter().filter_map(|(layer, p)| {
                     let size = *self.sizes.get(layer)?;
-                    Some(async move {
-                        let fetched = share::fetch(self.source, p, layer, size).await;
-                        (layer.clone(), fetched)
-                    })
+                    if kept(layer) {
+                        return None;
+                    }
+                    let (source, p, digest) = (self.source.clone(), p.clone(), layer.clone());
+                    let fetch =
+                        TaskGuard::spawn(
+                            async move { share::fetch(&source, &p, &digest, size).await },
+                        );
+                    Some((layer.clone(), fetch))
                 });
-                let all = futures::future::join_all(fetches).await;
-                std::sync::Mutex::new(all.into_iter().collect())
+                std::sync::Mutex::new(fetches.collect())
             })
-            .await
+            .await;
     }
 
     /// The indexes published in the registry for this image, looked up once for all layers.
@@ -310,10 +331,17 @@ impl Ctx<'_> {
                 Err(_) => tracing::debug!("no index for {digest} at {}", file.display()),
             }
         }
-        // The index fetched with the others, or (taken already: a layer opened again) anew.
-        let early = self.fetched().await.lock().unwrap().remove(&digest);
         if let Some(p) = self.published().await.get(&digest) {
+            // The fetch started early, or (none: a layer opened alone or again) one now.
+            let early = self
+                .fetched
+                .get()
+                .and_then(|f| f.lock().unwrap().remove(&digest));
             let fetched = match early {
+                Some(mut fetch) => fetch.output().await,
+                None => None,
+            };
+            let fetched = match fetched {
                 Some(fetched) => fetched,
                 None => share::fetch(self.source, p, &digest, cached.size()).await,
             };

@@ -10,8 +10,9 @@
 //! named by digest is checked wherever it comes from (manifests and small blobs hashed whole,
 //! blob answers checked against the blob's size and digest headers, streamed blobs hashed).
 //!
-//! Per host and blob, the first ranged read is a probe the others wait for: a 206 means the
-//! host serves ranges; a 200 with the whole blob (a pull-through cache that has not stored it)
+//! Per host and blob, the first ranged read is a probe the others wait for (at a mirror; at
+//! the image's own registry they go out beside it, see `ranges.rs`): a 206 means the host
+//! serves ranges; a 200 with the whole blob (a pull-through cache that has not stored it)
 //! means the blob is streamed whole, once, into a spool that serves every read of it from
 //! that host (`whole.rs`) — never one full download per read. A 200 that names the blob's
 //! digest is first taken for a pull-through cache that has started storing the blob: the

@@ -24,12 +24,19 @@ use tokio::sync::watch;
 /// store the blob.
 const TAKE_WHOLE_MAX: u64 = 1 << 20;
 
+/// Whether a read of `[offset, offset+len)` of a blob of `size` bytes takes a whole answer
+/// as it is: it wants the whole blob, a small one.
+fn takes_whole(offset: u64, len: u64, size: u64) -> bool {
+    offset == 0 && len == size && size <= TAKE_WHOLE_MAX
+}
+
 /// How a blob is read from one host.
 #[derive(Clone)]
 pub(super) enum Ranges {
     /// Not asked yet: the next read is the probe.
     Unknown,
-    /// A probe is under way; other reads wait for its answer.
+    /// A probe is under way; other reads wait for its answer (at the image's own registry,
+    /// they go out beside it: see [`Repo::beside_probe`]).
     Probing,
     /// By range.
     Ranged,
@@ -148,9 +155,17 @@ impl Repo {
         !h.mirror && !h.answered_whole.load(Ordering::Relaxed)
     }
 
+    /// Whether reads of a blob go out beside its probe at every host of this repository
+    /// (no mirrors, and the registry has not answered a range whole).
+    pub fn reads_beside_probe(&self) -> bool {
+        (0..self.hosts.len()).all(|i| self.beside_probe(i))
+    }
+
     /// A read beside the probe (see [`Repo::beside_probe`]): `None` when the host answered
     /// it with the whole blob, hung up on (the host is then marked, and the read waits for
-    /// the probe like the next ones), unless the read wanted the whole blob.
+    /// the probe like the next ones), unless the read takes a whole answer (`takes_whole`).
+    /// Like the probe's, its answer is read in one try: a failure goes back to the reader,
+    /// whose cache asks again.
     async fn ranged_beside_probe(
         &self,
         i: usize,
@@ -177,7 +192,7 @@ impl Repo {
             Ok(a) => a,
             Err(e) => return Some(Err(e)),
         };
-        if answer != RangeAnswer::Partial && !(offset == 0 && len == size) {
+        if answer != RangeAnswer::Partial && !takes_whole(offset, len, size) {
             h.answered_whole.store(true, Ordering::Relaxed);
             tracing::debug!(
                 "{} answered a range of blob {digest} whole: its reads wait for probes now",
@@ -225,7 +240,7 @@ impl Repo {
             let answer = RangeAnswer::of(resp.status(), content_range, offset, &what)?;
             // A small blob read whole (a config, a tiny layer) takes a whole answer as it is:
             // the cache's extra download of it costs less than a pause.
-            let whole_read = offset == 0 && len == size && size <= TAKE_WHOLE_MAX;
+            let whole_read = takes_whole(offset, len, size);
             // How long to wait is decided at the first whole answer: a wait for another
             // blob that runs out meanwhile does not cut this one short.
             if wait.tries == 0 {

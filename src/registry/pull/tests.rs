@@ -332,6 +332,39 @@ async fn at_the_image_registry_reads_go_beside_the_probe_until_it_answers_whole(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_whole_answer_beside_the_probe_is_hung_up_on_and_the_read_waits_for_the_probe() {
+    let (data, digest) = blob();
+    let host = serve(Mode::Whole, data.clone(), digest.clone(), Bytes::new());
+    let r = repo(
+        &[route(&host.addr, Capabilities::ALL, false)],
+        "beside-whole",
+    );
+    let b: Arc<RepoBlob> = Arc::new(RepoBlob::new(r.clone(), &digest, data.len() as u64));
+    let state = r.ranges(0, &digest);
+    state.send_replace(Ranges::Probing);
+    let read = {
+        let b = b.clone();
+        tokio::spawn(async move { b.read_at(1000, 500).await })
+    };
+    // It asked once beside the probe, hung up on the whole answer, and now waits for it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!read.is_finished(), "did not wait for the probe");
+    assert_eq!(host.gets.load(Ordering::SeqCst), 1);
+    assert!(!r.beside_probe(0), "the whole answer was noted");
+    assert_eq!(
+        r.figures()[0].bytes,
+        0,
+        "nothing of the whole answer was taken"
+    );
+    // The probe went away without deciding: the read probes itself, and streams the blob.
+    state.send_replace(Ranges::Unknown);
+    let got = tokio::time::timeout(Duration::from_secs(10), read).await;
+    assert_eq!(&got.unwrap().unwrap().unwrap()[..], &data[1000..1500]);
+    assert_eq!(host.gets.load(Ordering::SeqCst), 2);
+    let _ = std::fs::remove_dir_all(spool_dir("beside-whole"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn at_the_image_registry_the_first_reads_of_a_blob_do_not_wait_for_one_another() {
     let (data, digest) = blob();
     let host = serve(Mode::Ranges, data.clone(), digest.clone(), Bytes::new());
