@@ -175,32 +175,46 @@ impl Repo {
         len: u64,
         sink: &mut (dyn FnMut(Bytes) + Send),
     ) -> Option<Result<()>> {
-        let h = &self.hosts[i];
-        let what = format!("blob {digest} from {}", h.registry.host());
-        h.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let answered = async {
-            let resp = h.registry.open_blob(&h.repo, digest, offset, len).await?;
-            check_answer(&resp, digest, size, &what)?;
-            let content_range = resp
-                .headers()
-                .get(header::CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok());
-            let answer = RangeAnswer::of(resp.status(), content_range, offset, &what)?;
-            Ok::<_, Error>((resp, answer))
-        };
-        let (resp, answer) = match answered.await {
+        let (resp, answer) = match self.ask(i, digest, size, offset, len).await {
             Ok(a) => a,
             Err(e) => return Some(Err(e)),
         };
         if answer != RangeAnswer::Partial && !takes_whole(offset, len, size) {
-            h.answered_whole.store(true, Ordering::Relaxed);
             tracing::debug!(
                 "{} answered a range of blob {digest} whole: its reads wait for probes now",
-                h.registry.host()
+                self.hosts[i].registry.host()
             );
             return None;
         }
         Some(self.body(i, resp, digest, offset, len, sink).await)
+    }
+
+    /// Asks host `i` for `[offset, offset+len)` of blob `digest` (`size` bytes), counting the
+    /// request: the answer, checked against the blob, and how it answers the range. A whole
+    /// answer the read does not take (see `takes_whole`) marks the host
+    /// (`answered_whole`): its reads wait for probes from then on.
+    async fn ask(
+        &self,
+        i: usize,
+        digest: &str,
+        size: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(reqwest::Response, RangeAnswer)> {
+        let h = &self.hosts[i];
+        let what = format!("blob {digest} from {}", h.registry.host());
+        h.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = h.registry.open_blob(&h.repo, digest, offset, len).await?;
+        check_answer(&resp, digest, size, &what)?;
+        let content_range = resp
+            .headers()
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok());
+        let answer = RangeAnswer::of(resp.status(), content_range, offset, &what)?;
+        if answer != RangeAnswer::Partial && !takes_whole(offset, len, size) {
+            h.answered_whole.store(true, Ordering::Relaxed);
+        }
+        Ok((resp, answer))
     }
 
     /// `r`, a read of `digest` from host `i`, noting its failure.
@@ -227,17 +241,9 @@ impl Repo {
         sink: &mut (dyn FnMut(Bytes) + Send),
     ) -> Result<()> {
         let h = &self.hosts[i];
-        let what = format!("blob {digest} from {}", h.registry.host());
         let mut wait = FillWait::new(Duration::ZERO, size);
         loop {
-            h.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let resp = h.registry.open_blob(&h.repo, digest, offset, len).await?;
-            check_answer(&resp, digest, size, &what)?;
-            let content_range = resp
-                .headers()
-                .get(header::CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok());
-            let answer = RangeAnswer::of(resp.status(), content_range, offset, &what)?;
+            let (resp, answer) = self.ask(i, digest, size, offset, len).await?;
             // A small blob read whole (a config, a tiny layer) takes a whole answer as it is:
             // the cache's extra download of it costs less than a pause.
             let whole_read = takes_whole(offset, len, size);
@@ -247,9 +253,6 @@ impl Repo {
                 wait.limit = self.fill_wait(i);
             }
             let names_blob = resp.headers().contains_key("docker-content-digest");
-            if answer != RangeAnswer::Partial && !whole_read {
-                h.answered_whole.store(true, Ordering::Relaxed);
-            }
             match (answer, self.opts.spool_dir.as_ref()) {
                 // The answer is what we want, whatever its status; the next read decides
                 // how the host serves ranges.
