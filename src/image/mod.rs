@@ -131,13 +131,22 @@ impl LayerOpener {
         }
     }
 
-    /// Fetches every published index of the image as soon as they are found, for an opener
-    /// that opens every layer at once (a mount): an index no layer takes is kept until the
-    /// opener is dropped, so not for the layer store, which keeps its openers.
-    pub fn fetch_indexes_early(mut self, resolved: &Resolved) -> Self {
-        let sizes = resolved.layers.iter().map(|d| (d.digest.clone(), d.size));
+    /// Fetches the published indexes of `layers` as soon as they are found, for an opener
+    /// about to open those layers at once (a mount; the layer store as it resolves an
+    /// image). An index no layer takes is kept until the opener is dropped or
+    /// [`LayerOpener::forget_early_indexes`] is called.
+    pub fn fetch_indexes_early(mut self, layers: &[LayerDesc]) -> Self {
+        let sizes = layers.iter().map(|d| (d.digest.clone(), d.size));
         self.sizes = sizes.collect();
         self
+    }
+
+    /// Drops the indexes fetched early that no layer has taken (a layer opened later fetches
+    /// its own), for an opener that outlives the openings it was made for (the layer store's).
+    pub fn forget_early_indexes(&self) {
+        if let Some(fetched) = self.fetched.get() {
+            fetched.lock().unwrap().clear();
+        }
     }
 
     /// The configuration layers are opened with.
@@ -253,7 +262,7 @@ impl Image {
             cache.clone(),
             progress,
         )
-        .fetch_indexes_early(&resolved);
+        .fetch_indexes_early(&resolved.layers);
         // The config is not needed to open layers: fetch it alongside (one round trip less).
         let config = manifest::fetch_config(source, &resolved);
         let opened = futures::future::try_join_all(resolved.layers.iter().map(|d| opener.open(d)));

@@ -216,8 +216,8 @@ impl Ctx<'_> {
     /// Reads a layer's tail for its footer: when a TOC is `announced`, as many bytes as that
     /// says (see [`detect::toc_tail`]: the TOC usually arrives whole), else a small read,
     /// while the registry is asked for published indexes (the layer is most likely plain and
-    /// will need one; a mount then starts fetching them, see [`Ctx::fetch_early`]) unless
-    /// one is cached here.
+    /// will need one; an opener that opens every layer at once then starts fetching them,
+    /// see [`Ctx::fetch_early`]) unless one is cached here.
     async fn tail(&self, cached: &Blob, announced: Option<u64>) -> Result<(u64, Bytes)> {
         if let Some(len) = announced {
             // Over the network a large tail holds the mount back: asked for as several ranges
@@ -246,9 +246,10 @@ impl Ctx<'_> {
         tokio::join!(tail, self.fetch_early()).0
     }
 
-    /// Looks up the published indexes and, when every layer is opened at once (a mount),
-    /// starts fetching them all as soon as they are found: its plain gzip layers each need theirs before it is ready,
-    /// and the fetches then overlap the layers' tail reads instead of following each
+    /// Looks up the published indexes and, when every layer is opened at once (a mount, or
+    /// the layer store as it resolves an image), starts fetching them all as soon as they
+    /// are found: each plain gzip layer needs its own before it is open, and the fetches
+    /// then overlap the layers' tail reads instead of following each
     /// (gzip with an index, packet link: ready ~488 -> ~457 ms over 6 rounds). Not for a
     /// layer whose index is kept here. A layer takes its own (see [`Ctx::index`]).
     async fn fetch_early(&self) {

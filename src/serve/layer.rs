@@ -47,28 +47,35 @@ pub struct ServedLayer {
 }
 
 impl ServedLayer {
-    /// Opens layer `index` of `resolved` (its config fetched) through `opener` and starts
-    /// its background work.
+    /// Opens layer `desc` through `opener` and starts its background work. `image` gives the
+    /// image the layer was listed in, with its config: needed only for the layer's
+    /// uncompressed digest, so it may still be on its way while the layer's index comes.
     pub async fn open(
         opener: &LayerOpener,
-        resolved: &Resolved,
-        index: usize,
+        desc: &LayerDesc,
+        image: impl Future<Output = Result<Arc<Resolved>>>,
         how: &LayerServing,
     ) -> Result<ServedLayer> {
         let start = Instant::now();
-        let desc = resolved.layers.get(index).cloned().ok_or_else(|| {
-            Error::NotFound(format!("layer {index} of {}", resolved.manifest_digest))
-        })?;
+        let ((opened, entries), resolved) =
+            futures::future::try_join(opener.open(desc), image).await?;
+        let index = (resolved.layers.iter())
+            .position(|l| l.digest == desc.digest)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "layer {} in {}",
+                    desc.digest, resolved.manifest_digest
+                ))
+            })?;
         let diff_id = crate::image::manifest::diff_ids(&resolved.config)
             .get(index)
             .filter(|d| !d.is_empty())
             .cloned();
-        let (opened, entries) = opener.open(&desc).await?;
         let diff_ids: Vec<String> = diff_id.iter().cloned().collect();
         if how.verify == VerifyMode::Strict {
             crate::image::verify_now(std::slice::from_ref(&opened), &diff_ids).await?;
         }
-        let mut own = resolved.clone();
+        let mut own = (*resolved).clone();
         own.layers = vec![desc.clone()];
         let image = Arc::new(Image {
             resolved: own,
@@ -103,7 +110,7 @@ impl ServedLayer {
         }
         Ok(ServedLayer {
             served,
-            desc,
+            desc: desc.clone(),
             diff_id,
             _tasks: tasks,
         })

@@ -14,9 +14,12 @@ use std::time::Instant;
 
 /// One resolution of a reference: manifest, config, and the opener of its layers.
 pub struct ResolvedImage {
-    pub resolved: Resolved,
-    pub opener: LayerOpener,
+    pub resolved: Arc<Resolved>,
+    pub opener: Arc<LayerOpener>,
     pub at: Instant,
+    /// Drops the published indexes fetched early that no layer took, once the layers this
+    /// resolution started opening have opened.
+    pub _forget: crate::task::TaskGuard,
 }
 
 impl ResolvedImage {

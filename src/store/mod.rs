@@ -8,7 +8,7 @@
 //!
 //! [`Store`] is the FUSE-free directory model: one long-running daemon serves many images. A
 //! reference's directory appears on its first lookup (manifest and config resolved, every
-//! layer starting to open); a layer's `diff` is a [`ServedLayer`], opened once however many
+//! layer starting to open as soon as the manifest is in); a layer's `diff` is a [`ServedLayer`], opened once however many
 //! images share it (`pool.rs`) and released when idle. Unknown references, unreachable
 //! registries and layers that fail to open are lookup errors within a bounded time, so the
 //! runtime falls back to an ordinary pull. containers/storage tells a store when it starts
@@ -29,12 +29,14 @@ pub use nodes::ROOT;
 use crate::blob::cache::BlockCache;
 use crate::config::OpenConfig;
 use crate::error::{Error, Result};
-use crate::image::{LayerOpener, Progress, Source};
+use crate::image::{LayerOpener, Progress, Resolved, Source};
+use crate::layer::LayerDesc;
 use crate::serve::layer::{LayerServing, ServedLayer};
 use crate::speculate::SpeculateConfig;
 use crate::stats::{ImageFigures, ReadStats, StoreStats};
 use crate::task::TaskGuard;
 use bytes::Bytes;
+use futures::FutureExt;
 use images::{Images, ResolvedImage};
 use nodes::{Node, Nodes, Place};
 use pending::Pending;
@@ -99,7 +101,7 @@ pub struct Store {
     serving: LayerServing,
     nodes: Mutex<Nodes>,
     images: Mutex<Images>,
-    pool: LayerPool,
+    pool: Arc<LayerPool>,
     /// Each (image, layer)'s `info`, fixed once made (the kernel keeps its size).
     infos: Mutex<HashMap<(u32, String), Bytes>>,
     /// Reads served, store-wide: background work yields to them.
@@ -129,7 +131,7 @@ impl Store {
             serving,
             nodes: Mutex::new(Nodes::default()),
             images: Mutex::new(Images::default()),
-            pool: LayerPool::default(),
+            pool: Arc::default(),
             infos: Mutex::new(HashMap::new()),
             reads,
             uses: AtomicU64::new(0),
@@ -414,12 +416,6 @@ impl Store {
             return Ok(e);
         }
         let resolved = self.resolve(reference).await?;
-        // Every layer starts opening now: the runtime asks for them one after another.
-        for desc in &resolved.resolved.layers {
-            let _ = self
-                .pool
-                .get(&desc.digest, || self.open(resolved.clone(), &desc.digest));
-        }
         Ok(self.images.lock().unwrap().insert(reference, resolved))
     }
 
@@ -443,22 +439,54 @@ impl Store {
             .map_err(|e| shared(&e, &what))
     }
 
+    /// Starts resolving `reference`: its manifest, then (as soon as the manifest is in)
+    /// every layer opening beside the config, which a layer needs only at the end of its
+    /// opening (one round trip less before the runtime's first layer is ready).
     fn start_resolving(&self, reference: &str) -> Arc<Pending<ResolvedImage>> {
         let connect = self.connect.clone();
         let (reference, cfg) = (reference.to_string(), self.cfg.open.clone());
         let (cache, progress) = (self.cache.clone(), self.progress.clone());
+        let opening = self.opening();
+        let timeout = self.cfg.lookup_timeout;
         Pending::start(async move {
             let (source, what) = connect(&reference)?;
             // Connections for the config and the layers' first reads, opened while the
             // manifest is on its way (as a mount does).
             source.warm();
-            let resolved = crate::image::resolve(&source, &what, &cfg.platform).await?;
+            let mut resolved =
+                crate::image::manifest::resolve_manifest(&source, &what, &cfg.platform).await?;
+            // Published indexes are fetched as soon as they are found (those of layers
+            // whose index is kept here are not).
+            let opener = LayerOpener::new(source.clone(), &resolved, cfg, cache, progress);
+            let opener = Arc::new(opener.fetch_indexes_early(&resolved.layers));
+            let (config_tx, config_rx) = tokio::sync::oneshot::channel::<Arc<Resolved>>();
+            let config_rx = config_rx.shared();
+            let opens: Vec<_> = (resolved.layers.iter())
+                .map(|desc| {
+                    let what = format!("the config of {reference}");
+                    let image = config_rx.clone().map(move |r| {
+                        r.map_err(|_| Error::Registry(format!("{what} could not be fetched")))
+                    });
+                    opening.get(&opener, desc, image)
+                })
+                .collect();
+            resolved.config = crate::image::manifest::fetch_config(&source, &resolved).await?;
+            let resolved = Arc::new(resolved);
+            let _ = config_tx.send(resolved.clone());
             tracing::info!("resolved {reference}: {}", resolved.manifest_digest);
-            let opener = LayerOpener::new(source, &resolved, cfg, cache, progress);
+            // Once the layers have opened (or failed), what none of them took goes.
+            let forget = opener.clone();
+            let forget = TaskGuard::spawn(async move {
+                for open in opens {
+                    let _ = open.wait(timeout, "opening a layer").await;
+                }
+                forget.forget_early_indexes();
+            });
             Ok(ResolvedImage {
                 resolved,
                 opener,
                 at: std::time::Instant::now(),
+                _forget: forget,
             })
         })
     }
@@ -493,7 +521,11 @@ impl Store {
             return Ok(l);
         }
         let listing = self.listing(id, digest).await?;
-        let pending = self.pool.get(digest, || self.open(listing, digest));
+        let (_, desc, _) = listing
+            .layer(digest)
+            .ok_or_else(|| Error::NotFound(format!("layer {digest}")))?;
+        let image = futures::future::ready(Ok(listing.resolved.clone()));
+        let pending = self.opening().get(&listing.opener, desc, image);
         let what = format!("opening layer {digest}");
         pending
             .wait(self.cfg.lookup_timeout, &what)
@@ -507,23 +539,12 @@ impl Store {
         self.layer(id, &digest).await
     }
 
-    /// Starts opening layer `digest` of `image`.
-    fn open(&self, image: Arc<ResolvedImage>, digest: &str) -> Arc<Pending<ServedLayer>> {
-        let serving = self.serving.clone();
-        let digest = digest.to_string();
-        let trees = self.pool.trees();
-        Pending::start(async move {
-            let index = (image.resolved.layers.iter())
-                .position(|l| l.digest == digest)
-                .ok_or_else(|| Error::NotFound(format!("layer {digest}")))?;
-            let layer = ServedLayer::open(&image.opener, &image.resolved, index, &serving).await?;
-            trees.check(&digest, layer.served.image.tree.node_count())?;
-            tracing::info!(
-                "opened layer {digest}: {}",
-                layer.served.image.layer_summary()
-            );
-            Ok(layer)
-        })
+    /// What opening a layer takes from the store.
+    fn opening(&self) -> Opening {
+        Opening {
+            pool: self.pool.clone(),
+            serving: self.serving.clone(),
+        }
     }
 
     /// The compressed size of layer `digest` of image `id` (the size of its `blob`).
@@ -556,6 +577,39 @@ impl Store {
             .entry(key)
             .or_insert_with(|| Bytes::from(json))
             .clone())
+    }
+}
+
+/// What opening a layer takes from the store: cheap to clone into a resolution's task.
+#[derive(Clone)]
+struct Opening {
+    pool: Arc<LayerPool>,
+    serving: LayerServing,
+}
+
+impl Opening {
+    /// Layer `desc` from the pool, opened through `opener` if it is neither open nor under
+    /// way; `image` gives the image with its config (see [`ServedLayer::open`]).
+    fn get(
+        &self,
+        opener: &Arc<LayerOpener>,
+        desc: &LayerDesc,
+        image: impl Future<Output = Result<Arc<Resolved>>> + Send + 'static,
+    ) -> Arc<Pending<ServedLayer>> {
+        self.pool.get(&desc.digest, || {
+            let (opener, desc) = (opener.clone(), desc.clone());
+            let (serving, trees) = (self.serving.clone(), self.pool.trees());
+            Pending::start(async move {
+                let layer = ServedLayer::open(&opener, &desc, image, &serving).await?;
+                let digest = &desc.digest;
+                trees.check(digest, layer.served.image.tree.node_count())?;
+                tracing::info!(
+                    "opened layer {digest}: {}",
+                    layer.served.image.layer_summary()
+                );
+                Ok(layer)
+            })
+        })
     }
 }
 

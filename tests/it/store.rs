@@ -5,7 +5,7 @@
 
 use crate::builder::{self, Enc, encode, file, layout, push};
 use crate::fixtures::base_layers;
-use crate::harness::{self, Env, Proxy, ocifs};
+use crate::harness::{self, Env, Proxy, ocifs, push_index};
 use crate::oracle;
 use crate::podman_env::LayerStore;
 use ocifs::store::{LayerInfo, encode_name};
@@ -309,4 +309,126 @@ fn a_foreground_store_unmounts_on_sigterm() {
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status}");
     assert!(!mounted(), "still mounted");
+}
+
+/// The published gzip indexes in `reg`'s storage (blobs starting with the index magic), as
+/// (digest, size).
+fn published_indexes(reg: &harness::Registry) -> Vec<(String, u64)> {
+    let root = reg.dir.path().join("data/docker/registry/v2/blobs/sha256");
+    let mut found = Vec::new();
+    for prefix in std::fs::read_dir(root).unwrap() {
+        for blob in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
+            let blob = blob.unwrap();
+            let data = std::fs::read(blob.path().join("data")).unwrap();
+            if data.starts_with(b"OCIFSGZI") {
+                let hex = blob.file_name().to_string_lossy().into_owned();
+                found.push((format!("sha256:{hex}"), data.len() as u64));
+            }
+        }
+    }
+    found
+}
+
+/// Bytes the registry wrote for GETs of blob `digest`, once they stop growing.
+fn bytes_served(reg: &harness::Registry, digest: &str) -> u64 {
+    let log = reg.dir.path().join("registry.log");
+    let read = || {
+        let text = std::fs::read_to_string(&log).unwrap();
+        harness::blob_gets_in(&text, true)
+            .get(digest)
+            .map_or(0, |&(_, bytes)| bytes)
+    };
+    // The access log line follows the answer's last byte.
+    let mut last = read();
+    for _ in 0..10 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = read();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
+/// The store fetches each layer's published index once, as it resolves the image (the early
+/// fetch is the one the layer takes), and an image that shares a layer opened before does
+/// not fetch that layer's index again (it is kept).
+#[test]
+fn the_store_fetches_a_published_index_once_and_not_again_for_a_shared_layer() {
+    let Some(env) = Env::new("stidx") else {
+        return;
+    };
+    let gz = |name: &str, seed| {
+        let tar = builder::tar(&[
+            file(&format!("{name}.txt"), format!("{name}\n")),
+            file(&format!("{name}.bin"), builder::noise(6 << 20, seed)),
+        ]);
+        encode(tar, Enc::Gzip)
+    };
+    let (shared, own) = (gz("shared", 1), gz("own", 2));
+    let work = env.work.path();
+    builder::push_one(
+        work,
+        std::slice::from_ref(&shared),
+        &env.reg.addr,
+        "stidx/a",
+    );
+    builder::push_one(work, &[shared, own], &env.reg.addr, "stidx/b");
+    let (a, b) = (
+        format!("{}/stidx/a:v1", env.reg.addr),
+        format!("{}/stidx/b:v1", env.reg.addr),
+    );
+    for r in [&a, &b] {
+        assert!(push_index(r, &["--span", "1MiB"]).contains("pushed"));
+    }
+    let indexes = published_indexes(&env.reg);
+    assert_eq!(indexes.len(), 2, "one index per layer: {indexes:?}");
+    let (da, db) = (layer_digests(&a), layer_digests(&b));
+    let store = LayerStore::start(
+        &[
+            "--verify",
+            "off",
+            "--small-layers",
+            "0",
+            "--no-whole-files",
+            "--no-prefetch",
+        ],
+        &[],
+    );
+    let served = |indexes: &[(String, u64)]| -> Vec<u64> {
+        let served = indexes.iter().map(|(d, _)| bytes_served(&env.reg, d));
+        served.collect()
+    };
+    let before = served(&indexes);
+    assert_eq!(before, [0, 0], "the indexes were fetched before the store");
+
+    let diff = |r: &str, d: &str| store.path().join(encode_name(r)).join(d).join("diff");
+    assert!(std::fs::metadata(diff(&a, &da[0])).unwrap().is_dir());
+    let after_a = served(&indexes);
+    let fetched: Vec<bool> = after_a.iter().map(|&n| n > 0).collect();
+    assert_eq!(
+        fetched.iter().filter(|&&f| f).count(),
+        1,
+        "image a has one layer: {after_a:?}"
+    );
+    let shared_index = fetched.iter().position(|&f| f).unwrap();
+    assert_eq!(
+        after_a[shared_index], indexes[shared_index].1,
+        "the shared layer's index was fetched more than once"
+    );
+
+    // Image b: its first layer is open already; only its own layer's index comes.
+    assert!(std::fs::metadata(diff(&b, &db[1])).unwrap().is_dir());
+    let after_b = served(&indexes);
+    let own_index = 1 - shared_index;
+    assert_eq!(
+        after_b[shared_index], after_a[shared_index],
+        "image b fetched the index of the layer image a opened"
+    );
+    assert_eq!(after_b[own_index], indexes[own_index].1, "{after_b:?}");
+    assert_eq!(
+        std::fs::read_to_string(diff(&b, &db[1]).join("own.txt")).unwrap(),
+        "own\n"
+    );
 }
