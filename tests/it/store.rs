@@ -432,3 +432,65 @@ fn the_store_fetches_a_published_index_once_and_not_again_for_a_shared_layer() {
         "own\n"
     );
 }
+
+/// Layers start opening beside the image's config: a config the registry serves wrong (its
+/// digest does not match) makes the reference's lookup and its layers' lookups fail, so
+/// podman pulls by itself; once the registry serves it right again, the store serves the
+/// image (failures are kept only briefly).
+#[test]
+fn a_config_served_wrong_fails_the_lookups_and_the_store_heals() {
+    let Some(env) = Env::new("store-config") else {
+        return;
+    };
+    let layers = vec![encode(
+        builder::tar(&[file("hello.txt", "hello\n")]),
+        Enc::Gzip,
+    )];
+    builder::push_one(env.work.path(), &layers, &env.reg.addr, "stcfg/image");
+    let r = format!("{}/stcfg/image:v1", env.reg.addr);
+    let d = layer_digests(&r).remove(0);
+    let (ok, manifest, err) = ocifs(&["manifest", &r], &[]);
+    assert!(ok, "manifest: {err}");
+    let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let config = m["config"]["digest"].as_str().unwrap().to_string();
+    let path = env.reg.dir.path().join(format!(
+        "data/docker/registry/v2/blobs/sha256/{}/{}/data",
+        &config[7..9],
+        &config[7..]
+    ));
+    let good = std::fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    let last = bad.len() - 2;
+    bad[last] ^= 0x01;
+    std::fs::write(&path, &bad).unwrap();
+
+    let store = LayerStore::start(&["--small-layers", "0"], &[]);
+    let image = store.path().join(encode_name(&r));
+    assert!(
+        std::fs::metadata(&image).is_err(),
+        "a reference whose config is wrong was served"
+    );
+    assert!(
+        std::fs::metadata(image.join(&d).join("diff")).is_err(),
+        "a layer of a reference whose config is wrong was served"
+    );
+
+    std::fs::write(&path, &good).unwrap();
+    // Failed resolutions and openings are retried after 2 s.
+    let mut served = false;
+    for _ in 0..40 {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        if std::fs::metadata(image.join(&d).join("diff")).is_ok() {
+            served = true;
+            break;
+        }
+    }
+    assert!(
+        served,
+        "the store did not serve the image once its config was right"
+    );
+    assert_eq!(
+        std::fs::read_to_string(image.join(&d).join("diff/hello.txt")).unwrap(),
+        "hello\n"
+    );
+}
