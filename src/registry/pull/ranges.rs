@@ -104,10 +104,12 @@ impl Repo {
                     return self.settle(i, digest, r);
                 }
                 Ranges::Probing if self.beside_probe(i) => {
+                    let t0 = std::time::Instant::now();
                     if let Some(r) = self
                         .ranged_beside_probe(i, digest, size, offset, len, sink)
                         .await
                     {
+                        tracing::trace!("GET {digest} {offset}+{len}: {:?}", t0.elapsed());
                         return self.settle(i, digest, r);
                     }
                     // Answered whole: the probe decides how the blob is read after all.
