@@ -83,9 +83,8 @@ impl Store {
             // Once the layers have opened (or failed), what none of them took goes.
             let forget = opener.clone();
             let forget = TaskGuard::spawn(async move {
-                for open in opens {
-                    let _ = open.wait(timeout, "opening a layer").await;
-                }
+                let waits = opens.iter().map(|o| o.wait(timeout, "opening a layer"));
+                futures::future::join_all(waits).await;
                 forget.forget_early_indexes();
             });
             Ok(ResolvedImage {

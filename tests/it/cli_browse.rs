@@ -19,11 +19,7 @@ fn pull_refuses_a_layer_that_does_not_match_its_digest() {
     builder::push_one(work.path(), &layers, &reg.addr, "pull/bad");
     // Flip one byte in the middle of the stored tar layer.
     let d = builder::sha(&layers[1].blob);
-    let path = reg.dir.path().join(format!(
-        "data/docker/registry/v2/blobs/sha256/{}/{}/data",
-        &d[7..9],
-        &d[7..]
-    ));
+    let path = reg.blob_path(&d);
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 3;
     bytes[mid] ^= 0xff;

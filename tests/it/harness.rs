@@ -199,6 +199,20 @@ impl Registry {
         child
     }
 
+    /// Where the registry stores blob `digest` (`sha256:...`) on disk, for tests that damage
+    /// or inspect what it serves.
+    #[allow(dead_code)]
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.blobs_dir().join(&hex[..2]).join(hex).join("data")
+    }
+
+    /// The directory of the registry's stored blobs (one directory per two-hex prefix).
+    #[allow(dead_code)]
+    pub fn blobs_dir(&self) -> PathBuf {
+        self.dir.path().join("data/docker/registry/v2/blobs/sha256")
+    }
+
     /// Kills the registry (`kill -9`: its data stays), as a crash would.
     #[allow(dead_code)]
     pub fn kill(&mut self) {

@@ -230,11 +230,7 @@ fn store_layers_are_verified_in_the_background_or_before_they_are_shown() {
         let d = builder::sha(&layers[0].blob);
         if name == "bad" {
             // One byte flipped in the stored blob.
-            let path = env.reg.dir.path().join(format!(
-                "data/docker/registry/v2/blobs/sha256/{}/{}/data",
-                &d[7..9],
-                &d[7..]
-            ));
+            let path = env.reg.blob_path(&d);
             let mut bytes = std::fs::read(&path).unwrap();
             let mid = bytes.len() / 2;
             bytes[mid] ^= 0xff;
@@ -314,9 +310,8 @@ fn a_foreground_store_unmounts_on_sigterm() {
 /// The published gzip indexes in `reg`'s storage (blobs starting with the index magic), as
 /// (digest, size).
 fn published_indexes(reg: &harness::Registry) -> Vec<(String, u64)> {
-    let root = reg.dir.path().join("data/docker/registry/v2/blobs/sha256");
     let mut found = Vec::new();
-    for prefix in std::fs::read_dir(root).unwrap() {
+    for prefix in std::fs::read_dir(reg.blobs_dir()).unwrap() {
         for blob in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
             let blob = blob.unwrap();
             let data = std::fs::read(blob.path().join("data")).unwrap();
@@ -453,11 +448,7 @@ fn a_config_served_wrong_fails_the_lookups_and_the_store_heals() {
     assert!(ok, "manifest: {err}");
     let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
     let config = m["config"]["digest"].as_str().unwrap().to_string();
-    let path = env.reg.dir.path().join(format!(
-        "data/docker/registry/v2/blobs/sha256/{}/{}/data",
-        &config[7..9],
-        &config[7..]
-    ));
+    let path = env.reg.blob_path(&config);
     let good = std::fs::read(&path).unwrap();
     let mut bad = good.clone();
     let last = bad.len() - 2;

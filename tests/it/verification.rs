@@ -32,11 +32,7 @@ fn corrupted_blobs_fail_with_eio_or_refuse_to_mount() {
         push(&dir, "v1", &reg.addr, &format!("corrupt/{name}"), None);
         // Flip one byte in the middle of the stored layer blob.
         let d = builder::sha(&layers[0].blob);
-        let path = reg.dir.path().join(format!(
-            "data/docker/registry/v2/blobs/sha256/{}/{}/data",
-            &d[7..9],
-            &d[7..]
-        ));
+        let path = reg.blob_path(&d);
         let mut bytes = std::fs::read(&path).unwrap();
         let mid = bytes.len() / 3;
         bytes[mid] ^= 0xff;
