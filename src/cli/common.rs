@@ -508,7 +508,8 @@ pub struct Speculation {
     /// Do not fetch a file whole in the background when it is read at scattered places
     /// (binaries and libraries faulted in page by page), nor what a program loads once
     /// its first page is read, nor a directory's files read together, nor (without a
-    /// planned prefetch) the files of the image's configured command at mount.
+    /// planned prefetch) the files of the image's configured command at mount, nor
+    /// /etc/passwd and /etc/group, which a runtime reads before it starts a container.
     #[arg(long)]
     pub no_whole_files: bool,
     /// Fetch the image's layers of at most this many compressed bytes whole as soon as they

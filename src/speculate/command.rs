@@ -5,11 +5,22 @@
 //! first reads are known before the process exists: the program, what the loader reads for
 //! it (see `image::elf`) or a script's interpreter, and the files its arguments name (a
 //! Python script, a configuration file). A mount queues them for the background fetcher as
-//! soon as it is ready, so the first round trips of the start are already under way.
+//! soon as it is ready, so the first round trips of the start are already under way. Before
+//! the command runs, the runtime itself reads the user and group databases of the root
+//! ([`runtime_files`]): a mount fetches those as it starts too.
 
 use crate::image::runconfig::{DEFAULT_PATH, RunConfig};
 use crate::layer::Kind;
 use crate::tree::Tree;
+
+/// Files a container runtime reads from the root before it runs the command: the user and
+/// group databases, to resolve the config's `User` and the process's groups (podman does for
+/// every container, `User` set or not, between mounting the root and starting it).
+const RUNTIME_FILES: [&str; 2] = ["etc/passwd", "etc/group"];
+
+/// Larger files of the names speculation looks for at a start (the runtime's, the C
+/// library's) are left to their reads.
+pub(super) const START_FILE_MAX: u64 = 1 << 20;
 
 /// The command an image config names: program, arguments, search path, working directory.
 #[derive(Debug, PartialEq, Eq)]
@@ -45,6 +56,21 @@ pub fn find_on_path(tree: &Tree, name: &str, path: Option<&str>) -> Option<u64> 
 pub(super) fn regular_file(tree: &Tree, p: &str) -> Option<u64> {
     tree.resolve_links(p)
         .filter(|&ino| tree.get(ino).is_some_and(|n| n.kind == Kind::File))
+}
+
+/// The small regular files at image paths `paths` that `tree` has (links followed).
+pub(super) fn start_files(tree: &Tree, paths: &[&str]) -> Vec<u64> {
+    paths
+        .iter()
+        .filter_map(|p| regular_file(tree, p))
+        .filter(|&i| tree.get(i).is_some_and(|n| n.size <= START_FILE_MAX))
+        .collect()
+}
+
+/// The files a runtime reads before it starts a container from this root (see
+/// [`RUNTIME_FILES`]), those `tree` has.
+pub fn runtime_files(tree: &Tree) -> Vec<u64> {
+    start_files(tree, &RUNTIME_FILES)
 }
 
 impl Command {
@@ -102,6 +128,25 @@ mod tests {
         assert!(from_config(br#"{"config":{}}"#).is_none());
         assert!(from_config(br#"{"config":{"Cmd":[""]}}"#).is_none());
         assert!(from_config(b"not json").is_none());
+    }
+
+    #[test]
+    fn the_runtime_files_are_small_regular_files_links_followed() {
+        use crate::layer::{Entry, Kind};
+        let mut passwd = Entry::new("etc/passwd".to_string(), Kind::Symlink);
+        passwd.link = Some("../usr/share/passwd".into());
+        let mut shared = Entry::new("usr/share/passwd".to_string(), Kind::File);
+        shared.size = 839;
+        let tree = Tree::build(&[vec![
+            passwd,
+            shared,
+            Entry::new("etc/group".into(), Kind::Dir),
+        ]]);
+        let found = runtime_files(&tree);
+        assert_eq!(found, vec![tree.resolve("usr/share/passwd").unwrap()]);
+        let mut big = Entry::new("etc/passwd".to_string(), Kind::File);
+        big.size = START_FILE_MAX + 1;
+        assert!(runtime_files(&Tree::build(&[vec![big]])).is_empty());
     }
 
     #[test]

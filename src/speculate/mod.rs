@@ -264,6 +264,9 @@ impl Speculator {
                 futures::join!(fetch, plan::decode_landmarks(&image, &me.decode_budget));
             }));
         }
+        if self.mode != Mode::Off {
+            tasks.push(self.fetch_runtime_files(image));
+        }
         if !planned && self.mode != Mode::Off {
             self.predict_command(image);
         }
@@ -326,6 +329,22 @@ impl Speculator {
             let _ = self.tx.send(Job::Loads(ino));
         }
         new
+    }
+
+    /// Fetches the files a runtime reads before it starts a container from this root (see
+    /// [`command::runtime_files`]) at once, beside a plan if there is one: the runtime reads
+    /// them before the command runs, so they are the start's first misses otherwise.
+    fn fetch_runtime_files(self: &Arc<Self>, image: &Arc<Image>) -> TaskGuard {
+        let files = command::runtime_files(&image.tree);
+        let files: Vec<u64> = files
+            .into_iter()
+            .filter(|&i| self.scattered.claim(i))
+            .collect();
+        let (me, image) = (self.clone(), image.clone());
+        TaskGuard::spawn(async move {
+            let fetches = files.iter().map(|&ino| me.fetch_whole(&image, ino));
+            futures::future::join_all(fetches).await;
+        })
     }
 
     /// Queues the configured command's program and the files its arguments name.

@@ -38,10 +38,6 @@ const C_LIBRARY_FILES: [&str; 6] = [
 /// `lib/<multiarch>` and the cache in `usr/lib/<multiarch>`).
 const GCONV_CACHE: &str = "gconv/gconv-modules.cache";
 
-/// Larger files of those names are left to their reads (a locale archive of every language
-/// can be hundreds of MB).
-const C_LIBRARY_FILE_MAX: u64 = 1 << 20;
-
 /// Something a program loads.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Load {
@@ -118,13 +114,13 @@ fn c_library_files(tree: &Tree, dir: &str) -> Vec<u64> {
     if !dir.starts_with("usr/") {
         gconv.push(format!("usr/{dir}/{GCONV_CACHE}"));
     }
-    C_LIBRARY_FILES
+    let paths: Vec<&str> = C_LIBRARY_FILES
         .iter()
         .copied()
         .chain(gconv.iter().map(String::as_str))
-        .filter_map(|p| command::regular_file(tree, p))
-        .filter(|&i| tree.get(i).is_some_and(|n| n.size <= C_LIBRARY_FILE_MAX))
-        .collect()
+        .collect();
+    // Not past `START_FILE_MAX`: a locale archive of every language can be hundreds of MB.
+    command::start_files(tree, &paths)
 }
 
 /// Where libraries are looked for: the usual directories and the multiarch ones.

@@ -311,6 +311,48 @@ fn a_programs_libraries_are_fetched_before_the_loader_asks() {
     assert_eq!(got, expected, "the script, tool, libc and its files");
 }
 
+#[test]
+fn the_user_and_group_files_a_runtime_reads_are_fetched_as_the_mount_starts() {
+    let Some(Env { reg, work }) = Env::new("runtime") else {
+        return;
+    };
+    // A runtime reads /etc/passwd and /etc/group before it starts a container (podman does
+    // for every one): the mount fetches them before anything is read, as small files only.
+    let tar = builder::tar(&[
+        Item::Dir("etc", 0o755),
+        file("etc/passwd", noise(839, 1)),
+        file("etc/other", noise(30_000, 2)),
+        file("filler", noise(4 << 20, 3)),
+        file("etc/group", noise(2 << 20, 4)),
+    ]);
+    builder::push_one(
+        work.path(),
+        &[encode(tar, Enc::Estargz)],
+        &reg.addr,
+        "rt/big",
+    );
+    let m = Mount::new(
+        &format!("{}/rt/big:v1", reg.addr),
+        &["--verify", "off"],
+        &[],
+    );
+    let whole = |v: &MountStats| v.prefetch.whole_file_bytes;
+    assert_eq!(
+        whole(&poll_stats(m.path(), |v| whole(v) >= 839)),
+        839,
+        "passwd, not a group file past 1 MiB nor any other file"
+    );
+    drop(m);
+    // With --no-whole-files they are not.
+    let m = Mount::new(
+        &format!("{}/rt/big:v1", reg.addr),
+        &["--verify", "off", "--no-whole-files"],
+        &[],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(whole(&stats(m.path())), 0);
+}
+
 /// Four packages `lib/{a,b,c,d}`, each with a module cache directory of three files
 /// (`cache/m{0,1,2}.pyc`, `sizes[i]` bytes of noise seeded `10 * i + m`), and 3 MiB of noise
 /// after it so that no fetch run carries one package's files along with another's.
