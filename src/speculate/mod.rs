@@ -179,6 +179,10 @@ pub struct Speculator {
     decode_budget: AtomicU64,
 }
 
+/// Most blob bytes a file the runtime reads (see [`command::runtime_files`]) is fetched
+/// ahead with: its own chunks or tar range, or a gzip span's front up to its first marks.
+const RUNTIME_FETCH_MAX: u64 = 256 << 10;
+
 /// Takes `n` bytes from `budget` if it has them.
 fn take(budget: &AtomicU64, n: u64) -> bool {
     budget
@@ -333,16 +337,30 @@ impl Speculator {
 
     /// Fetches the files a runtime reads before it starts a container from this root (see
     /// [`command::runtime_files`]) at once, beside a plan if there is one: the runtime reads
-    /// them before the command runs, so they are the start's first misses otherwise.
+    /// them before the command runs, so they are the start's first misses otherwise. Only
+    /// their own bytes are fetched, no guesses past them (a guess there would compete with
+    /// the program's fetch), and only where those lie within [`RUNTIME_FETCH_MAX`]: a file
+    /// in the middle of a gzip span is left to its read, which resumes at a mark.
     fn fetch_runtime_files(self: &Arc<Self>, image: &Arc<Image>) -> TaskGuard {
-        let files = command::runtime_files(&image.tree);
-        let files: Vec<u64> = files
+        let wanted: Vec<_> = command::runtime_files(&image.tree)
             .into_iter()
-            .filter(|&i| self.scattered.claim(i))
+            .filter_map(|ino| {
+                let node = image.tree.get(ino)?;
+                let (li, loc) = node.data.as_ref()?;
+                let (blob, a, b) = image.layers[*li].layer.fetch_range(loc, 0, node.size)?;
+                let small = b.saturating_sub(a) <= RUNTIME_FETCH_MAX;
+                (small && self.scattered.claim(ino)).then_some((blob, a, b, node.size))
+            })
             .collect();
-        let (me, image) = (self.clone(), image.clone());
+        let me = self.clone();
         TaskGuard::spawn(async move {
-            let fetches = files.iter().map(|&ino| me.fetch_whole(&image, ino));
+            let counts = &me.counts;
+            let fetches = wanted.iter().map(|&(ref blob, a, b, size)| async move {
+                match blob.prefetch(a, b - a).await {
+                    Ok(()) => drop(counts.whole_files.fetch_add(size, Ordering::Relaxed)),
+                    Err(e) => tracing::debug!("fetching a runtime file ahead: {e}"),
+                }
+            });
             futures::future::join_all(fetches).await;
         })
     }
