@@ -276,7 +276,7 @@ fn print_stats(v: &MountStats, json: bool) -> Result<()> {
     );
     let p = &v.prefetch;
     println!(
-        "prefetch: {} of {} bytes; fetched in the background: small layers whole {} bytes, files whole (scattered reads, libraries) {} bytes, files with their directory {} bytes",
+        "prefetch: {} of {} bytes; fetched in the background: small layers whole {} bytes, files whole (scattered reads, libraries, the runtime's user files) {} bytes, files with their directory {} bytes",
         p.done_bytes, p.total_bytes, p.small_layer_bytes, p.whole_file_bytes, p.directory_bytes
     );
     let c = &v.local_copies;

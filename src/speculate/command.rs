@@ -9,6 +9,8 @@
 //! the command runs, the runtime itself reads the user and group databases of the root
 //! ([`runtime_files`]): a mount fetches those as it starts too.
 
+use crate::blob::Blob;
+use crate::image::Image;
 use crate::image::runconfig::{DEFAULT_PATH, RunConfig};
 use crate::layer::Kind;
 use crate::tree::Tree;
@@ -16,7 +18,7 @@ use crate::tree::Tree;
 /// Files a container runtime reads from the root before it runs the command: the user and
 /// group databases, to resolve the config's `User` and the process's groups (podman does for
 /// every container, `User` set or not, between mounting the root and starting it).
-const RUNTIME_FILES: [&str; 2] = ["etc/passwd", "etc/group"];
+pub(super) const RUNTIME_FILES: [&str; 2] = ["etc/passwd", "etc/group"];
 
 /// Larger files of the names speculation looks for at a start (the runtime's, the C
 /// library's) are left to their reads.
@@ -71,6 +73,45 @@ pub(super) fn start_files(tree: &Tree, paths: &[&str]) -> Vec<u64> {
 /// [`RUNTIME_FILES`]), those `tree` has.
 pub fn runtime_files(tree: &Tree) -> Vec<u64> {
     start_files(tree, &RUNTIME_FILES)
+}
+
+/// Where a runtime file's bytes are fetched from ahead of its read.
+pub struct RuntimeRange {
+    pub ino: u64,
+    pub blob: Blob,
+    pub start: u64,
+    pub len: u64,
+    /// The file's size (what speculation counts).
+    pub size: u64,
+}
+
+/// The blob ranges of `image`'s [`runtime_files`], each only its own bytes (no guess past
+/// them: one would compete with the program's fetch), and only those of at most `max`
+/// bytes: in a gzip layer read through its index that is a file near its span's start
+/// (from there to the mark past the file); one deeper in the span is left to its read,
+/// which resumes at a mark (`checkpoint::blob::SKIP_MIN` draws the same line).
+pub fn runtime_ranges(image: &Image, max: u64) -> Vec<RuntimeRange> {
+    let range = |ino: u64| {
+        let node = image.tree.get(ino)?;
+        let (li, loc) = node.data.as_ref()?;
+        let (blob, start, end) = image
+            .layers
+            .get(*li)?
+            .layer
+            .fetch_range(loc, 0, node.size)?;
+        let len = end.checked_sub(start).filter(|&l| l <= max)?;
+        Some(RuntimeRange {
+            ino,
+            blob,
+            start,
+            len,
+            size: node.size,
+        })
+    };
+    runtime_files(&image.tree)
+        .into_iter()
+        .filter_map(range)
+        .collect()
 }
 
 impl Command {

@@ -15,11 +15,13 @@
 //! - `program` (with `elf`): what a starting program will load next (its loader, libraries,
 //!   a script's interpreter);
 //! - `together`: a directory's files of one kind, and families of same-named directories;
-//! - `command`: the image config's command, known before the process exists.
+//! - `command`: the image config's command, known before the process exists, and the files
+//!   a runtime reads from the root before it starts the command (user and group databases).
 //!
 //! Order matters as much as choice, because everything fetched shares one link. A planned
 //! prefetch names what the workload reads: while it runs, guesses are dropped and the block
-//! cache's read-ahead is paused (they would only compete with it); after it, the narrow
+//! cache's read-ahead is paused (they would only compete with it; the runtime's few small
+//! files are fetched beside it, as the runtime reads them before the workload starts); after it, the narrow
 //! guesses (scattered files, libraries, directories) resume and the broad ones (families,
 //! the command, small layers) never run. Looking up what a program loads takes a few small
 //! reads, each a round trip: it does not wait for one of the few bulk-fetch slots, and
@@ -47,8 +49,8 @@ use tokio::sync::mpsc;
 /// Every limit of speculation, with its default.
 #[derive(Debug, Clone)]
 pub struct SpeculateConfig {
-    /// Guesses at all (scattered files, programs, directories, the command): `--no-whole-files`
-    /// turns them off.
+    /// Guesses at all (scattered files, programs, directories, the command, the runtime's
+    /// files): `--no-whole-files` turns them off.
     pub guesses: bool,
     /// Prefetch eStargz prioritized files (`--no-prefetch` turns it off).
     pub landmarks: bool,
@@ -73,6 +75,10 @@ pub struct SpeculateConfig {
     pub family_max: u64,
     /// Directories of a family fetched at once.
     pub family_in_flight: usize,
+    /// Most blob bytes `/etc/passwd` or `/etc/group`, which a runtime reads before it
+    /// starts a container, is fetched ahead with as a mount starts (more is left to the
+    /// read: in a gzip layer, a file deep in its span resumes at a mark instead).
+    pub runtime_fetch_max: u64,
     /// Arguments of the configured command looked at.
     pub command_args: usize,
     /// Ranges of a profile fetched at once.
@@ -97,6 +103,7 @@ impl Default for SpeculateConfig {
             directory_max: 8 << 20,
             family_max: 8 << 20,
             family_in_flight: 4,
+            runtime_fetch_max: 256 << 10,
             command_args: 32,
             profile_in_flight: 8,
             profile_merge_gap: 64 << 10,
@@ -179,10 +186,6 @@ pub struct Speculator {
     decode_budget: AtomicU64,
 }
 
-/// Most blob bytes a file the runtime reads (see [`command::runtime_files`]) is fetched
-/// ahead with: its own chunks or tar range, or a gzip span's front up to its first marks.
-const RUNTIME_FETCH_MAX: u64 = 256 << 10;
-
 /// Takes `n` bytes from `budget` if it has them.
 fn take(budget: &AtomicU64, n: u64) -> bool {
     budget
@@ -234,8 +237,9 @@ impl Speculator {
         &self.cfg
     }
 
-    /// Starts the background work: the guess fetcher, the planned prefetch, and (without a
-    /// plan) the command's first reads and the small layers. Dropping the guards stops it.
+    /// Starts the background work: the guess fetcher, the planned prefetch, the runtime's
+    /// files, and (without a plan) the command's first reads and the small layers. Dropping
+    /// the guards stops it.
     pub fn start(self: &Arc<Self>, image: &Arc<Image>) -> Vec<TaskGuard> {
         let mut tasks = Vec::new();
         if self.mode != Mode::Off {
@@ -336,28 +340,19 @@ impl Speculator {
     }
 
     /// Fetches the files a runtime reads before it starts a container from this root (see
-    /// [`command::runtime_files`]) at once, beside a plan if there is one: the runtime reads
-    /// them before the command runs, so they are the start's first misses otherwise. Only
-    /// their own bytes are fetched, no guesses past them (a guess there would compete with
-    /// the program's fetch), and only where those lie within [`RUNTIME_FETCH_MAX`]: a file
-    /// in the middle of a gzip span is left to its read, which resumes at a mark.
-    fn fetch_runtime_files(self: &Arc<Self>, image: &Arc<Image>) -> TaskGuard {
-        let wanted: Vec<_> = command::runtime_files(&image.tree)
+    /// [`command::runtime_ranges`]) at once, beside a plan if there is one: the runtime
+    /// reads them before the command runs, so they are the start's first misses otherwise.
+    fn fetch_runtime_files(self: &Arc<Self>, image: &Image) -> TaskGuard {
+        let wanted: Vec<_> = command::runtime_ranges(image, self.cfg.runtime_fetch_max)
             .into_iter()
-            .filter_map(|ino| {
-                let node = image.tree.get(ino)?;
-                let (li, loc) = node.data.as_ref()?;
-                let (blob, a, b) = image.layers[*li].layer.fetch_range(loc, 0, node.size)?;
-                let small = b.saturating_sub(a) <= RUNTIME_FETCH_MAX;
-                (small && self.scattered.claim(ino)).then_some((blob, a, b, node.size))
-            })
+            .filter(|r| self.scattered.claim(r.ino))
             .collect();
         let me = self.clone();
         TaskGuard::spawn(async move {
             let counts = &me.counts;
-            let fetches = wanted.iter().map(|&(ref blob, a, b, size)| async move {
-                match blob.prefetch(a, b - a).await {
-                    Ok(()) => drop(counts.whole_files.fetch_add(size, Ordering::Relaxed)),
+            let fetches = wanted.iter().map(|r| async move {
+                match r.blob.prefetch(r.start, r.len).await {
+                    Ok(()) => drop(counts.whole_files.fetch_add(r.size, Ordering::Relaxed)),
                     Err(e) => tracing::debug!("fetching a runtime file ahead: {e}"),
                 }
             });

@@ -23,14 +23,13 @@ use crate::tree::Tree;
 const LIBRARY_DIRS: [&str; 5] = ["lib", "usr/lib", "lib64", "usr/lib64", "usr/local/lib"];
 
 /// Files the GNU C library reads when a program sets a locale (Python always does), asks for
-/// the local time or looks up a user; relative to the image root.
-const C_LIBRARY_FILES: [&str; 6] = [
+/// the local time or looks up a user (with the user and group databases,
+/// [`command::RUNTIME_FILES`]); relative to the image root.
+const C_LIBRARY_FILES: [&str; 4] = [
     "usr/lib/locale/C.utf8/LC_CTYPE",
     "usr/lib/locale/C.UTF-8/LC_CTYPE",
     "etc/localtime",
     "etc/nsswitch.conf",
-    "etc/passwd",
-    "etc/group",
 ];
 
 /// The charset conversions' cache the C library reads with a UTF-8 locale, relative to the
@@ -116,6 +115,7 @@ fn c_library_files(tree: &Tree, dir: &str) -> Vec<u64> {
     }
     let paths: Vec<&str> = C_LIBRARY_FILES
         .iter()
+        .chain(command::RUNTIME_FILES.iter())
         .copied()
         .chain(gconv.iter().map(String::as_str))
         .collect();
