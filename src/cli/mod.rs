@@ -203,7 +203,8 @@ enum Cmd {
         /// Convert to eStargz (the one target format).
         #[arg(long, required = true)]
         estargz: bool,
-        /// An access profile from `ocifs mount --record`: its files go first.
+        /// An access profile from `ocifs mount --record`: its files go first (after
+        /// /etc/passwd and /etc/group, which a container runtime reads before them).
         #[arg(long, value_name = "FILE")]
         profile: Option<PathBuf>,
         /// Size of independently readable chunks of large files.

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::image::Source;
 use crate::layer::{Format, streamed};
 use crate::registry::Registry;
+use crate::speculate::RUNTIME_FILES;
 use crate::stats::Access;
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -215,17 +216,23 @@ async fn converted_manifest(
     Ok(to_bytes(&out))
 }
 
-/// The profile's paths, first access first, each once.
+/// The profile's paths, first access first, each once, after the files a runtime reads
+/// before it starts a container ([`RUNTIME_FILES`]: a container's start reads those before
+/// anything the profile recorded, which was read once the workload ran); none without a
+/// profile.
 ///
 /// Matched by path, not by the recorded layer digest: a profile is usually recorded on one
 /// encoding of an image (say eStargz) and applied to another (its gzip source), whose layer
 /// digests differ. Paths a layer does not hold are ignored by the writer.
 fn profile_paths(profile: &[Access]) -> Vec<String> {
+    if profile.is_empty() {
+        return Vec::new();
+    }
     let mut seen = std::collections::HashSet::new();
-    profile
-        .iter()
-        .filter(|a| seen.insert(a.path.clone()))
-        .map(|a| a.path.clone())
+    let runtime = RUNTIME_FILES.iter().map(|p| p.to_string());
+    runtime
+        .chain(profile.iter().map(|a| a.path.clone()))
+        .filter(|p| seen.insert(p.clone()))
         .collect()
 }
 
@@ -465,5 +472,34 @@ impl Destination {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_is_preceded_by_the_runtimes_files_each_path_once() {
+        let access = |path: &str| Access {
+            layer: String::new(),
+            path: path.to_string(),
+            offset: 0,
+            len: 1,
+        };
+        let profile = [
+            access("usr/bin/app"),
+            access("etc/passwd"),
+            access("usr/bin/app"),
+        ];
+        assert_eq!(
+            profile_paths(&profile),
+            ["etc/passwd", "etc/group", "usr/bin/app"],
+            "the runtime's files first, every path once"
+        );
+        assert!(
+            profile_paths(&[]).is_empty(),
+            "nothing prioritized without a profile"
+        );
     }
 }

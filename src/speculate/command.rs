@@ -18,7 +18,7 @@ use crate::tree::Tree;
 /// Files a container runtime reads from the root before it runs the command: the user and
 /// group databases, to resolve the config's `User` and the process's groups (podman does for
 /// every container, `User` set or not, between mounting the root and starting it).
-pub(super) const RUNTIME_FILES: [&str; 2] = ["etc/passwd", "etc/group"];
+pub const RUNTIME_FILES: [&str; 2] = ["etc/passwd", "etc/group"];
 
 /// Larger files of the names speculation looks for at a start (the runtime's, the C
 /// library's) are left to their reads.

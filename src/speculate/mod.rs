@@ -34,6 +34,7 @@ mod program;
 mod scattered;
 mod together;
 
+pub use command::RUNTIME_FILES;
 pub use plan::{read_profile, write_profile};
 
 use crate::blob::cache::{BlockCache, ReadAhead};
