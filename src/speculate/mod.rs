@@ -21,11 +21,12 @@
 //! Order matters as much as choice, because everything fetched shares one link. A planned
 //! prefetch names what the workload reads: while it runs, guesses are dropped and the block
 //! cache's read-ahead is paused (they would only compete with it; the runtime's few small
-//! files are fetched beside it, as the runtime reads them before the workload starts); after it, the narrow
-//! guesses (scattered files, libraries, directories) resume and the broad ones (families,
-//! the command, small layers) never run. Looking up what a program loads takes a few small
-//! reads, each a round trip: it does not wait for one of the few bulk-fetch slots, and
-//! neither does a file of at most `whole_head` bytes fetched whole (one small request).
+//! files are fetched beside it, as the runtime reads them before the workload starts);
+//! after it, the narrow guesses (scattered files, libraries, directories) resume and the
+//! broad ones (families, the command, small layers) never run. Looking up what a program
+//! loads takes a few small reads, each a round trip: it does not wait for one of the few
+//! bulk-fetch slots, and neither does a file of at most `whole_head` bytes fetched whole
+//! (one small request).
 
 mod command;
 mod elf;
