@@ -82,7 +82,6 @@ impl Source {
         }
     }
 
-    /// A blob by digest; `size` comes from the descriptor that named it.
     /// Whether several reads of one blob go out at once (see `registry::pull::ranges`): at
     /// a registry without mirrors that has not answered a range whole. Not for a layout,
     /// whose blobs are files.
@@ -93,6 +92,7 @@ impl Source {
         }
     }
 
+    /// A blob by digest; `size` comes from the descriptor that named it.
     pub fn blob(&self, digest: &str, size: u64) -> Result<Blob> {
         crate::digest::validate_digest(digest)
             .map_err(|e| Error::format(format!("descriptor digest {digest:?}"), e))?;
