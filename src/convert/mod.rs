@@ -237,6 +237,8 @@ fn profile_paths(profile: &[Access]) -> Vec<String> {
 }
 
 /// The layer as a verified local uncompressed tar; `progress(done, total)` as it arrives.
+/// Streamed once and hashed on the way in, whatever its compression: the tar is renamed into
+/// place (and read back) only after its writer is done and the digest matched.
 async fn local_tar(
     source: &Source,
     digest: &str,
@@ -246,24 +248,8 @@ async fn local_tar(
     progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<PathBuf> {
     let raw = source.blob(digest, size)?;
-    if format != Format::Tar {
-        streamed::local_tar(raw, format, work, progress).await?;
-        return Ok(streamed::tar_path(work, digest));
-    }
-    let path = streamed::tar_path(work, digest);
-    if !path.exists() {
-        crate::verify::verify_blob(&raw, &|| true).await?;
-        tokio::fs::create_dir_all(path.parent().unwrap()).await?;
-        let mut f = tokio::fs::File::create(&path).await?;
-        let mut off = 0;
-        while off < size {
-            let piece = raw.read_at(off, (8 << 20).min(size - off)).await?;
-            tokio::io::AsyncWriteExt::write_all(&mut f, &piece).await?;
-            off += piece.len() as u64;
-            progress(off, size);
-        }
-    }
-    Ok(path)
+    streamed::local_tar(raw, format, work, progress).await?;
+    Ok(streamed::tar_path(work, digest))
 }
 
 /// Progress lines for one step of one layer: `what N%` at each tenth, and at the end.
@@ -501,5 +487,40 @@ mod tests {
             profile_paths(&[]).is_empty(),
             "nothing prioritized without a profile"
         );
+    }
+
+    /// An uncompressed layer is unpacked as the others are: streamed once, its digest checked,
+    /// and its tar complete when handed to the writer (it was written through a file whose
+    /// last write could still be under way when the writer read it: an empty upper layer).
+    #[tokio::test]
+    async fn an_uncompressed_layer_is_unpacked_whole_and_checked() {
+        let dir = std::env::temp_dir().join(format!("ocifs-convert-tar-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let blobs = dir.join("layout/blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let tar: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+        let digest = crate::digest::sha256(&tar);
+        std::fs::write(blobs.join(&digest[7..]), &tar).unwrap();
+        let source = Source::Layout {
+            dir: dir.join("layout"),
+        };
+        let size = tar.len() as u64;
+        let work = dir.join("work");
+        let path = local_tar(&source, &digest, size, Format::Tar, &work, &|_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), tar);
+
+        // A blob that is not what its digest says is refused, and nothing is left behind.
+        let mut damaged = tar.clone();
+        damaged[20_000] ^= 1;
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        std::fs::write(blobs.join(&wrong[7..]), &damaged).unwrap();
+        let err = local_tar(&source, &wrong, size, Format::Tar, &work, &|_, _| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Digest { .. }), "{err}");
+        assert!(!streamed::tar_path(&work, &wrong).exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

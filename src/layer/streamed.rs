@@ -1,6 +1,6 @@
-//! The non-lazy fallback (single-frame zstd layers; also what `convert` unpacks layers with):
-//! stream the blob once, check its digest, keep the uncompressed tar in the cache directory,
-//! and serve reads from that local file.
+//! The non-lazy fallback (single-frame zstd layers; also what `convert` unpacks layers with,
+//! an uncompressed one copied as it is): stream the blob once, check its digest, keep the
+//! uncompressed tar in the cache directory, and serve reads from that local file.
 //!
 //! The local tar is named by the layer digest and only renamed into place after the digest
 //! matched, so a later mount finds it and skips the download.
@@ -43,7 +43,9 @@ pub async fn local_tar(
             pos: 0,
         };
         let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp2)?);
+        let mut input = input;
         let n = match format {
+            Format::Tar => std::io::copy(&mut input, &mut out)?,
             Format::Zstd => std::io::copy(&mut zstd::stream::read::Decoder::new(input)?, &mut out)?,
             _ => std::io::copy(&mut flate2::read::MultiGzDecoder::new(input), &mut out)?,
         };
