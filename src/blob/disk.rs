@@ -4,13 +4,24 @@
 //! (`blocks/<blob>/<block size>-<index>`), and the uncompressed tars of layers that cannot be
 //! read lazily (`tars/<layer>.tar`). When a mount ends, each blob directory and each tar counts
 //! as one unit; the least recently written units are removed until the total fits the bound
-//! again, so the cache directory does not grow without end across mounts. A tar still being
-//! written (`*.tmp<pid>`) is neither counted nor removed. (Checkpoint indexes are small and
+//! again, so the cache directory does not grow without end across mounts. A file still being
+//! written (named by [`temp_path`]) is neither counted nor removed. (Checkpoint indexes are small and
 //! kept; decoded large chunks and local copies of layers live in unnamed files (see
 //! [`unnamed_file`]) that vanish with their mount.)
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
+
+/// Where to write a file that is renamed to `path` once whole: a name of its own for each
+/// writer (process id and a random number), so that two writers of the same file, in one
+/// process or several, never write into each other's; [`prune`] passes it over.
+pub fn temp_path(path: &Path) -> PathBuf {
+    path.with_extension(format!(
+        "tmp{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ))
+}
 
 /// Removes the least recently written units (blob directories, tars) under `dirs` until they
 /// take at most `max_bytes`; returns the bytes removed.

@@ -32,7 +32,9 @@ pub async fn local_tar(
         )?));
     }
     std::fs::create_dir_all(path.parent().unwrap())?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // A name of this writer's own: the same layer may be unpacked twice at once (an image
+    // that lists it twice, `diff` of two images sharing it), each renamed into place whole.
+    let tmp = crate::blob::disk::temp_path(&path);
     // Compressed bytes flow through a bounded channel into a blocking decoder thread.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
     let tmp2 = tmp.clone();
@@ -143,5 +145,41 @@ impl Read for ChannelReader {
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two unpacks of one layer at once (an image listing it twice) each write a file of their
+    /// own: the tar kept is whole, whichever is renamed into place last.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_layer_unpacked_twice_at_once_is_kept_whole() {
+        let dir = std::env::temp_dir().join(format!("ocifs-streamed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let tar: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let digest = crate::digest::sha256(&gz);
+        let blob_path = dir.join("blob");
+        std::fs::write(&blob_path, &gz).unwrap();
+        let blob = || -> Blob { std::sync::Arc::new(FileBlob::open(&digest, &blob_path).unwrap()) };
+        let cache = dir.join("cache");
+        let (a, b) = tokio::join!(
+            local_tar(blob(), Format::Gzip, &cache, &|_, _| {}),
+            local_tar(blob(), Format::Gzip, &cache, &|_, _| {}),
+        );
+        a.unwrap();
+        b.unwrap();
+        assert!(std::fs::read(tar_path(&cache, &digest)).unwrap() == tar);
+        let left: Vec<_> = std::fs::read_dir(cache.join("tars"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "only the tar, no temporary file: {left:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

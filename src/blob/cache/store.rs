@@ -68,7 +68,7 @@ impl Store {
             let (writes, key, data) = (self.writes.clone(), key.clone(), data.clone());
             // A failed disk write only costs a later refetch; never fail the read for it.
             tokio::spawn(async move {
-                let tmp = path.with_extension(format!("tmp{number}"));
+                let tmp = crate::blob::disk::temp_path(&path);
                 let crc = crc32fast::hash(&data).to_le_bytes();
                 let ok = async {
                     tokio::fs::create_dir_all(path.parent().unwrap()).await?;

@@ -55,7 +55,7 @@ pub fn mark_checked(unverified: &Path) -> std::io::Result<()> {
 /// Writes `bytes` to `path` whole or not at all (a temporary file renamed into place), so a
 /// reader never loads half an index.
 pub async fn keep(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = crate::blob::disk::temp_path(path);
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir).await?;
     }
