@@ -150,7 +150,7 @@ impl Registry {
     /// configuration.
     fn start_full(htpasswd: Option<(&str, &str)>, http_extra: &str, extra: &str) -> Registry {
         let dir = TempDir::new("registry");
-        let port = free_port();
+        let mut port = free_port();
         let mut cfg = format!(
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}/data\nhttp:\n  addr: 127.0.0.1:{port}\n{http_extra}",
             dir.path().display()
@@ -167,36 +167,59 @@ impl Registry {
             );
         }
         cfg += extra;
-        std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
-        let addr = format!("127.0.0.1:{port}");
-        let child = Registry::spawn(&dir, &addr);
-        Registry { child, addr, dir }
+        // The port was free when asked; another test's registry may take it first. Then this
+        // one cannot listen, and starts again on another port.
+        for _ in 0..5 {
+            std::fs::write(dir.path().join("config.yml"), &cfg).unwrap();
+            let addr = format!("127.0.0.1:{port}");
+            if let Some(child) = Registry::spawn(&dir, &addr) {
+                return Registry { child, addr, dir };
+            }
+            let next = free_port();
+            cfg = cfg.replace(
+                &format!("127.0.0.1:{port}\n"),
+                &format!("127.0.0.1:{next}\n"),
+            );
+            port = next;
+        }
+        panic!(
+            "registry did not start: {}",
+            std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default()
+        );
     }
 
-    /// Starts docker-registry with the configuration in `dir` and waits until it listens.
-    fn spawn(dir: &TempDir, addr: &str) -> Child {
+    /// Starts docker-registry with the configuration in `dir` and waits until it says it
+    /// listens on `addr` (a connection alone may reach another process on that port); `None`
+    /// when it exited instead (the port was taken).
+    fn spawn(dir: &TempDir, addr: &str) -> Option<Child> {
+        let log_path = dir.path().join("registry.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.path().join("registry.log"))
+            .open(&log_path)
             .unwrap();
-        let child = Command::new("docker-registry")
+        let before = log.metadata().unwrap().len() as usize;
+        let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(dir.path().join("config.yml"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("docker-registry");
+        let listening = format!("listening on {addr}");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "registry did not start: {}",
-                std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default()
-            );
+        loop {
+            let log = std::fs::read(&log_path).unwrap_or_default();
+            let said = String::from_utf8_lossy(log.get(before..).unwrap_or_default());
+            if said.contains(&listening) && std::net::TcpStream::connect(addr).is_ok() {
+                return Some(child);
+            }
+            if child.try_wait().unwrap().is_some() {
+                return None;
+            }
+            assert!(Instant::now() < deadline, "registry did not start: {said}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        child
     }
 
     /// Where the registry stores blob `digest` (`sha256:...`) on disk, for tests that damage
@@ -224,7 +247,7 @@ impl Registry {
     #[allow(dead_code)]
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Registry::spawn(&self.dir, &self.addr);
+        self.child = Registry::spawn(&self.dir, &self.addr).expect("registry restarted");
     }
 }
 
