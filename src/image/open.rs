@@ -172,6 +172,7 @@ impl Ctx<'_> {
                         health: RwLock::new(Health::Verified),
                         index_source,
                         index_check: None,
+                        entries_read: None,
                     };
                     return Ok((layer, entries));
                 }
@@ -202,6 +203,9 @@ impl Ctx<'_> {
                 }
             }
         };
+        // An uncompressed tar's entries were read before any digest vouched for them.
+        let entries_read = (format == Format::Tar && health == Health::Pending)
+            .then(|| crate::layer::checkpoint::file::entries_digest(&entries));
         let layer = Layer {
             digest: desc.digest.clone(),
             format,
@@ -209,6 +213,7 @@ impl Ctx<'_> {
             health: RwLock::new(health),
             index_source,
             index_check,
+            entries_read,
         };
         Ok((layer, entries))
     }

@@ -174,6 +174,11 @@ pub struct Layer {
     /// For a layer served through an index fetched from the registry: what verification
     /// must still check (the index, unlike the blob, is not named by the image's digests).
     pub index_check: Option<IndexCheck>,
+    /// For a layer whose entries were read from its own blob before any digest vouched for
+    /// them (an uncompressed tar): their [`checkpoint::file::entries_digest`]. When the
+    /// blob's digest matches only on bytes fetched again, the entries came from bytes that
+    /// may have been damaged, and [`crate::verify`] reads them again to compare.
+    pub entries_read: Option<[u8; 32]>,
 }
 
 /// What remains to check about an index that came from the registry: anyone who can push a

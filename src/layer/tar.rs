@@ -590,6 +590,7 @@ mod tests {
             health: std::sync::RwLock::new(Health::Verified),
             index_source: None,
             index_check: None,
+            entries_read: None,
         };
         let loc = &entry("d/big").data;
         for at in [0, 4095, (4u64 << 30) + 7, len - 4096] {

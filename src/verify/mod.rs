@@ -209,8 +209,10 @@ pub async fn verify_layers(
             continue;
         }
         let mut waits = NETWORK_RETRIES.into_iter();
+        let mut refetched = false;
         let verdict = loop {
-            match verify_layer(layer, raw, diff_ids.get(i).map(String::as_str), idle).await {
+            let diff_id = diff_ids.get(i).map(String::as_str);
+            match verify_layer(layer, raw, diff_id, idle, &mut refetched).await {
                 Err(e) if !e.is_check() => match waits.next() {
                     Some(s) => {
                         tracing::warn!(
@@ -240,29 +242,64 @@ pub async fn verify_layers(
 }
 
 /// Verifies one layer (its blob, then the index it came with), again from fresh bytes
-/// after a mismatch (see [`verify_layers`]).
+/// after a mismatch (see [`verify_layers`]); `refetched` says, across tries, whether the
+/// blob matched only on bytes fetched again.
 async fn verify_layer(
     layer: &Layer,
     raw: &Blob,
     diff_id: Option<&str>,
     idle: &(dyn Fn() -> bool + Sync),
+    refetched: &mut bool,
 ) -> Result<()> {
     let what = format!("verification of layer {}", layer.digest);
-    crate::blob::healing(raw, (0, raw.size()), &what, || async {
-        verify_blob(raw, idle).await?;
-        if let Some(check) = &layer.index_check {
-            let checked = check_index(layer, check, diff_id, idle).await;
-            if checked.as_ref().is_err_and(Error::is_check)
-                && let LayerData::Tar(decoded) = &layer.data
-            {
-                // Decoded output kept from damaged bytes goes with them.
-                decoded.discard(0, decoded.size());
+    let mut attempts = 0;
+    let verified = crate::blob::healing(raw, (0, raw.size()), &what, || {
+        attempts += 1;
+        async {
+            verify_blob(raw, idle).await?;
+            if let Some(check) = &layer.index_check {
+                let checked = check_index(layer, check, diff_id, idle).await;
+                if checked.as_ref().is_err_and(Error::is_check)
+                    && let LayerData::Tar(decoded) = &layer.data
+                {
+                    // Decoded output kept from damaged bytes goes with them.
+                    decoded.discard(0, decoded.size());
+                }
+                checked?;
             }
-            checked?;
+            Ok(())
         }
-        Ok(())
     })
-    .await
+    .await;
+    *refetched |= attempts > 1;
+    verified?;
+    if *refetched {
+        recheck_entries(layer).await?;
+    }
+    Ok(())
+}
+
+/// After a layer's digest matched only on bytes fetched again: the entries its tree was
+/// built from, if they were read from the blob itself (see [`Layer::entries_read`]), may
+/// have come from the damaged bytes (a tar header's checksum does not cover a long name
+/// or PAX record). They are read again from the checked bytes; a difference is a check
+/// failure (the layer is bad: its files were placed by damaged names).
+async fn recheck_entries(layer: &Layer) -> Result<()> {
+    let (Some(read), LayerData::Tar(blob)) = (&layer.entries_read, &layer.data) else {
+        return Ok(());
+    };
+    let entries = crate::layer::tar::index(blob.clone()).await?;
+    if entries_digest(&entries) != *read {
+        return Err(Error::format(
+            format!("layer {}", layer.digest),
+            "its file list was read from bytes that failed the digest, and differs from the checked bytes' (mount it again)",
+        ));
+    }
+    tracing::info!(
+        "layer {}: its file list, read before a damaged answer was fetched again, is the checked bytes' own",
+        layer.digest
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! Verification of a layer served through an index from the registry: a hostile index is
-//! refused or found out, an honest one passes.
+//! Verification: a layer served through an index from the registry (a hostile index is
+//! refused or found out, an honest one passes), and what a damaged answer may leave behind.
 
 use crate::blob::cache::{BlockCache, ReadAhead};
 use crate::blob::damaging::Damaging;
@@ -29,6 +29,7 @@ fn unchecked_layer(
             kept: None,
             stretches: index.mark_stretches(),
         }),
+        entries_read: None,
     })
 }
 
@@ -176,6 +177,7 @@ async fn a_mismatch_is_checked_again_from_fresh_bytes_before_the_layer_is_bad() 
             health: RwLock::new(crate::layer::Health::Pending),
             index_source: None,
             index_check: None,
+            entries_read: None,
         };
         crate::verify::verify_layers(&[(&layer, &raw)], &[], &|| true)
             .await
@@ -184,6 +186,65 @@ async fn a_mismatch_is_checked_again_from_fresh_bytes_before_the_layer_is_bad() 
         match verified {
             true => assert_eq!(health, crate::layer::Health::Verified),
             false => assert!(matches!(health, crate::layer::Health::Bad(_)), "{health:?}"),
+        }
+    }
+}
+
+/// A tar layer's file list is read from its blob before anything vouches for it, and a long
+/// name's bytes have no checksum of their own. When the blob's digest matches only on bytes
+/// fetched again, the list is read again: a name that came from the damaged answer makes
+/// the layer bad (its files were placed by it); damage in a file's data alone does not.
+#[tokio::test]
+async fn a_file_list_read_from_a_damaged_answer_is_found_out() {
+    use crate::layer::{Health, Layer, LayerData};
+    let ra = ReadAhead {
+        bytes: 64 << 10,
+        after: 1 << 40,
+    };
+    let name = format!(
+        "{}/{}/{}/f",
+        "a".repeat(200),
+        "b".repeat(200),
+        "c".repeat(200)
+    );
+    // The first read (block 0, 64 KiB) is damaged in its middle byte, offset 32768: inside
+    // the long name's bytes (its GNU header at 31744, its data from 32256), or, with a
+    // larger first file, inside that file's data.
+    for (first, list_damaged) in [(31232, true), (40448, false)] {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, size) in [("first", first), (name.as_str(), 10), ("last", 100_000)] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(size as u64);
+            header.set_mode(0o644);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(0);
+            let data = vec![b'x'; size];
+            builder.append_data(&mut header, path, &data[..]).unwrap();
+        }
+        let bytes = builder.into_inner().unwrap();
+        // One block per fetch, so that the first read is block 0.
+        let raw =
+            BlockCache::new(64 << 10, 64 << 10, 64 << 20, None, ra).wrap(Damaging::new(bytes, 1));
+        let opened = crate::layer::tar::index(raw.clone()).await.unwrap();
+        let names: Vec<&str> = opened.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(names.contains(&name.as_str()), !list_damaged, "{names:?}");
+        let layer = Layer {
+            digest: raw.id().to_string(),
+            format: Format::Tar,
+            data: LayerData::Tar(raw.clone()),
+            health: RwLock::new(Health::Pending),
+            index_source: None,
+            index_check: None,
+            entries_read: Some(file::entries_digest(&opened)),
+        };
+        crate::verify::verify_layers(&[(&layer, &raw)], &[], &|| true)
+            .await
+            .unwrap();
+        let health = layer.health.read().unwrap().clone();
+        match list_damaged {
+            true => assert!(matches!(health, Health::Bad(_)), "{health:?}"),
+            false => assert_eq!(health, Health::Verified),
         }
     }
 }
