@@ -198,6 +198,18 @@ pub struct IndexCheck {
 }
 
 impl Layer {
+    /// An error naming why, once verification has found the layer bad: none of its bytes
+    /// (files or blob) are served after that.
+    pub fn usable(&self) -> Result<()> {
+        match &*self.health.read().unwrap() {
+            Health::Bad(reason) => Err(Error::BadLayer {
+                digest: self.digest.clone(),
+                reason: reason.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Reads `len` bytes at `offset` of a file of `size` bytes found at `loc`.
     pub async fn read(&self, loc: &Locator, size: u64, offset: u64, len: u64) -> Result<Bytes> {
         self.read_as(loc, size, offset, len, false).await
@@ -217,12 +229,7 @@ impl Layer {
         len: u64,
         now: bool,
     ) -> Result<Bytes> {
-        if let Health::Bad(reason) = &*self.health.read().unwrap() {
-            return Err(Error::BadLayer {
-                digest: self.digest.clone(),
-                reason: reason.clone(),
-            });
-        }
+        self.usable()?;
         let len = len.min(size.saturating_sub(offset));
         if len == 0 {
             return Ok(Bytes::new());

@@ -121,8 +121,11 @@ impl ServedLayer {
         self.served.read(ino, offset, len).await
     }
 
-    /// Reads `len` bytes at `offset` of the layer's compressed blob, through the block cache.
+    /// Reads `len` bytes at `offset` of the layer's compressed blob, through the block cache;
+    /// an error once verification has found the blob bad. (Not hashed here: whoever takes
+    /// the whole blob, a registry `podman push` uploads to, checks it against its digest.)
     pub async fn read_blob(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.served.image.layers[0].layer.usable()?;
         let blob = &self.served.image.layers[0].blob;
         let len = len.min(blob.size().saturating_sub(offset));
         if len == 0 {

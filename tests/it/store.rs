@@ -261,6 +261,11 @@ fn store_layers_are_verified_in_the_background_or_before_they_are_shown() {
     assert_eq!(good, crate::builder::noise(300_000, 5));
     let e = std::fs::read(diff(&store, &refs[1]).join("data")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // Nor is the bad blob handed out whole (for `podman push` or `save`); the good one is.
+    let blob = |r: &(String, String)| std::fs::read(diff(&store, r).parent().unwrap().join("blob"));
+    assert_eq!(builder::sha(&blob(&refs[0]).unwrap()), refs[0].1);
+    let e = blob(&refs[1]).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
 
     let strict = LayerStore::start(&["--verify", "strict", "--small-layers", "0"], &[]);
     assert!(std::fs::metadata(diff(&strict, &refs[0])).unwrap().is_dir());
