@@ -106,8 +106,11 @@ pub async fn export(common: &Common, reference: &str, output: Option<&Path>) -> 
 pub async fn pull(common: &Common, reference: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let image = open(common, reference).await?;
-    // Every byte extracted is checked: whole layers against their digests first (this
-    // fetches them, in the background of a mount it would be the same work).
+    // Whole layers are checked against their digests first (this fetches them; in the
+    // background of a mount it would be the same work). Extraction then reads the checked
+    // blocks the cache kept; chunks and spans are checked again as they are decoded, but a
+    // plain tar layer's block dropped from the cache meanwhile is fetched again unchecked
+    // (see docs/RELIABILITY.md).
     let diff_ids = manifest::diff_ids(&image.resolved.config);
     let pairs: Vec<_> = image.layers.iter().map(|l| (&*l.layer, &l.blob)).collect();
     let watch = watch_fetches(common, &image);
