@@ -86,19 +86,32 @@ fn watch_fetches(common: &Common, image: &Image) -> tokio::task::JoinHandle<()> 
     })
 }
 
-/// `ocifs export`: the merged tree as one tar stream, to `output` or stdout.
+/// `ocifs export`: the merged tree as one tar stream, to `output` or stdout. A file is
+/// written under a temporary name and renamed to `output` once whole: an export that fails
+/// leaves nothing that looks like a finished one.
 pub async fn export(common: &Common, reference: &str, output: Option<&Path>) -> Result<()> {
     let image = open(common, reference).await?;
-    let out: Box<dyn Write + Send> = match output {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+    let temp = output.map(ocifs::blob::disk::temp_path);
+    let out: Box<dyn Write + Send> = match &temp {
+        Some(t) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(t).with_context(|| format!("creating {}", t.display()))?,
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
     let watch = watch_fetches(common, &image);
     let done = with_reader(image, move |image, read| export::export(image, out, read)).await;
     watch.abort();
-    done?.with_context(|| format!("exporting {reference}"))
+    let done = done.and_then(|d| Ok(d?));
+    if let (Some(t), Some(p)) = (&temp, output) {
+        match &done {
+            Ok(()) => std::fs::rename(t, p)
+                .with_context(|| format!("renaming {} to {}", t.display(), p.display()))?,
+            Err(_) => {
+                let _ = std::fs::remove_file(t);
+            }
+        }
+    }
+    done.with_context(|| format!("exporting {reference}"))
 }
 
 /// `ocifs pull`: every layer verified against its digest, then the merged tree extracted into
