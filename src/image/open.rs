@@ -409,7 +409,16 @@ impl Ctx<'_> {
         let digest = raw.id().to_string();
         let progress = self.progress.clone();
         let report = move |done: u64, total: u64| progress(&digest, done, total);
-        let local = streamed::local_tar(raw, format, &self.cfg.cache_dir, &report).await?;
+        // An answer that arrived damaged (the digest fails) is fetched once more, as every
+        // check here is: otherwise the damaged blocks, kept, would fail every later open.
+        let (report, dir) = (&report, self.cfg.cache_dir.as_path());
+        let what = format!("unpacking layer {}", raw.id());
+        let whole = (0, raw.size());
+        let again = raw.clone();
+        let local = healing(&raw, whole, &what, move || {
+            streamed::local_tar(again.clone(), format, dir, report)
+        })
+        .await?;
         let entries = tar::index(local.clone()).await?;
         // The stream was hashed on the way in: the local tar is verified.
         Ok((LayerData::Tar(local), entries, Health::Verified))

@@ -113,7 +113,11 @@ fn a_damaged_response_heals_and_strict_remounts_with_the_same_cache() {
     // its data, not in a tar header.
     let data = noise(3 << 20, 9);
     let tar = builder::tar(&[file("big", data.clone())]);
-    for (repo, enc) in [("heal/tar", Enc::Tar), ("heal/gzip", Enc::Gzip)] {
+    for (repo, enc) in [
+        ("heal/tar", Enc::Tar),
+        ("heal/gzip", Enc::Gzip),
+        ("heal/zstd", Enc::Zstd),
+    ] {
         let layer = encode(tar.clone(), enc);
         let digest = builder::sha(&layer.blob);
         builder::push_one(work.path(), &[layer], &reg.addr, repo);
@@ -122,7 +126,8 @@ fn a_damaged_response_heals_and_strict_remounts_with_the_same_cache() {
         let cd = cache.path().to_str().unwrap();
         let reference = format!("{}/{repo}:v1", proxy.addr);
         // tar: `--verify strict` hashes the layer before the mount is ready; gzip: the first
-        // mount's index pass reads the layer whole. Either reads the damaged answer first.
+        // mount's index pass reads the layer whole; zstd (one frame): it is unpacked whole
+        // once. Each reads the damaged answer first.
         proxy.inject_matching(Fault::FlipByte, 1, &digest);
         let m = Mount::new(&reference, &["--cache-dir", cd, "--verify", "strict"], &[]);
         assert_eq!(proxy.faulted(), 1, "{repo}: the fault was not met");
@@ -141,4 +146,37 @@ fn a_damaged_response_heals_and_strict_remounts_with_the_same_cache() {
         let log = log_of(cache.path());
         assert!(log.contains("fetching them again"), "{repo}: {log}");
     }
+}
+
+/// A single-frame zstd layer is unpacked whole into a local tar. When that tar is gone (the
+/// disk bound pruned it) but the layer's index is kept, the next mount unpacks it again
+/// without an index pass before it: a damaged answer then fails the unpack's digest, and
+/// is fetched once more instead of failing that mount and every later one.
+#[test]
+fn a_zstd_layer_unpacked_again_heals_a_damaged_answer() {
+    let Some(Env { reg, work }) = Env::new("zstd-heal") else {
+        return;
+    };
+    let data = noise(3 << 20, 10);
+    let layer = encode(builder::tar(&[file("big", data.clone())]), Enc::Zstd);
+    let digest = builder::sha(&layer.blob);
+    builder::push_one(work.path(), &[layer], &reg.addr, "heal/zstd-again");
+    let proxy = FaultProxy::start(&reg.addr);
+    let cache = TempDir::new("zstd-heal-cache");
+    let cd = cache.path().to_str().unwrap();
+    let reference = format!("{}/heal/zstd-again:v1", proxy.addr);
+    let m = Mount::new(&reference, &["--cache-dir", cd], &[]);
+    assert!(std::fs::read(m.path().join("big")).unwrap() == data);
+    drop(m);
+    // The tar and the blocks go; the index stays.
+    std::fs::remove_dir_all(cache.path().join("tars")).unwrap();
+    let _ = std::fs::remove_dir_all(cache.path().join("blocks"));
+    assert!(cache.path().join("indexes").exists());
+    proxy.inject_matching(Fault::FlipByte, 1, &digest);
+    let m = Mount::new(&reference, &["--cache-dir", cd], &[]);
+    assert_eq!(proxy.faulted(), 1, "the fault was not met");
+    assert!(std::fs::read(m.path().join("big")).unwrap() == data);
+    drop(m);
+    let log = log_of(cache.path());
+    assert!(log.contains("unpacking layer"), "{log}");
 }
