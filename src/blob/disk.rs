@@ -5,8 +5,8 @@
 //! read lazily (`tars/<layer>.tar`). When a mount ends, each blob directory and each tar counts
 //! as one unit; the least recently written units are removed until the total fits the bound
 //! again, so the cache directory does not grow without end across mounts. A file still being
-//! written (named by [`temp_path`]) is neither counted nor removed. (Checkpoint indexes are small and
-//! kept; decoded large chunks and local copies of layers live in unnamed files (see
+//! written (named by [`temp_path`]) is neither counted nor removed. (Checkpoint indexes are
+//! small and kept; decoded large chunks and local copies of layers live in unnamed files (see
 //! [`unnamed_file`]) that vanish with their mount.)
 
 use std::path::{Path, PathBuf};

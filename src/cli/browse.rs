@@ -88,11 +88,15 @@ fn watch_fetches(common: &Common, image: &Image) -> tokio::task::JoinHandle<()> 
 
 /// `ocifs export`: the merged tree as one tar stream, to `output` or stdout. A file is
 /// written under a temporary name and renamed to `output` once whole: an export that fails
-/// leaves nothing that looks like a finished one.
+/// leaves nothing that looks like a finished one. (Not when `output` is something other
+/// than a file, such as `/dev/stdout`, a pipe or a symlink: that is written to as it is.)
 pub async fn export(common: &Common, reference: &str, output: Option<&Path>) -> Result<()> {
     let image = open(common, reference).await?;
-    let temp = output.map(ocifs::blob::disk::temp_path);
-    let out: Box<dyn Write + Send> = match &temp {
+    let to_file = |p: &Path| std::fs::symlink_metadata(p).map_or(true, |m| m.is_file());
+    let temp = output
+        .filter(|p| to_file(p))
+        .map(ocifs::blob::disk::temp_path);
+    let out: Box<dyn Write + Send> = match temp.as_deref().or(output) {
         Some(t) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(t).with_context(|| format!("creating {}", t.display()))?,
         )),

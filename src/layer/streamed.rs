@@ -39,13 +39,8 @@ pub async fn local_tar(
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
     let tmp2 = tmp.clone();
     let decoder = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
-        let input = ChannelReader {
-            rx,
-            buf: Vec::new(),
-            pos: 0,
-        };
+        let mut input = ChannelReader::new(rx);
         let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp2)?);
-        let mut input = input;
         let n = match format {
             Format::Tar => std::io::copy(&mut input, &mut out)?,
             Format::Zstd => std::io::copy(&mut zstd::stream::read::Decoder::new(input)?, &mut out)?,

@@ -94,6 +94,11 @@ fn export_pull_and_the_raw_verbs_agree_with_the_oracle() {
     oracle::assert_same(&expected, &oracle::snapshot(&root));
     // To stdout, the same stream.
     assert_eq!(run("export", &[&r]), exported);
+    // To a device: written to, not replaced by a file renamed over it.
+    run("export", &["-o", "/dev/null", &r]);
+    use std::os::unix::fs::FileTypeExt;
+    let null = std::fs::symlink_metadata("/dev/null").unwrap();
+    assert!(null.file_type().is_char_device(), "{null:?}");
 
     let pulled = work.join("pulled");
     run("pull", &[&r, pulled.to_str().unwrap()]);
