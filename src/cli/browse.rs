@@ -92,6 +92,12 @@ fn watch_fetches(common: &Common, image: &Image) -> tokio::task::JoinHandle<()> 
 /// than a file, such as `/dev/stdout`, a pipe or a symlink: that is written to as it is.)
 pub async fn export(common: &Common, reference: &str, output: Option<&Path>) -> Result<()> {
     let image = open(common, reference).await?;
+    // A plain tar layer has no check finer than its whole blob: checked before its bytes are
+    // exported (every other layer's are checked as each file is read: chunks, spans).
+    if common.verifies() {
+        let plain = |l: &&ocifs::image::OpenedLayer| l.layer.format == ocifs::layer::Format::Tar;
+        verify_whole(common, &image, plain).await?;
+    }
     let to_file = |p: &Path| std::fs::symlink_metadata(p).map_or(true, |m| m.is_file());
     let temp = output
         .filter(|p| to_file(p))
@@ -128,23 +134,43 @@ pub async fn pull(common: &Common, reference: &str, dir: &Path) -> Result<()> {
     // blocks the cache kept; chunks and spans are checked again as they are decoded, but a
     // plain tar layer's block dropped from the cache meanwhile is fetched again unchecked
     // (see docs/RELIABILITY.md).
-    let diff_ids = manifest::diff_ids(&image.resolved.config);
-    let pairs: Vec<_> = image.layers.iter().map(|l| (&*l.layer, &l.blob)).collect();
-    let watch = watch_fetches(common, &image);
-    let verified = ocifs::verify::verify_layers(&pairs, &diff_ids, &|| true).await;
-    watch.abort();
-    verified?;
-    for l in &image.layers {
-        if let ocifs::layer::Health::Bad(why) = &*l.layer.health.read().unwrap() {
-            bail!("layer {} failed verification: {why}", l.layer.digest);
-        }
-    }
+    verify_whole(common, &image, |_| true).await?;
     let target = dir.to_path_buf();
     with_reader(image, move |image, read| {
         export::extract(image, &target, read)
     })
     .await?
     .with_context(|| format!("extracting {reference} into {}", dir.display()))
+}
+
+/// Checks the whole blobs of the image's layers that `which` picks against their digests
+/// (fetching them), with progress; an error naming the first that does not match.
+async fn verify_whole(
+    common: &Common,
+    image: &Image,
+    which: impl Fn(&&ocifs::image::OpenedLayer) -> bool,
+) -> Result<()> {
+    let all_ids = manifest::diff_ids(&image.resolved.config);
+    // Each layer with its own diff_id (verification takes them by position; a config that
+    // names too few leaves the rest without, as for a mount).
+    let (pairs, ids): (Vec<_>, Vec<_>) = (image.layers.iter().enumerate())
+        .filter(|(_, l)| which(l))
+        .map(|(i, l)| ((&*l.layer, &l.blob), all_ids.get(i).cloned()))
+        .unzip();
+    let diff_ids: Vec<String> = ids.into_iter().map_while(|d| d).collect();
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let watch = watch_fetches(common, image);
+    let verified = ocifs::verify::verify_layers(&pairs, &diff_ids, &|| true).await;
+    watch.abort();
+    verified?;
+    for (layer, _) in &pairs {
+        if let ocifs::layer::Health::Bad(why) = &*layer.health.read().unwrap() {
+            bail!("layer {} failed verification: {why}", layer.digest);
+        }
+    }
+    Ok(())
 }
 
 /// `ocifs diff`: what differs from REF1's tree to REF2's, as `A`/`D`/`M` lines (the changed

@@ -157,6 +157,11 @@ impl Common {
         })
     }
 
+    /// Whether whole layer blobs are checked against their digests (not `--verify off`).
+    pub fn verifies(&self) -> bool {
+        self.verify != VerifyMode::Off
+    }
+
     pub fn cache_dir(&self) -> Result<PathBuf> {
         if let Some(d) = &self.cache_dir {
             return Ok(d.clone());

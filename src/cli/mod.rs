@@ -249,7 +249,7 @@ enum Cmd {
     Export {
         #[command(flatten)]
         common: Common,
-        /// Write to FILE instead of stdout.
+        /// Write to FILE instead of stdout (under a temporary name, renamed once whole).
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: Option<PathBuf>,
         reference: String,

@@ -192,51 +192,58 @@ fn diff_lists_what_the_oracle_says_differs() {
     );
 }
 
-/// An export that fails halfway (a chunk that fails its digest every time) leaves no file
-/// behind at `-o`'s path, finished-looking or temporary.
+/// An export of a damaged image fails and leaves no file behind at `-o`'s path,
+/// finished-looking or temporary: an eStargz chunk that fails its digest every time (found
+/// halfway, as its file is read), and a plain tar layer damaged in a file's data (no check
+/// finer than its whole blob, which is checked before anything is written).
 #[test]
 fn a_failed_export_leaves_no_file() {
     let Some(env) = Env::new("export-fails") else {
         return;
     };
-    let layers = vec![encode(
-        crate::builder::tar(&[
-            crate::builder::file("a", "first\n"),
-            crate::builder::file("big", crate::builder::noise(300_000, 3)),
-        ]),
-        Enc::Estargz,
-    )];
     let work = env.work.path();
-    let dir = layout(
-        &work.join("layout"),
-        "v1",
-        &[("linux", "amd64", None, &layers)],
-    );
-    push(&dir, "v1", &env.reg.addr, "browse/broken", None);
-    // A byte flipped in the stored blob, a quarter in: inside big's chunks, before the TOC.
-    let path = env.reg.blob_path(&sha(&layers[0].blob));
-    let mut bytes = std::fs::read(&path).unwrap();
-    let at = bytes.len() / 4;
-    bytes[at] ^= 0xff;
-    std::fs::write(&path, bytes).unwrap();
-    let out_dir = work.join("out");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let tar_path = out_dir.join("export.tar");
-    let r = format!("{}/browse/broken:v1", env.reg.addr);
-    let cd = work.join("cache");
-    let (ok, _, err) = ocifs(
-        &[
-            "export",
-            "--cache-dir",
-            cd.to_str().unwrap(),
-            "-o",
-            tar_path.to_str().unwrap(),
-            &r,
-        ],
-        &[],
-    );
-    assert!(!ok, "the export of a damaged image succeeded");
-    assert!(err.contains("big") || err.contains("digest"), "{err}");
-    let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    for (repo, enc) in [
+        ("browse/broken", Enc::Estargz),
+        ("browse/broken-tar", Enc::Tar),
+    ] {
+        let layers = vec![encode(
+            crate::builder::tar(&[
+                crate::builder::file("a", "first\n"),
+                crate::builder::file("big", crate::builder::noise(300_000, 3)),
+            ]),
+            enc,
+        )];
+        let dir = layout(&work.join(repo), "v1", &[("linux", "amd64", None, &layers)]);
+        push(&dir, "v1", &env.reg.addr, repo, None);
+        // A byte flipped in the stored blob, a quarter in: inside big's bytes (before the
+        // eStargz TOC).
+        let path = env.reg.blob_path(&sha(&layers[0].blob));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() / 4;
+        bytes[at] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let out_dir = work.join(format!("out-{}", repo.replace('/', "-")));
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let tar_path = out_dir.join("export.tar");
+        let r = format!("{}/{repo}:v1", env.reg.addr);
+        let cd = work.join("cache");
+        let (ok, _, err) = ocifs(
+            &[
+                "export",
+                "--cache-dir",
+                cd.to_str().unwrap(),
+                "-o",
+                tar_path.to_str().unwrap(),
+                &r,
+            ],
+            &[],
+        );
+        assert!(!ok, "{repo}: the export of a damaged image succeeded");
+        assert!(
+            err.contains("big") || err.contains("digest") || err.contains("verification"),
+            "{repo}: {err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().collect();
+        assert!(left.is_empty(), "{repo}: left behind: {left:?}");
+    }
 }
