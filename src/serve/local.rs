@@ -181,15 +181,9 @@ impl super::ServedImage {
             .collect();
         files.sort_by_key(|&(start, ino, _, _)| (start, ino));
         let total: u64 = files.iter().map(|&(_, _, size, _)| size).sum();
-        if total > *left {
-            tracing::info!(
-                "layer {} not copied locally: its files take {total} bytes, {} are left of the disk cache bound",
-                layer.digest,
-                *left
-            );
+        if !take_room(&layer.digest, total, left) {
             return Ok(None);
         }
-        *left -= total;
         let file = copy_file(dir).await?;
         let mut at = HashMap::with_capacity(files.len());
         // Files lie back to back in the copy; what is read is written in pieces of about
@@ -238,16 +232,9 @@ impl super::ServedImage {
     ) -> Result<Option<LocalCopy>> {
         let opened = &self.image.layers[li];
         let (layer, blob) = (&opened.layer, &opened.blob);
-        let size = blob.size();
-        if size > *left {
-            tracing::info!(
-                "layer {} not copied locally: it takes {size} bytes, {} are left of the disk cache bound",
-                layer.digest,
-                *left
-            );
+        if !take_room(&layer.digest, blob.size(), left) {
             return Ok(None);
         }
-        *left -= size;
         let file = copy_file(dir).await?;
         copy_checked(blob, &layer.digest, &file, idle, &self.local.bytes).await?;
         let at = (self.image.tree.files_in(li))
@@ -258,6 +245,20 @@ impl super::ServedImage {
             .collect();
         Ok(Some(LocalCopy { file, at }))
     }
+}
+
+/// Takes `need` bytes of what is `left` of the copies' bound for layer `digest`'s copy;
+/// false (and a log line) if they do not fit.
+fn take_room(digest: &str, need: u64, left: &mut u64) -> bool {
+    if need > *left {
+        tracing::info!(
+            "layer {digest} not copied locally: it takes {need} bytes, {} are left of the disk cache bound",
+            *left
+        );
+        return false;
+    }
+    *left -= need;
+    true
 }
 
 /// Copies all of `blob` into `file`, front to back while `idle()` says so, adding what is
