@@ -261,8 +261,9 @@ fn take_room(digest: &str, need: u64, left: &mut u64) -> bool {
     true
 }
 
-/// Copies all of `blob` into `file`, front to back while `idle()` says so, adding what is
-/// written to `copied`; an error if the bytes do not hash to `digest`.
+/// Copies all of `blob` into `file`, front to back while `idle()` says so (verification's
+/// own pass, [`crate::verify::read_whole`]; the writes on a blocking thread), adding what
+/// is read to `copied`; an error if the bytes do not hash to `digest`.
 async fn copy_checked(
     blob: &crate::blob::Blob,
     digest: &str,
@@ -270,28 +271,27 @@ async fn copy_checked(
     idle: &(dyn Fn() -> bool + Sync),
     copied: &AtomicU64,
 ) -> Result<()> {
-    let size = blob.size();
-    let mut hasher = crate::digest::Hasher::default();
-    let mut pending = Vec::with_capacity(PIECE as usize);
-    let mut off = 0;
-    while off < size {
-        while !idle() {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(4);
+    let f = file.clone();
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut at = 0;
+        for piece in rx {
+            f.write_all_at(&piece, at)?;
+            at += piece.len() as u64;
         }
-        let piece = blob.read_at(off, PIECE.min(size - off)).await?;
-        if piece.is_empty() {
-            return Err(Error::format(
-                format!("blob {digest}"),
-                format!("it ended at {off} of {size} bytes"),
-            ));
-        }
-        hasher.update(&piece);
-        pending.extend_from_slice(&piece);
-        off += piece.len() as u64;
-        write_at(file, &mut pending, off).await?;
+        Ok(())
+    });
+    let actual = crate::verify::read_whole(blob, idle, &mut |piece| {
         copied.fetch_add(piece.len() as u64, Ordering::Relaxed);
-    }
-    let actual = hasher.finish();
+        tx.send(piece.clone()).is_ok()
+    })
+    .await;
+    // Dropping the sender ends the writer.
+    drop(tx);
+    writer
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+    let actual = actual?;
     if actual != digest {
         return Err(Error::Digest {
             what: format!("local copy of layer {digest}"),

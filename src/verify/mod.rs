@@ -45,7 +45,7 @@ pub async fn verify_blob(raw: &Blob, idle: &(dyn Fn() -> bool + Sync)) -> Result
 
 /// Reads `blob` front to back in pieces, yielding to the foreground (see [`verify_blob`]),
 /// handing each piece to `each` (which says whether to go on); returns the sha256 digest.
-async fn read_whole(
+pub(crate) async fn read_whole(
     blob: &Blob,
     idle: &(dyn Fn() -> bool + Sync),
     each: &mut (dyn FnMut(&bytes::Bytes) -> bool + Send),
