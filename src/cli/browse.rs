@@ -145,7 +145,7 @@ pub async fn pull(common: &Common, reference: &str, dir: &Path) -> Result<()> {
 
 /// Checks the whole blobs of the image's layers that `which` picks against their digests
 /// (fetching them), with progress; an error naming the first that does not match.
-async fn verify_whole(
+pub(super) async fn verify_whole(
     common: &Common,
     image: &Image,
     which: impl Fn(&&ocifs::image::OpenedLayer) -> bool,

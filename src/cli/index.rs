@@ -13,6 +13,9 @@ pub async fn index(common: &Common, tuning: &Tuning, reference: &str, push: bool
     let image = open_tuned(common, tuning, reference).await?;
     let (source, _, _) = common.source(reference).await?;
     let cache_dir = common.open_config_tuned(tuning)?.cache_dir;
+    if push {
+        check_fetched(common, &image).await?;
+    }
     let mut indexes = Vec::new();
     for opened in &image.layers {
         let (layer, blob) = (&opened.layer, &opened.blob);
@@ -89,6 +92,28 @@ pub async fn index(common: &Common, tuning: &Tuning, reference: &str, push: bool
         r.manifest_digest
     );
     Ok(())
+}
+
+/// Before publishing: an index fetched from a registry (ours or a SOCI zTOC) is anyone's
+/// who could push a referrer, and a mount trusts it only once the layer decoded through it
+/// has matched the config's `diff_id` (see `ocifs::verify`). Pushing it again asks others
+/// to trust it, so it is checked the same way first, which fetches those layers whole
+/// (a failure names the layer and nothing is pushed); under `--verify off` it is pushed
+/// unchecked, with a warning.
+async fn check_fetched(common: &Common, image: &ocifs::image::Image) -> Result<()> {
+    let fetched = |l: &&ocifs::image::OpenedLayer| l.layer.index_check.is_some();
+    if !image.layers.iter().any(|l| fetched(&l)) {
+        return Ok(());
+    }
+    if !common.verifies() {
+        eprintln!(
+            "warning: publishing indexes fetched from the registry without checking them against their layers (--verify off)"
+        );
+        return Ok(());
+    }
+    super::browse::verify_whole(common, image, fetched)
+        .await
+        .context("checking the indexes fetched from the registry before publishing them")
 }
 
 /// The index file of layer `digest` in the cache directory and its bytes: the trusted one,

@@ -413,3 +413,63 @@ fn soci_ztocs_v1_and_v2_are_used_instead_of_building_an_index() {
     let m = Mount::new(&honest, &["--verify", "background", "--cache-dir", cd], &[]);
     assert_eq!(m.ready.matches("(index cached)").count(), 3, "{}", m.ready);
 }
+
+/// `index --push` publishes an index it fetched (here: found waiting in the cache
+/// directory, as a mount leaves one from the registry) only once the layer decoded through
+/// it matched: a lying one (a file renamed in its list, its checksum valid, as anyone who
+/// can push a referrer can make) is refused and nothing is pushed; the honest one is checked,
+/// kept as trusted and pushed.
+#[test]
+fn index_push_checks_an_index_it_did_not_build() {
+    use ocifs::layer::checkpoint::file;
+    let Some(Env { reg, work }) = Env::new("gzcheck") else {
+        return;
+    };
+    let tar = builder::tar(&[
+        file("small.txt", "small\n"),
+        file("big.bin", noise(3 << 20, 4)),
+    ]);
+    let layers = vec![encode(tar, Enc::Gzip)];
+    let digest = builder::sha(&layers[0].blob);
+    builder::push_one(work.path(), &layers, &reg.addr, "gzcheck/image");
+    let r = format!("{}/gzcheck/image:v1", reg.addr);
+    let cache = TempDir::new("gzcheck-cache");
+    let dir = cache.path().to_str().unwrap();
+    let (ok, _, err) = ocifs(&["index", "--cache-dir", dir, &r], &[]);
+    assert!(ok, "index: {err}");
+    let (trusted, waiting) = (
+        file::path(cache.path(), &digest),
+        file::unverified_path(cache.path(), &digest),
+    );
+    let honest = std::fs::read(&trusted).expect("the built index is kept");
+    let mut index = file::decode(&honest, &digest).unwrap();
+    let small = index.entries.iter_mut().find(|e| e.path == "small.txt");
+    small.expect("small.txt is listed").path = "other.txt".into();
+    std::fs::remove_file(&trusted).unwrap();
+    std::fs::write(&waiting, file::encode(&index)).unwrap();
+    let published = || {
+        let (ok, tags, err) = ocifs(&["tags", &format!("{}/gzcheck/image", reg.addr)], &[]);
+        assert!(ok, "tags: {err}");
+        String::from_utf8(tags).unwrap().contains("sha256-")
+    };
+
+    let (ok, out, err) = ocifs(&["index", "--push", "--cache-dir", dir, &r], &[]);
+    assert!(
+        !ok,
+        "a lying index was pushed: {}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(
+        err.contains("before publishing") && err.contains(&digest),
+        "{err}"
+    );
+    assert!(!published(), "something was pushed");
+
+    std::fs::write(&waiting, &honest).unwrap();
+    let (ok, out, err) = ocifs(&["index", "--push", "--cache-dir", dir, &r], &[]);
+    assert!(ok, "index --push of the honest index: {err}");
+    assert!(String::from_utf8_lossy(&out).contains("pushed 1 index"));
+    assert!(published());
+    assert_eq!(std::fs::read(&trusted).unwrap(), honest, "kept as trusted");
+    assert!(!waiting.exists());
+}
