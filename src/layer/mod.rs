@@ -355,9 +355,16 @@ impl Layer {
 
     /// The length of the layer's uncompressed tar, when known without reading it all: the
     /// blob of a tar layer, a gzip or zstd layer's index, a local copy. `None` for eStargz
-    /// and zstd:chunked, whose TOC lists files, not the tar around them.
+    /// and zstd:chunked, whose TOC lists files, not the tar around them, and for an index
+    /// from a registry until verification has checked it (anyone could have published it).
     pub fn uncompressed_size(&self) -> Option<u64> {
         match &self.data {
+            LayerData::Tar(_)
+                if self.index_check.is_some()
+                    && *self.health.read().unwrap() != Health::Verified =>
+            {
+                None
+            }
             LayerData::Tar(blob) => Some(blob.size()),
             LayerData::Chunked(_) => None,
         }

@@ -127,11 +127,14 @@ async fn the_honest_index_passes_verification() {
     let index = Arc::new(index);
     let gz = Arc::new(CheckpointBlob::new(index.clone(), blob.clone()));
     let layer = unchecked_layer(&digest, gz, &entries, &index);
+    // The size the index claims is not told (the store's `info`) before it is checked.
+    assert_eq!(layer.uncompressed_size(), None);
     let layers = [(&*layer, &blob)];
     crate::verify::verify_layers(&layers, &[crate::digest::sha256(&tar)], &|| true)
         .await
         .unwrap();
     assert_eq!(*layer.health.read().unwrap(), Health::Verified);
+    assert_eq!(layer.uncompressed_size(), Some(tar.len() as u64));
     // A config naming another diff_id fails it.
     *layer.health.write().unwrap() = Health::Pending;
     crate::verify::verify_layers(&layers, &["sha256:00".into()], &|| true)
