@@ -92,11 +92,15 @@ fn watch_fetches(common: &Common, image: &Image) -> tokio::task::JoinHandle<()> 
 /// than a file, such as `/dev/stdout`, a pipe or a symlink: that is written to as it is.)
 pub async fn export(common: &Common, reference: &str, output: Option<&Path>) -> Result<()> {
     let image = open(common, reference).await?;
-    // A plain tar layer has no check finer than its whole blob: checked before its bytes are
-    // exported (every other layer's are checked as each file is read: chunks, spans).
+    // A plain tar layer has no check finer than its whole blob, and a layer decoded through
+    // an index fetched from a registry is only as right as that index (anyone's who could
+    // push a referrer): both are checked whole before any byte is exported. Every other
+    // layer's bytes are checked as each file is read (chunks, spans of an index built here).
     if common.verifies() {
-        let plain = |l: &&ocifs::image::OpenedLayer| l.layer.format == ocifs::layer::Format::Tar;
-        verify_whole(common, &image, plain).await?;
+        let unchecked = |l: &&ocifs::image::OpenedLayer| {
+            l.layer.format == ocifs::layer::Format::Tar || l.layer.index_check.is_some()
+        };
+        verify_whole(common, &image, unchecked).await?;
     }
     let to_file = |p: &Path| std::fs::symlink_metadata(p).map_or(true, |m| m.is_file());
     let temp = output

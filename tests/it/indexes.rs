@@ -418,9 +418,9 @@ fn soci_ztocs_v1_and_v2_are_used_instead_of_building_an_index() {
 /// directory, as a mount leaves one from the registry) only once the layer decoded through
 /// it matched: a lying one (a file renamed in its list, its checksum valid, as anyone who
 /// can push a referrer can make) is refused and nothing is pushed; the honest one is checked,
-/// kept as trusted and pushed.
+/// kept as trusted and pushed. `export` checks such a layer before writing any of it.
 #[test]
-fn index_push_checks_an_index_it_did_not_build() {
+fn an_index_not_built_here_is_checked_before_it_is_pushed_or_exported() {
     use ocifs::layer::checkpoint::file;
     let Some(Env { reg, work }) = Env::new("gzcheck") else {
         return;
@@ -464,6 +464,15 @@ fn index_push_checks_an_index_it_did_not_build() {
         "{err}"
     );
     assert!(!published(), "something was pushed");
+    std::fs::write(&waiting, file::encode(&index)).unwrap();
+    let tar_out = cache.path().join("export.tar");
+    let out_arg = tar_out.to_str().unwrap();
+    let (ok, _, err) = ocifs(&["export", "--cache-dir", dir, "-o", out_arg, &r], &[]);
+    assert!(
+        !ok && err.contains(&digest),
+        "a lying index was exported: {err}"
+    );
+    assert!(!tar_out.exists(), "a failed export left {out_arg}");
 
     std::fs::write(&waiting, &honest).unwrap();
     let (ok, out, err) = ocifs(&["index", "--push", "--cache-dir", dir, &r], &[]);
@@ -472,4 +481,11 @@ fn index_push_checks_an_index_it_did_not_build() {
     assert!(published());
     assert_eq!(std::fs::read(&trusted).unwrap(), honest, "kept as trusted");
     assert!(!waiting.exists());
+    let (ok, _, err) = ocifs(&["export", "--cache-dir", dir, "-o", out_arg, &r], &[]);
+    assert!(ok, "export: {err}");
+    let listed = std::process::Command::new("tar")
+        .args(["-tf", out_arg])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("small.txt"));
 }
