@@ -106,8 +106,8 @@ async fn check_fetched(common: &Common, image: &ocifs::image::Image) -> Result<(
         return Ok(());
     }
     if !common.verifies() {
-        eprintln!(
-            "warning: publishing indexes fetched from the registry without checking them against their layers (--verify off)"
+        tracing::warn!(
+            "publishing indexes fetched from the registry without checking them against their layers (--verify off)"
         );
         return Ok(());
     }
