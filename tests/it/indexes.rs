@@ -473,6 +473,23 @@ fn an_index_not_built_here_is_checked_before_it_is_pushed_or_exported() {
         "a lying index was exported: {err}"
     );
     assert!(!tar_out.exists(), "a failed export left {out_arg}");
+    // `cat` reads through it unchecked, except under --verify strict.
+    std::fs::write(&waiting, file::encode(&index)).unwrap();
+    let strict = [
+        "cat",
+        "--verify",
+        "strict",
+        "--cache-dir",
+        dir,
+        &r,
+        "other.txt",
+    ];
+    let (ok, out, err) = ocifs(&strict, &[]);
+    assert!(
+        !ok && err.contains(&digest),
+        "cat --verify strict read through a lying index: {:?} {err}",
+        String::from_utf8_lossy(&out)
+    );
 
     std::fs::write(&waiting, &honest).unwrap();
     let (ok, out, err) = ocifs(&["index", "--push", "--cache-dir", dir, &r], &[]);
