@@ -92,14 +92,12 @@ fn watch_fetches(common: &Common, image: &Image) -> tokio::task::JoinHandle<()> 
 /// than a file, such as `/dev/stdout`, a pipe or a symlink: that is written to as it is.)
 pub async fn export(common: &Common, reference: &str, output: Option<&Path>) -> Result<()> {
     let image = open(common, reference).await?;
-    // A plain tar layer has no check finer than its whole blob, and a layer decoded through
-    // an index fetched from a registry is only as right as that index (anyone's who could
-    // push a referrer): both are checked whole before any byte is exported. Every other
-    // layer's bytes are checked as each file is read (chunks, spans of an index built here).
+    // A layer whose reads are not checked against digests the image vouches for (a plain
+    // tar layer, a TOC no annotation names, an index fetched from a registry: see
+    // `Layer::checks_vouched`) is checked whole before any byte is exported; every other
+    // layer's bytes are checked as each file is read.
     if common.verifies() {
-        let unchecked = |l: &&ocifs::image::OpenedLayer| {
-            l.layer.format == ocifs::layer::Format::Tar || l.layer.index_check.is_some()
-        };
+        let unchecked = |l: &&ocifs::image::OpenedLayer| !l.layer.checks_vouched();
         verify_whole(common, &image, unchecked).await?;
     }
     let to_file = |p: &Path| std::fs::symlink_metadata(p).map_or(true, |m| m.is_file());

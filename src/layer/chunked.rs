@@ -129,6 +129,9 @@ pub struct Reader {
     spilled: Mutex<Spilled>,
     /// Zero chunks whose digest has been checked.
     zeros_checked: Mutex<HashSet<(u64, u64)>>,
+    /// Whether the TOC the chunk digests come from was checked against a digest the image
+    /// manifest names (an annotation); without one it is the registry's word.
+    pub toc_vouched: bool,
 }
 
 impl Reader {
@@ -143,7 +146,14 @@ impl Reader {
             spill: None,
             spilled: Mutex::default(),
             zeros_checked: Mutex::default(),
+            toc_vouched: false,
         }
+    }
+
+    /// Notes whether the TOC was checked against a digest the manifest names.
+    pub fn vouched(mut self, yes: bool) -> Reader {
+        self.toc_vouched = yes;
+        self
     }
 
     /// Lets chunks over [`MAX_CHUNK`] be decoded into files under `spill.dir`.

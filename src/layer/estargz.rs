@@ -126,7 +126,7 @@ pub async fn open(
         .find(|e| clean_path(&e.name).is_ok_and(|p| p == ".prefetch.landmark"))
         .map_or(0, |e| e.offset.min(toc_off));
     let entries = entries_from_toc(toc, toc_off, &what)?;
-    let reader = Reader::new(blob, Codec::Gzip, prefetch_len);
+    let reader = Reader::new(blob, Codec::Gzip, prefetch_len).vouched(toc_digest.is_some());
     Ok((reader, entries, legacy))
 }
 

@@ -353,6 +353,22 @@ impl Layer {
         }
     }
 
+    /// Whether every byte a read serves is checked against digests the image's own digests
+    /// vouch for: chunk digests from a TOC the manifest names by digest, or span digests
+    /// from an index built here from the checked blob, or the whole blob verified. Not so
+    /// for a plain tar layer (nothing finer than the blob), a TOC no annotation names
+    /// (legacy stargz, eStargz or zstd:chunked without it: the registry's word), or an index
+    /// fetched from a registry (anyone's who could push a referrer) before verification.
+    pub fn checks_vouched(&self) -> bool {
+        if *self.health.read().unwrap() == Health::Verified {
+            return true;
+        }
+        match &self.data {
+            LayerData::Chunked(r) => r.toc_vouched,
+            LayerData::Tar(_) => self.format != Format::Tar && self.index_check.is_none(),
+        }
+    }
+
     /// The length of the layer's uncompressed tar, when known without reading it all: the
     /// blob of a tar layer, a gzip or zstd layer's index, a local copy. `None` for eStargz
     /// and zstd:chunked, whose TOC lists files, not the tar around them, and for an index

@@ -104,7 +104,8 @@ pub async fn open(
         .find(|e| clean_path(&e.name).is_ok_and(|p| p == ".prefetch.landmark"))
         .map_or(0, |e| e.offset.min(toc_start));
     let entries = entries_from_toc(toc, blob.size(), toc_start, &what)?;
-    Ok((Reader::new(blob, Codec::Zstd, prefetch_len), entries))
+    let reader = Reader::new(blob, Codec::Zstd, prefetch_len).vouched(checksum.is_some());
+    Ok((reader, entries))
 }
 
 /// The entries of a TOC, for a blob of `size` bytes whose file frames end at `toc_start`.
@@ -462,7 +463,10 @@ mod tests {
         let len = blob.len() as u64;
         let blob: Blob = Arc::new(MemBlob::new("zc", blob));
         let (tail_start, tail) = crate::blob::read_tail(&blob, 100).await.unwrap();
+        let unnamed = open(blob.clone(), tail_start, tail.clone(), None).await;
+        assert!(!unnamed.unwrap().0.toc_vouched, "no checksum annotation");
         let (reader, entries) = open(blob, tail_start, tail, Some(&checksum)).await.unwrap();
+        assert!(reader.toc_vouched);
         assert_eq!(entries.len(), 1, "the landmark is hidden");
         assert_eq!(
             reader.prefetch_len, landmark_at,

@@ -247,3 +247,137 @@ fn a_failed_export_leaves_no_file() {
         assert!(left.is_empty(), "{repo}: left behind: {left:?}");
     }
 }
+
+/// A TOC the manifest does not name by digest is the registry's word. A registry serving a
+/// self-consistent one of other bytes (here the pushed eStargz layer's own TOC with two
+/// files' entries swapped, stored in place of the blob at the same size) passes every chunk
+/// check: `cat` reads `x.txt` as `y.txt`'s bytes. `export` checks such a layer's whole blob
+/// before writing anything, and refuses it.
+#[test]
+fn export_checks_a_layer_whose_toc_no_annotation_names() {
+    let Some(env) = Env::new("export-toc") else {
+        return;
+    };
+    let work = env.work.path();
+    let mut layer = encode(
+        crate::builder::tar(&[
+            crate::builder::file("x.txt", "x".repeat(5000)),
+            crate::builder::file("y.txt", "y".repeat(5000)),
+        ]),
+        Enc::Estargz,
+    );
+    layer.annotations.clear();
+    let (honest, forged) = toc_rewritten(&layer.blob);
+    assert_eq!(
+        honest.len(),
+        forged.len(),
+        "the forged blob must keep the size"
+    );
+    layer.blob = honest;
+    let repo = "browse/unnamed-toc";
+    let dir = layout(
+        &work.join(repo),
+        "v1",
+        &[("linux", "amd64", None, &[layer])],
+    );
+    push(&dir, "v1", &env.reg.addr, repo, None);
+    let r = format!("{}/{repo}:v1", env.reg.addr);
+    let run = |args: &[&str], name: &str| {
+        let cd = work.join(format!("cache-{name}"));
+        let mut all = args.to_vec();
+        all.extend(["--cache-dir", cd.to_str().unwrap(), &r]);
+        ocifs(&all, &[])
+    };
+    let tar_path = work.join("export.tar");
+    let tar_arg = tar_path.to_str().unwrap();
+    let (ok, _, err) = run(&["export", "-o", tar_arg], "honest");
+    assert!(ok, "export of the honest blob: {err}");
+    std::fs::remove_file(&tar_path).unwrap();
+
+    let d = oci_digest(&dir);
+    std::fs::write(env.reg.blob_path(&d), &forged).unwrap();
+    let (ok, out, err) = ocifs(
+        &[
+            "cat",
+            "--cache-dir",
+            work.join("cache-cat").to_str().unwrap(),
+            &r,
+            "x.txt",
+        ],
+        &[],
+    );
+    assert!(ok, "cat: {err}");
+    assert_eq!(
+        out,
+        "y".repeat(5000).as_bytes(),
+        "the forged TOC is consistent"
+    );
+    let (ok, _, err) = run(&["export", "-o", tar_arg], "forged");
+    assert!(!ok, "the export through a forged TOC succeeded");
+    assert!(err.contains(&d) && err.contains("verification"), "{err}");
+    assert!(!tar_path.exists());
+}
+
+/// The digest of the only layer of the OCI layout at `dir`.
+fn oci_digest(dir: &std::path::Path) -> String {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let m = index["manifests"][0]["digest"].as_str().unwrap();
+    let blob = |d: &str| std::fs::read(dir.join("blobs/sha256").join(&d[7..])).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&blob(m)).unwrap();
+    manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// An eStargz blob with its TOC member written again (stored deflate blocks, the JSON as
+/// serde writes it), and the same with the entries of `x.txt` and `y.txt` swapped (their
+/// names kept): the same size, since the swapped values have the same lengths.
+fn toc_rewritten(blob: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    use std::io::{Read, Write};
+    let footer = &blob[blob.len() - 51..];
+    let (toc_off, legacy) = ocifs::layer::estargz::parse_footer(footer).unwrap();
+    assert!(!legacy);
+    let member = &blob[toc_off as usize..blob.len() - 51];
+    let mut tar = Vec::new();
+    flate2::read::GzDecoder::new(member)
+        .read_to_end(&mut tar)
+        .unwrap();
+    let mut ar = ::tar::Archive::new(&tar[..]);
+    let mut json = Vec::new();
+    ar.entries()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .read_to_end(&mut json)
+        .unwrap();
+    let toc: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    let mut swapped = toc.clone();
+    let entries = swapped["entries"].as_array_mut().unwrap();
+    let at = |n: &str| entries.iter().position(|e| e["name"] == n).unwrap();
+    let (x, y) = (at("x.txt"), at("y.txt"));
+    entries.swap(x, y);
+    let (nx, ny) = (entries[x]["name"].clone(), entries[y]["name"].clone());
+    entries[x]["name"] = ny;
+    entries[y]["name"] = nx;
+    let write = |toc: &serde_json::Value| {
+        let json = serde_json::to_vec(toc).unwrap();
+        let mut b = ::tar::Builder::new(Vec::new());
+        let mut h = ::tar::Header::new_ustar();
+        h.set_size(json.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "stargz.index.json", &json[..])
+            .unwrap();
+        let tar = b.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
+        gz.write_all(&tar).unwrap();
+        let mut out = blob[..toc_off as usize].to_vec();
+        out.extend(gz.finish().unwrap());
+        out.extend_from_slice(footer);
+        out
+    };
+    (write(&toc), write(&swapped))
+}

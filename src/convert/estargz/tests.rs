@@ -60,9 +60,14 @@ async fn open_written(
     // The offset `convert` announces is the footer's.
     let footer = crate::layer::estargz::parse_footer(&tail).unwrap();
     assert_eq!(footer, (w.toc_offset, false));
-    crate::layer::estargz::open(blob, tail_start, tail, Some(&w.toc_digest))
+    // The TOC vouches for its chunk digests only when the manifest names its digest.
+    let unnamed = crate::layer::estargz::open(blob.clone(), tail_start, tail.clone(), None);
+    assert!(!unnamed.await.unwrap().0.toc_vouched);
+    let opened = crate::layer::estargz::open(blob, tail_start, tail, Some(&w.toc_digest))
         .await
-        .unwrap()
+        .unwrap();
+    assert!(opened.0.toc_vouched);
+    opened
 }
 
 /// `tar` written as eStargz in 64 KiB chunks with `prioritized` first: what was written,
