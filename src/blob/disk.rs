@@ -23,6 +23,30 @@ pub fn temp_path(path: &Path) -> PathBuf {
     ))
 }
 
+/// Writes `bytes` to `path` whole or not at all (under [`temp_path`], renamed into place),
+/// so that a reader never finds half a file and a writer that stops leaves none.
+pub async fn write_in_place(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = temp_path(path);
+    let written = tokio::fs::write(&tmp, bytes).await;
+    put_in_place(&tmp, path, written).await
+}
+
+/// Renames `tmp` to `path` once `written` says it is whole; removes it if either failed.
+pub async fn put_in_place(
+    tmp: &Path,
+    path: &Path,
+    written: std::io::Result<()>,
+) -> std::io::Result<()> {
+    let placed = match written {
+        Ok(()) => tokio::fs::rename(tmp, path).await,
+        Err(e) => Err(e),
+    };
+    if placed.is_err() {
+        let _ = tokio::fs::remove_file(tmp).await;
+    }
+    placed
+}
+
 /// Removes the least recently written units (blob directories, tars) under `dirs` until they
 /// take at most `max_bytes`; returns the bytes removed.
 pub fn prune(dirs: &[PathBuf], max_bytes: u64) -> std::io::Result<u64> {

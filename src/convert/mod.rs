@@ -396,7 +396,7 @@ impl Destination {
                 tokio::fs::create_dir_all(to.parent().unwrap()).await?;
                 let tmp = crate::blob::disk::temp_path(&to);
                 let copied = tokio::fs::copy(path, &tmp).await.map(|_| ());
-                put_in_place(&tmp, &to, copied).await
+                Ok(crate::blob::disk::put_in_place(&tmp, &to, copied).await?)
             }
         }
     }
@@ -409,7 +409,7 @@ impl Destination {
             Destination::Layout { dir, .. } => {
                 let path = dir.join("blobs/sha256").join(&digest[7..]);
                 tokio::fs::create_dir_all(path.parent().unwrap()).await?;
-                write_in_place(&path, &data).await
+                Ok(crate::blob::disk::write_in_place(&path, &data).await?)
             }
         }
     }
@@ -451,8 +451,9 @@ impl Destination {
                     manifests.push(json!({"mediaType": media_type, "digest": digest, "size": size,
                                           "annotations": {"org.opencontainers.image.ref.name": tag}}));
                     index["manifests"] = Value::Array(manifests);
-                    write_in_place(&index_path, &to_bytes(&index)).await?;
-                    write_in_place(
+                    // A layout being written may be read (or mounted) meanwhile.
+                    crate::blob::disk::write_in_place(&index_path, &to_bytes(&index)).await?;
+                    crate::blob::disk::write_in_place(
                         &dir.join("oci-layout"),
                         br#"{"imageLayoutVersion":"1.0.0"}"#,
                     )
@@ -462,26 +463,6 @@ impl Destination {
             }
         }
     }
-}
-
-/// Writes `bytes` to `path` whole or not at all: a layout being written may be read (or
-/// mounted) meanwhile, and a run that stops halfway leaves no short blob under a digest.
-async fn write_in_place(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = crate::blob::disk::temp_path(path);
-    let written = tokio::fs::write(&tmp, bytes).await;
-    put_in_place(&tmp, path, written).await
-}
-
-/// Renames `tmp` to `path` once `written` says it is whole; removes it if either failed.
-async fn put_in_place(tmp: &Path, path: &Path, written: std::io::Result<()>) -> Result<()> {
-    let placed = match written {
-        Ok(()) => tokio::fs::rename(tmp, path).await,
-        Err(e) => Err(e),
-    };
-    if placed.is_err() {
-        let _ = tokio::fs::remove_file(tmp).await;
-    }
-    Ok(placed?)
 }
 
 #[cfg(test)]

@@ -360,13 +360,15 @@ impl Layer {
     /// (legacy stargz, eStargz or zstd:chunked without it: the registry's word), or an index
     /// fetched from a registry (anyone's who could push a referrer) before verification.
     pub fn checks_vouched(&self) -> bool {
-        if *self.health.read().unwrap() == Health::Verified {
-            return true;
-        }
         match &self.data {
+            _ if self.verified() => true,
             LayerData::Chunked(r) => r.toc_vouched,
             LayerData::Tar(_) => self.format != Format::Tar && self.index_check.is_none(),
         }
+    }
+
+    fn verified(&self) -> bool {
+        *self.health.read().unwrap() == Health::Verified
     }
 
     /// The length of the layer's uncompressed tar, when known without reading it all: the
@@ -375,12 +377,7 @@ impl Layer {
     /// from a registry until verification has checked it (anyone could have published it).
     pub fn uncompressed_size(&self) -> Option<u64> {
         match &self.data {
-            LayerData::Tar(_)
-                if self.index_check.is_some()
-                    && *self.health.read().unwrap() != Health::Verified =>
-            {
-                None
-            }
+            LayerData::Tar(_) if self.index_check.is_some() && !self.verified() => None,
             LayerData::Tar(blob) => Some(blob.size()),
             LayerData::Chunked(_) => None,
         }

@@ -55,12 +55,10 @@ pub fn mark_checked(unverified: &Path) -> std::io::Result<()> {
 /// Writes `bytes` to `path` whole or not at all (a temporary file renamed into place), so a
 /// reader never loads half an index.
 pub async fn keep(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = crate::blob::disk::temp_path(path);
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir).await?;
     }
-    tokio::fs::write(&tmp, bytes).await?;
-    tokio::fs::rename(&tmp, path).await
+    crate::blob::disk::write_in_place(path, bytes).await
 }
 
 /// Builds the index of `blob` in one pass (which checks the blob's digest) and keeps it and
